@@ -69,14 +69,14 @@ type GuestChannel struct {
 // Handles is what a driver needs to re-adopt a running VMM. It is persisted by
 // bangerd as handles.json in the VM directory.
 type Handles struct {
-	Driver    string       `json:"driver"`
-	PID       int          `json:"pid"`
-	StartTime uint64       `json:"start_time"` // /proc/<pid>/stat field 22, guards against PID reuse
-	APISocket string       `json:"api_socket,omitempty"`
-	Channel   GuestChannel `json:"channel"`
-	Tap       string       `json:"tap,omitempty"`
-	ConsoleLog string      `json:"console_log,omitempty"`
-	VMMLog    string       `json:"vmm_log,omitempty"`
+	Driver     string       `json:"driver"`
+	PID        int          `json:"pid"`
+	StartTime  uint64       `json:"start_time"` // /proc/<pid>/stat field 22, guards against PID reuse
+	APISocket  string       `json:"api_socket,omitempty"`
+	Channel    GuestChannel `json:"channel"`
+	Tap        string       `json:"tap,omitempty"`
+	ConsoleLog string       `json:"console_log,omitempty"`
+	VMMLog     string       `json:"vmm_log,omitempty"`
 }
 
 // Capabilities says what a driver can do on this host.
