@@ -1,0 +1,117 @@
+package rpc
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+)
+
+// MaxResponse bounds a response line read by the client.
+const MaxResponse = 256 << 20
+
+// Client is one connection; calls on it are serialised (one request, one
+// response, in order).
+type Client struct {
+	mu   sync.Mutex
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+// Dial connects to the unix socket at path.
+func Dial(ctx context.Context, path string) (*Client, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, err
+	}
+	return NewClient(c), nil
+}
+
+// NewClient wraps an established connection.
+func NewClient(c net.Conn) *Client {
+	return &Client{conn: c, r: bufio.NewReaderSize(c, 64<<10)}
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Call sends one request and decodes the result into result (may be nil).
+// The context's operation id, if any, is forwarded. A protocol error is
+// returned as *ErrorResponse.
+func (c *Client) Call(ctx context.Context, method string, params, result any) error {
+	req := Request{Version: Version, Method: method, OpID: OpID(ctx)}
+	if params != nil {
+		b, err := json.Marshal(params)
+		if err != nil {
+			return fmt.Errorf("encode params for %s: %w", method, err)
+		}
+		req.Params = b
+	}
+	line, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	line = append(line, '\n')
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if dl, ok := ctx.Deadline(); ok {
+		c.conn.SetDeadline(dl)
+	} else {
+		c.conn.SetDeadline(time.Time{})
+	}
+	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if _, err := c.conn.Write(line); err != nil {
+		return c.ctxErr(ctx, fmt.Errorf("send %s: %w", method, err))
+	}
+	respLine, tooLong, err := readLine(c.r, MaxResponse)
+	if tooLong {
+		return fmt.Errorf("response to %s exceeds %d bytes", method, MaxResponse)
+	}
+	if err != nil {
+		return c.ctxErr(ctx, fmt.Errorf("read response to %s: %w", method, err))
+	}
+	var resp Response
+	if err := json.Unmarshal(respLine, &resp); err != nil {
+		return fmt.Errorf("malformed response to %s: %w", method, err)
+	}
+	if resp.Error != nil {
+		return resp.Error
+	}
+	if result != nil && len(resp.Result) > 0 && !bytes.Equal(resp.Result, []byte("null")) {
+		if err := json.Unmarshal(resp.Result, result); err != nil {
+			return fmt.Errorf("decode result of %s: %w", method, err)
+		}
+	}
+	return nil
+}
+
+func (c *Client) ctxErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", ctx.Err(), err)
+	}
+	return err
+}
+
+// Call dials path, performs one call and closes the connection.
+func Call(ctx context.Context, path, method string, params, result any) error {
+	c, err := Dial(ctx, path)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.Call(ctx, method, params, result)
+}
+
+// IsCode reports whether err is a protocol error with the given code.
+func IsCode(err error, code string) bool {
+	var e *ErrorResponse
+	return errors.As(err, &e) && e.Code == code
+}
