@@ -1,0 +1,81 @@
+// Package api holds what banger-agent (in the guest) and bangerd (on the host)
+// must agree on beyond the SSH protocol itself: the names of banger's custom
+// SSH requests, their JSON payloads, and the resynchronisation lines of the
+// virtio-serial multiplexer.
+package api
+
+import "time"
+
+// Global SSH requests served by the agent. Replies carry JSON payloads (or none).
+const (
+	// RequestPing asks the agent whether it is ready. Reply: ok, no payload.
+	RequestPing = "banger-ping@banger"
+	// RequestShutdown asks the guest to power off. The agent replies first,
+	// then powers the machine off; the connection drops shortly after.
+	RequestShutdown = "banger-shutdown@banger"
+	// RequestPorts lists listening sockets. Reply payload: PortsReply.
+	RequestPorts = "banger-ports@banger"
+	// RequestStats reports guest resource use. Reply payload: Stats.
+	RequestStats = "banger-stats@banger"
+)
+
+// Session channel requests served by the agent in addition to the standard ones.
+const (
+	// RequestWorkDir sets the working directory of the command started next
+	// on this session. Payload: SSH string (uint32 length + bytes). The agent
+	// refuses it when the directory does not exist.
+	RequestWorkDir = "banger-workdir@banger"
+)
+
+// Defaults both sides use unless configured otherwise.
+const (
+	// DefaultVsockPort is the vsock port the agent listens on.
+	DefaultVsockPort uint32 = 52
+	// DefaultSerialName is the virtio-serial port name of the agent channel.
+	DefaultSerialName = "banger.agent"
+)
+
+// Virtio-serial multiplexer resynchronisation. A virtio-serial port is a
+// single byte stream that survives host reconnections, so each side discards
+// bytes until it sees the other's line before starting a fresh yamux session:
+//
+//  1. the agent writes MuxHello (the write blocks until a host is connected);
+//  2. the host writes MuxPreamble and discards everything until MuxAck;
+//  3. the agent discards everything until MuxPreamble and writes MuxAck;
+//  4. both run yamux, the agent as server, the host as client; every yamux
+//     stream carries one SSH connection.
+const (
+	MuxHello    = "BANGER-MUX-HELLO 1\n"
+	MuxPreamble = "BANGER-MUX 1\n"
+	MuxAck      = "BANGER-MUX-OK 1\n"
+)
+
+// Port is one listening socket in the guest.
+type Port struct {
+	Proto   string `json:"proto"`   // "tcp", "tcp6", "udp", "udp6"
+	Address string `json:"address"` // local address, e.g. "0.0.0.0", "::", "127.0.0.1"
+	Port    int    `json:"port"`
+	PID     int    `json:"pid,omitempty"`     // 0 when unknown
+	Process string `json:"process,omitempty"` // process name (comm)
+	Inode   uint64 `json:"inode,omitempty"`
+}
+
+// PortsReply is the payload of the RequestPorts reply.
+type PortsReply struct {
+	Ports []Port `json:"ports"`
+	// Truncated says the list was cut to fit one SSH packet.
+	Truncated bool `json:"truncated,omitempty"`
+}
+
+// Stats is the payload of the RequestStats reply.
+type Stats struct {
+	MemTotalBytes  uint64        `json:"mem_total_bytes"`
+	MemUsedBytes   uint64        `json:"mem_used_bytes"` // total minus available
+	Load1          float64       `json:"load1"`
+	Load5          float64       `json:"load5"`
+	Load15         float64       `json:"load15"`
+	DiskTotalBytes uint64        `json:"disk_total_bytes"` // root filesystem
+	DiskUsedBytes  uint64        `json:"disk_used_bytes"`
+	Uptime         time.Duration `json:"uptime_ns"`
+	Procs          int           `json:"procs,omitempty"` // number of processes
+}
