@@ -1,0 +1,95 @@
+// Package paths resolves where banger keeps its files: everything under
+// BANGER_HOME when set, else the XDG base directories.
+package paths
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// Layout is the set of directories banger uses for one user.
+type Layout struct {
+	ConfigDir string // config.json
+	DataDir   string // banger.db, images, kernels, vms, logs
+	RunDir    string // sockets, lock file
+}
+
+// Resolve returns the layout for home (BANGER_HOME or --home) if non-empty,
+// else from the XDG environment.
+func Resolve(home string) (Layout, error) {
+	if home == "" {
+		home = os.Getenv("BANGER_HOME")
+	}
+	if home != "" {
+		abs, err := filepath.Abs(home)
+		if err != nil {
+			return Layout{}, fmt.Errorf("resolve BANGER_HOME %q: %w", home, err)
+		}
+		return Layout{ConfigDir: abs, DataDir: abs, RunDir: filepath.Join(abs, "run")}, nil
+	}
+	userHome, err := os.UserHomeDir()
+	if err != nil {
+		return Layout{}, fmt.Errorf("cannot find your home directory (set BANGER_HOME): %w", err)
+	}
+	cfg := os.Getenv("XDG_CONFIG_HOME")
+	if cfg == "" {
+		cfg = filepath.Join(userHome, ".config")
+	}
+	data := os.Getenv("XDG_DATA_HOME")
+	if data == "" {
+		data = filepath.Join(userHome, ".local", "share")
+	}
+	l := Layout{ConfigDir: filepath.Join(cfg, "banger"), DataDir: filepath.Join(data, "banger")}
+	if rt := os.Getenv("XDG_RUNTIME_DIR"); rt != "" {
+		l.RunDir = filepath.Join(rt, "banger")
+	} else {
+		l.RunDir = filepath.Join(l.DataDir, "run")
+	}
+	return l, nil
+}
+
+// Ensure creates the directories (mode 0700).
+func (l Layout) Ensure() error {
+	for _, d := range []string{l.ConfigDir, l.DataDir, l.RunDir, l.VMsDir(), l.ImagesDir(), l.KernelsDir(), l.CacheDir()} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+func (l Layout) Socket() string     { return filepath.Join(l.RunDir, "bangerd.sock") }
+func (l Layout) LockFile() string   { return filepath.Join(l.RunDir, "bangerd.lock") }
+func (l Layout) DB() string         { return filepath.Join(l.DataDir, "banger.db") }
+func (l Layout) ConfigFile() string { return filepath.Join(l.ConfigDir, "config.json") }
+func (l Layout) DaemonLog() string  { return filepath.Join(l.DataDir, "bangerd.log") }
+func (l Layout) VMsDir() string     { return filepath.Join(l.DataDir, "vms") }
+func (l Layout) ImagesDir() string  { return filepath.Join(l.DataDir, "images") }
+func (l Layout) KernelsDir() string { return filepath.Join(l.DataDir, "kernels") }
+func (l Layout) CacheDir() string   { return filepath.Join(l.DataDir, "cache") }
+func (l Layout) UserKey() string    { return filepath.Join(l.DataDir, "ssh", "id_ed25519") }
+
+// VMDir is the directory of one VM.
+func (l Layout) VMDir(id string) string { return filepath.Join(l.VMsDir(), id) }
+
+// HelperSocket is the root helper's socket (BANGER_HELPER_SOCKET overrides).
+func HelperSocket() string {
+	if s := os.Getenv("BANGER_HELPER_SOCKET"); s != "" {
+		return s
+	}
+	return "/run/banger/helper.sock"
+}
+
+// ErrSocketPathTooLong is returned when a unix socket path exceeds the kernel's limit.
+var ErrSocketPathTooLong = errors.New("unix socket path too long")
+
+// CheckSocketPath verifies p fits in sockaddr_un (107 bytes plus NUL).
+func CheckSocketPath(p string) error {
+	if len(p) > 107 {
+		return fmt.Errorf("%w: %s is %d bytes, the limit is 107 (use a shorter BANGER_HOME)", ErrSocketPathTooLong, p, len(p))
+	}
+	return nil
+}
+

@@ -1,0 +1,180 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Image is a registered root filesystem image.
+type Image struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	Digest     string    `json:"digest,omitempty"`
+	RootfsPath string    `json:"rootfs_path"`
+	SizeBytes  int64     `json:"size_bytes"`
+	Source     string    `json:"source,omitempty"`
+	ConfigJSON string    `json:"-"`
+	CreatedAt  time.Time `json:"created_at"`
+}
+
+// Kernel is a registered guest kernel.
+type Kernel struct {
+	ID          string    `json:"id"`
+	Name        string    `json:"name"`
+	Version     string    `json:"version,omitempty"`
+	VmlinuxPath string    `json:"vmlinux_path"`
+	InitrdPath  string    `json:"initrd_path,omitempty"`
+	ModulesDir  string    `json:"modules_dir,omitempty"`
+	Source      string    `json:"source,omitempty"`
+	SizeBytes   int64     `json:"size_bytes"`
+	CreatedAt   time.Time `json:"created_at"`
+}
+
+// CreateImage registers an image; a taken name gives ErrConflict.
+func (s *Store) CreateImage(ctx context.Context, im *Image) error {
+	if im.CreatedAt.IsZero() {
+		im.CreatedAt = time.Now()
+	}
+	if im.ConfigJSON == "" {
+		im.ConfigJSON = "{}"
+	}
+	_, err := s.db.ExecContext(ctx, `INSERT INTO images (id, name, digest, rootfs_path, size_bytes, source, config_json, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, im.ID, im.Name, im.Digest, im.RootfsPath, im.SizeBytes, im.Source, im.ConfigJSON, fmtTime(im.CreatedAt))
+	if isUniqueErr(err) {
+		return fmt.Errorf("%w: an image named %q already exists", ErrConflict, im.Name)
+	}
+	return err
+}
+
+const imageCols = `id, name, digest, rootfs_path, size_bytes, source, config_json, created_at`
+
+func scanImage(r scanner) (*Image, error) {
+	var im Image
+	var created string
+	if err := r.Scan(&im.ID, &im.Name, &im.Digest, &im.RootfsPath, &im.SizeBytes, &im.Source, &im.ConfigJSON, &created); err != nil {
+		return nil, err
+	}
+	im.CreatedAt = parseTime(created)
+	return &im, nil
+}
+
+// ListImages returns images, newest first.
+func (s *Store) ListImages(ctx context.Context) ([]*Image, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+imageCols+` FROM images ORDER BY created_at DESC, rowid DESC`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := []*Image{}
+	for rows.Next() {
+		im, err := scanImage(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, im)
+	}
+	return out, rows.Err()
+}
+
+// FindImage resolves an image by id or name (exact), then unique id prefix.
+func (s *Store) FindImage(ctx context.Context, ref string) (*Image, error) {
+	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE id=? OR name=? ORDER BY name=? DESC LIMIT 1`, ref, ref, ref))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("%w: image %q not found", ErrNotFound, ref)
+	}
+	return im, err
+}
+
+// DeleteImage removes an image record; ErrConflict while a VM uses it.
+func (s *Store) DeleteImage(ctx context.Context, id string) error {
+	_, err := s.db.ExecContext(ctx, `DELETE FROM images WHERE id=?`, id)
+	if isFKErr(err) {
+		return fmt.Errorf("%w: image is used by a VM", ErrConflict)
+	}
+	return err
+}
+
+// VMsUsingImage lists the names of VMs using an image.
+func (s *Store) VMsUsing(ctx context.Context, column, id string) ([]string, error) {
+	if column != "image_id" && column != "kernel_id" {
+		return nil, fmt.Errorf("bad column %q", column)
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT name FROM vms WHERE `+column+`=? ORDER BY name`, id)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			return nil, err
+		}
+		out = append(out, n)
+	}
+	return out, rows.Err()
+}
+
+// CreateKernel registers a kernel; a taken name gives ErrConflict.
+func (s *Store) CreateKernel(ctx context.Context, k *Kernel) error {
+	if k.CreatedAt.IsZero() {
+		k.CreatedAt = time.Now()
+	}
+	_, err := s.db.ExecContext(ctx, `INSERT INTO kernels (id, name, version, vmlinux_path, initrd_path, modules_dir, source, size_bytes, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, k.ID, k.Name, k.Version, k.VmlinuxPath, k.InitrdPath, k.ModulesDir, k.Source, k.SizeBytes, fmtTime(k.CreatedAt))
+	if isUniqueErr(err) {
+		return fmt.Errorf("%w: a kernel named %q already exists", ErrConflict, k.Name)
+	}
+	return err
+}
+
+const kernelCols = `id, name, version, vmlinux_path, initrd_path, modules_dir, source, size_bytes, created_at`
+
+func scanKernel(r scanner) (*Kernel, error) {
+	var k Kernel
+	var created string
+	if err := r.Scan(&k.ID, &k.Name, &k.Version, &k.VmlinuxPath, &k.InitrdPath, &k.ModulesDir, &k.Source, &k.SizeBytes, &created); err != nil {
+		return nil, err
+	}
+	k.CreatedAt = parseTime(created)
+	return &k, nil
+}
+
+// ListKernels returns kernels, newest first.
+func (s *Store) ListKernels(ctx context.Context) ([]*Kernel, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+kernelCols+` FROM kernels ORDER BY created_at DESC, rowid DESC`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := []*Kernel{}
+	for rows.Next() {
+		k, err := scanKernel(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, k)
+	}
+	return out, rows.Err()
+}
+
+// FindKernel resolves a kernel by id or name.
+func (s *Store) FindKernel(ctx context.Context, ref string) (*Kernel, error) {
+	k, err := scanKernel(s.db.QueryRowContext(ctx, `SELECT `+kernelCols+` FROM kernels WHERE id=? OR name=? ORDER BY name=? DESC LIMIT 1`, ref, ref, ref))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("%w: kernel %q not found", ErrNotFound, ref)
+	}
+	return k, err
+}
+
+// DeleteKernel removes a kernel record; ErrConflict while a VM uses it.
+func (s *Store) DeleteKernel(ctx context.Context, id string) error {
+	_, err := s.db.ExecContext(ctx, `DELETE FROM kernels WHERE id=?`, id)
+	if isFKErr(err) {
+		return fmt.Errorf("%w: kernel is used by a VM", ErrConflict)
+	}
+	return err
+}

@@ -1,0 +1,177 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func openTest(t *testing.T) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "banger.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func seed(t *testing.T, s *Store) {
+	ctx := context.Background()
+	if err := s.CreateImage(ctx, &Image{ID: "img1", Name: "base", RootfsPath: "/x"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateKernel(ctx, &Kernel{ID: "k1", Name: "k", VmlinuxPath: "/v"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []VM{
+		{ID: "aaaa11112222", Name: "web"},
+		{ID: "aaab33334444", Name: "worker"},
+		{ID: "bbbb55556666", Name: "aaaa-name"},
+		{ID: "cccc77778888", Name: "db"},
+	} {
+		v.ImageID, v.KernelID, v.VCPUs, v.MemoryMiB, v.DiskMiB, v.State = "img1", "k1", 1, 256, 1024, StateStopped
+		if err := s.CreateVM(ctx, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestMigrationsIdempotent(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "banger.db")
+	for i := 0; i < 2; i++ {
+		s, err := Open(context.Background(), path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, _ := s.SchemaVersion(context.Background())
+		if v != 1 {
+			t.Fatalf("schema version %d", v)
+		}
+		s.Close()
+	}
+}
+
+func TestFindVM(t *testing.T) {
+	s := openTest(t)
+	seed(t, s)
+	cases := []struct {
+		ref, want string
+		err       error
+		msg       string
+	}{
+		{ref: "aaaa11112222", want: "web"},
+		{ref: "web", want: "web"},
+		{ref: "db", want: "db"},
+		{ref: "wo", want: "worker"},
+		{ref: "cccc", want: "db"},
+		{ref: "aaab", want: "worker"},
+		{ref: "aaaa", err: ErrAmbiguous, msg: `multiple VMs match "aaaa"`}, // id prefix of web + name prefix of aaaa-name
+		{ref: "w", err: ErrAmbiguous, msg: `multiple VMs match "w"`},
+		{ref: "zzz", err: ErrNotFound, msg: `vm "zzz" not found`},
+		{ref: "", err: ErrNotFound, msg: "vm id or name is required"},
+		{ref: "%", err: ErrNotFound, msg: `vm "%" not found`},
+		{ref: "_", err: ErrNotFound},
+		{ref: "WEB", err: ErrNotFound},
+	}
+	for _, tc := range cases {
+		t.Run(tc.ref, func(t *testing.T) {
+			v, err := s.FindVM(context.Background(), tc.ref)
+			if tc.err != nil {
+				if !errors.Is(err, tc.err) {
+					t.Fatalf("err = %v, want %v", err, tc.err)
+				}
+				if tc.msg != "" && !strings.Contains(err.Error(), tc.msg) {
+					t.Fatalf("message %q lacks %q", err, tc.msg)
+				}
+				return
+			}
+			if err != nil || v.Name != tc.want {
+				t.Fatalf("got %v, %v; want %s", v, err, tc.want)
+			}
+			if v.Image != "base" || v.Kernel != "k" {
+				t.Fatalf("joins not filled: %+v", v)
+			}
+		})
+	}
+}
+
+func TestConflictsAndRestrict(t *testing.T) {
+	s := openTest(t)
+	seed(t, s)
+	ctx := context.Background()
+	err := s.CreateVM(ctx, &VM{ID: "dddd", Name: "web", ImageID: "img1", KernelID: "k1", State: StateStopped})
+	if !errors.Is(err, ErrConflict) {
+		t.Fatalf("duplicate name: %v", err)
+	}
+	if err := s.DeleteImage(ctx, "img1"); !errors.Is(err, ErrConflict) {
+		t.Fatalf("delete image in use: %v", err)
+	}
+	if err := s.CreateVM(ctx, &VM{ID: "eeee", Name: "x", ImageID: "nope", KernelID: "k1", State: StateStopped}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("dangling image: %v", err)
+	}
+	v, _ := s.FindVM(ctx, "web")
+	v.State = StateRunning
+	v.IP = "172.30.0.2"
+	if err := s.UpdateVM(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	w, _ := s.FindVM(ctx, "worker")
+	w.IP = "172.30.0.2"
+	if err := s.UpdateVM(ctx, w); !errors.Is(err, ErrConflict) {
+		t.Fatalf("duplicate ip: %v", err)
+	}
+	got, _ := s.GetVM(ctx, v.ID)
+	if got.State != StateRunning || !got.UpdatedAt.After(got.CreatedAt.Add(-time.Second)) {
+		t.Fatalf("update not stored: %+v", got)
+	}
+	list, _ := s.ListVMs(ctx)
+	if len(list) != 4 {
+		t.Fatalf("list: %d", len(list))
+	}
+}
+
+func TestLockSetSerialisesPerKey(t *testing.T) {
+	var l LockSet
+	var inA, maxA int32
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			u := l.Lock("a")
+			n := atomic.AddInt32(&inA, 1)
+			for {
+				m := atomic.LoadInt32(&maxA)
+				if n <= m || atomic.CompareAndSwapInt32(&maxA, m, n) {
+					break
+				}
+			}
+			atomic.AddInt32(&inA, -1)
+			u()
+		}()
+		go func() { defer wg.Done(); u := l.Lock("b"); u(); u() }()
+	}
+	wg.Wait()
+	if maxA != 1 {
+		t.Fatalf("%d holders of one key at once", maxA)
+	}
+	if l.Len() != 0 {
+		t.Fatalf("%d lock entries leaked", l.Len())
+	}
+	// different keys do not block each other
+	ua := l.Lock("a")
+	done := make(chan struct{})
+	go func() { ub := l.Lock("b"); ub(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("lock on b blocked by a")
+	}
+	ua()
+}

@@ -1,0 +1,217 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// VM states.
+const (
+	StateCreating = "creating"
+	StateStopped  = "stopped"
+	StateStarting = "starting"
+	StateRunning  = "running"
+	StateStopping = "stopping"
+	StateError    = "error"
+)
+
+// VM is one VM record. Image and Kernel are names, filled in by joins.
+type VM struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	ImageID   string    `json:"image_id"`
+	Image     string    `json:"image"`
+	KernelID  string    `json:"kernel_id"`
+	Kernel    string    `json:"kernel"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	DiskMiB   int       `json:"disk_mib"`
+	State     string    `json:"state"`
+	Driver    string    `json:"driver,omitempty"`
+	IP        string    `json:"ip"`
+	MAC       string    `json:"mac,omitempty"`
+	Tap       string    `json:"tap,omitempty"`
+	Workspace string    `json:"workspace,omitempty"`
+	LastError string    `json:"last_error,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+const vmColumns = `v.id, v.name, v.image_id, COALESCE(i.name, ''), v.kernel_id, COALESCE(k.name, ''),
+	v.vcpus, v.memory_mib, v.disk_mib, v.state, v.driver, v.ip, v.mac, v.tap, v.workspace,
+	v.last_error, v.created_at, v.updated_at`
+
+const vmFrom = ` FROM vms v LEFT JOIN images i ON i.id = v.image_id LEFT JOIN kernels k ON k.id = v.kernel_id`
+
+type scanner interface{ Scan(...any) error }
+
+func scanVM(r scanner) (*VM, error) {
+	var v VM
+	var created, updated string
+	if err := r.Scan(&v.ID, &v.Name, &v.ImageID, &v.Image, &v.KernelID, &v.Kernel, &v.VCPUs, &v.MemoryMiB,
+		&v.DiskMiB, &v.State, &v.Driver, &v.IP, &v.MAC, &v.Tap, &v.Workspace, &v.LastError, &created, &updated); err != nil {
+		return nil, err
+	}
+	v.CreatedAt, v.UpdatedAt = parseTime(created), parseTime(updated)
+	return &v, nil
+}
+
+// CreateVM inserts a new VM record. A taken name gives ErrConflict.
+func (s *Store) CreateVM(ctx context.Context, v *VM) error {
+	now := time.Now()
+	if v.CreatedAt.IsZero() {
+		v.CreatedAt = now
+	}
+	v.UpdatedAt = now
+	_, err := s.db.ExecContext(ctx, `INSERT INTO vms (id, name, image_id, kernel_id, vcpus, memory_mib, disk_mib,
+		state, driver, ip, mac, tap, workspace, last_error, created_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		v.ID, v.Name, v.ImageID, v.KernelID, v.VCPUs, v.MemoryMiB, v.DiskMiB, v.State, v.Driver, v.IP, v.MAC,
+		v.Tap, v.Workspace, v.LastError, fmtTime(v.CreatedAt), fmtTime(v.UpdatedAt))
+	switch {
+	case isUniqueErr(err) && strings.Contains(err.Error(), "vms.name"):
+		return fmt.Errorf("%w: a VM named %q already exists", ErrConflict, v.Name)
+	case isUniqueErr(err) && strings.Contains(err.Error(), "vms.ip"):
+		return fmt.Errorf("%w: address %s is already in use", ErrConflict, v.IP)
+	case isUniqueErr(err):
+		return fmt.Errorf("%w: VM id %s already exists", ErrConflict, v.ID)
+	case isFKErr(err):
+		return fmt.Errorf("%w: image or kernel no longer exists", ErrNotFound)
+	case err != nil:
+		return fmt.Errorf("insert vm: %w", err)
+	}
+	return nil
+}
+
+// UpdateVM writes every mutable field of v (by id) and bumps updated_at.
+func (s *Store) UpdateVM(ctx context.Context, v *VM) error {
+	v.UpdatedAt = time.Now()
+	res, err := s.db.ExecContext(ctx, `UPDATE vms SET name=?, image_id=?, kernel_id=?, vcpus=?, memory_mib=?, disk_mib=?,
+		state=?, driver=?, ip=?, mac=?, tap=?, workspace=?, last_error=?, updated_at=? WHERE id=?`,
+		v.Name, v.ImageID, v.KernelID, v.VCPUs, v.MemoryMiB, v.DiskMiB, v.State, v.Driver, v.IP, v.MAC, v.Tap,
+		v.Workspace, v.LastError, fmtTime(v.UpdatedAt), v.ID)
+	if isUniqueErr(err) {
+		return fmt.Errorf("%w: %v", ErrConflict, err)
+	}
+	if err != nil {
+		return fmt.Errorf("update vm %s: %w", v.ID, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("%w: vm %s", ErrNotFound, v.ID)
+	}
+	return nil
+}
+
+// DeleteVM removes a VM record (no error when already gone).
+func (s *Store) DeleteVM(ctx context.Context, id string) error {
+	_, err := s.db.ExecContext(ctx, `DELETE FROM vms WHERE id=?`, id)
+	if err != nil {
+		return fmt.Errorf("delete vm %s: %w", id, err)
+	}
+	return nil
+}
+
+// GetVM returns the VM with exactly this id.
+func (s *Store) GetVM(ctx context.Context, id string) (*VM, error) {
+	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmColumns+vmFrom+` WHERE v.id=?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("%w: vm %q not found", ErrNotFound, id)
+	}
+	return v, err
+}
+
+// ListVMs returns all VMs, oldest first.
+func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+vmColumns+vmFrom+` ORDER BY v.created_at, v.name`)
+	if err != nil {
+		return nil, fmt.Errorf("list vms: %w", err)
+	}
+	defer rows.Close()
+	out := []*VM{}
+	for rows.Next() {
+		v, err := scanVM(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// FindVM resolves a user's reference: exact id, then exact name, then an
+// unambiguous prefix of an id or a name.
+func (s *Store) FindVM(ctx context.Context, ref string) (*VM, error) {
+	if strings.TrimSpace(ref) == "" {
+		return nil, fmt.Errorf("%w: vm id or name is required", ErrNotFound)
+	}
+	if v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmColumns+vmFrom+` WHERE v.id=?`, ref)); err == nil {
+		return v, nil
+	} else if !errors.Is(err, sql.ErrNoRows) {
+		return nil, err
+	}
+	if v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmColumns+vmFrom+` WHERE v.name=?`, ref)); err == nil {
+		return v, nil
+	} else if !errors.Is(err, sql.ErrNoRows) {
+		return nil, err
+	}
+	pat := escapeLike(ref) + "%"
+	rows, err := s.db.QueryContext(ctx, `SELECT `+vmColumns+vmFrom+
+		` WHERE v.id LIKE ? ESCAPE '\' OR v.name LIKE ? ESCAPE '\' ORDER BY v.name LIMIT 10`, pat, pat)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var matches []*VM
+	for rows.Next() {
+		v, err := scanVM(rows)
+		if err != nil {
+			return nil, err
+		}
+		// LIKE is case-insensitive for ASCII; prefixes are exact.
+		if strings.HasPrefix(v.ID, ref) || strings.HasPrefix(v.Name, ref) {
+			matches = append(matches, v)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	switch len(matches) {
+	case 0:
+		return nil, fmt.Errorf("%w: vm %q not found", ErrNotFound, ref)
+	case 1:
+		return matches[0], nil
+	default:
+		names := make([]string, len(matches))
+		for i, m := range matches {
+			names[i] = m.Name
+		}
+		return nil, fmt.Errorf("%w: multiple VMs match %q (%s)", ErrAmbiguous, ref, strings.Join(names, ", "))
+	}
+}
+
+func escapeLike(s string) string {
+	r := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
+	return r.Replace(s)
+}
+
+// UsedIPs returns the addresses assigned to VMs.
+func (s *Store) UsedIPs(ctx context.Context) (map[string]bool, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT ip FROM vms WHERE ip != ''`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]bool{}
+	for rows.Next() {
+		var ip string
+		if err := rows.Scan(&ip); err != nil {
+			return nil, err
+		}
+		out[ip] = true
+	}
+	return out, rows.Err()
+}
