@@ -1,0 +1,443 @@
+// Package qemu is the vmm.Driver for qemu-system-x86_64 with the microvm
+// machine type: direct kernel boot, virtio-mmio disks and network, the guest
+// agent reached over vhost-vsock when the host has it and over a virtio-serial
+// port otherwise, and QMP for control.
+//
+// A guest reboot or power-off ends the QEMU process (-no-reboot, and the kernel
+// command line gets panic=-1 reboot=t).
+//
+// Shutdown presses the ACPI power button (QMP system_powerdown). On microvm that
+// is an ACPI GED event: the guest needs the ACPI button driver (button.ko in
+// the Debian cloud kernel) and a userspace that acts on KEY_POWER (systemd-logind,
+// acpid, or the banger agent). Without that the request is silently ignored, so
+// it is only a fallback after asking the agent.
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/system"
+	"github.com/bangerdev/banger/internal/vmm"
+)
+
+// DriverName is the driver's name in Handles.
+const DriverName = "qemu"
+
+// Defaults.
+const (
+	DefaultBinary       = "qemu-system-x86_64"
+	DefaultStartTimeout = 30 * time.Second
+	// defaultOpTimeout bounds QMP exchanges and kills when ctx has no deadline.
+	defaultOpTimeout = 10 * time.Second
+)
+
+// Options configure a Driver. The zero value is usable.
+type Options struct {
+	// Binary is the QEMU executable, a path or a name looked up in PATH.
+	// Default qemu-system-x86_64.
+	Binary string
+	// Accel is "auto" (default: KVM when a probe shows it works, else TCG),
+	// "kvm" or "tcg".
+	Accel string
+	// ProbeKernel is a guest kernel used to probe KVM before the first Start
+	// (so that Preflight and Describe can tell). Without it the first Start
+	// probes with its own kernel.
+	ProbeKernel string
+	// ProbeTimeout bounds the KVM probe. Default DefaultProbeTimeout.
+	ProbeTimeout time.Duration
+	// StartTimeout bounds Start when ctx allows longer. Default DefaultStartTimeout.
+	StartTimeout time.Duration
+	// NoSandbox turns off QEMU's seccomp sandbox (-sandbox on,...).
+	NoSandbox bool
+	Logger    *slog.Logger
+}
+
+// Driver runs VMs under qemu-system-x86_64. Safe for concurrent use.
+type Driver struct {
+	opts Options
+	log  *slog.Logger
+
+	kvmPath   string
+	vsockPath string
+	cpuinfo   string
+
+	accelSem chan struct{} // guards accel; a channel so waiting honours ctx
+	accel    *accelChoice
+
+	once     sync.Once
+	vsockErr error // nil: vhost-vsock usable
+	tscKHz   int
+	binMu    sync.Mutex
+	binCache map[string]binaryInfo
+}
+
+type binaryInfo struct {
+	version string
+	err     error
+}
+
+// New returns a Driver. Options are checked by Preflight and Start.
+func New(opts Options) *Driver {
+	if opts.Binary == "" {
+		opts.Binary = DefaultBinary
+	}
+	if opts.Accel == "" {
+		opts.Accel = AccelAuto
+	}
+	if opts.ProbeTimeout <= 0 {
+		opts.ProbeTimeout = DefaultProbeTimeout
+	}
+	if opts.StartTimeout <= 0 {
+		opts.StartTimeout = DefaultStartTimeout
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Driver{
+		opts:      opts,
+		log:       log.With("driver", DriverName),
+		kvmPath:   "/dev/kvm",
+		vsockPath: "/dev/vhost-vsock",
+		cpuinfo:   "/proc/cpuinfo",
+		accelSem:  make(chan struct{}, 1),
+		binCache:  map[string]binaryInfo{},
+	}
+}
+
+var _ vmm.Driver = (*Driver)(nil)
+
+// Name implements vmm.Driver.
+func (d *Driver) Name() string { return DriverName }
+
+// hostFacts reads what does not change while the driver lives.
+func (d *Driver) hostFacts() {
+	d.once.Do(func() {
+		d.vsockErr = checkDevice(d.vsockPath)
+		if b, err := os.ReadFile(d.cpuinfo); err == nil {
+			d.tscKHz = cpuKHz(b)
+		}
+	})
+}
+
+// Capabilities implements vmm.Driver.
+func (d *Driver) Capabilities() vmm.Capabilities {
+	d.hostFacts()
+	return vmm.Capabilities{
+		Vsock:        d.vsockErr == nil,
+		GracefulStop: true, // ACPI power button; see the package comment
+		Initrd:       true,
+		Network:      true,
+	}
+}
+
+// binary resolves the QEMU executable and checks (once per path) that it has
+// the microvm machine with the options banger uses.
+func (d *Driver) binary(ctx context.Context) (string, string, error) {
+	path, err := exec.LookPath(d.opts.Binary)
+	if err != nil {
+		return "", "", fmt.Errorf("%s not found: %w; hint: install QEMU (Debian/Ubuntu: apt install qemu-system-x86) or set the qemu binary path", d.opts.Binary, err)
+	}
+	d.binMu.Lock()
+	info, ok := d.binCache[path]
+	d.binMu.Unlock()
+	if ok {
+		return path, info.version, info.err
+	}
+	info, transient := inspectBinary(ctx, path)
+	if !transient {
+		d.binMu.Lock()
+		d.binCache[path] = info
+		d.binMu.Unlock()
+	}
+	return path, info.version, info.err
+}
+
+// inspectBinary runs `qemu -version` and `qemu -machine microvm,help`.
+// transient is true when the failure came from ctx and may go away.
+func inspectBinary(ctx context.Context, path string) (info binaryInfo, transient bool) {
+	run := func(args ...string) (string, error) {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(cctx, path, args...)
+		cmd.WaitDelay = time.Second
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return string(out), fmt.Errorf("%s %s: %w: %s", path, strings.Join(args, " "), err, lastLine(string(out)))
+		}
+		return string(out), nil
+	}
+	out, err := run("-version")
+	if err != nil {
+		return binaryInfo{err: fmt.Errorf("cannot run qemu: %w", err)}, ctx.Err() != nil
+	}
+	info.version = strings.TrimSpace(strings.SplitN(out, "\n", 2)[0])
+	out, err = run("-machine", "microvm,help")
+	if err != nil {
+		info.err = fmt.Errorf("qemu has no microvm machine type (need QEMU 6.0 or later built with microvm): %w", err)
+		return info, ctx.Err() != nil
+	}
+	var missing []string
+	for _, opt := range []string{"acpi=", "isa-serial=", "rtc=", "x-option-roms="} {
+		if !strings.Contains(out, opt) {
+			missing = append(missing, strings.TrimSuffix(opt, "="))
+		}
+	}
+	if len(missing) > 0 {
+		info.err = fmt.Errorf("%s: its microvm machine lacks %s; hint: install QEMU 7.2 or later", info.version, strings.Join(missing, ", "))
+	}
+	return info, false
+}
+
+// Report is the driver's view of this host, in words, for `banger doctor`.
+type Report struct {
+	Binary  string // resolved path; empty when not found
+	Version string // first line of `qemu -version`
+	// Accel is "kvm" or "tcg"; empty while undecided (Accel auto, no probe yet).
+	Accel         string
+	AccelReason   string
+	Channel       vmm.ChannelKind // how guests will be reached
+	ChannelReason string
+	// Err is what Preflight returns: nil when VMs can run.
+	Err error
+}
+
+// Lines renders the report as short user-facing lines.
+func (r Report) Lines() []string {
+	var l []string
+	if r.Binary != "" {
+		l = append(l, fmt.Sprintf("qemu: %s (%s)", r.Binary, r.Version))
+	}
+	if r.Err != nil {
+		l = append(l, "problem: "+r.Err.Error())
+	}
+	switch {
+	case r.Accel != "":
+		l = append(l, fmt.Sprintf("acceleration: %s: %s", r.Accel, r.AccelReason))
+	case r.AccelReason != "":
+		l = append(l, "acceleration: "+r.AccelReason)
+	}
+	if r.Channel != "" {
+		l = append(l, fmt.Sprintf("guest channel: %s: %s", r.Channel, r.ChannelReason))
+	}
+	return l
+}
+
+// Describe checks the host like Preflight and says what was chosen and why. It
+// may run the KVM probe (bounded by Options.ProbeTimeout) when Options.ProbeKernel
+// is set.
+func (d *Driver) Describe(ctx context.Context) Report {
+	var r Report
+	d.hostFacts()
+	if d.vsockErr == nil {
+		r.Channel, r.ChannelReason = vmm.ChannelVsock, d.vsockPath+" is usable"
+	} else {
+		r.Channel = vmm.ChannelSerial
+		r.ChannelReason = deviceProblem(d.vsockPath, d.vsockErr, "kvm") + "; the agent is reached over a virtio-serial port instead (hint: modprobe vhost_vsock for vsock)"
+	}
+	bin, version, err := d.binary(ctx)
+	r.Binary, r.Version = bin, version
+	if err != nil {
+		r.Err = err
+		return r
+	}
+	c, err := d.chooseAccel(ctx, bin, "")
+	switch {
+	case err != nil:
+		r.Err = err
+	case c.Accel == "":
+		r.AccelReason = "auto: KVM is probed at the first VM start"
+	default:
+		r.Accel, r.AccelReason = c.Accel, c.Reason
+	}
+	return r
+}
+
+// Preflight implements vmm.Driver.
+func (d *Driver) Preflight(ctx context.Context) error {
+	return d.Describe(ctx).Err
+}
+
+// Start implements vmm.Driver.
+func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance, error) {
+	if err := validateConfig(cfg); err != nil {
+		return nil, fmt.Errorf("invalid machine config: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.opts.StartTimeout)
+	defer cancel()
+	for _, f := range []struct{ what, path string }{{"kernel", cfg.KernelPath}, {"initrd", cfg.InitrdPath}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			return nil, fmt.Errorf("%s %s: %w", f.what, f.path, err)
+		}
+	}
+	for _, dr := range cfg.Drives {
+		if _, err := os.Stat(dr.Path); err != nil {
+			return nil, fmt.Errorf("disk %s: %w", dr.ID, err)
+		}
+	}
+	bin, _, err := d.binary(ctx)
+	if err != nil {
+		return nil, err
+	}
+	accel, err := d.chooseAccel(ctx, bin, cfg.KernelPath)
+	if err != nil {
+		return nil, err
+	}
+	d.hostFacts()
+
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create VM directory: %w", err)
+	}
+	paths := newLayout(cfg.Dir)
+	ch := vmm.GuestChannel{Kind: vmm.ChannelSerial, Path: paths.AgentSocket, Name: AgentPortName}
+	if d.vsockErr == nil {
+		ch = vmm.GuestChannel{Kind: vmm.ChannelVsock, CID: guestCID(cfg.VMID), Port: cfg.GuestPort}
+	}
+	sockets := []string{paths.QMPSocket}
+	if ch.Kind == vmm.ChannelSerial {
+		sockets = append(sockets, ch.Path)
+	}
+	for _, s := range sockets {
+		if err := checkSocketPath(s); err != nil {
+			return nil, err
+		}
+		// A previous QEMU killed with SIGKILL leaves its sockets behind.
+		if err := removeSocket(s); err != nil {
+			return nil, err
+		}
+	}
+	args, err := buildArgs(launchSpec{
+		Config: cfg, Accel: accel.Accel, TSCKHz: d.tscKHz, Channel: ch, Paths: paths,
+		Sandbox: !d.opts.NoSandbox,
+	})
+	if err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(paths.VMMLog, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create VMM log: %w", err)
+	}
+	// Not exec.CommandContext: the VMM must outlive ctx (and bangerd). Every
+	// failure path below kills it.
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	cmd.Dir = cfg.Dir
+	proc, err := system.StartDetached(cmd)
+	logf.Close()
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	h := vmm.Handles{
+		Driver:     DriverName,
+		PID:        proc.PID,
+		StartTime:  proc.StartTime,
+		APISocket:  paths.QMPSocket,
+		Channel:    ch,
+		ConsoleLog: paths.ConsoleLog,
+		VMMLog:     paths.VMMLog,
+	}
+	if cfg.Net != nil {
+		h.Tap = cfg.Net.Tap
+	}
+	log := d.log.With("vm", cfg.VMID, "pid", proc.PID)
+	inst := newInstance(h, proc, false, log)
+	log.Debug("qemu launched", "accel", accel.Accel, "args", args)
+	if err := inst.waitRunning(ctx); err != nil {
+		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
+		defer kcancel()
+		if kerr := inst.Kill(kctx); kerr != nil {
+			log.Error("could not kill qemu after a failed start", "err", kerr)
+		}
+		return nil, err
+	}
+	log.Info("qemu started", "accel", accel.Accel, "channel", ch.Kind)
+	return inst, nil
+}
+
+// removeSocket removes path if it is a socket; anything else there is an error.
+func removeSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&fs.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket; remove it or pick another VM directory", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	return nil
+}
+
+// Adopt implements vmm.Driver. The process must be the same one (PID and start
+// time) and its command line must name the QMP socket of these handles (that
+// path is unique to the VM's directory).
+func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error) {
+	if h.Driver != "" && h.Driver != DriverName {
+		return nil, fmt.Errorf("handles belong to the %q driver, not %q", h.Driver, DriverName)
+	}
+	if !system.SameProcess(h.PID, h.StartTime) {
+		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
+	}
+	argv, err := system.ProcessCmdline(h.PID)
+	if err != nil {
+		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
+	}
+	vmID, ok := matchCmdline(argv, h.APISocket)
+	if !ok {
+		return nil, fmt.Errorf("pid %d is not this VM's qemu (its command line does not name %s): %w", h.PID, h.APISocket, vmm.ErrGone)
+	}
+	proc, err := system.Adopt(h.PID, h.StartTime)
+	if err != nil {
+		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
+	}
+	log := d.log.With("vm", vmID, "pid", h.PID)
+	inst := newInstance(h, proc, true, log)
+	st, err := inst.State(ctx)
+	switch {
+	case st == vmm.StateExited:
+		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
+	case err != nil:
+		// Still ours: Kill works by PID. State reports the problem again.
+		log.Warn("adopted qemu does not answer on its monitor socket", "err", err)
+	default:
+		log.Info("qemu adopted", "state", st)
+	}
+	return inst, nil
+}
+
+// matchCmdline reports whether argv is a banger QEMU whose QMP socket is
+// qmpSocket, and returns the VM id from its -name.
+func matchCmdline(argv []string, qmpSocket string) (vmID string, ok bool) {
+	if qmpSocket == "" {
+		return "", false
+	}
+	wantQMP := "socket,id=qmp,path=" + optValue(qmpSocket) + ","
+	var named, qmp bool
+	for i, a := range argv {
+		if a == "-name" && i+1 < len(argv) && strings.HasPrefix(argv[i+1], namePrefix) {
+			named = true
+			vmID, _, _ = strings.Cut(strings.TrimPrefix(argv[i+1], namePrefix), ",")
+		}
+		if a == "-chardev" && i+1 < len(argv) && strings.HasPrefix(argv[i+1], wantQMP) {
+			qmp = true
+		}
+	}
+	return vmID, named && qmp
+}
