@@ -1,0 +1,47 @@
+// Command bangerd is banger's per-user daemon. It runs in the foreground and
+// logs JSON to stderr.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/paths"
+	"github.com/bangerdev/banger/internal/version"
+)
+
+func main() {
+	home := flag.String("home", "", "keep all state under this directory (default: $BANGER_HOME, else XDG directories)")
+	debug := flag.Bool("debug", false, "log at debug level")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	if *showVersion {
+		fmt.Println(version.String())
+		return
+	}
+	level := slog.LevelInfo
+	if *debug || os.Getenv("BANGER_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	log := logging.New(os.Stderr, level)
+	slog.SetDefault(log)
+	layout, err := paths.Resolve(*home)
+	if err != nil {
+		log.Error("cannot start", "error", err.Error())
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := daemon.Run(ctx, daemon.Config{Layout: layout, Version: version.String(), Logger: log}); err != nil {
+		log.Error("bangerd failed", "error", err.Error())
+		fmt.Fprintf(os.Stderr, "bangerd: %v\n", err)
+		os.Exit(1)
+	}
+}

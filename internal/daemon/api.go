@@ -1,0 +1,76 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"os"
+	"time"
+
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// Info is the result of system.info.
+type Info struct {
+	Version       string  `json:"version"`
+	PID           int     `json:"pid"`
+	Home          string  `json:"home"`
+	Socket        string  `json:"socket"`
+	UptimeSeconds float64 `json:"uptime_seconds"`
+	StartedAt     string  `json:"started_at"`
+}
+
+// VMRef names a VM by id, name or unambiguous prefix.
+type VMRef struct {
+	VM string `json:"vm"`
+}
+
+func (d *Daemon) registerAPI() {
+	m := d.mux
+	rpc.Handle(m, "system.ping", func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
+	rpc.Handle(m, "system.info", func(ctx context.Context, _ struct{}) (Info, error) {
+		return Info{
+			Version: d.cfg.Version, PID: os.Getpid(), Home: d.cfg.Layout.DataDir, Socket: d.cfg.Layout.Socket(),
+			UptimeSeconds: time.Since(d.started).Seconds(), StartedAt: d.started.UTC().Format(time.RFC3339),
+		}, nil
+	})
+	rpc.Handle(m, "vm.list", func(ctx context.Context, _ struct{}) ([]*store.VM, error) {
+		vms, err := d.store.ListVMs(ctx)
+		return vms, storeErr(err)
+	})
+	rpc.Handle(m, "vm.get", func(ctx context.Context, p VMRef) (*store.VM, error) {
+		vm, err := d.store.FindVM(ctx, p.VM)
+		return vm, storeErr(err)
+	})
+	d.registerServiceAPI()
+}
+
+// storeErr maps store errors to protocol codes, keeping the message.
+func storeErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, store.ErrNotFound):
+		return codeErr(rpc.CodeNotFound, err)
+	case errors.Is(err, store.ErrInvalid):
+		return codeErr(rpc.CodeInvalidArgument, err)
+	case errors.Is(err, store.ErrAmbiguous), errors.Is(err, store.ErrConflict):
+		return codeErr(rpc.CodeConflict, err)
+	}
+	return err
+}
+
+// codeErr attaches a protocol code to err, keeping err in the chain and its message.
+func codeErr(code string, err error) error {
+	return &codedError{code: code, err: err}
+}
+
+type codedError struct {
+	code string
+	err  error
+}
+
+func (e *codedError) Error() string { return e.err.Error() }
+func (e *codedError) Unwrap() []error {
+	return []error{e.err, &rpc.ErrorResponse{Code: e.code, Message: e.err.Error()}}
+}

@@ -1,0 +1,192 @@
+// Package e2e holds end-to-end tests that run the real binaries.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+func repoRoot(t testing.TB) string {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out)))
+}
+
+// bins builds banger, bangerd and banger-agent once per test process.
+func bins(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "banger-e2e-bin-")
+		if buildErr != nil {
+			return
+		}
+		root := repoRoot(t)
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/banger", "./cmd/bangerd")
+		cmd.Dir = root
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Run(); err != nil {
+			buildErr = &buildError{err, out.String()}
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("build binaries: %v", buildErr)
+	}
+	return binDir
+}
+
+type buildError struct {
+	err error
+	out string
+}
+
+func (e *buildError) Error() string { return e.err.Error() + "\n" + e.out }
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+// home is a temporary BANGER_HOME with a short path (unix sockets).
+func home(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "bh-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// daemon runs bangerd in the foreground for the test; logs are collected.
+type daemonProc struct {
+	cmd  *exec.Cmd
+	logs *lockedBuf
+	done chan struct{}
+}
+
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock(); return l.b.Write(p) }
+func (l *lockedBuf) String() string               { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
+
+func startDaemon(t *testing.T, h string, extraEnv ...string) *daemonProc {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(bins(t), "bangerd"), "--debug")
+	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h), extraEnv...)
+	d := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
+	cmd.Stderr = d.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(d.done) }()
+	t.Cleanup(func() { d.stop(t) })
+	sock := filepath.Join(h, "run", "bangerd.sock")
+	waitFor(t, 15*time.Second, "bangerd socket", func() bool {
+		select {
+		case <-d.done:
+			t.Fatalf("bangerd exited early: %s", d.logs.String())
+		default:
+		}
+		_, err := os.Stat(sock)
+		return err == nil
+	})
+	return d
+}
+
+func (d *daemonProc) stop(t *testing.T) {
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-d.done:
+	case <-time.After(20 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+		t.Errorf("bangerd did not stop on SIGINT within 20s")
+	}
+}
+
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// banger runs the CLI and returns stdout, stderr and the exit status.
+func banger(t *testing.T, h string, args ...string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(bins(t), "banger"), args...)
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+h)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run banger %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// rawCall sends raw lines to a socket and returns the decoded responses.
+func rawCall(t *testing.T, sock string, lines ...string) []map[string]any {
+	t.Helper()
+	c, err := dialUnix(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	r := bufio.NewReaderSize(c, 1<<20)
+	var out []map[string]any
+	for _, l := range lines {
+		if _, err := c.Write([]byte(l + "\n")); err != nil {
+			t.Fatal(err)
+		}
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("read response to %.80q: %v", l, err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("response %q: %v", line, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
