@@ -92,4 +92,3 @@ func CheckSocketPath(p string) error {
 	}
 	return nil
 }
-

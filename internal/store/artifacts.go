@@ -44,7 +44,7 @@ func (s *Store) CreateImage(ctx context.Context, im *Image) error {
 	_, err := s.db.ExecContext(ctx, `INSERT INTO images (id, name, digest, rootfs_path, size_bytes, source, config_json, created_at)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, im.ID, im.Name, im.Digest, im.RootfsPath, im.SizeBytes, im.Source, im.ConfigJSON, fmtTime(im.CreatedAt))
 	if isUniqueErr(err) {
-		return fmt.Errorf("%w: an image named %q already exists", ErrConflict, im.Name)
+		return errf(ErrConflict, "an image named %q already exists", im.Name)
 	}
 	return err
 }
@@ -83,7 +83,7 @@ func (s *Store) ListImages(ctx context.Context) ([]*Image, error) {
 func (s *Store) FindImage(ctx context.Context, ref string) (*Image, error) {
 	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE id=? OR name=? ORDER BY name=? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("%w: image %q not found", ErrNotFound, ref)
+		return nil, errf(ErrNotFound, "image %q not found", ref)
 	}
 	return im, err
 }
@@ -92,7 +92,7 @@ func (s *Store) FindImage(ctx context.Context, ref string) (*Image, error) {
 func (s *Store) DeleteImage(ctx context.Context, id string) error {
 	_, err := s.db.ExecContext(ctx, `DELETE FROM images WHERE id=?`, id)
 	if isFKErr(err) {
-		return fmt.Errorf("%w: image is used by a VM", ErrConflict)
+		return errf(ErrConflict, "image is used by a VM")
 	}
 	return err
 }
@@ -126,7 +126,7 @@ func (s *Store) CreateKernel(ctx context.Context, k *Kernel) error {
 	_, err := s.db.ExecContext(ctx, `INSERT INTO kernels (id, name, version, vmlinux_path, initrd_path, modules_dir, source, size_bytes, created_at)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, k.ID, k.Name, k.Version, k.VmlinuxPath, k.InitrdPath, k.ModulesDir, k.Source, k.SizeBytes, fmtTime(k.CreatedAt))
 	if isUniqueErr(err) {
-		return fmt.Errorf("%w: a kernel named %q already exists", ErrConflict, k.Name)
+		return errf(ErrConflict, "a kernel named %q already exists", k.Name)
 	}
 	return err
 }
@@ -165,7 +165,7 @@ func (s *Store) ListKernels(ctx context.Context) ([]*Kernel, error) {
 func (s *Store) FindKernel(ctx context.Context, ref string) (*Kernel, error) {
 	k, err := scanKernel(s.db.QueryRowContext(ctx, `SELECT `+kernelCols+` FROM kernels WHERE id=? OR name=? ORDER BY name=? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("%w: kernel %q not found", ErrNotFound, ref)
+		return nil, errf(ErrNotFound, "kernel %q not found", ref)
 	}
 	return k, err
 }
@@ -174,7 +174,7 @@ func (s *Store) FindKernel(ctx context.Context, ref string) (*Kernel, error) {
 func (s *Store) DeleteKernel(ctx context.Context, id string) error {
 	_, err := s.db.ExecContext(ctx, `DELETE FROM kernels WHERE id=?`, id)
 	if isFKErr(err) {
-		return fmt.Errorf("%w: kernel is used by a VM", ErrConflict)
+		return errf(ErrConflict, "kernel is used by a VM")
 	}
 	return err
 }

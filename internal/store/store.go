@@ -112,7 +112,22 @@ var (
 	ErrNotFound  = errors.New("not found")
 	ErrAmbiguous = errors.New("ambiguous")
 	ErrConflict  = errors.New("conflict")
+	ErrInvalid   = errors.New("invalid")
 )
+
+// Error is a store error of a kind (ErrNotFound, ErrAmbiguous, ErrConflict)
+// whose message is meant for users as is.
+type Error struct {
+	Kind error
+	Msg  string
+}
+
+func (e *Error) Error() string        { return e.Msg }
+func (e *Error) Is(target error) bool { return target == e.Kind }
+
+func errf(kind error, format string, args ...any) error {
+	return &Error{Kind: kind, Msg: fmt.Sprintf(format, args...)}
+}
 
 const timeFormat = time.RFC3339Nano
 

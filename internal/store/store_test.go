@@ -74,7 +74,7 @@ func TestFindVM(t *testing.T) {
 		{ref: "aaaa", err: ErrAmbiguous, msg: `multiple VMs match "aaaa"`}, // id prefix of web + name prefix of aaaa-name
 		{ref: "w", err: ErrAmbiguous, msg: `multiple VMs match "w"`},
 		{ref: "zzz", err: ErrNotFound, msg: `vm "zzz" not found`},
-		{ref: "", err: ErrNotFound, msg: "vm id or name is required"},
+		{ref: "", err: ErrInvalid, msg: "vm id or name is required"},
 		{ref: "%", err: ErrNotFound, msg: `vm "%" not found`},
 		{ref: "_", err: ErrNotFound},
 		{ref: "WEB", err: ErrNotFound},

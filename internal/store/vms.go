@@ -74,13 +74,13 @@ func (s *Store) CreateVM(ctx context.Context, v *VM) error {
 		v.Tap, v.Workspace, v.LastError, fmtTime(v.CreatedAt), fmtTime(v.UpdatedAt))
 	switch {
 	case isUniqueErr(err) && strings.Contains(err.Error(), "vms.name"):
-		return fmt.Errorf("%w: a VM named %q already exists", ErrConflict, v.Name)
+		return errf(ErrConflict, "a VM named %q already exists", v.Name)
 	case isUniqueErr(err) && strings.Contains(err.Error(), "vms.ip"):
-		return fmt.Errorf("%w: address %s is already in use", ErrConflict, v.IP)
+		return errf(ErrConflict, "address %s is already in use", v.IP)
 	case isUniqueErr(err):
-		return fmt.Errorf("%w: VM id %s already exists", ErrConflict, v.ID)
+		return errf(ErrConflict, "VM id %s already exists", v.ID)
 	case isFKErr(err):
-		return fmt.Errorf("%w: image or kernel no longer exists", ErrNotFound)
+		return errf(ErrNotFound, "image or kernel no longer exists")
 	case err != nil:
 		return fmt.Errorf("insert vm: %w", err)
 	}
@@ -95,13 +95,13 @@ func (s *Store) UpdateVM(ctx context.Context, v *VM) error {
 		v.Name, v.ImageID, v.KernelID, v.VCPUs, v.MemoryMiB, v.DiskMiB, v.State, v.Driver, v.IP, v.MAC, v.Tap,
 		v.Workspace, v.LastError, fmtTime(v.UpdatedAt), v.ID)
 	if isUniqueErr(err) {
-		return fmt.Errorf("%w: %v", ErrConflict, err)
+		return errf(ErrConflict, "%v", err)
 	}
 	if err != nil {
 		return fmt.Errorf("update vm %s: %w", v.ID, err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("%w: vm %s", ErrNotFound, v.ID)
+		return errf(ErrNotFound, "vm %s", v.ID)
 	}
 	return nil
 }
@@ -119,7 +119,7 @@ func (s *Store) DeleteVM(ctx context.Context, id string) error {
 func (s *Store) GetVM(ctx context.Context, id string) (*VM, error) {
 	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmColumns+vmFrom+` WHERE v.id=?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("%w: vm %q not found", ErrNotFound, id)
+		return nil, errf(ErrNotFound, "vm %q not found", id)
 	}
 	return v, err
 }
@@ -146,7 +146,7 @@ func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
 // unambiguous prefix of an id or a name.
 func (s *Store) FindVM(ctx context.Context, ref string) (*VM, error) {
 	if strings.TrimSpace(ref) == "" {
-		return nil, fmt.Errorf("%w: vm id or name is required", ErrNotFound)
+		return nil, errf(ErrInvalid, "vm id or name is required")
 	}
 	if v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmColumns+vmFrom+` WHERE v.id=?`, ref)); err == nil {
 		return v, nil
@@ -181,7 +181,7 @@ func (s *Store) FindVM(ctx context.Context, ref string) (*VM, error) {
 	}
 	switch len(matches) {
 	case 0:
-		return nil, fmt.Errorf("%w: vm %q not found", ErrNotFound, ref)
+		return nil, errf(ErrNotFound, "vm %q not found", ref)
 	case 1:
 		return matches[0], nil
 	default:
@@ -189,7 +189,7 @@ func (s *Store) FindVM(ctx context.Context, ref string) (*VM, error) {
 		for i, m := range matches {
 			names[i] = m.Name
 		}
-		return nil, fmt.Errorf("%w: multiple VMs match %q (%s)", ErrAmbiguous, ref, strings.Join(names, ", "))
+		return nil, errf(ErrAmbiguous, "multiple VMs match %q (%s)", ref, strings.Join(names, ", "))
 	}
 }
 
