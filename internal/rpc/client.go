@@ -115,3 +115,29 @@ func IsCode(err error, code string) bool {
 	var e *ErrorResponse
 	return errors.As(err, &e) && e.Code == code
 }
+
+// Upgrade performs a call whose successful response turns the connection into
+// a raw byte stream (see Upgrade on the server). The returned conn yields any
+// bytes already buffered; the Client must not be used afterwards.
+func (c *Client) Upgrade(ctx context.Context, method string, params, result any) (net.Conn, error) {
+	if err := c.Call(ctx, method, params, result); err != nil {
+		return nil, err
+	}
+	c.conn.SetDeadline(time.Time{})
+	return &clientConn{Conn: c.conn, r: c.r}, nil
+}
+
+type clientConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (b *clientConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// CloseWrite half-closes the stream when possible.
+func (b *clientConn) CloseWrite() error {
+	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -364,3 +365,49 @@ func sortDurations(d []time.Duration) { slices.Sort(d) }
 
 func BenchmarkPingOneConnection(b *testing.B)    { benchPing(b, false) }
 func BenchmarkPingFreshConnections(b *testing.B) { benchPing(b, true) }
+
+func TestUpgradeSplicesConnection(t *testing.T) {
+	mux := NewMux()
+	Handle(mux, "echo.stream", func(ctx context.Context, p struct{}) (*Upgrade, error) {
+		return &Upgrade{Result: map[string]string{"op": OpID(ctx)}, Then: func(ctx context.Context, c net.Conn) {
+			defer c.Close()
+			buf := make([]byte, 1024)
+			for {
+				n, err := c.Read(buf)
+				if n > 0 {
+					c.Write(bytes.ToUpper(buf[:n]))
+				}
+				if err != nil {
+					return
+				}
+			}
+		}}, nil
+	})
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &Server{Mux: mux, Logger: logging.Discard()}
+	go srv.Serve(context.Background(), ln)
+	defer srv.Shutdown(context.Background())
+	c, err := Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res map[string]string
+	conn, err := c.Upgrade(WithOpID(context.Background(), "op-0a0b0c"), "echo.stream", nil, &res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if res["op"] != "op-0a0b0c" {
+		t.Fatalf("result %v", res)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn.Write([]byte("hello"))
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(conn, got); err != nil || string(got) != "HELLO" {
+		t.Fatalf("spliced stream: %q %v", got, err)
+	}
+}

@@ -209,7 +209,7 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 		s.inflight.Add(1)
 		s.mu.Unlock()
 
-		resp := s.dispatch(ctx, line, tooLong, authErr)
+		resp, up := s.dispatchUpgrade(ctx, line, tooLong, authErr)
 		b, merr := json.Marshal(resp)
 		if merr != nil {
 			b, _ = json.Marshal(Response{Error: &ErrorResponse{Code: CodeInternal, Message: "cannot encode result: " + merr.Error(), OpID: resp.OpID}})
@@ -224,6 +224,12 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 		closing := s.closing
 		s.mu.Unlock()
 		s.inflight.Done()
+		if up != nil && werr == nil {
+			// The connection now belongs to the upgrade; buffered bytes the
+			// client sent after its request are handed over with it.
+			up.Then(WithOpID(ctx, resp.OpID), &bufferedConn{Conn: c, r: r})
+			return
+		}
 		if werr != nil || closing || err != nil {
 			return
 		}
@@ -254,7 +260,43 @@ func readLine(r *bufio.Reader, max int) (line []byte, tooLong bool, err error) {
 	}
 }
 
-func (s *Server) dispatch(ctx context.Context, line []byte, tooLong bool, authErr error) (resp Response) {
+// Upgrade is a handler result that turns the connection into a raw byte
+// stream after the response line: Result is sent as the result, then Then
+// owns the connection (it must close it). Used to splice a client to a guest.
+type Upgrade struct {
+	Result any
+	Then   func(ctx context.Context, conn net.Conn)
+}
+
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// CloseWrite half-closes when the underlying connection supports it.
+func (b *bufferedConn) CloseWrite() error {
+	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+func (s *Server) dispatchUpgrade(ctx context.Context, line []byte, tooLong bool, authErr error) (Response, *Upgrade) {
+	var up *Upgrade
+	resp := s.dispatchWith(ctx, line, tooLong, authErr, &up)
+	if resp.Error != nil {
+		up = nil
+	}
+	return resp, up
+}
+
+func (s *Server) dispatch(ctx context.Context, line []byte, tooLong bool, authErr error) Response {
+	return s.dispatchWith(ctx, line, tooLong, authErr, nil)
+}
+
+func (s *Server) dispatchWith(ctx context.Context, line []byte, tooLong bool, authErr error, upOut **Upgrade) (resp Response) {
 	start := time.Now()
 	opID := NewOpID()
 	var req Request
@@ -305,6 +347,13 @@ func (s *Server) dispatch(ctx context.Context, line []byte, tooLong bool, authEr
 	if err != nil {
 		// The message keeps any context the handler wrapped around the error.
 		return fail(&ErrorResponse{Code: CodeOf(err), Message: err.Error()})
+	}
+	if up, ok := result.(*Upgrade); ok {
+		if upOut == nil {
+			return fail(Errorf(CodeInternal, "%s cannot upgrade this connection", req.Method))
+		}
+		*upOut = up
+		result = up.Result
 	}
 	b, err := json.Marshal(result)
 	if err != nil {
