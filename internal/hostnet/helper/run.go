@@ -1,0 +1,219 @@
+package helper
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/bangerdev/banger/internal/hostnet"
+	"github.com/bangerdev/banger/internal/logging"
+)
+
+// ShutdownGrace bounds how long in-flight calls may run after SIGTERM.
+const ShutdownGrace = 10 * time.Second
+
+// Listen prepares the helper's socket: its directory exists (mode 0755 when
+// the helper creates it or it is the default /run/banger), a stale socket
+// file is replaced, a live helper is not, and the socket is mode 0666 —
+// authorisation is per connection (SO_PEERCRED), not by file mode.
+func Listen(ctx context.Context, path string) (*net.UnixListener, error) {
+	if path == "" || !filepath.IsAbs(path) {
+		return nil, fmt.Errorf("socket path %q must be absolute", path)
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("socket directory %s is not a directory (a symlink?)", dir)
+	}
+	if path == hostnet.DefaultSocket && fi.Mode().Perm() != 0o755 {
+		if err := os.Chmod(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("chmod socket directory: %w", err)
+		}
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
+		}
+		dctx, cancel := context.WithTimeout(ctx, time.Second)
+		var d net.Dialer
+		c, derr := d.DialContext(dctx, "unix", path)
+		cancel()
+		if derr == nil {
+			c.Close()
+			return nil, fmt.Errorf("another banger-helper is already listening on %s", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod socket: %w", err)
+	}
+	return ln.(*net.UnixListener), nil
+}
+
+// Run serves the helper on socket until ctx is done, then shuts down
+// (in-flight calls get ShutdownGrace) and removes the socket.
+func Run(ctx context.Context, socket string, cfg Config) error {
+	srv, err := NewServer(cfg)
+	if err != nil {
+		return err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	ln, err := Listen(ctx, socket)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(context.WithoutCancel(ctx), ln) }()
+	log.Info("banger-helper listening", "socket", socket, "bridge", orDefault(cfg.Bridge, hostnet.DefaultBridge),
+		"tap_prefix", orDefault(cfg.TapPrefix, hostnet.DefaultTapPrefix), "allow_uids", cfg.Policy.UIDs, "allow_gids", cfg.Policy.GIDs)
+	select {
+	case err := <-errc:
+		ln.Close()
+		return fmt.Errorf("serving %s: %w", socket, err)
+	case <-ctx.Done():
+	}
+	log.Info("banger-helper shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
+	defer cancel()
+	serr := srv.Shutdown(sctx)
+	ln.Close()
+	<-errc
+	if serr != nil {
+		return fmt.Errorf("shutdown: in-flight calls did not finish within %s: %w", ShutdownGrace, serr)
+	}
+	return nil
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// callerHandler adds the caller's uid (from the context) to every record.
+type callerHandler struct{ slog.Handler }
+
+func (h callerHandler) Handle(ctx context.Context, r slog.Record) error {
+	if c, ok := CallerFrom(ctx); ok {
+		r.AddAttrs(slog.Uint64("caller_uid", uint64(c.UID)))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h callerHandler) WithAttrs(a []slog.Attr) slog.Handler {
+	return callerHandler{h.Handler.WithAttrs(a)}
+}
+
+func (h callerHandler) WithGroup(n string) slog.Handler { return callerHandler{h.Handler.WithGroup(n)} }
+
+// NewLogger returns the helper's JSON logger: op_id and caller_uid from the
+// context on every record.
+func NewLogger(w io.Writer, level slog.Level) *slog.Logger {
+	return slog.New(callerHandler{logging.NewHandler(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level}))})
+}
+
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error {
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			*l = append(*l, p)
+		}
+	}
+	return nil
+}
+
+// Main is banger-helper's command line: it parses args (without the program
+// name), runs in the foreground until SIGTERM/SIGINT and returns the exit
+// status (0 clean, 1 failure, 2 usage).
+func Main(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("banger-helper", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var users, groups listFlag
+	socket := fs.String("socket", hostnet.SocketPath(), "unix socket to listen on (env "+hostnet.SocketEnv+")")
+	bridge := fs.String("bridge", hostnet.DefaultBridge, "the only bridge this helper manages")
+	prefix := fs.String("tap-prefix", hostnet.DefaultTapPrefix, "prefix of every tap name this helper accepts")
+	debug := fs.Bool("debug", false, "log at debug level")
+	fs.Var(&users, "allow-user", "user `NAME|UID` allowed to call (repeatable); root always is")
+	fs.Var(&groups, "allow-group", "members of group `NAME|GID` are allowed to call (repeatable)")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: banger-helper [flags]\n\nbanger's root helper: creates banger's bridge, per-VM taps and NAT rules on behalf of allowed users.\nRuns in the foreground and logs JSON to stderr.\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "banger-helper: unexpected arguments %q\n", fs.Args())
+		return 2
+	}
+	level := slog.LevelInfo
+	if *debug {
+		level = slog.LevelDebug
+	}
+	log := NewLogger(stderr, level)
+	var pol Policy
+	for _, u := range users {
+		uid, err := ResolveUser(u)
+		if err != nil {
+			log.Error("bad --allow-user", "error", err.Error())
+			return 2
+		}
+		pol.UIDs = append(pol.UIDs, uid)
+	}
+	for _, g := range groups {
+		gid, err := ResolveGroup(g)
+		if err != nil {
+			log.Error("bad --allow-group", "error", err.Error())
+			return 2
+		}
+		pol.GIDs = append(pol.GIDs, gid)
+	}
+	if os.Geteuid() != 0 {
+		log.Warn("banger-helper is not running as root; creating devices and rules will fail without CAP_NET_ADMIN")
+	}
+	if len(pol.UIDs) == 0 && len(pol.GIDs) == 0 {
+		log.Warn("no --allow-user or --allow-group given: only root may call this helper")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	err := Run(ctx, *socket, Config{Bridge: *bridge, TapPrefix: *prefix, Policy: pol, Logger: log})
+	if err != nil {
+		log.Error("banger-helper failed", "error", err.Error())
+		return 1
+	}
+	log.Info("banger-helper stopped")
+	return 0
+}

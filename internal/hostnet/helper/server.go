@@ -1,0 +1,394 @@
+// Package helper is banger-helper: the only privileged process of banger. It
+// serves a narrow allow-list of network methods (hostnet.Method*) over
+// banger's wire protocol (package rpc) on a unix socket, authorises every
+// connection by SO_PEERCRED, validates every argument before anything
+// reaches netlink or nftables, and holds no state of its own.
+//
+// Security rules enforced here:
+//   - callers: root, the --allow-user uids, members of the --allow-group gids;
+//   - devices: only the configured bridge and taps named <tap prefix>…,
+//     1-15 bytes of [a-z0-9-];
+//   - addresses: IPv4 subnets inside 10/8, 172.16/12 or 192.168/16 that
+//     overlap no route or address of the host outside banger's devices;
+//   - ownership: a non-root caller creates taps for itself only and deletes
+//     and lists only its own taps;
+//   - params: unknown fields are refused (invalid_argument).
+//
+// Mutating methods are serialised; every call produces exactly one log line
+// ("helper rpc completed" / "helper rpc failed") with method, duration_ms,
+// op_id and the caller's uid.
+package helper
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"sync"
+
+	"github.com/bangerdev/banger/internal/hostnet"
+	"github.com/bangerdev/banger/internal/hostnet/netcfg"
+	"github.com/bangerdev/banger/internal/rpc"
+)
+
+// Log messages of the per-call records.
+const (
+	CompletedMsg = "helper rpc completed"
+	FailedMsg    = "helper rpc failed"
+)
+
+// Config is what a helper manages and whom it serves.
+type Config struct {
+	// Bridge is the only bridge the helper touches (default hostnet.DefaultBridge).
+	Bridge string
+	// TapPrefix starts every tap name the helper accepts (default hostnet.DefaultTapPrefix).
+	TapPrefix string
+	// Table names banger's nftables tables (default hostnet.NATTable).
+	Table string
+	// Policy says who may call.
+	Policy Policy
+	// Logger receives the per-call records (default slog.Default()).
+	Logger *slog.Logger
+}
+
+func (c *Config) fill() error {
+	if c.Bridge == "" {
+		c.Bridge = hostnet.DefaultBridge
+	}
+	if c.TapPrefix == "" {
+		c.TapPrefix = hostnet.DefaultTapPrefix
+	}
+	if c.Table == "" {
+		c.Table = hostnet.NATTable
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if err := hostnet.ValidDeviceName(c.Bridge); err != nil {
+		return fmt.Errorf("bridge: %w", err)
+	}
+	if err := hostnet.ValidDeviceName(c.TapPrefix); err != nil || len(c.TapPrefix) < 2 || len(c.TapPrefix) > 10 {
+		return fmt.Errorf("tap prefix %q must be 2-10 bytes of [a-z0-9-]", c.TapPrefix)
+	}
+	if len(c.Bridge) >= len(c.TapPrefix) && c.Bridge[:len(c.TapPrefix)] == c.TapPrefix {
+		return fmt.Errorf("bridge name %q must not start with the tap prefix %q", c.Bridge, c.TapPrefix)
+	}
+	return nil
+}
+
+type server struct {
+	bridge, prefix, table string
+	policy                Policy
+	log                   *slog.Logger
+	mu                    sync.Mutex // serialises mutating methods
+}
+
+// NewServer returns an rpc.Server serving the helper's methods with
+// per-connection SO_PEERCRED authorisation and one log line per call.
+func NewServer(cfg Config) (*rpc.Server, error) {
+	if err := cfg.fill(); err != nil {
+		return nil, err
+	}
+	s := &server{bridge: cfg.Bridge, prefix: cfg.TapPrefix, table: cfg.Table, policy: cfg.Policy, log: cfg.Logger}
+	mux := rpc.NewMux()
+	handle(s, mux, hostnet.MethodPing, false, s.ping)
+	handle(s, mux, hostnet.MethodEnsureBridge, true, s.ensureBridge)
+	handle(s, mux, hostnet.MethodDeleteBridge, true, s.deleteBridge)
+	handle(s, mux, hostnet.MethodCreateTap, true, s.createTap)
+	handle(s, mux, hostnet.MethodDeleteTap, true, s.deleteTap)
+	handle(s, mux, hostnet.MethodEnsureNAT, true, s.ensureNAT)
+	handle(s, mux, hostnet.MethodRemoveNAT, true, s.removeNAT)
+	handle(s, mux, hostnet.MethodList, false, s.list)
+	return &rpc.Server{
+		Mux:          mux,
+		Logger:       cfg.Logger,
+		Authorize:    s.authorize,
+		LogEachCall:  true,
+		CompletedMsg: CompletedMsg,
+		FailedMsg:    FailedMsg,
+	}, nil
+}
+
+// decodeStrict decodes a params object into v, refusing unknown fields,
+// non-objects and trailing data. Absent or null params leave v zero.
+func decodeStrict(method string, raw json.RawMessage, v any) error {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return nil
+	}
+	if raw[0] != '{' {
+		return rpc.Errorf(rpc.CodeInvalidArgument, "invalid params for %s: want a JSON object", method)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return rpc.Errorf(rpc.CodeInvalidArgument, "invalid params for %s: %v", method, err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return rpc.Errorf(rpc.CodeInvalidArgument, "invalid params for %s: trailing data after the object", method)
+	}
+	return nil
+}
+
+func handle[P, R any](s *server, m *rpc.Mux, method string, mutating bool, fn func(ctx context.Context, c Caller, p P) (R, error)) {
+	m.HandleFunc(method, func(ctx context.Context, raw json.RawMessage) (any, error) {
+		caller, ok := CallerFrom(ctx)
+		if !ok {
+			return nil, rpc.Errorf(rpc.CodePermissionDenied, "caller unknown")
+		}
+		var p P
+		if err := decodeStrict(method, raw, &p); err != nil {
+			return nil, err
+		}
+		if mutating {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+		}
+		r, err := fn(ctx, caller, p)
+		if err != nil {
+			return nil, classify(err)
+		}
+		return r, nil
+	})
+}
+
+// classify gives netcfg's errors their protocol codes.
+func classify(err error) error {
+	var er *rpc.ErrorResponse
+	if errors.As(err, &er) {
+		return err
+	}
+	code := rpc.CodeInternal
+	switch {
+	case errors.Is(err, netcfg.ErrConflict):
+		code = rpc.CodeConflict
+	case errors.Is(err, netcfg.ErrPrecondition):
+		code = rpc.CodeFailedPrecondition
+	case errors.Is(err, netcfg.ErrNotFound):
+		code = rpc.CodeNotFound
+	}
+	return rpc.Errorf(code, "%s", err.Error())
+}
+
+func invalid(format string, args ...any) error {
+	return rpc.Errorf(rpc.CodeInvalidArgument, format, args...)
+}
+
+func (s *server) checkBridge(name string) error {
+	if name == "" {
+		return invalid("bridge is required (this helper manages %q)", s.bridge)
+	}
+	if err := hostnet.ValidDeviceName(name); err != nil {
+		return invalid("bridge: %v", err)
+	}
+	if name != s.bridge {
+		return invalid("bridge %q is not banger's bridge (this helper manages only %q)", name, s.bridge)
+	}
+	return nil
+}
+
+func (s *server) checkTap(name string) error {
+	if name == "" {
+		return invalid("tap is required")
+	}
+	if err := hostnet.ValidTapName(s.prefix, name); err != nil {
+		return invalid("tap: %v", err)
+	}
+	return nil
+}
+
+func (s *server) own(name string) bool { return hostnet.OwnDevice(s.bridge, s.prefix)(name) }
+
+// checkSubnet parses the gateway CIDR and refuses subnets overlapping
+// anything of the host's outside banger's own devices.
+func (s *server) checkSubnet(cidr string) (netip.Prefix, error) {
+	if cidr == "" {
+		return netip.Prefix{}, invalid("cidr is required (gateway address/prefix length, e.g. 172.30.0.1/24)")
+	}
+	gw, err := hostnet.ParseGatewayCIDR(cidr)
+	if err != nil {
+		return netip.Prefix{}, invalid("%v", err)
+	}
+	used, err := netcfg.HostPrefixes(s.own)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	for _, u := range used {
+		if hostnet.Overlaps(gw, u.Prefix) {
+			return netip.Prefix{}, rpc.Errorf(rpc.CodeConflict, "cidr %s overlaps %s of this host; choose another private range", cidr, u)
+		}
+	}
+	return gw, nil
+}
+
+func (s *server) ping(ctx context.Context, c Caller, _ struct{}) (hostnet.PingResult, error) {
+	return hostnet.PingResult{Helper: "banger-helper", Bridge: s.bridge, TapPrefix: s.prefix, CallerUID: c.UID}, nil
+}
+
+func (s *server) ensureBridge(ctx context.Context, c Caller, p hostnet.EnsureBridgeParams) (hostnet.BridgeResult, error) {
+	if err := s.checkBridge(p.Bridge); err != nil {
+		return hostnet.BridgeResult{}, err
+	}
+	gw, err := s.checkSubnet(p.CIDR)
+	if err != nil {
+		return hostnet.BridgeResult{}, err
+	}
+	created, err := netcfg.EnsureBridge(p.Bridge, gw)
+	if err != nil {
+		return hostnet.BridgeResult{}, err
+	}
+	s.log.DebugContext(ctx, "bridge ensured", "bridge", p.Bridge, "cidr", gw.String(), "created", created)
+	return hostnet.BridgeResult{Bridge: p.Bridge, CIDR: gw.String(), Created: created}, nil
+}
+
+func (s *server) deleteBridge(ctx context.Context, c Caller, p hostnet.BridgeParams) (hostnet.DeletedResult, error) {
+	if err := s.checkBridge(p.Bridge); err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	deleted, err := netcfg.DeleteBridge(p.Bridge)
+	return hostnet.DeletedResult{Deleted: deleted}, err
+}
+
+// MinMTU and MaxMTU bound a tap's MTU.
+const (
+	MinMTU = 576
+	MaxMTU = 65535
+)
+
+func (s *server) createTap(ctx context.Context, c Caller, p hostnet.CreateTapParams) (hostnet.TapInfo, error) {
+	if err := s.checkTap(p.Tap); err != nil {
+		return hostnet.TapInfo{}, err
+	}
+	if err := s.checkBridge(p.Bridge); err != nil {
+		return hostnet.TapInfo{}, err
+	}
+	owner := c.UID
+	if p.OwnerUID != nil {
+		if *p.OwnerUID != c.UID && !c.IsRoot() {
+			return hostnet.TapInfo{}, rpc.Errorf(rpc.CodePermissionDenied, "uid %d may not create a tap owned by uid %d (only root may)", c.UID, *p.OwnerUID)
+		}
+		owner = *p.OwnerUID
+	}
+	if owner == ^uint32(0) {
+		return hostnet.TapInfo{}, invalid("owner_uid %d is not a valid uid", owner)
+	}
+	if p.MTU != 0 && (p.MTU < MinMTU || p.MTU > MaxMTU) {
+		return hostnet.TapInfo{}, invalid("mtu %d is outside %d-%d", p.MTU, MinMTU, MaxMTU)
+	}
+	t, created, err := netcfg.CreateTap(p.Tap, p.Bridge, owner, p.MTU)
+	if err != nil {
+		return hostnet.TapInfo{}, err
+	}
+	s.log.DebugContext(ctx, "tap ensured", "tap", t.Name, "owner_uid", t.Owner, "created", created)
+	return hostnet.TapInfo{Name: t.Name, OwnerUID: t.Owner, Bridge: t.Bridge, MTU: t.MTU, Up: t.Up, VnetHdr: t.VnetHdr, Created: created}, nil
+}
+
+func (s *server) deleteTap(ctx context.Context, c Caller, p hostnet.DeleteTapParams) (hostnet.DeletedResult, error) {
+	if err := s.checkTap(p.Tap); err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	t, err := netcfg.LookupTap(p.Tap)
+	if err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	if t == nil {
+		return hostnet.DeletedResult{}, nil
+	}
+	if !c.IsRoot() && t.Owner != c.UID {
+		return hostnet.DeletedResult{}, rpc.Errorf(rpc.CodePermissionDenied, "tap %s belongs to uid %d, not to uid %d", p.Tap, t.Owner, c.UID)
+	}
+	deleted, err := netcfg.DeleteTap(p.Tap)
+	return hostnet.DeletedResult{Deleted: deleted}, err
+}
+
+func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATParams) (hostnet.NATResult, error) {
+	if err := s.checkBridge(p.Bridge); err != nil {
+		return hostnet.NATResult{}, err
+	}
+	if p.OutIface != "" {
+		if err := hostnet.ValidHostIfaceName(p.OutIface); err != nil {
+			return hostnet.NATResult{}, invalid("out_iface: %v", err)
+		}
+		if s.own(p.OutIface) || p.OutIface == "lo" {
+			return hostnet.NATResult{}, invalid("out_iface %q cannot be the uplink", p.OutIface)
+		}
+	}
+	gw, err := s.checkSubnet(p.CIDR)
+	if err != nil {
+		return hostnet.NATResult{}, err
+	}
+	exists, _, addrs, err := netcfg.BridgeInfo(p.Bridge)
+	if err != nil {
+		return hostnet.NATResult{}, err
+	}
+	if !exists {
+		return hostnet.NATResult{}, rpc.Errorf(rpc.CodeFailedPrecondition, "bridge %s does not exist (call net.ensure_bridge first)", p.Bridge)
+	}
+	found := false
+	for _, a := range addrs {
+		found = found || a == gw
+	}
+	if !found {
+		return hostnet.NATResult{}, rpc.Errorf(rpc.CodeFailedPrecondition, "bridge %s does not carry %s (call net.ensure_bridge with it first)", p.Bridge, gw)
+	}
+	out := p.OutIface
+	if out == "" {
+		if out, err = netcfg.DefaultRouteIface(); err != nil {
+			return hostnet.NATResult{}, err
+		}
+		if s.own(out) {
+			return hostnet.NATResult{}, rpc.Errorf(rpc.CodeFailedPrecondition, "the default route goes through banger's own %s; pass out_iface", out)
+		}
+	} else if ok, err := netcfg.IfaceExists(out); err != nil {
+		return hostnet.NATResult{}, err
+	} else if !ok {
+		return hostnet.NATResult{}, rpc.Errorf(rpc.CodeNotFound, "interface %q does not exist", out)
+	}
+	l2, err := netcfg.EnsureNAT(netcfg.NAT{Table: s.table, Bridge: p.Bridge, OutIface: out, Gateway: gw, AllowDNS: p.AllowDNS})
+	if err != nil {
+		return hostnet.NATResult{}, err
+	}
+	if !l2 {
+		s.log.WarnContext(ctx, "nftables bridge family unavailable; VM-to-VM isolation relies on bridge port isolation alone")
+	}
+	return hostnet.NATResult{Table: "inet " + s.table, Subnet: gw.Masked().String(), OutIface: out, L2Isolation: l2}, nil
+}
+
+func (s *server) removeNAT(ctx context.Context, c Caller, p hostnet.BridgeParams) (hostnet.DeletedResult, error) {
+	if err := s.checkBridge(p.Bridge); err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	removed, err := netcfg.RemoveNAT(s.table)
+	return hostnet.DeletedResult{Deleted: removed}, err
+}
+
+func (s *server) list(ctx context.Context, c Caller, _ struct{}) (hostnet.ListResult, error) {
+	var res hostnet.ListResult
+	exists, up, addrs, err := netcfg.BridgeInfo(s.bridge)
+	if err != nil {
+		return res, err
+	}
+	res.Bridge = hostnet.BridgeState{Name: s.bridge, Exists: exists, Up: up}
+	for _, a := range addrs {
+		res.Bridge.CIDRs = append(res.Bridge.CIDRs, a.String())
+	}
+	if res.NAT, err = netcfg.NATExists(s.table); err != nil {
+		return res, err
+	}
+	taps, err := netcfg.ListTaps(s.prefix)
+	if err != nil {
+		return res, err
+	}
+	res.Taps = []hostnet.TapInfo{}
+	for _, t := range taps {
+		if !c.IsRoot() && t.Owner != c.UID {
+			continue
+		}
+		res.Taps = append(res.Taps, hostnet.TapInfo{Name: t.Name, OwnerUID: t.Owner, Bridge: t.Bridge, MTU: t.MTU, Up: t.Up, VnetHdr: t.VnetHdr})
+	}
+	return res, nil
+}

@@ -1,0 +1,164 @@
+// Package hostnet is banger's host networking as bangerd sees it: the wire
+// types of banger-helper's methods, a Client for the helper, the validation
+// rules both sides share, and the pure helpers bangerd needs to plan a VM's
+// network (subnet choice, per-VM addresses, tap names and MAC addresses).
+//
+// Layout on the host: one Linux bridge (DefaultBridge, "banger0") holding the
+// gateway address of a private /24; one persistent tap per VM, named
+// TapPrefix + 11 hex digits of the VM id ("bgt-0123456789a"), owned by the
+// user whose bangerd runs the VM, attached to the bridge as an isolated port;
+// and banger's own nftables tables ("inet banger" for NAT, forwarding and the
+// guest→host block; "bridge banger" for VM-to-VM isolation at layer 2).
+//
+// Privileged work happens in banger-helper (package hostnet/helper); the
+// netlink and nftables code is in hostnet/netcfg; systemd units for
+// `banger system install` are in hostnet/install; network-namespace fixtures
+// for tests are in hostnet/nettest.
+package hostnet
+
+import (
+	"os"
+)
+
+// Defaults shared by the helper and its clients.
+const (
+	// DefaultBridge is the name of banger's bridge.
+	DefaultBridge = "banger0"
+	// DefaultTapPrefix starts the name of every tap banger creates.
+	DefaultTapPrefix = "bgt-"
+	// DefaultSocket is where banger-helper listens.
+	DefaultSocket = "/run/banger/helper.sock"
+	// SocketEnv overrides DefaultSocket for the helper and its clients alike.
+	SocketEnv = "BANGER_HELPER_SOCKET"
+	// NATTable is the name of banger's nftables tables (families inet and bridge).
+	NATTable = "banger"
+	// DefaultPool is the private range bangerd carves its /24 out of.
+	DefaultPool = "172.30.0.0/16"
+)
+
+// Method names of banger-helper.
+const (
+	MethodPing         = "system.ping"
+	MethodEnsureBridge = "net.ensure_bridge"
+	MethodDeleteBridge = "net.delete_bridge"
+	MethodCreateTap    = "net.create_tap"
+	MethodDeleteTap    = "net.delete_tap"
+	MethodEnsureNAT    = "net.ensure_nat"
+	MethodRemoveNAT    = "net.remove_nat"
+	MethodList         = "net.list"
+)
+
+// SocketPath returns the helper socket path: $BANGER_HELPER_SOCKET when set,
+// else DefaultSocket.
+func SocketPath() string {
+	if p := os.Getenv(SocketEnv); p != "" {
+		return p
+	}
+	return DefaultSocket
+}
+
+// PingResult is the result of system.ping: the helper's configuration, so
+// that bangerd need not be told the bridge name or tap prefix separately.
+type PingResult struct {
+	Helper    string `json:"helper"`
+	Bridge    string `json:"bridge"`
+	TapPrefix string `json:"tap_prefix"`
+	// CallerUID is the caller's uid as the helper saw it (SO_PEERCRED).
+	CallerUID uint32 `json:"caller_uid"`
+}
+
+// EnsureBridgeParams are the params of net.ensure_bridge.
+type EnsureBridgeParams struct {
+	Bridge string `json:"bridge"`
+	// CIDR is the gateway address with the subnet's prefix length, e.g.
+	// "172.30.0.1/24".
+	CIDR string `json:"cidr"`
+}
+
+// BridgeResult is the result of net.ensure_bridge.
+type BridgeResult struct {
+	Bridge  string `json:"bridge"`
+	CIDR    string `json:"cidr"`
+	Created bool   `json:"created"`
+}
+
+// CreateTapParams are the params of net.create_tap.
+type CreateTapParams struct {
+	Tap    string `json:"tap"`
+	Bridge string `json:"bridge"`
+	// OwnerUID owns the tap (may open it without privileges). When absent it
+	// is the caller's uid; a caller other than root may only name itself.
+	OwnerUID *uint32 `json:"owner_uid,omitempty"`
+	// MTU of the tap; 0 keeps the kernel default (1500).
+	MTU int `json:"mtu,omitempty"`
+}
+
+// TapInfo describes one of banger's taps (net.create_tap, net.list).
+type TapInfo struct {
+	Name     string `json:"name"`
+	OwnerUID uint32 `json:"owner_uid"`
+	// Bridge is the bridge the tap is attached to ("" when detached).
+	Bridge  string `json:"bridge"`
+	MTU     int    `json:"mtu"`
+	Up      bool   `json:"up"`
+	VnetHdr bool   `json:"vnet_hdr"`
+	// Created is set by net.create_tap when this call made the tap.
+	Created bool `json:"created,omitempty"`
+}
+
+// DeleteTapParams are the params of net.delete_tap.
+type DeleteTapParams struct {
+	Tap string `json:"tap"`
+}
+
+// DeletedResult is the result of the delete/remove methods.
+type DeletedResult struct {
+	// Deleted is false when there was nothing to delete.
+	Deleted bool `json:"deleted"`
+}
+
+// EnsureNATParams are the params of net.ensure_nat.
+type EnsureNATParams struct {
+	Bridge string `json:"bridge"`
+	// CIDR must be the bridge's address as given to net.ensure_bridge.
+	CIDR string `json:"cidr"`
+	// OutIface is the interface NATed traffic leaves by; default: the
+	// interface of the host's IPv4 default route.
+	OutIface string `json:"out_iface,omitempty"`
+	// AllowDNS lets guests reach UDP/TCP port 53 on the gateway address.
+	AllowDNS bool `json:"allow_dns,omitempty"`
+}
+
+// NATResult is the result of net.ensure_nat.
+type NATResult struct {
+	Table    string `json:"table"`
+	Subnet   string `json:"subnet"`
+	OutIface string `json:"out_iface"`
+	// L2Isolation reports whether the "bridge banger" table (VM-to-VM drop at
+	// layer 2) is in place; bridge port isolation is set either way.
+	L2Isolation bool `json:"l2_isolation"`
+}
+
+// BridgeParams are the params of net.remove_nat and net.delete_bridge.
+type BridgeParams struct {
+	Bridge string `json:"bridge"`
+}
+
+// ListResult is the result of net.list.
+type ListResult struct {
+	Bridge BridgeState `json:"bridge"`
+	// NAT reports whether banger's "inet banger" table exists.
+	NAT bool `json:"nat"`
+	// Taps are banger's taps (prefix match). A caller other than root sees
+	// only the taps it owns.
+	Taps []TapInfo `json:"taps"`
+}
+
+// BridgeState is the state of banger's bridge.
+type BridgeState struct {
+	Name   string `json:"name"`
+	Exists bool   `json:"exists"`
+	Up     bool   `json:"up"`
+	// CIDRs are the bridge's IPv4 addresses ("172.30.0.1/24").
+	CIDRs []string `json:"cidrs,omitempty"`
+}
