@@ -156,7 +156,7 @@ func probeKVM(ctx context.Context, bin, kernelPath string, timeout time.Duration
 	var why string
 	switch {
 	case exitedByItself:
-		msg := lastLine(stderr.String())
+		msg := errorLine(stderr.String())
 		if msg == "" {
 			msg = fmt.Sprint(waitErr)
 		}
@@ -232,6 +232,17 @@ func (t *tailBuffer) String() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return string(t.buf)
+}
+
+// errorLine picks QEMU's most telling line: the first "error:" line (an abort
+// prints the assertion after it), else the last line.
+func errorLine(s string) string {
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, "error:") {
+			return strings.TrimSpace(l)
+		}
+	}
+	return lastLine(s)
 }
 
 func lastLine(s string) string {
