@@ -250,7 +250,7 @@ func decodeKernelLZ4(data []byte, exact bool, limit int) ([]byte, error) {
 		return nil, errors.New("lz4: not a legacy frame")
 	}
 	var out []byte
-	block := make([]byte, legacyBlock)
+	block := make([]byte, min(legacyBlock, limit))
 	p := 4
 	for {
 		if len(data)-p < 4 {

@@ -129,6 +129,9 @@ func decodeKernelXZ(data []byte, limit int) ([]byte, error) {
 			return nil, errors.New("xz: non-zero block header padding")
 		}
 	}
+	// Matches never reach further back than the output produced, so a
+	// dictionary larger than the output limit is never needed.
+	dictCap = min(dictCap, int64(limit))
 	dr, err := lzma.Reader2Config{DictCap: int(max(dictCap, lzma.MinDictCap))}.NewReader2(bytes.NewReader(data[p+hsize:]))
 	if err != nil {
 		return nil, fmt.Errorf("xz: %w", err)
