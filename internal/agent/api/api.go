@@ -36,18 +36,31 @@ const (
 )
 
 // Virtio-serial multiplexer resynchronisation. A virtio-serial port is a
-// single byte stream that survives host reconnections, so each side discards
-// bytes until it sees the other's line before starting a fresh yamux session:
+// single byte stream that outlives host connections (bangerd restarts), and
+// either end may hold stale bytes of an earlier session. So before every
+// yamux session both ends synchronise with text lines "<KIND> 1 <nonce>\n",
+// each side ignoring everything else (see ReadMuxLine):
 //
-//  1. the agent writes MuxHello (the write blocks until a host is connected);
-//  2. the host writes MuxPreamble and discards everything until MuxAck;
-//  3. the agent discards everything until MuxPreamble and writes MuxAck;
-//  4. both run yamux, the agent as server, the host as client; every yamux
-//     stream carries one SSH connection.
+//  1. the agent writes MuxHello (on virtio-serial this write blocks until a
+//     host is connected, which is how the agent waits for one);
+//  2. the host picks a fresh nonce and writes MuxPreamble every
+//     MuxResendInterval until it reads MuxAck with its nonce;
+//  3. the agent answers the first MuxPreamble of each nonce with MuxAck
+//     (repeats of that nonce are ignored; a new nonce starts over);
+//  4. the host stops resending, writes MuxGo with its nonce and starts a
+//     yamux client; the agent, on MuxGo with the nonce it acknowledged,
+//     starts a yamux server. Every yamux stream carries one SSH connection.
+//
+// Resending makes the handshake converge even when a stale yamux session
+// swallowed the first preamble.
 const (
-	MuxHello    = "BANGER-MUX-HELLO 1\n"
-	MuxPreamble = "BANGER-MUX 1\n"
-	MuxAck      = "BANGER-MUX-OK 1\n"
+	MuxHello    = "BANGER-MUX-HELLO"
+	MuxPreamble = "BANGER-MUX"
+	MuxAck      = "BANGER-MUX-OK"
+	MuxGo       = "BANGER-MUX-GO"
+
+	MuxVersion        = "1"
+	MuxResendInterval = 500 * time.Millisecond
 )
 
 // Port is one listening socket in the guest.

@@ -1,0 +1,172 @@
+// Package reaper collects orphaned zombie processes when banger-agent runs as
+// PID 1, without stealing the exit status of the children the agent itself
+// starts and waits for with os/exec.
+//
+// A plain wait4(-1) loop would race with exec.Cmd.Wait. Instead the reaper
+// scans /proc for zombies whose parent is this process and reaps only those
+// it was not told about. Starting a tracked child holds a read lock that the
+// scan excludes, so a child that exits before it is registered cannot be
+// mistaken for an orphan.
+package reaper
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Reaper reaps zombies that nobody waits for. A nil *Reaper is valid and
+// does nothing (the agent is not PID 1).
+type Reaper struct {
+	procRoot string
+	log      *slog.Logger
+
+	startMu sync.RWMutex // held for reading while a tracked child starts
+	mu      sync.Mutex
+	tracked map[int]int
+}
+
+// New returns a reaper reading procRoot (normally "/proc").
+func New(procRoot string, log *slog.Logger) *Reaper {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Reaper{procRoot: procRoot, log: log, tracked: make(map[int]int)}
+}
+
+// Start calls start, which must start exactly one child process and return
+// its PID, and tracks that PID until Forget: the reaper leaves it to its
+// owner's Wait.
+func (r *Reaper) Start(start func() (pid int, err error)) error {
+	if r == nil {
+		_, err := start()
+		return err
+	}
+	r.startMu.RLock()
+	defer r.startMu.RUnlock()
+	pid, err := start()
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.tracked[pid]++
+	r.mu.Unlock()
+	return nil
+}
+
+// Forget stops tracking pid; call it after the owner's Wait returned.
+func (r *Reaper) Forget(pid int) {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.tracked[pid] <= 1 {
+		delete(r.tracked, pid)
+	} else {
+		r.tracked[pid]--
+	}
+}
+
+// Run reaps on every SIGCHLD (and every interval as a safety net) until ctx
+// is done.
+func (r *Reaper) Run(ctx context.Context, interval time.Duration) {
+	if r == nil {
+		return
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, unix.SIGCHLD)
+	defer signal.Stop(sig)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		r.ReapOnce()
+		select {
+		case <-ctx.Done():
+			return
+		case <-sig:
+		case <-t.C:
+		}
+	}
+}
+
+// ReapOnce reaps every untracked zombie child and returns how many it reaped.
+func (r *Reaper) ReapOnce() int {
+	if r == nil {
+		return 0
+	}
+	r.startMu.Lock()
+	defer r.startMu.Unlock()
+	self := os.Getpid()
+	n := 0
+	for _, pid := range r.zombieChildren(self) {
+		r.mu.Lock()
+		_, mine := r.tracked[pid]
+		r.mu.Unlock()
+		if mine {
+			continue
+		}
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		if err != nil {
+			if !errors.Is(err, unix.ECHILD) {
+				r.log.Debug("reap orphan", "pid", pid, "err", err)
+			}
+			continue
+		}
+		if got == pid {
+			n++
+		}
+	}
+	return n
+}
+
+// zombieChildren lists PIDs in state Z whose parent is ppid.
+func (r *Reaper) zombieChildren(ppid int) []int {
+	ents, err := os.ReadDir(r.procRoot)
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(r.procRoot, e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		state, parent, ok := parseStat(string(b))
+		if ok && state == "Z" && parent == ppid {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// parseStat returns fields 3 (state) and 4 (ppid) of /proc/<pid>/stat.
+func parseStat(s string) (state string, ppid int, ok bool) {
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return "", 0, false
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 2 {
+		return "", 0, false
+	}
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		return "", 0, false
+	}
+	return f[0], ppid, true
+}
