@@ -348,7 +348,7 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 	} else if !ok {
 		return hostnet.NATResult{}, rpc.Errorf(rpc.CodeNotFound, "interface %q does not exist", out)
 	}
-	l2, err := netcfg.EnsureNAT(netcfg.NAT{Table: s.table, Bridge: p.Bridge, OutIface: out, Gateway: gw, AllowDNS: p.AllowDNS})
+	l2, err := netcfg.EnsureNAT(netcfg.NAT{Table: s.table, Bridge: p.Bridge, TapPrefix: s.prefix, OutIface: out, Gateway: gw, AllowDNS: p.AllowDNS})
 	if err != nil {
 		return hostnet.NATResult{}, err
 	}

@@ -16,9 +16,11 @@ import (
 // NAT describes banger's NAT and filtering for one bridge.
 type NAT struct {
 	// Table is the name of banger's tables ("banger").
-	Table    string
-	Bridge   string
-	OutIface string
+	Table  string
+	Bridge string
+	// TapPrefix starts the names of banger's taps (the bridge's VM ports).
+	TapPrefix string
+	OutIface  string
 	// Gateway is the bridge's address with the subnet's length.
 	Gateway  netip.Prefix
 	AllowDNS bool
@@ -43,7 +45,7 @@ type NAT struct {
 //	}
 //	table bridge banger {
 //	  chain forward { type filter hook forward priority filter; policy accept;
-//	    meta ibrname B drop }                           # VM to VM at layer 2
+//	    iifname "P*" oifname "P*" drop }                # VM to VM at layer 2 (P: tap prefix)
 //	}
 //
 // Accept verdicts are final only within banger's table: another table on the
@@ -161,7 +163,10 @@ func (n NAT) inetChains() []chainSpec {
 func (n NAT) bridgeChains() []chainSpec {
 	return []chainSpec{{
 		name: "forward", typ: nftables.ChainTypeFilter, hook: nftables.ChainHookForward, prio: nftables.ChainPriorityFilter,
-		rules: [][]expr.Any{rule(metaEq(expr.MetaKeyBRIIIFNAME, ifname(n.Bridge)), drop)},
+		rules: [][]expr.Any{rule(
+			metaEq(expr.MetaKeyIIFNAME, []byte(n.TapPrefix)), // prefix match: "P*"
+			metaEq(expr.MetaKeyOIFNAME, []byte(n.TapPrefix)),
+			drop)},
 	}}
 }
 
@@ -186,7 +191,7 @@ func replaceTable(c *nftables.Conn, fam nftables.TableFamily, name string, chain
 // forwarding. l2 reports whether the bridge-family table could be installed
 // (kernels without nftables bridge support rely on bridge port isolation).
 func EnsureNAT(n NAT) (l2 bool, err error) {
-	if n.Table == "" || n.Bridge == "" || n.OutIface == "" || !n.Gateway.IsValid() {
+	if n.Table == "" || n.Bridge == "" || n.TapPrefix == "" || n.OutIface == "" || !n.Gateway.IsValid() {
 		return false, fmt.Errorf("incomplete NAT description %+v", n)
 	}
 	c, err := nftables.New()

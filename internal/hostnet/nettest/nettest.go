@@ -30,6 +30,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -273,11 +274,13 @@ func (e *Env) DoOutside(fn func() error) error { return DoIn(e.Outside, fn) }
 // namespace of the thread that forks it).
 func (e *Env) Start(cmd *exec.Cmd) error { return DoIn(e.Host, cmd.Start) }
 
-// ReadSys reads /sys/class/net/<iface>/<attr> as the host namespace sees
+// ReadSys reads /sys/class/net/<iface>/<attr> (attr may be a path such as
+// "brport/isolated") as the host namespace sees
 // it: sysfs shows the namespace of whoever mounted it, so this mounts a
 // fresh sysfs in a private mount namespace of a throwaway thread.
 func (e *Env) ReadSys(iface, attr string) (string, error) {
-	if strings.ContainsAny(iface+attr, "/\x00") || iface == "" || attr == "" || iface[0] == '.' || attr[0] == '.' {
+	if iface == "" || attr == "" || strings.ContainsAny(iface, "/\x00") || strings.Contains(attr, "\x00") ||
+		iface[0] == '.' || slices.Contains(strings.Split(attr, "/"), "..") {
 		return "", fmt.Errorf("bad sysfs name %q/%q", iface, attr)
 	}
 	dir, err := os.MkdirTemp("", "bgsys")
@@ -500,4 +503,19 @@ func Listen(t testing.TB, ns netns.NsHandle, addr netip.AddrPort) netip.AddrPort
 	}()
 	ap, _ := netip.ParseAddrPort(ln.Addr().String())
 	return ap
+}
+
+// SetIsolated turns bridge port isolation of a port in the host namespace
+// on or off.
+func (e *Env) SetIsolated(port string, on bool) error {
+	h, err := netlink.NewHandleAt(e.Host)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(port)
+	if err != nil {
+		return err
+	}
+	return h.LinkSetIsolated(l, on)
 }
