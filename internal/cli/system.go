@@ -10,10 +10,10 @@ func (a *App) systemCommands() []*cobra.Command {
 	return nil
 }
 
-// addVMLifecycleCommands adds create/start/stop/... to the vm command.
-func (a *App) addVMLifecycleCommands(vm *cobra.Command) {}
-
 // addServiceCommands adds top-level commands of the other services.
-func (a *App) addServiceCommands(root *cobra.Command) {}
+func (a *App) addServiceCommands(root *cobra.Command) {
+	root.AddCommand(a.guestCommands()...)
+	root.AddCommand(a.kernelCommand(), a.imageCommand(), a.runCommand())
+}
 
 var _ = fmt.Sprint

@@ -38,6 +38,9 @@ type Daemon struct {
 	mux     *rpc.Mux
 	started time.Time
 	closers []namedCloser
+	locks   store.LockSet
+	fileCfg FileConfig
+	vms     *vmService
 }
 
 type namedCloser struct {

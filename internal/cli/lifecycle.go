@@ -1,0 +1,240 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+type createFlags struct {
+	name, image, kernel, memory, disk, driver, workspace string
+	cpus                                                 int
+	noWorkspace, noWait                                  bool
+}
+
+func (f *createFlags) add(cmd *cobra.Command, withName bool) {
+	fl := cmd.Flags()
+	if withName {
+		fl.StringVar(&f.name, "name", "", "VM name (default: a random one)")
+	}
+	fl.StringVar(&f.image, "image", "", "image (default: the configured one, else the newest)")
+	fl.StringVar(&f.kernel, "kernel", "", "kernel (default: the configured one, else the newest)")
+	fl.IntVar(&f.cpus, "cpus", 1, "virtual CPUs")
+	fl.StringVar(&f.memory, "memory", "512M", "memory, e.g. 512M or 2G")
+	fl.StringVar(&f.disk, "disk", "4G", "writable disk size, e.g. 10G")
+	fl.StringVar(&f.driver, "vmm", "", "VMM driver: qemu or firecracker (default: auto)")
+}
+
+func (f *createFlags) params() (daemon.CreateParams, error) {
+	mem, err := parseSize(f.memory)
+	if err != nil {
+		return daemon.CreateParams{}, usagef("--memory: %v", err)
+	}
+	disk, err := parseSize(f.disk)
+	if err != nil {
+		return daemon.CreateParams{}, usagef("--disk: %v", err)
+	}
+	return daemon.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver}, nil
+}
+
+// parseSize reads 512M, 2G, 1024 (MiB) into MiB.
+func parseSize(s string) (int, error) {
+	s = strings.TrimSpace(strings.ToUpper(s))
+	s = strings.TrimSuffix(strings.TrimSuffix(s, "IB"), "B")
+	mult := 1
+	switch {
+	case strings.HasSuffix(s, "G"):
+		mult, s = 1024, strings.TrimSuffix(s, "G")
+	case strings.HasSuffix(s, "T"):
+		mult, s = 1024*1024, strings.TrimSuffix(s, "T")
+	case strings.HasSuffix(s, "M"):
+		s = strings.TrimSuffix(s, "M")
+	}
+	n, err := strconv.ParseFloat(s, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("%q is not a size like 512M or 2G", s)
+	}
+	return int(n * float64(mult)), nil
+}
+
+// createVM begins a create and, unless noWait, follows its stages.
+func (a *App) createVM(ctx context.Context, p daemon.CreateParams, noWait bool) (*store.VM, error) {
+	c, err := a.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	var st daemon.CreateStatus
+	if err := c.Call(ctx, "vm.create.begin", p, &st); err != nil {
+		return nil, err
+	}
+	if noWait {
+		if a.output == "json" {
+			return nil, a.printJSON(st)
+		}
+		fmt.Fprintf(a.Stdout, "creating %s (%s); follow with: banger vm show %s\n", st.Name, st.OpID, st.Name)
+		return nil, nil
+	}
+	progress := a.output != "json"
+	printed := 0
+	sctx := rpc.WithOpID(ctx, st.OpID)
+	for {
+		for ; printed < len(st.Stages); printed++ {
+			s := st.Stages[printed]
+			if s.FinishedAt == nil {
+				break
+			}
+			if progress {
+				mark := "✓"
+				if s.Error != "" {
+					mark = "✗"
+				}
+				fmt.Fprintf(a.Stderr, "%s %-16s %6.0f ms\n", mark, s.Name, s.DurationMS)
+			}
+		}
+		if st.Done {
+			break
+		}
+		if err := c.Call(sctx, "vm.create.status", map[string]any{"op_id": st.OpID, "wait": true}, &st); err != nil {
+			return nil, err
+		}
+	}
+	if st.Error != "" {
+		return nil, fmt.Errorf("create %s failed: %s (%s)", st.Name, st.Error, st.OpID)
+	}
+	return st.VM, nil
+}
+
+func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
+	var cf createFlags
+	create := &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create and boot a VM",
+		Args:  exactArgs(1, "NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := cf.params()
+			if err != nil {
+				return err
+			}
+			p.Name = args[0]
+			v, err := a.createVM(cmd.Context(), p, cf.noWait)
+			if err != nil || v == nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(v)
+			}
+			fmt.Fprintf(a.Stdout, "%s is running\n", v.Name)
+			return nil
+		},
+	}
+	cf.add(create, false)
+	create.Flags().BoolVar(&cf.noWait, "no-wait", false, "return once the create has begun")
+	vm.AddCommand(create)
+
+	simple := func(use, short, method string) *cobra.Command {
+		return &cobra.Command{
+			Use: use + " VM", Short: short, Args: exactArgs(1, "VM"),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				var v store.VM
+				if err := a.call(cmd.Context(), method, daemon.VMRef{VM: args[0]}, &v); err != nil {
+					return err
+				}
+				return a.printVMState(&v)
+			},
+		}
+	}
+	vm.AddCommand(simple("start", "Start a stopped VM", "vm.start"))
+	vm.AddCommand(simple("kill", "Stop a VM now, without a graceful shutdown", "vm.kill"))
+	for _, m := range []struct{ use, short, method string }{
+		{"stop", "Shut a VM down gracefully (killed after --timeout)", "vm.stop"},
+		{"restart", "Stop and start a VM", "vm.restart"},
+	} {
+		var timeout time.Duration
+		c := &cobra.Command{
+			Use: m.use + " VM", Short: m.short, Args: exactArgs(1, "VM"),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				var v store.VM
+				if err := a.call(cmd.Context(), m.method, daemon.StopParams{VM: args[0], TimeoutSeconds: timeout.Seconds()}, &v); err != nil {
+					return err
+				}
+				return a.printVMState(&v)
+			},
+		}
+		c.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the guest to power off before killing it")
+		vm.AddCommand(c)
+	}
+	var force bool
+	del := &cobra.Command{
+		Use: "delete VM", Aliases: []string{"rm"}, Short: "Delete a VM and its disks", Args: exactArgs(1, "VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var res map[string]string
+			if err := a.call(cmd.Context(), "vm.delete", daemon.DeleteParams{VM: args[0], Force: force}, &res); err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(res)
+			}
+			fmt.Fprintf(a.Stdout, "deleted %s\n", res["deleted"])
+			return nil
+		},
+	}
+	del.Flags().BoolVarP(&force, "force", "f", false, "delete even if running (kills it)")
+	vm.AddCommand(del)
+
+	var setCPUs int
+	var setMem, setDisk string
+	set := &cobra.Command{
+		Use: "set VM", Short: "Change cpus/memory (next start) or grow the disk", Args: exactArgs(1, "VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p := daemon.SetParams{VM: args[0], VCPUs: setCPUs}
+			var err error
+			if setMem != "" {
+				if p.MemoryMiB, err = parseSize(setMem); err != nil {
+					return usagef("--memory: %v", err)
+				}
+			}
+			if setDisk != "" {
+				if p.DiskMiB, err = parseSize(setDisk); err != nil {
+					return usagef("--disk: %v", err)
+				}
+			}
+			var res daemon.SetResult
+			if err := a.call(cmd.Context(), "vm.set", p, &res); err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(res)
+			}
+			fmt.Fprintf(a.Stdout, "%s: %d cpus, %s memory, %s disk\n", res.VM.Name, res.VM.VCPUs, mib(res.VM.MemoryMiB), mib(res.VM.DiskMiB))
+			if res.Note != "" {
+				fmt.Fprintln(a.Stdout, res.Note)
+			}
+			return nil
+		},
+	}
+	set.Flags().IntVar(&setCPUs, "cpus", 0, "virtual CPUs")
+	set.Flags().StringVar(&setMem, "memory", "", "memory, e.g. 2G")
+	set.Flags().StringVar(&setDisk, "disk", "", "disk size (grow only), e.g. 20G")
+	vm.AddCommand(set)
+}
+
+func (a *App) printVMState(v *store.VM) error {
+	if a.output == "json" {
+		return a.printJSON(v)
+	}
+	line := fmt.Sprintf("%s is %s", v.Name, v.State)
+	if v.LastError != "" {
+		line += " (" + v.LastError + ")"
+	}
+	fmt.Fprintln(a.Stdout, line)
+	return nil
+}

@@ -1,0 +1,393 @@
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/bangerdev/banger/internal/kernel"
+	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// KernelImportParams is kernel.import: exactly one of Path, Deb, Package.
+type KernelImportParams struct {
+	Name    string `json:"name,omitempty"`
+	Path    string `json:"path,omitempty"`   // vmlinux or bzImage on the host
+	Initrd  string `json:"initrd,omitempty"` // optional initrd to put before banger's
+	Deb     string `json:"deb,omitempty"`    // a Debian linux-image .deb
+	Package string `json:"package,omitempty"`
+}
+
+// ImageImportParams is image.import of an ext4 root filesystem.
+type ImageImportParams struct {
+	Name string `json:"name,omitempty"`
+	Path string `json:"path"`
+}
+
+// NameRef names an image or kernel.
+type NameRef struct {
+	Name string `json:"name"`
+}
+
+func (d *Daemon) registerArtifactAPI() {
+	m := d.mux
+	rpc.Handle(m, "kernel.import", d.importKernel)
+	rpc.Handle(m, "kernel.list", func(ctx context.Context, _ struct{}) ([]*store.Kernel, error) {
+		ks, err := d.store.ListKernels(ctx)
+		return ks, storeErr(err)
+	})
+	rpc.Handle(m, "kernel.delete", func(ctx context.Context, p NameRef) (any, error) {
+		k, err := d.store.FindKernel(ctx, p.Name)
+		if err != nil {
+			return nil, storeErr(err)
+		}
+		if users, _ := d.store.VMsUsing(ctx, "kernel_id", k.ID); len(users) > 0 {
+			return nil, rpc.Errorf(rpc.CodeConflict, "kernel %q is used by %s; delete those VMs first", k.Name, strings.Join(users, ", "))
+		}
+		if err := d.store.DeleteKernel(ctx, k.ID); err != nil {
+			return nil, storeErr(err)
+		}
+		os.RemoveAll(filepath.Join(d.cfg.Layout.KernelsDir(), k.ID))
+		return map[string]string{"deleted": k.Name}, nil
+	})
+	rpc.Handle(m, "image.import", d.importImage)
+	rpc.Handle(m, "image.list", func(ctx context.Context, _ struct{}) ([]*store.Image, error) {
+		ims, err := d.store.ListImages(ctx)
+		return ims, storeErr(err)
+	})
+	rpc.Handle(m, "image.delete", func(ctx context.Context, p NameRef) (any, error) {
+		im, err := d.store.FindImage(ctx, p.Name)
+		if err != nil {
+			return nil, storeErr(err)
+		}
+		if users, _ := d.store.VMsUsing(ctx, "image_id", im.ID); len(users) > 0 {
+			return nil, rpc.Errorf(rpc.CodeConflict, "image %q is used by %s; delete those VMs first", im.Name, strings.Join(users, ", "))
+		}
+		if err := d.store.DeleteImage(ctx, im.ID); err != nil {
+			return nil, storeErr(err)
+		}
+		os.RemoveAll(filepath.Join(d.cfg.Layout.ImagesDir(), im.ID))
+		return map[string]string{"deleted": im.Name}, nil
+	})
+}
+
+func hostFile(p, what string) (string, error) {
+	if p == "" {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "%s path is required", what)
+	}
+	if !filepath.IsAbs(p) {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "%s path %q must be absolute", what, p)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "%s %s: %v", what, p, err)
+	}
+	if !st.Mode().IsRegular() {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "%s %s is not a regular file", what, p)
+	}
+	return p, nil
+}
+
+func (d *Daemon) importKernel(ctx context.Context, p KernelImportParams) (_ *store.Kernel, err error) {
+	n := 0
+	for _, s := range []string{p.Path, p.Deb, p.Package} {
+		if s != "" {
+			n++
+		}
+	}
+	if n != 1 {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "give exactly one of a kernel file, --deb FILE or --package NAME")
+	}
+	op := logging.StartOp(ctx, d.log, "kernel.import")
+	defer func() { op.End(err) }()
+	id := newID()
+	dir := filepath.Join(d.cfg.Layout.KernelsDir(), id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(dir)
+		}
+	}()
+	k := &store.Kernel{ID: id, Name: p.Name}
+	switch {
+	case p.Path != "":
+		src, err := hostFile(p.Path, "kernel")
+		if err != nil {
+			return nil, err
+		}
+		k.VmlinuxPath = filepath.Join(dir, "vmlinux")
+		if _, err := kernel.ExtractVmlinuxFile(ctx, src, k.VmlinuxPath); err != nil {
+			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%s is not a usable x86-64 kernel: %v", src, err)
+		}
+		k.Source = src
+		if p.Initrd != "" {
+			ir, err := hostFile(p.Initrd, "initrd")
+			if err != nil {
+				return nil, err
+			}
+			k.InitrdPath = filepath.Join(dir, "initrd.user")
+			if err := copyFile(ir, k.InitrdPath); err != nil {
+				return nil, err
+			}
+		}
+		if k.Name == "" {
+			k.Name = sanitizeName(filepath.Base(src))
+		}
+	default:
+		deb := p.Deb
+		if p.Package != "" {
+			if err := kernel.ValidatePackageName(p.Package); err != nil {
+				return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			}
+			cache := filepath.Join(d.cfg.Layout.CacheDir(), "debs")
+			os.MkdirAll(cache, 0o700)
+			err := op.Step("download "+p.Package, func() (err error) {
+				deb, err = kernel.FetchPackage(ctx, p.Package, cache)
+				return err
+			})
+			if err != nil {
+				return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "download %s: %v", p.Package, err)
+			}
+		} else if _, err := hostFile(deb, "package"); err != nil {
+			return nil, err
+		}
+		var kk *kernel.Kernel
+		if err := op.Step("import package", func() (err error) {
+			kk, err = kernel.ImportDeb(ctx, deb, dir, kernel.ImportOptions{Logger: d.log})
+			return err
+		}); err != nil {
+			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "import %s: %v", deb, err)
+		}
+		k.Version, k.VmlinuxPath, k.ModulesDir, k.Source = kk.Version, kk.VmlinuxPath, kk.ModulesDir, deb
+		if k.Name == "" {
+			k.Name = sanitizeName(kk.Version)
+		}
+	}
+	if err := validName("kernel", k.Name); err != nil {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v (choose one with --name)", err)
+	}
+	k.SizeBytes = dirSize(dir)
+	if err := d.store.CreateKernel(ctx, k); err != nil {
+		return nil, storeErr(err)
+	}
+	return k, nil
+}
+
+func (d *Daemon) importImage(ctx context.Context, p ImageImportParams) (_ *store.Image, err error) {
+	src, err := hostFile(p.Path, "image")
+	if err != nil {
+		return nil, err
+	}
+	if err := checkExt4(src); err != nil {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%s: %v", src, err)
+	}
+	name := p.Name
+	if name == "" {
+		name = sanitizeName(strings.TrimSuffix(filepath.Base(src), filepath.Ext(src)))
+	}
+	if err := validName("image", name); err != nil {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v (choose one with --name)", err)
+	}
+	op := logging.StartOp(ctx, d.log, "image.import", "image", name)
+	defer func() { op.End(err) }()
+	id := newID()
+	dir := filepath.Join(d.cfg.Layout.ImagesDir(), id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(dir)
+		}
+	}()
+	dst := filepath.Join(dir, "rootfs.ext4")
+	if err := copyFile(src, dst); err != nil {
+		return nil, err
+	}
+	// The shared image is never written: VMs get it read-only.
+	os.Chmod(dst, 0o400)
+	sum, _ := fileDigest(dst)
+	st, _ := os.Stat(dst)
+	im := &store.Image{ID: id, Name: name, RootfsPath: dst, SizeBytes: st.Size(), Source: src, Digest: sum}
+	if err := d.store.CreateImage(ctx, im); err != nil {
+		return nil, storeErr(err)
+	}
+	return im, nil
+}
+
+// checkExt4 verifies the ext2/3/4 superblock magic.
+func checkExt4(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	b := make([]byte, 2)
+	if _, err := f.ReadAt(b, 1024+0x38); err != nil {
+		return fmt.Errorf("too small to be an ext4 filesystem")
+	}
+	if b[0] != 0x53 || b[1] != 0xEF {
+		return errors.New("not an ext4 filesystem image (no ext superblock); build one with mkfs.ext4 -d DIR FILE")
+	}
+	return nil
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return fmt.Errorf("copy %s: %w", src, err)
+	}
+	return out.Close()
+}
+
+func fileDigest(p string) (string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
+}
+
+func dirSize(dir string) int64 {
+	var n int64
+	filepath.Walk(dir, func(_ string, info os.FileInfo, err error) error {
+		if err == nil && info.Mode().IsRegular() {
+			n += info.Size()
+		}
+		return nil
+	})
+	return n
+}
+
+func sanitizeName(s string) string {
+	s = strings.ToLower(s)
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		default:
+			b.WriteByte('-')
+		}
+	}
+	out := strings.Trim(b.String(), "-")
+	if len(out) > 63 {
+		out = strings.Trim(out[:63], "-")
+	}
+	return out
+}
+
+// agentPath finds the banger-agent binary: $BANGER_AGENT, next to bangerd, or PATH.
+func agentPath() (string, error) {
+	if p := os.Getenv("BANGER_AGENT"); p != "" {
+		return p, nil
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "banger-agent")
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath("banger-agent")
+	if err != nil {
+		return "", rpc.Errorf(rpc.CodeFailedPrecondition, "banger-agent not found next to bangerd or on PATH; install it with the other banger binaries")
+	}
+	return p, nil
+}
+
+// initrdFor returns an initrd for k that carries the current agent, building
+// it on first use (keyed by the agent's digest, so an upgraded agent gets a
+// new initrd).
+func (d *Daemon) initrdFor(ctx context.Context, k *store.Kernel) (string, error) {
+	agent, err := agentPath()
+	if err != nil {
+		return "", err
+	}
+	sum, err := fileDigest(agent)
+	if err != nil {
+		return "", fmt.Errorf("read banger-agent: %w", err)
+	}
+	dir := filepath.Join(d.cfg.Layout.KernelsDir(), k.ID)
+	out := filepath.Join(dir, "initrd-"+strings.TrimPrefix(sum, "sha256:")[:16]+".img")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	unlock := d.locks.Lock("initrd:" + k.ID)
+	defer unlock()
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	kk := &kernel.Kernel{Version: k.Version, VmlinuxPath: k.VmlinuxPath, ModulesDir: k.ModulesDir}
+	opts := kernel.InitrdOptions{Kernel: kk, AgentPath: agent}
+	if k.ModulesDir == "" {
+		opts.Modules = []string{}
+	}
+	tmp := out + ".tmp"
+	if err := kernel.WriteInitrd(ctx, tmp, opts); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("build initrd for kernel %s: %w", k.Name, err)
+	}
+	if k.InitrdPath != "" {
+		// The user's initrd first, banger's appended: the kernel unpacks both
+		// and banger's /init wins.
+		if err := concatFiles(tmp+".cat", k.InitrdPath, tmp); err != nil {
+			os.Remove(tmp)
+			return "", err
+		}
+		os.Rename(tmp+".cat", tmp)
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		return "", err
+	}
+	return out, nil
+}
+
+func concatFiles(dst string, srcs ...string) error {
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	for _, s := range srcs {
+		in, err := os.Open(s)
+		if err != nil {
+			out.Close()
+			return err
+		}
+		_, err = io.Copy(out, in)
+		in.Close()
+		if err != nil {
+			out.Close()
+			return err
+		}
+		// cpio archives concatenated must be 4-byte aligned
+		if st, _ := out.Stat(); st != nil && st.Size()%4 != 0 {
+			out.Write(make([]byte, 4-st.Size()%4))
+		}
+	}
+	return out.Close()
+}

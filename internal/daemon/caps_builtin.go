@@ -1,0 +1,153 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/guest"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmm"
+)
+
+// diskCap provides the per-VM disks: the shared read-only image, a sparse
+// writable disk (the overlay's upper layer) made on first start and grown when
+// disk_mib grows, and the boot config device.
+type diskCap struct{}
+
+func (diskCap) Name() string { return "disks" }
+
+const rwDiskName = "rw.ext4"
+
+func (diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Context) error, error) {
+	p := filepath.Join(env.Dir, rwDiskName)
+	want := int64(env.VM.DiskMiB) << 20
+	st, err := os.Stat(p)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if err := makeRWDisk(ctx, p, want); err != nil {
+			return nil, err
+		}
+	case err != nil:
+		return nil, err
+	case st.Size() < want:
+		if err := growRWDisk(ctx, p, want); err != nil {
+			return nil, err
+		}
+	}
+	return nil, nil
+}
+
+// makeRWDisk creates a sparse ext4 file of size bytes, labelled for the agent.
+// Its cost does not depend on the image size.
+func makeRWDisk(ctx context.Context, p string, size int64) error {
+	tmp := p + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("size writable disk: %w", err)
+	}
+	f.Close()
+	cmd := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-L", bootcfg.RWLabel, "-m", "0",
+		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", tmp)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("format writable disk: %v: %s (is e2fsprogs installed?)", err, out)
+	}
+	return os.Rename(tmp, p)
+}
+
+func growRWDisk(ctx context.Context, p string, size int64) error {
+	if err := os.Truncate(p, size); err != nil {
+		return fmt.Errorf("grow writable disk: %w", err)
+	}
+	if out, err := exec.CommandContext(ctx, "e2fsck", "-f", "-p", p).CombinedOutput(); err != nil {
+		// exit status 1 means errors were corrected
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() > 1 {
+			return fmt.Errorf("check writable disk before growing: %v: %s", err, out)
+		}
+	}
+	if out, err := exec.CommandContext(ctx, "resize2fs", p).CombinedOutput(); err != nil {
+		return fmt.Errorf("grow writable disk filesystem: %v: %s", err, out)
+	}
+	return nil
+}
+
+func (diskCap) ContributeMachineConfig(ctx context.Context, env *startEnv) error {
+	env.Mach.Drives = append(env.Mach.Drives,
+		vmm.Drive{ID: "rootfs", Path: env.Image.RootfsPath, ReadOnly: true},
+		vmm.Drive{ID: "rw", Path: filepath.Join(env.Dir, rwDiskName)},
+		vmm.Drive{ID: "bootcfg", Path: filepath.Join(env.Dir, bootcfgName), ReadOnly: true},
+	)
+	return nil
+}
+
+func (diskCap) ApplyConfigChange(ctx context.Context, old, updated *store.VM, running bool) error {
+	if updated.DiskMiB < old.DiskMiB {
+		return fmt.Errorf("disks only grow: %d MiB is smaller than the current %d MiB", updated.DiskMiB, old.DiskMiB)
+	}
+	return nil
+}
+
+const bootcfgName = "bootcfg.img"
+
+// keysCap gives the guest its per-VM SSH host key (generated at first start,
+// kept in the VM directory, pinned by the host) and authorises the user's key.
+type keysCap struct{ userKeyPath string }
+
+func (keysCap) Name() string { return "keys" }
+
+const hostKeyName = "host_key"
+
+func (k keysCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error {
+	hk, err := loadOrCreateHostKey(env.Dir)
+	if err != nil {
+		return err
+	}
+	uk, err := guest.LoadOrCreateUserKey(k.userKeyPath)
+	if err != nil {
+		return fmt.Errorf("user key: %w", err)
+	}
+	env.Boot.HostKey = hk
+	env.Boot.AuthorizedKeys = append(env.Boot.AuthorizedKeys, uk.AuthorizedLine())
+	return nil
+}
+
+func loadOrCreateHostKey(dir string) (string, error) {
+	p := filepath.Join(dir, hostKeyName)
+	if b, err := os.ReadFile(p); err == nil {
+		return string(b), nil
+	}
+	hk, err := guest.GenerateHostKey()
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(p+".pub", []byte(hk.AuthorizedLine()+"\n"), 0o644); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(p, hk.PrivatePEM, 0o600); err != nil {
+		return "", err
+	}
+	return string(hk.PrivatePEM), nil
+}
+
+// hostKeyPub returns the pinned public host key line of a VM.
+func hostKeyPub(dir string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(dir, hostKeyName+".pub"))
+	if err != nil {
+		return "", fmt.Errorf("VM host key missing: %w", err)
+	}
+	return string(b), nil
+}
+
+var _ = strconv.Itoa

@@ -1,0 +1,505 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// CreateParams is vm.create.begin.
+type CreateParams struct {
+	Name      string `json:"name"`
+	Image     string `json:"image,omitempty"`
+	Kernel    string `json:"kernel,omitempty"`
+	VCPUs     int    `json:"vcpus,omitempty"`
+	MemoryMiB int    `json:"memory_mib,omitempty"`
+	DiskMiB   int    `json:"disk_mib,omitempty"`
+	Driver    string `json:"driver,omitempty"`
+	Workspace string `json:"workspace,omitempty"`
+}
+
+// Stage is one visible step of a create, with its timings.
+type Stage struct {
+	Name       string     `json:"name"`
+	StartedAt  time.Time  `json:"started_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	DurationMS float64    `json:"duration_ms,omitempty"`
+	Error      string     `json:"error,omitempty"`
+}
+
+// CreateStatus is vm.create.status's result (and vm.create.begin's).
+type CreateStatus struct {
+	OpID   string    `json:"op_id"`
+	VMID   string    `json:"vm_id"`
+	Name   string    `json:"name"`
+	Done   bool      `json:"done"`
+	Error  string    `json:"error,omitempty"`
+	Stages []Stage   `json:"stages"`
+	VM     *store.VM `json:"vm,omitempty"`
+}
+
+type createOp struct {
+	mu     sync.Mutex
+	status CreateStatus
+	done   chan struct{}
+}
+
+func (c *createOp) snapshot() CreateStatus {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	st := c.status
+	st.Stages = append([]Stage(nil), c.status.Stages...)
+	return st
+}
+
+func (c *createOp) progress(name string, end bool, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	if !end {
+		c.status.Stages = append(c.status.Stages, Stage{Name: name, StartedAt: now})
+		return
+	}
+	for i := len(c.status.Stages) - 1; i >= 0; i-- {
+		st := &c.status.Stages[i]
+		if st.Name == name && st.FinishedAt == nil {
+			st.FinishedAt = &now
+			st.DurationMS = logging.Ms(now.Sub(st.StartedAt))
+			if err != nil {
+				st.Error = err.Error()
+			}
+			return
+		}
+	}
+}
+
+// StopParams is vm.stop.
+type StopParams struct {
+	VM             string  `json:"vm"`
+	TimeoutSeconds float64 `json:"timeout_seconds,omitempty"`
+}
+
+// DeleteParams is vm.delete.
+type DeleteParams struct {
+	VM    string `json:"vm"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// SetParams is vm.set; zero fields are unchanged.
+type SetParams struct {
+	VM        string `json:"vm"`
+	VCPUs     int    `json:"vcpus,omitempty"`
+	MemoryMiB int    `json:"memory_mib,omitempty"`
+	DiskMiB   int    `json:"disk_mib,omitempty"`
+}
+
+// SetResult is vm.set's result.
+type SetResult struct {
+	VM   *store.VM `json:"vm"`
+	Note string    `json:"note,omitempty"`
+}
+
+// ConnectResult is vm.connect's result; the connection then carries the
+// guest agent's SSH protocol.
+type ConnectResult struct {
+	VM      string `json:"vm"`
+	HostKey string `json:"host_key"` // authorized_keys line to pin
+	User    string `json:"user"`
+	KeyPath string `json:"key_path"` // the user's banger key
+}
+
+// LogsParams is vm.logs.
+type LogsParams struct {
+	VM     string `json:"vm"`
+	Offset int64  `json:"offset,omitempty"`
+	Max    int64  `json:"max,omitempty"`
+}
+
+// LogsResult is a chunk of the console log.
+type LogsResult struct {
+	Data       string `json:"data"`
+	NextOffset int64  `json:"next_offset"`
+	Running    bool   `json:"running"`
+}
+
+const maxVMsTotalVCPU = 64
+
+func (s *vmService) register(m *rpc.Mux) {
+	rpc.Handle(m, "vm.create.begin", s.createBegin)
+	rpc.Handle(m, "vm.create.status", func(ctx context.Context, p struct {
+		OpID string `json:"op_id"`
+		Wait bool   `json:"wait,omitempty"`
+	}) (CreateStatus, error) {
+		s.mu.Lock()
+		op := s.creates[p.OpID]
+		s.mu.Unlock()
+		if op == nil {
+			return CreateStatus{}, rpc.Errorf(rpc.CodeNotFound, "no create operation %q (finished creates are kept for an hour)", p.OpID)
+		}
+		if p.Wait {
+			select {
+			case <-op.done:
+			case <-ctx.Done():
+			case <-time.After(2 * time.Second):
+			}
+		}
+		return op.snapshot(), nil
+	})
+	rpc.Handle(m, "vm.start", func(ctx context.Context, p VMRef) (*store.VM, error) {
+		vm, unlock, err := s.lockVM(ctx, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+		switch vm.State {
+		case store.StateRunning:
+			return vm, nil
+		case store.StateStopped, store.StateError:
+		default:
+			return nil, rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
+		}
+		if err := s.start(ctx, vm, nil); err != nil {
+			return nil, err
+		}
+		return vm, nil
+	})
+	rpc.Handle(m, "vm.stop", func(ctx context.Context, p StopParams) (*store.VM, error) {
+		vm, unlock, err := s.lockVM(ctx, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+		if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
+			return nil, err
+		}
+		return vm, nil
+	})
+	rpc.Handle(m, "vm.restart", func(ctx context.Context, p StopParams) (*store.VM, error) {
+		vm, unlock, err := s.lockVM(ctx, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+		if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
+			return nil, err
+		}
+		if err := s.start(ctx, vm, nil); err != nil {
+			return nil, err
+		}
+		return vm, nil
+	})
+	rpc.Handle(m, "vm.kill", func(ctx context.Context, p VMRef) (*store.VM, error) {
+		vm, unlock, err := s.lockVM(ctx, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+		if err := s.kill(ctx, vm); err != nil {
+			return nil, err
+		}
+		return vm, nil
+	})
+	rpc.Handle(m, "vm.delete", func(ctx context.Context, p DeleteParams) (map[string]string, error) {
+		vm, unlock, err := s.lockVM(ctx, p.VM)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+		if err := s.delete(ctx, vm, p.Force); err != nil {
+			return nil, err
+		}
+		return map[string]string{"deleted": vm.Name, "id": vm.ID}, nil
+	})
+	rpc.Handle(m, "vm.set", s.set)
+	rpc.Handle(m, "vm.connect", s.connect)
+	rpc.Handle(m, "vm.logs", func(ctx context.Context, p LogsParams) (LogsResult, error) {
+		vm, err := s.d.store.FindVM(ctx, p.VM)
+		if err != nil {
+			return LogsResult{}, storeErr(err)
+		}
+		return readLog(filepath.Join(s.vmDir(vm.ID), "console.log"), p.Offset, p.Max, s.runtime(vm.ID) != nil)
+	})
+}
+
+func stopTimeout(sec float64) time.Duration {
+	if sec <= 0 {
+		return 30 * time.Second
+	}
+	return time.Duration(sec * float64(time.Second))
+}
+
+func readLog(p string, off, max int64, running bool) (LogsResult, error) {
+	if max <= 0 || max > 1<<20 {
+		max = 1 << 20
+	}
+	f, err := os.Open(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return LogsResult{NextOffset: 0, Running: running}, nil
+	}
+	if err != nil {
+		return LogsResult{}, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && off > st.Size() {
+		off = 0 // log was truncated (new boot)
+	}
+	buf := make([]byte, max)
+	n, err := f.ReadAt(buf, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return LogsResult{}, err
+	}
+	return LogsResult{Data: string(buf[:n]), NextOffset: off + int64(n), Running: running}, nil
+}
+
+func (s *vmService) createBegin(ctx context.Context, p CreateParams) (CreateStatus, error) {
+	if p.Name == "" {
+		p.Name = randomName()
+	}
+	if err := validName("vm", p.Name); err != nil {
+		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+	}
+	if p.VCPUs == 0 {
+		p.VCPUs = 1
+	}
+	if p.MemoryMiB == 0 {
+		p.MemoryMiB = 512
+	}
+	if p.DiskMiB == 0 {
+		p.DiskMiB = 4096
+	}
+	switch {
+	case p.VCPUs < 1 || p.VCPUs > maxVMsTotalVCPU:
+		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
+	case p.MemoryMiB < 64 || p.MemoryMiB > 1<<20:
+		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be between 64 MiB and 1 TiB")
+	case p.DiskMiB < 64 || p.DiskMiB > 16<<20:
+		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "disk must be between 64 MiB and 16 TiB")
+	}
+	img, err := s.d.resolveImage(ctx, p.Image)
+	if err != nil {
+		return CreateStatus{}, err
+	}
+	k, err := s.d.resolveKernel(ctx, p.Kernel)
+	if err != nil {
+		return CreateStatus{}, err
+	}
+	drvName := p.Driver
+	if drvName == "" {
+		drvName = s.defDrv
+	}
+	if _, err := s.driver(drvName); err != nil {
+		return CreateStatus{}, err
+	}
+	vm := &store.VM{ID: newID(), Name: p.Name, ImageID: img.ID, KernelID: k.ID, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB,
+		DiskMiB: p.DiskMiB, State: store.StateCreating, Driver: drvName, Workspace: p.Workspace}
+	if err := s.d.store.CreateVM(ctx, vm); err != nil {
+		return CreateStatus{}, storeErr(err)
+	}
+	opID := rpc.OpID(ctx)
+	op := &createOp{status: CreateStatus{OpID: opID, VMID: vm.ID, Name: vm.Name, Stages: []Stage{}}, done: make(chan struct{})}
+	s.mu.Lock()
+	s.creates[opID] = op
+	s.mu.Unlock()
+	// The create goes on after this call returns; it keeps the op id.
+	bctx := context.WithoutCancel(ctx)
+	go s.runCreate(bctx, vm, op)
+	return op.snapshot(), nil
+}
+
+func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp) {
+	unlock := s.d.locks.Lock(vm.ID)
+	err := s.start(ctx, vm, op.progress)
+	if err != nil {
+		// undo everything the create made, the record included
+		s.removeVM(ctx, vm)
+	}
+	unlock()
+	op.mu.Lock()
+	op.status.Done = true
+	if err != nil {
+		op.status.Error = err.Error()
+		s.log.WarnContext(ctx, "create failed", "vm", vm.Name, "error", err.Error())
+	} else {
+		op.status.VM = vm
+		s.log.InfoContext(ctx, "create completed", "vm", vm.Name)
+	}
+	op.mu.Unlock()
+	close(op.done)
+	time.AfterFunc(time.Hour, func() {
+		s.mu.Lock()
+		delete(s.creates, op.status.OpID)
+		s.mu.Unlock()
+	})
+}
+
+// removeVM deletes a stopped VM's files, capabilities' resources and record.
+func (s *vmService) removeVM(ctx context.Context, vm *store.VM) error {
+	ctx = context.WithoutCancel(ctx)
+	for i := len(s.caps) - 1; i >= 0; i-- {
+		if c, ok := s.caps[i].(deleter); ok {
+			if err := c.DeleteVM(ctx, vm); err != nil {
+				s.log.WarnContext(ctx, "capability delete failed", "vm", vm.Name, "capability", s.caps[i].Name(), "error", err.Error())
+			}
+		}
+	}
+	if err := os.RemoveAll(s.vmDir(vm.ID)); err != nil {
+		return fmt.Errorf("remove VM directory: %w", err)
+	}
+	return s.d.store.DeleteVM(ctx, vm.ID)
+}
+
+func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error {
+	if rt := s.runtime(vm.ID); rt != nil {
+		if !force {
+			return rpc.Errorf(rpc.CodeConflict, "vm %q is running; stop it first or use --force", vm.Name)
+		}
+		if err := s.kill(ctx, vm); err != nil {
+			return err
+		}
+	}
+	return s.removeVM(ctx, vm)
+}
+
+func (s *vmService) set(ctx context.Context, p SetParams) (SetResult, error) {
+	vm, unlock, err := s.lockVM(ctx, p.VM)
+	if err != nil {
+		return SetResult{}, err
+	}
+	defer unlock()
+	old := *vm
+	if p.VCPUs != 0 {
+		if p.VCPUs < 1 || p.VCPUs > maxVMsTotalVCPU {
+			return SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
+		}
+		vm.VCPUs = p.VCPUs
+	}
+	if p.MemoryMiB != 0 {
+		if p.MemoryMiB < 64 {
+			return SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be at least 64 MiB")
+		}
+		vm.MemoryMiB = p.MemoryMiB
+	}
+	if p.DiskMiB != 0 {
+		vm.DiskMiB = p.DiskMiB
+	}
+	running := s.runtime(vm.ID) != nil
+	for _, c := range s.caps {
+		if cc, ok := c.(configChanger); ok {
+			if err := cc.ApplyConfigChange(ctx, &old, vm, running); err != nil {
+				return SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			}
+		}
+	}
+	if err := s.save(ctx, vm); err != nil {
+		return SetResult{}, err
+	}
+	res := SetResult{VM: vm}
+	if running && (old.VCPUs != vm.VCPUs || old.MemoryMiB != vm.MemoryMiB || old.DiskMiB != vm.DiskMiB) {
+		res.Note = "the VM is running: the changes apply at its next start (banger vm restart " + vm.Name + ")"
+	} else if old.DiskMiB != vm.DiskMiB {
+		res.Note = "the disk grows at the next start"
+	}
+	return res, nil
+}
+
+// connect splices the caller's connection to the guest agent's SSH server.
+func (s *vmService) connect(ctx context.Context, p VMRef) (*rpc.Upgrade, error) {
+	vm, err := s.d.store.FindVM(ctx, p.VM)
+	if err != nil {
+		return nil, storeErr(err)
+	}
+	rt := s.runtime(vm.ID)
+	if rt == nil || vm.State != store.StateRunning {
+		return nil, notRunning(vm)
+	}
+	pub, err := hostKeyPub(s.vmDir(vm.ID))
+	if err != nil {
+		return nil, err
+	}
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	gc, err := s.dialGuest(dctx, rt)
+	cancel()
+	if err != nil {
+		return nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)
+	}
+	return &rpc.Upgrade{
+		Result: ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.d.cfg.Layout.UserKey()},
+		Then: func(ctx context.Context, c net.Conn) {
+			splice(c, gc)
+		},
+	}, nil
+}
+
+// splice copies both ways until both directions are done, then closes both.
+func splice(a, b net.Conn) {
+	var wg sync.WaitGroup
+	cp := func(dst, src net.Conn) {
+		defer wg.Done()
+		io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+	}
+	wg.Add(2)
+	go cp(a, b)
+	go cp(b, a)
+	wg.Wait()
+	a.Close()
+	b.Close()
+}
+
+var adjectives = []string{"brave", "calm", "eager", "fuzzy", "jolly", "lucky", "proud", "quick", "shiny", "witty"}
+var nouns = []string{"otter", "falcon", "badger", "heron", "lynx", "marmot", "panda", "quokka", "tapir", "wombat"}
+
+func randomName() string {
+	id := newID()
+	return adjectives[int(id[0])%len(adjectives)] + "-" + nouns[int(id[1])%len(nouns)] + "-" + id[2:6]
+}
+
+func (d *Daemon) resolveImage(ctx context.Context, ref string) (*store.Image, error) {
+	if ref == "" {
+		ref = d.fileCfg.DefaultImage
+	}
+	if ref != "" {
+		im, err := d.store.FindImage(ctx, ref)
+		return im, storeErr(err)
+	}
+	ims, err := d.store.ListImages(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(ims) == 0 {
+		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "no images yet: import one with `banger image import ROOTFS.ext4` (or pull one)")
+	}
+	return ims[0], nil
+}
+
+func (d *Daemon) resolveKernel(ctx context.Context, ref string) (*store.Kernel, error) {
+	if ref == "" {
+		ref = d.fileCfg.DefaultKernel
+	}
+	if ref != "" {
+		k, err := d.store.FindKernel(ctx, ref)
+		return k, storeErr(err)
+	}
+	ks, err := d.store.ListKernels(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(ks) == 0 {
+		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "no kernels yet: import one with `banger kernel import --package linux-image-cloud-amd64`")
+	}
+	return ks[0], nil
+}
