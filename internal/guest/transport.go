@@ -184,33 +184,14 @@ func readLine(r io.Reader, max int) (string, error) {
 
 // DialVsock connects to an AF_VSOCK port in the guest with the given CID.
 func DialVsock(ctx context.Context, cid, port uint32) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	res := make(chan result, 1)
-	go func() {
-		c, err := vsock.Dial(cid, port, nil)
-		if err != nil {
-			res <- result{nil, err}
-			return
+	c, err := vsock.DialContext(ctx, cid, port, nil)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("vsock connect to %d:%d: %w", cid, port, ctx.Err())
 		}
-		res <- result{c, nil}
-	}()
-	select {
-	case r := <-res:
-		if r.err != nil {
-			return nil, fmt.Errorf("vsock connect to %d:%d: %w (is the guest up and vhost-vsock loaded?)", cid, port, r.err)
-		}
-		return r.c, nil
-	case <-ctx.Done():
-		go func() {
-			if r := <-res; r.c != nil {
-				r.c.Close()
-			}
-		}()
-		return nil, fmt.Errorf("vsock connect to %d:%d: %w", cid, port, ctx.Err())
+		return nil, fmt.Errorf("vsock connect to %d:%d: %w (is the guest up and vhost_vsock loaded on the host?)", cid, port, err)
 	}
+	return c, nil
 }
 
 // serialMux is the host end of the virtio-serial multiplexer (see api).

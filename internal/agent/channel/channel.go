@@ -1,0 +1,261 @@
+// Package channel gives banger-agent its listener for the host: a vsock
+// listener, or a virtio-serial port multiplexed with yamux (see package api
+// for the resynchronisation protocol), where each yamux stream is one SSH
+// connection.
+package channel
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/yamux"
+	"github.com/mdlayher/vsock"
+
+	"github.com/bangerdev/banger/internal/agent/api"
+)
+
+// ListenVsock listens on an AF_VSOCK port of this guest.
+func ListenVsock(port uint32) (net.Listener, error) {
+	l, err := vsock.Listen(port, nil)
+	if err != nil {
+		return nil, fmt.Errorf("listen on vsock port %d: %w (is the virtio vsock device present and vmw_vsock_virtio_transport loaded?)", port, err)
+	}
+	return l, nil
+}
+
+// FindSerialPort returns the device (/dev/vportNpM) of the virtio-serial port
+// whose name (as set by the VMM) is name, looking under sysRoot (normally
+// "/sys") and devRoot (normally "/dev"). It returns os.ErrNotExist (wrapped)
+// when no such port exists yet.
+func FindSerialPort(sysRoot, devRoot, name string) (string, error) {
+	dirs, err := filepath.Glob(filepath.Join(sysRoot, "class", "virtio-ports", "*", "name"))
+	if err != nil {
+		return "", err
+	}
+	var seen []string
+	for _, p := range dirs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		got := strings.TrimSpace(string(b))
+		seen = append(seen, got)
+		if got == name {
+			return filepath.Join(devRoot, filepath.Base(filepath.Dir(p))), nil
+		}
+	}
+	return "", fmt.Errorf("no virtio-serial port named %q (ports: %q): %w", name, seen, os.ErrNotExist)
+}
+
+// Port is the guest end of a virtio-serial port. Like the kernel's
+// /dev/vportNpM: Read returns io.EOF while no host is connected, and Write
+// blocks until one is. An *os.File opened on the device satisfies it.
+type Port interface {
+	io.ReadWriter
+	SetReadDeadline(time.Time) error
+	SetWriteDeadline(time.Time) error
+}
+
+// SerialListener accepts the yamux streams the host opens over a
+// virtio-serial port, across host reconnections.
+type SerialListener struct {
+	port   Port
+	log    *slog.Logger
+	conns  chan net.Conn
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu   sync.Mutex
+	sess *yamux.Session
+}
+
+// minCycle spaces out resynchronisation attempts so that a misbehaving port
+// can never make the loop spin.
+const minCycle = 100 * time.Millisecond
+
+// ListenSerial starts serving the port. Close stops it.
+func ListenSerial(port Port, log *slog.Logger) *SerialListener {
+	if log == nil {
+		log = slog.Default()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &SerialListener{
+		port:   port,
+		log:    log,
+		conns:  make(chan net.Conn),
+		ctx:    ctx,
+		cancel: cancel,
+		done:   make(chan struct{}),
+	}
+	go l.run()
+	return l
+}
+
+// Accept returns the next stream opened by the host.
+func (l *SerialListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.ctx.Done():
+		return nil, net.ErrClosed
+	}
+}
+
+// Close stops serving and ends the current session.
+func (l *SerialListener) Close() error {
+	l.cancel()
+	past := time.Unix(1, 0)
+	_ = l.port.SetReadDeadline(past)
+	_ = l.port.SetWriteDeadline(past)
+	l.mu.Lock()
+	sess := l.sess
+	l.mu.Unlock()
+	if sess != nil {
+		sess.Close()
+	}
+	<-l.done
+	return nil
+}
+
+// Addr returns a placeholder address.
+func (l *SerialListener) Addr() net.Addr { return serialAddr{} }
+
+type serialAddr struct{}
+
+func (serialAddr) Network() string { return "virtio-serial" }
+func (serialAddr) String() string  { return "virtio-serial" }
+
+func (l *SerialListener) run() {
+	defer close(l.done)
+	br := bufio.NewReaderSize(readerFunc(func(p []byte) (int, error) { return l.port.Read(p) }), 64<<10)
+	for l.ctx.Err() == nil {
+		start := time.Now()
+		err := l.cycle(br)
+		if l.ctx.Err() != nil {
+			return
+		}
+		switch {
+		case err == nil, errors.Is(err, io.EOF):
+			l.log.Debug("host channel session ended; waiting for the host", "err", err)
+		default:
+			l.log.Warn("host channel error; resynchronising", "err", err)
+		}
+		if d := minCycle - time.Since(start); d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-l.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+	}
+}
+
+// cycle waits for a host, synchronises with it and serves one yamux session.
+func (l *SerialListener) cycle(br *bufio.Reader) error {
+	// Blocks until a host is connected.
+	if _, err := l.port.Write(api.MuxLine(api.MuxHello, "-")); err != nil {
+		return fmt.Errorf("write hello: %w", err)
+	}
+	nonce, err := l.handshake(br)
+	if err != nil {
+		return err
+	}
+	cfg := yamux.DefaultConfig()
+	cfg.LogOutput = nil
+	cfg.Logger = slog.NewLogLogger(l.log.Handler(), slog.LevelDebug)
+	cfg.KeepAliveInterval = 15 * time.Second
+	cfg.StreamCloseTimeout = 30 * time.Second
+	pc := &portConn{r: br, port: l.port}
+	sess, err := yamux.Server(pc, cfg)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	l.sess = sess
+	l.mu.Unlock()
+	l.log.Debug("host channel session started", "nonce", nonce)
+	defer func() {
+		sess.Close()
+		l.mu.Lock()
+		l.sess = nil
+		l.mu.Unlock()
+		if l.ctx.Err() == nil {
+			_ = l.port.SetReadDeadline(time.Time{})
+			_ = l.port.SetWriteDeadline(time.Time{})
+		}
+	}()
+	for {
+		st, err := sess.Accept()
+		if err != nil {
+			if errors.Is(err, yamux.ErrSessionShutdown) {
+				return io.EOF
+			}
+			return err
+		}
+		select {
+		case l.conns <- st:
+		case <-l.ctx.Done():
+			st.Close()
+			return nil
+		}
+	}
+}
+
+// handshake answers the host's preamble and returns its nonce once the host
+// says go (see api).
+func (l *SerialListener) handshake(br *bufio.Reader) (string, error) {
+	acked := ""
+	for {
+		kind, nonce, err := api.ReadMuxLine(br)
+		if err != nil {
+			return "", err
+		}
+		switch kind {
+		case api.MuxPreamble:
+			if nonce == acked {
+				continue
+			}
+			if _, err := l.port.Write(api.MuxLine(api.MuxAck, nonce)); err != nil {
+				return "", fmt.Errorf("write ack: %w", err)
+			}
+			acked = nonce
+		case api.MuxGo:
+			if acked != "" && nonce == acked {
+				return nonce, nil
+			}
+		}
+	}
+}
+
+type readerFunc func([]byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// portConn is what yamux runs on: reads through the shared buffered reader,
+// writes to the port; Close unblocks both without closing the device.
+type portConn struct {
+	r    *bufio.Reader
+	port Port
+}
+
+func (c *portConn) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *portConn) Write(p []byte) (int, error) { return c.port.Write(p) }
+func (c *portConn) Close() error {
+	past := time.Unix(1, 0)
+	_ = c.port.SetReadDeadline(past)
+	_ = c.port.SetWriteDeadline(past)
+	return nil
+}
