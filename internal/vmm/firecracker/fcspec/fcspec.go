@@ -413,7 +413,9 @@ func (s *Spec) check(sc *Schema, v any, path string, probs *[]Problem) {
 			add("expected a string, got %s", jsonKind(v))
 			return
 		}
-		if len(sc.Enum) > 0 && !inEnum(sc.Enum, str) {
+		// "The possible values are case-insensitive" (Logger.level) is honoured.
+		fold := strings.Contains(strings.ToLower(sc.Description), "case-insensitive")
+		if len(sc.Enum) > 0 && !inEnum(sc.Enum, str, fold) {
 			add("%q is not one of %s", str, enumList(sc.Enum))
 		}
 	case "boolean":
@@ -449,7 +451,7 @@ func (s *Spec) check(sc *Schema, v any, path string, probs *[]Problem) {
 		if sc.Maximum != nil && float64(i) > *sc.Maximum {
 			add("%d is above the maximum %v", i, *sc.Maximum)
 		}
-		if len(sc.Enum) > 0 && !inEnum(sc.Enum, n.String()) {
+		if len(sc.Enum) > 0 && !inEnum(sc.Enum, n.String(), false) {
 			add("%s is not one of %s", n, enumList(sc.Enum))
 		}
 	case "number":
@@ -488,9 +490,9 @@ func jsonKind(v any) string {
 	return fmt.Sprintf("%T", v)
 }
 
-func inEnum(enum []yaml.Node, s string) bool {
+func inEnum(enum []yaml.Node, s string, fold bool) bool {
 	for _, e := range enum {
-		if e.Value == s {
+		if e.Value == s || fold && strings.EqualFold(e.Value, s) {
 			return true
 		}
 	}

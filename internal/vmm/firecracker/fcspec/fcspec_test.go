@@ -141,6 +141,8 @@ func TestCheckRequest(t *testing.T) {
 		{"bad enum", "PUT", "/actions", `{"action_type":"Reboot"}`, `"Reboot" is not one of`},
 		{"bad enum via ref", "PUT", "/machine-config", `{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"T9"}`, "cpu_template"},
 		{"bad enum logger level", "PUT", "/logger", `{"level":"Verbose"}`, "level"},
+		{"case-insensitive enum", "PUT", "/logger", `{"level":"warning"}`, ""},
+		{"case-sensitive enum", "PUT", "/actions", `{"action_type":"instancestart"}`, "is not one of"},
 		{"unknown field", "PUT", "/boot-source", `{"kernel_image_path":"/k","kernel_args":"x"}`, "kernel_args: unknown field"},
 		{"unknown nested field", "PUT", "/drives/d", `{"drive_id":"d","path_on_host":"/r","is_root_device":false,"is_read_only":false,"rate_limiter":{"bandwidth":{"size":1,"refill_time":1,"burst":2}}}`, "rate_limiter.bandwidth.burst: unknown field"},
 		{"below minimum", "PUT", "/vsock", `{"guest_cid":2,"uds_path":"/v"}`, "guest_cid: 2 is below the minimum 3"},
