@@ -38,6 +38,8 @@ const (
 	DefaultStartTimeout = 30 * time.Second
 	// defaultOpTimeout bounds QMP exchanges and kills when ctx has no deadline.
 	defaultOpTimeout = 10 * time.Second
+	// adoptCheckTimeout bounds Adopt's look at the monitor.
+	adoptCheckTimeout = 3 * time.Second
 )
 
 // Options configure a Driver. The zero value is usable.
@@ -409,7 +411,11 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 	}
 	log := d.log.With("vm", vmID, "pid", h.PID)
 	inst := newInstance(h, proc, true, log)
-	st, err := inst.State(ctx)
+	// A short look at the monitor: a QEMU that does not answer is still ours
+	// to kill, so this must not hold up a restarting bangerd.
+	sctx, cancel := context.WithTimeout(ctx, adoptCheckTimeout)
+	defer cancel()
+	st, err := inst.State(sctx)
 	switch {
 	case st == vmm.StateExited:
 		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
