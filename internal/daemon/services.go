@@ -38,7 +38,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	d.vms = &vmService{
 		d: d, log: d.log, drivers: drivers, defDrv: def,
 		caps:     []capability{diskCap{}, keysCap{userKeyPath: d.cfg.Layout.UserKey()}},
-		newAgent: newGuestAgent(d.cfg.Layout.UserKey()),
+		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
 	d.vms.reconcile(ctx)

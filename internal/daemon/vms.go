@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/logging"
@@ -277,7 +278,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 }
 
 // agentPort is the vsock port the agent serves on.
-const agentPort = 1024
+const agentPort = api.DefaultVsockPort
 
 func channelFor(drv vmm.Driver) bootcfg.Channel {
 	if drv.Capabilities().Vsock {

@@ -44,6 +44,18 @@ func bins(t testing.TB) string {
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Run(); err != nil {
 			buildErr = &buildError{err, out.String()}
+			return
+		}
+		// The agent goes next to bangerd, where bangerd looks for it.
+		if _, err := os.Stat(filepath.Join(root, "cmd", "banger-agent")); err == nil {
+			cmd = exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", binDir+"/", "./cmd/banger-agent")
+			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			out.Reset()
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Run(); err != nil {
+				buildErr = &buildError{err, out.String()}
+			}
 		}
 	})
 	if buildErr != nil {
@@ -90,8 +102,12 @@ type lockedBuf struct {
 	b  bytes.Buffer
 }
 
-func (l *lockedBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock(); return l.b.Write(p) }
-func (l *lockedBuf) String() string               { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+func (l *lockedBuf) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
 
 func startDaemon(t *testing.T, h string, extraEnv ...string) *daemonProc {
 	t.Helper()

@@ -1,0 +1,182 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/testenv"
+)
+
+type vmJSON struct {
+	ID        string `json:"id"`
+	Name      string `json:"name"`
+	State     string `json:"state"`
+	LastError string `json:"last_error"`
+	VCPUs     int    `json:"vcpus"`
+	MemoryMiB int    `json:"memory_mib"`
+}
+
+// realHome prepares a BANGER_HOME with the Debian cloud kernel and a busybox
+// image imported through the CLI, and a running bangerd.
+func realHome(t *testing.T) (string, *daemonProc, string) {
+	t.Helper()
+	testenv.RequireQEMU(t)
+	if _, err := os.Stat(filepath.Join(repoRoot(t), "cmd", "banger-agent", "main.go")); err != nil {
+		t.Fatalf("cmd/banger-agent is missing: %v", err)
+	}
+	deb := testenv.KernelPackage(t)
+	k := testenv.GuestKernel(t)
+	rootfs := testenv.BusyboxRootfs(t, 64)
+	h := home(t)
+	d := startDaemon(t, h, "BANGER_VMM=qemu")
+	mustBanger(t, h, "kernel", "import", "--deb", deb, "--name", "debian")
+	mustBanger(t, h, "image", "import", rootfs, "--name", "busybox")
+	return h, d, k.Version
+}
+
+func mustBanger(t *testing.T, h string, args ...string) string {
+	t.Helper()
+	out, errOut, code := banger(t, h, args...)
+	if code != 0 {
+		t.Fatalf("banger %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+func showVM(t *testing.T, h, name string) vmJSON {
+	t.Helper()
+	var v vmJSON
+	out := mustBanger(t, h, "vm", "show", name, "-o", "json")
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("vm show: %v: %q", err, out)
+	}
+	return v
+}
+
+func vmmPID(t *testing.T, h, id string) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(h, "vms", id, "handles.json"))
+	if err != nil {
+		t.Fatalf("handles.json: %v", err)
+	}
+	var hs struct {
+		PID int `json:"pid"`
+	}
+	json.Unmarshal(b, &hs)
+	if hs.PID <= 0 {
+		t.Fatalf("no pid in handles.json: %s", b)
+	}
+	return hs.PID
+}
+
+func TestLifecycleRealGuest(t *testing.T) {
+	h, d, kver := realHome(t)
+
+	start := time.Now()
+	_, errOut, code := banger(t, h, "vm", "create", "alpha", "--memory", "256M", "--disk", "256M")
+	if code != 0 {
+		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
+	}
+	t.Logf("create → running in %v; stages:\n%s", time.Since(start), errOut)
+	for _, st := range []string{"prepare host", "boot", "wait for agent"} {
+		if !strings.Contains(errOut, st) {
+			t.Errorf("create progress lacks stage %q: %s", st, errOut)
+		}
+	}
+	v := showVM(t, h, "alpha")
+	if v.State != "running" {
+		t.Fatalf("state %s", v.State)
+	}
+	out := mustBanger(t, h, "exec", "alpha", "--", "uname", "-r")
+	if strings.TrimSpace(out) != kver {
+		t.Fatalf("uname -r = %q, want %q", out, kver)
+	}
+	// exit status and stderr come back
+	_, errOut, code = banger(t, h, "exec", "alpha", "--", "sh", "-c", "echo oops >&2; exit 7")
+	if code != 7 || strings.TrimSpace(errOut) != "oops" {
+		t.Fatalf("exit 7: got %d, stderr %q", code, errOut)
+	}
+	// the root overlay is writable and survives a restart; the image is untouched
+	mustBanger(t, h, "exec", "alpha", "--", "sh", "-c", "echo kept > /root/note")
+
+	mustBanger(t, h, "vm", "stop", "alpha", "--timeout", "30s")
+	if v := showVM(t, h, "alpha"); v.State != "stopped" || v.LastError != "" {
+		t.Fatalf("after stop: %+v", v)
+	}
+	mustBanger(t, h, "vm", "start", "alpha")
+	if out := mustBanger(t, h, "exec", "alpha", "--", "cat", "/root/note"); strings.TrimSpace(out) != "kept" {
+		t.Fatalf("file written before stop: %q", out)
+	}
+	mustBanger(t, h, "vm", "restart", "alpha")
+	if v := showVM(t, h, "alpha"); v.State != "running" {
+		t.Fatalf("after restart: %+v", v)
+	}
+	mustBanger(t, h, "vm", "kill", "alpha")
+	if v := showVM(t, h, "alpha"); v.State != "stopped" {
+		t.Fatalf("after kill: %+v", v)
+	}
+	// delete of a running VM needs --force
+	mustBanger(t, h, "vm", "start", "alpha")
+	if _, errOut, code := banger(t, h, "vm", "delete", "alpha"); code != 1 || !strings.Contains(errOut, "--force") {
+		t.Fatalf("delete running without --force: %d %s", code, errOut)
+	}
+	pid := vmmPID(t, h, v.ID)
+	mustBanger(t, h, "vm", "delete", "alpha", "--force")
+	if _, err := os.Stat(filepath.Join(h, "vms", v.ID)); !os.IsNotExist(err) {
+		t.Fatalf("VM directory left after delete: %v", err)
+	}
+	waitFor(t, 10*time.Second, "VMM gone after delete", func() bool { return syscall.Kill(pid, 0) != nil })
+}
+
+func TestVMMCrashAndDaemonRestart(t *testing.T) {
+	h, d, _ := realHome(t)
+	mustBanger(t, h, "vm", "create", "crashy", "--memory", "256M", "--disk", "256M")
+	mustBanger(t, h, "vm", "create", "steady", "--memory", "256M", "--disk", "256M")
+	crashy, steady := showVM(t, h, "crashy"), showVM(t, h, "steady")
+
+	// kill -9 of a VMM: the VM becomes stopped with a reason, quickly
+	pid := vmmPID(t, h, crashy.ID)
+	killed := time.Now()
+	syscall.Kill(pid, syscall.SIGKILL)
+	waitFor(t, 5*time.Second, "crashed VM to be marked stopped", func() bool {
+		v := showVM(t, h, "crashy")
+		return v.State == "stopped" && v.LastError != ""
+	})
+	t.Logf("VMM death noticed in %v: %q", time.Since(killed), showVM(t, h, "crashy").LastError)
+	if _, err := os.Stat(filepath.Join(h, "vms", crashy.ID, "handles.json")); !os.IsNotExist(err) {
+		t.Fatalf("handles.json left behind for a dead VM")
+	}
+
+	// kill -9 of bangerd: the VM keeps running, a new bangerd adopts it
+	spid := vmmPID(t, h, steady.ID)
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.done
+	if syscall.Kill(spid, 0) != nil {
+		t.Fatal("VMM died with bangerd")
+	}
+	d2 := startDaemon(t, h, "BANGER_VMM=qemu")
+	if v := showVM(t, h, "steady"); v.State != "running" {
+		t.Fatalf("after bangerd restart: %+v\n%s", v, d2.logs.String())
+	}
+	if out := mustBanger(t, h, "exec", "steady", "--", "echo", "adopted"); strings.TrimSpace(out) != "adopted" {
+		t.Fatalf("exec after adoption: %q", out)
+	}
+	// and it still notices the adopted VMM's death
+	syscall.Kill(spid, syscall.SIGKILL)
+	waitFor(t, 5*time.Second, "adopted VM to be marked stopped", func() bool { return showVM(t, h, "steady").State == "stopped" })
+
+	for _, n := range []string{"crashy", "steady"} {
+		mustBanger(t, h, "vm", "delete", n)
+	}
+	entries, _ := os.ReadDir(filepath.Join(h, "vms"))
+	if len(entries) != 0 {
+		t.Fatalf("VM directories left: %v", entries)
+	}
+	_ = strconv.Itoa
+}
