@@ -640,3 +640,102 @@ func TestFlagValue(t *testing.T) {
 		t.Error("flagValue")
 	}
 }
+
+func TestVsockForwardAndRefusedPort(t *testing.T) {
+	fc := fakefctest.Setup(t)
+	agent := filepath.Join(t.TempDir(), "agent.sock")
+	ln, err := net.Listen("unix", agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, "agent-hello")
+			c.Close()
+		}
+	}()
+	t.Setenv(fakefc.EnvVsockForward, agent)
+	t.Setenv(fakefc.EnvVsockPorts, strconv.Itoa(testPort))
+	inst := start(t, New(Options{Binary: fc.Binary}), machine(t))
+	ch := inst.Handles().Channel
+
+	dial := func(port uint32) (string, error) {
+		c, err := net2Dial(ch.Path)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "CONNECT %d\n", port)
+		var sb strings.Builder
+		br := bufio.NewReader(c)
+		for {
+			line, err := br.ReadString('\n')
+			sb.WriteString(line)
+			if err != nil {
+				return sb.String(), nil
+			}
+		}
+	}
+	got, err := dial(testPort)
+	if err != nil || !strings.HasPrefix(got, "OK ") || !strings.HasSuffix(got, "\nagent-hello\n") {
+		t.Errorf("forwarded stream %q, %v", got, err)
+	}
+	if got, err := dial(testPort + 1); err != nil || got != "" {
+		t.Errorf("connection to a port nobody listens on: %q, %v; want it closed without OK", got, err)
+	}
+
+	// DialVsock keeps what the guest says right after OK.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := DialVsock(ctx, ch.Path, ch.Port)
+	if err != nil {
+		t.Fatalf("DialVsock: %v", err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if line, err := bufio.NewReader(c).ReadString('\n'); line != "agent-hello\n" || err != nil {
+		t.Errorf("after DialVsock read %q, %v", line, err)
+	}
+	if _, err := DialVsock(ctx, ch.Path, testPort+1); err == nil || !strings.Contains(err.Error(), "is the guest agent listening") {
+		t.Errorf("DialVsock to a closed port = %v", err)
+	}
+}
+
+func TestConcurrentStarts(t *testing.T) {
+	fc := fakefctest.Setup(t)
+	d := New(Options{Binary: fc.Binary})
+	const n = 3
+	insts := make(chan vmm.Instance, n)
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		cfg := machine(t)
+		cfg.VMID = fmt.Sprintf("vm-%d", i)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			inst, err := d.Start(ctx, cfg)
+			if err != nil {
+				errs <- err
+				return
+			}
+			insts <- inst
+		}()
+	}
+	for i := 0; i < n; i++ {
+		select {
+		case err := <-errs:
+			t.Error(err)
+		case inst := <-insts:
+			t.Cleanup(func() { killForCleanup(t, inst) })
+			if s, err := inst.State(context.Background()); s != vmm.StateRunning || err != nil {
+				t.Errorf("State = %q, %v", s, err)
+			}
+		}
+	}
+}
