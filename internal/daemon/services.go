@@ -35,9 +35,13 @@ func (d *Daemon) initServices(ctx context.Context) error {
 			def = "firecracker"
 		}
 	}
+	nc, err := newNetCap(d, fc.Network)
+	if err != nil {
+		return err
+	}
 	d.vms = &vmService{
-		d: d, log: d.log, drivers: drivers, defDrv: def,
-		caps:     []capability{diskCap{}, keysCap{userKeyPath: d.cfg.Layout.UserKey()}},
+		d: d, log: d.log, drivers: drivers, defDrv: def, net: nc,
+		caps:     []capability{diskCap{}, keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
@@ -99,6 +103,13 @@ func (s *vmService) reconcile(ctx context.Context) {
 			s.finishStopped(ctx, vm, nil, reason)
 		}
 	}
+	running := map[string]bool{}
+	for _, vm := range vms {
+		if s.runtime(vm.ID) != nil && vm.Tap != "" {
+			running[vm.Tap] = true
+		}
+	}
+	s.net.reclaim(ctx, running)
 }
 
 func (s *vmService) adopt(ctx context.Context, vm *store.VM) (*runtime, error) {

@@ -46,6 +46,7 @@ type vmService struct {
 	caps    []capability
 	drivers map[string]vmm.Driver
 	defDrv  string
+	net     *netCap
 
 	// newAgent makes an agent client over a transport with the pinned host key.
 	newAgent func(t *guest.Transport, hostKeyLine string) (guestAgent, error)

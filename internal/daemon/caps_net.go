@@ -1,0 +1,200 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/hostnet"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmm"
+)
+
+// netCap gives VMs a network through banger-helper: banger's bridge with NAT,
+// a tap per VM owned by the user, an address from banger's subnet (kept in
+// the VM record), and the guest's static configuration via the boot config.
+type netCap struct {
+	d      *Daemon
+	log    *slog.Logger
+	client *hostnet.Client
+	mode   string // auto, helper, none
+	pool   netip.Prefix
+	dns    []string
+
+	mu     sync.Mutex
+	subnet netip.Prefix // chosen on first use
+	// disabled records, per VM id, that this boot runs without a network
+	// (mode auto and no helper).
+	disabled map[string]bool
+}
+
+func newNetCap(d *Daemon, cfg NetworkConfig) (*netCap, error) {
+	c := &netCap{d: d, log: d.log, client: hostnet.NewClient(), mode: cfg.Mode, dns: cfg.DNS, disabled: map[string]bool{}}
+	if c.mode == "" {
+		c.mode = "auto"
+	}
+	switch c.mode {
+	case "auto", "helper", "none":
+	default:
+		return nil, fmt.Errorf("network.mode must be auto, helper or none, not %q", c.mode)
+	}
+	pool := cfg.Pool
+	if pool == "" {
+		pool = "172.30.0.0/16"
+	}
+	p, err := netip.ParsePrefix(pool)
+	if err != nil || !hostnet.IsPrivate(p) {
+		return nil, fmt.Errorf("network.pool %q must be a private IPv4 range", pool)
+	}
+	c.pool = p
+	return c, nil
+}
+
+func (*netCap) Name() string { return "network" }
+
+func (c *netCap) off(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mode == "none" || c.disabled[id]
+}
+
+func (c *netCap) StartPrereq(ctx context.Context, env *startEnv) error {
+	c.mu.Lock()
+	delete(c.disabled, env.VM.ID)
+	c.mu.Unlock()
+	if c.mode == "none" {
+		return nil
+	}
+	if _, err := c.client.Ping(ctx); err != nil {
+		if c.mode == "helper" || !errors.Is(err, hostnet.ErrHelperUnavailable) {
+			return err
+		}
+		c.log.InfoContext(ctx, "banger-helper not reachable: starting the VM without a network", "vm", env.VM.Name, "hint", err.Error())
+		c.mu.Lock()
+		c.disabled[env.VM.ID] = true
+		c.mu.Unlock()
+	}
+	return nil
+}
+
+func (c *netCap) ensureSubnet() (netip.Prefix, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.subnet.IsValid() {
+		return c.subnet, nil
+	}
+	s, err := hostnet.PlanSubnet(c.pool, hostnet.DefaultBridge, hostnet.DefaultTapPrefix)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	c.subnet = s
+	return s, nil
+}
+
+func (c *netCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Context) error, error) {
+	if c.off(env.VM.ID) {
+		return nil, nil
+	}
+	subnet, err := c.ensureSubnet()
+	if err != nil {
+		return nil, err
+	}
+	gw := hostnet.GatewayCIDR(subnet)
+	if _, err := c.client.EnsureBridge(ctx, hostnet.DefaultBridge, gw); err != nil {
+		return nil, err
+	}
+	if _, err := c.client.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: hostnet.DefaultBridge, CIDR: gw.String(), AllowDNS: len(c.dns) == 0}); err != nil {
+		return nil, err
+	}
+	vm := env.VM
+	if ip, err := netip.ParseAddr(vm.IP); err != nil || !subnet.Contains(ip) {
+		used, err := c.d.store.UsedIPs(ctx)
+		if err != nil {
+			return nil, err
+		}
+		var inUse []netip.Addr
+		for s := range used {
+			if a, err := netip.ParseAddr(s); err == nil {
+				inUse = append(inUse, a)
+			}
+		}
+		a, err := hostnet.AllocateAddr(subnet, inUse)
+		if err != nil {
+			return nil, err
+		}
+		vm.IP = a.String()
+	}
+	vm.Tap = hostnet.TapName(hostnet.DefaultTapPrefix, vm.ID)
+	vm.MAC = hostnet.MAC(vm.ID).String()
+	if _, err := c.client.CreateTapFor(ctx, vm.Tap, hostnet.DefaultBridge, uint32(os.Getuid()), 0); err != nil {
+		return nil, err
+	}
+	tap := vm.Tap
+	return func(ctx context.Context) error {
+		_, err := c.client.DeleteTap(ctx, tap)
+		return err
+	}, nil
+}
+
+func (c *netCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error {
+	if c.off(env.VM.ID) || env.VM.IP == "" {
+		return nil
+	}
+	subnet, err := c.ensureSubnet()
+	if err != nil {
+		return err
+	}
+	gw := hostnet.GatewayCIDR(subnet)
+	dns := c.dns
+	if len(dns) == 0 {
+		dns = []string{gw.Addr().String()}
+	}
+	env.Boot.Network = &bootcfg.Network{
+		MAC: env.VM.MAC, Address: fmt.Sprintf("%s/%d", env.VM.IP, subnet.Bits()), Gateway: gw.Addr().String(), DNS: dns,
+	}
+	return nil
+}
+
+func (c *netCap) ContributeMachineConfig(ctx context.Context, env *startEnv) error {
+	if c.off(env.VM.ID) || env.VM.Tap == "" {
+		return nil
+	}
+	env.Mach.Net = &vmm.NetInterface{Tap: env.VM.Tap, MAC: env.VM.MAC}
+	return nil
+}
+
+func (c *netCap) CleanupState(ctx context.Context, vm *store.VM) error {
+	if vm.Tap == "" || c.mode == "none" {
+		return nil
+	}
+	_, err := c.client.DeleteTap(ctx, vm.Tap)
+	if errors.Is(err, hostnet.ErrHelperUnavailable) {
+		return nil // nothing could have been made without the helper
+	}
+	return err
+}
+
+// reclaim deletes banger taps of this user that no running VM owns (left by
+// a crash of bangerd or of the host).
+func (c *netCap) reclaim(ctx context.Context, running map[string]bool) {
+	if c.mode == "none" {
+		return
+	}
+	res, err := c.client.List(ctx)
+	if err != nil {
+		return
+	}
+	for _, t := range res.Taps {
+		if t.OwnerUID != uint32(os.Getuid()) || running[t.Name] {
+			continue
+		}
+		if _, err := c.client.DeleteTap(ctx, t.Name); err == nil {
+			c.log.InfoContext(ctx, "reclaimed leaked tap", "tap", t.Name)
+		}
+	}
+}
