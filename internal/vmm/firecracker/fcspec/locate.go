@@ -44,7 +44,11 @@ func Locate(ctx context.Context) (path, skip string, err error) {
 	if err != nil {
 		return "", "", fmt.Errorf("locate the repository root with `go env GOMOD`: %w", err)
 	}
-	gomod := strings.TrimSpace(string(out))
+	return locateFrom(strings.TrimSpace(string(out)))
+}
+
+// locateFrom finds the pinned spec beside the module whose go.mod is gomod.
+func locateFrom(gomod string) (path, skip string, err error) {
 	if gomod == "" || gomod == os.DevNull {
 		return "", "", fmt.Errorf("locate the repository root: not inside a Go module (set %s)", EnvSpec)
 	}
