@@ -85,6 +85,7 @@ type server struct {
 	policy                Policy
 	log                   *slog.Logger
 	mu                    sync.Mutex // serialises mutating methods
+	l2Warn                sync.Once
 }
 
 // NewServer returns an rpc.Server serving the helper's methods with
@@ -353,7 +354,9 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 		return hostnet.NATResult{}, err
 	}
 	if !l2 {
-		s.log.WarnContext(ctx, "nftables bridge family unavailable; VM-to-VM isolation relies on bridge port isolation alone")
+		s.l2Warn.Do(func() {
+			s.log.WarnContext(ctx, "nftables bridge family unavailable; VM-to-VM isolation relies on bridge port isolation alone")
+		})
 	}
 	return hostnet.NATResult{Table: "inet " + s.table, Subnet: gw.Masked().String(), OutIface: out, L2Isolation: l2}, nil
 }
