@@ -381,6 +381,10 @@ func runDepmod(ctx context.Context, base, version string) error {
 	if err != nil {
 		return fmt.Errorf("depmod not found (install kmod): %w", err)
 	}
+	base, err = filepath.Abs(base)
+	if err != nil {
+		return err
+	}
 	modDir := filepath.Join(base, "lib", "modules", version)
 	run := func() error {
 		ctx, cancel := context.WithTimeout(ctx, depmodTimeout)

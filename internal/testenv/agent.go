@@ -123,6 +123,36 @@ func isNotEmpty(err error) bool {
 	return errors.As(err, &le) && (errors.Is(le.Err, fs.ErrExist) || strings.Contains(le.Err.Error(), "not empty"))
 }
 
+var kernelSrcMemo memo[string]
+
+// kernelSourceHash hashes the non-test sources of internal/kernel, so that a
+// change to the initrd builder invalidates cached initrds.
+func kernelSourceHash(t testing.TB) string {
+	t.Helper()
+	return kernelSrcMemo.get(t, func(s *step) string {
+		root, err := repoRoot(testCtx(t, time.Minute))
+		if err != nil {
+			s.Fatalf("find the banger module root: %v", err)
+		}
+		files, err := filepath.Glob(filepath.Join(root, "internal", "kernel", "*.go"))
+		if err != nil || len(files) == 0 {
+			s.Fatalf("find internal/kernel sources in %s: %v", root, err)
+		}
+		h := sha256.New()
+		for _, f := range files { // Glob sorts
+			if strings.HasSuffix(f, "_test.go") {
+				continue
+			}
+			sum, err := hashFile(f)
+			if err != nil {
+				s.Fatalf("hash %s: %v", f, err)
+			}
+			fmt.Fprintf(h, "%s %s\n", filepath.Base(f), sum)
+		}
+		return hex.EncodeToString(h.Sum(nil))
+	})
+}
+
 // initrdVersion changes whenever what Initrd puts into an initrd changes
 // outside the kernel package (bump it to invalidate cached initrds).
 const initrdVersion = "1"
@@ -146,8 +176,8 @@ func Initrd(t testing.TB, agentPath string) string {
 		t.Fatalf("read modules.dep: %v", err)
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "initrd %s\nkernel %s\n%s\ndep %s\nagent %s\nmodules %s\n",
-		initrdVersion, k.Version, manifest, depSum, agentSum, strings.Join(kernel.DefaultModules(), " "))
+	fmt.Fprintf(h, "initrd %s\nbuilder %s\nkernel %s\n%s\ndep %s\nagent %s\nmodules %s\n",
+		initrdVersion, kernelSourceHash(t), k.Version, manifest, depSum, agentSum, strings.Join(kernel.DefaultModules(), " "))
 	key := hex.EncodeToString(h.Sum(nil))[:24]
 
 	dir := filepath.Join(CacheDir(t), "initrd")
