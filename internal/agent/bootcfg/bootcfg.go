@@ -8,6 +8,7 @@ package bootcfg
 
 import (
 	"bytes"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -53,6 +54,24 @@ type Config struct {
 	Env     []string `json:"env,omitempty"`
 	WorkDir string   `json:"workdir,omitempty"`
 	User    string   `json:"user,omitempty"`
+	// RNGSeed is fresh random data (SeedSize bytes, see NewSeed) that the
+	// agent credits to the guest's entropy pool at boot, so that the guest's
+	// crypto (the agent's SSH server first) does not wait for the kernel to
+	// gather entropy, which takes seconds without RDRAND or virtio-rng. The
+	// host must write a new seed before every start.
+	RNGSeed []byte `json:"rng_seed,omitempty"`
+}
+
+// SeedSize is the size of a fresh RNGSeed.
+const SeedSize = 64
+
+// NewSeed returns SeedSize bytes from the host's CSPRNG for Config.RNGSeed.
+func NewSeed() ([]byte, error) {
+	b := make([]byte, SeedSize)
+	if _, err := rand.Read(b); err != nil {
+		return nil, fmt.Errorf("random seed for the guest: %w", err)
+	}
+	return b, nil
 }
 
 // Encode renders cfg in the on-device format.

@@ -1,0 +1,380 @@
+package agent_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/guest"
+	"github.com/bangerdev/banger/internal/testenv"
+	"github.com/bangerdev/banger/internal/vmm"
+)
+
+// bootDeadline bounds one boot, from QEMU's start to the agent's answer.
+const bootDeadline = 60 * time.Second
+
+type vm struct {
+	t       *testing.T
+	dir     string
+	cmd     *exec.Cmd
+	exited  chan struct{}
+	console string
+	sock    string
+	tr      *guest.Transport
+	client  *guest.Client
+}
+
+type fixture struct {
+	qemu, vmlinux, initrd, rootfs, rw string
+	kernelVersion                     string
+	hostKey                           guest.HostKey
+	userKey                           guest.UserKey
+	dir                               string
+}
+
+func tscKHz(t *testing.T) int {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		t.Fatalf("read /proc/cpuinfo: %v", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if ok && strings.TrimSpace(k) == "cpu MHz" {
+			mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err == nil {
+				return int(math.Round(mhz * 1000))
+			}
+		}
+	}
+	t.Fatal("no cpu MHz in /proc/cpuinfo")
+	return 0
+}
+
+// newFixture gathers the kernel, initrd, busybox root and a fresh writable
+// disk (optionally pre-populated from upperDir's content under upper/).
+func newFixture(t *testing.T, rwPopulate func(upper string)) *fixture {
+	t.Helper()
+	qemu := testenv.RequireQEMU(t)
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		t.Skipf("mkfs.ext4 not installed (Debian package e2fsprogs): %v", err)
+	}
+	k := testenv.GuestKernel(t)
+	initrd := testenv.Initrd(t, testenv.AgentBinary(t))
+	rootfs := testenv.BusyboxRootfs(t, 32)
+	dir := t.TempDir()
+	rw := filepath.Join(dir, "rw.ext4")
+	args := []string{"-q", "-F", "-L", bootcfg.RWLabel}
+	if rwPopulate != nil {
+		src := filepath.Join(dir, "rw-src")
+		rwPopulate(filepath.Join(src, "upper"))
+		args = append(args, "-d", src)
+	}
+	args = append(args, rw, "64M")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, mkfs, args...).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	hk, err := guest.GenerateHostKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uk, err := guest.LoadOrCreateUserKey(filepath.Join(dir, "id_ed25519"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{qemu: qemu, vmlinux: k.VmlinuxPath, initrd: initrd, rootfs: rootfs, rw: rw,
+		kernelVersion: k.Version, hostKey: hk, userKey: uk, dir: dir}
+}
+
+func logger(t *testing.T) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// boot starts QEMU on the fixture's disks and waits until the agent answers.
+func (f *fixture) boot(t *testing.T, name string) *vm {
+	t.Helper()
+	dir := filepath.Join(f.dir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	cfg := &bootcfg.Config{
+		Version:        1,
+		VMID:           "test-" + name,
+		Hostname:       "banger-" + name,
+		HostKey:        string(f.hostKey.PrivatePEM),
+		AuthorizedKeys: []string{f.userKey.AuthorizedLine()},
+		Channel:        bootcfg.Channel{Kind: "serial", Name: api.DefaultSerialName},
+		Env:            []string{"IMAGE_ENV=yes"},
+	}
+	if cfg.RNGSeed, err = bootcfg.NewSeed(); err != nil {
+		t.Fatal(err)
+	}
+	enc, err := bootcfg.Encode(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgImg := filepath.Join(dir, "bootcfg.img")
+	if err := os.WriteFile(cfgImg, enc, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	v := &vm{t: t, dir: dir, console: filepath.Join(dir, "console.log"), sock: filepath.Join(dir, "agent.sock"), exited: make(chan struct{})}
+	args := []string{
+		"-M", "microvm", "-accel", "tcg", "-m", "256M", "-smp", "1",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-monitor", "none",
+		"-kernel", f.vmlinux, "-initrd", f.initrd,
+		"-append", fmt.Sprintf("console=ttyS0 reboot=k panic=-1 tsc_early_khz=%d", tscKHz(t)),
+		"-serial", "file:" + v.console,
+		"-drive", "id=root,file=" + f.rootfs + ",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=root",
+		"-drive", "id=rw,file=" + f.rw + ",format=raw,if=none", "-device", "virtio-blk-device,drive=rw",
+		"-drive", "id=cfg,file=" + cfgImg + ",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=cfg",
+		"-device", "virtio-serial-device,id=vser0",
+		"-chardev", "socket,id=ch0,path=" + v.sock + ",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=ch0,name=" + api.DefaultSerialName,
+	}
+	v.cmd = exec.Command(f.qemu, args...)
+	var stderr bytes.Buffer
+	v.cmd.Stderr = &stderr
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	start := time.Now()
+	if err := v.cmd.Start(); err != nil {
+		t.Fatalf("start qemu: %v", err)
+	}
+	go func() {
+		_ = v.cmd.Wait()
+		close(v.exited)
+	}()
+	t.Cleanup(func() {
+		v.kill()
+		if t.Failed() || testing.Verbose() {
+			b, _ := os.ReadFile(v.console)
+			t.Logf("console of %s:\n%s\nqemu stderr:\n%s", name, b, stderr.String())
+		}
+	})
+	// QEMU creates the socket right away.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(v.sock); err == nil {
+			break
+		}
+		select {
+		case <-v.exited:
+			t.Fatalf("qemu exited early: %s", stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("qemu did not create its serial socket")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	v.connect(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), bootDeadline)
+	defer cancel()
+	if err := v.client.Ping(ctx); err != nil {
+		t.Fatalf("agent did not answer: %v", err)
+	}
+	t.Logf("%s: agent answered %v after qemu start", name, time.Since(start).Round(time.Millisecond))
+	return v
+}
+
+func (v *vm) connect(t *testing.T, f *fixture) {
+	t.Helper()
+	tr, err := guest.NewTransport(vmm.GuestChannel{Kind: vmm.ChannelSerial, Path: v.sock, Name: api.DefaultSerialName}, logger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := guest.NewClient(guest.ClientConfig{Dialer: tr, HostKey: f.hostKey.Public, UserKey: f.userKey.Signer, Logger: logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.tr, v.client = tr, c
+}
+
+func (v *vm) disconnect() {
+	v.client.Close()
+	v.tr.Close()
+}
+
+func (v *vm) kill() {
+	select {
+	case <-v.exited:
+	default:
+		_ = syscall.Kill(v.cmd.Process.Pid, syscall.SIGKILL)
+		<-v.exited
+	}
+	v.disconnect()
+}
+
+func (v *vm) exec(t *testing.T, cmd ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var out, errb bytes.Buffer
+	code, err := v.client.Exec(ctx, cmd, nil, &out, &errb, guest.ExecOptions{})
+	if err != nil || code != 0 {
+		t.Fatalf("exec %q: code %d err %v stderr %q", cmd, code, err, errb.String())
+	}
+	return out.String()
+}
+
+// shutdown asks the guest to power off and expects QEMU to exit.
+func (v *vm) shutdown(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := v.client.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-v.exited:
+		t.Logf("qemu exited %v after the shutdown request", time.Since(start).Round(time.Millisecond))
+	case <-ctx.Done():
+		t.Fatal("qemu did not exit after the shutdown request")
+	}
+}
+
+// TestRealGuestAgentAsInit boots a busybox image without an init: the agent
+// stays PID 1. It checks exec, the reconnection of a new host (bangerd
+// restart) over the real virtio-serial port, sftp, ports, stats, shutdown,
+// and that the writable layer survives a second boot.
+func TestRealGuestAgentAsInit(t *testing.T) {
+	f := newFixture(t, nil)
+	v := f.boot(t, "first")
+
+	if got := strings.TrimSpace(v.exec(t, "uname", "-r")); got != f.kernelVersion {
+		t.Fatalf("uname -r = %q, want %q", got, f.kernelVersion)
+	}
+	if got := strings.TrimSpace(v.exec(t, "hostname")); got != "banger-first" {
+		t.Errorf("hostname = %q", got)
+	}
+	if got := v.exec(t, "sh", "-c", "echo $IMAGE_ENV $HOME; cat /proc/1/comm; grep ' / ' /proc/mounts"); !strings.Contains(got, "yes /root") || !strings.Contains(got, "overlay") {
+		t.Errorf("guest environment: %q", got)
+	}
+	v.exec(t, "sh", "-c", "echo kept > /root/persist")
+
+	// bangerd restarts: a new host connection on the same serial port.
+	v.disconnect()
+	v.connect(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := v.client.Ping(ctx); err != nil {
+		t.Fatalf("ping after reconnect: %v", err)
+	}
+	t.Logf("reconnected in %v", time.Since(start).Round(time.Millisecond))
+
+	sc, err := v.client.SFTP(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wf, err := sc.Create("/root/sftp.bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB
+	start = time.Now()
+	if _, err := wf.ReadFrom(bytes.NewReader(payload)); err != nil {
+		t.Fatal(err)
+	}
+	wf.Close()
+	t.Logf("sftp put 1 MiB in %v", time.Since(start).Round(time.Millisecond))
+	sc.Close()
+	if got := strings.TrimSpace(v.exec(t, "sh", "-c", "wc -c < /root/sftp.bin")); got != strconv.Itoa(len(payload)) {
+		t.Fatalf("guest file size %s", got)
+	}
+
+	// A listener in the guest shows up in ports with its process.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	bg := make(chan error, 1)
+	go func() {
+		_, err := v.client.Exec(ctx2, []string{"nc", "-l", "-p", "8123"}, nil, io.Discard, io.Discard, guest.ExecOptions{})
+		bg <- err
+	}()
+	found := false
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline) && !found; {
+		ports, err := v.client.Ports(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range ports {
+			if p.Port == 8123 && strings.HasPrefix(p.Proto, "tcp") && p.Process != "" {
+				found = true
+			}
+		}
+		if !found {
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	if !found {
+		t.Error("listener on 8123 not reported by Ports")
+	}
+	cancel2()
+	<-bg
+	st, err := v.client.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.MemTotalBytes < 100<<20 || st.DiskTotalBytes == 0 || st.Uptime <= 0 {
+		t.Errorf("implausible guest stats %+v", st)
+	}
+	v.shutdown(t)
+	v.disconnect()
+
+	// Second boot on the same writable disk.
+	v2 := f.boot(t, "second")
+	if got := v2.exec(t, "cat", "/root/persist"); got != "kept\n" {
+		t.Fatalf("writable layer lost: %q", got)
+	}
+	v2.shutdown(t)
+}
+
+// TestRealGuestImageInit gives the image an init (busybox init, through the
+// writable layer): the agent hands PID 1 over and keeps serving from a
+// child; shutdown goes through the image's init.
+func TestRealGuestImageInit(t *testing.T) {
+	f := newFixture(t, func(upper string) {
+		for _, d := range []string{"sbin", "etc"} {
+			if err := os.MkdirAll(filepath.Join(upper, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Symlink("/bin/busybox", filepath.Join(upper, "sbin", "init")); err != nil {
+			t.Fatal(err)
+		}
+		inittab := "::sysinit:/bin/mount -o remount,rw /\n::shutdown:/bin/sync\n"
+		if err := os.WriteFile(filepath.Join(upper, "etc", "inittab"), []byte(inittab), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	v := f.boot(t, "init")
+	if got := strings.TrimSpace(v.exec(t, "cat", "/proc/1/comm")); got != "init" {
+		t.Errorf("PID 1 is %q, want busybox init", got)
+	}
+	if got := v.exec(t, "sh", "-c", "cat /proc/$PPID/cmdline | tr '\\0' ' '"); !strings.Contains(got, "serve") {
+		t.Errorf("session parent is %q, want banger-agent serve", got)
+	}
+	v.shutdown(t)
+}

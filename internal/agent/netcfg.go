@@ -1,0 +1,167 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+)
+
+// linkWait bounds the wait for the network interface to appear.
+const linkWait = 5 * time.Second
+
+// configureNetwork brings lo up and, when n is set, configures the
+// interface whose MAC is n.MAC: MTU, address, up, default route.
+func configureNetwork(n *bootcfg.Network, log *slog.Logger) error {
+	if lo, err := netlink.LinkByName("lo"); err == nil {
+		if err := netlink.LinkSetUp(lo); err != nil {
+			log.Warn("bring up lo", "err", err)
+		}
+	}
+	if n == nil {
+		return nil
+	}
+	mac, err := net.ParseMAC(n.MAC)
+	if err != nil {
+		return fmt.Errorf("network config: bad MAC %q: %w", n.MAC, err)
+	}
+	addr, err := netlink.ParseAddr(n.Address)
+	if err != nil {
+		return fmt.Errorf("network config: bad address %q (want CIDR like 172.30.0.5/24): %w", n.Address, err)
+	}
+	var gw net.IP
+	if n.Gateway != "" {
+		if gw = net.ParseIP(n.Gateway); gw == nil {
+			return fmt.Errorf("network config: bad gateway %q", n.Gateway)
+		}
+	}
+	link, err := waitLinkByMAC(mac, linkWait)
+	if err != nil {
+		return err
+	}
+	name := link.Attrs().Name
+	if n.MTU > 0 {
+		if err := netlink.LinkSetMTU(link, n.MTU); err != nil {
+			return fmt.Errorf("set MTU %d on %s: %w", n.MTU, name, err)
+		}
+	}
+	if err := netlink.AddrAdd(link, addr); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add address %s to %s: %w", n.Address, name, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bring up %s: %w", name, err)
+	}
+	if gw != nil {
+		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw}
+		if err := netlink.RouteAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("add default route via %s on %s: %w", gw, name, err)
+		}
+	}
+	log.Info("network configured", "interface", name, "address", n.Address, "gateway", n.Gateway)
+	return nil
+}
+
+func waitLinkByMAC(mac net.HardwareAddr, d time.Duration) (netlink.Link, error) {
+	deadline := time.Now().Add(d)
+	for {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return nil, fmt.Errorf("list network interfaces: %w", err)
+		}
+		var seen []string
+		for _, l := range links {
+			if bytes.Equal(l.Attrs().HardwareAddr, mac) {
+				return l, nil
+			}
+			seen = append(seen, l.Attrs().Name+"="+l.Attrs().HardwareAddr.String())
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no network interface with MAC %s after %s (found %s; is virtio_net in the initrd?)", mac, d, strings.Join(seen, ", "))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// writeResolvConf writes root/etc/resolv.conf with the given name servers,
+// replacing a symlink (systemd-resolved's stub, say) by a plain file.
+func writeResolvConf(root string, dns []string) error {
+	if len(dns) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	b.WriteString("# written by banger-agent at boot\n")
+	for _, s := range dns {
+		if net.ParseIP(s) == nil {
+			return fmt.Errorf("bad DNS server address %q", s)
+		}
+		fmt.Fprintf(&b, "nameserver %s\n", s)
+	}
+	return replaceFile(filepath.Join(root, "etc", "resolv.conf"), []byte(b.String()), 0o644)
+}
+
+// writeHostname writes root/etc/hostname and makes root/etc/hosts resolve
+// the name, keeping the image's other entries.
+func writeHostname(root, name string) error {
+	if name == "" {
+		return nil
+	}
+	if err := replaceFile(filepath.Join(root, "etc", "hostname"), []byte(name+"\n"), 0o644); err != nil {
+		return err
+	}
+	hostsPath := filepath.Join(root, "etc", "hosts")
+	old, err := os.ReadFile(hostsPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return replaceFile(hostsPath, []byte(hostsWithName(string(old), name)), 0o644)
+}
+
+// hostsWithName returns an /etc/hosts content that maps name to 127.0.1.1
+// (the Debian convention), keeping every other line.
+func hostsWithName(old, name string) string {
+	var out []string
+	if strings.TrimSpace(old) == "" {
+		out = []string{"127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"}
+	} else {
+		for _, l := range strings.Split(strings.TrimRight(old, "\n"), "\n") {
+			f := strings.Fields(l)
+			if len(f) > 0 && f[0] == "127.0.1.1" {
+				continue // previous hostname entry
+			}
+			out = append(out, l)
+		}
+	}
+	out = append(out, "127.0.1.1\t"+name)
+	return strings.Join(out, "\n") + "\n"
+}
+
+// replaceFile writes data to p atomically, replacing whatever is there
+// (a file or a symlink), creating the directory if needed.
+func replaceFile(p string, data []byte, mode os.FileMode) error {
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	tmp := p + ".banger-tmp"
+	if err := os.WriteFile(tmp, data, mode); err != nil {
+		return err
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,148 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/channel"
+	"github.com/bangerdev/banger/internal/agent/reaper"
+	"github.com/bangerdev/banger/internal/agent/sshd"
+)
+
+// channelWait bounds the wait for the host channel device to appear.
+const channelWait = 30 * time.Second
+
+// SSHConfig turns a boot configuration into the SSH server's configuration.
+func SSHConfig(cfg *bootcfg.Config) (sshd.Config, error) {
+	signer, err := ssh.ParsePrivateKey([]byte(cfg.HostKey))
+	if err != nil {
+		return sshd.Config{}, fmt.Errorf("boot config host key: %w", err)
+	}
+	keys, err := sshd.ParseAuthorizedKeys(cfg.AuthorizedKeys)
+	if err != nil {
+		return sshd.Config{}, fmt.Errorf("boot config: %w", err)
+	}
+	return sshd.Config{
+		HostKey:        signer,
+		AuthorizedKeys: keys,
+		Env:            cfg.Env,
+		WorkDir:        cfg.WorkDir,
+		DefaultUser:    cfg.User,
+	}, nil
+}
+
+// serve runs the SSH server on the host channel until ctx is done. It
+// returns an error only when the channel cannot be set up at all.
+func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdown func(), log *slog.Logger) error {
+	sc, err := SSHConfig(cfg)
+	if err != nil {
+		return err
+	}
+	sc.Reaper = r
+	sc.OnShutdown = onShutdown
+	sc.Logger = log
+	srv, err := sshd.New(sc)
+	if err != nil {
+		return err
+	}
+	for ctx.Err() == nil {
+		l, err := listen(ctx, cfg.Channel, log)
+		if err != nil {
+			return err
+		}
+		err = srv.Serve(ctx, l)
+		l.Close()
+		if ctx.Err() != nil {
+			return nil
+		}
+		log.Warn("serving the host failed; listening again", "err", err)
+		t := time.NewTimer(time.Second)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// listen opens the host channel named by the boot config, waiting (bounded)
+// for its device to appear.
+func listen(ctx context.Context, ch bootcfg.Channel, log *slog.Logger) (net.Listener, error) {
+	deadline := time.Now().Add(channelWait)
+	switch ch.Kind {
+	case "vsock":
+		port := ch.Port
+		if port == 0 {
+			port = api.DefaultVsockPort
+		}
+		for {
+			l, err := channel.ListenVsock(port)
+			if err == nil {
+				log.Info("serving the host", "channel", "vsock", "port", port)
+				return l, nil
+			}
+			if time.Now().After(deadline) {
+				return nil, err
+			}
+			if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
+				return nil, err
+			}
+		}
+	case "serial", "":
+		name := ch.Name
+		if name == "" {
+			name = api.DefaultSerialName
+		}
+		for {
+			dev, err := channel.FindSerialPort("/sys", "/dev", name)
+			if err == nil {
+				f, err := os.OpenFile(dev, os.O_RDWR, 0)
+				if err != nil {
+					return nil, fmt.Errorf("open the host channel %s: %w", dev, err)
+				}
+				log.Info("serving the host", "channel", "virtio-serial", "device", dev, "name", name)
+				return &fileListener{SerialListener: channel.ListenSerial(f, log), f: f}, nil
+			}
+			if !errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+				return nil, fmt.Errorf("%w (is virtio_console in the initrd and the VMM's virtserialport named %q?)", err, name)
+			}
+			if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return nil, fmt.Errorf("unknown host channel kind %q in the boot config", ch.Kind)
+}
+
+// fileListener closes the port device with the listener.
+type fileListener struct {
+	*channel.SerialListener
+	f *os.File
+}
+
+func (l *fileListener) Close() error {
+	err := l.SerialListener.Close()
+	l.f.Close()
+	return err
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
