@@ -150,6 +150,14 @@ func (d *Daemon) importKernel(ctx context.Context, p KernelImportParams) (_ *sto
 			if err := kernel.ValidatePackageName(p.Package); err != nil {
 				return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
 			}
+			// A meta package (linux-image-cloud-amd64) names the current kernel.
+			if rest := strings.TrimPrefix(p.Package, "linux-image-"); rest != "" && (rest[0] < '0' || rest[0] > '9') {
+				name, err := kernel.ResolveKernelPackage(ctx, p.Package)
+				if err != nil {
+					return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
+				}
+				p.Package = name
+			}
 			cache := filepath.Join(d.cfg.Layout.CacheDir(), "debs")
 			os.MkdirAll(cache, 0o700)
 			err := op.Step("download "+p.Package, func() (err error) {
