@@ -99,7 +99,7 @@ var ErrNoConfig = errors.New("not a banger boot config device")
 func Decode(r io.Reader) (*Config, error) {
 	head := make([]byte, 64)
 	n, err := io.ReadFull(r, head)
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	head = head[:n]

@@ -1,0 +1,234 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+)
+
+// extImage returns a fake ext superblock with the given label.
+func extImage(label string) []byte {
+	b := make([]byte, 8192)
+	binary.LittleEndian.PutUint16(b[extSuperblockOffset+extMagicOffset:], extMagic)
+	copy(b[extSuperblockOffset+extLabelOffset:], label)
+	return b
+}
+
+func TestClassifyDisk(t *testing.T) {
+	cfg, err := bootcfg.Encode(&bootcfg.Config{Version: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name  string
+		data  []byte
+		kind  DiskKind
+		label string
+	}{
+		{"boot config", cfg, DiskConfig, ""},
+		{"writable", extImage(bootcfg.RWLabel), DiskRW, bootcfg.RWLabel},
+		{"root with label", extImage("debian-root"), DiskRoot, "debian-root"},
+		{"root without label", extImage(""), DiskRoot, ""},
+		{"label that only starts like banger-rw", extImage("banger-rw2"), DiskRoot, "banger-rw2"},
+		{"zeros", make([]byte, 8192), DiskUnknown, ""},
+		{"short", []byte("hi"), DiskUnknown, ""},
+		{"empty", nil, DiskUnknown, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			kind, label, err := ClassifyDisk(bytes.NewReader(tt.data))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if kind != tt.kind || label != tt.label {
+				t.Fatalf("got %v %q, want %v %q", kind, label, tt.kind, tt.label)
+			}
+		})
+	}
+}
+
+// TestClassifyRealExt4 checks the superblock reading against mkfs.ext4.
+func TestClassifyRealExt4(t *testing.T) {
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		t.Skipf("mkfs.ext4 not installed: %v", err)
+	}
+	dir := t.TempDir()
+	for _, label := range []string{bootcfg.RWLabel, "image"} {
+		p := filepath.Join(dir, label+".ext4")
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		out, err := exec.CommandContext(ctx, mkfs, "-q", "-F", "-L", label, p, "8M").CombinedOutput()
+		cancel()
+		if err != nil {
+			t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kind, got, err := ClassifyDisk(f)
+		f.Close()
+		want := DiskRoot
+		if label == bootcfg.RWLabel {
+			want = DiskRW
+		}
+		if err != nil || kind != want || got != label {
+			t.Fatalf("%s: got %v %q %v", label, kind, got, err)
+		}
+	}
+}
+
+func FuzzClassifyDisk(f *testing.F) {
+	cfg, _ := bootcfg.Encode(&bootcfg.Config{Version: 1})
+	f.Add(cfg[:100])
+	f.Add(extImage("x")[:2048])
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		kind, label, err := ClassifyDisk(bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if kind != DiskRW && kind != DiskRoot && label != "" {
+			t.Fatalf("label %q on a %v disk", label, kind)
+		}
+	})
+}
+
+func TestScanDisks(t *testing.T) {
+	sys := t.TempDir()
+	dev := t.TempDir()
+	cfg, _ := bootcfg.Encode(&bootcfg.Config{Version: 1})
+	disks := map[string][]byte{
+		"vda":   extImage("image"),
+		"vdb":   extImage(bootcfg.RWLabel),
+		"vdc":   cfg,
+		"vdd":   extImage("second-image"),
+		"loop0": extImage("loop"),
+	}
+	for name, data := range disks {
+		if err := os.Mkdir(filepath.Join(sys, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dev, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A device listed in sysfs whose node is not there yet.
+	if err := os.Mkdir(filepath.Join(sys, "vde"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d, err := ScanDisks(sys, dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.complete() {
+		t.Fatalf("incomplete scan: %s", d)
+	}
+	if d.Root.Name != "vda" || d.RW.Name != "vdb" || d.Config.Name != "vdc" {
+		t.Fatalf("root %s rw %s config %s", d.Root.Name, d.RW.Name, d.Config.Name)
+	}
+	if len(d.All) != 4 {
+		t.Fatalf("scanned %d disks, want 4 (loop ignored, missing node skipped): %s", len(d.All), d)
+	}
+	if !strings.Contains(d.String(), "vdd=image root(second-image)") {
+		t.Fatalf("summary %q", d.String())
+	}
+}
+
+func TestParseModulesLoad(t *testing.T) {
+	got, err := ParseModulesLoad(strings.NewReader("# comment\nkernel/drivers/virtio/virtio.ko\n\n  kernel/fs/overlayfs/overlay.ko  \nkernel/x/y.ko.xz\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"kernel/drivers/virtio/virtio.ko", "kernel/fs/overlayfs/overlay.ko", "kernel/x/y.ko.xz"}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %q", got)
+	}
+	for _, bad := range []string{"/abs/x.ko\n", "../x.ko\n", "kernel/../../x.ko\n", "kernel/notamodule.txt\n"} {
+		if _, err := ParseModulesLoad(strings.NewReader(bad)); err == nil {
+			t.Errorf("ParseModulesLoad(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestHostsWithName(t *testing.T) {
+	tests := []struct{ old, want string }{
+		{"", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tvm1\n"},
+		{"127.0.0.1 localhost\n127.0.1.1 old\n10.0.0.1 db\n", "127.0.0.1 localhost\n10.0.0.1 db\n127.0.1.1\tvm1\n"},
+	}
+	for _, tt := range tests {
+		if got := hostsWithName(tt.old, "vm1"); got != tt.want {
+			t.Errorf("hostsWithName(%q) = %q, want %q", tt.old, got, tt.want)
+		}
+	}
+}
+
+func TestWriteResolvConfAndHostname(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// systemd-resolved style dangling symlink.
+	if err := os.Symlink("../run/systemd/resolve/stub-resolv.conf", filepath.Join(root, "etc", "resolv.conf")); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeResolvConf(root, []string{"10.0.0.1", "2001:db8::1"}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "etc", "resolv.conf"))
+	if err != nil || !strings.Contains(string(b), "nameserver 10.0.0.1\nnameserver 2001:db8::1\n") {
+		t.Fatalf("resolv.conf %q %v", b, err)
+	}
+	if fi, _ := os.Lstat(filepath.Join(root, "etc", "resolv.conf")); fi.Mode()&os.ModeSymlink != 0 {
+		t.Fatal("resolv.conf is still a symlink")
+	}
+	if err := writeResolvConf(root, []string{"not-an-ip"}); err == nil {
+		t.Fatal("bad DNS address accepted")
+	}
+	if err := writeHostname(root, "vm7"); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc", "hostname")); string(b) != "vm7\n" {
+		t.Fatalf("hostname file %q", b)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc", "hosts")); !strings.Contains(string(b), "127.0.1.1\tvm7") {
+		t.Fatalf("hosts file %q", b)
+	}
+}
+
+func TestDebugRequested(t *testing.T) {
+	for in, want := range map[string]bool{
+		"console=ttyS0 banger.debug":  true,
+		"banger.debug=1 quiet":        true,
+		"banger.debug=0":              false,
+		"console=ttyS0 xbanger.debug": false,
+		"":                            false,
+	} {
+		if got := debugRequested(in); got != want {
+			t.Errorf("debugRequested(%q) = %v", in, got)
+		}
+	}
+}
+
+func TestSSHConfigFromBoot(t *testing.T) {
+	if _, err := SSHConfig(&bootcfg.Config{HostKey: "garbage"}); err == nil {
+		t.Fatal("garbage host key accepted")
+	}
+}
+
+func TestPrefixLogger(t *testing.T) {
+	var b bytes.Buffer
+	newLogger(&b, nil).Info("hello", "k", "v")
+	if got := b.String(); got != "banger-agent: level=INFO msg=hello k=v\n" {
+		t.Fatalf("log line %q", got)
+	}
+}
