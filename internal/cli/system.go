@@ -3,6 +3,8 @@ package cli
 import (
 	"fmt"
 
+	"github.com/bangerdev/banger/internal/daemon"
+
 	"github.com/spf13/cobra"
 )
 
@@ -13,7 +15,36 @@ func (a *App) systemCommands() []*cobra.Command {
 // addServiceCommands adds top-level commands of the other services.
 func (a *App) addServiceCommands(root *cobra.Command) {
 	root.AddCommand(a.guestCommands()...)
-	root.AddCommand(a.kernelCommand(), a.imageCommand(), a.runCommand())
+	root.AddCommand(a.kernelCommand(), a.imageCommand(), a.runCommand(), a.doctorCommand())
 }
 
-var _ = fmt.Sprint
+func (a *App) doctorCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "doctor",
+		Short: "Check this host can run VMs, and say which VMM banger uses and why",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var res daemon.DoctorResult
+			if err := a.call(cmd.Context(), "system.doctor", nil, &res); err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(res)
+			}
+			fmt.Fprintf(a.Stdout, "VMM: %s (%s)\n", res.Driver, res.DriverReason)
+			bad := 0
+			for _, c := range res.Checks {
+				mark := "ok  "
+				if !c.OK {
+					mark = "FAIL"
+					bad++
+				}
+				fmt.Fprintf(a.Stdout, "%s %-14s %s\n", mark, c.Name, c.Detail)
+			}
+			if bad > 0 {
+				return &ExitError{Code: 1}
+			}
+			return nil
+		},
+	}
+}

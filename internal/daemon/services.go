@@ -53,6 +53,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 func (d *Daemon) registerServiceAPI() {
 	d.vms.register(d.mux)
 	d.registerArtifactAPI()
+	d.registerDoctor()
 }
 
 func (s *vmService) driver(name string) (vmm.Driver, error) {

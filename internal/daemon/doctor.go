@@ -1,0 +1,94 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"strings"
+
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/vmm/qemu"
+)
+
+// Check is one line of system.doctor.
+type Check struct {
+	Name   string `json:"name"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail"`
+}
+
+// DoctorResult is system.doctor's result.
+type DoctorResult struct {
+	Driver       string  `json:"driver"`
+	DriverReason string  `json:"driver_reason"`
+	Checks       []Check `json:"checks"`
+}
+
+func (d *Daemon) registerDoctor() {
+	rpc.Handle(d.mux, "system.doctor", d.doctor)
+}
+
+func (d *Daemon) doctor(ctx context.Context, _ struct{}) (DoctorResult, error) {
+	s := d.vms
+	res := DoctorResult{Driver: s.defDrv}
+	switch cfg := d.fileCfg.VMM; {
+	case cfg != "" && cfg != "auto":
+		res.DriverReason = fmt.Sprintf("configured (vmm=%s)", cfg)
+	case s.defDrv == "firecracker":
+		res.DriverReason = "firecracker was found on PATH"
+	default:
+		res.DriverReason = "firecracker is not on PATH, so banger uses qemu"
+	}
+	add := func(name string, err error, detail string) {
+		c := Check{Name: name, OK: err == nil, Detail: detail}
+		if err != nil {
+			c.Detail = err.Error()
+		}
+		res.Checks = append(res.Checks, c)
+	}
+	for _, name := range []string{"firecracker", "qemu"} {
+		drv := s.drivers[name]
+		err := drv.Preflight(ctx)
+		detail := "usable"
+		if q, ok := drv.(*qemu.Driver); ok {
+			detail = strings.Join(q.Describe(ctx).Lines(), "; ")
+		}
+		if err != nil && name != s.defDrv {
+			// Not the driver in use: report, do not fail.
+			detail, err = "not usable here (banger uses "+s.defDrv+"): "+err.Error(), nil
+		}
+		add("vmm "+name, err, detail)
+	}
+	_, err := agentPath()
+	add("banger-agent", err, "found")
+	for _, tool := range []string{"mkfs.ext4", "resize2fs", "e2fsck"} {
+		p, err := exec.LookPath(tool)
+		if err != nil {
+			err = fmt.Errorf("%s not found: install e2fsprogs", tool)
+		}
+		add(tool, err, p)
+	}
+	if d.fileCfg.Network.Mode == "none" {
+		add("network", nil, "disabled in config (network.mode none)")
+	} else if pr, err := s.net.client.Ping(ctx); err != nil {
+		if d.fileCfg.Network.Mode == "helper" {
+			add("network", err, "")
+		} else {
+			add("network", nil, "banger-helper not reachable, VMs start without a network: "+err.Error())
+		}
+	} else {
+		add("network", nil, fmt.Sprintf("banger-helper answers (bridge %s)", pr.Bridge))
+	}
+	ks, _ := d.store.ListKernels(ctx)
+	ims, _ := d.store.ListImages(ctx)
+	var kerr, ierr error
+	if len(ks) == 0 {
+		kerr = fmt.Errorf("no kernels: banger kernel import --package linux-image-cloud-amd64")
+	}
+	if len(ims) == 0 {
+		ierr = fmt.Errorf("no images: banger image import ROOTFS.ext4")
+	}
+	add("kernels", kerr, fmt.Sprintf("%d", len(ks)))
+	add("images", ierr, fmt.Sprintf("%d", len(ims)))
+	return res, nil
+}
