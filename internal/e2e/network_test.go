@@ -1,0 +1,504 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/bangerdev/banger/internal/hostnet"
+	"github.com/bangerdev/banger/internal/hostnet/nettest"
+	"github.com/bangerdev/banger/internal/testenv"
+)
+
+var (
+	helperBuildOnce sync.Once
+	helperBin       string
+	helperBuildErr  error
+)
+
+// helperBinary builds banger-helper next to the other test binaries.
+func helperBinary(t *testing.T) string {
+	t.Helper()
+	dir := bins(t)
+	helperBuildOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./cmd/banger-helper")
+		cmd.Dir = repoRoot(t)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Run(); err != nil {
+			helperBuildErr = &buildError{err, out.String()}
+			return
+		}
+		helperBin = filepath.Join(dir, "banger-helper")
+	})
+	if helperBuildErr != nil {
+		t.Fatalf("build banger-helper: %v", helperBuildErr)
+	}
+	return helperBin
+}
+
+// netRig is a BANGER_HOME whose bangerd and banger-helper run inside a
+// nettest host namespace.
+type netRig struct {
+	env     *nettest.Env
+	home    string
+	sock    string // the helper's socket
+	daemon  *daemonProc
+	helper  *daemonProc
+	helperC *hostnet.Client
+}
+
+// startInNS starts a long-running binary inside the host namespace, with its
+// stderr collected; it is stopped (SIGINT, then SIGKILL) at test end.
+func startInNS(t *testing.T, e *nettest.Env, what string, env []string, name string, args ...string) *daemonProc {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	p := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.logs, p.logs
+	if err := e.Start(cmd); err != nil {
+		t.Fatalf("start %s in namespace %s: %v", what, e.Name, err)
+	}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { p.stop(t) })
+	return p
+}
+
+func waitSocket(t *testing.T, p *daemonProc, what, sock string) {
+	t.Helper()
+	waitFor(t, 15*time.Second, what+" socket", func() bool {
+		select {
+		case <-p.done:
+			t.Fatalf("%s exited early: %s", what, p.logs.String())
+		default:
+		}
+		_, err := os.Stat(sock)
+		return err == nil
+	})
+}
+
+// homeProcs returns the PIDs of processes (other than this one) whose
+// command line mentions the home directory: the VMMs bangerd started.
+func homeProcs(h string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(b, []byte(h+"/")) {
+			continue
+		}
+		if strings.Contains(string(b), "qemu") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func newNetRig(t *testing.T) *netRig {
+	t.Helper()
+	nettest.Require(t)
+	testenv.RequireQEMU(t)
+	if _, err := os.Stat(filepath.Join(repoRoot(t), "cmd", "banger-agent", "main.go")); err != nil {
+		t.Fatalf("cmd/banger-agent is missing: %v", err)
+	}
+	deb := testenv.KernelPackage(t)
+	rootfs := testenv.BusyboxRootfs(t, 64)
+	helper := helperBinary(t)
+	bin := bins(t)
+
+	e := nettest.New(t)
+	h := home(t)
+	r := &netRig{env: e, home: h, sock: filepath.Join(h, "helper.sock")}
+	r.helperC = &hostnet.Client{Socket: r.sock}
+	r.helper = startInNS(t, e, "banger-helper", nil, helper, "--socket", r.sock, "--debug")
+	waitSocket(t, r.helper, "banger-helper", r.sock)
+	// The CLI (run outside the namespace) finds the helper too.
+	t.Setenv(hostnet.SocketEnv, r.sock)
+	r.daemon = startInNS(t, e, "bangerd", []string{"BANGER_HOME=" + h, "BANGER_VMM=qemu", hostnet.SocketEnv + "=" + r.sock},
+		filepath.Join(bin, "bangerd"), "--debug")
+	waitSocket(t, r.daemon, "bangerd", filepath.Join(h, "run", "bangerd.sock"))
+	// Runs first at test end: no VMM of this home may outlive the test.
+	t.Cleanup(func() {
+		for _, pid := range homeProcs(h) {
+			t.Logf("killing leftover VMM %d", pid)
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+	mustBanger(t, h, "kernel", "import", "--deb", deb, "--name", "debian")
+	mustBanger(t, h, "image", "import", rootfs, "--name", "busybox")
+	return r
+}
+
+// createStatus mirrors daemon.CreateStatus.
+type createStatus struct {
+	OpID   string `json:"op_id"`
+	Name   string `json:"name"`
+	Done   bool   `json:"done"`
+	Error  string `json:"error"`
+	Stages []struct {
+		Name       string  `json:"name"`
+		DurationMS float64 `json:"duration_ms"`
+		Error      string  `json:"error"`
+	} `json:"stages"`
+}
+
+func (c createStatus) stageMS(name string) float64 {
+	for _, s := range c.Stages {
+		if s.Name == name {
+			return s.DurationMS
+		}
+	}
+	return -1
+}
+
+// beginCreate starts a create with --no-wait and returns its op id.
+func (r *netRig) beginCreate(t *testing.T, name string) string {
+	t.Helper()
+	out := mustBanger(t, r.home, "vm", "create", name, "--memory", "256M", "--disk", "256M", "--no-wait", "-o", "json")
+	var st createStatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil || st.OpID == "" {
+		t.Fatalf("vm create --no-wait -o json: no op_id (%v): %q", err, out)
+	}
+	return st.OpID
+}
+
+// waitCreate follows a create to its end (bounded) and fails on error.
+func (r *netRig) waitCreate(t *testing.T, opID string) createStatus {
+	t.Helper()
+	sock := filepath.Join(r.home, "run", "bangerd.sock")
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		req := fmt.Sprintf(`{"version":1,"method":"vm.create.status","params":{"op_id":%q,"wait":true}}`, opID)
+		resp := rawCall(t, sock, req)[0]
+		if resp["error"] != nil {
+			t.Fatalf("vm.create.status %s: %v", opID, resp["error"])
+		}
+		b, _ := json.Marshal(resp["result"])
+		var st createStatus
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Fatalf("vm.create.status: %v: %s", err, b)
+		}
+		if st.Done {
+			if st.Error != "" {
+				t.Fatalf("create %s (%s) failed: %s\nbangerd log:\n%s\nhelper log:\n%s", st.Name, opID, st.Error, r.daemon.logs.String(), r.helper.logs.String())
+			}
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("create %s (%s) not done after 2m: %+v", st.Name, opID, st)
+		}
+	}
+}
+
+type helperRecord struct {
+	Msg        string  `json:"msg"`
+	Method     string  `json:"method"`
+	OpID       string  `json:"op_id"`
+	DurationMS float64 `json:"duration_ms"`
+}
+
+// helperCalls returns the helper's per-call records for an operation.
+func (r *netRig) helperCalls(opID string) []helperRecord {
+	var recs []helperRecord
+	sc := bufio.NewScanner(strings.NewReader(r.helper.logs.String()))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var rec helperRecord
+		if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.OpID == opID && strings.HasPrefix(rec.Msg, "helper rpc ") {
+			recs = append(recs, rec)
+		}
+	}
+	return recs
+}
+
+// guestExec runs a command in a guest; it returns combined output and the
+// exit status.
+func (r *netRig) guestExec(t *testing.T, vm string, script string) (string, int) {
+	t.Helper()
+	out, errOut, code := banger(t, r.home, "exec", vm, "--", "sh", "-c", script)
+	return out + errOut, code
+}
+
+// dialIn connects from inside the host namespace and returns the first line
+// the peer sends.
+func dialIn(e *nettest.Env, addr string, timeout time.Duration) (string, error) {
+	var line string
+	err := e.Do(func() error {
+		c, err := net.DialTimeout("tcp4", addr, timeout)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(timeout))
+		line, err = bufio.NewReader(c).ReadString('\n')
+		return err
+	})
+	return strings.TrimSpace(line), err
+}
+
+// listenIn starts a TCP listener inside the host namespace that greets every
+// connection and records that it was reached; closed at test end.
+func listenIn(t *testing.T, e *nettest.Env, addr string) (net.Listener, func() int) {
+	t.Helper()
+	var ln net.Listener
+	if err := e.Do(func() (err error) { ln, err = net.Listen("tcp4", addr); return err }); err != nil {
+		t.Fatalf("listen in host namespace on %s: %v", addr, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var mu sync.Mutex
+	hits := 0
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			hits++
+			mu.Unlock()
+			io.WriteString(c, "host-service\n")
+			c.Close()
+		}
+	}()
+	return ln, func() int { mu.Lock(); defer mu.Unlock(); return hits }
+}
+
+// bgtLinks lists banger's taps in the host namespace.
+func bgtLinks(t *testing.T, e *nettest.Env) []string {
+	t.Helper()
+	nh, err := netlink.NewHandleAt(e.Host)
+	if err != nil {
+		t.Fatalf("netlink handle in %s: %v", e.Name, err)
+	}
+	defer nh.Close()
+	links, err := nh.LinkList()
+	if err != nil {
+		t.Fatalf("list links in %s: %v", e.Name, err)
+	}
+	var out []string
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, hostnet.DefaultTapPrefix) {
+			out = append(out, l.Attrs().Name)
+		}
+	}
+	return out
+}
+
+func bridgeGateway(t *testing.T, e *nettest.Env) netip.Addr {
+	t.Helper()
+	nh, err := netlink.NewHandleAt(e.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nh.Close()
+	br, err := nh.LinkByName(hostnet.DefaultBridge)
+	if err != nil {
+		t.Fatalf("bridge %s in %s: %v", hostnet.DefaultBridge, e.Name, err)
+	}
+	addrs, err := nh.AddrList(br, netlink.FAMILY_V4)
+	if err != nil || len(addrs) == 0 {
+		t.Fatalf("bridge %s has no IPv4 address: %v", hostnet.DefaultBridge, err)
+	}
+	a, _ := netip.AddrFromSlice(addrs[0].IP.To4())
+	return a
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// TestNetworkRealGuest is issue 4's acceptance: real guests under QEMU get
+// an address on banger's bridge through banger-helper, are reachable from
+// the host, reach the outside through NAT, cannot reach each other or the
+// host's services, and leave nothing behind when deleted.
+func TestNetworkRealGuest(t *testing.T) {
+	testStart := time.Now()
+	r := newNetRig(t)
+	e, h := r.env, r.home
+	var helperMS, prepareMS []float64
+	record := func(opID string, st createStatus) {
+		var sum float64
+		for _, c := range r.helperCalls(opID) {
+			sum += c.DurationMS
+		}
+		helperMS = append(helperMS, sum)
+		prepareMS = append(prepareMS, st.stageMS("prepare host"))
+	}
+
+	// Two VMs, booted side by side.
+	opA, opB := r.beginCreate(t, "neta"), r.beginCreate(t, "netb")
+	stA, stB := r.waitCreate(t, opA), r.waitCreate(t, opB)
+	record(opA, stA)
+	record(opB, stB)
+	t.Logf("two VMs created and running %v after the test began", time.Since(testStart).Round(time.Millisecond))
+
+	// The op id of vm.create.begin is on bangerd's and the helper's log
+	// lines for that create.
+	for _, op := range []string{opA, opB} {
+		if !strings.Contains(r.daemon.logs.String(), `"op_id":"`+op+`"`) {
+			t.Errorf("bangerd's log has no record with op_id %s", op)
+		}
+		var methods []string
+		for _, c := range r.helperCalls(op) {
+			methods = append(methods, c.Method)
+		}
+		if !slices.Contains(methods, hostnet.MethodCreateTap) {
+			t.Errorf("helper log for op %s has calls %v, want %s among them\nhelper log:\n%s", op, methods, hostnet.MethodCreateTap, r.helper.logs.String())
+		}
+	}
+
+	// Each VM has an address, and the guest sees it on its interface.
+	ips := map[string]netip.Addr{}
+	for _, n := range []string{"neta", "netb"} {
+		var v struct {
+			IP, Tap string
+		}
+		out := mustBanger(t, h, "vm", "show", n, "-o", "json")
+		if err := json.Unmarshal([]byte(out), &v); err != nil {
+			t.Fatalf("vm show %s: %v", n, err)
+		}
+		ip, err := netip.ParseAddr(v.IP)
+		if err != nil {
+			t.Fatalf("vm %s has no IP in vm show: %q", n, out)
+		}
+		ips[n] = ip
+		if got, code := r.guestExec(t, n, "ip -4 addr show"); code != 0 || !strings.Contains(got, " "+ip.String()+"/") {
+			t.Fatalf("guest %s: `ip -4 addr` (exit %d) does not show %s:\n%s", n, code, ip, got)
+		}
+	}
+	if ips["neta"] == ips["netb"] {
+		t.Fatalf("both VMs got %s", ips["neta"])
+	}
+	gw := bridgeGateway(t, e)
+	t.Logf("addresses: neta %s, netb %s, gateway %s", ips["neta"], ips["netb"], gw)
+
+	// A listener in each guest; the host namespace reaches both.
+	for _, n := range []string{"neta", "netb"} {
+		if out, code := r.guestExec(t, n, "setsid busybox nc -ll -p 8080 -e echo hi-"+n+" </dev/null >/dev/null 2>&1 &"); code != 0 {
+			t.Fatalf("start listener in %s: exit %d: %s", n, code, out)
+		}
+	}
+	for _, n := range []string{"neta", "netb"} {
+		addr := netip.AddrPortFrom(ips[n], 8080).String()
+		var got string
+		var err error
+		waitFor(t, 15*time.Second, "host to reach the listener in "+n, func() bool {
+			got, err = dialIn(e, addr, 3*time.Second)
+			return err == nil && got == "hi-"+n
+		})
+		t.Logf("host → %s (%s): %q", n, addr, got)
+	}
+
+	// The guest reaches the outside through NAT; the outside sees the uplink.
+	internet := netip.AddrPortFrom(e.InternetAddr, uint16(e.InternetPort))
+	ncTo := func(ap string) string {
+		host, port, _ := net.SplitHostPort(ap)
+		return fmt.Sprintf("timeout 3 busybox nc %s %s </dev/null", host, port)
+	}
+	for _, n := range []string{"neta", "netb"} {
+		got, code := r.guestExec(t, n, ncTo(internet.String()))
+		if code != 0 || strings.TrimSpace(got) != "hello "+e.HostAddr.Addr().String() {
+			t.Fatalf("guest %s → outside %s: exit %d, %q; want \"hello %s\" (NAT to the uplink address)", n, internet, code, got, e.HostAddr.Addr())
+		}
+	}
+	for _, p := range e.Peers() {
+		if p != e.HostAddr.Addr() {
+			t.Errorf("the outside saw a connection from %s, want only the uplink address %s", p, e.HostAddr.Addr())
+		}
+	}
+	if len(e.Peers()) < 2 {
+		t.Errorf("the outside saw %d connections, want 2", len(e.Peers()))
+	}
+
+	// Guest to guest is blocked (positive controls: the host reaches netb's
+	// listener above and neta reaches the outside with the same command).
+	for _, p := range [][2]string{{"neta", "netb"}, {"netb", "neta"}} {
+		got, code := r.guestExec(t, p[0], ncTo(netip.AddrPortFrom(ips[p[1]], 8080).String()))
+		if code == 0 || strings.Contains(got, "hi-") {
+			t.Errorf("guest %s reached the listener in %s: exit %d, %q", p[0], p[1], code, got)
+		}
+		if got, err := dialIn(e, netip.AddrPortFrom(ips[p[1]], 8080).String(), 3*time.Second); err != nil || got != "hi-"+p[1] {
+			t.Errorf("control: host no longer reaches %s's listener: %q, %v", p[1], got, err)
+		}
+	}
+
+	// A guest cannot reach a service on the host's bridge address (control:
+	// the host itself reaches it there).
+	ln, hits := listenIn(t, e, "0.0.0.0:0")
+	svc := netip.AddrPortFrom(gw, uint16(ln.Addr().(*net.TCPAddr).Port)).String()
+	if got, err := dialIn(e, svc, 3*time.Second); err != nil || got != "host-service" {
+		t.Fatalf("control: host cannot reach its own service on %s: %q, %v", svc, got, err)
+	}
+	before := hits()
+	got, code := r.guestExec(t, "neta", ncTo(svc))
+	if code == 0 || strings.Contains(got, "host-service") || hits() != before {
+		t.Errorf("guest neta reached the host service on %s: exit %d, %q", svc, code, got)
+	}
+
+	// Delete both, then five create/delete cycles of one VM.
+	for _, n := range []string{"neta", "netb"} {
+		mustBanger(t, h, "vm", "delete", n, "--force")
+	}
+	cycleStart := time.Now()
+	for i := range 5 {
+		op := r.beginCreate(t, "cyc")
+		st := r.waitCreate(t, op)
+		record(op, st)
+		mustBanger(t, h, "vm", "delete", "cyc", "--force")
+		_ = i
+	}
+	t.Logf("5 create/delete cycles in %v", time.Since(cycleStart).Round(time.Millisecond))
+
+	// Nothing is left: no taps in the namespace, none in the helper's list,
+	// no VMM of this home.
+	waitFor(t, 10*time.Second, "the VMMs of this home to be gone", func() bool { return len(homeProcs(h)) == 0 })
+	if l := bgtLinks(t, e); len(l) != 0 {
+		t.Errorf("taps left in %s: %v", e.Name, l)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	lr, err := r.helperC.List(ctx)
+	if err != nil {
+		t.Fatalf("helper net.list: %v", err)
+	}
+	if len(lr.Taps) != 0 {
+		t.Errorf("helper net.list still shows taps: %+v", lr.Taps)
+	}
+
+	t.Logf("helper time per create (sum of duration_ms of its calls with the create's op id): median %.2f ms over %d creates %v",
+		median(helperMS), len(helperMS), helperMS)
+	t.Logf("\"prepare host\" stage per create: median %.1f ms %v", median(prepareMS), prepareMS)
+	t.Logf("test body took %v", time.Since(testStart).Round(time.Millisecond))
+}
