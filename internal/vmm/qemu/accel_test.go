@@ -160,7 +160,8 @@ func TestInspectBinary(t *testing.T) {
 		script  string
 		wantErr string
 	}{
-		{"good", `case "$1" in -version) echo "QEMU emulator version 7.2.22";; *) echo "acpi=<OnOffAuto> isa-serial=<bool> rtc=<OnOffAuto> x-option-roms=<bool>";; esac`, ""},
+		{"good", `case "$1" in -version) echo "QEMU emulator version 7.2.22";; -sandbox) echo "Parameter 'enable' expects 'on' or 'off'" >&2; exit 1;; *) echo "acpi=<OnOffAuto> isa-serial=<bool> rtc=<OnOffAuto> x-option-roms=<bool>";; esac`, ""},
+		{"good without seccomp", `case "$1" in -version) echo "QEMU emulator version 7.2.22";; -sandbox) echo "-sandbox support is not enabled in this QEMU binary" >&2; exit 1;; *) echo "acpi=<OnOffAuto> isa-serial=<bool> rtc=<OnOffAuto> x-option-roms=<bool>";; esac`, ""},
 		{"old microvm", `case "$1" in -version) echo "QEMU emulator version 4.2.0";; *) echo "isa-serial=<bool> rtc=<OnOffAuto>";; esac`, "lacks acpi, x-option-roms"},
 		{"no microvm", `case "$1" in -version) echo "QEMU emulator version 7.2.22";; *) echo "unsupported machine type" >&2; exit 1;; esac`, "no microvm machine type"},
 		{"broken", `exit 3`, "cannot run qemu"},
@@ -173,6 +174,9 @@ func TestInspectBinary(t *testing.T) {
 			if tc.wantErr == "" {
 				if info.err != nil || !strings.HasPrefix(info.version, "QEMU emulator version") {
 					t.Fatalf("got %+v", info)
+				}
+				if want := tc.name == "good"; info.sandbox != want {
+					t.Errorf("sandbox = %v, want %v", info.sandbox, want)
 				}
 				return
 			}

@@ -253,7 +253,13 @@ func buildArgs(s launchSpec) ([]string, error) {
 		a = append(a,
 			"-device", "virtio-serial-device,id=vser0",
 			"-chardev", "socket,id=agent,path="+optValue(s.Channel.Path)+",server=on,wait=off",
-			"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+s.Channel.Name,
+			// The id matters: QEMU (7.2) stops reading the host socket while
+			// the guest has the port closed, and nothing wakes its main loop
+			// when the guest opens it, so bytes the host sent meanwhile can sit
+			// unread for as long as an idle guest gives no other event. With an
+			// id, the open raises a VSERPORT_CHANGE event whose rate-limit
+			// timer wakes the main loop, which then reads the socket.
+			"-device", "virtserialport,id=agent0,bus=vser0.0,chardev=agent,name="+s.Channel.Name,
 		)
 	default:
 		return nil, fmt.Errorf("internal error: guest channel kind %q", s.Channel.Kind)

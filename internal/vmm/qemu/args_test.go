@@ -67,7 +67,7 @@ func TestBuildArgs(t *testing.T) {
 					"virtio-blk-device,drive=rw,serial=rw",
 					"virtio-blk-device,drive=bootcfg,serial=bootcfg",
 					"virtio-serial-device,id=vser0",
-					"virtserialport,bus=vser0.0,chardev=agent,name=banger.agent",
+					"virtserialport,id=agent0,bus=vser0.0,chardev=agent,name=banger.agent",
 				},
 				"-chardev": {
 					"file,id=console,path=/vm/console.log",
@@ -130,7 +130,7 @@ func TestBuildArgs(t *testing.T) {
 			want: map[string][]string{"-device": {
 				"virtio-blk-device,drive=a_very_long_drive_identifier",
 				"virtio-serial-device,id=vser0",
-				"virtserialport,bus=vser0.0,chardev=agent,name=banger.agent",
+				"virtserialport,id=agent0,bus=vser0.0,chardev=agent,name=banger.agent",
 			}},
 		},
 		{
@@ -332,6 +332,7 @@ func TestExitStatus(t *testing.T) {
 		{"killed", -1, "killed", false, "", -1, "qemu was killed by signal: killed"},
 		{"failure", 1, "", false, "qemu-system-x86_64: -drive x: Could not open", 1, "qemu exited with status 1: qemu-system-x86_64: -drive x: Could not open"},
 		{"adopted", -1, "", true, "", -1, "its exit status is unknown"},
+		{"terminated", 0, "", false, "qemu-system-x86_64: terminating on signal 15 from pid 42 (bash)", 0, "qemu was stopped: qemu-system-x86_64: terminating on signal 15"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -334,20 +334,24 @@ func TestBootKillAndAdopt(t *testing.T) {
 			t.Errorf("serial channel: %+v", h.Channel)
 		}
 		waitConsole(t, inst, "agent port /dev/vport", 20*time.Second)
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "unix", h.Channel.Path)
-		if err != nil {
-			t.Fatalf("dial agent socket: %v", err)
+		// Twice: a restarted bangerd connects again to the same port.
+		for _, msg := range []string{"ping over virtio-serial\n", "again after a reconnect\n"} {
+			var d net.Dialer
+			c, err := d.DialContext(ctx, "unix", h.Channel.Path)
+			if err != nil {
+				t.Fatalf("dial agent socket: %v", err)
+			}
+			c.SetDeadline(time.Now().Add(15 * time.Second))
+			if _, err := c.Write([]byte(msg)); err != nil {
+				t.Fatal(err)
+			}
+			line, err := bufio.NewReader(c).ReadString('\n')
+			if err != nil || line != msg {
+				b, _ := os.ReadFile(h.ConsoleLog)
+				t.Fatalf("echo over the agent channel = %q, %v; console tail:\n%s", line, err, tail(b, 1500))
+			}
+			c.Close()
 		}
-		c.SetDeadline(time.Now().Add(15 * time.Second))
-		if _, err := c.Write([]byte("ping over virtio-serial\n")); err != nil {
-			t.Fatal(err)
-		}
-		line, err := bufio.NewReader(c).ReadString('\n')
-		if err != nil || line != "ping over virtio-serial\n" {
-			t.Fatalf("echo over the agent channel = %q, %v", line, err)
-		}
-		c.Close()
 	case vmm.ChannelVsock:
 		if h.Channel.CID != guestCID(cfg.VMID) || h.Channel.Port != cfg.GuestPort {
 			t.Errorf("vsock channel: %+v", h.Channel)

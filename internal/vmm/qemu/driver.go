@@ -58,7 +58,8 @@ type Options struct {
 	ProbeTimeout time.Duration
 	// StartTimeout bounds Start when ctx allows longer. Default DefaultStartTimeout.
 	StartTimeout time.Duration
-	// NoSandbox turns off QEMU's seccomp sandbox (-sandbox on,...).
+	// NoSandbox turns off QEMU's seccomp sandbox (-sandbox on,...: no exec, no
+	// privilege changes, no obsolete syscalls), used when QEMU has it.
 	NoSandbox bool
 	Logger    *slog.Logger
 }
@@ -84,6 +85,7 @@ type Driver struct {
 
 type binaryInfo struct {
 	version string
+	sandbox bool // built with seccomp (-sandbox)
 	err     error
 }
 
@@ -144,16 +146,16 @@ func (d *Driver) Capabilities() vmm.Capabilities {
 
 // binary resolves the QEMU executable and checks (once per path) that it has
 // the microvm machine with the options banger uses.
-func (d *Driver) binary(ctx context.Context) (string, string, error) {
+func (d *Driver) binary(ctx context.Context) (string, binaryInfo, error) {
 	path, err := exec.LookPath(d.opts.Binary)
 	if err != nil {
-		return "", "", fmt.Errorf("%s not found: %w; hint: install QEMU (Debian/Ubuntu: apt install qemu-system-x86) or set the qemu binary path", d.opts.Binary, err)
+		return "", binaryInfo{}, fmt.Errorf("%s not found: %w; hint: install QEMU (Debian/Ubuntu: apt install qemu-system-x86) or set the qemu binary path", d.opts.Binary, err)
 	}
 	d.binMu.Lock()
 	info, ok := d.binCache[path]
 	d.binMu.Unlock()
 	if ok {
-		return path, info.version, info.err
+		return path, info, info.err
 	}
 	info, transient := inspectBinary(ctx, path)
 	if !transient {
@@ -161,7 +163,7 @@ func (d *Driver) binary(ctx context.Context) (string, string, error) {
 		d.binCache[path] = info
 		d.binMu.Unlock()
 	}
-	return path, info.version, info.err
+	return path, info, info.err
 }
 
 // inspectBinary runs `qemu -version` and `qemu -machine microvm,help`.
@@ -196,7 +198,14 @@ func inspectBinary(ctx context.Context, path string) (info binaryInfo, transient
 	}
 	if len(missing) > 0 {
 		info.err = fmt.Errorf("%s: its microvm machine lacks %s; hint: install QEMU 7.2 or later", info.version, strings.Join(missing, ", "))
+		return info, false
 	}
+	// "-sandbox help" fails either way; a QEMU without seccomp says so.
+	out, _ = run("-sandbox", "help")
+	if ctx.Err() != nil {
+		return info, true
+	}
+	info.sandbox = !strings.Contains(out, "not enabled")
 	return info, false
 }
 
@@ -246,8 +255,8 @@ func (d *Driver) Describe(ctx context.Context) Report {
 		r.Channel = vmm.ChannelSerial
 		r.ChannelReason = deviceProblem(d.vsockPath, d.vsockErr, "kvm") + "; the agent is reached over a virtio-serial port instead (hint: modprobe vhost_vsock for vsock)"
 	}
-	bin, version, err := d.binary(ctx)
-	r.Binary, r.Version = bin, version
+	bin, info, err := d.binary(ctx)
+	r.Binary, r.Version = bin, info.version
 	if err != nil {
 		r.Err = err
 		return r
@@ -289,7 +298,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 			return nil, fmt.Errorf("disk %s: %w", dr.ID, err)
 		}
 	}
-	bin, _, err := d.binary(ctx)
+	bin, info, err := d.binary(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -322,7 +331,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	}
 	args, err := buildArgs(launchSpec{
 		Config: cfg, Accel: accel.Accel, TSCKHz: d.tscKHz, Channel: ch, Paths: paths,
-		Sandbox: !d.opts.NoSandbox,
+		Sandbox: info.sandbox && !d.opts.NoSandbox,
 	})
 	if err != nil {
 		return nil, err

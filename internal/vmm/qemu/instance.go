@@ -68,6 +68,9 @@ func exitStatus(code int, sig string, adopted bool, logTail string, at time.Time
 	case sig != "":
 		st.Code = -1
 		st.Reason = "qemu was killed by signal: " + sig
+	case code == 0 && strings.Contains(logTail, "terminating on signal"):
+		// QEMU exits 0 on SIGTERM/SIGINT/SIGHUP and says so on stderr.
+		st.Reason = "qemu was stopped: " + logTail
 	case code == 0:
 		st.Reason = "the guest powered off or rebooted"
 	case code > 0:
