@@ -29,11 +29,12 @@ func KernelPackage(t testing.TB) string {
 	return f.deb
 }
 
-// GuestKernel returns Debian's current cloud kernel, imported (uncompressed
-// vmlinux, modules, depmod) into the test cache. The first use on a machine
-// downloads the package with `apt-get download` (about 30 MB) and imports it
-// (a few seconds); later uses, from any process, reuse it. The test is
-// skipped only when apt is absent or the package cannot be fetched.
+// GuestKernel returns Debian's current cloud kernel, imported with
+// kernel.ImportDeb (uncompressed vmlinux, modules, depmod) into the test
+// cache. The first use on a machine downloads the package with `apt-get
+// download` (about 30 MB) and imports it (~8 s, ~75 s under -race); later uses,
+// from any process, reuse it until the package or internal/kernel changes. The
+// test is skipped only when apt is absent or the package cannot be fetched.
 func GuestKernel(t testing.TB) *kernel.Kernel {
 	t.Helper()
 	f := kernelMemo.get(t, loadGuestKernel(t))
@@ -69,14 +70,18 @@ func loadGuestKernelLocked(t testing.TB, s *step) kernelFixture {
 	pkg, err := kernel.ResolveKernelPackage(ctx, kernel.CloudKernelMetaPackage)
 	if err != nil {
 		// Offline, or no package lists: use the newest kernel already cached.
-		if f, ok := newestCachedKernel(debDir, kernDir); ok {
+		if f, ok := newestCachedKernel(debDir, kernDir, "-"+kernelSourceHash(t)[:12]); ok {
 			t.Logf("testenv: cannot ask apt for the current kernel (%v); using cached %s", err, f.pkg)
 			return f
 		}
 		s.Skipf("cannot find Debian's cloud kernel package: %v", err)
 	}
 
-	dir := filepath.Join(kernDir, pkg)
+	// The import is keyed by the importer's source too, so that a change to
+	// internal/kernel re-imports (and gets tested on the real package).
+	suffix := "-" + kernelSourceHash(t)[:12]
+	dir := filepath.Join(kernDir, pkg+suffix)
+	removeStaleImports(kernDir, pkg, suffix)
 	deb := cachedDeb(debDir, pkg)
 	if k, err := kernel.Load(dir); err == nil && deb != "" {
 		touch(dir)
@@ -120,8 +125,28 @@ func cachedDeb(debDir, pkg string) string {
 	return m[len(m)-1]
 }
 
-// newestCachedKernel returns the most recently used complete cache entry.
-func newestCachedKernel(debDir, kernDir string) (kernelFixture, bool) {
+// removeStaleImports deletes imports of pkg made by other versions of the
+// importer that have not been used for an hour (another checkout's tests may
+// still be using a recent one).
+func removeStaleImports(kernDir, pkg, suffix string) {
+	ents, err := os.ReadDir(kernDir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasPrefix(name, pkg+"-") || name == pkg+suffix || len(name) != len(pkg+suffix) {
+			continue
+		}
+		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > time.Hour {
+			_ = os.RemoveAll(filepath.Join(kernDir, name))
+		}
+	}
+}
+
+// newestCachedKernel returns the most recently used complete cache entry
+// made by this version of the importer.
+func newestCachedKernel(debDir, kernDir, suffix string) (kernelFixture, bool) {
 	ents, err := os.ReadDir(kernDir)
 	if err != nil {
 		return kernelFixture{}, false
@@ -129,12 +154,15 @@ func newestCachedKernel(debDir, kernDir string) (kernelFixture, bool) {
 	var best kernelFixture
 	var bestTime time.Time
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), ".") || !e.IsDir() {
+		if strings.HasPrefix(e.Name(), ".") || !e.IsDir() || !strings.HasSuffix(e.Name(), suffix) {
 			continue
 		}
 		k, err := kernel.Load(filepath.Join(kernDir, e.Name()))
-		deb := cachedDeb(debDir, e.Name())
-		if err != nil || deb == "" {
+		if err != nil || k.Package == "" {
+			continue
+		}
+		deb := cachedDeb(debDir, k.Package)
+		if deb == "" {
 			continue
 		}
 		info, err := e.Info()
@@ -142,7 +170,7 @@ func newestCachedKernel(debDir, kernDir string) (kernelFixture, bool) {
 			continue
 		}
 		if best.k == nil || info.ModTime().After(bestTime) {
-			best, bestTime = kernelFixture{pkg: e.Name(), deb: deb, k: k}, info.ModTime()
+			best, bestTime = kernelFixture{pkg: k.Package, deb: deb, k: k}, info.ModTime()
 		}
 	}
 	return best, best.k != nil
