@@ -141,8 +141,8 @@ func (c *Client) connect(ctx context.Context) (*ssh.Client, error) {
 	sc, chans, reqs, err := ssh.NewClientConn(nc, "banger-guest", c.sshCfg)
 	if !stop() || err != nil {
 		nc.Close()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("ssh handshake with the guest agent: %w", ctx.Err())
+		if cerr := expired(ctx, err); cerr != nil {
+			return nil, fmt.Errorf("ssh handshake with the guest agent: %w", cerr)
 		}
 		if err == nil {
 			err = errors.New("cancelled")
@@ -378,6 +378,9 @@ type ExecOptions struct {
 	Resize <-chan WindowSize // pty size changes, until Exec returns
 	Env    []string          // "K=V" added to the command's environment
 	Dir    string            // working directory in the guest
+	// Signals are forwarded to the command's process group (ssh.SIGINT
+	// for a Ctrl-C the CLI caught, say), until Exec returns.
+	Signals <-chan ssh.Signal
 }
 
 // Exec runs cmd (an argument vector, quoted for the guest user's shell) in
@@ -455,17 +458,25 @@ func (c *Client) run(ctx context.Context, line string, stdin io.Reader, stdout, 
 	}
 	done := make(chan struct{})
 	defer close(done)
-	if opts.Resize != nil {
+	if opts.Resize != nil || opts.Signals != nil {
 		go func() {
-			for {
+			resize, signals := opts.Resize, opts.Signals
+			for resize != nil || signals != nil {
 				select {
 				case <-done:
 					return
-				case ws, ok := <-opts.Resize:
+				case ws, ok := <-resize:
 					if !ok {
-						return
+						resize = nil
+						continue
 					}
 					_ = sess.WindowChange(ws.Rows, ws.Cols)
+				case sig, ok := <-signals:
+					if !ok {
+						signals = nil
+						continue
+					}
+					_ = sess.Signal(sig)
 				}
 			}
 		}()

@@ -296,27 +296,19 @@ func TestExecTTY(t *testing.T) {
 
 func TestSignalsAndCancel(t *testing.T) {
 	e := startAgent(t)
-	conn, err := e.client.SSH(testCtx(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sess, err := conn.NewSession()
-	if err != nil {
-		t.Fatal(err)
-	}
 	w := newWatcher("ready", "got usr1")
-	sess.Stdout = w
-	if err := sess.Start(`trap 'echo got usr1; exit 3' USR1; echo ready; while :; do sleep 0.05; done`); err != nil {
-		t.Fatal(err)
-	}
+	sigs := make(chan ssh.Signal, 1)
+	res := make(chan error, 1)
+	var code int
+	go func() {
+		var err error
+		code, err = e.client.ExecShell(testCtx(t), `trap 'echo got usr1; exit 3' USR1; echo ready; while :; do sleep 0.05; done`, nil, w, nil, ExecOptions{Signals: sigs})
+		res <- err
+	}()
 	w.wait(t, "ready")
-	if err := sess.Signal(ssh.SIGUSR1); err != nil {
-		t.Fatal(err)
-	}
-	err = sess.Wait()
-	var ee *ssh.ExitError
-	if !errors.As(err, &ee) || ee.ExitStatus() != 3 {
-		t.Fatalf("wait: %v, want exit 3", err)
+	sigs <- ssh.SIGUSR1
+	if err := <-res; err != nil || code != 3 {
+		t.Fatalf("exec: code %d err %v, want exit 3", code, err)
 	}
 	w.wait(t, "got usr1")
 
@@ -324,7 +316,7 @@ func TestSignalsAndCancel(t *testing.T) {
 	marker := filepath.Join(e.dir, "terminated")
 	ctx, cancel := context.WithCancel(testCtx(t))
 	w2 := newWatcher("ready")
-	res := make(chan error, 1)
+	res = make(chan error, 1)
 	go func() {
 		_, err := e.client.ExecShell(ctx, fmt.Sprintf(`trap 'touch %s; exit 1' TERM HUP; echo ready; while :; do sleep 0.05; done`, marker), nil, w2, nil, ExecOptions{})
 		res <- err

@@ -132,8 +132,8 @@ func DialVsockUDS(ctx context.Context, path string, port uint32) (net.Conn, erro
 	fail := func(err error) (net.Conn, error) {
 		stop()
 		c.Close()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("vsock connect to port %d: %w", port, ctx.Err())
+		if cerr := expired(ctx, err); cerr != nil {
+			return nil, fmt.Errorf("vsock connect to port %d: %w", port, cerr)
 		}
 		return nil, err
 	}
@@ -370,8 +370,8 @@ func hostHandshake(ctx context.Context, c net.Conn, br *bufio.Reader) error {
 				err = werr
 			default:
 			}
-			if ctx.Err() != nil {
-				return fmt.Errorf("wait for the guest agent: %w", ctx.Err())
+			if cerr := expired(ctx, err); cerr != nil {
+				return fmt.Errorf("wait for the guest agent: %w", cerr)
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -404,3 +404,17 @@ type bufferedConn struct {
 }
 
 func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// expired returns ctx's error when ctx has ended, or when err is the I/O
+// timeout of a connection deadline taken from ctx's deadline (which can fire
+// a moment before ctx itself reports it); else nil.
+func expired(ctx context.Context, err error) error {
+	if e := ctx.Err(); e != nil {
+		return e
+	}
+	var ne net.Error
+	if dl, ok := ctx.Deadline(); ok && errors.As(err, &ne) && ne.Timeout() && time.Until(dl) < 100*time.Millisecond {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
