@@ -63,6 +63,13 @@ type payload struct {
 // bzImage) and writes the uncompressed ELF vmlinux to dst atomically. It
 // returns the compression the payload had (CompressionNone for an ELF input).
 func ExtractVmlinuxFile(ctx context.Context, src, dst string) (Compression, error) {
+	st, err := os.Stat(src)
+	if err != nil {
+		return "", fmt.Errorf("read kernel image: %w", err)
+	}
+	if !st.Mode().IsRegular() || st.Size() > MaxVmlinuxSize {
+		return "", fmt.Errorf("kernel image %s: %w (not a regular file of at most %d bytes)", src, ErrUnknownKernelFormat, MaxVmlinuxSize)
+	}
 	img, err := os.ReadFile(src)
 	if err != nil {
 		return "", fmt.Errorf("read kernel image: %w", err)

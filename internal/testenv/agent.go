@@ -94,6 +94,9 @@ func buildAgent(t testing.TB) (string, error) {
 		return "", err
 	}
 	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil { // it becomes the cache entry
+		return "", err
+	}
 	out := filepath.Join(tmp, "banger-agent")
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, gobin, "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./cmd/banger-agent")

@@ -3,6 +3,7 @@ package testenv
 import (
 	"bytes"
 	"compress/gzip"
+	"debug/elf"
 	"errors"
 	"io"
 	"os"
@@ -172,10 +173,17 @@ func TestAgentBinary(t *testing.T) {
 	if err != nil || st.Mode()&0o111 == 0 {
 		t.Fatalf("agent binary %s: %v, mode %v", p, err, st.Mode())
 	}
-	if err := exec.CommandContext(t.Context(), "file", p).Run(); err == nil {
-		out, _ := exec.CommandContext(t.Context(), "file", p).Output()
-		if !strings.Contains(string(out), "statically linked") {
-			t.Errorf("agent is not static: %s", out)
+	f, err := elf.Open(p)
+	if err != nil {
+		t.Fatalf("agent binary is not an ELF: %v", err)
+	}
+	defer f.Close()
+	if f.Machine != elf.EM_X86_64 {
+		t.Errorf("agent binary is for %v, want x86-64", f.Machine)
+	}
+	for _, prog := range f.Progs {
+		if prog.Type == elf.PT_INTERP {
+			t.Error("agent binary is dynamically linked, want static")
 		}
 	}
 }
