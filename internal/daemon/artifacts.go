@@ -251,6 +251,8 @@ func checkExt4(p string) error {
 	return nil
 }
 
+// copyFile copies src to dst keeping holes: all-zero blocks are skipped, so a
+// sparse filesystem image stays sparse.
 func copyFile(src, dst string) error {
 	in, err := os.Open(src)
 	if err != nil {
@@ -261,11 +263,44 @@ func copyFile(src, dst string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(out, in); err != nil {
+	buf := make([]byte, 1<<20)
+	var size int64
+	for {
+		n, rerr := io.ReadFull(in, buf)
+		if n > 0 {
+			if isZero(buf[:n]) {
+				if _, err := out.Seek(int64(n), io.SeekCurrent); err != nil {
+					out.Close()
+					return err
+				}
+			} else if _, err := out.Write(buf[:n]); err != nil {
+				out.Close()
+				return fmt.Errorf("copy %s: %w", src, err)
+			}
+			size += int64(n)
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			out.Close()
+			return fmt.Errorf("copy %s: %w", src, rerr)
+		}
+	}
+	if err := out.Truncate(size); err != nil {
 		out.Close()
-		return fmt.Errorf("copy %s: %w", src, err)
+		return err
 	}
 	return out.Close()
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func fileDigest(p string) (string, error) {

@@ -180,3 +180,11 @@ func TestVMMCrashAndDaemonRestart(t *testing.T) {
 	}
 	_ = strconv.Itoa
 }
+
+func diskUsage(p string) int64 {
+	var st syscall.Stat_t
+	if syscall.Stat(p, &st) != nil {
+		return 0
+	}
+	return st.Blocks * 512
+}
