@@ -111,8 +111,13 @@ func logger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
+// testMAC is the guest NIC's MAC when a boot has a network.
+const testMAC = "06:00:0a:63:00:02"
+
 // boot starts QEMU on the fixture's disks and waits until the agent answers.
-func (f *fixture) boot(t *testing.T, name string) *vm {
+// With network set, the guest gets a NIC on an isolated QEMU hub (no host
+// side at all: nothing can leave the VM) configured from the boot config.
+func (f *fixture) boot(t *testing.T, name string, network bool) *vm {
 	t.Helper()
 	dir := filepath.Join(f.dir, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -127,6 +132,9 @@ func (f *fixture) boot(t *testing.T, name string) *vm {
 		AuthorizedKeys: []string{f.userKey.AuthorizedLine()},
 		Channel:        bootcfg.Channel{Kind: "serial", Name: api.DefaultSerialName},
 		Env:            []string{"IMAGE_ENV=yes"},
+	}
+	if network {
+		cfg.Network = &bootcfg.Network{MAC: testMAC, Address: "10.99.0.2/24", Gateway: "10.99.0.1", DNS: []string{"10.99.0.53"}, MTU: 1400}
 	}
 	if cfg.RNGSeed, err = bootcfg.NewSeed(); err != nil {
 		t.Fatal(err)
@@ -144,7 +152,7 @@ func (f *fixture) boot(t *testing.T, name string) *vm {
 		"-M", "microvm", "-accel", "tcg", "-m", "256M", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-monitor", "none",
 		"-kernel", f.vmlinux, "-initrd", f.initrd,
-		"-append", fmt.Sprintf("console=ttyS0 reboot=k panic=-1 tsc_early_khz=%d", tscKHz(t)),
+		"-append", fmt.Sprintf("console=ttyS0 reboot=k panic=-1 tsc_early_khz=%d banger.debug", tscKHz(t)),
 		"-serial", "file:" + v.console,
 		"-drive", "id=root,file=" + f.rootfs + ",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=root",
 		"-drive", "id=rw,file=" + f.rw + ",format=raw,if=none", "-device", "virtio-blk-device,drive=rw",
@@ -152,6 +160,9 @@ func (f *fixture) boot(t *testing.T, name string) *vm {
 		"-device", "virtio-serial-device,id=vser0",
 		"-chardev", "socket,id=ch0,path=" + v.sock + ",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=ch0,name=" + api.DefaultSerialName,
+	}
+	if network {
+		args = append(args, "-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-device,netdev=n0,mac="+testMAC)
 	}
 	v.cmd = exec.Command(f.qemu, args...)
 	var stderr bytes.Buffer
@@ -261,7 +272,7 @@ func (v *vm) shutdown(t *testing.T) {
 // and that the writable layer survives a second boot.
 func TestRealGuestAgentAsInit(t *testing.T) {
 	f := newFixture(t, nil)
-	v := f.boot(t, "first")
+	v := f.boot(t, "first", true)
 
 	if got := strings.TrimSpace(v.exec(t, "uname", "-r")); got != f.kernelVersion {
 		t.Fatalf("uname -r = %q, want %q", got, f.kernelVersion)
@@ -273,6 +284,27 @@ func TestRealGuestAgentAsInit(t *testing.T) {
 		t.Errorf("guest environment: %q", got)
 	}
 	v.exec(t, "sh", "-c", "echo kept > /root/persist")
+
+	// Network from the boot config.
+	netOut := v.exec(t, "sh", "-c", "ip -o -4 addr show; ip route; cat /etc/resolv.conf; for i in /sys/class/net/*; do echo $(cat $i/address) $(cat $i/mtu) $(cat $i/operstate); done")
+	for _, want := range []string{"10.99.0.2/24", "default via 10.99.0.1", "nameserver 10.99.0.53", testMAC + " 1400"} {
+		if !strings.Contains(netOut, want) {
+			t.Errorf("guest network lacks %q:\n%s", want, netOut)
+		}
+	}
+
+	// Orphans are reaped by the agent as PID 1.
+	v.exec(t, "sh", "-c", "(sleep 0.2 &) ; exit 0")
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		z := strings.TrimSpace(v.exec(t, "sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null | grep -c ') Z ' || true"))
+		if z == "0" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s zombie processes left", z)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 
 	// bangerd restarts: a new host connection on the same serial port.
 	v.disconnect()
@@ -344,7 +376,7 @@ func TestRealGuestAgentAsInit(t *testing.T) {
 	v.disconnect()
 
 	// Second boot on the same writable disk.
-	v2 := f.boot(t, "second")
+	v2 := f.boot(t, "second", false)
 	if got := v2.exec(t, "cat", "/root/persist"); got != "kept\n" {
 		t.Fatalf("writable layer lost: %q", got)
 	}
@@ -369,7 +401,7 @@ func TestRealGuestImageInit(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	v := f.boot(t, "init")
+	v := f.boot(t, "init", false)
 	if got := strings.TrimSpace(v.exec(t, "cat", "/proc/1/comm")); got != "init" {
 		t.Errorf("PID 1 is %q, want busybox init", got)
 	}
