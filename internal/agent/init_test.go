@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/guest"
 )
 
 // extImage returns a fake ext superblock with the given label.
@@ -220,8 +222,29 @@ func TestDebugRequested(t *testing.T) {
 }
 
 func TestSSHConfigFromBoot(t *testing.T) {
-	if _, err := SSHConfig(&bootcfg.Config{HostKey: "garbage"}); err == nil {
+	log := newLogger(io.Discard, nil)
+	if _, err := SSHConfig(&bootcfg.Config{HostKey: "garbage"}, log); err == nil {
 		t.Fatal("garbage host key accepted")
+	}
+	hk, err := guest.GenerateHostKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uk, err := guest.LoadOrCreateUserKey(filepath.Join(t.TempDir(), "k"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &bootcfg.Config{HostKey: string(hk.PrivatePEM), AuthorizedKeys: []string{"ssh-ed25519 broken", uk.AuthorizedLine()}, User: "dev", Env: []string{"A=1"}}
+	sc, err := SSHConfig(cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sc.AuthorizedKeys) != 1 || sc.DefaultUser != "dev" || sc.Env[0] != "A=1" {
+		t.Fatalf("config %+v", sc)
+	}
+	cfg.AuthorizedKeys = cfg.AuthorizedKeys[:1]
+	if _, err := SSHConfig(cfg, log); err == nil {
+		t.Fatal("config without a usable key accepted")
 	}
 }
 

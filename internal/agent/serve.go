@@ -22,14 +22,24 @@ import (
 const channelWait = 30 * time.Second
 
 // SSHConfig turns a boot configuration into the SSH server's configuration.
-func SSHConfig(cfg *bootcfg.Config) (sshd.Config, error) {
+// Unparsable authorized keys are skipped with a warning, so that one bad
+// line does not lock everyone out; having no usable key is an error.
+func SSHConfig(cfg *bootcfg.Config, log *slog.Logger) (sshd.Config, error) {
 	signer, err := ssh.ParsePrivateKey([]byte(cfg.HostKey))
 	if err != nil {
 		return sshd.Config{}, fmt.Errorf("boot config host key: %w", err)
 	}
-	keys, err := sshd.ParseAuthorizedKeys(cfg.AuthorizedKeys)
-	if err != nil {
-		return sshd.Config{}, fmt.Errorf("boot config: %w", err)
+	var keys []ssh.PublicKey
+	for i, line := range cfg.AuthorizedKeys {
+		k, err := sshd.ParseAuthorizedKeys([]string{line})
+		if err != nil {
+			log.Warn("skipping an unusable authorized key from the boot config", "index", i, "err", err)
+			continue
+		}
+		keys = append(keys, k...)
+	}
+	if len(keys) == 0 {
+		return sshd.Config{}, fmt.Errorf("boot config has no usable authorized key (%d given)", len(cfg.AuthorizedKeys))
 	}
 	return sshd.Config{
 		HostKey:        signer,
@@ -43,7 +53,7 @@ func SSHConfig(cfg *bootcfg.Config) (sshd.Config, error) {
 // serve runs the SSH server on the host channel until ctx is done. It
 // returns an error only when the channel cannot be set up at all.
 func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdown func(), log *slog.Logger) error {
-	sc, err := SSHConfig(cfg)
+	sc, err := SSHConfig(cfg, log)
 	if err != nil {
 		return err
 	}

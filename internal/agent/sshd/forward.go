@@ -45,6 +45,13 @@ func (s *Server) handleDirectTCPIP(ctx context.Context, nc ssh.NewChannel, log *
 		return
 	}
 	go ssh.DiscardRequests(reqs)
+	// When the SSH connection ends, end the forward too (an idle TCP peer
+	// would otherwise keep it open forever).
+	stop := context.AfterFunc(ctx, func() {
+		ch.Close()
+		tc.Close()
+	})
+	defer stop()
 	splice(ch, tc.(*net.TCPConn))
 }
 

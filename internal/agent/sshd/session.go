@@ -462,7 +462,17 @@ func (ss *session) startSFTP() error {
 	if err != nil {
 		return err
 	}
-	dir := ss.workDir(acct)
+	// Relative sftp paths start from home (as with OpenSSH), or from the
+	// directory the client asked for.
+	ss.mu.Lock()
+	dir := ss.dir
+	ss.mu.Unlock()
+	if dir == "" {
+		dir = "/"
+		if acct.Home != "" && isDir(acct.Home) {
+			dir = acct.Home
+		}
+	}
 	if ss.credential(acct) != nil {
 		cmd := exec.Command(ss.srv.cfg.SelfExe, SFTPServerArg)
 		cmd.Dir = dir
