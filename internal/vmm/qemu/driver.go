@@ -351,6 +351,10 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
+	if proc.StartTime == 0 {
+		// Read again: without it the handles could never be adopted.
+		proc.StartTime, _ = system.ProcessStartTime(proc.PID)
+	}
 	h := vmm.Handles{
 		Driver:     DriverName,
 		PID:        proc.PID,
