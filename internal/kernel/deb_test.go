@@ -6,8 +6,10 @@ import (
 	"context"
 	"debug/elf"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -273,4 +275,30 @@ func TestCleanEntryName(t *testing.T) {
 			t.Errorf("cleanEntryName(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
 		}
 	}
+}
+
+// FuzzCleanEntryName checks that no archive entry name (untrusted: users
+// import their own packages) is turned into a path leaving the destination.
+func FuzzCleanEntryName(f *testing.F) {
+	for _, s := range []string{"./boot/vmlinuz-1", "../x", "./a/../../x", "/etc/passwd", "a//b/./c", ".", "", "a/..", "..."} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		got, err := cleanEntryName(name)
+		if err != nil {
+			if !errors.Is(err, ErrUnsafePath) {
+				t.Fatalf("cleanEntryName(%q): unexpected error %v", name, err)
+			}
+			return
+		}
+		if got == "" {
+			return
+		}
+		if !fs.ValidPath(got) || strings.HasPrefix(got, "/") || slices.Contains(strings.Split(got, "/"), "..") {
+			t.Fatalf("cleanEntryName(%q) = %q escapes", name, got)
+		}
+		if rel, err := filepath.Rel("/dest", filepath.Join("/dest", got)); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+			t.Fatalf("cleanEntryName(%q) = %q resolves outside /dest", name, got)
+		}
+	})
 }

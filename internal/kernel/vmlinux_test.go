@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestVmlinux(t *testing.T) {
@@ -135,7 +136,9 @@ func TestXZWithX86BCJ(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw = raw[:min(len(raw), 1<<20)] // the ELF header and plenty of code
-	cmd := exec.CommandContext(t.Context(), xzTool, "--format=xz", "--check=crc32", "--x86", "--lzma2=preset=1,dict=1MiB", "-c")
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, xzTool, "--format=xz", "--check=crc32", "--x86", "--lzma2=preset=1,dict=1MiB", "-c")
 	cmd.Stdin = bytes.NewReader(raw)
 	packed, err := cmd.Output()
 	if err != nil {
@@ -150,7 +153,7 @@ func TestXZWithX86BCJ(t *testing.T) {
 	}
 	// And through the bzImage path, which then checks the ELF.
 	elfRaw := fakeELF(256<<10, uint16(elf.EM_X86_64))
-	cmd = exec.CommandContext(t.Context(), xzTool, "--format=xz", "--check=crc32", "--x86", "--lzma2=preset=1,dict=1MiB", "-c")
+	cmd = exec.CommandContext(ctx, xzTool, "--format=xz", "--check=crc32", "--x86", "--lzma2=preset=1,dict=1MiB", "-c")
 	cmd.Stdin = bytes.NewReader(elfRaw)
 	if packed, err = cmd.Output(); err != nil {
 		t.Fatalf("xz: %v", err)

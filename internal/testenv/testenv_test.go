@@ -3,6 +3,7 @@ package testenv
 import (
 	"bytes"
 	"compress/gzip"
+	"context"
 	"debug/elf"
 	"errors"
 	"io"
@@ -22,7 +23,9 @@ func debugfsOut(t *testing.T, img, request string) string {
 	if err != nil {
 		t.Skipf("debugfs not installed (Debian package e2fsprogs): %v", err)
 	}
-	out, err := exec.CommandContext(t.Context(), debugfs, "-R", request, img).CombinedOutput()
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, debugfs, "-R", request, img).CombinedOutput()
 	if err != nil {
 		t.Fatalf("debugfs -R %q: %v\n%s", request, err, out)
 	}
