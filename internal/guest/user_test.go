@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -22,6 +23,21 @@ import (
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == sshd.SFTPServerArg {
 		os.Exit(agent.Main(os.Args))
+	}
+	// "proxy-unix SOCKET": an OpenSSH ProxyCommand splicing stdio to SOCKET
+	// (what bangerd does for banger ssh-config).
+	if len(os.Args) == 3 && os.Args[1] == "proxy-unix" {
+		c, err := net.Dial("unix", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		go func() {
+			_, _ = io.Copy(c, os.Stdin)
+			c.(*net.UnixConn).CloseWrite()
+		}()
+		_, _ = io.Copy(os.Stdout, c)
+		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }

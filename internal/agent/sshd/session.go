@@ -130,7 +130,11 @@ func (s *Server) handleSession(ctx context.Context, conn *ssh.ServerConn, nc ssh
 		ss.mu.Unlock()
 		if failed != nil {
 			log.Info("command failed to start", "err", failed)
-			fmt.Fprintf(ss.ch.Stderr(), "banger-agent: %v\r\n", failed)
+			nl := "\n"
+			if ss.pty != nil {
+				nl = "\r\n"
+			}
+			fmt.Fprintf(ss.ch.Stderr(), "banger-agent: %v%s", failed, nl)
 			ss.finish(exitStatusMsg{Status: 127}, nil)
 		}
 	}
