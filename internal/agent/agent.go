@@ -215,6 +215,10 @@ func initMain(log *slog.Logger) {
 			return
 		}
 	}
+	// No init will mount cgroup2; container tools in the guest want it.
+	if err := unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		log.Debug("mount cgroup2", "err", err)
+	}
 	servePID1(cfg, log)
 }
 

@@ -36,6 +36,7 @@ type vm struct {
 	sock    string
 	tr      *guest.Transport
 	client  *guest.Client
+	started time.Time
 }
 
 type fixture struct {
@@ -119,6 +120,20 @@ const testMAC = "06:00:0a:63:00:02"
 // side at all: nothing can leave the VM) configured from the boot config.
 func (f *fixture) boot(t *testing.T, name string, network bool) *vm {
 	t.Helper()
+	v := f.start(t, name, network, true)
+	v.connect(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), bootDeadline)
+	defer cancel()
+	if err := v.client.Ping(ctx); err != nil {
+		t.Fatalf("agent did not answer: %v", err)
+	}
+	t.Logf("%s: agent answered %v after qemu start", name, time.Since(v.started).Round(time.Millisecond))
+	return v
+}
+
+// start launches QEMU (with or without the boot config drive).
+func (f *fixture) start(t *testing.T, name string, network, withConfig bool) *vm {
+	t.Helper()
 	dir := filepath.Join(f.dir, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -156,10 +171,12 @@ func (f *fixture) boot(t *testing.T, name string, network bool) *vm {
 		"-serial", "file:" + v.console,
 		"-drive", "id=root,file=" + f.rootfs + ",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=root",
 		"-drive", "id=rw,file=" + f.rw + ",format=raw,if=none", "-device", "virtio-blk-device,drive=rw",
-		"-drive", "id=cfg,file=" + cfgImg + ",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=cfg",
 		"-device", "virtio-serial-device,id=vser0",
 		"-chardev", "socket,id=ch0,path=" + v.sock + ",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=ch0,name=" + api.DefaultSerialName,
+	}
+	if withConfig {
+		args = append(args, "-drive", "id=cfg,file="+cfgImg+",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=cfg")
 	}
 	if network {
 		args = append(args, "-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-device,netdev=n0,mac="+testMAC)
@@ -199,13 +216,7 @@ func (f *fixture) boot(t *testing.T, name string, network bool) *vm {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	v.connect(t, f)
-	ctx, cancel := context.WithTimeout(context.Background(), bootDeadline)
-	defer cancel()
-	if err := v.client.Ping(ctx); err != nil {
-		t.Fatalf("agent did not answer: %v", err)
-	}
-	t.Logf("%s: agent answered %v after qemu start", name, time.Since(start).Round(time.Millisecond))
+	v.started = start
 	return v
 }
 
@@ -223,8 +234,10 @@ func (v *vm) connect(t *testing.T, f *fixture) {
 }
 
 func (v *vm) disconnect() {
-	v.client.Close()
-	v.tr.Close()
+	if v.client != nil {
+		v.client.Close()
+		v.tr.Close()
+	}
 }
 
 func (v *vm) kill() {
@@ -280,7 +293,7 @@ func TestRealGuestAgentAsInit(t *testing.T) {
 	if got := strings.TrimSpace(v.exec(t, "hostname")); got != "banger-first" {
 		t.Errorf("hostname = %q", got)
 	}
-	if got := v.exec(t, "sh", "-c", "echo $IMAGE_ENV $HOME; cat /proc/1/comm; grep ' / ' /proc/mounts"); !strings.Contains(got, "yes /root") || !strings.Contains(got, "overlay") {
+	if got := v.exec(t, "sh", "-c", "echo $IMAGE_ENV $HOME; cat /proc/1/comm; grep -E ' / | /sys/fs/cgroup ' /proc/mounts"); !strings.Contains(got, "yes /root") || !strings.Contains(got, "overlay") || !strings.Contains(got, "cgroup2") {
 		t.Errorf("guest environment: %q", got)
 	}
 	v.exec(t, "sh", "-c", "echo kept > /root/persist")
@@ -409,4 +422,25 @@ func TestRealGuestImageInit(t *testing.T) {
 		t.Errorf("session parent is %q, want banger-agent serve", got)
 	}
 	v.shutdown(t)
+}
+
+// TestRealGuestBootFailurePowersOff boots without the boot config drive: the
+// agent must say why on the console and power off, so that QEMU exits
+// instead of hanging.
+func TestRealGuestBootFailurePowersOff(t *testing.T) {
+	f := newFixture(t, nil)
+	v := f.start(t, "noconfig", false, false)
+	select {
+	case <-v.exited:
+	case <-time.After(bootDeadline):
+		t.Fatal("qemu still running: the agent did not power off after a failed boot")
+	}
+	t.Logf("qemu exited %v after start", time.Since(v.started).Round(time.Millisecond))
+	b, err := os.ReadFile(v.console)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), "BOOT FAILED: find the VM's disks") || !strings.Contains(string(b), "no boot config device") {
+		t.Fatalf("console does not say why:\n%s", b)
+	}
 }
