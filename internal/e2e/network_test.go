@@ -501,18 +501,18 @@ func TestNetworkRealGuest(t *testing.T) {
 		}
 	}
 	for i, p := range [][2]string{{"neta", "netb"}, {"netb", "neta"}} {
-		r := res[2+i]
-		if r.code == 0 || strings.Contains(r.out, "hi-") {
-			t.Errorf("guest %s reached the listener in %s: exit %d, %q", p[0], p[1], r.code, r.out)
+		g := res[2+i]
+		if g.code == 0 || strings.Contains(g.out, "hi-") {
+			t.Errorf("guest %s reached the listener in %s: exit %d, %q", p[0], p[1], g.code, g.out)
 		}
-		t.Logf("%s → %s:8080 blocked: exit %d, %q", p[0], p[1], r.code, strings.TrimSpace(r.out))
+		t.Logf("%s → %s:8080 blocked: exit %d, %q", p[0], p[1], g.code, strings.TrimSpace(g.out))
 	}
 	for i, n := range []string{"neta", "netb"} {
-		r := res[4+i]
-		if r.code == 0 || strings.Contains(r.out, "host-service") {
-			t.Errorf("guest %s reached the host service on %s: exit %d, %q", n, svc, r.code, r.out)
+		g := res[4+i]
+		if g.code == 0 || strings.Contains(g.out, "host-service") {
+			t.Errorf("guest %s reached the host service on %s: exit %d, %q", n, svc, g.code, g.out)
 		}
-		t.Logf("%s → host service %s blocked: exit %d, %q", n, svc, r.code, strings.TrimSpace(r.out))
+		t.Logf("%s → host service %s blocked: exit %d, %q", n, svc, g.code, strings.TrimSpace(g.out))
 	}
 	if hits() != hitsBefore {
 		t.Errorf("the host service on %s accepted %d connection(s) from guests", svc, hits()-hitsBefore)
