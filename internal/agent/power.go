@@ -61,6 +61,8 @@ func powerOff(log *slog.Logger, reason string) {
 // finalShutdown is PID 1's end: stop every process, flush and reboot. It
 // does not return.
 func finalShutdown(log *slog.Logger) {
+	start := time.Now()
+	log.Debug("stopping all processes", "count", userProcesses())
 	_ = syscall.Kill(-1, syscall.SIGTERM)
 	deadline := time.Now().Add(killGrace)
 	for time.Now().Before(deadline) && userProcesses() > 0 {
@@ -73,12 +75,13 @@ func finalShutdown(log *slog.Logger) {
 		time.Sleep(100 * time.Millisecond)
 		reapAll()
 	}
+	log.Debug("processes stopped", "after", time.Since(start).Round(time.Millisecond))
 	unix.Sync()
 	if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
 		log.Debug("remount / read-only", "err", err)
 	}
 	unix.Sync()
-	log.Info("rebooting to end the VM")
+	log.Info("rebooting to end the VM", "after", time.Since(start).Round(time.Millisecond))
 	for {
 		_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
 		time.Sleep(time.Second)
