@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -217,7 +218,10 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	if s.cfg.KeepAlive > 0 {
 		go s.keepalive(cctx, conn, log)
 	}
-	go s.globalRequests(cctx, reqs, log)
+	go func() {
+		defer s.recoverPanic(log, "global request handler", conn.Close)
+		s.globalRequests(cctx, reqs, log)
+	}()
 
 	var wg sync.WaitGroup
 	for nc := range chans {
@@ -226,12 +230,14 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
+				defer s.recoverPanic(log, "session handler", nil)
 				s.handleSession(cctx, conn, nc, log)
 			}()
 		case "direct-tcpip":
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
+				defer s.recoverPanic(log, "forwarding handler", nil)
 				s.handleDirectTCPIP(cctx, nc, log)
 			}()
 		default:
@@ -324,6 +330,17 @@ func (s *Server) globalRequests(ctx context.Context, reqs <-chan *ssh.Request, l
 			if req.WantReply {
 				_ = req.Reply(false, nil)
 			}
+		}
+	}
+}
+
+// recoverPanic keeps a bug in one handler from taking the whole agent (and
+// with it the host's only way in) down; cleanup runs after a panic.
+func (s *Server) recoverPanic(log *slog.Logger, what string, cleanup func() error) {
+	if r := recover(); r != nil {
+		log.Error("internal error in the "+what+"; continuing", "panic", r, "stack", string(debug.Stack()))
+		if cleanup != nil {
+			_ = cleanup()
 		}
 	}
 }
