@@ -76,24 +76,45 @@ func Main(args []string) int {
 	return 2
 }
 
-// prefixWriter starts every write (one log record) with a prefix, so the
-// agent's lines stand out in the console log.
+// prefixWriter starts every write (one log record) with a prefix and the
+// time since boot (as the kernel's lines have), so the agent's lines stand
+// out in the console log and line up with the kernel's.
 type prefixWriter struct {
 	mu sync.Mutex
 	w  io.Writer
+	// uptime returns the time since boot; nil leaves it out.
+	uptime func() (time.Duration, bool)
+}
+
+func bootTime() (time.Duration, bool) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0, false
+	}
+	return time.Duration(ts.Nano()), true
 }
 
 func (p *prefixWriter) Write(b []byte) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, err := p.w.Write(append([]byte("banger-agent: "), b...)); err != nil {
+	prefix := "banger-agent: "
+	if p.uptime != nil {
+		if d, ok := p.uptime(); ok {
+			prefix = fmt.Sprintf("banger-agent: [%5d.%03d] ", d/time.Second, (d%time.Second)/time.Millisecond)
+		}
+	}
+	if _, err := p.w.Write(append([]byte(prefix), b...)); err != nil {
 		return 0, err
 	}
 	return len(b), nil
 }
 
 func newLogger(w io.Writer, level slog.Leveler) *slog.Logger {
-	return slog.New(slog.NewTextHandler(&prefixWriter{w: w}, &slog.HandlerOptions{
+	return newLoggerClock(w, level, bootTime)
+}
+
+func newLoggerClock(w io.Writer, level slog.Leveler, uptime func() (time.Duration, bool)) *slog.Logger {
+	return slog.New(slog.NewTextHandler(&prefixWriter{w: w, uptime: uptime}, &slog.HandlerOptions{
 		Level: level,
 		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
 			if len(groups) == 0 && a.Key == slog.TimeKey {

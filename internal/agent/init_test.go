@@ -250,8 +250,13 @@ func TestSSHConfigFromBoot(t *testing.T) {
 
 func TestPrefixLogger(t *testing.T) {
 	var b bytes.Buffer
-	newLogger(&b, nil).Info("hello", "k", "v")
+	newLoggerClock(&b, nil, nil).Info("hello", "k", "v")
 	if got := b.String(); got != "banger-agent: level=INFO msg=hello k=v\n" {
+		t.Fatalf("log line %q", got)
+	}
+	b.Reset()
+	newLoggerClock(&b, nil, func() (time.Duration, bool) { return 3*time.Second + 45*time.Millisecond, true }).Info("x")
+	if got := b.String(); got != "banger-agent: [    3.045] level=INFO msg=x\n" {
 		t.Fatalf("log line %q", got)
 	}
 }
