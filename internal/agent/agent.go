@@ -335,6 +335,7 @@ func servePID1(cfg *bootcfg.Config, log *slog.Logger) {
 			go shutdown(log, "signal "+s.String())
 		}
 	}()
+	go watchPowerButton(ctx, func() { go shutdown(log, "power button") }, log)
 	if cfg == nil {
 		select {}
 	}
@@ -377,6 +378,11 @@ func serveMain(args []string, log *slog.Logger) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	signal.Ignore(syscall.SIGHUP)
+	// systemd-logind handles the power button under systemd; other inits
+	// (busybox) have nobody doing it.
+	if exe, _ := os.Readlink("/proc/1/exe"); !strings.Contains(exe, "systemd") {
+		go watchPowerButton(ctx, func() { go shutdown(log, "power button") }, log)
+	}
 	if err := serve(ctx, cfg, nil, func() { shutdown(log, "requested by the host") }, log); err != nil {
 		log.Error("cannot serve the host; banger cannot reach this guest", "err", err)
 		return 1

@@ -8,9 +8,11 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,6 +22,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/guest"
+	"github.com/bangerdev/banger/internal/kernel"
 	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 )
@@ -34,6 +37,7 @@ type vm struct {
 	exited  chan struct{}
 	console string
 	sock    string
+	qmp     string
 	tr      *guest.Transport
 	client  *guest.Client
 	started time.Time
@@ -77,7 +81,19 @@ func newFixture(t *testing.T, rwPopulate func(upper string)) *fixture {
 		t.Skipf("mkfs.ext4 not installed (Debian package e2fsprogs): %v", err)
 	}
 	k := testenv.GuestKernel(t)
-	initrd := testenv.Initrd(t, testenv.AgentBinary(t))
+	agentBin := testenv.AgentBinary(t)
+	initrd := testenv.Initrd(t, agentBin)
+	// The power button needs button and evdev; build an initrd with them
+	// while the default module list lacks them.
+	if mods := kernel.DefaultModules(); !slices.Contains(mods, "button") || !slices.Contains(mods, "evdev") {
+		initrd = filepath.Join(t.TempDir(), "initrd-powerbutton.cpio.gz")
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		err := kernel.WriteInitrd(ctx, initrd, kernel.InitrdOptions{Kernel: k, AgentPath: agentBin, Modules: append(mods, "button", "evdev")})
+		cancel()
+		if err != nil {
+			t.Fatalf("build an initrd with the power button modules: %v", err)
+		}
+	}
 	rootfs := testenv.BusyboxRootfs(t, 32)
 	dir := t.TempDir()
 	rw := filepath.Join(dir, "rw.ext4")
@@ -162,7 +178,7 @@ func (f *fixture) start(t *testing.T, name string, network, withConfig bool) *vm
 	if err := os.WriteFile(cfgImg, enc, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	v := &vm{t: t, dir: dir, console: filepath.Join(dir, "console.log"), sock: filepath.Join(dir, "agent.sock"), exited: make(chan struct{})}
+	v := &vm{t: t, dir: dir, console: filepath.Join(dir, "console.log"), sock: filepath.Join(dir, "agent.sock"), qmp: filepath.Join(dir, "qmp.sock"), exited: make(chan struct{})}
 	args := []string{
 		"-M", "microvm", "-accel", "tcg", "-m", "256M", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-monitor", "none",
@@ -171,6 +187,7 @@ func (f *fixture) start(t *testing.T, name string, network, withConfig bool) *vm
 		// gets there after ~3 s of fallbacks; a triple fault resets at once.
 		"-append", fmt.Sprintf("console=ttyS0 reboot=t panic=-1 tsc_early_khz=%d banger.debug", tscKHz(t)),
 		"-serial", "file:" + v.console,
+		"-qmp", "unix:" + v.qmp + ",server=on,wait=off",
 		"-drive", "id=root,file=" + f.rootfs + ",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=root",
 		"-drive", "id=rw,file=" + f.rw + ",format=raw,if=none", "-device", "virtio-blk-device,drive=rw",
 		"-device", "virtio-serial-device,id=vser0",
@@ -281,10 +298,52 @@ func (v *vm) shutdown(t *testing.T) {
 	}
 }
 
+// powerButton presses the ACPI power button through QMP and expects QEMU
+// to exit (the agent, as PID 1, powers off).
+func (v *vm) powerButton(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", v.qmp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	r := bufio.NewReader(c)
+	expect := func(what string) {
+		t.Helper()
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("qmp: waiting for %s: %v", what, err)
+			}
+			if strings.Contains(line, what) {
+				return
+			}
+		}
+	}
+	expect(`"QMP"`)
+	for _, cmd := range []string{"qmp_capabilities", "system_powerdown"} {
+		if _, err := fmt.Fprintf(c, `{"execute":%q}`+"\n", cmd); err != nil {
+			t.Fatal(err)
+		}
+		expect(`"return"`)
+	}
+	start := time.Now()
+	select {
+	case <-v.exited:
+		t.Logf("qemu exited %v after the power button", time.Since(start).Round(time.Millisecond))
+	case <-ctx.Done():
+		t.Fatal("qemu did not exit after the power button")
+	}
+}
+
 // TestRealGuestAgentAsInit boots a busybox image without an init: the agent
 // stays PID 1. It checks exec, the reconnection of a new host (bangerd
 // restart) over the real virtio-serial port, sftp, ports, stats, shutdown,
-// and that the writable layer survives a second boot.
+// that the writable layer survives a second boot, and the ACPI power button.
 func TestRealGuestAgentAsInit(t *testing.T) {
 	f := newFixture(t, nil)
 	v := f.boot(t, "first", true)
@@ -395,7 +454,8 @@ func TestRealGuestAgentAsInit(t *testing.T) {
 	if got := v2.exec(t, "cat", "/root/persist"); got != "kept\n" {
 		t.Fatalf("writable layer lost: %q", got)
 	}
-	v2.shutdown(t)
+	// This time the VMM's ACPI power button ends the VM.
+	v2.powerButton(t)
 }
 
 // TestRealGuestImageInit gives the image an init (busybox init, through the

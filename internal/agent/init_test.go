@@ -260,3 +260,67 @@ func TestPrefixLogger(t *testing.T) {
 		t.Fatalf("log line %q", got)
 	}
 }
+
+func inputEvent(typ, code uint16, value int32) []byte {
+	ev := make([]byte, inputEventSize)
+	binary.NativeEndian.PutUint16(ev[16:], typ)
+	binary.NativeEndian.PutUint16(ev[18:], code)
+	binary.NativeEndian.PutUint32(ev[20:], uint32(value))
+	return ev
+}
+
+func TestReadPowerKey(t *testing.T) {
+	var stream []byte
+	stream = append(stream, inputEvent(evKey, 30, 1)...)       // 'a' pressed
+	stream = append(stream, inputEvent(evKey, keyPower, 1)...) // power pressed
+	stream = append(stream, inputEvent(0, 0, 0)...)            // EV_SYN
+	stream = append(stream, inputEvent(evKey, keyPower, 0)...) // power released
+	stream = append(stream, inputEvent(evKey, keyPower, 1)...) // pressed again
+	stream = append(stream, 1, 2, 3)                           // truncated
+	presses := 0
+	err := readPowerKey(bytes.NewReader(stream), func() { presses++ })
+	if presses != 2 {
+		t.Fatalf("%d presses, want 2", presses)
+	}
+	if err == nil {
+		t.Fatal("no error at the end of the stream")
+	}
+}
+
+func TestHasKey(t *testing.T) {
+	tests := []struct {
+		bitmap string
+		code   int
+		want   bool
+	}{
+		// The ACPI power button: only KEY_POWER (116 = word 1, bit 52).
+		{"10000000000000 0\n", keyPower, true},
+		{"10000000000000 0\n", 30, false},
+		// A keyboard-ish bitmap without KEY_POWER.
+		{"0 0 fffffffffffffffe\n", keyPower, false},
+		{"", keyPower, false},
+		{"zz 0", keyPower, false},
+	}
+	for _, tt := range tests {
+		if got := hasKey(tt.bitmap, tt.code); got != tt.want {
+			t.Errorf("hasKey(%q, %d) = %v", tt.bitmap, tt.code, got)
+		}
+	}
+}
+
+func TestPowerButtons(t *testing.T) {
+	sys := t.TempDir()
+	for name, caps := range map[string]string{"event0": "10000000000000 0\n", "event1": "0 0 fffe\n"} {
+		d := filepath.Join(sys, name, "device", "capabilities")
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "key"), []byte(caps), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := powerButtons(sys, "/dev/input")
+	if !reflect.DeepEqual(got, []string{"/dev/input/event0"}) {
+		t.Fatalf("power buttons %q", got)
+	}
+}
