@@ -207,6 +207,11 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 	}
 	if err := stage("configure", func() error {
 		env.Boot.Channel = channelFor(drv)
+		seed, err := bootcfg.NewSeed()
+		if err != nil {
+			return err
+		}
+		env.Boot.RNGSeed = seed
 		for _, c := range s.caps {
 			if p, ok := c.(guestConfigContributor); ok {
 				if err := p.ContributeGuestConfig(ctx, env); err != nil {
@@ -285,7 +290,7 @@ func channelFor(drv vmm.Driver) bootcfg.Channel {
 	if drv.Capabilities().Vsock {
 		return bootcfg.Channel{Kind: "vsock", Port: agentPort}
 	}
-	return bootcfg.Channel{Kind: "serial", Name: "banger.agent"}
+	return bootcfg.Channel{Kind: "serial", Name: api.DefaultSerialName}
 }
 
 // waitAgent polls the guest agent until it answers, the VMM exits, or the

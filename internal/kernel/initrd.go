@@ -37,6 +37,8 @@ var defaultModules = []string{
 	"virtio_console",
 	"overlay",
 	"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
+	// ACPI power button events reach the agent through evdev (QEMU's graceful stop).
+	"button", "evdev",
 }
 
 // DefaultModules returns the modules banger puts into an initrd by default.
