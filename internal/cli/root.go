@@ -118,7 +118,7 @@ func (a *App) newRoot() *cobra.Command {
 		},
 	})
 	root.AddCommand(a.vmCommand())
-	root.AddCommand(a.systemCommands()...)
+	root.AddCommand(a.systemCommand())
 	a.addServiceCommands(root)
 	return root
 }

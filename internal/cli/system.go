@@ -8,10 +8,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func (a *App) systemCommands() []*cobra.Command {
-	return nil
-}
-
 // addServiceCommands adds top-level commands of the other services.
 func (a *App) addServiceCommands(root *cobra.Command) {
 	root.AddCommand(a.guestCommands()...)
