@@ -70,6 +70,7 @@ type GuestChannel struct {
 // bangerd as handles.json in the VM directory.
 type Handles struct {
 	Driver     string       `json:"driver"`
+	VMID       string       `json:"vm_id,omitempty"` // the VM the VMM was started for; Adopt checks it when set
 	PID        int          `json:"pid"`
 	StartTime  uint64       `json:"start_time"` // /proc/<pid>/stat field 22, guards against PID reuse
 	APISocket  string       `json:"api_socket,omitempty"`

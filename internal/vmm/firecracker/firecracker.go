@@ -507,6 +507,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		return nil, fmt.Errorf("launch %s: %w", cmd.Path, err)
 	}
 	h := vmm.Handles{
+		VMID:       cfg.VMID,
 		Driver:     DriverName,
 		PID:        proc.PID,
 		StartTime:  proc.StartTime,

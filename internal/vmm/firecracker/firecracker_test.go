@@ -169,6 +169,7 @@ func TestStartConfiguresMachineAsSpecified(t *testing.T) {
 	h := inst.Handles()
 	wantH := vmm.Handles{
 		Driver:     DriverName,
+		VMID:       cfg.VMID,
 		PID:        h.PID,
 		StartTime:  h.StartTime,
 		APISocket:  filepath.Join(cfg.Dir, APISocketName),
@@ -403,6 +404,7 @@ func TestAdopt(t *testing.T) {
 		mod  func(*vmm.Handles)
 	}{
 		{"start time differs", func(h *vmm.Handles) { h.StartTime++ }},
+		{"another VM's id", func(h *vmm.Handles) { h.VMID = "fedcba9876543210" }},
 		{"another VM's socket", func(h *vmm.Handles) { h.APISocket = filepath.Join(t.TempDir(), APISocketName) }},
 		{"not a firecracker", func(h *vmm.Handles) {
 			h.PID = os.Getpid()

@@ -251,6 +251,9 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 	if !instanceIDRe.MatchString(id) || sock == "" {
 		return nil, fmt.Errorf("%w: pid %d is not a firecracker started by banger (%q)", vmm.ErrGone, h.PID, strings.Join(args, " "))
 	}
+	if h.VMID != "" && id != h.VMID {
+		return nil, fmt.Errorf("%w: pid %d runs VM %s, not %s", vmm.ErrGone, h.PID, id, h.VMID)
+	}
 	jailDir := ""
 	if d.opts.Jailer != nil {
 		// The jailed firecracker names its socket inside the jail.

@@ -372,6 +372,14 @@ func TestBootKillAndAdopt(t *testing.T) {
 	if _, err := testDriver().Adopt(ctx, wrong); !errors.Is(err, vmm.ErrGone) {
 		t.Errorf("Adopt with another start time: %v, want ErrGone", err)
 	}
+	other := h
+	other.VMID = "fedcba9876543210"
+	if _, err := testDriver().Adopt(ctx, other); !errors.Is(err, vmm.ErrGone) {
+		t.Errorf("Adopt with another VM's id: %v, want ErrGone", err)
+	}
+	if h.VMID == "" {
+		t.Errorf("Handles carry no VM id")
+	}
 	self := h
 	self.PID = os.Getpid()
 	self.StartTime, _ = system.ProcessStartTime(self.PID)

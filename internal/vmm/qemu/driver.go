@@ -356,6 +356,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		proc.StartTime, _ = system.ProcessStartTime(proc.PID)
 	}
 	h := vmm.Handles{
+		VMID:       cfg.VMID,
 		Driver:     DriverName,
 		PID:        proc.PID,
 		StartTime:  proc.StartTime,
@@ -417,6 +418,9 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 	vmID, ok := matchCmdline(argv, h.APISocket)
 	if !ok {
 		return nil, fmt.Errorf("pid %d is not this VM's qemu (its command line does not name %s): %w", h.PID, h.APISocket, vmm.ErrGone)
+	}
+	if h.VMID != "" && vmID != h.VMID {
+		return nil, fmt.Errorf("pid %d runs VM %s, not %s: %w", h.PID, vmID, h.VMID, vmm.ErrGone)
 	}
 	proc, err := system.Adopt(h.PID, h.StartTime)
 	if err != nil {
