@@ -46,6 +46,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
 	d.vms.reconcile(ctx)
+	d.vms.startStatsPoller(ctx)
 	return nil
 }
 

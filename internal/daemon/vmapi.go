@@ -229,6 +229,7 @@ func (s *vmService) register(m *rpc.Mux) {
 		}
 		return readLog(filepath.Join(s.vmDir(vm.ID), "console.log"), p.Offset, p.Max, s.runtime(vm.ID) != nil)
 	})
+	s.registerGuestAPI(m)
 }
 
 func stopTimeout(sec float64) time.Duration {

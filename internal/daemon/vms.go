@@ -26,6 +26,8 @@ import (
 type guestAgent interface {
 	Ping(ctx context.Context) error
 	Shutdown(ctx context.Context) error
+	Ports(ctx context.Context) ([]api.Port, error)
+	Stats(ctx context.Context) (api.Stats, error)
 	Close() error
 }
 
