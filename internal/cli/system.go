@@ -24,18 +24,25 @@ func (a *App) doctorCommand() *cobra.Command {
 			if err := a.call(cmd.Context(), "system.doctor", nil, &res); err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.printJSON(res)
-			}
-			fmt.Fprintf(a.Stdout, "VMM: %s (%s)\n", res.Driver, res.DriverReason)
 			bad := 0
 			for _, c := range res.Checks {
-				mark := "ok  "
 				if !c.OK {
-					mark = "FAIL"
 					bad++
 				}
-				fmt.Fprintf(a.Stdout, "%s %-14s %s\n", mark, c.Name, c.Detail)
+			}
+			if a.output == "json" {
+				if err := a.printJSON(res); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(a.Stdout, "VMM: %s (%s)\n", res.Driver, res.DriverReason)
+				for _, c := range res.Checks {
+					mark := "ok  "
+					if !c.OK {
+						mark = "FAIL"
+					}
+					fmt.Fprintf(a.Stdout, "%s %-14s %s\n", mark, c.Name, c.Detail)
+				}
 			}
 			if bad > 0 {
 				return &ExitError{Code: 1}

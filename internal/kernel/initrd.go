@@ -101,16 +101,21 @@ func BuildInitrd(ctx context.Context, w io.Writer, opts InitrdOptions) error {
 	if opts.Kernel == nil {
 		return errors.New("build initrd: no kernel given")
 	}
-	if !versionRE.MatchString(opts.Kernel.Version) {
-		return fmt.Errorf("build initrd: unusable kernel version %q", opts.Kernel.Version)
-	}
 	names := opts.Modules
 	if names == nil {
 		names = defaultModules
 	}
-	order, err := ModuleLoadOrder(opts.Kernel.ModulesDir, names)
-	if err != nil {
-		return fmt.Errorf("build initrd: %w", err)
+	// An explicitly empty module list is for kernels with their drivers
+	// built in (e.g. a plain vmlinux): the initrd then holds only the agent.
+	var order []string
+	if len(names) > 0 {
+		if !versionRE.MatchString(opts.Kernel.Version) {
+			return fmt.Errorf("build initrd: unusable kernel version %q", opts.Kernel.Version)
+		}
+		var err error
+		if order, err = ModuleLoadOrder(opts.Kernel.ModulesDir, names); err != nil {
+			return fmt.Errorf("build initrd: %w", err)
+		}
 	}
 	agent, err := readAgent(opts.AgentPath)
 	if err != nil {
@@ -138,7 +143,9 @@ func BuildInitrd(ctx context.Context, w io.Writer, opts InitrdOptions) error {
 		addDir(d)
 	}
 	modRoot := path.Join("lib/modules", opts.Kernel.Version)
-	addDir(modRoot)
+	if len(order) > 0 {
+		addDir(modRoot)
+	}
 
 	var load bytes.Buffer
 	for _, rel := range order {

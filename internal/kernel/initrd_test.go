@@ -262,3 +262,27 @@ func TestDefaultModulesIsACopy(t *testing.T) {
 		t.Fatal("DefaultModules exposes the package's slice")
 	}
 }
+
+func TestBuildInitrdWithoutModules(t *testing.T) {
+	agent := filepath.Join(t.TempDir(), "agent")
+	if err := os.WriteFile(agent, []byte("\x7fELF agent"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A plain vmlinux has no version and no modules directory.
+	var b bytes.Buffer
+	if err := BuildInitrd(context.Background(), &b, InitrdOptions{Kernel: &Kernel{}, AgentPath: agent, Modules: []string{}}); err != nil {
+		t.Fatalf("BuildInitrd: %v", err)
+	}
+	_, files := readInitrd(t, b.Bytes())
+	if string(files["init"].data) != "\x7fELF agent" {
+		t.Fatal("no agent as /init")
+	}
+	if got := files[ModulesLoadPath].data; len(got) != 0 {
+		t.Fatalf("modules.load = %q, want empty", got)
+	}
+	for n := range files {
+		if strings.HasPrefix(n, "lib/modules") {
+			t.Fatalf("unexpected %s", n)
+		}
+	}
+}
