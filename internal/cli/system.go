@@ -11,6 +11,7 @@ import (
 // addServiceCommands adds top-level commands of the other services.
 func (a *App) addServiceCommands(root *cobra.Command) {
 	root.AddCommand(a.guestCommands()...)
+	root.AddCommand(a.guestToolCommands()...)
 	root.AddCommand(a.kernelCommand(), a.imageCommand(), a.runCommand(), a.doctorCommand())
 }
 

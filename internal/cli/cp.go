@@ -1,0 +1,390 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/pkg/sftp"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+// cpArg is one side of banger cp: a local path, or VM:path in a guest.
+type cpArg struct {
+	VM   string // "" for the host
+	Path string
+}
+
+func (c cpArg) String() string {
+	if c.VM == "" {
+		return c.Path
+	}
+	return c.VM + ":" + c.Path
+}
+
+// parseCpArg reads "VM:path" as a guest path when the part before the first
+// ':' is non-empty and has no '/'; anything else is a local path (write
+// ./a:b for a local file with a colon).
+func parseCpArg(s string) cpArg {
+	if i := strings.IndexByte(s, ':'); i > 0 && !strings.ContainsRune(s[:i], '/') {
+		p := s[i+1:]
+		if p == "" {
+			p = "." // the guest user's home
+		}
+		return cpArg{VM: s[:i], Path: p}
+	}
+	return cpArg{Path: s}
+}
+
+func (a *App) cpCommand() *cobra.Command {
+	var recursive, quiet bool
+	cmd := &cobra.Command{
+		Use:   "cp [-r] SRC DST",
+		Short: "Copy files between this host and a VM (VM:path names a guest path)",
+		Long: "Copy files and directories between this host and a VM over SFTP, keeping\n" +
+			"modes and modification times. One of SRC and DST is VM:path (a relative path\n" +
+			"is relative to the guest user's home). When DST is an existing directory,\n" +
+			"SRC is copied into it.",
+		Example: "  banger cp ./build.tar alpha:/tmp/\n  banger cp -r alpha:/var/log ./logs",
+		Args:    exactArgs(2, "[-r] SRC DST"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			src, dst := parseCpArg(args[0]), parseCpArg(args[1])
+			switch {
+			case src.VM != "" && dst.VM != "":
+				return usagef("copy between two VMs is not supported: copy through the host")
+			case src.VM == "" && dst.VM == "":
+				return usagef("neither %q nor %q names a VM path (VM:path)", args[0], args[1])
+			}
+			vm := src.VM + dst.VM
+			return a.cp(cmd.Context(), vm, src, dst, cpOptions{Recursive: recursive, Progress: !quiet && a.stdoutIsTerminal()})
+		},
+	}
+	cmd.Flags().BoolVarP(&recursive, "recursive", "r", false, "copy directories")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	return cmd
+}
+
+func (a *App) stdoutIsTerminal() bool {
+	f, ok := a.Stdout.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+type cpOptions struct {
+	Recursive bool
+	Progress  bool
+}
+
+// cpItem is one step of a copy plan.
+type cpItem struct {
+	Src, Dst string
+	Mode     fs.FileMode
+	Size     int64
+	MTime    time.Time
+	Link     string // symlink target, for symlinks
+}
+
+func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions) error {
+	cl, err := a.sshTo(ctx, vm)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	stop := context.AfterFunc(ctx, func() { cl.Close() })
+	defer stop()
+	sc, err := sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	if err != nil {
+		return fmt.Errorf("start sftp in %s: %w", vm, err)
+	}
+	defer sc.Close()
+	var local, remote cpFS = osFS{}, sftpFS{sc}
+	from, to := local, remote
+	if src.VM != "" {
+		from, to = remote, local
+	}
+	plan, err := planCopy(from, to, src, dst, opts.Recursive)
+	if err != nil {
+		return ctxOr(ctx, err)
+	}
+	var total int64
+	for _, it := range plan {
+		total += it.Size
+	}
+	var bar *progressbar.ProgressBar
+	if opts.Progress {
+		bar = progressbar.NewOptions64(total,
+			progressbar.OptionSetWriter(a.Stdout),
+			progressbar.OptionSetDescription(path.Base(filepath.ToSlash(src.Path))),
+			progressbar.OptionShowBytes(true),
+			progressbar.OptionShowTotalBytes(true),
+			progressbar.OptionThrottle(100*time.Millisecond),
+			progressbar.OptionFullWidth(),
+			progressbar.OptionOnCompletion(func() { fmt.Fprintln(a.Stdout) }),
+		)
+	}
+	if err := runCopy(from, to, plan, bar, src, dst); err != nil {
+		return ctxOr(ctx, err)
+	}
+	if bar != nil {
+		bar.Finish()
+	}
+	return nil
+}
+
+func ctxOr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("copy interrupted: %w", ctx.Err())
+	}
+	return err
+}
+
+// cpFS is what a copy needs of either side.
+type cpFS interface {
+	Stat(p string) (fs.FileInfo, error)
+	Lstat(p string) (fs.FileInfo, error)
+	ReadDir(p string) ([]fs.FileInfo, error)
+	Readlink(p string) (string, error)
+	Join(elem ...string) string
+	Base(p string) string
+	Create(p string) (io.WriteCloser, error)
+	Open(p string) (io.ReadCloser, error)
+	Mkdir(p string) error
+	Symlink(target, p string) error
+	Remove(p string) error
+	Chmod(p string, m fs.FileMode) error
+	Chtimes(p string, mtime time.Time) error
+}
+
+type osFS struct{}
+
+func (osFS) Stat(p string) (fs.FileInfo, error)  { return os.Stat(p) }
+func (osFS) Lstat(p string) (fs.FileInfo, error) { return os.Lstat(p) }
+func (osFS) ReadDir(p string) ([]fs.FileInfo, error) {
+	ents, err := os.ReadDir(p)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]fs.FileInfo, 0, len(ents))
+	for _, e := range ents {
+		fi, err := e.Info()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, fi)
+	}
+	return out, nil
+}
+func (osFS) Readlink(p string) (string, error) { return os.Readlink(p) }
+func (osFS) Join(e ...string) string           { return filepath.Join(e...) }
+func (osFS) Base(p string) string              { return filepath.Base(p) }
+func (osFS) Create(p string) (io.WriteCloser, error) {
+	return os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+}
+func (osFS) Open(p string) (io.ReadCloser, error) { return os.Open(p) }
+func (osFS) Mkdir(p string) error {
+	err := os.Mkdir(p, 0o700)
+	if errors.Is(err, fs.ErrExist) {
+		if fi, serr := os.Stat(p); serr == nil && fi.IsDir() {
+			return nil
+		}
+	}
+	return err
+}
+func (osFS) Symlink(t, p string) error               { return os.Symlink(t, p) }
+func (osFS) Remove(p string) error                   { return os.Remove(p) }
+func (osFS) Chmod(p string, m fs.FileMode) error     { return os.Chmod(p, m) }
+func (osFS) Chtimes(p string, mtime time.Time) error { return os.Chtimes(p, mtime, mtime) }
+
+type sftpFS struct{ c *sftp.Client }
+
+func (s sftpFS) Stat(p string) (fs.FileInfo, error)      { return s.c.Stat(p) }
+func (s sftpFS) Lstat(p string) (fs.FileInfo, error)     { return s.c.Lstat(p) }
+func (s sftpFS) ReadDir(p string) ([]fs.FileInfo, error) { return s.c.ReadDir(p) }
+func (s sftpFS) Readlink(p string) (string, error)       { return s.c.ReadLink(p) }
+func (sftpFS) Join(e ...string) string                   { return path.Join(e...) }
+func (sftpFS) Base(p string) string                      { return path.Base(p) }
+func (s sftpFS) Create(p string) (io.WriteCloser, error) {
+	return s.c.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC)
+}
+func (s sftpFS) Open(p string) (io.ReadCloser, error) { return s.c.Open(p) }
+func (s sftpFS) Mkdir(p string) error {
+	err := s.c.Mkdir(p)
+	if err != nil {
+		if fi, serr := s.c.Stat(p); serr == nil && fi.IsDir() {
+			return nil
+		}
+	}
+	return err
+}
+func (s sftpFS) Symlink(t, p string) error           { return s.c.Symlink(t, p) }
+func (s sftpFS) Remove(p string) error               { return s.c.Remove(p) }
+func (s sftpFS) Chmod(p string, m fs.FileMode) error { return s.c.Chmod(p, m) }
+func (s sftpFS) Chtimes(p string, mtime time.Time) error {
+	return s.c.Chtimes(p, mtime, mtime)
+}
+
+// keptMode is the part of a mode a copy keeps.
+func keptMode(m fs.FileMode) fs.FileMode {
+	return m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+}
+
+// planCopy lists what to copy, like cp -r/scp -r: into DST when DST is an
+// existing directory, else as DST.
+func planCopy(from, to cpFS, src, dst cpArg, recursive bool) ([]cpItem, error) {
+	fi, err := from.Stat(src.Path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", src, explainFSErr(err))
+	}
+	target := dst.Path
+	tfi, terr := to.Stat(dst.Path)
+	switch {
+	case terr == nil && tfi.IsDir():
+		target = to.Join(dst.Path, from.Base(src.Path))
+	case terr == nil && fi.IsDir():
+		return nil, fmt.Errorf("%s exists and is not a directory", dst)
+	case terr != nil && !errors.Is(terr, fs.ErrNotExist):
+		return nil, fmt.Errorf("%s: %w", dst, explainFSErr(terr))
+	case terr != nil && !fi.IsDir() && strings.HasSuffix(dst.Path, "/"):
+		return nil, fmt.Errorf("%s: no such directory", dst)
+	}
+	if !fi.IsDir() {
+		if !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("%s is not a regular file", src)
+		}
+		return []cpItem{{Src: src.Path, Dst: target, Mode: fi.Mode(), Size: fi.Size(), MTime: fi.ModTime()}}, nil
+	}
+	if !recursive {
+		return nil, fmt.Errorf("%s is a directory (use cp -r)", src)
+	}
+	var plan []cpItem
+	var walk func(s, d string, fi fs.FileInfo) error
+	walk = func(s, d string, fi fs.FileInfo) error {
+		it := cpItem{Src: s, Dst: d, Mode: fi.Mode(), MTime: fi.ModTime()}
+		switch {
+		case fi.IsDir():
+			plan = append(plan, it)
+			ents, err := from.ReadDir(s)
+			if err != nil {
+				return fmt.Errorf("read directory %s: %w", s, explainFSErr(err))
+			}
+			for _, e := range ents {
+				if err := walk(from.Join(s, e.Name()), to.Join(d, e.Name()), e); err != nil {
+					return err
+				}
+			}
+			// the directory's mode and time are set after its contents
+			plan = append(plan, cpItem{Src: s, Dst: d, Mode: fi.Mode() | fs.ModeIrregular, MTime: fi.ModTime()})
+		case fi.Mode()&fs.ModeSymlink != 0:
+			t, err := from.Readlink(s)
+			if err != nil {
+				return fmt.Errorf("read link %s: %w", s, explainFSErr(err))
+			}
+			it.Link = t
+			plan = append(plan, it)
+		case fi.Mode().IsRegular():
+			it.Size = fi.Size()
+			plan = append(plan, it)
+		default:
+			// devices, sockets, fifos: skipped like scp does
+		}
+		return nil
+	}
+	return plan, walk(src.Path, target, fi)
+}
+
+// runCopy carries out a plan.
+func runCopy(from, to cpFS, plan []cpItem, bar *progressbar.ProgressBar, src, dst cpArg) error {
+	where := func(p string, side cpArg) string {
+		if side.VM == "" {
+			return p
+		}
+		return side.VM + ":" + p
+	}
+	for _, it := range plan {
+		var err error
+		switch {
+		case it.Mode&fs.ModeIrregular != 0 && it.Mode.IsDir(): // directory done
+			if err = to.Chmod(it.Dst, keptMode(it.Mode)); err == nil {
+				err = to.Chtimes(it.Dst, it.MTime)
+			}
+		case it.Mode.IsDir():
+			err = to.Mkdir(it.Dst)
+		case it.Link != "":
+			to.Remove(it.Dst)
+			err = to.Symlink(it.Link, it.Dst)
+		default:
+			err = copyOne(from, to, it, bar)
+		}
+		if err != nil {
+			return fmt.Errorf("copy %s to %s: %w", where(it.Src, src), where(it.Dst, dst), explainFSErr(err))
+		}
+	}
+	return nil
+}
+
+// copyOne copies a regular file and sets its mode and time.
+func copyOne(from, to cpFS, it cpItem, bar *progressbar.ProgressBar) error {
+	r, err := from.Open(it.Src)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	w, err := to.Create(it.Dst)
+	if err != nil {
+		return err
+	}
+	var werr error
+	switch _, remote := r.(*sftp.File); {
+	case bar == nil:
+		werr = transfer(w, r)
+	case remote:
+		// keep the remote file's concurrent WriteTo; count through the writer
+		werr = transfer(io.MultiWriter(w, bar), r)
+	default:
+		werr = transfer(w, io.TeeReader(r, bar))
+	}
+	if cerr := w.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr != nil {
+		return werr
+	}
+	if err := to.Chmod(it.Dst, keptMode(it.Mode)); err != nil {
+		return err
+	}
+	return to.Chtimes(it.Dst, it.MTime)
+}
+
+// transfer uses the sftp fast paths: concurrent writes to a remote file,
+// concurrent reads from one.
+func transfer(w io.Writer, r io.Reader) error {
+	if rf, ok := w.(*sftp.File); ok {
+		_, err := rf.ReadFromWithConcurrency(r, 0)
+		return err
+	}
+	if rf, ok := r.(*sftp.File); ok {
+		_, err := rf.WriteTo(w)
+		return err
+	}
+	_, err := io.Copy(w, r)
+	return err
+}
+
+// explainFSErr turns the usual failures into plain words.
+func explainFSErr(err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("no such file or directory (%w)", err)
+	case errors.Is(err, fs.ErrPermission):
+		return fmt.Errorf("permission denied (%w)", err)
+	}
+	return err
+}
