@@ -469,38 +469,34 @@ func randomName() string {
 	return adjectives[int(id[0])%len(adjectives)] + "-" + nouns[int(id[1])%len(nouns)] + "-" + id[2:6]
 }
 
-func (d *Daemon) resolveImage(ctx context.Context, ref string) (*store.Image, error) {
+// resolveDefault picks an artifact by ref, else by the configured default,
+// else the newest one; none at all is a failed precondition with a hint.
+func resolveDefault[T any](ctx context.Context, ref, configured string, find func(context.Context, string) (T, error),
+	list func(context.Context) ([]T, error), none string) (T, error) {
+	var zero T
 	if ref == "" {
-		ref = d.fileCfg.DefaultImage
+		ref = configured
 	}
 	if ref != "" {
-		im, err := d.store.FindImage(ctx, ref)
-		return im, storeErr(err)
+		v, err := find(ctx, ref)
+		return v, storeErr(err)
 	}
-	ims, err := d.store.ListImages(ctx)
+	all, err := list(ctx)
 	if err != nil {
-		return nil, err
+		return zero, err
 	}
-	if len(ims) == 0 {
-		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "no images yet: import one with `banger image import ROOTFS.ext4` (or pull one)")
+	if len(all) == 0 {
+		return zero, rpc.Errorf(rpc.CodeFailedPrecondition, "%s", none)
 	}
-	return ims[0], nil
+	return all[0], nil
+}
+
+func (d *Daemon) resolveImage(ctx context.Context, ref string) (*store.Image, error) {
+	return resolveDefault(ctx, ref, d.fileCfg.DefaultImage, d.store.FindImage, d.store.ListImages,
+		"no images yet: import one with `banger image import ROOTFS.ext4` (or pull one)")
 }
 
 func (d *Daemon) resolveKernel(ctx context.Context, ref string) (*store.Kernel, error) {
-	if ref == "" {
-		ref = d.fileCfg.DefaultKernel
-	}
-	if ref != "" {
-		k, err := d.store.FindKernel(ctx, ref)
-		return k, storeErr(err)
-	}
-	ks, err := d.store.ListKernels(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if len(ks) == 0 {
-		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "no kernels yet: import one with `banger kernel import --package linux-image-cloud-amd64`")
-	}
-	return ks[0], nil
+	return resolveDefault(ctx, ref, d.fileCfg.DefaultKernel, d.store.FindKernel, d.store.ListKernels,
+		"no kernels yet: import one with `banger kernel import --package linux-image-cloud-amd64`")
 }

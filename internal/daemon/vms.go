@@ -172,28 +172,19 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 		if err := drv.Preflight(ctx); err != nil {
 			return err
 		}
-		for _, c := range s.caps {
-			if p, ok := c.(startPrereq); ok {
-				if err := p.StartPrereq(ctx, env); err != nil {
-					return fmt.Errorf("%s: %w", c.Name(), err)
-				}
-			}
-		}
-		return nil
+		return eachCap(s.caps, func(p startPrereq) error { return p.StartPrereq(ctx, env) })
 	}); err != nil {
 		return err
 	}
 	if err := stage("prepare host", func() error {
-		for _, c := range s.caps {
-			if p, ok := c.(hostPreparer); ok {
-				undo, err := p.PrepareHost(ctx, env)
-				if err != nil {
-					return fmt.Errorf("%s: %w", c.Name(), err)
-				}
-				if undo != nil {
-					undos = append(undos, undo)
-				}
+		if err := eachCap(s.caps, func(p hostPreparer) error {
+			undo, err := p.PrepareHost(ctx, env)
+			if undo != nil {
+				undos = append(undos, undo)
 			}
+			return err
+		}); err != nil {
+			return err
 		}
 		if err := s.save(ctx, vm); err != nil { // capabilities may have set ip, tap, mac
 			return err
@@ -214,12 +205,8 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 			return err
 		}
 		env.Boot.RNGSeed = seed
-		for _, c := range s.caps {
-			if p, ok := c.(guestConfigContributor); ok {
-				if err := p.ContributeGuestConfig(ctx, env); err != nil {
-					return fmt.Errorf("%s: %w", c.Name(), err)
-				}
-			}
+		if err := eachCap(s.caps, func(p guestConfigContributor) error { return p.ContributeGuestConfig(ctx, env) }); err != nil {
+			return err
 		}
 		b, err := bootcfg.Encode(env.Boot)
 		if err != nil {
@@ -228,14 +215,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 		if err := writeFileAtomic(filepath.Join(dir, bootcfgName), b, 0o600); err != nil {
 			return err
 		}
-		for _, c := range s.caps {
-			if p, ok := c.(machineConfigContributor); ok {
-				if err := p.ContributeMachineConfig(ctx, env); err != nil {
-					return fmt.Errorf("%s: %w", c.Name(), err)
-				}
-			}
-		}
-		return nil
+		return eachCap(s.caps, func(p machineConfigContributor) error { return p.ContributeMachineConfig(ctx, env) })
 	}); err != nil {
 		return err
 	}
@@ -266,14 +246,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 		return err
 	}
 	if err := stage("post-start", func() error {
-		for _, c := range s.caps {
-			if p, ok := c.(postStarter); ok {
-				if err := p.PostStart(ctx, env); err != nil {
-					return fmt.Errorf("%s: %w", c.Name(), err)
-				}
-			}
-		}
-		return nil
+		return eachCap(s.caps, func(p postStarter) error { return p.PostStart(ctx, env) })
 	}); err != nil {
 		return err
 	}
@@ -282,6 +255,19 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 		return err
 	}
 	go s.watch(vm.ID, rt)
+	return nil
+}
+
+// eachCap runs fn for every capability implementing hook T, in order, and
+// names the capability in the error of the first that fails.
+func eachCap[T any](caps []capability, fn func(T) error) error {
+	for _, c := range caps {
+		if h, ok := c.(T); ok {
+			if err := fn(h); err != nil {
+				return fmt.Errorf("%s: %w", c.Name(), err)
+			}
+		}
+	}
 	return nil
 }
 
