@@ -20,6 +20,8 @@ type BuildOptions struct {
 	HeadroomMiB int
 	// Label is the filesystem volume label (default "banger-image").
 	Label string
+	// SourceBytes is the expected size of local layer data, for progress.
+	SourceBytes int64
 }
 
 // BuildResult describes a built filesystem.
