@@ -1,11 +1,18 @@
 package cli
 
 import (
+	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
+	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/bangerdev/banger/internal/rpc"
 
 	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/store"
@@ -114,28 +121,63 @@ func (a *App) rmCommand(method, what string) *cobra.Command {
 func (a *App) imageCommand() *cobra.Command {
 	im := &cobra.Command{Use: "image", Short: "Manage root filesystem images"}
 	var name string
+	var headroom int
 	imp := &cobra.Command{
-		Use:   "import FILE",
-		Short: "Import an ext4 root filesystem image",
+		Use:   "import FILE|DIR",
+		Short: "Import an ext4 root filesystem, a docker save tarball or an OCI layout (tarball or directory)",
 		Args:  exactArgs(1, "FILE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := absPath(args[0])
 			if err != nil {
 				return err
 			}
-			var res store.Image
-			if err := a.call(cmd.Context(), "image.import", daemon.ImageImportParams{Name: name, Path: p}, &res); err != nil {
-				return err
-			}
-			if a.output == "json" {
-				return a.printJSON(res)
-			}
-			fmt.Fprintf(a.Stdout, "imported image %s (%s)\n", res.Name, humanBytes(res.SizeBytes))
-			return nil
+			return a.imageOp(cmd.Context(), "image.import.begin", daemon.ImageOpParams{Name: name, Path: p, HeadroomMiB: headroom}, "imported")
 		},
 	}
 	imp.Flags().StringVar(&name, "name", "", "name (default: from the file name)")
+	imp.Flags().IntVar(&headroom, "headroom", 0, "free space in MiB beyond the content (default 64)")
 	im.AddCommand(imp)
+
+	var pp daemon.ImageOpParams
+	pull := &cobra.Command{
+		Use:   "pull REF",
+		Short: "Pull a linux/amd64 image from an OCI registry (debian:bookworm means Docker Hub)",
+		Args:  exactArgs(1, "REF"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			pp.Ref = args[0]
+			return a.imageOp(cmd.Context(), "image.pull.begin", pp, "pulled")
+		},
+	}
+	pull.Flags().StringVar(&pp.Name, "name", "", "name (default: from the reference, e.g. debian-bookworm)")
+	pull.Flags().BoolVar(&pp.Insecure, "insecure", false, "use plain HTTP for the registry")
+	pull.Flags().IntVar(&pp.HeadroomMiB, "headroom", 0, "free space in MiB beyond the content (default 64)")
+	im.AddCommand(pull)
+
+	var bp daemon.ImageOpParams
+	var pkgs string
+	build := &cobra.Command{
+		Use:   "build --debootstrap SUITE",
+		Short: "Build a Debian image with debootstrap from the host's configured mirror",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if bp.Suite == "" {
+				return usagef("give --debootstrap SUITE (e.g. bookworm)")
+			}
+			bp.Packages = nil
+			for _, p := range strings.Split(pkgs, ",") {
+				if p = strings.TrimSpace(p); p != "" {
+					bp.Packages = append(bp.Packages, p)
+				}
+			}
+			return a.imageOp(cmd.Context(), "image.build.begin", bp, "built")
+		},
+	}
+	build.Flags().StringVar(&bp.Suite, "debootstrap", "", "Debian suite to bootstrap (e.g. bookworm)")
+	build.Flags().StringVar(&bp.Mirror, "mirror", "", "Debian mirror URL (default: the host's apt sources)")
+	build.Flags().StringVar(&pkgs, "packages", "", "extra packages, comma-separated")
+	build.Flags().StringVar(&bp.Name, "name", "", "name (default: debian-SUITE)")
+	build.Flags().IntVar(&bp.HeadroomMiB, "headroom", 0, "free space in MiB beyond the content (default 64)")
+	im.AddCommand(build)
 	im.AddCommand(&cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List images", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -155,9 +197,9 @@ func (a *App) imageCommand() *cobra.Command {
 				if len(d) > 19 {
 					d = d[:19]
 				}
-				rows = append(rows, []string{i.Name, humanBytes(i.SizeBytes), orDash(d), ago(i.CreatedAt)})
+				rows = append(rows, []string{i.Name, humanBytes(i.SizeBytes), orDash(d), orDash(i.Source), ago(i.CreatedAt)})
 			}
-			return a.table([]string{"NAME", "SIZE", "DIGEST", "CREATED"}, rows)
+			return a.table([]string{"NAME", "SIZE", "DIGEST", "SOURCE", "CREATED"}, rows)
 		},
 	})
 	im.AddCommand(a.rmCommand("image.delete", "an image"))
@@ -198,4 +240,72 @@ func (a *App) runCommand() *cobra.Command {
 	return run
 }
 
-var _ = strings.TrimSpace
+// imageOp starts a long image operation and follows it to the end, with a
+// progress bar on a terminal (none under -o json or when stderr is not one).
+func (a *App) imageOp(ctx context.Context, method string, p daemon.ImageOpParams, verb string) error {
+	c, err := a.client(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var st daemon.ImageOpStatus
+	if err := c.Call(ctx, method, p, &st); err != nil {
+		return err
+	}
+	show := a.output != "json" && a.stderrIsTerminal()
+	var bar *progressbar.ProgressBar
+	phase := ""
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	sctx := rpc.WithOpID(ctx, st.OpID)
+	for !st.Done {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+		if err := c.Call(sctx, "image.op.status", map[string]any{"op_id": st.OpID}, &st); err != nil {
+			return err
+		}
+		if !show {
+			continue
+		}
+		if st.Phase != phase {
+			if bar != nil {
+				bar.Finish()
+			}
+			phase = st.Phase
+			total := st.Total
+			if total <= 0 {
+				total = -1
+			}
+			bar = progressbar.NewOptions64(total, progressbar.OptionSetWriter(a.Stderr), progressbar.OptionSetDescription(fmt.Sprintf("%-8s", phase)),
+				progressbar.OptionShowBytes(true), progressbar.OptionThrottle(100*time.Millisecond), progressbar.OptionClearOnFinish(),
+				progressbar.OptionSetWidth(30))
+		}
+		if st.Total > 0 {
+			bar.ChangeMax64(st.Total)
+		}
+		bar.Set64(st.Current)
+	}
+	if bar != nil {
+		bar.Finish()
+	}
+	if st.Error != "" {
+		return fmt.Errorf("%s (%s)", st.Error, st.OpID)
+	}
+	if a.output == "json" {
+		return a.printJSON(st.Image)
+	}
+	res := st.Image
+	if st.Reused {
+		verb += " (same image already present: reused)"
+	}
+	fmt.Fprintf(a.Stdout, "%s image %s (%s, %s)\n", verb, res.Name, humanBytes(res.SizeBytes), orDash(res.Digest))
+	return nil
+}
+
+func (a *App) stderrIsTerminal() bool {
+	f, ok := a.Stderr.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}

@@ -27,10 +27,12 @@ type KernelImportParams struct {
 	Package string `json:"package,omitempty"`
 }
 
-// ImageImportParams is image.import of an ext4 root filesystem.
+// ImageImportParams is image.import of an ext4 root filesystem, a docker
+// save tarball or an OCI layout (tarball or directory).
 type ImageImportParams struct {
-	Name string `json:"name,omitempty"`
-	Path string `json:"path"`
+	Name        string `json:"name,omitempty"`
+	Path        string `json:"path"`
+	HeadroomMiB int    `json:"headroom_mib,omitempty"`
 }
 
 // NameRef names an image or kernel.
@@ -59,7 +61,10 @@ func (d *Daemon) registerArtifactAPI() {
 		os.RemoveAll(filepath.Join(d.cfg.Layout.KernelsDir(), k.ID))
 		return map[string]string{"deleted": k.Name}, nil
 	})
-	rpc.Handle(m, "image.import", d.importImage)
+	rpc.Handle(m, "image.import", func(ctx context.Context, p ImageImportParams) (*store.Image, error) {
+		return d.runImageOp(ctx, "import", ImageOpParams{Name: p.Name, Path: p.Path, HeadroomMiB: p.HeadroomMiB}, nil)
+	})
+	d.registerImageOpsAPI()
 	rpc.Handle(m, "image.list", func(ctx context.Context, _ struct{}) ([]*store.Image, error) {
 		ims, err := d.store.ListImages(ctx)
 		return ims, storeErr(err)

@@ -1,0 +1,372 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/bangerdev/banger/internal/image"
+	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// ImageOpParams starts a long image operation: image.pull.begin (Ref),
+// image.import.begin (Path) or image.build.begin (Suite).
+type ImageOpParams struct {
+	Name string `json:"name,omitempty"`
+	// Pull
+	Ref      string `json:"ref,omitempty"`
+	Insecure bool   `json:"insecure,omitempty"` // plain HTTP registry
+	// Import
+	Path string `json:"path,omitempty"`
+	// Build (debootstrap)
+	Suite    string   `json:"suite,omitempty"`
+	Mirror   string   `json:"mirror,omitempty"`
+	Packages []string `json:"packages,omitempty"`
+	// HeadroomMiB is free space in the image beyond its content (default 64).
+	HeadroomMiB int `json:"headroom_mib,omitempty"`
+}
+
+// ImageOpStatus is image.op.status's result (and the begin calls').
+type ImageOpStatus struct {
+	OpID    string       `json:"op_id"`
+	Kind    string       `json:"kind"`
+	Phase   string       `json:"phase"`
+	Current int64        `json:"current"`
+	Total   int64        `json:"total"`
+	Done    bool         `json:"done"`
+	Error   string       `json:"error,omitempty"`
+	Image   *store.Image `json:"image,omitempty"`
+	Reused  bool         `json:"reused,omitempty"` // an image with the same digest was reused
+}
+
+type imageOp struct {
+	mu     sync.Mutex
+	status ImageOpStatus
+}
+
+func (o *imageOp) snapshot() ImageOpStatus {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.status
+}
+
+func (o *imageOp) progress(ev image.Event) {
+	o.mu.Lock()
+	o.status.Phase, o.status.Current, o.status.Total = ev.Phase, ev.Done, ev.Total
+	o.mu.Unlock()
+}
+
+var imageOps = struct {
+	sync.Mutex
+	m map[string]*imageOp
+}{m: map[string]*imageOp{}}
+
+func (d *Daemon) registerImageOpsAPI() {
+	m := d.mux
+	begin := func(kind string) func(ctx context.Context, p ImageOpParams) (ImageOpStatus, error) {
+		return func(ctx context.Context, p ImageOpParams) (ImageOpStatus, error) {
+			return d.beginImageOp(ctx, kind, p)
+		}
+	}
+	rpc.Handle(m, "image.pull.begin", begin("pull"))
+	rpc.Handle(m, "image.import.begin", begin("import"))
+	rpc.Handle(m, "image.build.begin", begin("build"))
+	rpc.Handle(m, "image.op.status", func(ctx context.Context, p struct {
+		OpID string `json:"op_id"`
+	}) (ImageOpStatus, error) {
+		imageOps.Lock()
+		op := imageOps.m[p.OpID]
+		imageOps.Unlock()
+		if op == nil {
+			return ImageOpStatus{}, rpc.Errorf(rpc.CodeNotFound, "no image operation %q", p.OpID)
+		}
+		return op.snapshot(), nil
+	})
+	rpc.Handle(m, "image.pull", func(ctx context.Context, p ImageOpParams) (*store.Image, error) {
+		return d.runImageOp(ctx, "pull", p, nil)
+	})
+}
+
+func (d *Daemon) beginImageOp(ctx context.Context, kind string, p ImageOpParams) (ImageOpStatus, error) {
+	if err := validateImageOp(kind, &p); err != nil {
+		return ImageOpStatus{}, err
+	}
+	opID := rpc.OpID(ctx)
+	if opID == "" {
+		opID = newID()
+	}
+	op := &imageOp{status: ImageOpStatus{OpID: opID, Kind: kind, Phase: "start"}}
+	imageOps.Lock()
+	imageOps.m[opID] = op
+	imageOps.Unlock()
+	go func() {
+		bctx := context.WithoutCancel(ctx)
+		im, err := d.runImageOp(bctx, kind, p, op)
+		op.mu.Lock()
+		op.status.Done = true
+		op.status.Image = im
+		if err != nil {
+			op.status.Error = err.Error()
+		}
+		op.mu.Unlock()
+		// Finished operations are kept a while for the CLI to read.
+		time.AfterFunc(10*time.Minute, func() {
+			imageOps.Lock()
+			delete(imageOps.m, opID)
+			imageOps.Unlock()
+		})
+	}()
+	return op.snapshot(), nil
+}
+
+func validateImageOp(kind string, p *ImageOpParams) error {
+	switch kind {
+	case "pull":
+		if p.Ref == "" {
+			return rpc.Errorf(rpc.CodeInvalidArgument, "an image reference is required, e.g. debian:bookworm")
+		}
+	case "import":
+		if _, err := hostPath(p.Path); err != nil {
+			return err
+		}
+	case "build":
+		if err := image.ValidateSuite(p.Suite); err != nil {
+			return rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		}
+		for _, pk := range p.Packages {
+			if err := image.ValidatePackage(pk); err != nil {
+				return rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			}
+		}
+	}
+	if p.HeadroomMiB < 0 || p.HeadroomMiB > 1<<20 {
+		return rpc.Errorf(rpc.CodeInvalidArgument, "headroom must be between 0 and 1048576 MiB")
+	}
+	if p.Name != "" {
+		if err := validName("image", p.Name); err != nil {
+			return rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		}
+	}
+	return nil
+}
+
+// hostPath checks an absolute path to an existing file or directory.
+func hostPath(p string) (string, error) {
+	if p == "" {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "image path is required")
+	}
+	if !filepath.IsAbs(p) {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "image path %q must be absolute", p)
+	}
+	if _, err := os.Stat(p); err != nil {
+		return "", rpc.Errorf(rpc.CodeInvalidArgument, "image %s: %v", p, err)
+	}
+	return p, nil
+}
+
+// runImageOp does a pull, import or build to the end: the image's files are
+// made in a temporary directory, moved into place, and the database row is
+// written last, so an interrupted operation leaves nothing registered.
+func (d *Daemon) runImageOp(ctx context.Context, kind string, p ImageOpParams, op *imageOp) (_ *store.Image, err error) {
+	if op == nil {
+		op = &imageOp{}
+	}
+	if err := validateImageOp(kind, &p); err != nil {
+		return nil, err
+	}
+	if kind == "import" {
+		k, err := image.Detect(p.Path)
+		if err != nil {
+			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		}
+		if k == image.KindExt4 {
+			op.progress(image.Event{Phase: "copy"})
+			return d.importImage(ctx, ImageImportParams{Name: p.Name, Path: p.Path})
+		}
+	}
+	lop := logging.StartOp(ctx, d.log, "image."+kind, "ref", p.Ref, "path", p.Path, "suite", p.Suite)
+	defer func() { lop.End(err) }()
+	imagesDir := d.cfg.Layout.ImagesDir()
+	if err := os.MkdirAll(imagesDir, 0o700); err != nil {
+		return nil, err
+	}
+	d.sweepImageTemps()
+	id := newID()
+	work := filepath.Join(imagesDir, ".tmp-"+id)
+	if err := os.MkdirAll(work, 0o700); err != nil {
+		return nil, err
+	}
+	activeTemps.Store(work, struct{}{})
+	defer activeTemps.Delete(work)
+	defer os.RemoveAll(work)
+	opts := image.BuildOptions{HeadroomMiB: p.HeadroomMiB}
+
+	var (
+		img    v1.Image
+		source string
+		name   = p.Name
+	)
+	switch kind {
+	case "pull":
+		op.progress(image.Event{Phase: "resolve"})
+		ref, insecure := p.Ref, p.Insecure
+		var r interface{ Name() string }
+		img, r, err = func() (v1.Image, interface{ Name() string }, error) {
+			i, rr, err := image.RemoteImage(ctx, ref, insecure)
+			return i, rr, err
+		}()
+		if err != nil {
+			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
+		}
+		source = r.Name()
+		if name == "" {
+			name = imageNameFromRef(p.Ref)
+		}
+	case "import":
+		k, _ := image.Detect(p.Path)
+		img, err = image.OpenArchive(p.Path, k, work)
+		if err != nil {
+			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		}
+		if st, err := os.Stat(p.Path); err == nil && !st.IsDir() {
+			opts.SourceBytes = st.Size()
+		}
+		source = p.Path
+		if name == "" {
+			name = sanitizeName(strings.TrimSuffix(filepath.Base(p.Path), filepath.Ext(p.Path)))
+		}
+	case "build":
+		return d.buildDebootstrap(ctx, p, op, id, work, opts)
+	}
+	if err := validName("image", name); err != nil {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v (choose one with --name)", err)
+	}
+	digest, cfg, err := image.ConfigOf(img)
+	if err != nil {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+	}
+	cfgJSON, _ := json.Marshal(cfg)
+	unlock := d.locks.Lock("image-digest:" + digest)
+	defer unlock()
+	if existing, err := d.store.FindImage(ctx, name); err == nil {
+		if existing.Digest == digest {
+			op.mu.Lock()
+			op.status.Reused = true
+			op.mu.Unlock()
+			return existing, nil
+		}
+		return nil, rpc.Errorf(rpc.CodeConflict, "an image named %q already exists (digest %s); remove it with `banger image rm %s` or choose another --name", name, shortDigest(existing.Digest), name)
+	}
+	dir := filepath.Join(imagesDir, id)
+	dst := filepath.Join(dir, "rootfs.ext4")
+	built := filepath.Join(work, "rootfs.ext4")
+	reused := false
+	// The same image (by config digest) is never unpacked twice: its
+	// filesystem is shared by a hard link.
+	if all, err := d.store.ListImages(ctx); err == nil {
+		for _, o := range all {
+			if o.Digest == digest && o.RootfsPath != "" {
+				if err := os.Link(o.RootfsPath, built); err == nil {
+					reused = true
+					break
+				}
+			}
+		}
+	}
+	var res *image.BuildResult
+	if !reused {
+		var cache *image.BlobCache
+		if kind == "pull" {
+			cache = &image.BlobCache{Dir: filepath.Join(d.cfg.Layout.CacheDir(), "blobs")}
+		}
+		res, err = image.Flatten(ctx, img, cache, work, built, opts, op.progress)
+		if err != nil {
+			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "build the image's filesystem: %v", err)
+		}
+		os.RemoveAll(filepath.Join(work, "stage"))
+		d.log.InfoContext(ctx, "image filesystem built", "image", name, "inodes", res.Inodes, "content_bytes", res.ContentBytes,
+			"mkfs_ms", logging.Ms(res.MkfsTime), "fixup_ms", logging.Ms(res.FixupTime), "fixups", res.FixupCmds)
+	}
+	return d.registerBuilt(ctx, op, id, built, dir, dst, &store.Image{ID: id, Name: name, Digest: digest, Source: source, ConfigJSON: string(cfgJSON)}, reused)
+}
+
+// registerBuilt moves a finished filesystem into place and writes the row.
+func (d *Daemon) registerBuilt(ctx context.Context, op *imageOp, id, built, dir, dst string, im *store.Image, reused bool) (_ *store.Image, err error) {
+	op.progress(image.Event{Phase: "register"})
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(dir)
+		}
+	}()
+	if !reused {
+		os.Chmod(built, 0o400)
+	}
+	if err := os.Rename(built, dst); err != nil {
+		return nil, err
+	}
+	st, err := os.Stat(dst)
+	if err != nil {
+		return nil, err
+	}
+	im.RootfsPath, im.SizeBytes = dst, st.Size()
+	if err := d.store.CreateImage(ctx, im); err != nil {
+		return nil, storeErr(err)
+	}
+	op.mu.Lock()
+	op.status.Reused = reused
+	op.mu.Unlock()
+	return im, nil
+}
+
+// sweepImageTemps removes work directories of operations that no longer run
+// (e.g. bangerd was stopped mid-pull).
+func (d *Daemon) sweepImageTemps() {
+	ents, _ := os.ReadDir(d.cfg.Layout.ImagesDir())
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), ".tmp-") {
+			continue
+		}
+		if d.tempInUse(e.Name()) {
+			continue
+		}
+		os.RemoveAll(filepath.Join(d.cfg.Layout.ImagesDir(), e.Name()))
+	}
+}
+
+var activeTemps sync.Map // ".tmp-<id>" -> struct{}
+
+func (d *Daemon) tempInUse(name string) bool {
+	_, ok := activeTemps.Load(filepath.Join(d.cfg.Layout.ImagesDir(), name))
+	return ok
+}
+
+func imageNameFromRef(ref string) string {
+	r := ref
+	if i := strings.LastIndex(r, "@"); i >= 0 {
+		r = r[:i]
+	}
+	if i := strings.LastIndex(r, "/"); i >= 0 {
+		r = r[i+1:]
+	}
+	return sanitizeName(r)
+}
+
+func shortDigest(d string) string {
+	d = strings.TrimPrefix(d, "sha256:")
+	if len(d) > 12 {
+		d = d[:12]
+	}
+	return d
+}
+
