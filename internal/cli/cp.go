@@ -15,6 +15,7 @@ import (
 	"github.com/pkg/sftp"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"golang.org/x/crypto/ssh"
 	"golang.org/x/term"
 )
 
@@ -105,7 +106,7 @@ func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions)
 		return fmt.Errorf("start sftp in %s: %w", vm, err)
 	}
 	defer sc.Close()
-	var local, remote cpFS = osFS{}, sftpFS{sc}
+	var local, remote cpFS = osFS{}, sftpFS{c: sc, cl: cl}
 	from, to := local, remote
 	if src.VM != "" {
 		from, to = remote, local
@@ -203,7 +204,10 @@ func (osFS) Remove(p string) error                   { return os.Remove(p) }
 func (osFS) Chmod(p string, m fs.FileMode) error     { return os.Chmod(p, m) }
 func (osFS) Chtimes(p string, mtime time.Time) error { return os.Chtimes(p, mtime, mtime) }
 
-type sftpFS struct{ c *sftp.Client }
+type sftpFS struct {
+	c  *sftp.Client
+	cl *ssh.Client
+}
 
 func (s sftpFS) Stat(p string) (fs.FileInfo, error)      { return s.c.Stat(p) }
 func (s sftpFS) Lstat(p string) (fs.FileInfo, error)     { return s.c.Lstat(p) }
@@ -224,7 +228,30 @@ func (s sftpFS) Mkdir(p string) error {
 	}
 	return err
 }
-func (s sftpFS) Symlink(t, p string) error           { return s.c.Symlink(t, p) }
+
+// Symlink makes a symlink in the guest. The agent's SFTP server turns a
+// relative target into an absolute one, which would break links inside a
+// copied tree, so relative targets are made with ln in the guest.
+func (s sftpFS) Symlink(t, p string) error {
+	if path.IsAbs(t) || s.cl == nil {
+		return s.c.Symlink(t, p)
+	}
+	abs, err := s.c.RealPath(p)
+	if err != nil {
+		return err
+	}
+	sess, err := s.cl.NewSession()
+	if err != nil {
+		return fmt.Errorf("open a session: %w", err)
+	}
+	defer sess.Close()
+	var stderr strings.Builder
+	sess.Stderr = &stderr
+	if err := sess.Run(shellJoin([]string{"ln", "-sfn", "--", t, abs})); err != nil {
+		return fmt.Errorf("ln -s in the guest: %w: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
 func (s sftpFS) Remove(p string) error               { return s.c.Remove(p) }
 func (s sftpFS) Chmod(p string, m fs.FileMode) error { return s.c.Chmod(p, m) }
 func (s sftpFS) Chtimes(p string, mtime time.Time) error {
