@@ -369,4 +369,3 @@ func shortDigest(d string) string {
 	}
 	return d
 }
-

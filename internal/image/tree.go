@@ -300,6 +300,7 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	case tar.TypeSymlink:
 		n.kind = kindSymlink
 		n.link = hdr.Linkname
+		n.mode = 0o777 // Linux ignores a symlink's mode; every tool expects 0777
 		if hdr.Linkname == "" || strings.ContainsAny(hdr.Linkname, "\x00") {
 			return fmt.Errorf("bad symlink target %q", hdr.Linkname)
 		}
