@@ -286,7 +286,7 @@ func (f *forwarder) client(ctx context.Context) (*ssh.Client, error) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	cl, err := f.a.sshTo(cctx, f.vm)
+	cl, err := f.a.sshBulk(cctx, f.vm)
 	if err != nil {
 		return nil, err
 	}
