@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -273,6 +274,46 @@ func TestGuestToolsRealGuest(t *testing.T) {
 			resp.Body.Close()
 			if strings.TrimSpace(string(body)) != "hello-from-guest" {
 				t.Fatalf("GET through port-forward: %s %q", resp.Status, body)
+			}
+		}
+		// OpenSSH's own local forwarding through the ssh-config path
+		if sshOK {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			lport := l.Addr().(*net.TCPAddr).Port
+			l.Close()
+			sshL := exec.CommandContext(ctx, "ssh", "-F", cfg, "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-N",
+				"-L", fmt.Sprintf("127.0.0.1:%d:127.0.0.1:9000", lport), vmName)
+			var sshErr lockedBuf
+			sshL.Stderr = &sshErr
+			if err := sshL.Start(); err != nil {
+				t.Fatal(err)
+			}
+			sshDone := make(chan struct{})
+			go func() { sshL.Wait(); close(sshDone) }()
+			defer func() {
+				sshL.Process.Kill()
+				<-sshDone
+			}()
+			var body []byte
+			waitFor(t, 20*time.Second, "a GET through ssh -L", func() bool {
+				select {
+				case <-sshDone:
+					t.Fatalf("ssh -L exited: %s", sshErr.String())
+				default:
+				}
+				resp, err := hc.Get(fmt.Sprintf("http://127.0.0.1:%d/index.html", lport))
+				if err != nil {
+					return false
+				}
+				body, _ = io.ReadAll(resp.Body)
+				resp.Body.Close()
+				return true
+			})
+			if strings.TrimSpace(string(body)) != "hello-from-guest" {
+				t.Fatalf("GET through ssh -L: %q", body)
 			}
 		}
 		pf.Process.Signal(os.Interrupt)
