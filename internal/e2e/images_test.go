@@ -395,3 +395,58 @@ func TestImagesRealGuest(t *testing.T) {
 		})
 	}
 }
+
+func duTree(p string) int64 {
+	var n int64
+	filepath.Walk(p, func(q string, info os.FileInfo, err error) error {
+		if err == nil {
+			n += diskUsage(q)
+		}
+		return nil
+	})
+	return n
+}
+
+// TestImageBench10VMs imports the busybox props image with the large tar
+// named by BANGER_BENCH_TAR as an extra layer, then measures the disk used by
+// 10 VMs made from it (for docs/BENCHMARKS.md; skipped otherwise).
+func TestImageBench10VMs(t *testing.T) {
+	big := os.Getenv("BANGER_BENCH_TAR")
+	if big == "" {
+		t.Skip("set BANGER_BENCH_TAR to a large tar to measure 10 VMs from one image")
+	}
+	testenv.RequireQEMU(t)
+	src := propsImage(t)
+	l, err := tarball.LayerFromFile(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if src, err = mutate.AppendLayers(src, l); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	arch := filepath.Join(dir, "big.tar")
+	tag, _ := name.NewTag("banger/big:v1")
+	if err := tarball.WriteToFile(arch, tag, src); err != nil {
+		t.Fatal(err)
+	}
+	deb := testenv.KernelPackage(t)
+	testenv.GuestKernel(t)
+	h := home(t)
+	startDaemon(t, h, "BANGER_VMM=qemu")
+	mustBanger(t, h, "kernel", "import", "--deb", deb, "--name", "debian")
+	start := time.Now()
+	mustBanger(t, h, "image", "import", arch, "--name", "big")
+	t.Logf("import of a %d MiB docker archive: %v", diskUsage(arch)>>20, time.Since(start).Round(time.Millisecond))
+	imgDU := duTree(filepath.Join(h, "images"))
+	base := duTree(h)
+	for i := 0; i < 10; i++ {
+		mustBanger(t, h, "vm", "create", "b"+string(rune('0'+i)), "--image", "big", "--kernel", "debian")
+	}
+	after := duTree(h)
+	t.Logf("image on disk: %d MiB; home before VMs %d MiB, with 10 running VMs %d MiB: %.1f MiB per VM",
+		imgDU>>20, base>>20, after>>20, float64(after-base)/10/(1<<20))
+	for i := 0; i < 10; i++ {
+		mustBanger(t, h, "vm", "delete", "--force", "b"+string(rune('0'+i)))
+	}
+}

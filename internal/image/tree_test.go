@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -244,4 +245,29 @@ func FuzzApplyLayer(f *testing.F) {
 			return nil
 		})
 	})
+}
+
+// TestBuildFromTarBench builds an image from the tar named by
+// BANGER_BENCH_TAR (a benchmark for docs/BENCHMARKS.md; skipped otherwise).
+func TestBuildFromTarBench(t *testing.T) {
+	src := os.Getenv("BANGER_BENCH_TAR")
+	if src == "" {
+		t.Skip("set BANGER_BENCH_TAR to a large tar to measure the builder")
+	}
+	f, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	work := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	start := time.Now()
+	res, err := FromTar(ctx, f, work, filepath.Join(work, "rootfs.ext4"), BuildOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("uid %d: %d inodes, %d MiB content, total %v (mkfs %v, debugfs %v, %d commands), fs %d MiB",
+		os.Geteuid(), res.Inodes, res.ContentBytes>>20, time.Since(start).Round(time.Millisecond),
+		res.MkfsTime.Round(time.Millisecond), res.FixupTime.Round(time.Millisecond), res.FixupCmds, res.SizeBytes>>20)
 }
