@@ -281,34 +281,37 @@ func channelFor(drv vmm.Driver) bootcfg.Channel {
 	return bootcfg.Channel{Kind: "serial", Name: api.DefaultSerialName}
 }
 
-// waitAgent polls the guest agent until it answers, the VMM exits, or the
-// boot deadline passes.
+// waitAgent waits until the guest agent answers, the VMM exits, or the boot
+// deadline passes. The agent client retries on its own (with a short
+// backoff), so one Ping spans the whole wait.
 func (s *vmService) waitAgent(ctx context.Context, vm *store.VM, rt *runtime) error {
 	timeout := s.d.fileCfg.bootTimeout()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	for {
-		a, err := s.agent(ctx, vm.ID, rt)
-		if err == nil {
-			pctx, pcancel := context.WithTimeout(ctx, 3*time.Second)
-			err = a.Ping(pctx)
-			pcancel()
-			if err == nil {
-				return nil
-			}
-			s.dropAgent(rt, a)
-		}
+	exited := make(chan struct{})
+	go func() {
 		select {
 		case <-rt.inst.Exited():
-			return fmt.Errorf("the VM exited during boot%s", s.consoleHint(vm.ID))
+			close(exited)
+			cancel()
 		case <-ctx.Done():
-			if ctx.Err() == context.DeadlineExceeded {
-				return fmt.Errorf("the guest agent did not answer within %s (last error: %v)%s", timeout, err, s.consoleHint(vm.ID))
-			}
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
+		}
+	}()
+	a, err := s.agent(ctx, vm.ID, rt)
+	if err == nil {
+		if err = a.Ping(ctx); err == nil {
+			return nil
 		}
 	}
+	select {
+	case <-exited:
+		return fmt.Errorf("the VM exited during boot%s", s.consoleHint(vm.ID))
+	default:
+	}
+	if ctx.Err() == context.DeadlineExceeded {
+		return fmt.Errorf("the guest agent did not answer within %s (%v)%s", timeout, err, s.consoleHint(vm.ID))
+	}
+	return err
 }
 
 // consoleHint returns the last lines of the console log, for error messages.

@@ -60,7 +60,7 @@ const (
 	MuxGo       = "BANGER-MUX-GO"
 
 	MuxVersion        = "1"
-	MuxResendInterval = 500 * time.Millisecond
+	MuxResendInterval = 100 * time.Millisecond
 )
 
 // Port is one listening socket in the guest.
