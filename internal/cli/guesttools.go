@@ -18,6 +18,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/internal/system"
 )
 
 // guestToolCommands are ssh-config, ssh-proxy, cp, ports, port-forward and stats.
@@ -286,7 +287,7 @@ func (f *forwarder) client(ctx context.Context) (*ssh.Client, error) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	cl, err := f.a.sshBulk(cctx, f.vm)
+	cl, err := f.a.sshTo(cctx, f.vm)
 	if err != nil {
 		return nil, err
 	}
@@ -372,27 +373,9 @@ func (a *App) portForward(ctx context.Context, vm string, spec forwardSpec) erro
 			defer gconn.Close()
 			done := context.AfterFunc(ctx, func() { lconn.Close(); gconn.Close() })
 			defer done()
-			pipe(lconn, gconn)
+			system.Splice(lconn, gconn)
 		}()
 	}
-}
-
-// pipe copies both ways, half-closing each direction as it ends, until both end.
-func pipe(a, b net.Conn) {
-	var wg sync.WaitGroup
-	cp := func(dst, src net.Conn) {
-		defer wg.Done()
-		io.Copy(dst, src)
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-		} else {
-			dst.Close()
-		}
-	}
-	wg.Add(2)
-	go cp(a, b)
-	go cp(b, a)
-	wg.Wait()
 }
 
 // ---- stats ----

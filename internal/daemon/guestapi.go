@@ -288,22 +288,25 @@ func cpuPercent(deltaTicks uint64, wall time.Duration) float64 {
 	return float64(deltaTicks) / clockTicks / wall.Seconds() * 100
 }
 
-var (
-	pollersMu sync.Mutex
-	pollers   = map[*vmService]*statsPoller{}
-)
-
 // poller returns the service's stats poller (created on first use).
 func (s *vmService) poller() *statsPoller {
-	pollersMu.Lock()
-	defer pollersMu.Unlock()
-	sp := pollers[s]
-	if sp == nil {
-		sp = &statsPoller{s: s, interval: statsInterval, keep: statsKeep, log: s.log,
+	s.statsOnce.Do(func() {
+		s.pollerVal = &statsPoller{s: s, interval: statsInterval, keep: statsKeep, log: s.log,
 			vms: map[string]*vmHistory{}, hostKeys: map[string]string{}}
-		pollers[s] = sp
+	})
+	return s.pollerVal
+}
+
+// refreshKnownHosts rewrites known_hosts from the VMs in the store (after a
+// start or a delete), so plain ssh sees a new VM at once.
+func (s *vmService) refreshKnownHosts(ctx context.Context) {
+	vms, err := s.d.store.ListVMs(context.WithoutCancel(ctx))
+	if err == nil {
+		err = s.poller().writeKnownHosts(vms)
 	}
-	return sp
+	if err != nil {
+		s.log.WarnContext(ctx, "update known_hosts", "error", err.Error())
+	}
 }
 
 // startStatsPoller starts sampling in the background; bangerd's shutdown
@@ -324,9 +327,6 @@ func (sp *statsPoller) stop() error {
 			<-sp.loopDone
 		}
 		sp.inFlightWG.Wait()
-		pollersMu.Lock()
-		delete(pollers, sp.s)
-		pollersMu.Unlock()
 	})
 	return nil
 }

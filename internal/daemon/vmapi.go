@@ -14,6 +14,7 @@ import (
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/system"
 )
 
 // CreateParams is vm.create.begin.
@@ -356,7 +357,11 @@ func (s *vmService) removeVM(ctx context.Context, vm *store.VM) error {
 	if err := os.RemoveAll(s.vmDir(vm.ID)); err != nil {
 		return fmt.Errorf("remove VM directory: %w", err)
 	}
-	return s.d.store.DeleteVM(ctx, vm.ID)
+	if err := s.d.store.DeleteVM(ctx, vm.ID); err != nil {
+		return err
+	}
+	s.refreshKnownHosts(ctx)
+	return nil
 }
 
 func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error {
@@ -436,29 +441,9 @@ func (s *vmService) connect(ctx context.Context, p VMRef) (*rpc.Upgrade, error) 
 	return &rpc.Upgrade{
 		Result: ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.d.cfg.Layout.UserKey()},
 		Then: func(ctx context.Context, c net.Conn) {
-			splice(c, gc)
+			system.Splice(c, gc)
 		},
 	}, nil
-}
-
-// splice copies both ways until both directions are done, then closes both.
-func splice(a, b net.Conn) {
-	var wg sync.WaitGroup
-	cp := func(dst, src net.Conn) {
-		defer wg.Done()
-		io.Copy(dst, src)
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-		} else {
-			dst.Close()
-		}
-	}
-	wg.Add(2)
-	go cp(a, b)
-	go cp(b, a)
-	wg.Wait()
-	a.Close()
-	b.Close()
 }
 
 var adjectives = []string{"brave", "calm", "eager", "fuzzy", "jolly", "lucky", "proud", "quick", "shiny", "witty"}

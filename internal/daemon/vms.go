@@ -53,6 +53,9 @@ type vmService struct {
 	// newAgent makes an agent client over a transport with the pinned host key.
 	newAgent func(t *guest.Transport, hostKeyLine string) (guestAgent, error)
 
+	statsOnce sync.Once
+	pollerVal *statsPoller
+
 	mu       sync.Mutex
 	runtimes map[string]*runtime
 	creates  map[string]*createOp
@@ -254,6 +257,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 	if err := s.save(ctx, vm); err != nil {
 		return err
 	}
+	s.refreshKnownHosts(ctx)
 	go s.watch(vm.ID, rt)
 	return nil
 }

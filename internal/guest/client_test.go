@@ -369,6 +369,14 @@ func TestSFTP(t *testing.T) {
 	if err != nil || st.Mode().Perm() != 0o751 {
 		t.Fatalf("sftp stat: %v %v", st, err)
 	}
+	// a relative symlink keeps its relative target
+	link := filepath.Join(e.dir, "link")
+	if err := sc.Symlink("put.txt", link); err != nil {
+		t.Fatal(err)
+	}
+	if target, err := os.Readlink(link); err != nil || target != "put.txt" {
+		t.Fatalf("symlink target %q (%v), want put.txt", target, err)
+	}
 	rf, err := sc.Open(dst)
 	if err != nil {
 		t.Fatal(err)

@@ -15,7 +15,6 @@ import (
 	"syscall"
 
 	"github.com/creack/pty"
-	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/api"
@@ -477,27 +476,13 @@ func (ss *session) startSFTP() error {
 			dir = acct.Home
 		}
 	}
-	if ss.credential(acct) != nil {
-		cmd := exec.Command(ss.srv.cfg.SelfExe, SFTPServerArg)
-		cmd.Dir = dir
-		cmd.Env = ss.environment(acct, loginShell(acct))
-		return ss.runPipes(cmd, acct)
-	}
-	srv, err := sftp.NewServer(channelNoClose{ss.ch}, sftp.WithServerWorkingDirectory(dir))
-	if err != nil {
-		return err
-	}
-	go func() {
-		err := srv.Serve()
-		srv.Close()
-		status := uint32(0)
-		if err != nil && !errors.Is(err, io.EOF) {
-			ss.log.Info("sftp session ended", "err", err)
-			status = 1
-		}
-		ss.finish(exitStatusMsg{Status: status}, nil)
-	}()
-	return nil
+	// Always a child process, started in dir: pkg/sftp's in-process
+	// working-directory option also rewrites relative symlink targets into
+	// absolute ones, which breaks copied trees.
+	cmd := exec.Command(ss.srv.cfg.SelfExe, SFTPServerArg)
+	cmd.Dir = dir
+	cmd.Env = ss.environment(acct, loginShell(acct))
+	return ss.runPipes(cmd, acct)
 }
 
 // channelNoClose keeps the sftp server from closing the channel before the
