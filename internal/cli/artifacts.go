@@ -206,40 +206,6 @@ func (a *App) imageCommand() *cobra.Command {
 	return im
 }
 
-func (a *App) runCommand() *cobra.Command {
-	var cf createFlags
-	var rm bool
-	run := &cobra.Command{
-		Use:   "run [flags] [-- CMD...]",
-		Short: "Create a VM and run a command (or a shell) in it",
-		RunE: func(cmd *cobra.Command, args []string) error {
-			p, err := cf.params()
-			if err != nil {
-				return err
-			}
-			ctx := cmd.Context()
-			v, err := a.createVM(ctx, p, false)
-			if err != nil {
-				return err
-			}
-			if rm {
-				defer a.call(ctx, "vm.delete", daemon.DeleteParams{VM: v.ID, Force: true}, nil)
-			}
-			code, err := a.runInGuest(ctx, v.ID, args, len(args) == 0)
-			if err != nil {
-				return err
-			}
-			if code != 0 {
-				return &ExitError{Code: code}
-			}
-			return nil
-		},
-	}
-	cf.add(run, true)
-	run.Flags().BoolVar(&rm, "rm", false, "delete the VM when the command ends")
-	return run
-}
-
 // imageOp starts a long image operation and follows it to the end, with a
 // progress bar on a terminal (none under -o json or when stderr is not one).
 func (a *App) imageOp(ctx context.Context, method string, p daemon.ImageOpParams, verb string) error {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -65,6 +66,19 @@ func (d *Daemon) registerArtifactAPI() {
 		return d.runImageOp(ctx, "import", ImageOpParams{Name: p.Name, Path: p.Path, HeadroomMiB: p.HeadroomMiB}, nil)
 	})
 	d.registerImageOpsAPI()
+	rpc.Handle(m, "image.config", func(ctx context.Context, p NameRef) (ImageConfig, error) {
+		var ic ImageConfig
+		im, err := d.store.FindImage(ctx, p.Name)
+		if err != nil {
+			return ic, storeErr(err)
+		}
+		if im.ConfigJSON != "" {
+			if err := json.Unmarshal([]byte(im.ConfigJSON), &ic); err != nil {
+				return ic, fmt.Errorf("image %s has a malformed config: %w", im.Name, err)
+			}
+		}
+		return ic, nil
+	})
 	rpc.Handle(m, "image.list", func(ctx context.Context, _ struct{}) ([]*store.Image, error) {
 		ims, err := d.store.ListImages(ctx)
 		return ims, storeErr(err)

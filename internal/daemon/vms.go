@@ -143,7 +143,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 			Cmdline: "console=ttyS0 reboot=k panic=-1 quiet", GuestPort: agentPort},
 	}
 	if img.ConfigJSON != "" {
-		var ic imageConfig
+		var ic ImageConfig
 		if json.Unmarshal([]byte(img.ConfigJSON), &ic) == nil {
 			env.Boot.Env, env.Boot.WorkDir, env.Boot.User = ic.Env, ic.WorkingDir, ic.User
 		}
@@ -539,8 +539,9 @@ func writeJSONAtomic(p string, v any) error {
 	return writeFileAtomic(p, b, 0o600)
 }
 
-// imageConfig is the part of an image's recorded config banger honours.
-type imageConfig struct {
+// ImageConfig is the part of an image's recorded config banger honours:
+// Env, WorkingDir and User for every command, Entrypoint and Cmd for `banger run`.
+type ImageConfig struct {
 	Env        []string `json:"env,omitempty"`
 	WorkingDir string   `json:"working_dir,omitempty"`
 	User       string   `json:"user,omitempty"`

@@ -1,0 +1,104 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// Defaults `banger run` prepares when the home has no kernel or image.
+const (
+	defaultKernelPackage = "linux-image-cloud-amd64"
+	defaultSuite         = "bookworm"
+)
+
+func (a *App) runCommand() *cobra.Command {
+	var cf createFlags
+	var rm bool
+	run := &cobra.Command{
+		Use:   "run [flags] [-- CMD...]",
+		Short: "Create a VM and run a command (or the image's entrypoint, or a shell) in it",
+		Long: "Creates a VM and runs CMD in it. Without CMD it runs the image's entrypoint and command\n" +
+			"when it has them, else a shell. With no kernel or image yet, banger prepares Debian's cloud\n" +
+			"kernel and a Debian " + defaultSuite + " image first.",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := cf.params()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			if err := a.prepareDefaults(ctx, p); err != nil {
+				return err
+			}
+			v, err := a.createVM(ctx, p, false)
+			if err != nil {
+				return err
+			}
+			if rm {
+				defer a.call(context.WithoutCancel(ctx), "vm.delete", daemon.DeleteParams{VM: v.ID, Force: true}, nil)
+			}
+			var ic daemon.ImageConfig
+			if err := a.call(ctx, "image.config", daemon.NameRef{Name: v.ImageID}, &ic); err != nil {
+				return err
+			}
+			argv := commandFor(ic, args)
+			code, err := a.runInGuest(ctx, v.ID, argv, len(argv) == 0)
+			if err != nil {
+				return err
+			}
+			if code != 0 {
+				return &ExitError{Code: code}
+			}
+			return nil
+		},
+	}
+	cf.add(run, true)
+	run.Flags().BoolVar(&rm, "rm", false, "delete the VM when the command ends")
+	return run
+}
+
+// commandFor applies the image's entrypoint and command the way container
+// runtimes do: args replace Cmd, Entrypoint always comes first; no args and
+// no Entrypoint/Cmd means an interactive shell.
+func commandFor(ic daemon.ImageConfig, args []string) []string {
+	if len(args) > 0 {
+		return append(append([]string{}, ic.Entrypoint...), args...)
+	}
+	return append(append([]string{}, ic.Entrypoint...), ic.Cmd...)
+}
+
+// prepareDefaults imports Debian's cloud kernel and builds a Debian image
+// when the home has none and the user named none.
+func (a *App) prepareDefaults(ctx context.Context, p daemon.CreateParams) error {
+	if p.Kernel == "" {
+		var ks []*store.Kernel
+		if err := a.call(ctx, "kernel.list", nil, &ks); err != nil {
+			return err
+		}
+		if len(ks) == 0 {
+			fmt.Fprintf(a.Stderr, "no kernel yet: importing Debian's cloud kernel (%s)…\n", defaultKernelPackage)
+			var k store.Kernel
+			if err := a.call(ctx, "kernel.import", daemon.KernelImportParams{Package: defaultKernelPackage}, &k); err != nil {
+				return fmt.Errorf("prepare the default kernel: %w", err)
+			}
+			fmt.Fprintf(a.Stderr, "imported kernel %s\n", k.Name)
+		}
+	}
+	if p.Image == "" {
+		var ims []*store.Image
+		if err := a.call(ctx, "image.list", nil, &ims); err != nil {
+			return err
+		}
+		if len(ims) == 0 {
+			fmt.Fprintf(a.Stderr, "no image yet: building Debian %s with debootstrap from your apt mirror…\n", defaultSuite)
+			if err := a.imageOp(ctx, "image.build.begin", daemon.ImageOpParams{Suite: defaultSuite}, "built"); err != nil {
+				return fmt.Errorf("prepare the default image (or import one: banger image import|pull): %w", err)
+			}
+		}
+	}
+	return nil
+}
