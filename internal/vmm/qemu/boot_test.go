@@ -66,7 +66,9 @@ echo)
 	echo "agent port $port"
 	# A virtio-serial port can be opened once: one read-write descriptor.
 	exec 3<>$port
-	cat <&3 >&3 ;;
+	echo "agent port open"
+	# A read while no host is connected returns EOF at once: read again.
+	while :; do cat <&3 >&3; sleep 0.1; done ;;
 net)
 	echo "eth0 mac $(cat /sys/class/net/eth0/address)"
 	poweroff -f ;;
@@ -333,7 +335,8 @@ func TestBootKillAndAdopt(t *testing.T) {
 		if h.Channel.Path != filepath.Join(cfg.Dir, "agent.sock") || h.Channel.Name != AgentPortName {
 			t.Errorf("serial channel: %+v", h.Channel)
 		}
-		waitConsole(t, inst, "agent port /dev/vport", 20*time.Second)
+		// Only once the guest holds the port open.
+		waitConsole(t, inst, "agent port open", 20*time.Second)
 		// Twice: a restarted bangerd connects again to the same port.
 		for _, msg := range []string{"ping over virtio-serial\n", "again after a reconnect\n"} {
 			var d net.Dialer
@@ -348,7 +351,7 @@ func TestBootKillAndAdopt(t *testing.T) {
 			line, err := bufio.NewReader(c).ReadString('\n')
 			if err != nil || line != msg {
 				b, _ := os.ReadFile(h.ConsoleLog)
-				t.Fatalf("echo over the agent channel = %q, %v; console tail:\n%s", line, err, tail(b, 1500))
+				t.Fatalf("echo of %q over the agent channel = %q, %v; console tail:\n%s", msg, line, err, tail(b, 1500))
 			}
 			c.Close()
 		}
