@@ -26,6 +26,8 @@ type netCap struct {
 	pool   netip.Prefix
 	dns    []string
 
+	allocMu sync.Mutex // serialises address allocation
+
 	mu     sync.Mutex
 	subnet netip.Prefix // chosen on first use
 	// disabled records, per VM id, that this boot runs without a network
@@ -113,21 +115,9 @@ func (c *netCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.C
 	}
 	vm := env.VM
 	if ip, err := netip.ParseAddr(vm.IP); err != nil || !subnet.Contains(ip) {
-		used, err := c.d.store.UsedIPs(ctx)
-		if err != nil {
+		if err := c.allocate(ctx, vm, subnet); err != nil {
 			return nil, err
 		}
-		var inUse []netip.Addr
-		for s := range used {
-			if a, err := netip.ParseAddr(s); err == nil {
-				inUse = append(inUse, a)
-			}
-		}
-		a, err := hostnet.AllocateAddr(subnet, inUse)
-		if err != nil {
-			return nil, err
-		}
-		vm.IP = a.String()
 	}
 	vm.Tap = hostnet.TapName(hostnet.DefaultTapPrefix, vm.ID)
 	vm.MAC = hostnet.MAC(vm.ID).String()
@@ -139,6 +129,34 @@ func (c *netCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.C
 		_, err := c.client.DeleteTap(ctx, tap)
 		return err
 	}, nil
+}
+
+// allocate gives vm the lowest free address of subnet and records it at
+// once, under allocMu: VMs of one bangerd start in parallel (each under its
+// own VM lock), and two must never pick the same address.
+func (c *netCap) allocate(ctx context.Context, vm *store.VM, subnet netip.Prefix) error {
+	c.allocMu.Lock()
+	defer c.allocMu.Unlock()
+	used, err := c.d.store.UsedIPs(ctx)
+	if err != nil {
+		return err
+	}
+	var inUse []netip.Addr
+	for s := range used {
+		if a, err := netip.ParseAddr(s); err == nil {
+			inUse = append(inUse, a)
+		}
+	}
+	a, err := hostnet.AllocateAddr(subnet, inUse)
+	if err != nil {
+		return err
+	}
+	vm.IP = a.String()
+	if err := c.d.store.UpdateVM(context.WithoutCancel(ctx), vm); err != nil {
+		vm.IP = ""
+		return fmt.Errorf("record address %s: %w", a, err)
+	}
+	return nil
 }
 
 func (c *netCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error {
