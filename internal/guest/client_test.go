@@ -312,13 +312,15 @@ func TestSignalsAndCancel(t *testing.T) {
 	}
 	w.wait(t, "got usr1")
 
-	// Cancelling Exec's context ends the command (SIGTERM, then hangup).
+	// Cancelling Exec's context ends the command (SIGTERM, then hangup). The
+	// trap writes the marker with a shell builtin: a child such as touch
+	// would be in the process group the hangup also reaches.
 	marker := filepath.Join(e.dir, "terminated")
 	ctx, cancel := context.WithCancel(testCtx(t))
 	w2 := newWatcher("ready")
 	res = make(chan error, 1)
 	go func() {
-		_, err := e.client.ExecShell(ctx, fmt.Sprintf(`trap 'touch %s; exit 1' TERM HUP; echo ready; while :; do sleep 0.05; done`, marker), nil, w2, nil, ExecOptions{})
+		_, err := e.client.ExecShell(ctx, fmt.Sprintf(`trap ': > %s; exit 1' TERM HUP; echo ready; while :; do sleep 0.05; done`, marker), nil, w2, nil, ExecOptions{})
 		res <- err
 	}()
 	w2.wait(t, "ready")
