@@ -121,8 +121,33 @@ func TestLifecycleRealGuest(t *testing.T) {
 	if v := showVM(t, h, "alpha"); v.State != "stopped" {
 		t.Fatalf("after kill: %+v", v)
 	}
+	// set: disks only grow; cpus, memory and disk apply at the next start
+	if _, errOut, code := banger(t, h, "vm", "set", "alpha", "--disk", "128M"); code != 1 || !strings.Contains(errOut, "only grow") {
+		t.Fatalf("shrinking the disk: %d %s", code, errOut)
+	}
+	mustBanger(t, h, "vm", "set", "alpha", "--cpus", "2", "--memory", "320M", "--disk", "512M")
 	// delete of a running VM needs --force
 	mustBanger(t, h, "vm", "start", "alpha")
+	if out := mustBanger(t, h, "exec", "alpha", "--", "nproc"); strings.TrimSpace(out) != "2" {
+		t.Fatalf("nproc after set --cpus 2: %q", out)
+	}
+	out = mustBanger(t, h, "exec", "alpha", "--", "sh", "-c", "df -k / | tail -1 | awk '{print $2}'; grep MemTotal /proc/meminfo | awk '{print $2}'")
+	f := strings.Fields(out)
+	if len(f) != 2 {
+		t.Fatalf("df/meminfo: %q", out)
+	}
+	if rootKiB, _ := strconv.Atoi(f[0]); rootKiB < 400<<10 {
+		t.Fatalf("root filesystem %d KiB after growing the disk to 512M", rootKiB)
+	}
+	if memKiB, _ := strconv.Atoi(f[1]); memKiB < 270<<10 {
+		t.Fatalf("MemTotal %d KiB after set --memory 320M", memKiB)
+	}
+	if out := mustBanger(t, h, "exec", "alpha", "--", "cat", "/root/note"); strings.TrimSpace(out) != "kept" {
+		t.Fatalf("data lost growing the disk: %q", out)
+	}
+	if out := mustBanger(t, h, "vm", "set", "alpha", "--cpus", "1"); !strings.Contains(out, "next start") {
+		t.Fatalf("set on a running VM does not say when it applies: %q", out)
+	}
 	if _, errOut, code := banger(t, h, "vm", "delete", "alpha"); code != 1 || !strings.Contains(errOut, "--force") {
 		t.Fatalf("delete running without --force: %d %s", code, errOut)
 	}
@@ -178,7 +203,6 @@ func TestVMMCrashAndDaemonRestart(t *testing.T) {
 	if len(entries) != 0 {
 		t.Fatalf("VM directories left: %v", entries)
 	}
-	_ = strconv.Itoa
 }
 
 func diskUsage(p string) int64 {
