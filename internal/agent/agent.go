@@ -347,8 +347,8 @@ func servePID1(cfg *bootcfg.Config, log *slog.Logger) {
 }
 
 // serveMain is "banger-agent serve": the server when the image's init is PID 1.
-func serveMain(args []string, log *slog.Logger) int {
-	log = newLogger(os.Stderr, logLevel())
+func serveMain(args []string, _ *slog.Logger) int {
+	log := newLogger(os.Stderr, logLevel())
 	var src io.Reader
 	switch {
 	case len(args) == 2 && args[0] == "--config":

@@ -15,9 +15,9 @@ import (
 )
 
 type createFlags struct {
-	name, image, kernel, memory, disk, driver, workspace string
-	cpus                                                 int
-	noWorkspace, noWait                                  bool
+	name, image, kernel, memory, disk, driver string
+	cpus                                      int
+	noWait                                    bool
 }
 
 func (f *createFlags) add(cmd *cobra.Command, withName bool) {

@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -378,15 +377,6 @@ func (s *vmService) dialGuest(ctx context.Context, rt *runtime) (net.Conn, error
 	return t.Dial(ctx)
 }
 
-func (s *vmService) dropAgent(rt *runtime, a guestAgent) {
-	rt.guestMu.Lock()
-	defer rt.guestMu.Unlock()
-	if rt.agent == a {
-		rt.agent = nil
-		a.Close()
-	}
-}
-
 // watch waits for the VMM to exit and, unless an intentional stop is
 // handling it, marks the VM stopped with the reason and releases resources.
 func (s *vmService) watch(id string, rt *runtime) {
@@ -548,8 +538,6 @@ type ImageConfig struct {
 	Entrypoint []string `json:"entrypoint,omitempty"`
 	Cmd        []string `json:"cmd,omitempty"`
 }
-
-var errNotRunning = errors.New("vm is not running")
 
 func notRunning(vm *store.VM) error {
 	return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q is %s; start it with: banger vm start %s", vm.Name, vm.State, vm.Name)

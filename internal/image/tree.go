@@ -282,7 +282,7 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	n := &inode{}
 	setMeta(n, hdr)
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse:
+	case tar.TypeReg, tar.TypeGNUSparse: // the reader maps the old TypeRegA to TypeReg
 		n.kind = kindReg
 		n.size = hdr.Size
 		if err := writeSparse(sp, r, buf); err != nil {

@@ -16,7 +16,6 @@ package kernel
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -107,5 +106,3 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
 	}
 	return os.Rename(f.Name(), path)
 }
-
-var errNotFound = errors.New("not found")

@@ -485,12 +485,6 @@ func (ss *session) startSFTP() error {
 	return ss.runPipes(cmd, acct)
 }
 
-// channelNoClose keeps the sftp server from closing the channel before the
-// exit status is sent.
-type channelNoClose struct{ ssh.Channel }
-
-func (channelNoClose) Close() error { return nil }
-
 // exit reports how the command ended and closes the channel.
 func (ss *session) exit(ps *os.ProcessState) {
 	if ps == nil {
