@@ -157,66 +157,33 @@ func (s *vmService) register(m *rpc.Mux) {
 		return op.snapshot(), nil
 	})
 	rpc.Handle(m, "vm.start", func(ctx context.Context, p VMRef) (*store.VM, error) {
-		vm, unlock, err := s.lockVM(ctx, p.VM)
-		if err != nil {
-			return nil, err
-		}
-		defer unlock()
-		switch vm.State {
-		case store.StateRunning:
-			return vm, nil
-		case store.StateStopped, store.StateError:
-		default:
-			return nil, rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
-		}
-		if err := s.start(ctx, vm, nil); err != nil {
-			return nil, err
-		}
-		return vm, nil
+		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
+			switch vm.State {
+			case store.StateRunning:
+				return nil
+			case store.StateStopped, store.StateError:
+				return s.start(ctx, vm, nil)
+			}
+			return rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
+		})
 	})
 	rpc.Handle(m, "vm.stop", func(ctx context.Context, p StopParams) (*store.VM, error) {
-		vm, unlock, err := s.lockVM(ctx, p.VM)
-		if err != nil {
-			return nil, err
-		}
-		defer unlock()
-		if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
-			return nil, err
-		}
-		return vm, nil
+		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)) })
 	})
 	rpc.Handle(m, "vm.restart", func(ctx context.Context, p StopParams) (*store.VM, error) {
-		vm, unlock, err := s.lockVM(ctx, p.VM)
-		if err != nil {
-			return nil, err
-		}
-		defer unlock()
-		if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
-			return nil, err
-		}
-		if err := s.start(ctx, vm, nil); err != nil {
-			return nil, err
-		}
-		return vm, nil
+		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
+			if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
+				return err
+			}
+			return s.start(ctx, vm, nil)
+		})
 	})
 	rpc.Handle(m, "vm.kill", func(ctx context.Context, p VMRef) (*store.VM, error) {
-		vm, unlock, err := s.lockVM(ctx, p.VM)
-		if err != nil {
-			return nil, err
-		}
-		defer unlock()
-		if err := s.kill(ctx, vm); err != nil {
-			return nil, err
-		}
-		return vm, nil
+		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.kill(ctx, vm) })
 	})
 	rpc.Handle(m, "vm.delete", func(ctx context.Context, p DeleteParams) (map[string]string, error) {
-		vm, unlock, err := s.lockVM(ctx, p.VM)
+		vm, err := s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.delete(ctx, vm, p.Force) })
 		if err != nil {
-			return nil, err
-		}
-		defer unlock()
-		if err := s.delete(ctx, vm, p.Force); err != nil {
 			return nil, err
 		}
 		return map[string]string{"deleted": vm.Name, "id": vm.ID}, nil
@@ -231,6 +198,20 @@ func (s *vmService) register(m *rpc.Mux) {
 		return readLog(filepath.Join(s.vmDir(vm.ID), "console.log"), p.Offset, p.Max, s.runtime(vm.ID) != nil)
 	})
 	s.registerGuestAPI(m)
+}
+
+// withVM runs fn on the VM named by ref while holding its lock, with the
+// record re-read under the lock, and returns the record as fn left it.
+func (s *vmService) withVM(ctx context.Context, ref string, fn func(*store.VM) error) (*store.VM, error) {
+	vm, unlock, err := s.lockVM(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := fn(vm); err != nil {
+		return nil, err
+	}
+	return vm, nil
 }
 
 func stopTimeout(sec float64) time.Duration {
