@@ -1,0 +1,382 @@
+// Package workspace copies a git repository from the host into a guest and
+// brings the guest's work back as a branch of the host repository. All git
+// work happens on the host (guests need no git); files move through FS, which
+// is SFTP in a guest and the local filesystem in tests.
+package workspace
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+// FS is what a workspace needs of the guest side. Paths are slash paths.
+type FS interface {
+	Lstat(p string) (fs.FileInfo, error)
+	ReadDir(p string) ([]fs.FileInfo, error)
+	Readlink(p string) (string, error)
+	Create(p string) (io.WriteCloser, error)
+	Open(p string) (io.ReadCloser, error)
+	// Mkdir makes a directory; an existing directory is not an error.
+	Mkdir(p string) error
+	Symlink(target, p string) error
+	Remove(p string) error
+	Chmod(p string, m fs.FileMode) error
+	Chtimes(p string, mtime time.Time) error
+}
+
+// LocalFS is FS on this machine's filesystem.
+type LocalFS struct{}
+
+func (LocalFS) Lstat(p string) (fs.FileInfo, error) { return os.Lstat(p) }
+func (LocalFS) ReadDir(p string) ([]fs.FileInfo, error) {
+	ents, err := os.ReadDir(p)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]fs.FileInfo, 0, len(ents))
+	for _, e := range ents {
+		fi, err := e.Info()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, fi)
+	}
+	return out, nil
+}
+func (LocalFS) Readlink(p string) (string, error) { return os.Readlink(p) }
+func (LocalFS) Create(p string) (io.WriteCloser, error) {
+	return os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+}
+func (LocalFS) Open(p string) (io.ReadCloser, error) { return os.Open(p) }
+func (LocalFS) Mkdir(p string) error {
+	err := os.Mkdir(p, 0o755)
+	if errors.Is(err, fs.ErrExist) {
+		if fi, serr := os.Stat(p); serr == nil && fi.IsDir() {
+			return nil
+		}
+	}
+	return err
+}
+func (LocalFS) Symlink(t, p string) error               { return os.Symlink(t, p) }
+func (LocalFS) Remove(p string) error                   { return os.Remove(p) }
+func (LocalFS) Chmod(p string, m fs.FileMode) error     { return os.Chmod(p, m) }
+func (LocalFS) Chtimes(p string, mtime time.Time) error { return os.Chtimes(p, mtime, mtime) }
+
+// git runs host git in dir with extra environment, returning trimmed stdout.
+// The caller's GIT_DIR and friends are dropped so they cannot redirect it.
+func git(ctx context.Context, dir string, env []string, stdin io.Reader, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "git", args...)
+	cmd.Dir = dir
+	cmd.WaitDelay = 5 * time.Second
+	for _, kv := range os.Environ() {
+		switch k, _, _ := strings.Cut(kv, "="); k {
+		case "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_NAMESPACE":
+			continue
+		}
+		cmd.Env = append(cmd.Env, kv)
+	}
+	cmd.Env = append(cmd.Env, env...)
+	cmd.Stdin = stdin
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		if errors.Is(err, exec.ErrNotFound) {
+			return "", fmt.Errorf("git is not installed on this host (install it, e.g. apt-get install git): %w", err)
+		}
+		return strings.TrimSpace(out.String()), fmt.Errorf("git %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
+	}
+	return strings.TrimSpace(out.String()), nil
+}
+
+// Toplevel is the root of the git work tree holding dir.
+func Toplevel(ctx context.Context, dir string) (string, error) {
+	top, err := git(ctx, dir, nil, nil, "rev-parse", "--show-toplevel")
+	if err != nil {
+		return "", fmt.Errorf("%s is not inside a git work tree (a workspace is a git repository): %w", dir, err)
+	}
+	return top, nil
+}
+
+// Item is one entry of a push plan.
+type Item struct {
+	Rel   string // slash path relative to the repository root
+	Mode  fs.FileMode
+	Size  int64
+	MTime time.Time
+	Link  string // symlink target
+}
+
+// Plan is what a push uploads: directories first, then files and symlinks.
+type Plan struct {
+	Root  string // host work tree root
+	Items []Item
+	Bytes int64
+	Files int
+}
+
+// PlanPush lists the repository holding dir: tracked files and untracked
+// files that are not ignored (deleted tracked files are skipped), plus the
+// whole .git directory.
+func PlanPush(ctx context.Context, dir string) (*Plan, error) {
+	top, err := Toplevel(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
+	gd := filepath.Join(top, ".git")
+	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("%s: .git is not a directory (git worktrees and submodules cannot be workspaces yet; use a full clone)", top)
+	}
+	out, err := git(ctx, top, nil, nil, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+	if err != nil {
+		return nil, err
+	}
+	p := &Plan{Root: top}
+	dirs := map[string]bool{}
+	seen := map[string]bool{}
+	var files []Item
+	for _, rel := range strings.Split(out, "\x00") {
+		if rel == "" || seen[rel] {
+			continue
+		}
+		seen[rel] = true
+		fi, err := os.Lstat(filepath.Join(top, filepath.FromSlash(rel)))
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			continue // tracked but deleted
+		case err != nil:
+			return nil, fmt.Errorf("workspace file %s: %w", rel, err)
+		}
+		it := Item{Rel: rel, Mode: fi.Mode(), MTime: fi.ModTime()}
+		switch {
+		case fi.Mode()&fs.ModeSymlink != 0:
+			if it.Link, err = os.Readlink(filepath.Join(top, filepath.FromSlash(rel))); err != nil {
+				return nil, fmt.Errorf("workspace link %s: %w", rel, err)
+			}
+		case fi.Mode().IsRegular():
+			it.Size = fi.Size()
+		default:
+			continue // submodule directories, sockets, fifos
+		}
+		for d := path.Dir(rel); d != "."; d = path.Dir(d) {
+			dirs[d] = true
+		}
+		files = append(files, it)
+	}
+	// .git, everything in it
+	dirs[".git"] = true
+	err = filepath.WalkDir(gd, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(top, p)
+		rel = filepath.ToSlash(rel)
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir():
+			dirs[rel] = true
+		case fi.Mode()&fs.ModeSymlink != 0:
+			t, err := os.Readlink(p)
+			if err != nil {
+				return err
+			}
+			files = append(files, Item{Rel: rel, Mode: fi.Mode(), MTime: fi.ModTime(), Link: t})
+		case fi.Mode().IsRegular():
+			files = append(files, Item{Rel: rel, Mode: fi.Mode(), Size: fi.Size(), MTime: fi.ModTime()})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", gd, err)
+	}
+	ds := make([]string, 0, len(dirs))
+	for d := range dirs {
+		ds = append(ds, d)
+	}
+	sort.Strings(ds) // parents sort before their children
+	for _, d := range ds {
+		mode := fs.ModeDir | 0o755
+		if fi, err := os.Stat(filepath.Join(top, filepath.FromSlash(d))); err == nil {
+			mode = fi.Mode()
+		}
+		p.Items = append(p.Items, Item{Rel: d, Mode: mode})
+	}
+	for _, f := range files {
+		p.Bytes += f.Size
+		p.Files++
+	}
+	p.Items = append(p.Items, files...)
+	return p, nil
+}
+
+// keptMode is the part of a mode a copy keeps.
+func keptMode(m fs.FileMode) fs.FileMode {
+	return m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+}
+
+// Upload carries out a plan into dest in the guest. Every file is written
+// again (no delta), and files deleted on the host since a previous push stay
+// in the guest. progress, when set, is told of every byte written.
+func Upload(ctx context.Context, p *Plan, guest FS, dest string, progress func(n int64)) error {
+	if err := guest.Mkdir(dest); err != nil {
+		return fmt.Errorf("make %s in the guest: %w", dest, err)
+	}
+	for _, it := range p.Items {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("workspace push interrupted: %w", err)
+		}
+		dst := path.Join(dest, it.Rel)
+		var err error
+		switch {
+		case it.Mode.IsDir():
+			if err = guest.Mkdir(dst); err == nil {
+				err = guest.Chmod(dst, keptMode(it.Mode))
+			}
+		case it.Link != "":
+			guest.Remove(dst) // replace an older link or file
+			err = guest.Symlink(it.Link, dst)
+		default:
+			err = uploadFile(guest, filepath.Join(p.Root, filepath.FromSlash(it.Rel)), dst, it, progress)
+		}
+		if err != nil {
+			return fmt.Errorf("copy %s to the guest's %s: %w", it.Rel, dst, err)
+		}
+	}
+	return nil
+}
+
+type countWriter struct {
+	w  io.Writer
+	fn func(int64)
+}
+
+func (c countWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.fn(int64(n))
+	return n, err
+}
+
+func uploadFile(guest FS, src, dst string, it Item, progress func(int64)) error {
+	r, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	w, err := guest.Create(dst)
+	if err != nil {
+		return err
+	}
+	var werr error
+	if rf, ok := w.(io.ReaderFrom); ok && progress == nil {
+		_, werr = rf.ReadFrom(r) // the sftp client's concurrent writes
+	} else if progress != nil {
+		_, werr = io.Copy(countWriter{w, progress}, r)
+	} else {
+		_, werr = io.Copy(w, r)
+	}
+	if cerr := w.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr != nil {
+		return werr
+	}
+	if err := guest.Chmod(dst, keptMode(it.Mode)); err != nil {
+		return err
+	}
+	return guest.Chtimes(dst, it.MTime)
+}
+
+// Download copies the guest tree at src into the new local directory dst,
+// keeping modes and symlinks (devices, sockets and fifos are skipped). With
+// only set, only those top-level names are copied.
+func Download(ctx context.Context, guest FS, src, dst string, only ...string) error {
+	fi, err := guest.Lstat(src)
+	if err != nil {
+		return fmt.Errorf("the guest's %s: %w (was the workspace pushed there? see --dest)", src, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("the guest's %s is not a directory", src)
+	}
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for _, o := range only {
+		want[o] = true
+	}
+	var walk func(s, d string, top bool) error
+	walk = func(s, d string, top bool) error {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("workspace download interrupted: %w", err)
+		}
+		ents, err := guest.ReadDir(s)
+		if err != nil {
+			return fmt.Errorf("read the guest's %s: %w", s, err)
+		}
+		for _, e := range ents {
+			if top && len(want) > 0 && !want[e.Name()] {
+				continue
+			}
+			gs, ld := path.Join(s, e.Name()), filepath.Join(d, e.Name())
+			switch {
+			case e.IsDir():
+				if err := os.Mkdir(ld, 0o700); err != nil {
+					return err
+				}
+				if err := walk(gs, ld, false); err != nil {
+					return err
+				}
+				if err := os.Chmod(ld, keptMode(e.Mode())|0o700); err != nil {
+					return err
+				}
+			case e.Mode()&fs.ModeSymlink != 0:
+				t, err := guest.Readlink(gs)
+				if err != nil {
+					return fmt.Errorf("read the guest's link %s: %w", gs, err)
+				}
+				if err := os.Symlink(t, ld); err != nil {
+					return err
+				}
+			case e.Mode().IsRegular():
+				if err := downloadFile(guest, gs, ld, e.Mode()); err != nil {
+					return fmt.Errorf("copy the guest's %s: %w", gs, err)
+				}
+			}
+		}
+		return nil
+	}
+	return walk(src, dst, true)
+}
+
+func downloadFile(guest FS, src, dst string, mode fs.FileMode) error {
+	r, err := guest.Open(src)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	w, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(w, r) // uses the sftp file's concurrent WriteTo
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return os.Chmod(dst, keptMode(mode))
+}
