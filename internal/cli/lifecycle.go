@@ -15,9 +15,9 @@ import (
 )
 
 type createFlags struct {
-	name, image, kernel, memory, disk, driver string
-	cpus                                      int
-	noWait                                    bool
+	name, image, kernel, memory, disk, driver, workspace string
+	cpus                                                 int
+	noWait, noWorkspace                                  bool
 }
 
 func (f *createFlags) add(cmd *cobra.Command, withName bool) {
@@ -31,6 +31,23 @@ func (f *createFlags) add(cmd *cobra.Command, withName bool) {
 	fl.StringVar(&f.memory, "memory", "512M", "memory, e.g. 512M or 2G")
 	fl.StringVar(&f.disk, "disk", "4G", "writable disk size, e.g. 10G")
 	fl.StringVar(&f.driver, "vmm", "", "VMM driver: qemu or firecracker (default: auto)")
+	fl.StringVar(&f.workspace, "workspace", "", "copy the git repository at DIR into the VM (/root/<name>)")
+	fl.BoolVar(&f.noWorkspace, "no-workspace", false, "copy no repository into the VM (the default)")
+	cmd.MarkFlagsMutuallyExclusive("workspace", "no-workspace")
+}
+
+// resolveWorkspace checks --workspace before the VM is made and stores the
+// repository's root in p.
+func (f *createFlags) resolveWorkspace(ctx context.Context, p *daemon.CreateParams) error {
+	if f.workspace == "" || f.noWorkspace {
+		return nil
+	}
+	top, err := workspaceTop(ctx, f.workspace)
+	if err != nil {
+		return usagef("--workspace: %v", err)
+	}
+	p.Workspace = top
+	return nil
 }
 
 func (f *createFlags) params() (daemon.CreateParams, error) {
@@ -125,9 +142,20 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 				return err
 			}
 			p.Name = args[0]
+			if err := cf.resolveWorkspace(cmd.Context(), &p); err != nil {
+				return err
+			}
+			if p.Workspace != "" && cf.noWait {
+				return usagef("--workspace needs the VM running: drop --no-wait, or push later with banger workspace push")
+			}
 			v, err := a.createVM(cmd.Context(), p, cf.noWait)
 			if err != nil || v == nil {
 				return err
+			}
+			if p.Workspace != "" {
+				if _, err := a.pushWorkspace(cmd.Context(), v.Name, p.Workspace, ""); err != nil {
+					return fmt.Errorf("%s is running, but its workspace push failed (retry with banger workspace push %s %s): %w", v.Name, v.Name, p.Workspace, err)
+				}
 			}
 			if a.output == "json" {
 				return a.printJSON(v)

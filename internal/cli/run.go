@@ -31,6 +31,9 @@ func (a *App) runCommand() *cobra.Command {
 				return err
 			}
 			ctx := cmd.Context()
+			if err := cf.resolveWorkspace(ctx, &p); err != nil {
+				return err
+			}
 			if err := a.prepareDefaults(ctx, p); err != nil {
 				return err
 			}
@@ -46,7 +49,15 @@ func (a *App) runCommand() *cobra.Command {
 				return err
 			}
 			argv := commandFor(ic, args)
-			code, err := a.runInGuest(ctx, v.ID, argv, len(argv) == 0)
+			tty := len(argv) == 0
+			if p.Workspace != "" {
+				dest, err := a.pushWorkspace(ctx, v.Name, p.Workspace, "")
+				if err != nil {
+					return err
+				}
+				argv = workspaceArgv(dest, argv)
+			}
+			code, err := a.runInGuest(ctx, v.ID, argv, tty)
 			if err != nil {
 				return err
 			}

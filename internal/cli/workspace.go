@@ -1,0 +1,248 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/pkg/sftp"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+
+	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/workspace"
+)
+
+// guestFS opens SFTP to a VM as a workspace.FS; close releases it.
+func (a *App) guestFS(ctx context.Context, vm string) (workspace.FS, func(), error) {
+	cl, err := a.sshTo(ctx, vm)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { cl.Close() })
+	sc, err := sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	if err != nil {
+		stop()
+		cl.Close()
+		return nil, nil, fmt.Errorf("start sftp in %s: %w", vm, err)
+	}
+	return sftpFS{c: sc, cl: cl}, func() { sc.Close(); stop(); cl.Close() }, nil
+}
+
+// workspaceTop resolves a --workspace/push directory to its repository root.
+func workspaceTop(ctx context.Context, dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	return workspace.Toplevel(ctx, abs)
+}
+
+// pushWorkspace uploads the repository holding dir to dest in vm ("" means
+// /root/<repository name>) and returns dest.
+func (a *App) pushWorkspace(ctx context.Context, vm, dir, dest string) (string, error) {
+	start := time.Now()
+	p, err := workspace.PlanPush(ctx, dir)
+	if err != nil {
+		return "", err
+	}
+	if dest == "" {
+		dest = workspace.DefaultDest(p.Root)
+	}
+	g, done, err := a.guestFS(ctx, vm)
+	if err != nil {
+		return "", err
+	}
+	defer done()
+	var progress func(int64)
+	if a.stderrIsTerminal() && p.Bytes > 8<<20 {
+		bar := progressbar.NewOptions64(p.Bytes, progressbar.OptionSetWriter(a.Stderr),
+			progressbar.OptionSetDescription("workspace"), progressbar.OptionShowBytes(true),
+			progressbar.OptionThrottle(100*time.Millisecond), progressbar.OptionClearOnFinish(), progressbar.OptionSetWidth(30))
+		defer bar.Finish()
+		progress = func(n int64) { bar.Add64(n) }
+	}
+	if err := workspace.Upload(ctx, p, g, dest, progress); err != nil {
+		if ctx.Err() != nil {
+			return "", fmt.Errorf("workspace push interrupted: %w", ctx.Err())
+		}
+		return "", err
+	}
+	fmt.Fprintf(a.Stderr, "pushed %s to %s:%s (%d files, %s, %.1f s)\n", p.Root, vm, dest, p.Files, mibBytes(p.Bytes), time.Since(start).Seconds())
+	return dest, nil
+}
+
+func mibBytes(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+// workspaceRepo is the host repository a VM's workspace belongs to: --repo,
+// else the one it was created with, else the current directory's.
+func (a *App) workspaceRepo(ctx context.Context, vm, repo string) (*store.VM, string, error) {
+	var v store.VM
+	if err := a.call(ctx, "vm.get", daemon.VMRef{VM: vm}, &v); err != nil {
+		return nil, "", err
+	}
+	if repo == "" {
+		repo = v.Workspace
+	}
+	if repo == "" {
+		repo = "."
+	}
+	top, err := workspaceTop(ctx, repo)
+	if err != nil {
+		return nil, "", err
+	}
+	return &v, top, nil
+}
+
+func (a *App) workspaceCommand() *cobra.Command {
+	ws := &cobra.Command{Use: "workspace", Short: "Copy a git repository into a VM and bring the work back as a branch"}
+	var dest string
+	push := &cobra.Command{
+		Use:   "push VM [DIR]",
+		Short: "Copy the git repository at DIR (default .) into a VM",
+		Long: "Copies the repository holding DIR into the VM at /root/<name> (or --dest): tracked\n" +
+			"files and untracked files that are not ignored, with modes and symlinks, and the whole\n" +
+			".git. Pushing again rewrites every file; files deleted on the host stay in the guest.",
+		Args: cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			dir := "."
+			if len(args) == 2 {
+				dir = args[1]
+			}
+			top, err := workspaceTop(cmd.Context(), dir)
+			if err != nil {
+				return err
+			}
+			d, err := a.pushWorkspace(cmd.Context(), args[0], top, dest)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(map[string]string{"vm": args[0], "repo": top, "dest": d})
+			}
+			return nil
+		},
+	}
+	push.Flags().StringVar(&dest, "dest", "", "directory in the guest (default /root/<repository name>)")
+
+	var repo, pullDest string
+	pull := &cobra.Command{
+		Use:   "pull VM",
+		Short: "Bring a VM's commits and uncommitted changes back as branch banger/<vm>",
+		Long: "Downloads the guest's workspace and makes branch banger/<vm> in the host repository:\n" +
+			"the guest's HEAD, plus one commit of its uncommitted changes when it has any. Your\n" +
+			"working tree, index and current branch are never touched.",
+		Args: exactArgs(1, "VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			v, top, err := a.workspaceRepo(ctx, args[0], repo)
+			if err != nil {
+				return err
+			}
+			if pullDest == "" {
+				pullDest = workspace.DefaultDest(top)
+			}
+			g, done, err := a.guestFS(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			defer done()
+			tmp, err := os.MkdirTemp("", "banger-pull-")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(tmp)
+			res, err := workspace.Pull(ctx, g, pullDest, top, v.Name, tmp)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(res)
+			}
+			what := "no uncommitted changes"
+			if res.Uncommitted {
+				what = "uncommitted changes committed on top of " + short(res.GuestHead)
+			}
+			fmt.Fprintf(a.Stdout, "branch %s at %s in %s (%s)\n", res.Branch, short(res.Commit), top, what)
+			return nil
+		},
+	}
+	pull.Flags().StringVar(&repo, "repo", "", "host repository (default: the VM's --workspace, else .)")
+	pull.Flags().StringVar(&pullDest, "dest", "", "workspace directory in the guest (default /root/<repository name>)")
+
+	var stRepo, stDest string
+	status := &cobra.Command{
+		Use:   "status VM",
+		Short: "Show the guest workspace's HEAD and how it compares with the host repository",
+		Args:  exactArgs(1, "VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			v, top, err := a.workspaceRepo(ctx, args[0], stRepo)
+			if err != nil {
+				return err
+			}
+			if stDest == "" {
+				stDest = workspace.DefaultDest(top)
+			}
+			g, done, err := a.guestFS(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			defer done()
+			tmp, err := os.MkdirTemp("", "banger-status-")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(tmp)
+			st, err := workspace.GetStatus(ctx, g, stDest, top, v.Name, tmp)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(st)
+			}
+			head := orDash(short(st.GuestHead))
+			if st.GuestBranch != "" {
+				head += " (" + st.GuestBranch + ")"
+			}
+			branch := "absent"
+			if st.BranchCommit != "" {
+				branch = short(st.BranchCommit)
+				if st.BranchMatches {
+					branch += " (up to date with the guest's HEAD)"
+				} else {
+					branch += " (differs from the guest's HEAD: banger workspace pull " + v.Name + ")"
+				}
+			}
+			return a.table([]string{"FIELD", "VALUE"}, [][]string{
+				{"workspace", v.Name + ":" + stDest},
+				{"host repo", top},
+				{"guest HEAD", head},
+				{"commits not in host", fmt.Sprint(st.NotInHost)},
+				{st.Branch, branch},
+			})
+		},
+	}
+	status.Flags().StringVar(&stRepo, "repo", "", "host repository (default: the VM's --workspace, else .)")
+	status.Flags().StringVar(&stDest, "dest", "", "workspace directory in the guest (default /root/<repository name>)")
+	ws.AddCommand(push, pull, status)
+	return ws
+}
+
+func short(sha string) string {
+	if len(sha) > 12 {
+		return sha[:12]
+	}
+	return sha
+}
+
+// workspaceArgv runs argv (a login shell when empty) in dir in the guest.
+func workspaceArgv(dir string, argv []string) []string {
+	if len(argv) == 0 {
+		return []string{"sh", "-c", `cd "$1" && exec "${SHELL:-/bin/sh}" -l`, "sh", dir}
+	}
+	return append([]string{"sh", "-c", `cd "$1" && shift && exec "$@"`, "sh", dir}, argv...)
+}
