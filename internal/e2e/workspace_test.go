@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -126,5 +128,35 @@ func TestWorkspaceRealGuest(t *testing.T) {
 	st = mustBanger(t, h, "workspace", "status", "w", "-o", "json")
 	if !strings.Contains(st, `"branch_matches": true`) && !strings.Contains(st, `"branch_matches":true`) {
 		t.Errorf("status after pull: %s", st)
+	}
+
+	// a bigger tree, pushed again by hand to another directory: measured
+	big := filepath.Join(t.TempDir(), "big")
+	os.Mkdir(big, 0o755)
+	hostGit(t, big, "init", "-q", "-b", "main")
+	for i := range 500 {
+		writeFile(t, filepath.Join(big, "src", fmt.Sprintf("d%02d", i%20), fmt.Sprintf("f%03d.txt", i)), strings.Repeat(fmt.Sprintf("line %d\n", i), 200), 0o644)
+	}
+	blob := make([]byte, 16<<20)
+	rand.Read(blob)
+	if err := os.WriteFile(filepath.Join(big, "blob.bin"), blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hostGit(t, big, "add", "-A")
+	hostGit(t, big, "commit", "-q", "-m", "big")
+	t0 = time.Now()
+	_, errOut, code = banger(t, h, "workspace", "push", "w", big, "--dest", "/root/elsewhere")
+	if code != 0 {
+		t.Fatalf("workspace push --dest: exit %d: %s", code, errOut)
+	}
+	t.Logf("MEASURE workspace push of 500 small files + 16 MiB file (+ .git): %v; %s", time.Since(t0).Round(time.Millisecond), strings.TrimSpace(errOut))
+	if out := mustBanger(t, h, "exec", "w", "--", "sh", "-c", "cd /root/elsewhere && ls src/d07 | wc -l && wc -c < blob.bin"); strings.Fields(out)[0] != "25" || strings.Fields(out)[1] != fmt.Sprint(16<<20) {
+		t.Errorf("pushed tree in the guest: %q", out)
+	}
+	t0 = time.Now()
+	out = mustBanger(t, h, "workspace", "pull", "w", "--repo", big, "--dest", "/root/elsewhere")
+	t.Logf("MEASURE workspace pull of the same (no changes): %v: %s", time.Since(t0).Round(time.Millisecond), strings.TrimSpace(out))
+	if hostGit(t, big, "rev-parse", "banger/w") != hostGit(t, big, "rev-parse", "main") {
+		t.Error("a guest without changes should pull as the host's own HEAD")
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -227,35 +228,89 @@ func keptMode(m fs.FileMode) fs.FileMode {
 	return m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
 }
 
+// Workers is how many files move at once (SFTP round trips dominate).
+const Workers = 16
+
+// parallel runs fn on every item with Workers goroutines and returns the
+// first error; after an error or ctx's end no new item starts.
+func parallel[T any](ctx context.Context, items []T, fn func(T) error) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	next := make(chan T)
+	var wg sync.WaitGroup
+	for range min(Workers, len(items)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for it := range next {
+				if err := fn(it); err != nil {
+					cancel(err)
+				}
+			}
+		}()
+	}
+feed:
+	for _, it := range items {
+		select {
+		case next <- it:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	return context.Cause(ctx)
+}
+
 // Upload carries out a plan into dest in the guest. Every file is written
 // again (no delta), and files deleted on the host since a previous push stay
-// in the guest. progress, when set, is told of every byte written.
+// in the guest. progress, when set, is told of bytes written (from several
+// goroutines at once: Upload serialises the calls).
 func Upload(ctx context.Context, p *Plan, guest FS, dest string, progress func(n int64)) error {
 	if err := guest.Mkdir(dest); err != nil {
 		return fmt.Errorf("make %s in the guest: %w", dest, err)
 	}
+	if progress != nil {
+		var mu sync.Mutex
+		inner := progress
+		progress = func(n int64) { mu.Lock(); inner(n); mu.Unlock() }
+	}
+	var files []Item
 	for _, it := range p.Items {
+		if !it.Mode.IsDir() {
+			files = append(files, it)
+			continue
+		}
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("workspace push interrupted: %w", err)
 		}
 		dst := path.Join(dest, it.Rel)
+		err := guest.Mkdir(dst)
+		if err == nil {
+			err = guest.Chmod(dst, keptMode(it.Mode)|0o700)
+		}
+		if err != nil {
+			return fmt.Errorf("make the guest's directory %s: %w", dst, err)
+		}
+	}
+	err := parallel(ctx, files, func(it Item) error {
+		dst := path.Join(dest, it.Rel)
 		var err error
-		switch {
-		case it.Mode.IsDir():
-			if err = guest.Mkdir(dst); err == nil {
-				err = guest.Chmod(dst, keptMode(it.Mode))
-			}
-		case it.Link != "":
+		if it.Link != "" {
 			guest.Remove(dst) // replace an older link or file
 			err = guest.Symlink(it.Link, dst)
-		default:
+		} else {
 			err = uploadFile(guest, filepath.Join(p.Root, filepath.FromSlash(it.Rel)), dst, it, progress)
 		}
 		if err != nil {
 			return fmt.Errorf("copy %s to the guest's %s: %w", it.Rel, dst, err)
 		}
+		return nil
+	})
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("workspace push interrupted: %w", ctx.Err())
 	}
-	return nil
+	return err
 }
 
 type countWriter struct {
@@ -293,11 +348,21 @@ func uploadFile(guest FS, src, dst string, it Item, progress func(int64)) error 
 	if werr != nil {
 		return werr
 	}
+	if inGitDir(it.Rel) {
+		// git does not care about times in .git, and a plain file keeps the
+		// SFTP server's 0644: save the round trips (most of a push's cost)
+		if m := keptMode(it.Mode); m == 0o644 || m == 0o444 {
+			return nil
+		}
+		return guest.Chmod(dst, keptMode(it.Mode))
+	}
 	if err := guest.Chmod(dst, keptMode(it.Mode)); err != nil {
 		return err
 	}
 	return guest.Chtimes(dst, it.MTime)
 }
+
+func inGitDir(rel string) bool { return strings.HasPrefix(rel, ".git/") }
 
 // Download copies the guest tree at src into the new local directory dst,
 // keeping modes and symlinks (devices, sockets and fifos are skipped). With
@@ -317,6 +382,11 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 	for _, o := range only {
 		want[o] = true
 	}
+	type entry struct {
+		guest, local string
+		mode         fs.FileMode
+	}
+	var dirs, files []entry
 	var walk func(s, d string, top bool) error
 	walk = func(s, d string, top bool) error {
 		if err := ctx.Err(); err != nil {
@@ -330,35 +400,50 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 			if top && len(want) > 0 && !want[e.Name()] {
 				continue
 			}
-			gs, ld := path.Join(s, e.Name()), filepath.Join(d, e.Name())
+			en := entry{path.Join(s, e.Name()), filepath.Join(d, e.Name()), e.Mode()}
 			switch {
 			case e.IsDir():
-				if err := os.Mkdir(ld, 0o700); err != nil {
+				if err := os.Mkdir(en.local, 0o700); err != nil {
 					return err
 				}
-				if err := walk(gs, ld, false); err != nil {
+				dirs = append(dirs, en)
+				if err := walk(en.guest, en.local, false); err != nil {
 					return err
 				}
-				if err := os.Chmod(ld, keptMode(e.Mode())|0o700); err != nil {
-					return err
-				}
-			case e.Mode()&fs.ModeSymlink != 0:
-				t, err := guest.Readlink(gs)
-				if err != nil {
-					return fmt.Errorf("read the guest's link %s: %w", gs, err)
-				}
-				if err := os.Symlink(t, ld); err != nil {
-					return err
-				}
-			case e.Mode().IsRegular():
-				if err := downloadFile(guest, gs, ld, e.Mode()); err != nil {
-					return fmt.Errorf("copy the guest's %s: %w", gs, err)
-				}
+			case e.Mode()&fs.ModeSymlink != 0, e.Mode().IsRegular():
+				files = append(files, en)
 			}
 		}
 		return nil
 	}
-	return walk(src, dst, true)
+	if err := walk(src, dst, true); err != nil {
+		return err
+	}
+	err = parallel(ctx, files, func(e entry) error {
+		if e.mode&fs.ModeSymlink != 0 {
+			t, err := guest.Readlink(e.guest)
+			if err != nil {
+				return fmt.Errorf("read the guest's link %s: %w", e.guest, err)
+			}
+			return os.Symlink(t, e.local)
+		}
+		if err := downloadFile(guest, e.guest, e.local, e.mode); err != nil {
+			return fmt.Errorf("copy the guest's %s: %w", e.guest, err)
+		}
+		return nil
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("workspace download interrupted: %w", ctx.Err())
+		}
+		return err
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := os.Chmod(dirs[i].local, keptMode(dirs[i].mode)|0o700); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func downloadFile(guest FS, src, dst string, mode fs.FileMode) error {
