@@ -385,39 +385,49 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 	type entry struct {
 		guest, local string
 		mode         fs.FileMode
+		size         int64
 	}
+	// list a level of directories at a time, in parallel
 	var dirs, files []entry
-	var walk func(s, d string, top bool) error
-	walk = func(s, d string, top bool) error {
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("workspace download interrupted: %w", err)
-		}
-		ents, err := guest.ReadDir(s)
+	var mu sync.Mutex
+	level := []entry{{guest: src, local: dst}}
+	for top := true; len(level) > 0; top = false {
+		var next []entry
+		err := parallel(ctx, level, func(d entry) error {
+			ents, err := guest.ReadDir(d.guest)
+			if err != nil {
+				return fmt.Errorf("read the guest's %s: %w", d.guest, err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for _, e := range ents {
+				if top && len(want) > 0 && !want[e.Name()] {
+					continue
+				}
+				if n := e.Name(); n == "" || n == "." || n == ".." || strings.ContainsAny(n, "/\x00") {
+					return fmt.Errorf("the guest's %s lists a bad name %q", d.guest, n)
+				}
+				en := entry{path.Join(d.guest, e.Name()), filepath.Join(d.local, e.Name()), e.Mode(), e.Size()}
+				switch {
+				case e.IsDir():
+					if err := os.Mkdir(en.local, 0o700); err != nil {
+						return err
+					}
+					dirs = append(dirs, en)
+					next = append(next, en)
+				case e.Mode()&fs.ModeSymlink != 0, e.Mode().IsRegular():
+					files = append(files, en)
+				}
+			}
+			return nil
+		})
 		if err != nil {
-			return fmt.Errorf("read the guest's %s: %w", s, err)
-		}
-		for _, e := range ents {
-			if top && len(want) > 0 && !want[e.Name()] {
-				continue
+			if ctx.Err() != nil {
+				return fmt.Errorf("workspace download interrupted: %w", ctx.Err())
 			}
-			en := entry{path.Join(s, e.Name()), filepath.Join(d, e.Name()), e.Mode()}
-			switch {
-			case e.IsDir():
-				if err := os.Mkdir(en.local, 0o700); err != nil {
-					return err
-				}
-				dirs = append(dirs, en)
-				if err := walk(en.guest, en.local, false); err != nil {
-					return err
-				}
-			case e.Mode()&fs.ModeSymlink != 0, e.Mode().IsRegular():
-				files = append(files, en)
-			}
+			return err
 		}
-		return nil
-	}
-	if err := walk(src, dst, true); err != nil {
-		return err
+		level = next
 	}
 	err = parallel(ctx, files, func(e entry) error {
 		if e.mode&fs.ModeSymlink != 0 {
@@ -427,7 +437,7 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 			}
 			return os.Symlink(t, e.local)
 		}
-		if err := downloadFile(guest, e.guest, e.local, e.mode); err != nil {
+		if err := downloadFile(guest, e.guest, e.local, e.mode, e.size); err != nil {
 			return fmt.Errorf("copy the guest's %s: %w", e.guest, err)
 		}
 		return nil
@@ -446,7 +456,7 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 	return nil
 }
 
-func downloadFile(guest FS, src, dst string, mode fs.FileMode) error {
+func downloadFile(guest FS, src, dst string, mode fs.FileMode, size int64) error {
 	r, err := guest.Open(src)
 	if err != nil {
 		return err
@@ -456,7 +466,13 @@ func downloadFile(guest FS, src, dst string, mode fs.FileMode) error {
 	if err != nil {
 		return err
 	}
-	_, err = io.Copy(w, r) // uses the sftp file's concurrent WriteTo
+	if size < 64<<10 {
+		// small: plain reads, without the sftp file's fstat before its
+		// concurrent WriteTo
+		_, err = io.CopyBuffer(w, struct{ io.Reader }{r}, make([]byte, 32<<10))
+	} else {
+		_, err = io.Copy(w, r) // the sftp file's concurrent WriteTo
+	}
 	if cerr := w.Close(); err == nil {
 		err = cerr
 	}

@@ -2,10 +2,12 @@ package workspace
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -313,5 +315,73 @@ func TestPullRefusesCheckedOutBranchAndIgnoresGuestConfig(t *testing.T) {
 	}
 	if _, err := Pull(ctx, LocalFS{}, g, r, "bad..name", t.TempDir()); err == nil {
 		t.Error("pull accepted a VM name that is no branch name")
+	}
+}
+
+// badNames is a guest whose directory listing tries to escape.
+type badNames struct {
+	LocalFS
+	name string
+}
+
+type namedInfo struct {
+	os.FileInfo
+	name string
+}
+
+func (n namedInfo) Name() string { return n.name }
+
+func (b badNames) ReadDir(p string) ([]os.FileInfo, error) {
+	fis, err := b.LocalFS.ReadDir(p)
+	if err != nil || len(fis) == 0 {
+		return fis, err
+	}
+	fis[0] = namedInfo{fis[0], b.name}
+	return fis, nil
+}
+
+func TestDownloadRefusesEscapingNames(t *testing.T) {
+	g := t.TempDir()
+	write(t, filepath.Join(g, "a"), "x", 0o644)
+	for _, name := range []string{"..", "../evil", "a/b", ".", ""} {
+		dst := filepath.Join(t.TempDir(), "copy")
+		err := Download(context.Background(), badNames{name: name}, g, dst)
+		if err == nil || !strings.Contains(err.Error(), "bad name") {
+			t.Errorf("name %q: %v", name, err)
+		}
+	}
+}
+
+func TestParallelFirstError(t *testing.T) {
+	tests := []struct {
+		n, failAt int
+	}{{0, -1}, {1, -1}, {100, -1}, {100, 0}, {100, 57}}
+	for _, tc := range tests {
+		items := make([]int, tc.n)
+		for i := range items {
+			items[i] = i
+		}
+		var mu sync.Mutex
+		done := 0
+		err := parallel(context.Background(), items, func(i int) error {
+			mu.Lock()
+			done++
+			mu.Unlock()
+			if i == tc.failAt {
+				return errors.New("boom")
+			}
+			return nil
+		})
+		if (err != nil) != (tc.failAt >= 0) {
+			t.Errorf("n=%d failAt=%d: err %v", tc.n, tc.failAt, err)
+		}
+		if tc.failAt < 0 && done != tc.n {
+			t.Errorf("n=%d: ran %d", tc.n, done)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := parallel(ctx, []int{1, 2, 3}, func(int) error { return nil }); !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled: %v", err)
 	}
 }
