@@ -57,8 +57,8 @@ func repoEnv(copyDir string) []string {
 // guest workspace (work tree and .git at copyDir): the copy's HEAD when its
 // tree matches HEAD, else a new commit of the whole tree (git add -A, so the
 // repository's .gitignore applies) whose parent is HEAD. Only the copy's
-// object store changes.
-func CommitWork(ctx context.Context, copyDir, message string) (head, commit string, changed bool, err error) {
+// object store changes. The commit is made as hostRepo's git user.
+func CommitWork(ctx context.Context, copyDir, hostRepo, message string) (head, commit string, changed bool, err error) {
 	if err := sanitize(ctx, filepath.Join(copyDir, ".git")); err != nil {
 		return "", "", false, fmt.Errorf("prepare the downloaded repository: %w", err)
 	}
@@ -93,21 +93,23 @@ func CommitWork(ctx context.Context, copyDir, message string) (head, commit stri
 	if head != "" {
 		args = append(args, "-p", head)
 	}
-	commit, err = git(ctx, copyDir, append(env, identity(ctx, copyDir)...), nil, args...)
+	commit, err = git(ctx, copyDir, append(env, identity(ctx, hostRepo)...), nil, args...)
 	if err != nil {
 		return "", "", false, err
 	}
 	return head, commit, true, nil
 }
 
-// identity falls back to a banger identity when the host user has none.
-func identity(ctx context.Context, dir string) []string {
-	if n, err := git(ctx, dir, nil, nil, "config", "--global", "user.name"); err == nil && n != "" {
-		if e, err := git(ctx, dir, nil, nil, "config", "--global", "user.email"); err == nil && e != "" {
-			return nil
-		}
+// identity is the host repository's committer (its local, global and system
+// config, which the copy's sanitised config no longer reaches), falling back
+// to a banger identity when the host user has none.
+func identity(ctx context.Context, hostRepo string) []string {
+	name, _ := git(ctx, hostRepo, nil, nil, "config", "user.name")
+	email, _ := git(ctx, hostRepo, nil, nil, "config", "user.email")
+	if name == "" || email == "" {
+		name, email = "banger", "banger@localhost"
 	}
-	return []string{"GIT_AUTHOR_NAME=banger", "GIT_AUTHOR_EMAIL=banger@localhost", "GIT_COMMITTER_NAME=banger", "GIT_COMMITTER_EMAIL=banger@localhost"}
+	return []string{"GIT_AUTHOR_NAME=" + name, "GIT_AUTHOR_EMAIL=" + email, "GIT_COMMITTER_NAME=" + name, "GIT_COMMITTER_EMAIL=" + email}
 }
 
 // FetchBranch force-updates branch in the host repository to commit from the
@@ -143,7 +145,7 @@ func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullR
 	if fi, err := os.Lstat(filepath.Join(copyDir, ".git")); err != nil || !fi.IsDir() {
 		return nil, fmt.Errorf("the guest's %s has no .git directory: it is not a pushed workspace", dest)
 	}
-	head, commit, changed, err := CommitWork(ctx, copyDir, "banger: uncommitted work from VM "+vm)
+	head, commit, changed, err := CommitWork(ctx, copyDir, top, "banger: uncommitted work from VM "+vm)
 	if err != nil {
 		return nil, err
 	}

@@ -204,9 +204,14 @@ func TestPull(t *testing.T) {
 	write(t, filepath.Join(g, "guest.log"), "ignored by .gitignore\n", 0o644)
 	os.Remove(filepath.Join(g, "bin/run.sh"))
 
+	run(t, r, "config", "user.name", "Host User")
+	run(t, r, "config", "user.email", "host@example.com")
 	res, err := Pull(ctx, LocalFS{}, g, filepath.Join(r, "notes"), "w", t.TempDir())
 	if err != nil {
 		t.Fatal(err)
+	}
+	if who := run(t, r, "log", "-1", "--format=%an <%ae> / %cn", "banger/w"); who != "Host User <host@example.com> / Host User" {
+		t.Errorf("pulled commit made by %q, want the host repository's user", who)
 	}
 	if res.Branch != "banger/w" || !res.Uncommitted || res.GuestHead != hostHead {
 		t.Errorf("pull result %+v", res)
