@@ -17,6 +17,8 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/term"
+
+	"github.com/bangerdev/banger/internal/workspace"
 )
 
 // cpArg is one side of banger cp: a local path, or VM:path in a guest.
@@ -164,45 +166,12 @@ type cpFS interface {
 	Chtimes(p string, mtime time.Time) error
 }
 
-type osFS struct{}
+// osFS is this host's filesystem: workspace.LocalFS plus path helpers.
+type osFS struct{ workspace.LocalFS }
 
-func (osFS) Stat(p string) (fs.FileInfo, error)  { return os.Stat(p) }
-func (osFS) Lstat(p string) (fs.FileInfo, error) { return os.Lstat(p) }
-func (osFS) ReadDir(p string) ([]fs.FileInfo, error) {
-	ents, err := os.ReadDir(p)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]fs.FileInfo, 0, len(ents))
-	for _, e := range ents {
-		fi, err := e.Info()
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, fi)
-	}
-	return out, nil
-}
-func (osFS) Readlink(p string) (string, error) { return os.Readlink(p) }
-func (osFS) Join(e ...string) string           { return filepath.Join(e...) }
-func (osFS) Base(p string) string              { return filepath.Base(p) }
-func (osFS) Create(p string) (io.WriteCloser, error) {
-	return os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-}
-func (osFS) Open(p string) (io.ReadCloser, error) { return os.Open(p) }
-func (osFS) Mkdir(p string) error {
-	err := os.Mkdir(p, 0o700)
-	if errors.Is(err, fs.ErrExist) {
-		if fi, serr := os.Stat(p); serr == nil && fi.IsDir() {
-			return nil
-		}
-	}
-	return err
-}
-func (osFS) Symlink(t, p string) error               { return os.Symlink(t, p) }
-func (osFS) Remove(p string) error                   { return os.Remove(p) }
-func (osFS) Chmod(p string, m fs.FileMode) error     { return os.Chmod(p, m) }
-func (osFS) Chtimes(p string, mtime time.Time) error { return os.Chtimes(p, mtime, mtime) }
+func (osFS) Stat(p string) (fs.FileInfo, error) { return os.Stat(p) }
+func (osFS) Join(e ...string) string            { return filepath.Join(e...) }
+func (osFS) Base(p string) string               { return filepath.Base(p) }
 
 type sftpFS struct {
 	c  *sftp.Client
