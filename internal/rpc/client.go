@@ -124,20 +124,5 @@ func (c *Client) Upgrade(ctx context.Context, method string, params, result any)
 		return nil, err
 	}
 	c.conn.SetDeadline(time.Time{})
-	return &clientConn{Conn: c.conn, r: c.r}, nil
-}
-
-type clientConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (b *clientConn) Read(p []byte) (int, error) { return b.r.Read(p) }
-
-// CloseWrite half-closes the stream when possible.
-func (b *clientConn) CloseWrite() error {
-	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return nil
+	return &streamConn{Conn: c.conn, r: c.r}, nil
 }

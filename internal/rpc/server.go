@@ -227,7 +227,7 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 		if up != nil && werr == nil {
 			// The connection now belongs to the upgrade; buffered bytes the
 			// client sent after its request are handed over with it.
-			up.Then(WithOpID(ctx, resp.OpID), &bufferedConn{Conn: c, r: r})
+			up.Then(WithOpID(ctx, resp.OpID), &streamConn{Conn: c, r: r})
 			return
 		}
 		if werr != nil || closing || err != nil {
@@ -268,15 +268,17 @@ type Upgrade struct {
 	Then   func(ctx context.Context, conn net.Conn)
 }
 
-type bufferedConn struct {
+// streamConn is a connection after an upgrade: reads first drain the bytes
+// already buffered while reading the request or response line.
+type streamConn struct {
 	net.Conn
 	r *bufio.Reader
 }
 
-func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+func (b *streamConn) Read(p []byte) (int, error) { return b.r.Read(p) }
 
 // CloseWrite half-closes when the underlying connection supports it.
-func (b *bufferedConn) CloseWrite() error {
+func (b *streamConn) CloseWrite() error {
 	if cw, ok := b.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}
