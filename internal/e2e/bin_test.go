@@ -111,8 +111,16 @@ func (l *lockedBuf) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l
 
 func startDaemon(t *testing.T, h string, extraEnv ...string) *daemonProc {
 	t.Helper()
+	return startDaemonWith(t, h, func(*exec.Cmd) {}, extraEnv...)
+}
+
+// startDaemonWith is startDaemon with a hook to adjust the command (e.g. its
+// credentials) before it starts.
+func startDaemonWith(t *testing.T, h string, adjust func(*exec.Cmd), extraEnv ...string) *daemonProc {
+	t.Helper()
 	cmd := exec.Command(filepath.Join(bins(t), "bangerd"), "--debug")
 	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h), extraEnv...)
+	adjust(cmd)
 	d := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
 	cmd.Stderr = d.logs
 	if err := cmd.Start(); err != nil {

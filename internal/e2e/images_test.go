@@ -196,27 +196,9 @@ func startDaemonAs(t *testing.T, h string, uid uint32) *daemonProc {
 	if uid == 0 {
 		return startDaemon(t, h, "BANGER_VMM=qemu")
 	}
-	cmd := exec.Command(filepath.Join(bins(t), "bangerd"), "--debug")
-	cmd.Env = append(os.Environ(), "BANGER_HOME="+h, "BANGER_VMM=qemu", "HOME="+h)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
-	d := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
-	cmd.Stderr = d.logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() { d.stop(t) })
-	sock := filepath.Join(h, "run", "bangerd.sock")
-	waitFor(t, 15*time.Second, "bangerd socket", func() bool {
-		select {
-		case <-d.done:
-			t.Fatalf("bangerd exited early: %s", d.logs.String())
-		default:
-		}
-		_, err := os.Stat(sock)
-		return err == nil
-	})
-	return d
+	return startDaemonWith(t, h, func(cmd *exec.Cmd) {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	}, "BANGER_VMM=qemu", "HOME="+h)
 }
 
 func chownTree(t *testing.T, p string, uid int) {
