@@ -31,7 +31,7 @@ type syncBuf struct {
 func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
 func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
-func startServer(t testing.TB) (string, *Server, *syncBuf) {
+func startServer(t testing.TB, opts ...func(*Server)) (string, *Server, *syncBuf) {
 	t.Helper()
 	logs := &syncBuf{}
 	log := logging.New(logs, slog.LevelDebug)
@@ -54,6 +54,9 @@ func startServer(t testing.TB) (string, *Server, *syncBuf) {
 		t.Fatal(err)
 	}
 	srv := &Server{Mux: mux, Logger: log}
+	for _, o := range opts {
+		o(srv)
+	}
 	go srv.Serve(context.Background(), ln)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

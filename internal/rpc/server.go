@@ -80,6 +80,22 @@ type Server struct {
 	LogEachCall bool
 	// CompletedMsg and FailedMsg override the per-call log messages.
 	CompletedMsg, FailedMsg string
+	// MaxLineBytes bounds a request line (0: MaxLine, 4 MiB). A longer line
+	// gets bad_request and is discarded without being held in memory.
+	MaxLineBytes int
+	// ReadTimeout, when set, bounds the wait for each complete request line:
+	// a connection that sends nothing (or too slowly) for that long is closed.
+	ReadTimeout time.Duration
+	// WriteTimeout, when set, bounds writing each response: a peer that does
+	// not read its responses is disconnected.
+	WriteTimeout time.Duration
+	// CloseOnRefusal makes a connection that Authorize refused get exactly
+	// one response (to its first request line, whatever it holds) and then
+	// be closed, so that a refused peer cannot keep the server busy.
+	CloseOnRefusal bool
+	// OnRefused, when set, replaces the per-call log record of requests on
+	// a refused connection (e.g. to rate-limit them).
+	OnRefused func(ctx context.Context, method string, e *ErrorResponse)
 
 	mu       sync.Mutex
 	ln       []net.Listener
@@ -187,10 +203,14 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 	if s.Authorize != nil {
 		ctx, authErr = s.Authorize(ctx, c)
 	}
-	r := bufio.NewReaderSize(c, 64<<10)
+	maxLine := s.maxLine()
+	r := bufio.NewReaderSize(c, min(64<<10, maxLine+1))
 	w := bufio.NewWriter(c)
 	for {
-		line, tooLong, err := readLine(r, MaxLine)
+		if s.ReadTimeout > 0 {
+			c.SetReadDeadline(time.Now().Add(s.ReadTimeout))
+		}
+		line, tooLong, err := readLine(r, maxLine)
 		if err != nil && len(line) == 0 && !tooLong {
 			return
 		}
@@ -210,6 +230,12 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 		s.mu.Unlock()
 
 		resp, up := s.dispatchUpgrade(ctx, line, tooLong, authErr)
+		if s.ReadTimeout > 0 && up != nil {
+			c.SetReadDeadline(time.Time{}) // the upgrade's stream sets its own
+		}
+		if s.WriteTimeout > 0 {
+			c.SetWriteDeadline(time.Now().Add(s.WriteTimeout))
+		}
 		b, merr := json.Marshal(resp)
 		if merr != nil {
 			b, _ = json.Marshal(Response{Error: &ErrorResponse{Code: CodeInternal, Message: "cannot encode result: " + merr.Error(), OpID: resp.OpID}})
@@ -230,10 +256,20 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 			up.Then(WithOpID(ctx, resp.OpID), &streamConn{Conn: c, r: r})
 			return
 		}
-		if werr != nil || closing || err != nil {
+		if werr != nil || closing || err != nil || (authErr != nil && s.CloseOnRefusal) {
 			return
 		}
+		if s.WriteTimeout > 0 {
+			c.SetWriteDeadline(time.Time{})
+		}
 	}
+}
+
+func (s *Server) maxLine() int {
+	if s.MaxLineBytes > 0 {
+		return s.MaxLineBytes
+	}
+	return MaxLine
 }
 
 // readLine reads one '\n'-terminated line of at most max bytes. When the line
@@ -312,11 +348,15 @@ func (s *Server) dispatchWith(ctx context.Context, line []byte, tooLong bool, au
 			s.log().ErrorContext(WithOpID(ctx, opID), "rpc handler panicked", "method", method, "panic", fmt.Sprint(p))
 			resp = fail(Errorf(CodeInternal, "internal error while serving %s", method))
 		}
+		if authErr != nil && s.OnRefused != nil && resp.Error != nil {
+			s.OnRefused(WithOpID(ctx, opID), method, resp.Error)
+			return
+		}
 		s.logCall(WithOpID(ctx, opID), method, start, resp)
 	}()
 	switch {
 	case tooLong:
-		return fail(Errorf(CodeBadRequest, "request line exceeds %d bytes", MaxLine))
+		return fail(Errorf(CodeBadRequest, "request line exceeds %d bytes", s.maxLine()))
 	case json.Unmarshal(line, &req) != nil:
 		return fail(Errorf(CodeBadRequest, "malformed request: not a JSON object"))
 	}
