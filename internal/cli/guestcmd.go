@@ -17,6 +17,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/guest"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 // sshTo opens an SSH connection to a VM's agent through bangerd (vm.connect
@@ -193,19 +194,27 @@ func (a *App) guestCommands() []*cobra.Command {
 		},
 	}
 	sshCmd.Flags().BoolVarP(&tty, "tty", "t", false, "allocate a terminal for CMD")
-	var follow bool
+	var follow, raw bool
 	logs := &cobra.Command{
 		Use:   "logs VM",
 		Short: "Show a VM's console log",
-		Args:  exactArgs(1, "VM"),
+		Long: "Show a VM's console log. The guest writes it, so terminal control sequences\n" +
+			"(colours, cursor movement, title and clipboard writes) are removed unless --raw.",
+		Args: exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			var out io.Writer = a.Stdout
+			if !raw {
+				tw := termsafe.NewWriter(a.Stdout)
+				defer tw.Flush()
+				out = tw
+			}
 			var off int64
 			for {
 				var res daemon.LogsResult
 				if err := a.call(cmd.Context(), "vm.logs", daemon.LogsParams{VM: args[0], Offset: off}, &res); err != nil {
 					return err
 				}
-				io.WriteString(a.Stdout, res.Data)
+				io.WriteString(out, res.Data)
 				off = res.NextOffset
 				if !follow {
 					return nil
@@ -221,5 +230,6 @@ func (a *App) guestCommands() []*cobra.Command {
 		},
 	}
 	logs.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
+	logs.Flags().BoolVar(&raw, "raw", false, "print the log with its control sequences (for a terminal you trust with them)")
 	return []*cobra.Command{exec, sshCmd, logs}
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/system"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 // guestToolCommands are ssh-config, ssh-proxy, cp, ports, port-forward and stats.
@@ -167,7 +168,8 @@ func (a *App) portsCommand() *cobra.Command {
 				if p.PID > 0 {
 					pid = strconv.Itoa(p.PID)
 				}
-				rows = append(rows, []string{p.Proto, p.Address, strconv.Itoa(p.Port), pid, orDash(p.Process)})
+				// guest-provided: a process names itself
+				rows = append(rows, []string{termsafe.Line(p.Proto), termsafe.Line(p.Address), strconv.Itoa(p.Port), pid, orDash(termsafe.Line(p.Process))})
 			}
 			return a.table([]string{"PROTO", "ADDRESS", "PORT", "PID", "PROCESS"}, rows)
 		},
@@ -415,7 +417,7 @@ func (a *App) printStats(res daemon.StatsResult) {
 	if h := s.Host; h != nil {
 		fmt.Fprintf(a.Stdout, "VMM      pid %d, CPU %s, RSS %s\n", h.PID, cpuText(h.CPUPercent), sizeText(h.RSSBytes))
 	} else {
-		fmt.Fprintf(a.Stdout, "VMM      unavailable: %s\n", s.HostError)
+		fmt.Fprintf(a.Stdout, "VMM      unavailable: %s\n", termsafe.Line(s.HostError))
 	}
 	if g := s.Guest; g != nil {
 		fmt.Fprintf(a.Stdout, "Memory   %s used of %s\n", sizeText(g.MemUsedBytes), sizeText(g.MemTotalBytes))
@@ -423,7 +425,7 @@ func (a *App) printStats(res daemon.StatsResult) {
 		fmt.Fprintf(a.Stdout, "Disk     %s used of %s (root)\n", sizeText(g.DiskUsedBytes), sizeText(g.DiskTotalBytes))
 		fmt.Fprintf(a.Stdout, "Uptime   %s\n", g.Uptime.Round(time.Second))
 	} else {
-		fmt.Fprintf(a.Stdout, "Guest    unavailable: %s\n", s.GuestError)
+		fmt.Fprintf(a.Stdout, "Guest    unavailable: %s\n", termsafe.Line(s.GuestError))
 	}
 	fmt.Fprintf(a.Stdout, "Sampled  %s (%d kept, every %gs)\n", ago(s.Time), res.Kept, res.IntervalSeconds)
 }
@@ -443,7 +445,7 @@ func (a *App) watchStats(ctx context.Context, vm string) error {
 			last = s.Time
 			if a.output == "json" {
 				b, _ := json.Marshal(s)
-				fmt.Fprintf(a.Stdout, "%s\n", b)
+				fmt.Fprintf(a.Stdout, "%s\n", termsafe.EscapeJSON(b))
 			} else {
 				if !header {
 					fmt.Fprintf(a.Stdout, "%-8s  %6s  %9s  %19s  %5s  %19s  %s\n", "TIME", "CPU", "VMM RSS", "MEMORY", "LOAD", "DISK", "UPTIME")

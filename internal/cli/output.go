@@ -6,12 +6,21 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
+// printJSON prints v as indented JSON. Strings may hold guest text, so the
+// characters a terminal would act on that encoding/json leaves as they are
+// (C1 controls, bidi formatting) are written as \u escapes: the value is
+// unchanged for a program reading it.
 func (a *App) printJSON(v any) error {
-	enc := json.NewEncoder(a.Stdout)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = a.Stdout.Write(append(termsafe.EscapeJSON(b), '\n'))
+	return err
 }
 
 // table prints rows under a header, aligned.

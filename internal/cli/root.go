@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/bangerdev/banger/internal/version"
 )
 
@@ -65,12 +66,18 @@ func (a *App) Run(ctx context.Context, args []string) int {
 	if errors.As(err, &ee) {
 		return ee.Code
 	}
-	fmt.Fprintf(a.Stderr, "error: %s\n", err.Error())
+	a.printError(err)
 	var ue *UsageError
 	if errors.As(err, &ue) || isCobraUsageError(err) {
 		return 2
 	}
 	return 1
+}
+
+// printError prints a command's error. Errors can quote what a guest said,
+// so terminal control sequences are removed.
+func (a *App) printError(err error) {
+	fmt.Fprintf(a.Stderr, "error: %s\n", termsafe.String(err.Error()))
 }
 
 func isCobraUsageError(err error) bool {
