@@ -7,7 +7,7 @@ import (
 	"strings"
 
 	"github.com/bangerdev/banger/internal/rpc"
-	"github.com/bangerdev/banger/internal/vmm/qemu"
+	"github.com/bangerdev/banger/internal/vmm"
 )
 
 // Check is one line of system.doctor.
@@ -50,8 +50,8 @@ func (d *Daemon) doctor(ctx context.Context, _ struct{}) (DoctorResult, error) {
 		drv := s.drivers[name]
 		err := drv.Preflight(ctx)
 		detail := "usable"
-		if q, ok := drv.(*qemu.Driver); ok {
-			detail = strings.Join(q.Describe(ctx).Lines(), "; ")
+		if ds, ok := drv.(vmm.Describer); ok {
+			detail = strings.Join(ds.DescribeHost(ctx), "; ")
 		}
 		if err != nil && name != s.defDrv {
 			// Not the driver in use: report, do not fail.

@@ -85,10 +85,15 @@ func HelperSocket() string {
 // ErrSocketPathTooLong is returned when a unix socket path exceeds the kernel's limit.
 var ErrSocketPathTooLong = errors.New("unix socket path too long")
 
-// CheckSocketPath verifies p fits in sockaddr_un (107 bytes plus NUL).
+// MaxSocketPath is the longest unix socket path Linux accepts:
+// sizeof(sockaddr_un.sun_path) minus the terminating NUL. Every socket
+// length check in banger uses it.
+const MaxSocketPath = 107
+
+// CheckSocketPath verifies p fits in sockaddr_un (MaxSocketPath bytes plus NUL).
 func CheckSocketPath(p string) error {
-	if len(p) > 107 {
-		return fmt.Errorf("%w: %s is %d bytes, the limit is 107 (use a shorter BANGER_HOME)", ErrSocketPathTooLong, p, len(p))
+	if len(p) > MaxSocketPath {
+		return fmt.Errorf("%w: %s is %d bytes, the limit is %d (use a shorter BANGER_HOME)", ErrSocketPathTooLong, p, len(p), MaxSocketPath)
 	}
 	return nil
 }

@@ -123,6 +123,13 @@ type Driver interface {
 	Adopt(ctx context.Context, h Handles) (Instance, error)
 }
 
+// Describer is implemented by a Driver that can say, in a few short lines,
+// what it found on this host and chose (binary, acceleration, guest channel),
+// for `banger doctor`.
+type Describer interface {
+	DescribeHost(ctx context.Context) []string
+}
+
 // Instance is one running VMM.
 type Instance interface {
 	Handles() Handles

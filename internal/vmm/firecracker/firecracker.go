@@ -29,11 +29,9 @@
 package firecracker
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -48,6 +46,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/system"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
 )
 
 // DriverName is the value of vmm.Handles.Driver for this driver.
@@ -56,9 +55,6 @@ const DriverName = "firecracker"
 // GuestCID is the vsock context id every guest gets (each VM has its own
 // hybrid-vsock socket, so the CID need not be unique).
 const GuestCID = 3
-
-// MaxUnixPath is the longest unix socket path Linux accepts.
-const MaxUnixPath = 107
 
 // File names inside the VM directory (and, in jailer mode, inside the jail).
 const (
@@ -290,21 +286,7 @@ func regularFile(what, p string) error {
 // on reboot (Firecracker exits), no reboot on panic, no PCI probing (virtio
 // devices are on MMIO).
 func BootArgs(cmdline string) string {
-	fields := strings.Fields(cmdline)
-	has := func(key string) bool {
-		for _, f := range fields {
-			if f == key || strings.HasPrefix(f, key+"=") {
-				return true
-			}
-		}
-		return false
-	}
-	for _, kv := range [][2]string{{"console", "console=ttyS0"}, {"reboot", "reboot=k"}, {"panic", "panic=-1"}, {"pci", "pci=off"}} {
-		if !has(kv[0]) {
-			fields = append(fields, kv[1])
-		}
-	}
-	return strings.Join(fields, " ")
+	return vmmproc.AppendKernelArgs(cmdline, "console=ttyS0", "reboot=k", "panic=-1", "pci=off")
 }
 
 // layout is where everything goes, as the host and as Firecracker see it.
@@ -364,8 +346,8 @@ func (d *Driver) layout(cfg vmm.MachineConfig) layout {
 // mode, populates the jail.
 func (d *Driver) prepare(cfg vmm.MachineConfig, l layout) error {
 	for _, p := range []string{l.apiSock, l.vsock} {
-		if len(p) > MaxUnixPath {
-			return fmt.Errorf("socket path %s is %d bytes, longer than the %d that unix sockets allow (hint: use a shorter BANGER_HOME or jailer chroot base dir)", p, len(p), MaxUnixPath)
+		if err := vmmproc.CheckSocketPath(p); err != nil {
+			return err
 		}
 	}
 	if l.jailDir != "" {
@@ -378,7 +360,7 @@ func (d *Driver) prepare(cfg vmm.MachineConfig, l layout) error {
 		}
 	}
 	for _, p := range []string{l.apiSock, l.vsock} {
-		if err := removeStaleSocket(p); err != nil {
+		if err := vmmproc.RemoveSocket(p); err != nil {
 			return err
 		}
 	}
@@ -416,23 +398,6 @@ func (d *Driver) prepare(cfg vmm.MachineConfig, l layout) error {
 				return fmt.Errorf("give %s to the jailed uid: %w", filepath.Base(p), err)
 			}
 		}
-	}
-	return nil
-}
-
-func removeStaleSocket(p string) error {
-	st, err := os.Lstat(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("check %s: %w", p, err)
-	}
-	if st.Mode().Type() != fs.ModeSocket {
-		return fmt.Errorf("%s exists and is not a socket; refusing to remove it", p)
-	}
-	if err := os.Remove(p); err != nil {
-		return fmt.Errorf("remove stale socket: %w", err)
 	}
 	return nil
 }
@@ -523,11 +488,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	log.Debug("firecracker launched", "pid", proc.PID, "api_socket", l.apiSock)
 
 	if err := d.boot(ctx, inst, cfg, l); err != nil {
-		log.Warn("firecracker start failed; killing it", "pid", proc.PID, "err", err)
+		log.Warn("firecracker start failed; killing it", "pid", proc.PID, "error", err)
 		kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if kerr := inst.Kill(kctx); kerr != nil {
-			log.Error("could not kill firecracker after a failed start", "pid", proc.PID, "err", kerr)
+			log.Error("could not kill firecracker after a failed start", "pid", proc.PID, "error", kerr)
 		}
 		return nil, err
 	}
@@ -593,11 +558,11 @@ func (d *Driver) waitAPI(ctx context.Context, inst *instance) error {
 			return nil
 		}
 		select {
-		case <-inst.exited:
+		case <-inst.Exited():
 			return inst.exitError("before its API socket came up")
 		case <-ctx.Done():
 			select {
-			case <-inst.exited:
+			case <-inst.Exited():
 				return inst.exitError("before its API socket came up")
 			default:
 			}
@@ -612,31 +577,6 @@ func (d *Driver) removeJail(dir string) {
 		return
 	}
 	if err := os.RemoveAll(dir); err != nil {
-		d.log.Warn("could not remove firecracker jail", "dir", dir, "err", err)
+		d.log.Warn("could not remove firecracker jail", "dir", dir, "error", err)
 	}
-}
-
-// tail returns the last n non-empty lines of a file, each trimmed, at most 4 KiB read.
-func tail(path string, n int, filter func(string) bool) []string {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	const max = 4096
-	if st, err := f.Stat(); err == nil && st.Size() > max {
-		_, _ = f.Seek(st.Size()-max, io.SeekStart)
-	}
-	var lines []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		s := strings.TrimSpace(sc.Text())
-		if s != "" && (filter == nil || filter(s)) {
-			lines = append(lines, s)
-		}
-	}
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return lines
 }

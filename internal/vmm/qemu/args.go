@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
 )
 
 // Files the driver keeps in the VM directory.
@@ -23,9 +24,6 @@ const (
 	// AgentPortName is the virtio-serial port name the guest agent looks for
 	// under /sys/class/virtio-ports/*/name when there is no vsock.
 	AgentPortName = "banger.agent"
-
-	// maxSunPath is sizeof(sockaddr_un.sun_path) minus the terminating NUL.
-	maxSunPath = 107
 
 	// microvmTransports is the number of virtio-mmio transports QEMU's
 	// microvm machine provides.
@@ -77,15 +75,6 @@ type launchSpec struct {
 	Channel vmm.GuestChannel
 	Paths   layout
 	Sandbox bool
-}
-
-// checkSocketPath returns a user-facing error when path cannot be a unix
-// socket address.
-func checkSocketPath(path string) error {
-	if len(path) > maxSunPath {
-		return fmt.Errorf("socket path %s is %d bytes, longer than the %d that unix sockets allow; hint: use a shorter BANGER_HOME (or data directory)", path, len(path), maxSunPath)
-	}
-	return nil
 }
 
 // validateConfig checks a MachineConfig before anything is started.
@@ -150,33 +139,20 @@ func optValue(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 // kernelCmdline appends what the QEMU driver needs to the caller's command line.
 func kernelCmdline(base string, accel string, tscKHz int) string {
-	fields := strings.Fields(base)
-	has := func(key string) bool {
-		for _, f := range fields {
-			if f == key || strings.HasPrefix(f, key+"=") {
-				return true
-			}
-		}
-		return false
-	}
+	// A panic reboots, and -no-reboot turns that into the VMM's exit.
+	cmdline := vmmproc.AppendKernelArgs(base, "console=ttyS0", "panic=-1")
 	var extra []string
-	if !has("console") {
-		extra = append(extra, "console=ttyS0")
-	}
-	if !has("panic") {
-		// A panic reboots, and -no-reboot turns that into the VMM's exit.
-		extra = append(extra, "panic=-1")
-	}
 	// microvm has no i8042 keyboard controller: with reboot=k the kernel spins
 	// ~1.5 s (under TCG) before falling back. A triple fault resets at once, and
 	// -no-reboot makes QEMU exit. The last reboot= wins, so this overrides a
 	// reboot=k meant for Firecracker.
 	extra = append(extra, "reboot=t")
-	if accel == "tcg" && tscKHz > 0 && !has("tsc_early_khz") {
+	cmdline = strings.TrimSpace(cmdline + " " + strings.Join(extra, " "))
+	if accel == "tcg" && tscKHz > 0 {
 		// Under TCG, microvm sometimes hangs in early TSC calibration without it.
-		extra = append(extra, "tsc_early_khz="+strconv.Itoa(tscKHz))
+		cmdline = vmmproc.AppendKernelArgs(cmdline, "tsc_early_khz="+strconv.Itoa(tscKHz))
 	}
-	return strings.TrimSpace(strings.Join(append(fields, extra...), " "))
+	return cmdline
 }
 
 // processName is what ps and top show for the VMM (at most 15 bytes).

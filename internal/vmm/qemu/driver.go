@@ -15,9 +15,7 @@ package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -27,6 +25,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/system"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
 )
 
 // DriverName is the driver's name in Handles.
@@ -273,6 +272,13 @@ func (d *Driver) Describe(ctx context.Context) Report {
 	return r
 }
 
+// DescribeHost implements vmm.Describer.
+func (d *Driver) DescribeHost(ctx context.Context) []string {
+	return d.Describe(ctx).Lines()
+}
+
+var _ vmm.Describer = (*Driver)(nil)
+
 // Preflight implements vmm.Driver.
 func (d *Driver) Preflight(ctx context.Context) error {
 	return d.Describe(ctx).Err
@@ -321,11 +327,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		sockets = append(sockets, ch.Path)
 	}
 	for _, s := range sockets {
-		if err := checkSocketPath(s); err != nil {
+		if err := vmmproc.CheckSocketPath(s); err != nil {
 			return nil, err
 		}
 		// A previous QEMU killed with SIGKILL leaves its sockets behind.
-		if err := removeSocket(s); err != nil {
+		if err := vmmproc.RemoveSocket(s); err != nil {
 			return nil, err
 		}
 	}
@@ -375,7 +381,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
 		defer kcancel()
 		if kerr := inst.Kill(kctx); kerr != nil {
-			log.Error("could not kill qemu after a failed start", "err", kerr)
+			log.Error("could not kill qemu after a failed start", "error", kerr)
 		}
 		return nil, err
 	}
@@ -383,48 +389,21 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	return inst, nil
 }
 
-// removeSocket removes path if it is a socket; anything else there is an error.
-func removeSocket(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if fi.Mode()&fs.ModeSocket == 0 {
-		return fmt.Errorf("%s exists and is not a socket; remove it or pick another VM directory", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove stale socket: %w", err)
-	}
-	return nil
-}
-
 // Adopt implements vmm.Driver. The process must be the same one (PID and start
 // time) and its command line must name the QMP socket of these handles (that
 // path is unique to the VM's directory).
 func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error) {
-	if h.Driver != "" && h.Driver != DriverName {
-		return nil, fmt.Errorf("handles belong to the %q driver, not %q", h.Driver, DriverName)
-	}
-	if !system.SameProcess(h.PID, h.StartTime) {
-		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
-	}
-	argv, err := system.ProcessCmdline(h.PID)
+	var vmID string
+	proc, err := vmmproc.AdoptProcess(h, DriverName, func(argv []string) (string, error) {
+		id, ok := matchCmdline(argv, h.APISocket)
+		if !ok {
+			return "", fmt.Errorf("not this VM's qemu (its command line does not name %s)", h.APISocket)
+		}
+		vmID = id
+		return id, nil
+	})
 	if err != nil {
-		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
-	}
-	vmID, ok := matchCmdline(argv, h.APISocket)
-	if !ok {
-		return nil, fmt.Errorf("pid %d is not this VM's qemu (its command line does not name %s): %w", h.PID, h.APISocket, vmm.ErrGone)
-	}
-	if h.VMID != "" && vmID != h.VMID {
-		return nil, fmt.Errorf("pid %d runs VM %s, not %s: %w", h.PID, vmID, h.VMID, vmm.ErrGone)
-	}
-	proc, err := system.Adopt(h.PID, h.StartTime)
-	if err != nil {
-		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
+		return nil, err
 	}
 	log := d.log.With("vm", vmID, "pid", h.PID)
 	inst := newInstance(h, proc, true, log)
@@ -438,7 +417,7 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
 	case err != nil:
 		// Still ours: Kill works by PID. State reports the problem again.
-		log.Warn("adopted qemu does not answer on its monitor socket", "err", err)
+		log.Warn("adopted qemu does not answer on its monitor socket", "error", err)
 	default:
 		log.Info("qemu adopted", "state", st)
 	}

@@ -4,60 +4,42 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/bangerdev/banger/internal/system"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
 )
 
 // instance is one QEMU process. QMP connections are opened per operation
 // (QEMU serves one monitor client at a time, and a held connection would lock
 // out a developer's own socat), serialised by qmpMu.
 type instance struct {
-	h       vmm.Handles
-	proc    *system.Process
-	adopted bool
-	log     *slog.Logger
+	*vmmproc.Proc
+	h   vmm.Handles
+	log *slog.Logger
 
-	qmpMu  sync.Mutex
-	exited chan struct{}
-	status vmm.ExitStatus // valid once exited is closed
+	qmpMu sync.Mutex
 }
 
 var _ vmm.Instance = (*instance)(nil)
 
 func newInstance(h vmm.Handles, proc *system.Process, adopted bool, log *slog.Logger) *instance {
-	i := &instance{h: h, proc: proc, adopted: adopted, log: log, exited: make(chan struct{})}
-	go i.watch()
-	return i
-}
-
-func (i *instance) watch() {
-	<-i.proc.Done()
-	at := time.Now()
-	code, sig := i.proc.Exit()
-	i.status = exitStatus(code, sig, i.adopted, readTail(i.h.VMMLog, 5), at)
-	for _, s := range []string{i.h.APISocket, i.serialSocket()} {
-		if s != "" {
-			if err := removeSocket(s); err != nil {
-				i.log.Debug("leftover qemu socket", "path", s, "err", err)
-			}
-		}
+	sockets := []string{h.APISocket}
+	if h.Channel.Kind == vmm.ChannelSerial {
+		sockets = append(sockets, h.Channel.Path)
 	}
-	i.log.Info("qemu exited", "code", i.status.Code, "signal", i.status.Signal, "reason", i.status.Reason)
-	close(i.exited)
-}
-
-func (i *instance) serialSocket() string {
-	if i.h.Channel.Kind == vmm.ChannelSerial {
-		return i.h.Channel.Path
-	}
-	return ""
+	p := vmmproc.Watch(vmmproc.Config{
+		Name: "qemu", Handles: h, Proc: proc, Adopted: adopted, Log: log,
+		Sockets: sockets,
+		Status: func(e vmmproc.Exit) vmm.ExitStatus {
+			return exitStatus(e.Code, e.Signal, e.Adopted, readTail(h.VMMLog, 5), e.At)
+		},
+	})
+	return &instance{Proc: p, h: h, log: log}
 }
 
 // exitStatus phrases how QEMU ended. logTail is the end of its log (stderr),
@@ -86,61 +68,9 @@ func exitStatus(code int, sig string, adopted bool, logTail string, at time.Time
 	return st
 }
 
-// readTail returns the last n non-empty lines of the file at path, joined by
-// "; ", reading at most its last 8 KiB.
+// readTail returns the last n non-empty lines of the file at path, joined by "; ".
 func readTail(path string, n int) string {
-	if path == "" {
-		return ""
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.Size() > tailMax {
-		if _, err := f.Seek(-tailMax, io.SeekEnd); err != nil {
-			return ""
-		}
-	}
-	b, err := io.ReadAll(io.LimitReader(f, tailMax))
-	if err != nil {
-		return ""
-	}
-	var lines []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if l = strings.TrimSpace(l); l != "" {
-			lines = append(lines, l)
-		}
-	}
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "; ")
-}
-
-// Handles implements vmm.Instance.
-func (i *instance) Handles() vmm.Handles { return i.h }
-
-// Exited implements vmm.Instance.
-func (i *instance) Exited() <-chan struct{} { return i.exited }
-
-func (i *instance) hasExited() bool {
-	select {
-	case <-i.exited:
-		return true
-	default:
-		return false
-	}
-}
-
-// Wait implements vmm.Instance.
-func (i *instance) Wait(ctx context.Context) (vmm.ExitStatus, error) {
-	select {
-	case <-i.exited:
-		return i.status, nil
-	case <-ctx.Done():
-		return vmm.ExitStatus{}, ctx.Err()
-	}
+	return strings.Join(vmmproc.Tail(path, n, nil), "; ")
 }
 
 // withDefaultTimeout bounds ctx when it has no deadline.
@@ -156,7 +86,7 @@ func withDefaultTimeout(ctx context.Context) (context.Context, context.CancelFun
 func (i *instance) qmp(ctx context.Context, fn func(ctx context.Context, q *QMP) error) error {
 	ctx, cancel := withDefaultTimeout(ctx)
 	defer cancel()
-	if i.hasExited() {
+	if i.HasExited() {
 		return fmt.Errorf("qemu pid %d: %w", i.h.PID, vmm.ErrGone)
 	}
 	i.qmpMu.Lock()
@@ -166,7 +96,7 @@ func (i *instance) qmp(ctx context.Context, fn func(ctx context.Context, q *QMP)
 	defer stop(nil)
 	go func() {
 		select {
-		case <-i.exited:
+		case <-i.Exited():
 			stop(vmm.ErrGone)
 		case <-ctx.Done():
 		}
@@ -176,7 +106,7 @@ func (i *instance) qmp(ctx context.Context, fn func(ctx context.Context, q *QMP)
 		err = fn(ctx, q)
 		q.Close()
 	}
-	if err != nil && i.hasExited() {
+	if err != nil && i.HasExited() {
 		return fmt.Errorf("qemu pid %d: %w", i.h.PID, vmm.ErrGone)
 	}
 	return err
@@ -197,7 +127,7 @@ func (i *instance) queryStatus(ctx context.Context) (statusInfo, error) {
 
 // State implements vmm.Instance.
 func (i *instance) State(ctx context.Context) (vmm.State, error) {
-	if i.hasExited() {
+	if i.HasExited() {
 		return vmm.StateExited, nil
 	}
 	st, err := i.queryStatus(ctx)
@@ -240,22 +170,6 @@ func (i *instance) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-// Kill implements vmm.Instance: SIGKILL, then wait for the exit (bounded by ctx,
-// or a default when ctx has none).
-func (i *instance) Kill(ctx context.Context) error {
-	ctx, cancel := withDefaultTimeout(ctx)
-	defer cancel()
-	if err := i.proc.KillAndWait(ctx); err != nil {
-		return fmt.Errorf("kill qemu (pid %d): %w", i.h.PID, err)
-	}
-	select {
-	case <-i.exited:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("kill qemu (pid %d): %w", i.h.PID, ctx.Err())
-	}
-}
-
 // waitRunning waits until QEMU answers on QMP and reports the machine running,
 // or fails with QEMU's own words when it exits first.
 func (i *instance) waitRunning(ctx context.Context) error {
@@ -265,8 +179,8 @@ func (i *instance) waitRunning(ctx context.Context) error {
 	var lastErr error
 	for {
 		select {
-		case <-i.exited:
-			return fmt.Errorf("qemu failed to start: %s", i.status.Reason)
+		case <-i.Exited():
+			return fmt.Errorf("qemu failed to start: %s", i.Status().Reason)
 		case <-ctx.Done():
 			msg := fmt.Sprintf("qemu did not report the machine running in time: %v", ctx.Err())
 			if lastErr != nil {

@@ -42,6 +42,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/vmm/firecracker/fcspec"
 )
 
@@ -49,7 +50,7 @@ import (
 const Version = "1.16.1"
 
 // MaxUnixPath is the longest unix socket path Linux accepts (sun_path less the NUL).
-const MaxUnixPath = 107
+const MaxUnixPath = paths.MaxSocketPath
 
 // Failure is one injected failure.
 type Failure struct {

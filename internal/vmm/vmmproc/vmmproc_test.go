@@ -1,0 +1,186 @@
+package vmmproc
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/system"
+	"github.com/bangerdev/banger/internal/vmm"
+)
+
+func TestCheckSocketPath(t *testing.T) {
+	if err := CheckSocketPath("/" + strings.Repeat("a", 106)); err != nil {
+		t.Errorf("107 bytes: %v", err)
+	}
+	err := CheckSocketPath("/" + strings.Repeat("a", 107))
+	if err == nil || !strings.Contains(err.Error(), "shorter BANGER_HOME") {
+		t.Errorf("108 bytes: %v", err)
+	}
+}
+
+func TestRemoveSocket(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "s.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	if err := RemoveSocket(sock); err != nil {
+		t.Fatalf("remove socket: %v", err)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket still there: %v", err)
+	}
+	if err := RemoveSocket(sock); err != nil {
+		t.Fatalf("missing socket: %v", err)
+	}
+	file := filepath.Join(dir, "f")
+	os.WriteFile(file, []byte("x"), 0o600)
+	if err := RemoveSocket(file); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("regular file: %v", err)
+	}
+	if _, err := os.Stat(file); err != nil {
+		t.Fatalf("regular file removed: %v", err)
+	}
+}
+
+func TestTail(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "log")
+	var b strings.Builder
+	for i := 0; i < 5000; i++ {
+		b.WriteString("filler line\n")
+	}
+	b.WriteString("  ERROR one  \n\nlast\n")
+	os.WriteFile(p, []byte(b.String()), 0o600)
+	tests := []struct {
+		n      int
+		filter func(string) bool
+		want   []string
+	}{
+		{2, nil, []string{"ERROR one", "last"}},
+		{1, func(s string) bool { return strings.Contains(s, "ERROR") }, []string{"ERROR one"}},
+	}
+	for _, tc := range tests {
+		if got := Tail(p, tc.n, tc.filter); strings.Join(got, "|") != strings.Join(tc.want, "|") {
+			t.Errorf("Tail(%d) = %q, want %q", tc.n, got, tc.want)
+		}
+	}
+	if got := Tail(filepath.Join(t.TempDir(), "missing"), 3, nil); got != nil {
+		t.Errorf("missing file: %q", got)
+	}
+}
+
+func TestAppendKernelArgs(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"", "console=ttyS0 panic=-1 quiet"},
+		{"console=hvc0 root=/dev/vda", "console=hvc0 root=/dev/vda panic=-1 quiet"},
+		{"  quiet  panic=5 ", "quiet panic=5 console=ttyS0"},
+		{"consoleblank=0", "consoleblank=0 console=ttyS0 panic=-1 quiet"},
+	}
+	for _, tc := range tests {
+		if got := AppendKernelArgs(tc.in, "console=ttyS0", "panic=-1", "quiet"); got != tc.want {
+			t.Errorf("AppendKernelArgs(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestProcKillAndStatus(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "api.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	proc, err := system.StartDetached(exec.Command("sleep", "60"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	afterExit := make(chan struct{})
+	p := Watch(Config{
+		Name: "fake", Handles: vmm.Handles{PID: proc.PID}, Proc: proc, Sockets: []string{sock},
+		AfterExit: func() { close(afterExit) },
+		Status: func(e Exit) vmm.ExitStatus {
+			r := "ended"
+			if e.Killed {
+				r = "killed by banger"
+			}
+			return vmm.ExitStatus{Code: e.Code, Signal: e.Signal, Reason: r, At: e.At}
+		},
+	})
+	if p.HasExited() {
+		t.Fatal("exited at once")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-afterExit:
+	default:
+		t.Fatal("Kill returned before the cleanup ran")
+	}
+	st, err := p.Wait(ctx)
+	if err != nil || st.Reason != "killed by banger" || st.Signal != "killed" {
+		t.Fatalf("Wait = %+v, %v", st, err)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket left behind: %v", err)
+	}
+	if err := p.Kill(ctx); err != nil {
+		t.Fatalf("second Kill: %v", err)
+	}
+}
+
+func TestAdoptProcessRefuses(t *testing.T) {
+	proc, err := system.StartDetached(exec.Command("sleep", "60"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proc.KillAndWait(context.Background()) })
+	h := vmm.Handles{Driver: "fake", VMID: "vm1", PID: proc.PID, StartTime: proc.StartTime, APISocket: "/x/api.sock"}
+	match := func(argv []string) (string, error) {
+		if len(argv) == 2 && argv[0] == "sleep" {
+			return "vm1", nil
+		}
+		return "", errors.New("not ours")
+	}
+	tests := []struct {
+		name  string
+		h     func(vmm.Handles) vmm.Handles
+		match func([]string) (string, error)
+		gone  bool
+	}{
+		{"other driver", func(h vmm.Handles) vmm.Handles { h.Driver = "qemu"; return h }, match, false},
+		{"no pid", func(h vmm.Handles) vmm.Handles { h.PID = 0; return h }, match, true},
+		{"reused pid", func(h vmm.Handles) vmm.Handles { h.StartTime++; return h }, match, true},
+		{"command line", func(h vmm.Handles) vmm.Handles { return h }, func([]string) (string, error) { return "", errors.New("not ours") }, true},
+		{"other vm", func(h vmm.Handles) vmm.Handles { h.VMID = "vm2"; return h }, match, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := AdoptProcess(tc.h(h), "fake", tc.match)
+			if err == nil || errors.Is(err, vmm.ErrGone) != tc.gone {
+				t.Fatalf("err = %v, want ErrGone=%v", err, tc.gone)
+			}
+		})
+	}
+	p, err := AdoptProcess(h, "fake", match)
+	if err != nil {
+		t.Fatalf("adopt: %v", err)
+	}
+	if p.PID != proc.PID {
+		t.Fatalf("pid %d", p.PID)
+	}
+}
