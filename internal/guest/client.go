@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 // ClientConfig configures a Client.
@@ -25,7 +27,25 @@ type ClientConfig struct {
 	UserKey ssh.Signer    // the user's banger key
 	User    string        // guest user; default "root"
 	Logger  *slog.Logger
+	// MaxReply bounds the payload of one reply from the agent (ports,
+	// stats); default DefaultMaxReply.
+	MaxReply int
 }
+
+// Bounds on what the guest may say in one reply. The guest is not trusted:
+// a reply over a bound is an error, never a bigger allocation.
+const (
+	// DefaultMaxReply is the default ClientConfig.MaxReply. The SSH layer
+	// already refuses packets over 256 KiB; the agent keeps replies under
+	// 200 KiB.
+	DefaultMaxReply = 256 << 10
+	// MaxPorts bounds the listening sockets accepted in one ports reply.
+	MaxPorts = 8192
+	// MaxProcessName bounds a process name (Linux's comm is 15 bytes).
+	MaxProcessName = 64
+	// maxRefusal bounds how much of a refusal's text is kept.
+	maxRefusal = 512
+)
 
 // Client talks SSH to one VM's agent. It keeps one SSH connection, opened on
 // first use and re-opened when it breaks, that concurrent calls share. Safe
@@ -51,6 +71,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.MaxReply <= 0 {
+		cfg.MaxReply = DefaultMaxReply
 	}
 	return &Client{
 		cfg: cfg,
@@ -244,11 +267,29 @@ func (c *Client) request(ctx context.Context, name string) ([]byte, error) {
 	}
 	if !ok {
 		if len(data) > 0 {
-			return nil, fmt.Errorf("the guest agent refused %s: %s", name, data)
+			return nil, fmt.Errorf("the guest agent refused %s: %s", name, refusalText(data))
 		}
 		return nil, fmt.Errorf("the guest agent refused %s (agent too old?)", name)
 	}
+	if len(data) > c.cfg.MaxReply {
+		return nil, fmt.Errorf("the guest agent's reply to %s is %d bytes, over the limit of %d: not decoding it (a broken or hostile guest)", name, len(data), c.cfg.MaxReply)
+	}
 	return data, nil
+}
+
+// refusalText is the guest's reason for a refusal, cut to maxRefusal bytes
+// and with terminal control sequences removed: it ends up in logs and on
+// the user's terminal.
+func refusalText(data []byte) string {
+	cut := len(data) > maxRefusal
+	if cut {
+		data = data[:maxRefusal]
+	}
+	s := termsafe.Line(string(data))
+	if cut {
+		s += "…"
+	}
+	return s
 }
 
 // Ping returns once the agent answers, retrying until ctx is done. bangerd
@@ -320,7 +361,44 @@ func (c *Client) Ports(ctx context.Context) ([]api.Port, error) {
 	if err := json.Unmarshal(data, &r); err != nil {
 		return nil, fmt.Errorf("decode the guest's port list: %w", err)
 	}
+	if err := checkPorts(r.Ports); err != nil {
+		return nil, fmt.Errorf("the guest's port list: %w", err)
+	}
 	return r.Ports, nil
+}
+
+// checkPorts refuses a port list no honest agent sends: too long, unknown
+// protocols, addresses that are not IP addresses, ports out of range, long
+// process names. (Process names may still hold any bytes: the CLI strips
+// them before printing.)
+func checkPorts(ps []api.Port) error {
+	if len(ps) > MaxPorts {
+		return fmt.Errorf("%d sockets listed, at most %d accepted", len(ps), MaxPorts)
+	}
+	for i, p := range ps {
+		switch p.Proto {
+		case "tcp", "tcp6", "udp", "udp6":
+		default:
+			return fmt.Errorf("entry %d: unknown protocol %q", i, termsafe.Line(truncate(p.Proto, 16)))
+		}
+		if _, err := netip.ParseAddr(p.Address); err != nil {
+			return fmt.Errorf("entry %d: %q is not an IP address", i, termsafe.Line(truncate(p.Address, 64)))
+		}
+		if p.Port < 0 || p.Port > 65535 || p.PID < 0 {
+			return fmt.Errorf("entry %d: port %d, pid %d out of range", i, p.Port, p.PID)
+		}
+		if len(p.Process) > MaxProcessName {
+			return fmt.Errorf("entry %d: a process name of %d bytes (at most %d)", i, len(p.Process), MaxProcessName)
+		}
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
 }
 
 // Stats reports the guest's view of its resource use.
