@@ -14,8 +14,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/rpc"
 
-	"github.com/bangerdev/banger/internal/daemon"
-	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/api"
 )
 
 func absPath(p string) (string, error) {
@@ -37,7 +36,7 @@ func humanBytes(n int64) string {
 
 func (a *App) kernelCommand() *cobra.Command {
 	k := &cobra.Command{Use: "kernel", Short: "Manage guest kernels"}
-	var p daemon.KernelImportParams
+	var p api.KernelImportParams
 	imp := &cobra.Command{
 		Use:   "import [VMLINUX|BZIMAGE]",
 		Short: "Import a kernel file, a Debian kernel package (--deb) or one fetched by name (--package)",
@@ -61,8 +60,8 @@ func (a *App) kernelCommand() *cobra.Command {
 			if a.output != "json" {
 				fmt.Fprintln(a.Stderr, "importing kernel…")
 			}
-			var res store.Kernel
-			if err := a.call(cmd.Context(), "kernel.import", p, &res); err != nil {
+			var res api.Kernel
+			if err := a.call(cmd.Context(), api.MethodKernelImport, p, &res); err != nil {
 				return err
 			}
 			if a.output == "json" {
@@ -80,13 +79,13 @@ func (a *App) kernelCommand() *cobra.Command {
 	k.AddCommand(&cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List kernels", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var ks []*store.Kernel
-			if err := a.call(cmd.Context(), "kernel.list", nil, &ks); err != nil {
+			var ks []*api.Kernel
+			if err := a.call(cmd.Context(), api.MethodKernelList, nil, &ks); err != nil {
 				return err
 			}
 			if a.output == "json" {
 				if ks == nil {
-					ks = []*store.Kernel{}
+					ks = []*api.Kernel{}
 				}
 				return a.printJSON(ks)
 			}
@@ -97,7 +96,7 @@ func (a *App) kernelCommand() *cobra.Command {
 			return a.table([]string{"NAME", "VERSION", "SIZE", "CREATED"}, rows)
 		},
 	})
-	k.AddCommand(a.rmCommand("kernel.delete", "a kernel"))
+	k.AddCommand(a.rmCommand(api.MethodKernelDelete, "a kernel"))
 	return k
 }
 
@@ -105,14 +104,14 @@ func (a *App) rmCommand(method, what string) *cobra.Command {
 	return &cobra.Command{
 		Use: "rm NAME", Aliases: []string{"delete"}, Short: "Remove " + what + " (refused while a VM uses it)", Args: exactArgs(1, "NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var res map[string]string
-			if err := a.call(cmd.Context(), method, daemon.NameRef{Name: args[0]}, &res); err != nil {
+			var res api.DeleteResult
+			if err := a.call(cmd.Context(), method, api.NameRef{Name: args[0]}, &res); err != nil {
 				return err
 			}
 			if a.output == "json" {
 				return a.printJSON(res)
 			}
-			fmt.Fprintf(a.Stdout, "removed %s\n", res["deleted"])
+			fmt.Fprintf(a.Stdout, "removed %s\n", res.Deleted)
 			return nil
 		},
 	}
@@ -131,21 +130,21 @@ func (a *App) imageCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return a.imageOp(cmd.Context(), "image.import.begin", daemon.ImageOpParams{Name: name, Path: p, HeadroomMiB: headroom}, "imported")
+			return a.imageOp(cmd.Context(), api.MethodImageImportBegin, api.ImageOpParams{Name: name, Path: p, HeadroomMiB: headroom}, "imported")
 		},
 	}
 	imp.Flags().StringVar(&name, "name", "", "name (default: from the file name)")
 	imp.Flags().IntVar(&headroom, "headroom", 0, "free space in MiB beyond the content (default 64)")
 	im.AddCommand(imp)
 
-	var pp daemon.ImageOpParams
+	var pp api.ImageOpParams
 	pull := &cobra.Command{
 		Use:   "pull REF",
 		Short: "Pull a linux/amd64 image from an OCI registry (debian:bookworm means Docker Hub)",
 		Args:  exactArgs(1, "REF"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			pp.Ref = args[0]
-			return a.imageOp(cmd.Context(), "image.pull.begin", pp, "pulled")
+			return a.imageOp(cmd.Context(), api.MethodImagePullBegin, pp, "pulled")
 		},
 	}
 	pull.Flags().StringVar(&pp.Name, "name", "", "name (default: from the reference, e.g. debian-bookworm)")
@@ -153,7 +152,7 @@ func (a *App) imageCommand() *cobra.Command {
 	pull.Flags().IntVar(&pp.HeadroomMiB, "headroom", 0, "free space in MiB beyond the content (default 64)")
 	im.AddCommand(pull)
 
-	var bp daemon.ImageOpParams
+	var bp api.ImageOpParams
 	var pkgs string
 	build := &cobra.Command{
 		Use:   "build --debootstrap SUITE",
@@ -169,7 +168,7 @@ func (a *App) imageCommand() *cobra.Command {
 					bp.Packages = append(bp.Packages, p)
 				}
 			}
-			return a.imageOp(cmd.Context(), "image.build.begin", bp, "built")
+			return a.imageOp(cmd.Context(), api.MethodImageBuildBegin, bp, "built")
 		},
 	}
 	build.Flags().StringVar(&bp.Suite, "debootstrap", "", "Debian suite to bootstrap (e.g. bookworm)")
@@ -181,13 +180,13 @@ func (a *App) imageCommand() *cobra.Command {
 	im.AddCommand(&cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List images", Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var ims []*store.Image
-			if err := a.call(cmd.Context(), "image.list", nil, &ims); err != nil {
+			var ims []*api.Image
+			if err := a.call(cmd.Context(), api.MethodImageList, nil, &ims); err != nil {
 				return err
 			}
 			if a.output == "json" {
 				if ims == nil {
-					ims = []*store.Image{}
+					ims = []*api.Image{}
 				}
 				return a.printJSON(ims)
 			}
@@ -202,19 +201,19 @@ func (a *App) imageCommand() *cobra.Command {
 			return a.table([]string{"NAME", "SIZE", "DIGEST", "SOURCE", "CREATED"}, rows)
 		},
 	})
-	im.AddCommand(a.rmCommand("image.delete", "an image"))
+	im.AddCommand(a.rmCommand(api.MethodImageDelete, "an image"))
 	return im
 }
 
 // imageOp starts a long image operation and follows it to the end, with a
 // progress bar on a terminal (none under -o json or when stderr is not one).
-func (a *App) imageOp(ctx context.Context, method string, p daemon.ImageOpParams, verb string) error {
+func (a *App) imageOp(ctx context.Context, method string, p api.ImageOpParams, verb string) error {
 	c, err := a.client(ctx)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	var st daemon.ImageOpStatus
+	var st api.ImageOpStatus
 	if err := c.Call(ctx, method, p, &st); err != nil {
 		return err
 	}
@@ -230,7 +229,7 @@ func (a *App) imageOp(ctx context.Context, method string, p daemon.ImageOpParams
 			return ctx.Err()
 		case <-tick.C:
 		}
-		if err := c.Call(sctx, "image.op.status", map[string]any{"op_id": st.OpID}, &st); err != nil {
+		if err := c.Call(sctx, api.MethodImageOpStatus, api.ImageOpStatusParams{OpID: st.OpID}, &st); err != nil {
 			return err
 		}
 		if !show {

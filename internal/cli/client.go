@@ -12,6 +12,8 @@ import (
 
 	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/rpc"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // daemonStartTimeout bounds how long the CLI waits for a bangerd it started.
@@ -38,7 +40,7 @@ func (a *App) client(ctx context.Context) (*rpc.Client, error) {
 	for {
 		c, err := rpc.Dial(ctx, sock)
 		if err == nil {
-			if perr := c.Call(ctx, "system.ping", nil, nil); perr == nil {
+			if perr := c.Call(ctx, api.MethodPing, nil, nil); perr == nil {
 				return c, nil
 			}
 			c.Close()

@@ -15,9 +15,10 @@ import (
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/term"
 
-	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/termsafe"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // sshTo opens an SSH connection to a VM's agent through bangerd (vm.connect
@@ -27,8 +28,8 @@ func (a *App) sshTo(ctx context.Context, vm string) (*ssh.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	var res daemon.ConnectResult
-	conn, err := c.Upgrade(ctx, "vm.connect", daemon.VMRef{VM: vm}, &res)
+	var res api.ConnectResult
+	conn, err := c.Upgrade(ctx, api.MethodVMConnect, api.VMRef{VM: vm}, &res)
 	if err != nil {
 		c.Close()
 		return nil, err
@@ -210,8 +211,8 @@ func (a *App) guestCommands() []*cobra.Command {
 			}
 			var off int64
 			for {
-				var res daemon.LogsResult
-				if err := a.call(cmd.Context(), "vm.logs", daemon.LogsParams{VM: args[0], Offset: off}, &res); err != nil {
+				var res api.LogsResult
+				if err := a.call(cmd.Context(), api.MethodVMLogs, api.LogsParams{VM: args[0], Offset: off}, &res); err != nil {
 					return err
 				}
 				io.WriteString(out, res.Data)

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/api"
 )
 
 func TestParseForward(t *testing.T) {
@@ -78,8 +78,8 @@ func TestParseCpArg(t *testing.T) {
 }
 
 func TestRenderSSHConfig(t *testing.T) {
-	res := daemon.SSHConfigResult{
-		Hosts: []daemon.SSHHost{{Name: "alpha"}, {Name: "beta"}}, User: "root",
+	res := api.SSHConfigResult{
+		Hosts: []api.SSHHost{{Name: "alpha"}, {Name: "beta"}}, User: "root",
 		IdentityFile: "/home/u/my keys/id_ed25519", KnownHosts: "/data/100%/known_hosts",
 	}
 	out := renderSSHConfig(res, "/opt/my bin/banger", "/h")

@@ -9,9 +9,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/rpc"
-	"github.com/bangerdev/banger/internal/store"
+
+	"github.com/bangerdev/banger/api"
 )
 
 type createFlags struct {
@@ -38,7 +38,7 @@ func (f *createFlags) add(cmd *cobra.Command, withName bool) {
 
 // resolveWorkspace checks --workspace before the VM is made and stores the
 // repository's root in p.
-func (f *createFlags) resolveWorkspace(ctx context.Context, p *daemon.CreateParams) error {
+func (f *createFlags) resolveWorkspace(ctx context.Context, p *api.CreateParams) error {
 	if f.workspace == "" || f.noWorkspace {
 		return nil
 	}
@@ -50,16 +50,16 @@ func (f *createFlags) resolveWorkspace(ctx context.Context, p *daemon.CreatePara
 	return nil
 }
 
-func (f *createFlags) params() (daemon.CreateParams, error) {
+func (f *createFlags) params() (api.CreateParams, error) {
 	mem, err := parseSize(f.memory)
 	if err != nil {
-		return daemon.CreateParams{}, usagef("--memory: %v", err)
+		return api.CreateParams{}, usagef("--memory: %v", err)
 	}
 	disk, err := parseSize(f.disk)
 	if err != nil {
-		return daemon.CreateParams{}, usagef("--disk: %v", err)
+		return api.CreateParams{}, usagef("--disk: %v", err)
 	}
-	return daemon.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver}, nil
+	return api.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver}, nil
 }
 
 // parseSize reads 512M, 2G, 1024 (MiB) into MiB.
@@ -83,14 +83,14 @@ func parseSize(s string) (int, error) {
 }
 
 // createVM begins a create and, unless noWait, follows its stages.
-func (a *App) createVM(ctx context.Context, p daemon.CreateParams, noWait bool) (*store.VM, error) {
+func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*api.VM, error) {
 	c, err := a.client(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer c.Close()
-	var st daemon.CreateStatus
-	if err := c.Call(ctx, "vm.create.begin", p, &st); err != nil {
+	var st api.CreateStatus
+	if err := c.Call(ctx, api.MethodVMCreateBegin, p, &st); err != nil {
 		return nil, err
 	}
 	if noWait {
@@ -120,7 +120,7 @@ func (a *App) createVM(ctx context.Context, p daemon.CreateParams, noWait bool) 
 		if st.Done {
 			break
 		}
-		if err := c.Call(sctx, "vm.create.status", map[string]any{"op_id": st.OpID, "wait": true}, &st); err != nil {
+		if err := c.Call(sctx, api.MethodVMCreateStatus, api.CreateStatusParams{OpID: st.OpID, Wait: true}, &st); err != nil {
 			return nil, err
 		}
 	}
@@ -172,8 +172,8 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 		return &cobra.Command{
 			Use: use + " VM", Short: short, Args: exactArgs(1, "VM"),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				var v store.VM
-				if err := a.call(cmd.Context(), method, daemon.VMRef{VM: args[0]}, &v); err != nil {
+				var v api.VM
+				if err := a.call(cmd.Context(), method, api.VMRef{VM: args[0]}, &v); err != nil {
 					return err
 				}
 				return a.printVMState(&v)
@@ -190,8 +190,8 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 		c := &cobra.Command{
 			Use: m.use + " VM", Short: m.short, Args: exactArgs(1, "VM"),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				var v store.VM
-				if err := a.call(cmd.Context(), m.method, daemon.StopParams{VM: args[0], TimeoutSeconds: timeout.Seconds()}, &v); err != nil {
+				var v api.VM
+				if err := a.call(cmd.Context(), m.method, api.StopParams{VM: args[0], TimeoutSeconds: timeout.Seconds()}, &v); err != nil {
 					return err
 				}
 				return a.printVMState(&v)
@@ -204,14 +204,14 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 	del := &cobra.Command{
 		Use: "delete VM", Aliases: []string{"rm"}, Short: "Delete a VM and its disks", Args: exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var res map[string]string
-			if err := a.call(cmd.Context(), "vm.delete", daemon.DeleteParams{VM: args[0], Force: force}, &res); err != nil {
+			var res api.DeleteResult
+			if err := a.call(cmd.Context(), api.MethodVMDelete, api.DeleteParams{VM: args[0], Force: force}, &res); err != nil {
 				return err
 			}
 			if a.output == "json" {
 				return a.printJSON(res)
 			}
-			fmt.Fprintf(a.Stdout, "deleted %s\n", res["deleted"])
+			fmt.Fprintf(a.Stdout, "deleted %s\n", res.Deleted)
 			return nil
 		},
 	}
@@ -223,7 +223,7 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 	set := &cobra.Command{
 		Use: "set VM", Short: "Change cpus/memory (next start) or grow the disk", Args: exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			p := daemon.SetParams{VM: args[0], VCPUs: setCPUs}
+			p := api.SetParams{VM: args[0], VCPUs: setCPUs}
 			var err error
 			if setMem != "" {
 				if p.MemoryMiB, err = parseSize(setMem); err != nil {
@@ -235,8 +235,8 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 					return usagef("--disk: %v", err)
 				}
 			}
-			var res daemon.SetResult
-			if err := a.call(cmd.Context(), "vm.set", p, &res); err != nil {
+			var res api.SetResult
+			if err := a.call(cmd.Context(), api.MethodVMSet, p, &res); err != nil {
 				return err
 			}
 			if a.output == "json" {
@@ -255,7 +255,7 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 	vm.AddCommand(set)
 }
 
-func (a *App) printVMState(v *store.VM) error {
+func (a *App) printVMState(v *api.VM) error {
 	if a.output == "json" {
 		return a.printJSON(v)
 	}

@@ -6,8 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/bangerdev/banger/internal/daemon"
-	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/api"
 )
 
 // Defaults `banger run` prepares when the home has no kernel or image.
@@ -42,10 +41,10 @@ func (a *App) runCommand() *cobra.Command {
 				return err
 			}
 			if rm {
-				defer a.call(context.WithoutCancel(ctx), "vm.delete", daemon.DeleteParams{VM: v.ID, Force: true}, nil)
+				defer a.call(context.WithoutCancel(ctx), api.MethodVMDelete, api.DeleteParams{VM: v.ID, Force: true}, nil)
 			}
-			var ic daemon.ImageConfig
-			if err := a.call(ctx, "image.config", daemon.NameRef{Name: v.ImageID}, &ic); err != nil {
+			var ic api.ImageConfig
+			if err := a.call(ctx, api.MethodImageConfig, api.NameRef{Name: v.ImageID}, &ic); err != nil {
 				return err
 			}
 			argv := commandFor(ic, args)
@@ -75,7 +74,7 @@ func (a *App) runCommand() *cobra.Command {
 // commandFor applies the image's entrypoint and command the way container
 // runtimes do: args replace Cmd, Entrypoint always comes first; no args and
 // no Entrypoint/Cmd means an interactive shell.
-func commandFor(ic daemon.ImageConfig, args []string) []string {
+func commandFor(ic api.ImageConfig, args []string) []string {
 	if len(args) > 0 {
 		return append(append([]string{}, ic.Entrypoint...), args...)
 	}
@@ -84,29 +83,29 @@ func commandFor(ic daemon.ImageConfig, args []string) []string {
 
 // prepareDefaults imports Debian's cloud kernel and builds a Debian image
 // when the home has none and the user named none.
-func (a *App) prepareDefaults(ctx context.Context, p daemon.CreateParams) error {
+func (a *App) prepareDefaults(ctx context.Context, p api.CreateParams) error {
 	if p.Kernel == "" {
-		var ks []*store.Kernel
-		if err := a.call(ctx, "kernel.list", nil, &ks); err != nil {
+		var ks []*api.Kernel
+		if err := a.call(ctx, api.MethodKernelList, nil, &ks); err != nil {
 			return err
 		}
 		if len(ks) == 0 {
 			fmt.Fprintf(a.Stderr, "no kernel yet: importing Debian's cloud kernel (%s)…\n", defaultKernelPackage)
-			var k store.Kernel
-			if err := a.call(ctx, "kernel.import", daemon.KernelImportParams{Package: defaultKernelPackage}, &k); err != nil {
+			var k api.Kernel
+			if err := a.call(ctx, api.MethodKernelImport, api.KernelImportParams{Package: defaultKernelPackage}, &k); err != nil {
 				return fmt.Errorf("prepare the default kernel: %w", err)
 			}
 			fmt.Fprintf(a.Stderr, "imported kernel %s\n", k.Name)
 		}
 	}
 	if p.Image == "" {
-		var ims []*store.Image
-		if err := a.call(ctx, "image.list", nil, &ims); err != nil {
+		var ims []*api.Image
+		if err := a.call(ctx, api.MethodImageList, nil, &ims); err != nil {
 			return err
 		}
 		if len(ims) == 0 {
 			fmt.Fprintf(a.Stderr, "no image yet: building Debian %s with debootstrap from your apt mirror…\n", defaultSuite)
-			if err := a.imageOp(ctx, "image.build.begin", daemon.ImageOpParams{Suite: defaultSuite}, "built"); err != nil {
+			if err := a.imageOp(ctx, api.MethodImageBuildBegin, api.ImageOpParams{Suite: defaultSuite}, "built"); err != nil {
 				return fmt.Errorf("prepare the default image (or import one: banger image import|pull): %w", err)
 			}
 		}

@@ -3,9 +3,9 @@ package cli
 import (
 	"fmt"
 
-	"github.com/bangerdev/banger/internal/daemon"
-
 	"github.com/spf13/cobra"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // addServiceCommands adds top-level commands of the other services.
@@ -21,8 +21,8 @@ func (a *App) doctorCommand() *cobra.Command {
 		Short: "Check this host can run VMs, and say which VMM banger uses and why",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var res daemon.DoctorResult
-			if err := a.call(cmd.Context(), "system.doctor", nil, &res); err != nil {
+			var res api.DoctorResult
+			if err := a.call(cmd.Context(), api.MethodDoctor, nil, &res); err != nil {
 				return err
 			}
 			bad := 0

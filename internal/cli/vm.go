@@ -6,8 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/bangerdev/banger/internal/daemon"
-	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/api"
 )
 
 func (a *App) vmCommand() *cobra.Command {
@@ -18,12 +17,12 @@ func (a *App) vmCommand() *cobra.Command {
 		Short:   "List VMs",
 		Args:    noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var vms []*store.VM
-			if err := a.call(cmd.Context(), "vm.list", nil, &vms); err != nil {
+			var vms []*api.VM
+			if err := a.call(cmd.Context(), api.MethodVMList, nil, &vms); err != nil {
 				return err
 			}
 			if vms == nil {
-				vms = []*store.VM{}
+				vms = []*api.VM{}
 			}
 			if a.output == "json" {
 				return a.printJSON(vms)
@@ -40,8 +39,8 @@ func (a *App) vmCommand() *cobra.Command {
 		Short: "Show one VM",
 		Args:  exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var v store.VM
-			if err := a.call(cmd.Context(), "vm.get", daemon.VMRef{VM: args[0]}, &v); err != nil {
+			var v api.VM
+			if err := a.call(cmd.Context(), api.MethodVMGet, api.VMRef{VM: args[0]}, &v); err != nil {
 				return err
 			}
 			return a.showVM(&v)
@@ -51,7 +50,7 @@ func (a *App) vmCommand() *cobra.Command {
 	return vm
 }
 
-func (a *App) showVM(v *store.VM) error {
+func (a *App) showVM(v *api.VM) error {
 	if a.output == "json" {
 		return a.printJSON(v)
 	}

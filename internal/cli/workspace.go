@@ -11,9 +11,9 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
-	"github.com/bangerdev/banger/internal/daemon"
-	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/workspace"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // guestFS opens SFTP to a VM as a workspace.FS; close releases it.
@@ -79,9 +79,9 @@ func mibBytes(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20
 
 // workspaceRepo is the host repository a VM's workspace belongs to: --repo,
 // else the one it was created with, else the current directory's.
-func (a *App) workspaceRepo(ctx context.Context, vm, repo string) (*store.VM, string, error) {
-	var v store.VM
-	if err := a.call(ctx, "vm.get", daemon.VMRef{VM: vm}, &v); err != nil {
+func (a *App) workspaceRepo(ctx context.Context, vm, repo string) (*api.VM, string, error) {
+	var v api.VM
+	if err := a.call(ctx, api.MethodVMGet, api.VMRef{VM: vm}, &v); err != nil {
 		return nil, "", err
 	}
 	if repo == "" {

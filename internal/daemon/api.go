@@ -8,37 +8,24 @@ import (
 
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+
+	"github.com/bangerdev/banger/api"
 )
-
-// Info is the result of system.info.
-type Info struct {
-	Version       string  `json:"version"`
-	PID           int     `json:"pid"`
-	Home          string  `json:"home"`
-	Socket        string  `json:"socket"`
-	UptimeSeconds float64 `json:"uptime_seconds"`
-	StartedAt     string  `json:"started_at"`
-}
-
-// VMRef names a VM by id, name or unambiguous prefix.
-type VMRef struct {
-	VM string `json:"vm"`
-}
 
 func (d *Daemon) registerAPI() {
 	m := d.mux
-	rpc.Handle(m, "system.ping", func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
-	rpc.Handle(m, "system.info", func(ctx context.Context, _ struct{}) (Info, error) {
-		return Info{
+	rpc.Handle(m, api.MethodPing, func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
+	rpc.Handle(m, api.MethodInfo, func(ctx context.Context, _ struct{}) (api.Info, error) {
+		return api.Info{
 			Version: d.cfg.Version, PID: os.Getpid(), Home: d.cfg.Layout.DataDir, Socket: d.cfg.Layout.Socket(),
 			UptimeSeconds: time.Since(d.started).Seconds(), StartedAt: d.started.UTC().Format(time.RFC3339),
 		}, nil
 	})
-	rpc.Handle(m, "vm.list", func(ctx context.Context, _ struct{}) ([]*store.VM, error) {
+	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, _ struct{}) ([]*store.VM, error) {
 		vms, err := d.store.ListVMs(ctx)
 		return vms, storeErr(err)
 	})
-	rpc.Handle(m, "vm.get", func(ctx context.Context, p VMRef) (*store.VM, error) {
+	rpc.Handle(m, api.MethodVMGet, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		vm, err := d.store.FindVM(ctx, p.VM)
 		return vm, storeErr(err)
 	})

@@ -17,38 +17,18 @@ import (
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+
+	"github.com/bangerdev/banger/api"
 )
-
-// KernelImportParams is kernel.import: exactly one of Path, Deb, Package.
-type KernelImportParams struct {
-	Name    string `json:"name,omitempty"`
-	Path    string `json:"path,omitempty"`   // vmlinux or bzImage on the host
-	Initrd  string `json:"initrd,omitempty"` // optional initrd to put before banger's
-	Deb     string `json:"deb,omitempty"`    // a Debian linux-image .deb
-	Package string `json:"package,omitempty"`
-}
-
-// ImageImportParams is image.import of an ext4 root filesystem, a docker
-// save tarball or an OCI layout (tarball or directory).
-type ImageImportParams struct {
-	Name        string `json:"name,omitempty"`
-	Path        string `json:"path"`
-	HeadroomMiB int    `json:"headroom_mib,omitempty"`
-}
-
-// NameRef names an image or kernel.
-type NameRef struct {
-	Name string `json:"name"`
-}
 
 func (d *Daemon) registerArtifactAPI() {
 	m := d.mux
-	rpc.Handle(m, "kernel.import", d.importKernel)
-	rpc.Handle(m, "kernel.list", func(ctx context.Context, _ struct{}) ([]*store.Kernel, error) {
+	rpc.Handle(m, api.MethodKernelImport, d.importKernel)
+	rpc.Handle(m, api.MethodKernelList, func(ctx context.Context, _ struct{}) ([]*store.Kernel, error) {
 		ks, err := d.store.ListKernels(ctx)
 		return ks, storeErr(err)
 	})
-	rpc.Handle(m, "kernel.delete", func(ctx context.Context, p NameRef) (any, error) {
+	rpc.Handle(m, api.MethodKernelDelete, func(ctx context.Context, p api.NameRef) (*api.DeleteResult, error) {
 		k, err := d.store.FindKernel(ctx, p.Name)
 		if err != nil {
 			return nil, storeErr(err)
@@ -60,14 +40,15 @@ func (d *Daemon) registerArtifactAPI() {
 			return nil, storeErr(err)
 		}
 		os.RemoveAll(filepath.Join(d.cfg.Layout.KernelsDir(), k.ID))
-		return map[string]string{"deleted": k.Name}, nil
+		return &api.DeleteResult{Deleted: k.Name}, nil
 	})
-	rpc.Handle(m, "image.import", func(ctx context.Context, p ImageImportParams) (*store.Image, error) {
-		return d.runImageOp(ctx, "import", ImageOpParams{Name: p.Name, Path: p.Path, HeadroomMiB: p.HeadroomMiB}, nil)
+	rpc.Handle(m, api.MethodImageImport, func(ctx context.Context, p api.ImageImportParams) (*api.Image, error) {
+		im, err := d.runImageOp(ctx, "import", api.ImageOpParams{Name: p.Name, Path: p.Path, HeadroomMiB: p.HeadroomMiB}, nil)
+		return im.API(), err
 	})
 	d.registerImageOpsAPI()
-	rpc.Handle(m, "image.config", func(ctx context.Context, p NameRef) (ImageConfig, error) {
-		var ic ImageConfig
+	rpc.Handle(m, api.MethodImageConfig, func(ctx context.Context, p api.NameRef) (api.ImageConfig, error) {
+		var ic api.ImageConfig
 		im, err := d.store.FindImage(ctx, p.Name)
 		if err != nil {
 			return ic, storeErr(err)
@@ -79,11 +60,18 @@ func (d *Daemon) registerArtifactAPI() {
 		}
 		return ic, nil
 	})
-	rpc.Handle(m, "image.list", func(ctx context.Context, _ struct{}) ([]*store.Image, error) {
+	rpc.Handle(m, api.MethodImageList, func(ctx context.Context, _ struct{}) ([]*api.Image, error) {
 		ims, err := d.store.ListImages(ctx)
-		return ims, storeErr(err)
+		if err != nil {
+			return nil, storeErr(err)
+		}
+		out := make([]*api.Image, len(ims))
+		for i, im := range ims {
+			out[i] = im.API()
+		}
+		return out, nil
 	})
-	rpc.Handle(m, "image.delete", func(ctx context.Context, p NameRef) (any, error) {
+	rpc.Handle(m, api.MethodImageDelete, func(ctx context.Context, p api.NameRef) (*api.DeleteResult, error) {
 		im, err := d.store.FindImage(ctx, p.Name)
 		if err != nil {
 			return nil, storeErr(err)
@@ -95,7 +83,7 @@ func (d *Daemon) registerArtifactAPI() {
 			return nil, storeErr(err)
 		}
 		os.RemoveAll(filepath.Join(d.cfg.Layout.ImagesDir(), im.ID))
-		return map[string]string{"deleted": im.Name}, nil
+		return &api.DeleteResult{Deleted: im.Name}, nil
 	})
 }
 
@@ -116,7 +104,7 @@ func hostFile(p, what string) (string, error) {
 	return p, nil
 }
 
-func (d *Daemon) importKernel(ctx context.Context, p KernelImportParams) (_ *store.Kernel, err error) {
+func (d *Daemon) importKernel(ctx context.Context, p api.KernelImportParams) (_ *store.Kernel, err error) {
 	n := 0
 	for _, s := range []string{p.Path, p.Deb, p.Package} {
 		if s != "" {
@@ -211,7 +199,7 @@ func (d *Daemon) importKernel(ctx context.Context, p KernelImportParams) (_ *sto
 	return k, nil
 }
 
-func (d *Daemon) importImage(ctx context.Context, p ImageImportParams) (_ *store.Image, err error) {
+func (d *Daemon) importImage(ctx context.Context, p api.ImageImportParams) (_ *store.Image, err error) {
 	src, err := hostFile(p.Path, "image")
 	if err != nil {
 		return nil, err

@@ -8,29 +8,17 @@ import (
 
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/vmm"
+
+	"github.com/bangerdev/banger/api"
 )
 
-// Check is one line of system.doctor.
-type Check struct {
-	Name   string `json:"name"`
-	OK     bool   `json:"ok"`
-	Detail string `json:"detail"`
-}
-
-// DoctorResult is system.doctor's result.
-type DoctorResult struct {
-	Driver       string  `json:"driver"`
-	DriverReason string  `json:"driver_reason"`
-	Checks       []Check `json:"checks"`
-}
-
 func (d *Daemon) registerDoctor() {
-	rpc.Handle(d.mux, "system.doctor", d.doctor)
+	rpc.Handle(d.mux, api.MethodDoctor, d.doctor)
 }
 
-func (d *Daemon) doctor(ctx context.Context, _ struct{}) (DoctorResult, error) {
+func (d *Daemon) doctor(ctx context.Context, _ struct{}) (api.DoctorResult, error) {
 	s := d.vms
-	res := DoctorResult{Driver: s.defDrv}
+	res := api.DoctorResult{Driver: s.defDrv}
 	switch cfg := d.fileCfg.VMM; {
 	case cfg != "" && cfg != "auto":
 		res.DriverReason = fmt.Sprintf("configured (vmm=%s)", cfg)
@@ -40,7 +28,7 @@ func (d *Daemon) doctor(ctx context.Context, _ struct{}) (DoctorResult, error) {
 		res.DriverReason = "firecracker is not on PATH, so banger uses qemu"
 	}
 	add := func(name string, err error, detail string) {
-		c := Check{Name: name, OK: err == nil, Detail: detail}
+		c := api.Check{Name: name, OK: err == nil, Detail: detail}
 		if err != nil {
 			c.Detail = err.Error()
 		}

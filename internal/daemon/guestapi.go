@@ -14,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
@@ -22,69 +22,6 @@ import (
 )
 
 // ---- RPC types ----
-
-// PortsResult is vm.ports's result: the guest's listening sockets.
-type PortsResult struct {
-	VM    string     `json:"vm"`
-	Ports []api.Port `json:"ports"`
-}
-
-// HostStats is the host's view of a VM: its VMM process.
-type HostStats struct {
-	PID int `json:"pid"`
-	// CPUPercent is the VMM's CPU use since the previous sample, in percent
-	// of one core (200 = two cores busy). Absent on a VM's first sample.
-	CPUPercent *float64 `json:"cpu_percent,omitempty"`
-	RSSBytes   uint64   `json:"rss_bytes"`
-}
-
-// StatsSample is one observation of a running VM.
-type StatsSample struct {
-	Time       time.Time  `json:"time"`
-	Host       *HostStats `json:"host,omitempty"`
-	HostError  string     `json:"host_error,omitempty"`
-	Guest      *api.Stats `json:"guest,omitempty"`
-	GuestError string     `json:"guest_error,omitempty"`
-}
-
-// StatsParams is vm.stats.
-type StatsParams struct {
-	VM      string `json:"vm"`
-	History bool   `json:"history,omitempty"` // include the kept history, oldest first
-}
-
-// StatsResult is vm.stats's result.
-type StatsResult struct {
-	VM              string        `json:"vm"`
-	ID              string        `json:"id"`
-	VCPUs           int           `json:"vcpus"`
-	MemoryMiB       int           `json:"memory_mib"`
-	IntervalSeconds float64       `json:"interval_seconds"`
-	Kept            int           `json:"kept"` // samples in the history now
-	Latest          *StatsSample  `json:"latest,omitempty"`
-	History         []StatsSample `json:"history,omitempty"`
-}
-
-// SSHConfigParams is vm.ssh_config; an empty VM means every running VM.
-type SSHConfigParams struct {
-	VM string `json:"vm,omitempty"`
-}
-
-// SSHHost is one VM reachable by OpenSSH through `banger ssh-proxy`.
-type SSHHost struct {
-	Name  string `json:"name"`
-	ID    string `json:"id"`
-	State string `json:"state"`
-}
-
-// SSHConfigResult is vm.ssh_config's result: what a client needs to write
-// OpenSSH Host entries. KnownHosts is up to date when the call returns.
-type SSHConfigResult struct {
-	Hosts        []SSHHost `json:"hosts"`
-	User         string    `json:"user"`
-	IdentityFile string    `json:"identity_file"`
-	KnownHosts   string    `json:"known_hosts"`
-}
 
 const (
 	statsInterval = 2 * time.Second
@@ -94,9 +31,9 @@ const (
 )
 
 func (s *vmService) registerGuestAPI(m *rpc.Mux) {
-	rpc.Handle(m, "vm.ports", s.ports)
-	rpc.Handle(m, "vm.stats", s.stats)
-	rpc.Handle(m, "vm.ssh_config", s.sshConfig)
+	rpc.Handle(m, api.MethodVMPorts, s.ports)
+	rpc.Handle(m, api.MethodVMStats, s.stats)
+	rpc.Handle(m, api.MethodVMSSHConfig, s.sshConfig)
 }
 
 // runningAgent resolves ref to a running VM and its agent connection.
@@ -116,22 +53,22 @@ func (s *vmService) runningAgent(ctx context.Context, ref string) (*store.VM, *r
 	return vm, rt, a, nil
 }
 
-func (s *vmService) ports(ctx context.Context, p VMRef) (PortsResult, error) {
+func (s *vmService) ports(ctx context.Context, p api.VMRef) (api.PortsResult, error) {
 	vm, _, a, err := s.runningAgent(ctx, p.VM)
 	if err != nil {
-		return PortsResult{}, err
+		return api.PortsResult{}, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	ports, err := a.Ports(ctx)
 	if err != nil {
-		return PortsResult{}, rpc.Errorf(rpc.CodeUnavailable, "list the listening ports of %s: %v", vm.Name, err)
+		return api.PortsResult{}, rpc.Errorf(rpc.CodeUnavailable, "list the listening ports of %s: %v", vm.Name, err)
 	}
 	sortPorts(ports)
 	if ports == nil {
 		ports = []api.Port{}
 	}
-	return PortsResult{VM: vm.Name, Ports: ports}, nil
+	return api.PortsResult{VM: vm.Name, Ports: ports}, nil
 }
 
 // sortPorts orders by port, then protocol, then address.
@@ -148,14 +85,14 @@ func sortPorts(ps []api.Port) {
 	})
 }
 
-func (s *vmService) stats(ctx context.Context, p StatsParams) (StatsResult, error) {
+func (s *vmService) stats(ctx context.Context, p api.StatsParams) (api.StatsResult, error) {
 	vm, err := s.d.store.FindVM(ctx, p.VM)
 	if err != nil {
-		return StatsResult{}, storeErr(err)
+		return api.StatsResult{}, storeErr(err)
 	}
 	rt := s.runtime(vm.ID)
 	if rt == nil || vm.State != store.StateRunning {
-		return StatsResult{}, notRunning(vm)
+		return api.StatsResult{}, notRunning(vm)
 	}
 	sp := s.poller()
 	h := sp.history(vm.ID, rt)
@@ -163,7 +100,7 @@ func (s *vmService) stats(ctx context.Context, p StatsParams) (StatsResult, erro
 		// just started, or the poller has not come round yet
 		sp.sampleVM(ctx, vm.ID, rt, h)
 	}
-	res := StatsResult{VM: vm.Name, ID: vm.ID, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, IntervalSeconds: sp.interval.Seconds()}
+	res := api.StatsResult{VM: vm.Name, ID: vm.ID, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, IntervalSeconds: sp.interval.Seconds()}
 	samples := h.snapshot()
 	res.Kept = len(samples)
 	if len(samples) > 0 {
@@ -176,12 +113,12 @@ func (s *vmService) stats(ctx context.Context, p StatsParams) (StatsResult, erro
 	return res, nil
 }
 
-func (s *vmService) sshConfig(ctx context.Context, p SSHConfigParams) (SSHConfigResult, error) {
+func (s *vmService) sshConfig(ctx context.Context, p api.SSHConfigParams) (api.SSHConfigResult, error) {
 	keyPath := s.d.cfg.Layout.UserKey()
 	if _, err := guest.LoadOrCreateUserKey(keyPath); err != nil {
-		return SSHConfigResult{}, fmt.Errorf("user key: %w", err)
+		return api.SSHConfigResult{}, fmt.Errorf("user key: %w", err)
 	}
-	res := SSHConfigResult{User: "root", IdentityFile: keyPath, KnownHosts: s.knownHostsPath(), Hosts: []SSHHost{}}
+	res := api.SSHConfigResult{User: "root", IdentityFile: keyPath, KnownHosts: s.knownHostsPath(), Hosts: []api.SSHHost{}}
 	vms, err := s.d.store.ListVMs(ctx)
 	if err != nil {
 		return res, storeErr(err)
@@ -197,12 +134,12 @@ func (s *vmService) sshConfig(ctx context.Context, p SSHConfigParams) (SSHConfig
 		if _, err := hostKeyPub(s.vmDir(vm.ID)); err != nil {
 			return res, rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q has no host key yet (it gets one when it first starts)", vm.Name)
 		}
-		res.Hosts = append(res.Hosts, SSHHost{Name: vm.Name, ID: vm.ID, State: string(vm.State)})
+		res.Hosts = append(res.Hosts, api.SSHHost{Name: vm.Name, ID: vm.ID, State: string(vm.State)})
 		return res, nil
 	}
 	for _, vm := range vms {
 		if vm.State == store.StateRunning {
-			res.Hosts = append(res.Hosts, SSHHost{Name: vm.Name, ID: vm.ID, State: string(vm.State)})
+			res.Hosts = append(res.Hosts, api.SSHHost{Name: vm.Name, ID: vm.ID, State: string(vm.State)})
 		}
 	}
 	return res, nil
@@ -240,7 +177,7 @@ type vmHistory struct {
 	sampling sync.Mutex // one sample at a time
 
 	mu        sync.Mutex
-	samples   []StatsSample
+	samples   []api.StatsSample
 	keep      int
 	prevTicks uint64
 	prevAt    time.Time
@@ -253,13 +190,13 @@ func (h *vmHistory) len() int {
 	return len(h.samples)
 }
 
-func (h *vmHistory) snapshot() []StatsSample {
+func (h *vmHistory) snapshot() []api.StatsSample {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return append([]StatsSample(nil), h.samples...)
+	return append([]api.StatsSample(nil), h.samples...)
 }
 
-func (h *vmHistory) add(st StatsSample) {
+func (h *vmHistory) add(st api.StatsSample) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.samples = append(h.samples, st)
@@ -405,7 +342,7 @@ func (sp *statsPoller) sampleVM(ctx context.Context, id string, rt *runtime, h *
 	h.sampling.Lock()
 	defer h.sampling.Unlock()
 	now := time.Now()
-	st := StatsSample{Time: now.UTC()}
+	st := api.StatsSample{Time: now.UTC()}
 	pid := rt.handles.PID
 	if hs, ticks, err := readProcStats(pid, rt.handles.StartTime); err != nil {
 		st.HostError = err.Error()
@@ -417,7 +354,7 @@ func (sp *statsPoller) sampleVM(ctx context.Context, id string, rt *runtime, h *
 	defer cancel()
 	a, err := sp.s.agent(gctx, id, rt)
 	if err == nil {
-		var gs api.Stats
+		var gs api.GuestStats
 		gs, err = a.Stats(gctx)
 		if err == nil {
 			st.Guest = &gs
@@ -432,7 +369,7 @@ func (sp *statsPoller) sampleVM(ctx context.Context, id string, rt *runtime, h *
 
 // readProcStats reads a VMM's cumulative CPU ticks and RSS from /proc,
 // checking the process is still the one started (start time).
-func readProcStats(pid int, startTime uint64) (*HostStats, uint64, error) {
+func readProcStats(pid int, startTime uint64) (*api.HostStats, uint64, error) {
 	if pid <= 0 {
 		return nil, 0, errors.New("no VMM process id")
 	}
@@ -456,7 +393,7 @@ func readProcStats(pid int, startTime uint64) (*HostStats, uint64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	return &HostStats{PID: pid, RSSBytes: rss}, ticks, nil
+	return &api.HostStats{PID: pid, RSSBytes: rss}, ticks, nil
 }
 
 // parseProcStat returns utime+stime (fields 14 and 15) and the start time

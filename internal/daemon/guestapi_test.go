@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/system"
@@ -109,7 +109,7 @@ func TestHistoryCPUAndBound(t *testing.T) {
 		t.Fatalf("counter going back gave %v", *p)
 	}
 	for i := 0; i < 5; i++ {
-		h.add(StatsSample{Time: t0.Add(time.Duration(i) * time.Second)})
+		h.add(api.StatsSample{Time: t0.Add(time.Duration(i) * time.Second)})
 	}
 	s := h.snapshot()
 	if len(s) != 3 || !s[0].Time.Equal(t0.Add(2*time.Second)) || !s[2].Time.Equal(t0.Add(4*time.Second)) {

@@ -9,6 +9,8 @@ import (
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // logWriter sends a tool's output lines to the daemon log at debug level.
@@ -25,7 +27,7 @@ func (w logWriter) Write(p []byte) (int, error) {
 
 // buildDebootstrap makes a Debian image with debootstrap from the host's
 // mirror and builds it with the same exact ext4 builder as OCI images.
-func (d *Daemon) buildDebootstrap(ctx context.Context, p ImageOpParams, op *imageOp, id, work string, opts image.BuildOptions) (_ *store.Image, err error) {
+func (d *Daemon) buildDebootstrap(ctx context.Context, p api.ImageOpParams, op *imageOp, id, work string, opts image.BuildOptions) (_ *store.Image, err error) {
 	name := p.Name
 	if name == "" {
 		name = sanitizeName("debian-" + p.Suite)

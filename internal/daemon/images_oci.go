@@ -15,44 +15,16 @@ import (
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
+
+	"github.com/bangerdev/banger/api"
 )
-
-// ImageOpParams starts a long image operation: image.pull.begin (Ref),
-// image.import.begin (Path) or image.build.begin (Suite).
-type ImageOpParams struct {
-	Name string `json:"name,omitempty"`
-	// Pull
-	Ref      string `json:"ref,omitempty"`
-	Insecure bool   `json:"insecure,omitempty"` // plain HTTP registry
-	// Import
-	Path string `json:"path,omitempty"`
-	// Build (debootstrap)
-	Suite    string   `json:"suite,omitempty"`
-	Mirror   string   `json:"mirror,omitempty"`
-	Packages []string `json:"packages,omitempty"`
-	// HeadroomMiB is free space in the image beyond its content (default 64).
-	HeadroomMiB int `json:"headroom_mib,omitempty"`
-}
-
-// ImageOpStatus is image.op.status's result (and the begin calls').
-type ImageOpStatus struct {
-	OpID    string       `json:"op_id"`
-	Kind    string       `json:"kind"`
-	Phase   string       `json:"phase"`
-	Current int64        `json:"current"`
-	Total   int64        `json:"total"`
-	Done    bool         `json:"done"`
-	Error   string       `json:"error,omitempty"`
-	Image   *store.Image `json:"image,omitempty"`
-	Reused  bool         `json:"reused,omitempty"` // an image with the same digest was reused
-}
 
 type imageOp struct {
 	mu     sync.Mutex
-	status ImageOpStatus
+	status api.ImageOpStatus
 }
 
-func (o *imageOp) snapshot() ImageOpStatus {
+func (o *imageOp) snapshot() api.ImageOpStatus {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.status
@@ -71,39 +43,38 @@ var imageOps = struct {
 
 func (d *Daemon) registerImageOpsAPI() {
 	m := d.mux
-	begin := func(kind string) func(ctx context.Context, p ImageOpParams) (ImageOpStatus, error) {
-		return func(ctx context.Context, p ImageOpParams) (ImageOpStatus, error) {
+	begin := func(kind string) func(ctx context.Context, p api.ImageOpParams) (api.ImageOpStatus, error) {
+		return func(ctx context.Context, p api.ImageOpParams) (api.ImageOpStatus, error) {
 			return d.beginImageOp(ctx, kind, p)
 		}
 	}
-	rpc.Handle(m, "image.pull.begin", begin("pull"))
-	rpc.Handle(m, "image.import.begin", begin("import"))
-	rpc.Handle(m, "image.build.begin", begin("build"))
-	rpc.Handle(m, "image.op.status", func(ctx context.Context, p struct {
-		OpID string `json:"op_id"`
-	}) (ImageOpStatus, error) {
+	rpc.Handle(m, api.MethodImagePullBegin, begin("pull"))
+	rpc.Handle(m, api.MethodImageImportBegin, begin("import"))
+	rpc.Handle(m, api.MethodImageBuildBegin, begin("build"))
+	rpc.Handle(m, api.MethodImageOpStatus, func(ctx context.Context, p api.ImageOpStatusParams) (api.ImageOpStatus, error) {
 		imageOps.Lock()
 		op := imageOps.m[p.OpID]
 		imageOps.Unlock()
 		if op == nil {
-			return ImageOpStatus{}, rpc.Errorf(rpc.CodeNotFound, "no image operation %q", p.OpID)
+			return api.ImageOpStatus{}, rpc.Errorf(rpc.CodeNotFound, "no image operation %q", p.OpID)
 		}
 		return op.snapshot(), nil
 	})
-	rpc.Handle(m, "image.pull", func(ctx context.Context, p ImageOpParams) (*store.Image, error) {
-		return d.runImageOp(ctx, "pull", p, nil)
+	rpc.Handle(m, api.MethodImagePull, func(ctx context.Context, p api.ImageOpParams) (*api.Image, error) {
+		im, err := d.runImageOp(ctx, "pull", p, nil)
+		return im.API(), err
 	})
 }
 
-func (d *Daemon) beginImageOp(ctx context.Context, kind string, p ImageOpParams) (ImageOpStatus, error) {
+func (d *Daemon) beginImageOp(ctx context.Context, kind string, p api.ImageOpParams) (api.ImageOpStatus, error) {
 	if err := validateImageOp(kind, &p); err != nil {
-		return ImageOpStatus{}, err
+		return api.ImageOpStatus{}, err
 	}
 	opID := rpc.OpID(ctx)
 	if opID == "" {
 		opID = newID()
 	}
-	op := &imageOp{status: ImageOpStatus{OpID: opID, Kind: kind, Phase: "start"}}
+	op := &imageOp{status: api.ImageOpStatus{OpID: opID, Kind: kind, Phase: "start"}}
 	imageOps.Lock()
 	imageOps.m[opID] = op
 	imageOps.Unlock()
@@ -112,7 +83,7 @@ func (d *Daemon) beginImageOp(ctx context.Context, kind string, p ImageOpParams)
 		im, err := d.runImageOp(bctx, kind, p, op)
 		op.mu.Lock()
 		op.status.Done = true
-		op.status.Image = im
+		op.status.Image = im.API()
 		if err != nil {
 			op.status.Error = err.Error()
 		}
@@ -127,7 +98,7 @@ func (d *Daemon) beginImageOp(ctx context.Context, kind string, p ImageOpParams)
 	return op.snapshot(), nil
 }
 
-func validateImageOp(kind string, p *ImageOpParams) error {
+func validateImageOp(kind string, p *api.ImageOpParams) error {
 	switch kind {
 	case "pull":
 		if p.Ref == "" {
@@ -175,7 +146,7 @@ func hostPath(p string) (string, error) {
 // runImageOp does a pull, import or build to the end: the image's files are
 // made in a temporary directory, moved into place, and the database row is
 // written last, so an interrupted operation leaves nothing registered.
-func (d *Daemon) runImageOp(ctx context.Context, kind string, p ImageOpParams, op *imageOp) (_ *store.Image, err error) {
+func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParams, op *imageOp) (_ *store.Image, err error) {
 	if op == nil {
 		op = &imageOp{}
 	}
@@ -189,7 +160,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p ImageOpParams, o
 		}
 		if k == image.KindExt4 {
 			op.progress(image.Event{Phase: "copy"})
-			return d.importImage(ctx, ImageImportParams{Name: p.Name, Path: p.Path})
+			return d.importImage(ctx, api.ImageImportParams{Name: p.Name, Path: p.Path})
 		}
 	}
 	lop := logging.StartOp(ctx, d.log, "image."+kind, "ref", p.Ref, "path", p.Path, "suite", p.Suite)

@@ -15,51 +15,21 @@ import (
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/system"
+
+	"github.com/bangerdev/banger/api"
 )
-
-// CreateParams is vm.create.begin.
-type CreateParams struct {
-	Name      string `json:"name"`
-	Image     string `json:"image,omitempty"`
-	Kernel    string `json:"kernel,omitempty"`
-	VCPUs     int    `json:"vcpus,omitempty"`
-	MemoryMiB int    `json:"memory_mib,omitempty"`
-	DiskMiB   int    `json:"disk_mib,omitempty"`
-	Driver    string `json:"driver,omitempty"`
-	Workspace string `json:"workspace,omitempty"`
-}
-
-// Stage is one visible step of a create, with its timings.
-type Stage struct {
-	Name       string     `json:"name"`
-	StartedAt  time.Time  `json:"started_at"`
-	FinishedAt *time.Time `json:"finished_at,omitempty"`
-	DurationMS float64    `json:"duration_ms,omitempty"`
-	Error      string     `json:"error,omitempty"`
-}
-
-// CreateStatus is vm.create.status's result (and vm.create.begin's).
-type CreateStatus struct {
-	OpID   string    `json:"op_id"`
-	VMID   string    `json:"vm_id"`
-	Name   string    `json:"name"`
-	Done   bool      `json:"done"`
-	Error  string    `json:"error,omitempty"`
-	Stages []Stage   `json:"stages"`
-	VM     *store.VM `json:"vm,omitempty"`
-}
 
 type createOp struct {
 	mu     sync.Mutex
-	status CreateStatus
+	status api.CreateStatus
 	done   chan struct{}
 }
 
-func (c *createOp) snapshot() CreateStatus {
+func (c *createOp) snapshot() api.CreateStatus {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	st := c.status
-	st.Stages = append([]Stage(nil), c.status.Stages...)
+	st.Stages = append([]api.Stage(nil), c.status.Stages...)
 	return st
 }
 
@@ -68,7 +38,7 @@ func (c *createOp) progress(name string, end bool, err error) {
 	defer c.mu.Unlock()
 	now := time.Now()
 	if !end {
-		c.status.Stages = append(c.status.Stages, Stage{Name: name, StartedAt: now})
+		c.status.Stages = append(c.status.Stages, api.Stage{Name: name, StartedAt: now})
 		return
 	}
 	for i := len(c.status.Stages) - 1; i >= 0; i-- {
@@ -84,68 +54,16 @@ func (c *createOp) progress(name string, end bool, err error) {
 	}
 }
 
-// StopParams is vm.stop.
-type StopParams struct {
-	VM             string  `json:"vm"`
-	TimeoutSeconds float64 `json:"timeout_seconds,omitempty"`
-}
-
-// DeleteParams is vm.delete.
-type DeleteParams struct {
-	VM    string `json:"vm"`
-	Force bool   `json:"force,omitempty"`
-}
-
-// SetParams is vm.set; zero fields are unchanged.
-type SetParams struct {
-	VM        string `json:"vm"`
-	VCPUs     int    `json:"vcpus,omitempty"`
-	MemoryMiB int    `json:"memory_mib,omitempty"`
-	DiskMiB   int    `json:"disk_mib,omitempty"`
-}
-
-// SetResult is vm.set's result.
-type SetResult struct {
-	VM   *store.VM `json:"vm"`
-	Note string    `json:"note,omitempty"`
-}
-
-// ConnectResult is vm.connect's result; the connection then carries the
-// guest agent's SSH protocol.
-type ConnectResult struct {
-	VM      string `json:"vm"`
-	HostKey string `json:"host_key"` // authorized_keys line to pin
-	User    string `json:"user"`
-	KeyPath string `json:"key_path"` // the user's banger key
-}
-
-// LogsParams is vm.logs.
-type LogsParams struct {
-	VM     string `json:"vm"`
-	Offset int64  `json:"offset,omitempty"`
-	Max    int64  `json:"max,omitempty"`
-}
-
-// LogsResult is a chunk of the console log.
-type LogsResult struct {
-	Data       string `json:"data"`
-	NextOffset int64  `json:"next_offset"`
-	Running    bool   `json:"running"`
-}
-
 const maxVMsTotalVCPU = 64
 
 func (s *vmService) register(m *rpc.Mux) {
-	rpc.Handle(m, "vm.create.begin", s.createBegin)
-	rpc.Handle(m, "vm.create.status", func(ctx context.Context, p struct {
-		OpID string `json:"op_id"`
-		Wait bool   `json:"wait,omitempty"`
-	}) (CreateStatus, error) {
+	rpc.Handle(m, api.MethodVMCreateBegin, s.createBegin)
+	rpc.Handle(m, api.MethodVMCreateStatus, func(ctx context.Context, p api.CreateStatusParams) (api.CreateStatus, error) {
 		s.mu.Lock()
 		op := s.creates[p.OpID]
 		s.mu.Unlock()
 		if op == nil {
-			return CreateStatus{}, rpc.Errorf(rpc.CodeNotFound, "no create operation %q (finished creates are kept for an hour)", p.OpID)
+			return api.CreateStatus{}, rpc.Errorf(rpc.CodeNotFound, "no create operation %q (finished creates are kept for an hour)", p.OpID)
 		}
 		if p.Wait {
 			select {
@@ -156,7 +74,7 @@ func (s *vmService) register(m *rpc.Mux) {
 		}
 		return op.snapshot(), nil
 	})
-	rpc.Handle(m, "vm.start", func(ctx context.Context, p VMRef) (*store.VM, error) {
+	rpc.Handle(m, api.MethodVMStart, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
 			switch vm.State {
 			case store.StateRunning:
@@ -167,10 +85,10 @@ func (s *vmService) register(m *rpc.Mux) {
 			return rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
 		})
 	})
-	rpc.Handle(m, "vm.stop", func(ctx context.Context, p StopParams) (*store.VM, error) {
+	rpc.Handle(m, api.MethodVMStop, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)) })
 	})
-	rpc.Handle(m, "vm.restart", func(ctx context.Context, p StopParams) (*store.VM, error) {
+	rpc.Handle(m, api.MethodVMRestart, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
 			if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
 				return err
@@ -178,22 +96,22 @@ func (s *vmService) register(m *rpc.Mux) {
 			return s.start(ctx, vm, nil)
 		})
 	})
-	rpc.Handle(m, "vm.kill", func(ctx context.Context, p VMRef) (*store.VM, error) {
+	rpc.Handle(m, api.MethodVMKill, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.kill(ctx, vm) })
 	})
-	rpc.Handle(m, "vm.delete", func(ctx context.Context, p DeleteParams) (map[string]string, error) {
+	rpc.Handle(m, api.MethodVMDelete, func(ctx context.Context, p api.DeleteParams) (*api.DeleteResult, error) {
 		vm, err := s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.delete(ctx, vm, p.Force) })
 		if err != nil {
 			return nil, err
 		}
-		return map[string]string{"deleted": vm.Name, "id": vm.ID}, nil
+		return &api.DeleteResult{Deleted: vm.Name, ID: vm.ID}, nil
 	})
-	rpc.Handle(m, "vm.set", s.set)
-	rpc.Handle(m, "vm.connect", s.connect)
-	rpc.Handle(m, "vm.logs", func(ctx context.Context, p LogsParams) (LogsResult, error) {
+	rpc.Handle(m, api.MethodVMSet, s.set)
+	rpc.Handle(m, api.MethodVMConnect, s.connect)
+	rpc.Handle(m, api.MethodVMLogs, func(ctx context.Context, p api.LogsParams) (api.LogsResult, error) {
 		vm, err := s.d.store.FindVM(ctx, p.VM)
 		if err != nil {
-			return LogsResult{}, storeErr(err)
+			return api.LogsResult{}, storeErr(err)
 		}
 		return readLog(filepath.Join(s.vmDir(vm.ID), "console.log"), p.Offset, p.Max, s.runtime(vm.ID) != nil)
 	})
@@ -221,16 +139,16 @@ func stopTimeout(sec float64) time.Duration {
 	return time.Duration(sec * float64(time.Second))
 }
 
-func readLog(p string, off, max int64, running bool) (LogsResult, error) {
+func readLog(p string, off, max int64, running bool) (api.LogsResult, error) {
 	if max <= 0 || max > 1<<20 {
 		max = 1 << 20
 	}
 	f, err := os.Open(p)
 	if errors.Is(err, os.ErrNotExist) {
-		return LogsResult{NextOffset: 0, Running: running}, nil
+		return api.LogsResult{NextOffset: 0, Running: running}, nil
 	}
 	if err != nil {
-		return LogsResult{}, err
+		return api.LogsResult{}, err
 	}
 	defer f.Close()
 	if st, err := f.Stat(); err == nil && off > st.Size() {
@@ -239,17 +157,17 @@ func readLog(p string, off, max int64, running bool) (LogsResult, error) {
 	buf := make([]byte, max)
 	n, err := f.ReadAt(buf, off)
 	if err != nil && !errors.Is(err, io.EOF) {
-		return LogsResult{}, err
+		return api.LogsResult{}, err
 	}
-	return LogsResult{Data: string(buf[:n]), NextOffset: off + int64(n), Running: running}, nil
+	return api.LogsResult{Data: string(buf[:n]), NextOffset: off + int64(n), Running: running}, nil
 }
 
-func (s *vmService) createBegin(ctx context.Context, p CreateParams) (CreateStatus, error) {
+func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
 	if p.Name == "" {
 		p.Name = randomName()
 	}
 	if err := validName("vm", p.Name); err != nil {
-		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
 	}
 	if p.VCPUs == 0 {
 		p.VCPUs = 1
@@ -262,34 +180,34 @@ func (s *vmService) createBegin(ctx context.Context, p CreateParams) (CreateStat
 	}
 	switch {
 	case p.VCPUs < 1 || p.VCPUs > maxVMsTotalVCPU:
-		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
+		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
 	case p.MemoryMiB < 64 || p.MemoryMiB > 1<<20:
-		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be between 64 MiB and 1 TiB")
+		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be between 64 MiB and 1 TiB")
 	case p.DiskMiB < 64 || p.DiskMiB > 16<<20:
-		return CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "disk must be between 64 MiB and 16 TiB")
+		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "disk must be between 64 MiB and 16 TiB")
 	}
 	img, err := s.d.resolveImage(ctx, p.Image)
 	if err != nil {
-		return CreateStatus{}, err
+		return api.CreateStatus{}, err
 	}
 	k, err := s.d.resolveKernel(ctx, p.Kernel)
 	if err != nil {
-		return CreateStatus{}, err
+		return api.CreateStatus{}, err
 	}
 	drvName := p.Driver
 	if drvName == "" {
 		drvName = s.defDrv
 	}
 	if _, err := s.driver(drvName); err != nil {
-		return CreateStatus{}, err
+		return api.CreateStatus{}, err
 	}
 	vm := &store.VM{ID: newID(), Name: p.Name, ImageID: img.ID, KernelID: k.ID, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB,
 		DiskMiB: p.DiskMiB, State: store.StateCreating, Driver: drvName, Workspace: p.Workspace}
 	if err := s.d.store.CreateVM(ctx, vm); err != nil {
-		return CreateStatus{}, storeErr(err)
+		return api.CreateStatus{}, storeErr(err)
 	}
 	opID := rpc.OpID(ctx)
-	op := &createOp{status: CreateStatus{OpID: opID, VMID: vm.ID, Name: vm.Name, Stages: []Stage{}}, done: make(chan struct{})}
+	op := &createOp{status: api.CreateStatus{OpID: opID, VMID: vm.ID, Name: vm.Name, Stages: []api.Stage{}}, done: make(chan struct{})}
 	s.mu.Lock()
 	s.creates[opID] = op
 	s.mu.Unlock()
@@ -357,22 +275,22 @@ func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error 
 	return s.removeVM(ctx, vm)
 }
 
-func (s *vmService) set(ctx context.Context, p SetParams) (SetResult, error) {
+func (s *vmService) set(ctx context.Context, p api.SetParams) (api.SetResult, error) {
 	vm, unlock, err := s.lockVM(ctx, p.VM)
 	if err != nil {
-		return SetResult{}, err
+		return api.SetResult{}, err
 	}
 	defer unlock()
 	old := *vm
 	if p.VCPUs != 0 {
 		if p.VCPUs < 1 || p.VCPUs > maxVMsTotalVCPU {
-			return SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
+			return api.SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
 		}
 		vm.VCPUs = p.VCPUs
 	}
 	if p.MemoryMiB != 0 {
 		if p.MemoryMiB < 64 {
-			return SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be at least 64 MiB")
+			return api.SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be at least 64 MiB")
 		}
 		vm.MemoryMiB = p.MemoryMiB
 	}
@@ -383,14 +301,14 @@ func (s *vmService) set(ctx context.Context, p SetParams) (SetResult, error) {
 	for _, c := range s.caps {
 		if cc, ok := c.(configChanger); ok {
 			if err := cc.ApplyConfigChange(ctx, &old, vm, running); err != nil {
-				return SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+				return api.SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
 			}
 		}
 	}
 	if err := s.save(ctx, vm); err != nil {
-		return SetResult{}, err
+		return api.SetResult{}, err
 	}
-	res := SetResult{VM: vm}
+	res := api.SetResult{VM: vm}
 	if running && (old.VCPUs != vm.VCPUs || old.MemoryMiB != vm.MemoryMiB || old.DiskMiB != vm.DiskMiB) {
 		res.Note = "the VM is running: the changes apply at its next start (banger vm restart " + vm.Name + ")"
 	} else if old.DiskMiB != vm.DiskMiB {
@@ -400,7 +318,7 @@ func (s *vmService) set(ctx context.Context, p SetParams) (SetResult, error) {
 }
 
 // connect splices the caller's connection to the guest agent's SSH server.
-func (s *vmService) connect(ctx context.Context, p VMRef) (*rpc.Upgrade, error) {
+func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error) {
 	vm, err := s.d.store.FindVM(ctx, p.VM)
 	if err != nil {
 		return nil, storeErr(err)
@@ -420,7 +338,7 @@ func (s *vmService) connect(ctx context.Context, p VMRef) (*rpc.Upgrade, error) 
 		return nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)
 	}
 	return &rpc.Upgrade{
-		Result: ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.d.cfg.Layout.UserKey()},
+		Result: api.ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.d.cfg.Layout.UserKey()},
 		Then: func(ctx context.Context, c net.Conn) {
 			system.Splice(c, gc)
 		},

@@ -12,21 +12,23 @@ import (
 	"sync"
 	"time"
 
-	"github.com/bangerdev/banger/internal/agent/api"
+	agentapi "github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // guestAgent is what the VM service needs of a connection to a guest's agent.
 type guestAgent interface {
 	Ping(ctx context.Context) error
 	Shutdown(ctx context.Context) error
-	Ports(ctx context.Context) ([]api.Port, error)
-	Stats(ctx context.Context) (api.Stats, error)
+	Ports(ctx context.Context) ([]agentapi.Port, error)
+	Stats(ctx context.Context) (agentapi.Stats, error)
 	Close() error
 }
 
@@ -142,7 +144,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 			Cmdline: "console=ttyS0 reboot=k panic=-1 quiet", GuestPort: agentPort},
 	}
 	if img.ConfigJSON != "" {
-		var ic ImageConfig
+		var ic api.ImageConfig
 		if json.Unmarshal([]byte(img.ConfigJSON), &ic) == nil {
 			env.Boot.Env, env.Boot.WorkDir, env.Boot.User = ic.Env, ic.WorkingDir, ic.User
 		}
@@ -275,13 +277,13 @@ func eachCap[T any](caps []capability, fn func(T) error) error {
 }
 
 // agentPort is the vsock port the agent serves on.
-const agentPort = api.DefaultVsockPort
+const agentPort = agentapi.DefaultVsockPort
 
 func channelFor(drv vmm.Driver) bootcfg.Channel {
 	if drv.Capabilities().Vsock {
 		return bootcfg.Channel{Kind: "vsock", Port: agentPort}
 	}
-	return bootcfg.Channel{Kind: "serial", Name: api.DefaultSerialName}
+	return bootcfg.Channel{Kind: "serial", Name: agentapi.DefaultSerialName}
 }
 
 // waitAgent waits until the guest agent answers, the VMM exits, or the boot
@@ -527,16 +529,6 @@ func writeJSONAtomic(p string, v any) error {
 		return err
 	}
 	return writeFileAtomic(p, b, 0o600)
-}
-
-// ImageConfig is the part of an image's recorded config banger honours:
-// Env, WorkingDir and User for every command, Entrypoint and Cmd for `banger run`.
-type ImageConfig struct {
-	Env        []string `json:"env,omitempty"`
-	WorkingDir string   `json:"working_dir,omitempty"`
-	User       string   `json:"user,omitempty"`
-	Entrypoint []string `json:"entrypoint,omitempty"`
-	Cmd        []string `json:"cmd,omitempty"`
 }
 
 func notRunning(vm *store.VM) error {

@@ -6,9 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/bangerdev/banger/api"
 )
 
-// Image is a registered root filesystem image.
+// Image is a registered root filesystem image. It is api.Image plus the
+// recorded config, which goes out only through image.config.
 type Image struct {
 	ID         string    `json:"id"`
 	Name       string    `json:"name"`
@@ -20,18 +23,8 @@ type Image struct {
 	CreatedAt  time.Time `json:"created_at"`
 }
 
-// Kernel is a registered guest kernel.
-type Kernel struct {
-	ID          string    `json:"id"`
-	Name        string    `json:"name"`
-	Version     string    `json:"version,omitempty"`
-	VmlinuxPath string    `json:"vmlinux_path"`
-	InitrdPath  string    `json:"initrd_path,omitempty"`
-	ModulesDir  string    `json:"modules_dir,omitempty"`
-	Source      string    `json:"source,omitempty"`
-	SizeBytes   int64     `json:"size_bytes"`
-	CreatedAt   time.Time `json:"created_at"`
-}
+// Kernel is a registered guest kernel; it is the wire type.
+type Kernel = api.Kernel
 
 // CreateImage registers an image; a taken name gives ErrConflict.
 func (s *Store) CreateImage(ctx context.Context, im *Image) error {
@@ -177,4 +170,13 @@ func (s *Store) DeleteKernel(ctx context.Context, id string) error {
 		return errf(ErrConflict, "kernel is used by a VM")
 	}
 	return err
+}
+
+// API returns the image as the wire reports it (nil for nil).
+func (im *Image) API() *api.Image {
+	if im == nil {
+		return nil
+	}
+	return &api.Image{ID: im.ID, Name: im.Name, Digest: im.Digest, RootfsPath: im.RootfsPath, SizeBytes: im.SizeBytes,
+		Source: im.Source, CreatedAt: im.CreatedAt}
 }

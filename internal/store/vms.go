@@ -7,39 +7,23 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/bangerdev/banger/api"
 )
 
-// VM states.
+// VM states (the wire's, see package api).
 const (
-	StateCreating = "creating"
-	StateStopped  = "stopped"
-	StateStarting = "starting"
-	StateRunning  = "running"
-	StateStopping = "stopping"
-	StateError    = "error"
+	StateCreating = api.StateCreating
+	StateStopped  = api.StateStopped
+	StateStarting = api.StateStarting
+	StateRunning  = api.StateRunning
+	StateStopping = api.StateStopping
+	StateError    = api.StateError
 )
 
-// VM is one VM record. Image and Kernel are names, filled in by joins.
-type VM struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name"`
-	ImageID   string    `json:"image_id"`
-	Image     string    `json:"image"`
-	KernelID  string    `json:"kernel_id"`
-	Kernel    string    `json:"kernel"`
-	VCPUs     int       `json:"vcpus"`
-	MemoryMiB int       `json:"memory_mib"`
-	DiskMiB   int       `json:"disk_mib"`
-	State     string    `json:"state"`
-	Driver    string    `json:"driver,omitempty"`
-	IP        string    `json:"ip"`
-	MAC       string    `json:"mac,omitempty"`
-	Tap       string    `json:"tap,omitempty"`
-	Workspace string    `json:"workspace,omitempty"`
-	LastError string    `json:"last_error,omitempty"`
-	CreatedAt time.Time `json:"created_at"`
-	UpdatedAt time.Time `json:"updated_at"`
-}
+// VM is one VM record; it is the wire type, so the record and what bangerd
+// reports cannot drift apart. Image and Kernel are names, filled in by joins.
+type VM = api.VM
 
 const vmColumns = `v.id, v.name, v.image_id, COALESCE(i.name, ''), v.kernel_id, COALESCE(k.name, ''),
 	v.vcpus, v.memory_mib, v.disk_mib, v.state, v.driver, v.ip, v.mac, v.tap, v.workspace,

@@ -1,0 +1,135 @@
+package api
+
+import "time"
+
+// VM states.
+const (
+	StateCreating = "creating"
+	StateStopped  = "stopped"
+	StateStarting = "starting"
+	StateRunning  = "running"
+	StateStopping = "stopping"
+	StateError    = "error"
+)
+
+// VM is one VM as bangerd reports it. Image and Kernel are names.
+type VM struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	ImageID   string    `json:"image_id"`
+	Image     string    `json:"image"`
+	KernelID  string    `json:"kernel_id"`
+	Kernel    string    `json:"kernel"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	DiskMiB   int       `json:"disk_mib"`
+	State     string    `json:"state"`
+	Driver    string    `json:"driver,omitempty"`
+	IP        string    `json:"ip"`
+	MAC       string    `json:"mac,omitempty"`
+	Tap       string    `json:"tap,omitempty"`
+	Workspace string    `json:"workspace,omitempty"`
+	LastError string    `json:"last_error,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// VMRef names a VM by id, name or unambiguous prefix.
+type VMRef struct {
+	VM string `json:"vm"`
+}
+
+// CreateParams is vm.create.begin. Zero fields take bangerd's defaults
+// (1 vCPU, 512 MiB, 4096 MiB disk, the configured or newest image/kernel).
+type CreateParams struct {
+	Name      string `json:"name"`
+	Image     string `json:"image,omitempty"`
+	Kernel    string `json:"kernel,omitempty"`
+	VCPUs     int    `json:"vcpus,omitempty"`
+	MemoryMiB int    `json:"memory_mib,omitempty"`
+	DiskMiB   int    `json:"disk_mib,omitempty"`
+	Driver    string `json:"driver,omitempty"`
+	Workspace string `json:"workspace,omitempty"`
+}
+
+// Stage is one visible step of a create, with its timings.
+type Stage struct {
+	Name       string     `json:"name"`
+	StartedAt  time.Time  `json:"started_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	DurationMS float64    `json:"duration_ms,omitempty"`
+	Error      string     `json:"error,omitempty"`
+}
+
+// CreateStatus is vm.create.status's result (and vm.create.begin's).
+type CreateStatus struct {
+	OpID   string  `json:"op_id"`
+	VMID   string  `json:"vm_id"`
+	Name   string  `json:"name"`
+	Done   bool    `json:"done"`
+	Error  string  `json:"error,omitempty"`
+	Stages []Stage `json:"stages"`
+	VM     *VM     `json:"vm,omitempty"`
+}
+
+// CreateStatusParams is vm.create.status. With Wait, bangerd answers when
+// the create finishes or after about two seconds, whichever is first.
+type CreateStatusParams struct {
+	OpID string `json:"op_id"`
+	Wait bool   `json:"wait,omitempty"`
+}
+
+// StopParams is vm.stop and vm.restart.
+type StopParams struct {
+	VM             string  `json:"vm"`
+	TimeoutSeconds float64 `json:"timeout_seconds,omitempty"`
+}
+
+// DeleteParams is vm.delete.
+type DeleteParams struct {
+	VM    string `json:"vm"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// DeleteResult is the result of vm.delete, image.delete and kernel.delete.
+type DeleteResult struct {
+	Deleted string `json:"deleted"`      // the name
+	ID      string `json:"id,omitempty"` // set by vm.delete
+}
+
+// SetParams is vm.set; zero fields are unchanged.
+type SetParams struct {
+	VM        string `json:"vm"`
+	VCPUs     int    `json:"vcpus,omitempty"`
+	MemoryMiB int    `json:"memory_mib,omitempty"`
+	DiskMiB   int    `json:"disk_mib,omitempty"`
+}
+
+// SetResult is vm.set's result.
+type SetResult struct {
+	VM   *VM    `json:"vm"`
+	Note string `json:"note,omitempty"`
+}
+
+// ConnectResult is vm.connect's result; the connection then carries the
+// guest agent's SSH protocol.
+type ConnectResult struct {
+	VM      string `json:"vm"`
+	HostKey string `json:"host_key"` // authorized_keys line to pin
+	User    string `json:"user"`
+	KeyPath string `json:"key_path"` // the user's banger key
+}
+
+// LogsParams is vm.logs.
+type LogsParams struct {
+	VM     string `json:"vm"`
+	Offset int64  `json:"offset,omitempty"`
+	Max    int64  `json:"max,omitempty"`
+}
+
+// LogsResult is a chunk of the console log.
+type LogsResult struct {
+	Data       string `json:"data"`
+	NextOffset int64  `json:"next_offset"`
+	Running    bool   `json:"running"`
+}
