@@ -12,8 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bangerdev/banger/internal/agent/api"
-	"github.com/bangerdev/banger/internal/daemon"
+	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/termsafe"
 )
@@ -43,17 +42,17 @@ func fakeDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := rpc.NewMux()
-	rpc.Handle(m, "vm.ports", func(ctx context.Context, p daemon.VMRef) (daemon.PortsResult, error) {
-		return daemon.PortsResult{VM: p.VM, Ports: []api.Port{{Proto: "tcp", Address: hostileAddress, Port: 80, PID: 7, Process: hostileProcess}}}, nil
+	rpc.Handle(m, "vm.ports", func(ctx context.Context, p api.VMRef) (api.PortsResult, error) {
+		return api.PortsResult{VM: p.VM, Ports: []api.Port{{Proto: "tcp", Address: hostileAddress, Port: 80, PID: 7, Process: hostileProcess}}}, nil
 	})
-	rpc.Handle(m, "vm.stats", func(ctx context.Context, p daemon.StatsParams) (daemon.StatsResult, error) {
-		s := &daemon.StatsSample{Time: time.Now(), HostError: hostileError, GuestError: hostileError}
-		return daemon.StatsResult{VM: p.VM, Latest: s, Kept: 1, IntervalSeconds: 2}, nil
+	rpc.Handle(m, "vm.stats", func(ctx context.Context, p api.StatsParams) (api.StatsResult, error) {
+		s := &api.StatsSample{Time: time.Now(), HostError: hostileError, GuestError: hostileError}
+		return api.StatsResult{VM: p.VM, Latest: s, Kept: 1, IntervalSeconds: 2}, nil
 	})
-	rpc.Handle(m, "vm.logs", func(ctx context.Context, p daemon.LogsParams) (daemon.LogsResult, error) {
-		return daemon.LogsResult{Data: hostileLog[p.Offset:], NextOffset: int64(len(hostileLog))}, nil
+	rpc.Handle(m, "vm.logs", func(ctx context.Context, p api.LogsParams) (api.LogsResult, error) {
+		return api.LogsResult{Data: hostileLog[p.Offset:], NextOffset: int64(len(hostileLog))}, nil
 	})
-	rpc.Handle(m, "vm.refuse", func(ctx context.Context, p daemon.VMRef) (struct{}, error) {
+	rpc.Handle(m, "vm.refuse", func(ctx context.Context, p api.VMRef) (struct{}, error) {
 		return struct{}{}, rpc.Errorf(rpc.CodeUnavailable, "list the listening ports of %s: %s", p.VM, hostileError)
 	})
 	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
@@ -144,7 +143,7 @@ func TestJSONOutputEscapesButKeepsGuestStrings(t *testing.T) {
 		t.Fatalf("ports -o json: %d %s", code, errOut)
 	}
 	terminalSafe(t, "ports -o json", out)
-	var res daemon.PortsResult
+	var res api.PortsResult
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +157,7 @@ func TestJSONOutputEscapesButKeepsGuestStrings(t *testing.T) {
 func TestErrorsQuotingTheGuestAreStripped(t *testing.T) {
 	fakeDaemon(t)
 	a := &App{Stdin: strings.NewReader(""), Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}}
-	err := a.call(context.Background(), "vm.refuse", daemon.VMRef{VM: "vm1"}, nil)
+	err := a.call(context.Background(), "vm.refuse", api.VMRef{VM: "vm1"}, nil)
 	if err == nil {
 		t.Fatal("no error")
 	}
