@@ -5,10 +5,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -57,11 +58,14 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 	if err := t.setStagedTimes(); err != nil {
 		return nil, err
 	}
-	script, blocks, inodes, err := t.fixupScript(filepath.Dir(out))
+	workDir := filepath.Dir(out)
+	defer os.RemoveAll(filepath.Join(workDir, "xattrs"))
+	var script debugfsScript
+	blocks, inodes, err := t.fixupScript(&script, workDir)
 	if err != nil {
 		return nil, err
 	}
-	res := &BuildResult{Inodes: inodes, ContentBytes: t.Bytes, FixupCmds: bytes.Count(script.Bytes(), []byte("\n"))}
+	res := &BuildResult{Inodes: inodes, ContentBytes: t.Bytes, FixupCmds: script.n}
 	nInodes := inodes + inodes/10 + 256
 	size := blocks*blockSize*11/10 + int64(nInodes)*256 + 16<<20 + int64(opts.HeadroomMiB)<<20
 	size = (size + 1<<20 - 1) &^ (1<<20 - 1)
@@ -91,15 +95,17 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 	res.SizeBytes = size
 	start = time.Now()
 	scriptPath := out + ".debugfs"
-	if err := os.WriteFile(scriptPath, script.Bytes(), 0o600); err != nil {
+	if err := os.WriteFile(scriptPath, script.b.Bytes(), 0o600); err != nil {
 		return nil, err
 	}
 	defer os.Remove(scriptPath)
-	defer os.RemoveAll(filepath.Join(filepath.Dir(out), "xattrs"))
+	// debugfs runs in workDir: the batch names xattr value files relative to it.
 	cmd := exec.CommandContext(ctx, debugfs, "-w", "-f", scriptPath, out)
+	cmd.Dir = workDir
 	var stderr bytes.Buffer
-	cmd.Stdout = nil
-	cmd.Stderr = &stderr
+	stdout := &stdoutCheck{}
+	cmd.Stdout = stdout
+	cmd.Stderr = &limitedBuffer{b: &stderr, max: 64 << 10}
 	if err := cmd.Run(); err != nil {
 		os.Remove(out)
 		return nil, fmt.Errorf("debugfs: %w: %s", err, firstLines(stderr.String(), 5))
@@ -114,12 +120,58 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 		}
 		errs = append(errs, l)
 	}
+	// Some commands (ea_set) print their usage on stdout.
+	errs = append(errs, stdout.bad...)
 	if len(errs) > 0 {
 		os.Remove(out)
 		return nil, fmt.Errorf("set owners, modes and special files with debugfs: %s", firstLines(strings.Join(errs, "\n"), 5))
 	}
 	res.FixupTime = time.Since(start)
 	return res, nil
+}
+
+// stdoutCheck keeps (a few of) the lines of debugfs's stdout that are not
+// its echo of a command or mknod's inode number.
+type stdoutCheck struct {
+	partial []byte
+	bad     []string
+}
+
+func (w *stdoutCheck) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			if len(w.partial) < 256 {
+				w.partial = append(w.partial, p[:min(len(p), 256-len(w.partial))]...)
+			}
+			break
+		}
+		line := append(w.partial, p[:i]...)
+		w.partial = w.partial[:0]
+		p = p[i+1:]
+		l := string(line)
+		if strings.HasPrefix(l, "debugfs: ") || strings.HasPrefix(l, "Allocated inode: ") || strings.TrimSpace(l) == "" {
+			continue
+		}
+		if len(w.bad) < 10 {
+			w.bad = append(w.bad, strings.TrimSpace(l))
+		}
+	}
+	return n, nil
+}
+
+// limitedBuffer keeps the first max bytes written to it.
+type limitedBuffer struct {
+	b   *bytes.Buffer
+	max int
+}
+
+func (w *limitedBuffer) Write(p []byte) (int, error) {
+	if room := w.max - w.b.Len(); room > 0 {
+		w.b.Write(p[:min(len(p), room)])
+	}
+	return len(p), nil
 }
 
 func firstLines(s string, n int) string {
@@ -145,11 +197,6 @@ func tool(name string) (string, error) {
 	return "", fmt.Errorf("%s not found; install the e2fsprogs package (apt-get install e2fsprogs)", name)
 }
 
-// quote makes s one debugfs argument.
-func quote(s string) string {
-	return `"` + strings.ReplaceAll(s, `"`, `""`) + `"`
-}
-
 func typeBits(k byte) int64 {
 	switch k {
 	case kindDir:
@@ -167,98 +214,162 @@ func typeBits(k byte) int64 {
 }
 
 // fixupScript writes the debugfs batch that makes the filesystem exact, and
-// counts blocks and inodes for sizing. xattr values go to files under
-// workDir/xattrs.
-func (t *Tree) fixupScript(workDir string) (*bytes.Buffer, int64, int, error) {
-	var b bytes.Buffer
-	seen := map[*inode]string{}
+// counts blocks and inodes for sizing. debugfs works in the directory being
+// fixed (cd), so every name in the batch is one component; xattr values go to
+// files under workDir/xattrs, named relative to workDir (debugfs's working
+// directory).
+func (t *Tree) fixupScript(s *debugfsScript, workDir string) (int64, int, error) {
+	// Special files with several names need their link count set.
 	links := map[*inode]int{}
-	var blocks int64
-	xdir := filepath.Join(workDir, "xattrs")
-	nx := 0
-	err := t.walk(func(p string, n *inode, parent, name string) error {
+	t.walk(func(_ string, n *inode, _, _ string) error {
 		links[n]++
-		if first, ok := seen[n]; ok {
-			// A further name of an inode. Regular files and symlinks were
-			// staged as hard links, which mkfs keeps; others need ln.
-			if n.kind != kindReg && n.kind != kindSymlink {
-				fmt.Fprintf(&b, "ln %s %s\n", quote(first), quote(p))
-			}
-			return nil
+		return nil
+	})
+	first := map[*inode][]string{} // inodes with several names: the first name's path
+	var blocks int64
+	inodes := 0
+	nx := 0
+	xdir := filepath.Join(workDir, "xattrs")
+
+	// fix sets one inode's metadata; ref names it from the current directory.
+	fix := func(ref, desc string, n *inode) error {
+		if err := s.cmd("sif", ref, "mode", fmt.Sprintf("0%o", typeBits(n.kind)|n.mode)); err != nil {
+			return err
 		}
-		seen[n] = p
-		switch n.kind {
-		case kindReg:
-			blocks += (n.size + blockSize - 1) / blockSize
-		case kindDir:
-			blocks += int64(1 + len(n.children)*32/blockSize)
-		case kindSymlink:
-			if len(n.link) >= 60 {
-				blocks++
-			}
-		case kindChar, kindBlock, kindFifo:
-			if strings.HasPrefix(name, "-") {
-				return fmt.Errorf("special file %s: a name starting with '-' is not supported", p)
-			}
-			fmt.Fprintf(&b, "cd %s\n", quote(parent))
-			switch n.kind {
-			case kindFifo:
-				fmt.Fprintf(&b, "mknod %s p\n", quote(name))
-			case kindChar:
-				fmt.Fprintf(&b, "mknod %s c %d %d\n", quote(name), n.major, n.minor)
-			case kindBlock:
-				fmt.Fprintf(&b, "mknod %s b %d %d\n", quote(name), n.major, n.minor)
-			}
-			fmt.Fprintf(&b, "cd /\n")
-			sec := max(n.mtime.Unix(), 0)
-			for _, f := range []string{"mtime", "atime", "ctime"} {
-				fmt.Fprintf(&b, "sif %s %s @%d\n", quote(p), f, sec)
+		if err := s.cmd("sif", ref, "uid", strconv.Itoa(n.uid)); err != nil {
+			return err
+		}
+		if err := s.cmd("sif", ref, "gid", strconv.Itoa(n.gid)); err != nil {
+			return err
+		}
+		if len(n.xattrs) > 0 && nx == 0 {
+			if err := os.MkdirAll(xdir, 0o700); err != nil {
+				return err
 			}
 		}
-		q := quote(p)
-		fmt.Fprintf(&b, "sif %s mode 0%o\nsif %s uid %d\nsif %s gid %d\n", q, typeBits(n.kind)|n.mode, q, n.uid, q, n.gid)
-		if len(n.xattrs) > 0 {
-			if nx == 0 {
-				if err := os.MkdirAll(xdir, 0o700); err != nil {
-					return err
-				}
+		for _, k := range sortedKeys(n.xattrs) {
+			if err := checkXattr(k, n.xattrs[k]); err != nil {
+				return fmt.Errorf("%s: %w", desc, err)
 			}
-			for _, k := range sortedKeys(n.xattrs) {
-				if strings.ContainsAny(k, "\"\n\x00 ") || k == "" {
-					return fmt.Errorf("%s: unsupported xattr name %q", p, k)
-				}
-				nx++
-				vf := filepath.Join(xdir, strconv.Itoa(nx))
-				if err := os.WriteFile(vf, []byte(n.xattrs[k]), 0o600); err != nil {
-					return err
-				}
-				blocks++
-				fmt.Fprintf(&b, "ea_set -f %s %s %s\n", quote(vf), q, k)
+			nx++
+			vf := strconv.Itoa(nx)
+			if err := os.WriteFile(filepath.Join(xdir, vf), []byte(n.xattrs[k]), 0o600); err != nil {
+				return err
+			}
+			blocks++
+			if err := s.cmd("ea_set", "-f", "xattrs/"+vf, ref, k); err != nil {
+				return fmt.Errorf("%s: %w", desc, err)
 			}
 		}
 		return nil
-	})
-	if err != nil {
-		return nil, 0, 0, err
 	}
-	for n, c := range links {
-		if c > 1 && n.kind != kindReg && n.kind != kindSymlink {
-			fmt.Fprintf(&b, "sif %s links_count %d\n", quote(seen[n]), c)
+
+	inodes++
+	if err := fix("/", "/", t.root); err != nil {
+		return 0, 0, err
+	}
+	var rec func(dir []string, d *inode) error
+	rec = func(dir []string, d *inode) error {
+		for _, name := range sortedKeys(d.children) {
+			n := d.children[name].ino
+			p := append(slices.Clip(dir), name)
+			desc := "/" + strings.Join(p, "/")
+			if err := checkName(name); err != nil {
+				return fmt.Errorf("%s: %w", desc, err)
+			}
+			if len(desc) > maxPathLen {
+				return fmt.Errorf("%s: %w: path of %d bytes (at most %d)", desc[:64]+"…", ErrUnsafePath, len(desc), maxPathLen)
+			}
+			ref := "./" + name
+			if links[n] > 1 {
+				if firstPath, ok := first[n]; ok {
+					// A further name. Regular files and symlinks were staged
+					// as hard links, which mkfs keeps; special files need ln.
+					if n.kind != kindReg && n.kind != kindSymlink {
+						if err := s.cmd("ln", linkSource(dir, firstPath), ref); err != nil {
+							return fmt.Errorf("hard link %s: %w", desc, err)
+						}
+					}
+					continue
+				}
+				first[n] = p
+			}
+			inodes++
+			switch n.kind {
+			case kindReg:
+				blocks += (n.size + blockSize - 1) / blockSize
+			case kindDir:
+				blocks += int64(1 + len(n.children)*32/blockSize)
+			case kindSymlink:
+				if len(n.link) >= 60 {
+					blocks++
+				}
+			case kindChar, kindBlock, kindFifo:
+				var err error
+				switch n.kind {
+				case kindFifo:
+					err = s.cmd("mknod", name, "p")
+				case kindChar:
+					err = s.cmd("mknod", name, "c", strconv.FormatInt(n.major, 10), strconv.FormatInt(n.minor, 10))
+				case kindBlock:
+					err = s.cmd("mknod", name, "b", strconv.FormatInt(n.major, 10), strconv.FormatInt(n.minor, 10))
+				}
+				if err != nil {
+					return fmt.Errorf("%s: %w", desc, err)
+				}
+				sec := strconv.FormatInt(max(n.mtime.Unix(), 0), 10)
+				for _, f := range []string{"mtime", "atime", "ctime"} {
+					if err := s.cmd("sif", ref, f, "@"+sec); err != nil {
+						return err
+					}
+				}
+				if links[n] > 1 {
+					if err := s.cmd("sif", ref, "links_count", strconv.Itoa(links[n])); err != nil {
+						return err
+					}
+				}
+			}
+			if err := fix(ref, desc, n); err != nil {
+				return err
+			}
+			if n.kind == kindDir {
+				if err := s.cmd("cd", ref); err != nil {
+					return fmt.Errorf("%s: %w", desc, err)
+				}
+				if err := rec(p, n); err != nil {
+					return err
+				}
+				if err := s.cmd("cd", ".."); err != nil {
+					return err
+				}
+			}
 		}
+		return nil
 	}
-	_ = path.Join
-	return &b, blocks, len(seen), nil
+	if err := rec(nil, t.root); err != nil {
+		return 0, 0, err
+	}
+	return blocks, inodes, nil
 }
 
-func sortedKeys(m map[string]string) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
+// linkSource names target (a path from the root) from directory dir: the
+// shorter of the absolute path and the relative one.
+func linkSource(dir, target []string) string {
+	abs := "/" + strings.Join(target, "/")
+	k := 0
+	for k < len(dir) && k < len(target)-1 && dir[k] == target[k] {
+		k++
 	}
-	for i := 1; i < len(ks); i++ {
-		for j := i; j > 0 && ks[j] < ks[j-1]; j-- {
-			ks[j], ks[j-1] = ks[j-1], ks[j]
-		}
+	rel := strings.Repeat("../", len(dir)-k) + strings.Join(target[k:], "/")
+	if k == len(dir) {
+		rel = "./" + rel
 	}
-	return ks
+	if len(rel) < len(abs) {
+		return rel
+	}
+	return abs
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	return slices.Sorted(maps.Keys(m))
 }

@@ -15,10 +15,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -89,12 +91,14 @@ func NewTree(dir string) (*Tree, error) {
 var ErrUnsafePath = errors.New("unsafe path in layer")
 
 // cleanName turns a tar entry name into a clean relative path ("" = root).
+// Every component is a name debugfs and ext4 can hold (checkName), and the
+// path fits in PATH_MAX.
 func cleanName(name string) (string, error) {
-	if strings.ContainsRune(name, 0) {
-		return "", fmt.Errorf("%w: %q contains a NUL byte", ErrUnsafePath, name)
+	if len(name) > 2*maxPathLen {
+		return "", fmt.Errorf("%w: name %.64q… is %d bytes (at most %d)", ErrUnsafePath, name, len(name), maxPathLen)
 	}
-	if strings.ContainsAny(name, "\n") {
-		return "", fmt.Errorf("%w: %q contains a newline (not representable)", ErrUnsafePath, name)
+	if i := strings.IndexFunc(name, isControl); i >= 0 {
+		return "", fmt.Errorf("%w: %q contains control byte %#x (not supported in names)", ErrUnsafePath, name, name[i])
 	}
 	for _, c := range strings.Split(name, "/") {
 		if c == ".." {
@@ -104,6 +108,14 @@ func cleanName(name string) (string, error) {
 	p := path.Clean("/" + name)
 	if p == "/" {
 		return "", nil
+	}
+	if len(p) > maxPathLen {
+		return "", fmt.Errorf("%w: path %.64q… is %d bytes (at most %d)", ErrUnsafePath, p, len(p), maxPathLen)
+	}
+	for _, c := range strings.Split(p[1:], "/") {
+		if err := checkName(c); err != nil {
+			return "", err
+		}
 	}
 	return p[1:], nil
 }
@@ -132,6 +144,13 @@ func (t *Tree) resolveDir(rel string, create bool, hops int) (string, *inode, er
 		if de == nil {
 			if !create {
 				return "", nil, os.ErrNotExist
+			}
+			// Names reached through a symlink's target were not checked yet.
+			if err := checkName(c); err != nil {
+				return "", nil, err
+			}
+			if p := path.Join(curPath, c); len(p)+1 > maxPathLen {
+				return "", nil, fmt.Errorf("%w: path /%.64s… is longer than %d bytes", ErrUnsafePath, p, maxPathLen)
 			}
 			n := &inode{kind: kindDir, mode: 0o755, children: map[string]*dirent{}, mtime: time.Unix(0, 0)}
 			if err := os.Mkdir(t.stagePath(path.Join(curPath, c)), 0o700); err != nil {
@@ -193,9 +212,22 @@ func (t *Tree) ApplyLayer(r io.Reader) error {
 			return fmt.Errorf("read layer %d: %w", t.layer, err)
 		}
 		if err := t.applyEntry(hdr, tr, buf); err != nil {
-			return fmt.Errorf("layer %d: %s: %w", t.layer, hdr.Name, err)
+			return fmt.Errorf("layer %d: %s: %w", t.layer, displayName(hdr.Name), err)
 		}
 	}
+}
+
+// displayName is a layer name fit for an error message: quoted when it holds
+// anything but printable text, and cut short.
+func displayName(s string) string {
+	q := strconv.Quote(s)
+	if q[1:len(q)-1] == s {
+		q = s
+	}
+	if len(q) > 100 {
+		return q[:100] + "…"
+	}
+	return q
 }
 
 func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
@@ -209,7 +241,7 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	}
 	if rel == "" {
 		if hdr.Typeflag == tar.TypeDir {
-			setMeta(t.root, hdr)
+			return setMeta(t.root, hdr)
 		}
 		return nil
 	}
@@ -236,6 +268,9 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 		return t.remove(parent, parentPath, victim)
 	}
 	full := path.Join(parentPath, base)
+	if len(full)+1 > maxPathLen {
+		return fmt.Errorf("%w: path /%.64s… is longer than %d bytes", ErrUnsafePath, full, maxPathLen)
+	}
 	sp := t.stagePath(full)
 	old := parent.children[base]
 
@@ -272,7 +307,9 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	}
 
 	if hdr.Typeflag == tar.TypeDir && old != nil && old.ino.kind == kindDir {
-		setMeta(old.ino, hdr)
+		if err := setMeta(old.ino, hdr); err != nil {
+			return err
+		}
 		old.layer = t.layer
 		return nil
 	}
@@ -280,7 +317,9 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 		return err
 	}
 	n := &inode{}
-	setMeta(n, hdr)
+	if err := setMeta(n, hdr); err != nil {
+		return err
+	}
 	switch hdr.Typeflag {
 	case tar.TypeReg, tar.TypeGNUSparse: // the reader maps the old TypeRegA to TypeReg
 		n.kind = kindReg
@@ -301,8 +340,8 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 		n.kind = kindSymlink
 		n.link = hdr.Linkname
 		n.mode = 0o777 // Linux ignores a symlink's mode; every tool expects 0777
-		if hdr.Linkname == "" || strings.ContainsAny(hdr.Linkname, "\x00") {
-			return fmt.Errorf("bad symlink target %q", hdr.Linkname)
+		if hdr.Linkname == "" || strings.ContainsAny(hdr.Linkname, "\x00") || len(hdr.Linkname) >= maxPathLen {
+			return fmt.Errorf("bad symlink target %.64q (empty, NUL or %d bytes or more)", hdr.Linkname, maxPathLen)
 		}
 		if err := os.Symlink(hdr.Linkname, sp); err != nil {
 			return fmt.Errorf("stage symlink: %w", err)
@@ -311,8 +350,9 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	case tar.TypeChar, tar.TypeBlock:
 		n.kind = hdr.Typeflag
 		n.major, n.minor = hdr.Devmajor, hdr.Devminor
-		if n.major < 0 || n.minor < 0 || n.major > 0xfff || n.minor > 0xfffff {
-			return fmt.Errorf("bad device numbers %d:%d", n.major, n.minor)
+		// Linux majors have 12 bits; debugfs's mknod takes minors up to 65535.
+		if n.major < 0 || n.minor < 0 || n.major > 0xfff || n.minor > 0xffff {
+			return fmt.Errorf("device numbers %d:%d not supported (major at most 4095, minor at most 65535)", n.major, n.minor)
 		}
 		t.Devices++
 	case tar.TypeFifo:
@@ -326,26 +366,40 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	return nil
 }
 
-func setMeta(n *inode, hdr *tar.Header) {
+func setMeta(n *inode, hdr *tar.Header) error {
+	if hdr.Uid < 0 || hdr.Gid < 0 || int64(hdr.Uid) > math.MaxUint32-1 || int64(hdr.Gid) > math.MaxUint32-1 {
+		return fmt.Errorf("owner %d:%d out of range", hdr.Uid, hdr.Gid)
+	}
 	n.mode = hdr.Mode & 0o7777
 	n.uid, n.gid = hdr.Uid, hdr.Gid
 	n.mtime = hdr.ModTime
 	n.xattrs = nil
-	for k, v := range hdr.PAXRecords {
-		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
-			if n.xattrs == nil {
-				n.xattrs = map[string]string{}
-			}
-			n.xattrs[name] = v
-		}
-	}
-	//lint:ignore SA1019 older writers only fill Xattrs
-	for k, v := range hdr.Xattrs { //nolint:staticcheck
+	add := func(k, v string) {
 		if n.xattrs == nil {
 			n.xattrs = map[string]string{}
 		}
 		n.xattrs[k] = v
 	}
+	for k, v := range hdr.PAXRecords {
+		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			add(name, v)
+		}
+	}
+	//lint:ignore SA1019 older writers only fill Xattrs
+	for k, v := range hdr.Xattrs { //nolint:staticcheck
+		add(k, v)
+	}
+	total := 0
+	for _, k := range sortedKeys(n.xattrs) {
+		if err := checkXattr(k, n.xattrs[k]); err != nil {
+			return err
+		}
+		total += len(k) + len(n.xattrs[k])
+	}
+	if total > maxXattrsPerInode {
+		return fmt.Errorf("%d bytes of xattrs (at most %d)", total, maxXattrsPerInode)
+	}
+	return nil
 }
 
 // writeSparse writes r to a new file at p, leaving all-zero 4 KiB blocks as

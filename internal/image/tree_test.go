@@ -225,6 +225,13 @@ func FuzzApplyLayer(f *testing.F) {
 	}
 	f.Add(layerTar(f, entry{name: "../x", body: "a"}))
 	f.Add(layerTar(f, entry{name: "a", typ: tar.TypeSymlink, link: "/"}, entry{name: "a/b/c", body: "z"}))
+	// The reproductions of security review item 1, and names that mean
+	// something to debugfs.
+	f.Add(layerTar(f, entry{name: strings.Repeat("A", 8184) + "!cd;touch pwned;#", typ: tar.TypeFifo}))
+	f.Add(layerTar(f, entry{name: "f", body: "x", xattrs: map[string]string{"user." + strings.Repeat("B", 8100) + "!cd;touch\tpwned;#": "v"}}))
+	f.Add(layerTar(f, entry{name: "!x", typ: tar.TypeFifo}, entry{name: "<2>", typ: tar.TypeChar, major: 1, minor: 3},
+		entry{name: `q"q/-f`, typ: tar.TypeBlock, major: 8}, entry{name: "#/l", typ: tar.TypeLink, link: "!x"},
+		entry{name: "l", typ: tar.TypeSymlink, link: "a\nb"}, entry{name: "l/c", body: "x"}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		dir := t.TempDir()
 		stage := filepath.Join(dir, "s")
@@ -244,6 +251,12 @@ func FuzzApplyLayer(f *testing.F) {
 			}
 			return nil
 		})
+		// Whatever the tree holds, the debugfs batch is refused or says
+		// exactly what the writer meant.
+		s := &debugfsScript{record: true}
+		if _, _, err := tr.fixupScript(s, filepath.Join(dir, "w")); err == nil {
+			checkScript(t, s)
+		}
 	})
 }
 
