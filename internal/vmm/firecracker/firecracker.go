@@ -2,8 +2,10 @@
 //
 // Start launches `firecracker --api-sock <dir>/fc.sock --id <vm id>` in its own
 // session (so that bangerd can restart without killing it), with the guest's
-// serial console (Firecracker's stdout) appended to <dir>/console.log and
-// Firecracker's stderr to <dir>/vmm.log. It then configures the machine over
+// serial console (Firecracker's stdout) going into the FIFO <dir>/console.fifo,
+// which bangerd reads into the size-capped, rotated <dir>/console.log
+// (vmmproc.Console; while no bangerd reads it, console output is dropped),
+// and Firecracker's stderr to <dir>/vmm.log. It then configures the machine over
 // the API socket, in this order:
 //
 //	PUT /logger             <dir>/firecracker.log, level Info
@@ -61,6 +63,9 @@ const (
 	APISocketName  = "fc.sock"
 	VsockName      = "v.sock"
 	ConsoleLogName = "console.log"
+	// ConsoleFIFOName is Firecracker's stdout (the serial console); bangerd
+	// reads it into ConsoleLogName.
+	ConsoleFIFOName = "console.fifo"
 	VMMLogName     = "vmm.log"
 	FCLogName      = "firecracker.log"
 	MetricsName    = "metrics.json"
@@ -102,6 +107,9 @@ type Options struct {
 
 	// SocketTimeout bounds the wait for the API socket after launch (default 10s).
 	SocketTimeout time.Duration
+	// ConsoleMax caps each of the two console log files. Default
+	// vmmproc.ConsoleFileMax.
+	ConsoleMax int64
 }
 
 // Driver runs VMs under Firecracker. It is safe for concurrent use.
@@ -449,14 +457,29 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		d.removeJail(l.jailDir)
 		return nil, err
 	}
-	console, err := os.OpenFile(l.console, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	fifo := filepath.Join(cfg.Dir, ConsoleFIFOName)
+	consoleR, err := vmmproc.OpenConsoleFIFO(fifo, true)
 	if err != nil {
 		d.removeJail(l.jailDir)
-		return nil, fmt.Errorf("open console log: %w", err)
+		return nil, err
+	}
+	// Cannot block: bangerd's read end is open.
+	console, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		consoleR.Close()
+		d.removeJail(l.jailDir)
+		return nil, fmt.Errorf("open console FIFO: %w", err)
 	}
 	defer console.Close()
+	log := d.log.With("vm", cfg.VMID)
+	con, err := vmmproc.StartConsole(consoleR, l.console, d.opts.ConsoleMax, log)
+	if err != nil {
+		d.removeJail(l.jailDir)
+		return nil, err
+	}
 	vmmLog, err := os.OpenFile(l.vmmLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
+		con.Stop()
 		d.removeJail(l.jailDir)
 		return nil, fmt.Errorf("open vmm log: %w", err)
 	}
@@ -464,10 +487,10 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 
 	cmd := d.command(cfg, l)
 	cmd.Stdout, cmd.Stderr = console, vmmLog
-	log := d.log.With("vm", cfg.VMID)
 	began := time.Now()
 	proc, err := system.StartDetached(cmd)
 	if err != nil {
+		con.Stop()
 		d.removeJail(l.jailDir)
 		return nil, fmt.Errorf("launch %s: %w", cmd.Path, err)
 	}
@@ -484,7 +507,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	if cfg.Net != nil {
 		h.Tap = cfg.Net.Tap
 	}
-	inst := d.newInstance(h, proc, false, l.jailDir, l.fcLog)
+	inst := d.newInstance(h, proc, false, l.jailDir, l.fcLog, con)
 	log.Debug("firecracker launched", "pid", proc.PID, "api_socket", l.apiSock)
 
 	if err := d.boot(ctx, inst, cfg, l); err != nil {

@@ -23,13 +23,14 @@ type instance struct {
 
 var _ vmm.Instance = (*instance)(nil)
 
-func (d *Driver) newInstance(h vmm.Handles, proc *system.Process, adopted bool, jailDir, fcLog string) *instance {
+func (d *Driver) newInstance(h vmm.Handles, proc *system.Process, adopted bool, jailDir, fcLog string, console *vmmproc.Console) *instance {
 	in := &instance{d: d, h: h, api: newClient(h.APISocket), fcLog: fcLog}
 	in.Proc = vmmproc.Watch(vmmproc.Config{
 		Name: "firecracker", Handles: h, Proc: proc, Adopted: adopted, Log: d.log.With("vm", h.VMID, "pid", h.PID),
 		Sockets:   []string{h.APISocket, h.Channel.Path},
 		AfterExit: func() { d.removeJail(jailDir) },
 		Status:    in.exitStatus,
+		Console:   console,
 	})
 	return in
 }
@@ -181,7 +182,18 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 	if h.VMMLog != "" {
 		fcLog = filepath.Join(filepath.Dir(h.VMMLog), FCLogName)
 	}
-	in := d.newInstance(h, proc, true, jailDir, fcLog)
+	// Console output written while no bangerd held the FIFO is lost.
+	var con *vmmproc.Console
+	if h.ConsoleLog != "" {
+		f, err := vmmproc.OpenConsoleFIFO(filepath.Join(filepath.Dir(h.ConsoleLog), ConsoleFIFOName), false)
+		if err == nil {
+			con, err = vmmproc.StartConsole(f, h.ConsoleLog, d.opts.ConsoleMax, d.log)
+		}
+		if err != nil {
+			d.log.WarnContext(ctx, "adopted firecracker: its console is not captured", "vm", id, "error", err)
+		}
+	}
+	in := d.newInstance(h, proc, true, jailDir, fcLog, con)
 	d.log.Info("adopted firecracker", "pid", h.PID, "vm", id)
 	return in, nil
 }

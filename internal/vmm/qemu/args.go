@@ -19,6 +19,7 @@ const (
 	qmpSocketName   = "qmp.sock"
 	agentSocketName = "agent.sock"
 	consoleLogName  = "console.log"
+	consoleSockName = "console.sock"
 	vmmLogName      = "vmm.log"
 
 	// AgentPortName is the virtio-serial port name the guest agent looks for
@@ -55,15 +56,19 @@ type layout struct {
 	QMPSocket   string
 	AgentSocket string
 	ConsoleLog  string
-	VMMLog      string
+	// ConsoleSocket is the serial console: QEMU serves it, bangerd reads it
+	// into ConsoleLog (size-capped, rotated; see vmmproc.Console).
+	ConsoleSocket string
+	VMMLog        string
 }
 
 func newLayout(dir string) layout {
 	return layout{
-		QMPSocket:   filepath.Join(dir, qmpSocketName),
-		AgentSocket: filepath.Join(dir, agentSocketName),
-		ConsoleLog:  filepath.Join(dir, consoleLogName),
-		VMMLog:      filepath.Join(dir, vmmLogName),
+		QMPSocket:     filepath.Join(dir, qmpSocketName),
+		AgentSocket:   filepath.Join(dir, agentSocketName),
+		ConsoleLog:    filepath.Join(dir, consoleLogName),
+		ConsoleSocket: filepath.Join(dir, consoleSockName),
+		VMMLog:        filepath.Join(dir, vmmLogName),
 	}
 }
 
@@ -189,7 +194,11 @@ func buildArgs(s launchSpec) ([]string, error) {
 		a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	}
 	a = append(a,
-		"-chardev", "file,id=console,path="+optValue(s.Paths.ConsoleLog),
+		// The console is a socket bangerd reads into a capped log, never a
+		// file QEMU appends to without limit. wait=on: QEMU waits for bangerd
+		// before it runs the guest, so no early boot output is lost. While
+		// nobody is connected (bangerd restarting) QEMU drops console output.
+		"-chardev", "socket,id=console,path="+optValue(s.Paths.ConsoleSocket)+",server=on,wait=on",
 		"-serial", "chardev:console",
 		"-chardev", "socket,id=qmp,path="+optValue(s.Paths.QMPSocket)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",

@@ -70,7 +70,7 @@ func TestBuildArgs(t *testing.T) {
 					"virtserialport,id=agent0,bus=vser0.0,chardev=agent,name=banger.agent",
 				},
 				"-chardev": {
-					"file,id=console,path=/vm/console.log",
+					"socket,id=console,path=/vm/console.sock,server=on,wait=on",
 					"socket,id=qmp,path=/vm/qmp.sock,server=on,wait=off",
 					"socket,id=agent,path=/vm/agent.sock,server=on,wait=off",
 				},
@@ -104,7 +104,7 @@ func TestBuildArgs(t *testing.T) {
 					"vhost-vsock-device,id=vsock0,guest-cid=1234",
 				},
 				"-chardev": {
-					"file,id=console,path=/vm/console.log",
+					"socket,id=console,path=/vm/console.sock,server=on,wait=on",
 					"socket,id=qmp,path=/vm/qmp.sock,server=on,wait=off",
 				},
 			},
@@ -143,7 +143,7 @@ func TestBuildArgs(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s := launchSpec{
 				Config: baseConfig(), Accel: "tcg", TSCKHz: 2445430, Channel: serial,
-				Paths:   layout{QMPSocket: "/vm/qmp.sock", AgentSocket: "/vm/agent.sock", ConsoleLog: "/vm/console.log", VMMLog: "/vm/vmm.log"},
+				Paths:   layout{QMPSocket: "/vm/qmp.sock", AgentSocket: "/vm/agent.sock", ConsoleLog: "/vm/console.log", ConsoleSocket: "/vm/console.sock", VMMLog: "/vm/vmm.log"},
 				Sandbox: true,
 			}
 			if tc.mutate != nil {

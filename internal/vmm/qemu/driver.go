@@ -17,6 +17,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -60,7 +61,10 @@ type Options struct {
 	// NoSandbox turns off QEMU's seccomp sandbox (-sandbox on,...: no exec, no
 	// privilege changes, no obsolete syscalls), used when QEMU has it.
 	NoSandbox bool
-	Logger    *slog.Logger
+	// ConsoleMax caps each of the two console log files (console.log and
+	// console.log.1). Default vmmproc.ConsoleFileMax.
+	ConsoleMax int64
+	Logger     *slog.Logger
 }
 
 // Driver runs VMs under qemu-system-x86_64. Safe for concurrent use.
@@ -322,7 +326,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	if d.vsockErr == nil {
 		ch = vmm.GuestChannel{Kind: vmm.ChannelVsock, CID: guestCID(cfg.VMID), Port: cfg.GuestPort}
 	}
-	sockets := []string{paths.QMPSocket}
+	sockets := []string{paths.QMPSocket, paths.ConsoleSocket}
 	if ch.Kind == vmm.ChannelSerial {
 		sockets = append(sockets, ch.Path)
 	}
@@ -375,8 +379,27 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		h.Tap = cfg.Net.Tap
 	}
 	log := d.log.With("vm", cfg.VMID, "pid", proc.PID)
-	inst := newInstance(h, proc, false, log)
-	log.Debug("qemu launched", "accel", accel.Accel, "args", args)
+	log.DebugContext(ctx, "qemu launched", "accel", accel.Accel, "args", args)
+	// QEMU waits for this connection before it runs the guest (wait=on).
+	conn, err := vmmproc.DialConsole(ctx, paths.ConsoleSocket, proc.Done())
+	var console *vmmproc.Console
+	if err == nil {
+		console, err = vmmproc.StartConsole(conn, paths.ConsoleLog, d.opts.ConsoleMax, log)
+	}
+	if err != nil {
+		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
+		defer kcancel()
+		if kerr := proc.KillAndWait(kctx); kerr != nil {
+			log.ErrorContext(ctx, "could not kill qemu after a failed start", "error", kerr)
+		}
+		_ = vmmproc.RemoveSocket(paths.QMPSocket)
+		_ = vmmproc.RemoveSocket(paths.ConsoleSocket)
+		if tail := readTail(paths.VMMLog, 5); tail != "" {
+			err = fmt.Errorf("%w; qemu log: %s", err, tail)
+		}
+		return nil, fmt.Errorf("qemu failed to start: %w", err)
+	}
+	inst := newInstance(h, proc, false, console, log)
 	if err := inst.waitRunning(ctx); err != nil {
 		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
 		defer kcancel()
@@ -406,11 +429,24 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 		return nil, err
 	}
 	log := d.log.With("vm", vmID, "pid", h.PID)
-	inst := newInstance(h, proc, true, log)
-	// A short look at the monitor: a QEMU that does not answer is still ours
-	// to kill, so this must not hold up a restarting bangerd.
+	// A short look at the monitor and the console: a QEMU that does not
+	// answer is still ours to kill, so this must not hold up a restarting
+	// bangerd. Console output written while no bangerd was connected is lost.
 	sctx, cancel := context.WithTimeout(ctx, adoptCheckTimeout)
 	defer cancel()
+	var console *vmmproc.Console
+	var conn net.Conn
+	if _, err = os.Lstat(consoleSocket(h)); err == nil {
+		// Absent for a QEMU started before consoles went through bangerd.
+		conn, err = vmmproc.DialConsole(sctx, consoleSocket(h), proc.Done())
+	}
+	if err == nil {
+		console, err = vmmproc.StartConsole(conn, h.ConsoleLog, d.opts.ConsoleMax, log)
+	}
+	if err != nil {
+		log.WarnContext(ctx, "adopted qemu: its console is not captured", "error", err)
+	}
+	inst := newInstance(h, proc, true, console, log)
 	st, err := inst.State(sctx)
 	switch {
 	case st == vmm.StateExited:

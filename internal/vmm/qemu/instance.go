@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -27,19 +28,24 @@ type instance struct {
 
 var _ vmm.Instance = (*instance)(nil)
 
-func newInstance(h vmm.Handles, proc *system.Process, adopted bool, log *slog.Logger) *instance {
-	sockets := []string{h.APISocket}
+func newInstance(h vmm.Handles, proc *system.Process, adopted bool, console *vmmproc.Console, log *slog.Logger) *instance {
+	sockets := []string{h.APISocket, consoleSocket(h)}
 	if h.Channel.Kind == vmm.ChannelSerial {
 		sockets = append(sockets, h.Channel.Path)
 	}
 	p := vmmproc.Watch(vmmproc.Config{
 		Name: "qemu", Handles: h, Proc: proc, Adopted: adopted, Log: log,
-		Sockets: sockets,
+		Sockets: sockets, Console: console,
 		Status: func(e vmmproc.Exit) vmm.ExitStatus {
 			return exitStatus(e.Code, e.Signal, e.Adopted, readTail(h.VMMLog, 5), e.At)
 		},
 	})
 	return &instance{Proc: p, h: h, log: log}
+}
+
+// consoleSocket is where QEMU serves the serial console.
+func consoleSocket(h vmm.Handles) string {
+	return filepath.Join(filepath.Dir(h.APISocket), consoleSockName)
 }
 
 // exitStatus phrases how QEMU ended. logTail is the end of its log (stderr),

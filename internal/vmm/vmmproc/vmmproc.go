@@ -2,7 +2,8 @@
 // qemu and firecracker drivers: watching the VMM process until it exits,
 // Wait and Kill, the identity check before adopting a VMM started by an
 // earlier bangerd, removal of the sockets a dead VMM leaves behind, reading
-// the tail of a log for an error message, and the kernel command line helper.
+// the tail of a log for an error message, the kernel command line helper, and
+// the size-capped console log (console.go).
 //
 // A driver's instance embeds *Proc and adds what only it knows: how to ask its
 // VMM for the machine state and how to ask the guest to power off.
@@ -141,6 +142,8 @@ type Config struct {
 	AfterExit func()
 	// Status phrases the exit; it runs once, before Exited closes.
 	Status func(Exit) vmm.ExitStatus
+	// Console, when set, is stopped (its last bytes written) before Exited closes.
+	Console *Console
 }
 
 // Proc is one VMM process being watched. It implements Handles, Exited, Wait
@@ -171,6 +174,9 @@ func (p *Proc) watch() {
 	<-p.cfg.Proc.Done()
 	at := time.Now()
 	code, sig := p.cfg.Proc.Exit()
+	if p.cfg.Console != nil {
+		p.cfg.Console.Stop()
+	}
 	for _, s := range p.cfg.Sockets {
 		if s == "" {
 			continue

@@ -28,6 +28,10 @@ const (
 	EnvPowerOffDelay = "FAKEFC_POWEROFF_DELAY"
 	EnvMaxLifetime   = "FAKEFC_MAX_LIFETIME"
 	EnvRoot          = "FAKEFC_ROOT"
+	// EnvConsoleBytes makes the pretend guest write that many bytes of
+	// console output after InstanceStart (or a snapshot resume), then the
+	// line "fakefc: console spew done".
+	EnvConsoleBytes = "FAKEFC_CONSOLE_BYTES"
 )
 
 var instanceIDRe = regexp.MustCompile(`^[a-zA-Z0-9-]{1,64}$`)
@@ -113,6 +117,15 @@ func firecrackerMain(args []string, getenv func(string) string, stdout, stderr i
 		Stderr:       stderr,
 		VsockForward: getenv(EnvVsockForward),
 	}
+	if v := getenv(EnvConsoleBytes); v != "" {
+		if opts.ConsoleSpew, err = strconv.ParseInt(v, 10, 64); err != nil {
+			fmt.Fprintf(stderr, "fakefc: %s: %v\n", EnvConsoleBytes, err)
+			return 2
+		}
+	}
+	// Like Firecracker (Rust ignores SIGPIPE): console writes nobody reads
+	// fail with EPIPE and are dropped; they do not kill the VMM.
+	signal.Ignore(syscall.SIGPIPE)
 	if v := getenv(EnvPowerOffDelay); v != "" {
 		if opts.PowerOffDelay, err = time.ParseDuration(v); err != nil {
 			fmt.Fprintf(stderr, "fakefc: %s: %v\n", EnvPowerOffDelay, err)

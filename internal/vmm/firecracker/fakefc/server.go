@@ -101,6 +101,7 @@ type Options struct {
 	CrashDelay    time.Duration
 	VsockForward  string   // unix socket to forward vsock streams to; "" echoes
 	VsockPorts    []uint32 // ports the pretend guest listens on; nil = all
+	ConsoleSpew   int64    // bytes of console output the guest writes once running
 }
 
 type drive struct {
@@ -699,6 +700,7 @@ func (s *Server) start() (int, any, *fault) {
 	fmt.Fprintf(s.opts.Console, "fakefc: booting %s (initrd %s) with %q\n", str(s.boot, "kernel_image_path"), str(s.boot, "initrd_path"), args)
 	fmt.Fprintf(s.opts.Console, "fakefc: guest %s running, %v vCPUs, %v MiB\n", s.opts.ID, s.machine["vcpu_count"], s.machine["mem_size_mib"])
 	s.rec.add(Record{Kind: KindEvent, Verdict: VerdictOK, Fault: "guest started"})
+	s.spewConsole()
 	if f, ok := s.failure(FailCrashAfterStart); ok {
 		msg := f.Message
 		if msg == "" {
@@ -719,6 +721,33 @@ func (s *Server) start() (int, any, *fault) {
 		}()
 	}
 	return http.StatusNoContent, nil, nil
+}
+
+// spewConsole writes Options.ConsoleSpew bytes of console output in the
+// background, as a chatty guest would. Write errors (nobody reading) drop the
+// output, like Firecracker's serial device does.
+func (s *Server) spewConsole() {
+	n := s.opts.ConsoleSpew
+	if n <= 0 {
+		return
+	}
+	go func() {
+		line := []byte(strings.Repeat("fakefc: guest console spam ", 40) + "\n")
+		for n > 0 {
+			chunk := line
+			if int64(len(chunk)) > n {
+				chunk = chunk[:n]
+			}
+			_, _ = s.opts.Console.Write(chunk)
+			n -= int64(len(chunk))
+			select {
+			case <-s.closed:
+				return
+			default:
+			}
+		}
+		fmt.Fprintln(s.opts.Console, "fakefc: console spew done")
+	}()
 }
 
 // log appends a Firecracker-style line to the configured log file. s.mu held.
