@@ -66,9 +66,9 @@ const (
 	// ConsoleFIFOName is Firecracker's stdout (the serial console); bangerd
 	// reads it into ConsoleLogName.
 	ConsoleFIFOName = "console.fifo"
-	VMMLogName     = "vmm.log"
-	FCLogName      = "firecracker.log"
-	MetricsName    = "metrics.json"
+	VMMLogName      = "vmm.log"
+	FCLogName       = "firecracker.log"
+	MetricsName     = "metrics.json"
 )
 
 // JailerOptions turn on jailer mode.
