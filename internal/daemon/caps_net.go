@@ -121,7 +121,11 @@ func (c *netCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.C
 	}
 	vm.Tap = hostnet.TapName(hostnet.DefaultTapPrefix, vm.ID)
 	vm.MAC = hostnet.MAC(vm.ID).String()
-	if _, err := c.client.CreateTapFor(ctx, vm.Tap, hostnet.DefaultBridge, uint32(os.Getuid()), 0); err != nil {
+	owner := uint32(os.Getuid())
+	// The helper lets the tap send only from this MAC and address.
+	if _, err := c.client.CreateTapWith(ctx, hostnet.CreateTapParams{
+		Tap: vm.Tap, Bridge: hostnet.DefaultBridge, OwnerUID: &owner, MAC: vm.MAC, IP: vm.IP,
+	}); err != nil {
 		return nil, err
 	}
 	tap := vm.Tap
@@ -170,6 +174,8 @@ func (c *netCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error
 	gw := hostnet.GatewayCIDR(subnet)
 	dns := c.dns
 	if len(dns) == 0 {
+		// banger-helper's forwarder (net.ensure_nat allow_dns) relays to
+		// the host's own name servers.
 		dns = []string{gw.Addr().String()}
 	}
 	env.Boot.Network = &bootcfg.Network{

@@ -95,6 +95,15 @@ func (c *Client) CreateTapFor(ctx context.Context, tap, bridge string, owner uin
 	return r, err
 }
 
+// CreateTapWith creates (or converges) a tap with all of net.create_tap's
+// params, the guest's MAC and IP among them (a tap without them passes no
+// traffic).
+func (c *Client) CreateTapWith(ctx context.Context, p CreateTapParams) (TapInfo, error) {
+	var r TapInfo
+	err := c.call(ctx, MethodCreateTap, p, &r)
+	return r, err
+}
+
 // DeleteTap deletes a tap; deleting one that does not exist succeeds with
 // false.
 func (c *Client) DeleteTap(ctx context.Context, tap string) (bool, error) {

@@ -91,6 +91,12 @@ type CreateTapParams struct {
 	OwnerUID *uint32 `json:"owner_uid,omitempty"`
 	// MTU of the tap; 0 keeps the kernel default (1500).
 	MTU int `json:"mtu,omitempty"`
+	// MAC and IP are the only link-layer and IPv4 source addresses the
+	// tap's guest may send from (ARP included); IP must lie inside the
+	// bridge's subnet and belong to no other tap. Both or neither: a tap
+	// without them passes no traffic at all.
+	MAC string `json:"mac,omitempty"`
+	IP  string `json:"ip,omitempty"`
 }
 
 // TapInfo describes one of banger's taps (net.create_tap, net.list).
@@ -102,6 +108,9 @@ type TapInfo struct {
 	MTU     int    `json:"mtu"`
 	Up      bool   `json:"up"`
 	VnetHdr bool   `json:"vnet_hdr"`
+	// MAC and IP are the guest's addresses recorded on the tap ("" when none).
+	MAC string `json:"mac,omitempty"`
+	IP  string `json:"ip,omitempty"`
 	// Created is set by net.create_tap when this call made the tap.
 	Created bool `json:"created,omitempty"`
 }
@@ -125,7 +134,8 @@ type EnsureNATParams struct {
 	// OutIface is the interface NATed traffic leaves by; default: the
 	// interface of the host's IPv4 default route.
 	OutIface string `json:"out_iface,omitempty"`
-	// AllowDNS lets guests reach UDP/TCP port 53 on the gateway address.
+	// AllowDNS lets guests reach UDP/TCP port 53 on the gateway address,
+	// where the helper runs a DNS forwarder to the host's resolvers.
 	AllowDNS bool `json:"allow_dns,omitempty"`
 }
 
@@ -137,6 +147,9 @@ type NATResult struct {
 	// L2Isolation reports whether the "bridge banger" table (VM-to-VM drop at
 	// layer 2) is in place; bridge port isolation is set either way.
 	L2Isolation bool `json:"l2_isolation"`
+	// DNS is the address of the helper's DNS forwarder ("" when allow_dns
+	// was not asked for).
+	DNS string `json:"dns,omitempty"`
 }
 
 // BridgeParams are the params of net.remove_nat and net.delete_bridge.

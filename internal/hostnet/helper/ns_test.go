@@ -702,6 +702,8 @@ func TestGuestTraffic(t *testing.T) {
 	if _, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String()}); err != nil {
 		t.Fatal(err)
 	}
+	// The fake guests' ports are veths, not taps: record them by hand.
+	registerGuests(t, env, 0, g1, g2)
 	line, err := nettest.Dial(ctx, g1.NS, internet, 5*time.Second)
 	if err != nil || line != "hello "+env.HostAddr.Addr().String() {
 		t.Fatalf("guest → internet: %q %v (want the uplink address: masqueraded)", line, err)
@@ -732,5 +734,25 @@ func TestGuestTraffic(t *testing.T) {
 	}
 	if line, err := nettest.Dial(ctx, g1.NS, g2Svc, time.Second); err == nil {
 		t.Errorf("guest → guest with isolated ports and no rules: connected (%q)", line)
+	}
+}
+
+// registerGuests installs the per-guest rules (anti-spoofing, owner-only
+// connections) for fake guests, owned by owner, as the helper does for the
+// taps it creates.
+func registerGuests(t *testing.T, env *nettest.Env, owner uint32, gs ...*nettest.Guest) {
+	t.Helper()
+	var guests []netcfg.Guest
+	for _, g := range gs {
+		guests = append(guests, netcfg.Guest{Tap: g.Port, Owner: owner, MAC: g.MAC, IP: g.Addr.Addr()})
+	}
+	if err := env.Do(func() error {
+		l2, err := netcfg.SyncGuests(hostnet.NATTable, "banger0", hostnet.DefaultTapPrefix, guests)
+		if err == nil && !l2 {
+			err = errors.New("bridge family table not installed")
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("register fake guests: %v", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -77,10 +78,11 @@ func Listen(ctx context.Context, path string) (*net.UnixListener, error) {
 // Run serves the helper on socket until ctx is done, then shuts down
 // (in-flight calls get ShutdownGrace) and removes the socket.
 func Run(ctx context.Context, socket string, cfg Config) error {
-	srv, err := NewServer(cfg)
+	srv, state, err := newServer(cfg)
 	if err != nil {
 		return err
 	}
+	defer state.Close()
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
@@ -89,6 +91,7 @@ func Run(ctx context.Context, socket string, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	state.resume(ctx)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(context.WithoutCancel(ctx), ln) }()
 	log.Info("banger-helper listening", "socket", socket, "bridge", orDefault(cfg.Bridge, hostnet.DefaultBridge),
@@ -158,11 +161,13 @@ func (l *listFlag) Set(s string) error {
 func Main(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("banger-helper", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var users, groups listFlag
+	var users, groups, allowCIDRs listFlag
 	socket := fs.String("socket", hostnet.SocketPath(), "unix socket to listen on (env "+hostnet.SocketEnv+")")
 	bridge := fs.String("bridge", hostnet.DefaultBridge, "the only bridge this helper manages")
 	prefix := fs.String("tap-prefix", hostnet.DefaultTapPrefix, "prefix of every tap name this helper accepts")
 	debug := fs.Bool("debug", false, "log at debug level")
+	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "where the guests' DNS forwarder finds the host's name servers")
+	fs.Var(&allowCIDRs, "allow-cidr", "IPv4 `CIDR` guests may reach although it is private, link-local or otherwise blocked (repeatable)")
 	fs.Var(&users, "allow-user", "user `NAME|UID` allowed to call (repeatable); root always is")
 	fs.Var(&groups, "allow-group", "members of group `NAME|GID` are allowed to call (repeatable)")
 	fs.Usage = func() {
@@ -201,6 +206,15 @@ func Main(args []string, stderr io.Writer) int {
 		}
 		pol.GIDs = append(pol.GIDs, gid)
 	}
+	var allow []netip.Prefix
+	for _, a := range allowCIDRs {
+		p, err := netip.ParsePrefix(a)
+		if err != nil || !p.Addr().Is4() {
+			log.Error("bad --allow-cidr", "error", fmt.Sprintf("%q is not an IPv4 CIDR like 192.168.1.0/24", a))
+			return 2
+		}
+		allow = append(allow, p.Masked())
+	}
 	if os.Geteuid() != 0 {
 		log.Warn("banger-helper is not running as root; creating devices and rules will fail without CAP_NET_ADMIN")
 	}
@@ -209,7 +223,7 @@ func Main(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	err := Run(ctx, *socket, Config{Bridge: *bridge, TapPrefix: *prefix, Policy: pol, Logger: log})
+	err := Run(ctx, *socket, Config{Bridge: *bridge, TapPrefix: *prefix, Policy: pol, Logger: log, AllowCIDRs: allow, ResolvConf: *resolvConf})
 	if err != nil {
 		log.Error("banger-helper failed", "error", err.Error())
 		return 1

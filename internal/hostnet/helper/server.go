@@ -27,10 +27,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 
 	"github.com/bangerdev/banger/internal/hostnet"
+	"github.com/bangerdev/banger/internal/hostnet/dnsfwd"
 	"github.com/bangerdev/banger/internal/hostnet/netcfg"
 	"github.com/bangerdev/banger/internal/rpc"
 )
@@ -53,6 +55,15 @@ type Config struct {
 	Policy Policy
 	// Logger receives the per-call records (default slog.Default()).
 	Logger *slog.Logger
+	// AllowCIDRs are IPv4 ranges guests may reach although they are
+	// private or otherwise blocked (netcfg.BlockedEgress); root-owned
+	// configuration only.
+	AllowCIDRs []netip.Prefix
+	// ResolvConf is where the DNS forwarder finds the host's name servers
+	// (default /etc/resolv.conf).
+	ResolvConf string
+	// DNSPort is the DNS forwarder's port (default 53; tests only).
+	DNSPort int
 }
 
 func (c *Config) fill() error {
@@ -67,6 +78,12 @@ func (c *Config) fill() error {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	for i, p := range c.AllowCIDRs {
+		if !p.IsValid() || !p.Addr().Is4() {
+			return fmt.Errorf("allowed range %s is not an IPv4 CIDR", p)
+		}
+		c.AllowCIDRs[i] = p.Masked()
 	}
 	if err := hostnet.ValidDeviceName(c.Bridge); err != nil {
 		return fmt.Errorf("bridge: %w", err)
@@ -86,15 +103,25 @@ type server struct {
 	log                   *slog.Logger
 	mu                    sync.Mutex // serialises mutating methods
 	l2Warn                sync.Once
+	allow                 []netip.Prefix
+	resolvConf            string
+	dnsPort               int
+	dns                   *dnsfwd.Forwarder // under mu
 }
 
 // NewServer returns an rpc.Server serving the helper's methods with
 // per-connection SO_PEERCRED authorisation and one log line per call.
 func NewServer(cfg Config) (*rpc.Server, error) {
+	srv, _, err := newServer(cfg)
+	return srv, err
+}
+
+func newServer(cfg Config) (*rpc.Server, *server, error) {
 	if err := cfg.fill(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	s := &server{bridge: cfg.Bridge, prefix: cfg.TapPrefix, table: cfg.Table, policy: cfg.Policy, log: cfg.Logger}
+	s := &server{bridge: cfg.Bridge, prefix: cfg.TapPrefix, table: cfg.Table, policy: cfg.Policy, log: cfg.Logger,
+		allow: cfg.AllowCIDRs, resolvConf: cfg.ResolvConf, dnsPort: cfg.DNSPort}
 	mux := rpc.NewMux()
 	handle(s, mux, hostnet.MethodPing, false, s.ping)
 	handle(s, mux, hostnet.MethodEnsureBridge, true, s.ensureBridge)
@@ -111,7 +138,24 @@ func NewServer(cfg Config) (*rpc.Server, error) {
 		LogEachCall:  true,
 		CompletedMsg: CompletedMsg,
 		FailedMsg:    FailedMsg,
-	}, nil
+	}, s, nil
+}
+
+// resume restarts the DNS forwarder after a restart of the helper when
+// banger's bridge and NAT are in place (guests keep their resolver).
+func (s *server) resume(ctx context.Context) {
+	exists, _, addrs, err := netcfg.BridgeInfo(s.bridge)
+	if err != nil || !exists || len(addrs) != 1 {
+		return
+	}
+	if ok, err := netcfg.NATExists(s.table); err != nil || !ok {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, err := s.startDNS(ctx, addrs[0]); err != nil {
+		s.log.WarnContext(ctx, "dns forwarder not restarted", "error", err.Error())
+	}
 }
 
 // decodeStrict decodes a params object into v, refusing unknown fields,
@@ -250,6 +294,7 @@ func (s *server) deleteBridge(ctx context.Context, c Caller, p hostnet.BridgePar
 	if err := s.checkBridge(p.Bridge); err != nil {
 		return hostnet.DeletedResult{}, err
 	}
+	s.stopDNS()
 	deleted, err := netcfg.DeleteBridge(p.Bridge)
 	return hostnet.DeletedResult{Deleted: deleted}, err
 }
@@ -280,12 +325,111 @@ func (s *server) createTap(ctx context.Context, c Caller, p hostnet.CreateTapPar
 	if p.MTU != 0 && (p.MTU < MinMTU || p.MTU > MaxMTU) {
 		return hostnet.TapInfo{}, invalid("mtu %d is outside %d-%d", p.MTU, MinMTU, MaxMTU)
 	}
-	t, created, err := netcfg.CreateTap(p.Tap, p.Bridge, owner, p.MTU)
+	mac, ip, err := s.checkGuest(p)
 	if err != nil {
 		return hostnet.TapInfo{}, err
 	}
-	s.log.DebugContext(ctx, "tap ensured", "tap", t.Name, "owner_uid", t.Owner, "created", created)
-	return hostnet.TapInfo{Name: t.Name, OwnerUID: t.Owner, Bridge: t.Bridge, MTU: t.MTU, Up: t.Up, VnetHdr: t.VnetHdr, Created: created}, nil
+	t, created, err := netcfg.CreateTap(p.Tap, p.Bridge, owner, p.MTU, mac, ip)
+	if err != nil {
+		return hostnet.TapInfo{}, err
+	}
+	if err := s.syncGuests(ctx); err != nil {
+		return hostnet.TapInfo{}, err
+	}
+	s.log.DebugContext(ctx, "tap ensured", "tap", t.Name, "owner_uid", t.Owner, "created", created, "mac", p.MAC, "ip", p.IP)
+	ti := tapInfo(t)
+	ti.Created = created
+	return ti, nil
+}
+
+func tapInfo(t netcfg.Tap) hostnet.TapInfo {
+	ti := hostnet.TapInfo{Name: t.Name, OwnerUID: t.Owner, Bridge: t.Bridge, MTU: t.MTU, Up: t.Up, VnetHdr: t.VnetHdr}
+	if t.Guest.IP.IsValid() {
+		ti.MAC, ti.IP = t.Guest.MAC.String(), t.Guest.IP.String()
+	}
+	return ti
+}
+
+// checkGuest validates a tap's guest addresses: both or neither; a
+// unicast, non-zero MAC; an IPv4 address inside the bridge's subnet that
+// is neither its network, broadcast nor gateway address; and neither
+// address recorded on another tap (so no one can claim a running guest's
+// address for a tap of their own).
+func (s *server) checkGuest(p hostnet.CreateTapParams) (net.HardwareAddr, netip.Addr, error) {
+	if p.MAC == "" && p.IP == "" {
+		return nil, netip.Addr{}, nil
+	}
+	if p.MAC == "" || p.IP == "" {
+		return nil, netip.Addr{}, invalid("mac and ip go together (a tap without them passes no traffic)")
+	}
+	mac, err := net.ParseMAC(p.MAC)
+	if err != nil || len(mac) != 6 {
+		return nil, netip.Addr{}, invalid("mac %q is not an Ethernet address like 02:00:ac:1e:00:02", p.MAC)
+	}
+	if mac[0]&1 != 0 || bytes.Equal(mac, make([]byte, 6)) {
+		return nil, netip.Addr{}, invalid("mac %s must be a unicast, non-zero address", mac)
+	}
+	ip, err := netip.ParseAddr(p.IP)
+	if err != nil || !ip.Is4() {
+		return nil, netip.Addr{}, invalid("ip %q is not an IPv4 address", p.IP)
+	}
+	_, _, addrs, err := netcfg.BridgeInfo(s.bridge)
+	if err != nil {
+		return nil, netip.Addr{}, err
+	}
+	inside := false
+	for _, gw := range addrs {
+		sub := gw.Masked()
+		last := broadcast(sub)
+		if sub.Contains(ip) && ip != sub.Addr() && ip != last && ip != gw.Addr() {
+			inside = true
+		}
+	}
+	if !inside {
+		return nil, netip.Addr{}, invalid("ip %s is not a guest address of bridge %s (%v)", ip, s.bridge, addrs)
+	}
+	taps, err := netcfg.ListTaps(s.prefix)
+	if err != nil {
+		return nil, netip.Addr{}, err
+	}
+	for _, t := range taps {
+		if t.Name == p.Tap || !t.Guest.IP.IsValid() {
+			continue
+		}
+		if t.Guest.IP == ip || bytes.Equal(t.Guest.MAC, mac) {
+			return nil, netip.Addr{}, rpc.Errorf(rpc.CodeConflict, "ip %s or mac %s is already taken by tap %s", ip, mac, t.Name)
+		}
+	}
+	return mac, ip, nil
+}
+
+func broadcast(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// syncGuests rewrites the per-guest rules from the taps' records.
+func (s *server) syncGuests(ctx context.Context) error {
+	guests, err := netcfg.ListGuests(s.prefix)
+	if err != nil {
+		return err
+	}
+	l2, err := netcfg.SyncGuests(s.table, s.bridge, s.prefix, guests)
+	if err != nil {
+		return err
+	}
+	if !l2 {
+		s.warnL2(ctx)
+	}
+	return nil
+}
+
+func (s *server) warnL2(ctx context.Context) {
+	s.l2Warn.Do(func() {
+		s.log.WarnContext(ctx, "nftables bridge family unavailable; VM-to-VM isolation relies on bridge port isolation alone and guests are not kept from spoofing addresses")
+	})
 }
 
 func (s *server) deleteTap(ctx context.Context, c Caller, p hostnet.DeleteTapParams) (hostnet.DeletedResult, error) {
@@ -303,7 +447,10 @@ func (s *server) deleteTap(ctx context.Context, c Caller, p hostnet.DeleteTapPar
 		return hostnet.DeletedResult{}, rpc.Errorf(rpc.CodePermissionDenied, "tap %s belongs to uid %d, not to uid %d", p.Tap, t.Owner, c.UID)
 	}
 	deleted, err := netcfg.DeleteTap(p.Tap)
-	return hostnet.DeletedResult{Deleted: deleted}, err
+	if err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	return hostnet.DeletedResult{Deleted: deleted}, s.syncGuests(ctx)
 }
 
 func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATParams) (hostnet.NATResult, error) {
@@ -349,23 +496,68 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 	} else if !ok {
 		return hostnet.NATResult{}, rpc.Errorf(rpc.CodeNotFound, "interface %q does not exist", out)
 	}
-	l2, err := netcfg.EnsureNAT(netcfg.NAT{Table: s.table, Bridge: p.Bridge, TapPrefix: s.prefix, OutIface: out, Gateway: gw, AllowDNS: p.AllowDNS})
+	guests, err := netcfg.ListGuests(s.prefix)
+	if err != nil {
+		return hostnet.NATResult{}, err
+	}
+	l2, err := netcfg.EnsureNAT(netcfg.NAT{Table: s.table, Bridge: p.Bridge, TapPrefix: s.prefix, OutIface: out, Gateway: gw, AllowDNS: p.AllowDNS, AllowCIDRs: s.allow}, guests)
 	if err != nil {
 		return hostnet.NATResult{}, err
 	}
 	if !l2 {
-		s.l2Warn.Do(func() {
-			s.log.WarnContext(ctx, "nftables bridge family unavailable; VM-to-VM isolation relies on bridge port isolation alone")
-		})
+		s.warnL2(ctx)
 	}
-	return hostnet.NATResult{Table: "inet " + s.table, Subnet: gw.Masked().String(), OutIface: out, L2Isolation: l2}, nil
+	res := hostnet.NATResult{Table: "inet " + s.table, Subnet: gw.Masked().String(), OutIface: out, L2Isolation: l2}
+	if p.AllowDNS {
+		a, err := s.startDNS(ctx, gw)
+		if err != nil {
+			return hostnet.NATResult{}, err
+		}
+		res.DNS = a.String()
+	}
+	return res, nil
+}
+
+// startDNS runs the DNS forwarder on the gateway address (restarting it
+// when the gateway changed). Called under s.mu.
+func (s *server) startDNS(ctx context.Context, gw netip.Prefix) (netip.AddrPort, error) {
+	if s.dns != nil {
+		if s.dns.Addr().Addr() == gw.Addr() {
+			return s.dns.Addr(), nil
+		}
+		s.stopDNS()
+	}
+	f, err := dnsfwd.Start(dnsfwd.Config{Listen: gw.Addr(), Port: s.dnsPort, Clients: gw.Masked(), ResolvConf: s.resolvConf, Logger: s.log})
+	if err != nil {
+		return netip.AddrPort{}, rpc.Errorf(rpc.CodeInternal, "%v", err)
+	}
+	s.dns = f
+	s.log.InfoContext(ctx, "dns forwarder listening", "addr", f.Addr().String())
+	return f.Addr(), nil
+}
+
+// stopDNS stops the DNS forwarder if it runs. Called under s.mu.
+func (s *server) stopDNS() {
+	if s.dns != nil {
+		s.dns.Close()
+		s.dns = nil
+	}
+}
+
+// Close stops what the server runs besides answering calls (the DNS
+// forwarder).
+func (s *server) Close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopDNS()
 }
 
 func (s *server) removeNAT(ctx context.Context, c Caller, p hostnet.BridgeParams) (hostnet.DeletedResult, error) {
 	if err := s.checkBridge(p.Bridge); err != nil {
 		return hostnet.DeletedResult{}, err
 	}
-	removed, err := netcfg.RemoveNAT(s.table)
+	s.stopDNS()
+	removed, err := netcfg.RemoveNAT(s.table, p.Bridge)
 	return hostnet.DeletedResult{Deleted: removed}, err
 }
 
@@ -391,7 +583,7 @@ func (s *server) list(ctx context.Context, c Caller, _ struct{}) (hostnet.ListRe
 		if !c.IsRoot() && t.Owner != c.UID {
 			continue
 		}
-		res.Taps = append(res.Taps, hostnet.TapInfo{Name: t.Name, OwnerUID: t.Owner, Bridge: t.Bridge, MTU: t.MTU, Up: t.Up, VnetHdr: t.VnetHdr})
+		res.Taps = append(res.Taps, tapInfo(t))
 	}
 	return res, nil
 }

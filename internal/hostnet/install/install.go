@@ -146,8 +146,8 @@ func RenderHelperUnit(o Options) (string, error) {
 		b.WriteString("RuntimeDirectory=banger\nRuntimeDirectoryMode=0755\n")
 	}
 	b.WriteString("Restart=on-failure\nRestartSec=1s\n")
-	b.WriteString("# It only needs to configure networking.\n")
-	b.WriteString("CapabilityBoundingSet=CAP_NET_ADMIN\n")
+	b.WriteString("# It only configures networking and serves guests' DNS on port 53.\n")
+	b.WriteString("CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n")
 	b.WriteString("NoNewPrivileges=yes\n")
 	b.WriteString("ProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\n")
 	b.WriteString("DevicePolicy=closed\nDeviceAllow=/dev/net/tun rw\n")

@@ -19,7 +19,7 @@ func TestRenderHelperUnit(t *testing.T) {
 		"\nExecStart=/usr/local/bin/banger-helper --allow-user alice --allow-user 1001\n",
 		"\nRuntimeDirectory=banger\n",
 		"\nRuntimeDirectoryMode=0755\n",
-		"\nCapabilityBoundingSet=CAP_NET_ADMIN\n",
+		"\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n",
 		"\nDeviceAllow=/dev/net/tun rw\n",
 		"\nWantedBy=multi-user.target\n",
 	} {

@@ -180,6 +180,44 @@ type Tap struct {
 	MTU     int
 	Up      bool
 	VnetHdr bool
+	// Guest is the MAC and address the tap may send from, as recorded on
+	// the tap (its alias, which only CAP_NET_ADMIN can change); zero when
+	// none is recorded.
+	Guest Guest
+}
+
+// aliasPrefix starts the alias banger gives its taps.
+const aliasPrefix = "banger-guest "
+
+// tapAlias renders a guest's identity for the tap's alias.
+func tapAlias(mac net.HardwareAddr, ip netip.Addr) string {
+	return aliasPrefix + "mac=" + mac.String() + " ip=" + ip.String()
+}
+
+// parseTapAlias reads tapAlias back; ok is false for anything else.
+func parseTapAlias(s string) (mac net.HardwareAddr, ip netip.Addr, ok bool) {
+	rest, found := strings.CutPrefix(s, aliasPrefix)
+	if !found {
+		return nil, netip.Addr{}, false
+	}
+	f := strings.Fields(rest)
+	if len(f) != 2 {
+		return nil, netip.Addr{}, false
+	}
+	ms, ok1 := strings.CutPrefix(f[0], "mac=")
+	is, ok2 := strings.CutPrefix(f[1], "ip=")
+	if !ok1 || !ok2 {
+		return nil, netip.Addr{}, false
+	}
+	mac, err := net.ParseMAC(ms)
+	if err != nil || len(mac) != 6 {
+		return nil, netip.Addr{}, false
+	}
+	ip, err = netip.ParseAddr(is)
+	if err != nil || !ip.Is4() {
+		return nil, netip.Addr{}, false
+	}
+	return mac, ip, true
 }
 
 func tapOf(l netlink.Link) (*netlink.Tuntap, bool) {
@@ -201,6 +239,9 @@ func describeTap(t *netlink.Tuntap, bridgeName func(idx int) string) Tap {
 	if t.MasterIndex != 0 {
 		out.Bridge = bridgeName(t.MasterIndex)
 	}
+	if mac, ip, ok := parseTapAlias(t.Attrs().Alias); ok {
+		out.Guest = Guest{Tap: t.Name, Owner: t.Owner, MAC: mac, IP: ip}
+	}
 	return out
 }
 
@@ -212,10 +253,12 @@ func lookupName(idx int) string {
 }
 
 // CreateTap makes a persistent tap (vnet_hdr, no packet info) owned by owner,
-// attached to bridge as an isolated port, with mtu when nonzero, and up.
+// attached to bridge as an isolated port, with mtu when nonzero, and up,
+// and records on it the only MAC and IPv4 address its guest may send from
+// (the anti-spoofing rules are made from that record: SyncGuests).
 // An existing tap of the same owner is converged to that state; one of
 // another owner is a conflict. The bridge must exist.
-func CreateTap(name, bridge string, owner uint32, mtu int) (info Tap, created bool, err error) {
+func CreateTap(name, bridge string, owner uint32, mtu int, mac net.HardwareAddr, ip netip.Addr) (info Tap, created bool, err error) {
 	br, err := linkByName(bridge)
 	if err != nil {
 		return Tap{}, false, err
@@ -270,6 +313,11 @@ func CreateTap(name, bridge string, owner uint32, mtu int) (info Tap, created bo
 	}
 	if err := netlink.LinkSetIsolated(l, true); err != nil {
 		return undo(fmt.Errorf("isolate bridge port %s: %w", name, err))
+	}
+	if alias := tapAlias(mac, ip); l.Attrs().Alias != alias {
+		if err := netlink.LinkSetAlias(l, alias); err != nil {
+			return undo(fmt.Errorf("record the guest's addresses on %s: %w", name, err))
+		}
 	}
 	if err := netlink.LinkSetUp(l); err != nil {
 		return undo(fmt.Errorf("bring up %s: %w", name, err))
@@ -442,14 +490,38 @@ func IfaceExists(name string) (bool, error) {
 
 const ipForward = "/proc/sys/net/ipv4/ip_forward"
 
+func ipv4ForwardingOn() (bool, error) {
+	b, err := os.ReadFile(ipForward)
+	if err != nil {
+		return false, fmt.Errorf("read IPv4 forwarding setting: %w", err)
+	}
+	return strings.TrimSpace(string(b)) == "1", nil
+}
+
 // EnableIPv4Forwarding sets net.ipv4.ip_forward=1 in the current namespace.
 func EnableIPv4Forwarding() error {
-	b, err := os.ReadFile(ipForward)
-	if err == nil && strings.TrimSpace(string(b)) == "1" {
+	if on, err := ipv4ForwardingOn(); err == nil && on {
 		return nil
 	}
 	if err := os.WriteFile(ipForward, []byte("1\n"), 0o644); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
 	return nil
+}
+
+// ListGuests returns the guests recorded on the taps whose names start
+// with prefix (taps without a record have no guest: their traffic is
+// dropped).
+func ListGuests(prefix string) ([]Guest, error) {
+	taps, err := ListTaps(prefix)
+	if err != nil {
+		return nil, err
+	}
+	var out []Guest
+	for _, t := range taps {
+		if t.Guest.IP.IsValid() {
+			out = append(out, t.Guest)
+		}
+	}
+	return out, nil
 }

@@ -386,6 +386,7 @@ type Guest struct {
 	NS   netns.NsHandle
 	Port string // the bridge port (host side of the veth)
 	Addr netip.Prefix
+	MAC  net.HardwareAddr // of the guest's eth0
 }
 
 // AddGuest creates a namespace whose "eth0" carries addr with a default
@@ -455,6 +456,7 @@ func (e *Env) AddGuest(t testing.TB, bridge, port string, addr netip.Prefix, gw 
 			if err := gh.RouteAdd(&netlink.Route{Gw: net.IP(gw.AsSlice()), LinkIndex: l.Attrs().Index}); err != nil {
 				t.Fatalf("guest default route: %v", err)
 			}
+			g.MAC = l.Attrs().HardwareAddr
 		}
 	}
 	return g
@@ -503,6 +505,23 @@ func Listen(t testing.TB, ns netns.NsHandle, addr netip.AddrPort) netip.AddrPort
 	}()
 	ap, _ := netip.ParseAddrPort(ln.Addr().String())
 	return ap
+}
+
+// AddOutsideAddr puts addr (a /32) on the outside namespace's lo, so that
+// it is reachable from the host namespace through the uplink like any
+// address "on the internet". Only for addresses that exist nowhere else:
+// they never leave the namespaces.
+func (e *Env) AddOutsideAddr(addr netip.Addr) error {
+	h, err := netlink.NewHandleAt(e.Outside)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	return h.AddrAdd(lo, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(addr, 32))})
 }
 
 // SetIsolated turns bridge port isolation of a port in the host namespace
