@@ -39,6 +39,8 @@ func TestMain(m *testing.M) {
 		os.Exit(Main(os.Args[1:], os.Stderr))
 	case "client":
 		os.Exit(clientMain())
+	case "dial":
+		os.Exit(dialMain())
 	}
 	code := m.Run()
 	if binDir != "" {

@@ -308,7 +308,7 @@ func antiSpoof(prefix string, guests []Guest) [][]expr.Any {
 			rule(iif(g.Tap), etherSaddr(g.MAC), etherType(etherTypeIPv4),
 				payloadEq(expr.PayloadBaseNetworkHeader, 12, ip[:]), accept),
 			rule(iif(g.Tap), etherSaddr(g.MAC), etherType(etherTypeARP),
-				payloadEq(expr.PayloadBaseNetworkHeader, 0, []byte{0, 1, 8, 0, 6, 4}), // htype ether, ptype ip, hlen 6, plen 4
+				payloadEq(expr.PayloadBaseNetworkHeader, 0, []byte{0, 1, 8, 0, 6, 4}),                     // htype ether, ptype ip, hlen 6, plen 4
 				payloadEq(expr.PayloadBaseNetworkHeader, 8, append(append([]byte{}, g.MAC...), ip[:]...)), // sender MAC, sender IP
 				accept),
 		)
@@ -560,6 +560,24 @@ func DockerForward(table, bridge string, add bool) (int, error) {
 				}
 				n++
 			}
+		}
+	}
+	if user != nil {
+		// DOCKER-USER only counts when FORWARD jumps to it.
+		rules, err := c.GetRules(t, fwd)
+		if err != nil {
+			return 0, fmt.Errorf("list rules of ip filter FORWARD: %w", err)
+		}
+		jumped := false
+		for _, r := range rules {
+			for _, e := range r.Exprs {
+				if v, ok := e.(*expr.Verdict); ok && v.Kind == expr.VerdictJump && v.Chain == user.Name {
+					jumped = true
+				}
+			}
+		}
+		if !jumped {
+			user = nil
 		}
 	}
 	dropping := fwd.Policy != nil && *fwd.Policy == nftables.ChainPolicyDrop

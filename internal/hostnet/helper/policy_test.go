@@ -1,0 +1,557 @@
+package helper
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/hostnet"
+	"github.com/bangerdev/banger/internal/hostnet/dnsfwd"
+	"github.com/bangerdev/banger/internal/hostnet/netcfg"
+	"github.com/bangerdev/banger/internal/hostnet/nettest"
+)
+
+// dialMain is the test binary's "dial" role: connect to $BANGER_DIAL_ADDR
+// (TCP, 3 s) and print the first line the peer sends.
+func dialMain() int {
+	c, err := net.DialTimeout("tcp", os.Getenv("BANGER_DIAL_ADDR"), 3*time.Second)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dial:", err)
+		return 4
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	b := make([]byte, 64)
+	n, _ := c.Read(b)
+	os.Stdout.Write(b[:n])
+	return 0
+}
+
+// dialAs connects to addr from the host namespace as uid and returns the
+// greeting (err when the connection failed).
+func dialAs(t *testing.T, env *nettest.Env, uid uint32, addr netip.AddrPort) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, worldBinary(t))
+	cmd.Env = []string{roleEnv + "=dial", "BANGER_DIAL_ADDR=" + addr.String()}
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := env.Start(cmd); err != nil {
+		t.Fatalf("start dialer: %v", err)
+	}
+	if err := cmd.Wait(); err != nil {
+		return "", fmt.Errorf("%v: %s", err, strings.TrimSpace(errb.String()))
+	}
+	return strings.TrimSpace(out.String()), nil
+}
+
+// dockerDrop installs what Docker (iptables-nft) leaves: table ip filter
+// with FORWARD policy drop and a DOCKER-USER chain it jumps to.
+func dockerDrop(t *testing.T, env *nettest.Env, withUser bool) {
+	t.Helper()
+	if err := env.Do(func() error {
+		c, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		tb := c.AddTable(&nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4})
+		pol := nftables.ChainPolicyDrop
+		fwd := c.AddChain(&nftables.Chain{Name: "FORWARD", Table: tb, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &pol})
+		if withUser {
+			c.AddChain(&nftables.Chain{Name: "DOCKER-USER", Table: tb})
+			c.AddRule(&nftables.Rule{Table: tb, Chain: fwd, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "DOCKER-USER"}}})
+		}
+		return c.Flush()
+	}); err != nil {
+		t.Fatalf("install Docker-style FORWARD drop: %v", err)
+	}
+}
+
+// countMarked counts banger's rules in table ip filter.
+func countMarked(t *testing.T, env *nettest.Env) int {
+	t.Helper()
+	var d string
+	if err := env.Do(func() (err error) { d, err = netcfg.DumpRuleset(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	inFilter := false
+	for _, l := range strings.Split(d, "\n") {
+		if strings.HasPrefix(l, "table ") {
+			inFilter = l == "table ip filter"
+		}
+		if inFilter && strings.Contains(l, "userdata=") {
+			n++
+		}
+	}
+	return n
+}
+
+// dnsStub answers every A query on addr (UDP and TCP, in the host namespace) with
+// ip, counting the queries; it stands in for systemd-resolved's stub.
+func dnsStub(t *testing.T, env *nettest.Env, addr netip.AddrPort, ip netip.Addr) func() int {
+	t.Helper()
+	var pc net.PacketConn
+	if err := env.Do(func() (err error) { pc, err = net.ListenPacket("udp4", addr.String()); return err }); err != nil {
+		t.Fatalf("dns stub on %s: %v", addr, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	var ln net.Listener
+	if err := env.Do(func() (err error) { ln, err = net.Listen("tcp4", addr.String()); return err }); err != nil {
+		t.Fatalf("dns stub on tcp %s: %v", addr, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	hits := make(chan struct{}, 1000)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			var l [2]byte
+			if _, err := io.ReadFull(c, l[:]); err == nil {
+				q := make([]byte, binary.BigEndian.Uint16(l[:]))
+				if _, err := io.ReadFull(c, q); err == nil {
+					if r := answerA(q, ip); r != nil {
+						hits <- struct{}{}
+						c.Write(append([]byte{byte(len(r) >> 8), byte(len(r))}, r...))
+					}
+				}
+			}
+			c.Close()
+		}
+	}()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if r := answerA(buf[:n], ip); r != nil {
+				hits <- struct{}{}
+				pc.WriteTo(r, from)
+			}
+		}
+	}()
+	return func() int { return len(hits) }
+}
+
+// answerA builds a reply with one A record to a one-question query.
+func answerA(q []byte, ip netip.Addr) []byte {
+	if !dnsfwd.ValidQuery(q) {
+		return nil
+	}
+	end := 12
+	for end < len(q) && q[end] != 0 {
+		end += int(q[end]) + 1
+	}
+	end += 5 // root label, qtype, qclass
+	if end > len(q) {
+		return nil
+	}
+	r := append([]byte(nil), q[:end]...)
+	r[2], r[3] = 0x81, 0x80
+	binary.BigEndian.PutUint16(r[6:], 1)  // ANCOUNT
+	binary.BigEndian.PutUint16(r[8:], 0)  // NSCOUNT
+	binary.BigEndian.PutUint16(r[10:], 0) // ARCOUNT
+	a := ip.As4()
+	r = append(r, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4)
+	return append(r, a[:]...)
+}
+
+// query builds an A query for name.
+func query(id uint16, name string) []byte {
+	q := make([]byte, 12)
+	binary.BigEndian.PutUint16(q, id)
+	q[2] = 0x01 // RD
+	binary.BigEndian.PutUint16(q[4:], 1)
+	for _, l := range strings.Split(strings.TrimSuffix(name, "."), ".") {
+		q = append(q, byte(len(l)))
+		q = append(q, l...)
+	}
+	return append(q, 0, 0, 1, 0, 1)
+}
+
+// resolveIn sends an A query for name to server from ns over UDP or TCP and
+// returns the last 4 bytes of the answer as an address.
+func resolveIn(ns netns.NsHandle, server netip.AddrPort, name string, tcp bool) (netip.Addr, error) {
+	var ans []byte
+	err := nettest.DoIn(ns, func() error {
+		network := "udp4"
+		if tcp {
+			network = "tcp4"
+		}
+		c, err := net.DialTimeout(network, server.String(), 3*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(4 * time.Second))
+		q := query(0x4242, name)
+		if tcp {
+			q = append([]byte{byte(len(q) >> 8), byte(len(q))}, q...)
+		}
+		if _, err := c.Write(q); err != nil {
+			return err
+		}
+		buf := make([]byte, 1500)
+		n, err := c.Read(buf)
+		if err != nil {
+			return err
+		}
+		ans = buf[:n]
+		if tcp {
+			ans = ans[2:]
+		}
+		return nil
+	})
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if len(ans) < 16 || ans[0] != 0x42 || ans[1] != 0x42 || ans[3]&0x0f != 0 || binary.BigEndian.Uint16(ans[6:]) != 1 {
+		return netip.Addr{}, fmt.Errorf("not an answer: %x", ans)
+	}
+	return netip.AddrFrom4([4]byte(ans[len(ans)-4:])), nil
+}
+
+// setGuestAddr replaces a fake guest's eth0 address (and MAC when given),
+// keeping its default route: a guest that spoofs.
+func setGuestAddr(t *testing.T, g *nettest.Guest, addr netip.Prefix, mac net.HardwareAddr, gw netip.Addr) {
+	t.Helper()
+	h, err := netlink.NewHandleAt(g.NS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs, _ := h.AddrList(l, netlink.FAMILY_V4)
+	for _, a := range addrs {
+		h.AddrDel(l, &a)
+	}
+	if mac != nil {
+		h.LinkSetDown(l)
+		if err := h.LinkSetHardwareAddr(l, mac); err != nil {
+			t.Fatal(err)
+		}
+		h.LinkSetUp(l)
+	}
+	if err := h.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	h.RouteAdd(&netlink.Route{Gw: gw.AsSlice(), LinkIndex: l.Attrs().Index})
+}
+
+// TestGuestNetworkPolicy is issue 9 §5's acceptance with fake guests (veth
+// namespaces on banger's bridge) and a Docker-style FORWARD drop already in
+// place: a guest reaches a public address through NAT and nothing else (not
+// 169.254.169.254, not RFC 1918 or CGNAT addresses in the "outside"),
+// except a range the helper's --allow-cidr opens; no IPv6 leaves it; a
+// guest that takes another's MAC and IP gets nothing through; only the
+// owner (and root) may connect to a guest; guests resolve names through the
+// helper's forwarder when the host's resolver is 127.0.0.53; forwarding
+// banger turned on does not route other interfaces, and remove_nat puts
+// everything back.
+func TestGuestNetworkPolicy(t *testing.T) {
+	env := nettest.New(t)
+	const owner = 1000
+	dockerDrop(t, env, true)
+	if v, err := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); err != nil || v != "0" {
+		t.Fatalf("a new namespace has ip_forward %q %v, want 0", v, err)
+	}
+
+	// The "outside": the public control and addresses that must stay out
+	// of reach, each with a listener; the host itself reaches all of them.
+	internet := netip.AddrPortFrom(env.InternetAddr, uint16(env.InternetPort))
+	blocked := map[string]netip.Addr{
+		"cloud metadata":                    netip.MustParseAddr("169.254.169.254"),
+		"RFC 1918 10/8":                     netip.MustParseAddr("10.20.30.40"),
+		"RFC 1918 192.168/16 (not allowed)": netip.MustParseAddr("192.168.60.10"),
+		"CGNAT":                             netip.MustParseAddr("100.64.1.1"),
+	}
+	allowed := netip.MustParseAddr("192.168.50.10") // opened by --allow-cidr
+	svc := map[netip.Addr]netip.AddrPort{}
+	for _, a := range append([]netip.Addr{allowed}, mapValues(blocked)...) {
+		if err := env.AddOutsideAddr(a); err != nil {
+			t.Fatalf("outside address %s: %v", a, err)
+		}
+		svc[a] = nettest.Listen(t, env.Outside, netip.AddrPortFrom(a, 0))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for a, ap := range svc {
+		if line, err := nettest.Dial(ctx, env.Host, ap, 3*time.Second); err != nil || line != "hello" {
+			t.Fatalf("control: the host namespace does not reach %s: %q %v", a, line, err)
+		}
+	}
+
+	// The host's resolver is a stub at 127.0.0.53, as with systemd-resolved.
+	resolv := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolv, []byte("# systemd-resolved stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	answer := netip.MustParseAddr("203.0.113.77")
+	stubHits := dnsStub(t, env, netip.MustParseAddrPort("127.0.0.53:53"), answer)
+
+	h := startHelper(t, env, "--allow-user", fmt.Sprint(allowedUID), "--allow-cidr", "192.168.50.0/24", "--resolv-conf", resolv)
+	c := &hostnet.Client{Socket: h.sock}
+	gw := mustPrefix("172.30.0.1/24")
+	if _, err := c.EnsureBridge(ctx, "banger0", gw); err != nil {
+		t.Fatal(err)
+	}
+	g1 := env.AddGuest(t, "banger0", "bgt-g1", mustPrefix("172.30.0.2/24"), gw.Addr())
+	g2 := env.AddGuest(t, "banger0", "bgt-g2", mustPrefix("172.30.0.3/24"), gw.Addr())
+	spoofer := env.AddGuest(t, "banger0", "bgt-g3", mustPrefix("172.30.0.4/24"), gw.Addr())
+	nat, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String(), AllowDNS: true})
+	if err != nil {
+		t.Fatalf("ensure_nat: %v\n%s", err, h.logs.String())
+	}
+	if nat.DNS != "172.30.0.1:53" {
+		t.Errorf("ensure_nat reports DNS %q, want 172.30.0.1:53", nat.DNS)
+	}
+	registerGuests(t, env, owner, g1, g2, spoofer)
+	if v, _ := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); v != "1" {
+		t.Fatalf("ip_forward %q after ensure_nat", v)
+	}
+	if n := countMarked(t, env); n != 2 {
+		t.Errorf("%d banger rules in Docker's ip filter, want 2", n)
+	}
+
+	// Egress: the public address through NAT (with Docker's drop present),
+	// the allowed range, and nothing else.
+	if line, err := nettest.Dial(ctx, g1.NS, internet, 5*time.Second); err != nil || line != "hello "+env.HostAddr.Addr().String() {
+		t.Fatalf("guest → public %s: %q %v (want NAT through the Docker-style FORWARD drop)", internet, line, err)
+	}
+	if line, err := nettest.Dial(ctx, g1.NS, svc[allowed], 5*time.Second); err != nil || line != "hello" {
+		t.Errorf("guest → %s (opened by --allow-cidr): %q %v", allowed, line, err)
+	}
+	for name, a := range blocked {
+		if line, err := nettest.Dial(ctx, g1.NS, svc[a], time.Second); err == nil {
+			t.Errorf("guest → %s %s: connected (%q), want blocked", name, a, line)
+		}
+	}
+
+	// DNS: the gateway answers (UDP and TCP) with what the host's 127.0.0.53
+	// resolver says.
+	for _, tcp := range []bool{false, true} {
+		got, err := resolveIn(g1.NS, netip.AddrPortFrom(gw.Addr(), 53), "vm.example", tcp)
+		if err != nil || got != answer {
+			t.Errorf("guest resolves vm.example via the gateway (tcp=%v): %s %v; want %s", tcp, got, err, answer)
+		}
+	}
+	if stubHits() == 0 {
+		t.Errorf("the 127.0.0.53 stub saw no query")
+	}
+	// The forwarder does not relay junk.
+	if _, err := resolveIn(g1.NS, netip.AddrPortFrom(gw.Addr(), 53), strings.Repeat("a.", 3000)+"x", false); err == nil {
+		t.Errorf("an oversized query got an answer")
+	}
+
+	// IPv6: a control first — with banger's tables gone for a moment the
+	// guest reaches the host over IPv6 — then nothing.
+	h6 := nettest.Listen(t, env.Host, netip.MustParseAddrPort("[::]:0"))
+	addV6(t, env.Host, "banger0", "fd42::1/64")
+	addV6(t, g1.NS, "eth0", "fd42::2/64")
+	v6 := netip.AddrPortFrom(netip.MustParseAddr("fd42::1"), h6.Port())
+	if err := env.Do(func() error { _, err := netcfg.RemoveNAT(hostnet.NATTable, "banger0"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := nettest.Dial(ctx, g1.NS, v6, 5*time.Second); err != nil || line != "hello" {
+		t.Fatalf("control: guest → host over IPv6 without banger's tables: %q %v", line, err)
+	}
+	if _, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String(), AllowDNS: true}); err != nil {
+		t.Fatal(err)
+	}
+	registerGuests(t, env, owner, g1, g2, spoofer)
+	if line, err := nettest.Dial(ctx, g1.NS, v6, time.Second); err == nil {
+		t.Errorf("guest → host over IPv6: connected (%q), want dropped", line)
+	}
+
+	// Only the owner (and root) open connections to a guest.
+	g2Svc := nettest.Listen(t, g2.NS, netip.MustParseAddrPort("172.30.0.3:0"))
+	for _, tc := range []struct {
+		uid  uint32
+		want bool
+	}{{owner, true}, {0, true}, {allowedUID, false}, {owner + 1, false}} {
+		line, err := dialAs(t, env, tc.uid, g2Svc)
+		if got := err == nil && line == "hello"; got != tc.want {
+			t.Errorf("uid %d → guest %s: %q %v; want reached=%v", tc.uid, g2Svc, line, err, tc.want)
+		}
+	}
+
+	// Spoofing: the third guest reaches the internet as itself (control),
+	// then takes g2's MAC and IP and gets nothing through.
+	if line, err := nettest.Dial(ctx, spoofer.NS, internet, 5*time.Second); err != nil || !strings.HasPrefix(line, "hello") {
+		t.Fatalf("control: spoofer → internet as itself: %q %v", line, err)
+	}
+	setGuestAddr(t, spoofer, g2.Addr, g2.MAC, gw.Addr())
+	if line, err := nettest.Dial(ctx, spoofer.NS, internet, 2*time.Second); err == nil {
+		t.Errorf("guest with another guest's MAC and IP → internet: connected (%q)", line)
+	}
+	if _, err := resolveIn(spoofer.NS, netip.AddrPortFrom(gw.Addr(), 53), "vm.example", false); err == nil {
+		t.Errorf("guest with another guest's MAC and IP got a DNS answer")
+	}
+	setGuestAddr(t, spoofer, g2.Addr, nil, gw.Addr())
+	spoofer.MAC = nil
+	if line, err := nettest.Dial(ctx, spoofer.NS, internet, 2*time.Second); err == nil {
+		t.Errorf("guest with another guest's IP → internet: connected (%q)", line)
+	}
+	// The real g2 is still the one the host reaches (no ARP poisoning).
+	if line, err := nettest.Dial(ctx, env.Host, g2Svc, 5*time.Second); err != nil || line != "hello" {
+		t.Errorf("host → real g2 after the spoofing attempts: %q %v", line, err)
+	}
+	if line, err := nettest.Dial(ctx, g2.NS, internet, 5*time.Second); err != nil || !strings.HasPrefix(line, "hello") {
+		t.Errorf("real g2 → internet after the spoofing attempts: %q %v", line, err)
+	}
+
+	// Forwarding that banger turned on routes nothing else: the outside
+	// cannot use the host as a router towards a LAN behind it.
+	lan := addLAN(t, env, "lan0", "10.99.0.1/24", "10.99.0.2/24")
+	lanSvc := nettest.Listen(t, lan, netip.MustParseAddrPort("10.99.0.2:0"))
+	if err := nettest.DoIn(env.Outside, func() error {
+		_, dst, _ := net.ParseCIDR("10.99.0.0/24")
+		return netlink.RouteAdd(&netlink.Route{Dst: dst, Gw: env.HostAddr.Addr().AsSlice()})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := nettest.Dial(ctx, env.Host, lanSvc, 3*time.Second); err != nil || line != "hello" {
+		t.Fatalf("control: host → LAN service: %q %v", line, err)
+	}
+	if line, err := nettest.Dial(ctx, env.Outside, lanSvc, time.Second); err == nil {
+		t.Errorf("outside → LAN through the host: connected (%q), want dropped (banger turned forwarding on)", line)
+	}
+
+	// remove_nat: tables, Docker rules and forwarding back as they were.
+	if _, err := c.RemoveNAT(ctx, "banger0"); err != nil {
+		t.Fatal(err)
+	}
+	if n := countMarked(t, env); n != 0 {
+		t.Errorf("%d banger rules left in ip filter after remove_nat", n)
+	}
+	if v, _ := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); v != "0" {
+		t.Errorf("ip_forward %q after remove_nat, want 0 (banger turned it on)", v)
+	}
+	var d string
+	env.Do(func() (err error) { d, err = netcfg.DumpRuleset(); return err })
+	if strings.Contains(d, "banger") {
+		t.Errorf("banger's tables left after remove_nat:\n%s", d)
+	}
+}
+
+func mapValues(m map[string]netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, v := range m {
+		out = append(out, v)
+	}
+	return out
+}
+
+// addV6 puts an IPv6 address (no duplicate address detection) on iface in ns.
+func addV6(t *testing.T, ns netns.NsHandle, iface, cidr string) {
+	t.Helper()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(iface)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := netlink.ParseAddr(cidr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Flags = unix.IFA_F_NODAD
+	if err := h.AddrAdd(l, a); err != nil {
+		t.Fatalf("add %s to %s: %v", cidr, iface, err)
+	}
+}
+
+// addLAN creates a namespace behind a veth "iface" of the host namespace
+// (hostAddr on the host side, lanAddr inside, default route back through
+// the host): another network the host is attached to. Removed at test end.
+func addLAN(t *testing.T, env *nettest.Env, iface, hostAddr, lanAddr string) netns.NsHandle {
+	t.Helper()
+	ch := make(chan netns.NsHandle, 1)
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread changes namespace
+		h, err := netns.New()
+		ch <- h
+		errc <- err
+	}()
+	ns := <-ch
+	if err := <-errc; err != nil {
+		t.Fatalf("create LAN namespace: %v", err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	hh, err := netlink.NewHandleAt(env.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hh.Close()
+	lh, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lh.Close()
+	if err := hh.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: iface}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(ns))}); err != nil {
+		t.Fatalf("create LAN veth: %v", err)
+	}
+	t.Cleanup(func() {
+		if l, err := hh.LinkByName(iface); err == nil {
+			hh.LinkDel(l)
+		}
+	})
+	for _, x := range []struct {
+		h    *netlink.Handle
+		name string
+		addr string
+	}{{hh, iface, hostAddr}, {lh, "eth0", lanAddr}, {lh, "lo", ""}} {
+		l, err := x.h.LinkByName(x.name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if x.addr != "" {
+			a, _ := netlink.ParseAddr(x.addr)
+			if err := x.h.AddrAdd(l, a); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := x.h.LinkSetUp(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eth, _ := lh.LinkByName("eth0")
+	gw, _ := netlink.ParseAddr(hostAddr)
+	if err := lh.RouteAdd(&netlink.Route{Gw: gw.IP, LinkIndex: eth.Attrs().Index}); err != nil {
+		t.Fatalf("LAN default route: %v", err)
+	}
+	return ns
+}
