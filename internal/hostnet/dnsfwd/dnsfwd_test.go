@@ -1,0 +1,211 @@
+package dnsfwd
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func q(id uint16, flags byte, qd, an uint16) []byte {
+	b := make([]byte, 12, 64)
+	binary.BigEndian.PutUint16(b, id)
+	b[2] = flags
+	binary.BigEndian.PutUint16(b[4:], qd)
+	binary.BigEndian.PutUint16(b[6:], an)
+	return append(b, 1, 'a', 0, 0, 1, 0, 1)
+}
+
+func TestValidQuery(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want bool
+	}{
+		{"standard query", q(1, 0x01, 1, 0), true},
+		{"short", []byte{1, 2, 3}, false},
+		{"a response", q(1, 0x81, 1, 0), false},
+		{"opcode notify", q(1, 4<<3, 1, 0), false},
+		{"no question", q(1, 0x01, 0, 0), false},
+		{"two questions", q(1, 0x01, 2, 0), false},
+		{"with answers", q(1, 0x01, 1, 1), false},
+		{"oversized", append(q(1, 0x01, 1, 0), make([]byte, MaxQuery)...), false},
+	} {
+		if got := ValidQuery(tc.b); got != tc.want {
+			t.Errorf("%s: ValidQuery = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func FuzzValidQuery(f *testing.F) {
+	f.Add(q(1, 0x01, 1, 0))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if ValidQuery(b) && (len(b) < 12 || len(b) > MaxQuery || b[2]&0x80 != 0) {
+			t.Fatalf("accepted %x", b)
+		}
+		// The reply builder never panics on a valid query.
+		if ValidQuery(b) {
+			if r := servfail(b); len(r) != 12 || r[0] != b[0] || r[1] != b[1] || r[3]&0x0f != 2 {
+				t.Fatalf("servfail %x for %x", r, b)
+			}
+		}
+	})
+}
+
+func TestParseResolvConf(t *testing.T) {
+	self := netip.MustParseAddr("172.30.0.1")
+	got := ParseResolvConf("# c\nsearch x\nnameserver 127.0.0.53\nnameserver 172.30.0.1\nnameserver 0.0.0.0\nnameserver bogus\nnameserver ::1\nnameserver 9.9.9.9\nnameserver 1.1.1.1\n", self)
+	want := []string{"127.0.0.53:53", "[::1]:53", "9.9.9.9:53"}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i].String() != want[i] {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	}
+}
+
+func TestLimiter(t *testing.T) {
+	l := newLimiter(10, 5, 2)
+	a := netip.MustParseAddr("172.30.0.2")
+	now := time.Unix(1000, 0)
+	n := 0
+	for range 100 {
+		if l.allow(a, now) {
+			n++
+		}
+	}
+	if n != 5 {
+		t.Fatalf("burst allowed %d, want 5", n)
+	}
+	if !l.allow(a, now.Add(200*time.Millisecond)) {
+		t.Fatal("no token after 200ms at 10/s")
+	}
+	// The table stays bounded.
+	for i := range 10 {
+		l.allow(netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), now)
+	}
+	if len(l.m) > 2 {
+		t.Fatalf("limiter holds %d sources, cap 2", len(l.m))
+	}
+}
+
+// TestForwarderRelays runs the forwarder on loopback in front of a fake
+// upstream and checks relaying, SERVFAIL without upstreams, the client
+// range and the rate limit.
+func TestForwarderRelays(t *testing.T) {
+	up, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := up.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			r := append([]byte(nil), buf[:n]...)
+			r[2] |= 0x80
+			up.WriteToUDP(r, from)
+		}
+	}()
+	dir := t.TempDir()
+	rc := filepath.Join(dir, "resolv.conf")
+	os.WriteFile(rc, []byte("nameserver 127.0.0.1\n"), 0o644)
+	// Port 53 needs privileges: find a free port for the test.
+	probe, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := probe.LocalAddr().(*net.UDPAddr).Port
+	probe.Close()
+	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: port, Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: rc})
+	if err != nil {
+		t.Skipf("cannot listen on 127.0.0.1:%d: %v", port, err)
+	}
+	defer f.Close()
+	// The fake upstream listens on its own port, not 53: point the
+	// forwarder at it directly.
+	f.ups.mu.Lock()
+	f.ups.list = []netip.AddrPort{up.LocalAddr().(*net.UDPAddr).AddrPort()}
+	f.ups.checked = time.Now().Add(time.Hour)
+	f.ups.mu.Unlock()
+
+	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(f.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ask := func(b []byte) ([]byte, error) {
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Write(b); err != nil {
+			return nil, err
+		}
+		buf := make([]byte, 1500)
+		n, err := c.Read(buf)
+		return buf[:n], err
+	}
+	r, err := ask(q(7, 0x01, 1, 0))
+	if err != nil || len(r) < 12 || r[1] != 7 || r[2]&0x80 == 0 {
+		t.Fatalf("relayed query: %x %v", r, err)
+	}
+	if _, err := ask(q(8, 0x81, 1, 0)); err == nil {
+		t.Fatal("a response sent as a query was answered")
+	}
+	// Upstreams gone: SERVFAIL.
+	f.ups.mu.Lock()
+	f.ups.list = nil
+	f.ups.mu.Unlock()
+	r, err = ask(q(9, 0x01, 1, 0))
+	if err != nil || r[3]&0x0f != 2 {
+		t.Fatalf("no upstream: %x %v, want SERVFAIL", r, err)
+	}
+	// Rate limit: of a flood, at most the burst (plus refill) is answered.
+	answered := 0
+	for i := range 3 * Burst {
+		c.Write(q(uint16(i), 0x01, 1, 0))
+	}
+	buf := make([]byte, 1500)
+	for {
+		c.SetDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, err := c.Read(buf); err != nil {
+			break
+		}
+		answered++
+	}
+	if answered > Burst+Rate {
+		t.Fatalf("%d of %d flooded queries answered, want at most %d", answered, 3*Burst, Burst+Rate)
+	}
+	t.Logf("flood of %d queries: %d answered", 3*Burst, answered)
+}
+
+func TestClientsOutsideRangeIgnored(t *testing.T) {
+	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: freePort(t), Clients: netip.MustParsePrefix("172.30.0.0/24"), ResolvConf: "/nonexistent"})
+	if err != nil {
+		t.Skip(err)
+	}
+	defer f.Close()
+	c, _ := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(f.Addr()))
+	defer c.Close()
+	c.Write(q(1, 0x01, 1, 0))
+	c.SetDeadline(time.Now().Add(500 * time.Millisecond))
+	if _, err := c.Read(make([]byte, 100)); err == nil {
+		t.Fatal("a source outside the client range got an answer")
+	}
+}
+
+func freePort(t *testing.T) int {
+	p, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	return p.LocalAddr().(*net.UDPAddr).Port
+}
