@@ -47,7 +47,7 @@ func (a *App) sshTo(ctx context.Context, vm string) (*ssh.Client, error) {
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	cc, chans, reqs, err := ssh.NewClientConn(conn, res.VM, &ssh.ClientConfig{
 		User: res.User, Auth: []ssh.AuthMethod{ssh.PublicKeys(uk.Signer)}, HostKeyCallback: ssh.FixedHostKey(hk),
-		Config: ssh.Config{Ciphers: guest.Ciphers()},
+		Config: guest.SSHConfig(), HostKeyAlgorithms: []string{hk.Type()},
 	})
 	if err != nil {
 		conn.Close()

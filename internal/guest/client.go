@@ -84,7 +84,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 			HostKeyCallback:   ssh.FixedHostKey(cfg.HostKey),
 			HostKeyAlgorithms: []string{cfg.HostKey.Type()},
 			ClientVersion:     "SSH-2.0-bangerd",
-			Config:            ssh.Config{Ciphers: Ciphers()},
+			Config:            SSHConfig(),
 		},
 		lock: make(chan struct{}, 1),
 	}, nil

@@ -8,8 +8,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/api"
 )
 
 // HostKey is a VM's SSH host key: the private half goes into the boot config
@@ -145,15 +148,13 @@ func loadSigner(path string, b []byte) (ssh.Signer, error) {
 	return s, nil
 }
 
-// Ciphers is the cipher preference of banger's SSH clients: chacha20-poly1305
-// first (OpenSSH's default order). Guests under emulation run it 2-3x faster
-// than AES-GCM, which has no hardware help there.
-func Ciphers() []string {
-	out := []string{ssh.CipherChaCha20Poly1305}
-	for _, c := range ssh.SupportedAlgorithms().Ciphers {
-		if c != ssh.CipherChaCha20Poly1305 {
-			out = append(out, c)
-		}
+// SSHConfig is the algorithm configuration of banger's SSH clients: the
+// modern set the agent offers (api.SSHKeyExchanges and friends), nothing
+// older.
+func SSHConfig() ssh.Config {
+	return ssh.Config{
+		KeyExchanges: slices.Clone(api.SSHKeyExchanges),
+		Ciphers:      slices.Clone(api.SSHCiphers),
+		MACs:         slices.Clone(api.SSHMACs),
 	}
-	return out
 }

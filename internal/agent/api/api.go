@@ -27,6 +27,26 @@ const (
 	RequestWorkDir = "banger-workdir@banger"
 )
 
+// The SSH algorithms the agent's server offers and banger's clients ask
+// for: the set OpenSSH itself prefers, nothing older. No SHA-1 key
+// exchange or MAC, no NIST curves, no encrypt-and-MAC MACs, no CTR or CBC
+// ciphers. (The MACs only matter to a client that refuses every AEAD
+// cipher; they are listed so that such a client gets an -etm one.)
+var (
+	// SSHKeyExchanges: hybrid post-quantum ML-KEM + X25519 first, then
+	// X25519 (x/crypto adds its curve25519-sha256@libssh.org alias).
+	SSHKeyExchanges = []string{"mlkem768x25519-sha256", "curve25519-sha256"}
+	// SSHCiphers: chacha20-poly1305 first (OpenSSH's default order; guests
+	// under emulation run it 2-3x faster than AES-GCM), then AES-GCM.
+	SSHCiphers = []string{"chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com"}
+	// SSHMACs: encrypt-then-MAC only.
+	SSHMACs = []string{"hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"}
+	// SSHHostKeyAlgorithms: host keys are ed25519, made by bangerd.
+	SSHHostKeyAlgorithms = []string{"ssh-ed25519"}
+	// SSHPublicKeyAuthAlgorithms: user keys are banger's ed25519 key.
+	SSHPublicKeyAuthAlgorithms = []string{"ssh-ed25519"}
+)
+
 // Defaults both sides use unless configured otherwise.
 const (
 	// DefaultVsockPort is the vsock port the agent listens on.

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -101,6 +102,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.HostKey == nil {
 		return nil, errors.New("ssh server: no host key")
 	}
+	if t := cfg.HostKey.PublicKey().Type(); !slices.Contains(api.SSHHostKeyAlgorithms, t) {
+		return nil, fmt.Errorf("ssh server: host key type %s; banger's host keys are %v", t, api.SSHHostKeyAlgorithms)
+	}
 	if len(cfg.AuthorizedKeys) == 0 {
 		return nil, errors.New("ssh server: no authorized keys; nobody could log in")
 	}
@@ -137,8 +141,14 @@ func New(cfg Config) (*Server, error) {
 		allowed[string(k.Marshal())] = true
 	}
 	s.sshCfg = &ssh.ServerConfig{
-		ServerVersion: "SSH-2.0-banger-agent",
-		MaxAuthTries:  10,
+		Config: ssh.Config{
+			KeyExchanges: api.SSHKeyExchanges,
+			Ciphers:      api.SSHCiphers,
+			MACs:         api.SSHMACs,
+		},
+		PublicKeyAuthAlgorithms: api.SSHPublicKeyAuthAlgorithms,
+		ServerVersion:           "SSH-2.0-banger-agent",
+		MaxAuthTries:            10,
 		PublicKeyCallback: func(meta ssh.ConnMetadata, key ssh.PublicKey) (*ssh.Permissions, error) {
 			if allowed[string(key.Marshal())] {
 				return &ssh.Permissions{Extensions: map[string]string{"pubkey-fp": ssh.FingerprintSHA256(key)}}, nil
