@@ -4,8 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
+	"strconv"
+	"strings"
 	"time"
+
+	"github.com/bangerdev/banger/internal/image"
 )
 
 // FileConfig is the user's config.json. Every field is optional.
@@ -20,6 +25,41 @@ type FileConfig struct {
 	BootTimeout string `json:"boot_timeout,omitempty"`
 	// Network configures host networking through banger-helper.
 	Network NetworkConfig `json:"network,omitempty"`
+	// Images bounds what one image may unpack to.
+	Images ImagesConfig `json:"images,omitempty"`
+}
+
+// ImagesConfig bounds image pull/import/build: layers are hostile, and these
+// stop one from filling the disk or bangerd's memory.
+type ImagesConfig struct {
+	// MaxUnpackedSize bounds the uncompressed bytes of one image's layers
+	// together, e.g. "64GiB" (the default); units B, KiB, MiB, GiB, TiB.
+	MaxUnpackedSize string `json:"max_unpacked_size,omitempty"`
+	// MaxEntries bounds the files, directories and links of one image's
+	// layers together (default 1000000).
+	MaxEntries int `json:"max_entries,omitempty"`
+}
+
+// imageLimits is the config's limits for the image builder (zero = default).
+func (c FileConfig) imageLimits() image.Limits {
+	n, _ := parseSize(c.Images.MaxUnpackedSize)
+	return image.Limits{MaxBytes: n, MaxEntries: c.Images.MaxEntries}
+}
+
+// parseSize reads "123", "64GiB", "512 MiB" ("" = 0).
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, nil
+	}
+	num := strings.TrimRight(s, "BKMGTi ")
+	unit := strings.TrimSpace(s[len(num):])
+	shift, ok := map[string]uint{"": 0, "B": 0, "KiB": 10, "MiB": 20, "GiB": 30, "TiB": 40}[unit]
+	n, err := strconv.ParseInt(num, 10, 64)
+	if !ok || err != nil || n <= 0 || n > math.MaxInt64>>shift {
+		return 0, fmt.Errorf("%q is not a size; write e.g. 64GiB (units B, KiB, MiB, GiB, TiB)", s)
+	}
+	return n << shift, nil
 }
 
 // NetworkConfig configures VM networking.
@@ -50,6 +90,12 @@ func loadFileConfig(path string) (FileConfig, error) {
 	case "", "auto", "qemu", "firecracker":
 	default:
 		return c, fmt.Errorf("config %s: vmm must be auto, qemu or firecracker, not %q", path, c.VMM)
+	}
+	if _, err := parseSize(c.Images.MaxUnpackedSize); err != nil {
+		return c, fmt.Errorf("config %s: images.max_unpacked_size: %w", path, err)
+	}
+	if c.Images.MaxEntries < 0 {
+		return c, fmt.Errorf("config %s: images.max_entries must be positive", path)
 	}
 	if c.BootTimeout != "" {
 		if _, err := time.ParseDuration(c.BootTimeout); err != nil {

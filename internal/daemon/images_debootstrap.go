@@ -58,7 +58,7 @@ func (d *Daemon) buildDebootstrap(ctx context.Context, p api.ImageOpParams, op *
 		err = werr
 	}
 	if err != nil {
-		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "build the Debian image's filesystem: %v", err)
+		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "build the Debian image's filesystem: %v%s", err, d.imageLimitHint(err))
 	}
 	cfg, _ := json.Marshal(image.Config{Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}})
 	sum, _ := fileDigest(built)

@@ -3,6 +3,8 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -178,7 +180,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 	activeTemps.Store(work, struct{}{})
 	defer activeTemps.Delete(work)
 	defer os.RemoveAll(work)
-	opts := image.BuildOptions{HeadroomMiB: p.HeadroomMiB}
+	opts := image.BuildOptions{HeadroomMiB: p.HeadroomMiB, Limits: d.fileCfg.imageLimits()}
 
 	var (
 		img    v1.Image
@@ -260,7 +262,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 		}
 		res, err = image.Flatten(ctx, img, cache, work, built, opts, op.progress)
 		if err != nil {
-			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "build the image's filesystem: %v", err)
+			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "build the image's filesystem: %v%s", err, d.imageLimitHint(err))
 		}
 		os.RemoveAll(filepath.Join(work, "stage"))
 		d.log.InfoContext(ctx, "image filesystem built", "image", name, "inodes", res.Inodes, "content_bytes", res.ContentBytes,
@@ -320,6 +322,14 @@ var activeTemps sync.Map // ".tmp-<id>" -> struct{}
 func (d *Daemon) tempInUse(name string) bool {
 	_, ok := activeTemps.Load(filepath.Join(d.cfg.Layout.ImagesDir(), name))
 	return ok
+}
+
+// imageLimitHint says where a limit the image hit is configured.
+func (d *Daemon) imageLimitHint(err error) string {
+	if !errors.Is(err, image.ErrLimit) {
+		return ""
+	}
+	return fmt.Sprintf(" (if you trust this image, raise images.max_unpacked_size or images.max_entries in %s and restart bangerd)", d.cfg.Layout.ConfigFile())
 }
 
 func imageNameFromRef(ref string) string {

@@ -23,6 +23,8 @@ type BuildOptions struct {
 	Label string
 	// SourceBytes is the expected size of local layer data, for progress.
 	SourceBytes int64
+	// Limits bound what the layers may unpack to (Flatten, FromTar).
+	Limits Limits
 }
 
 // BuildResult describes a built filesystem.
@@ -69,6 +71,10 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 	nInodes := inodes + inodes/10 + 256
 	size := blocks*blockSize*11/10 + int64(nInodes)*256 + 16<<20 + int64(opts.HeadroomMiB)<<20
 	size = (size + 1<<20 - 1) &^ (1<<20 - 1)
+	// The file is sparse: it takes about the content plus the inode tables.
+	if err := t.checkSpace(blocks*blockSize+int64(nInodes)*256, "the image's filesystem"); err != nil {
+		return nil, err
+	}
 	start := time.Now()
 	for attempt := 0; ; attempt++ {
 		os.Remove(out)

@@ -400,6 +400,7 @@ func Flatten(ctx context.Context, img v1.Image, cache *BlobCache, work, out stri
 	if err != nil {
 		return nil, err
 	}
+	tree.Limits = opts.Limits
 	var done int64
 	for i, l := range layers {
 		var rc io.ReadCloser
@@ -475,6 +476,7 @@ func FromTar(ctx context.Context, r io.Reader, work, out string, opts BuildOptio
 	if err != nil {
 		return nil, err
 	}
+	tree.Limits = opts.Limits
 	if err := tree.ApplyLayer(ctxReader{ctx, r}); err != nil {
 		return nil, err
 	}

@@ -72,7 +72,16 @@ type Tree struct {
 	// Stats
 	Files, Dirs, Symlinks, Devices, Fifos, HardLinks int
 	Bytes                                            int64
-	Skipped                                          []string // entries that cannot be represented (sockets)
+	Skipped                                          []string // (the first 100) entries that cannot be represented (sockets)
+
+	// Limits bound what the layers may unpack to (set before ApplyLayer).
+	Limits Limits
+	// freeSpace reports free bytes on the disk holding a directory (a test
+	// seam; nil = statfs).
+	freeSpace                            func(dir string) (int64, error)
+	maxMeta                              int64 // test seam; 0 = maxMetaBytes
+	entries                              int
+	streamBytes, contentBytes, metaBytes int64
 }
 
 // NewTree starts an empty tree whose staged contents go to dir (created, must
@@ -152,6 +161,12 @@ func (t *Tree) resolveDir(rel string, create bool, hops int) (string, *inode, er
 			if p := path.Join(curPath, c); len(p)+1 > maxPathLen {
 				return "", nil, fmt.Errorf("%w: path /%.64s… is longer than %d bytes", ErrUnsafePath, p, maxPathLen)
 			}
+			if err := t.addEntry(); err != nil {
+				return "", nil, err
+			}
+			if err := t.addMeta(len(c)); err != nil {
+				return "", nil, err
+			}
 			n := &inode{kind: kindDir, mode: 0o755, children: map[string]*dirent{}, mtime: time.Unix(0, 0)}
 			if err := os.Mkdir(t.stagePath(path.Join(curPath, c)), 0o700); err != nil {
 				return "", nil, fmt.Errorf("stage directory: %w", err)
@@ -201,7 +216,7 @@ func (t *Tree) remove(parent *inode, parentPath, name string) error {
 // ApplyLayer applies one uncompressed layer tar stream on top of the tree.
 func (t *Tree) ApplyLayer(r io.Reader) error {
 	t.layer++
-	tr := tar.NewReader(r)
+	tr := tar.NewReader(streamLimit{r: r, t: t})
 	buf := make([]byte, 1<<20)
 	for {
 		hdr, err := tr.Next()
@@ -210,6 +225,9 @@ func (t *Tree) ApplyLayer(r io.Reader) error {
 		}
 		if err != nil {
 			return fmt.Errorf("read layer %d: %w", t.layer, err)
+		}
+		if err := t.addEntry(); err != nil {
+			return fmt.Errorf("layer %d: %w", t.layer, err)
 		}
 		if err := t.applyEntry(hdr, tr, buf); err != nil {
 			return fmt.Errorf("layer %d: %s: %w", t.layer, displayName(hdr.Name), err)
@@ -233,6 +251,16 @@ func displayName(s string) string {
 func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	rel, err := cleanName(hdr.Name)
 	if err != nil {
+		return err
+	}
+	// What the tree keeps of this entry: its name, link target and xattrs.
+	meta := len(path.Base(rel)) + len(hdr.Linkname)
+	for k, v := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "SCHILY.xattr.") {
+			meta += len(k) + len(v)
+		}
+	}
+	if err := t.addMeta(meta); err != nil {
 		return err
 	}
 	switch hdr.Typeflag {
@@ -324,6 +352,9 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 	case tar.TypeReg, tar.TypeGNUSparse: // the reader maps the old TypeRegA to TypeReg
 		n.kind = kindReg
 		n.size = hdr.Size
+		if err := t.addContent(full, hdr.Size); err != nil {
+			return err
+		}
 		if err := writeSparse(sp, r, buf); err != nil {
 			return err
 		}
@@ -359,7 +390,9 @@ func (t *Tree) applyEntry(hdr *tar.Header, r io.Reader, buf []byte) error {
 		n.kind = kindFifo
 		t.Fifos++
 	default:
-		t.Skipped = append(t.Skipped, "/"+full)
+		if len(t.Skipped) < 100 {
+			t.Skipped = append(t.Skipped, "/"+full)
+		}
 		return nil
 	}
 	parent.children[base] = &dirent{ino: n, layer: t.layer}
