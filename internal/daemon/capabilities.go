@@ -32,8 +32,10 @@ type startPrereq interface {
 	StartPrereq(ctx context.Context, env *startEnv) error
 }
 
-// hostPreparer makes host resources (disks, taps). It returns an undo that
-// releases them if a later stage fails.
+// hostPreparer makes host resources (disks, taps). It returns the undo that
+// releases them; the start pipeline registers it on the runtime's cleanup, so
+// it runs once when the runtime ends for any reason (failed start, stop,
+// VMM crash, delete).
 type hostPreparer interface {
 	PrepareHost(ctx context.Context, env *startEnv) (undo func(context.Context) error, err error)
 }
@@ -48,20 +50,11 @@ type machineConfigContributor interface {
 	ContributeMachineConfig(ctx context.Context, env *startEnv) error
 }
 
-// postStarter runs once the guest agent answers.
-type postStarter interface {
-	PostStart(ctx context.Context, env *startEnv) error
-}
-
-// stateCleaner releases per-boot resources once the VM has stopped (for any
-// reason, including a VMM crash or a bangerd restart that found it gone).
+// stateCleaner releases the per-boot resources a VM record names, for a VM
+// whose runtime this bangerd does not hold (a bangerd restart found its VMM
+// gone, or adopted it): it rebuilds the undo of hostPreparer from the record.
 type stateCleaner interface {
 	CleanupState(ctx context.Context, vm *store.VM) error
-}
-
-// deleter releases what a VM owns for good, at delete.
-type deleter interface {
-	DeleteVM(ctx context.Context, vm *store.VM) error
 }
 
 // configChanger validates and applies `vm set` changes; running says whether

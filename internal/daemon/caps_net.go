@@ -19,7 +19,7 @@ import (
 // a tap per VM owned by the user, an address from banger's subnet (kept in
 // the VM record), and the guest's static configuration via the boot config.
 type netCap struct {
-	d      *Daemon
+	addrs  addrStore
 	log    *slog.Logger
 	client *hostnet.Client
 	mode   string // auto, helper, none
@@ -35,8 +35,15 @@ type netCap struct {
 	disabled map[string]bool
 }
 
-func newNetCap(d *Daemon, cfg NetworkConfig) (*netCap, error) {
-	c := &netCap{d: d, log: d.log, client: hostnet.NewClient(), mode: cfg.Mode, dns: cfg.DNS, disabled: map[string]bool{}}
+// addrStore is what the network capability needs of the store: the
+// addresses in use, and recording a VM's new address.
+type addrStore interface {
+	UsedIPs(ctx context.Context) (map[string]bool, error)
+	UpdateVM(ctx context.Context, v *store.VM) error
+}
+
+func newNetCap(st addrStore, log *slog.Logger, cfg NetworkConfig) (*netCap, error) {
+	c := &netCap{addrs: st, log: log, client: hostnet.NewClient(), mode: cfg.Mode, dns: cfg.DNS, disabled: map[string]bool{}}
 	if c.mode == "" {
 		c.mode = "auto"
 	}
@@ -141,7 +148,7 @@ func (c *netCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.C
 func (c *netCap) allocate(ctx context.Context, vm *store.VM, subnet netip.Prefix) error {
 	c.allocMu.Lock()
 	defer c.allocMu.Unlock()
-	used, err := c.d.store.UsedIPs(ctx)
+	used, err := c.addrs.UsedIPs(ctx)
 	if err != nil {
 		return err
 	}
@@ -156,7 +163,7 @@ func (c *netCap) allocate(ctx context.Context, vm *store.VM, subnet netip.Prefix
 		return err
 	}
 	vm.IP = a.String()
-	if err := c.d.store.UpdateVM(context.WithoutCancel(ctx), vm); err != nil {
+	if err := c.addrs.UpdateVM(context.WithoutCancel(ctx), vm); err != nil {
 		vm.IP = ""
 		return fmt.Errorf("record address %s: %w", a, err)
 	}

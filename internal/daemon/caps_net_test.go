@@ -22,8 +22,7 @@ func TestConcurrentAddressAllocationIsUnique(t *testing.T) {
 	defer st.Close()
 	st.CreateImage(ctx, &store.Image{ID: "i", Name: "i", RootfsPath: "/x"})
 	st.CreateKernel(ctx, &store.Kernel{ID: "k", Name: "k", VmlinuxPath: "/v"})
-	d := &Daemon{store: st, log: logging.Discard()}
-	c, err := newNetCap(d, NetworkConfig{})
+	c, err := newNetCap(st, logging.Discard(), NetworkConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

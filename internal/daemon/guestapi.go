@@ -38,7 +38,7 @@ func (s *vmService) registerGuestAPI(m *rpc.Mux) {
 
 // runningAgent resolves ref to a running VM and its agent connection.
 func (s *vmService) runningAgent(ctx context.Context, ref string) (*store.VM, *runtime, guestAgent, error) {
-	vm, err := s.d.store.FindVM(ctx, ref)
+	vm, err := s.store.FindVM(ctx, ref)
 	if err != nil {
 		return nil, nil, nil, storeErr(err)
 	}
@@ -86,7 +86,7 @@ func sortPorts(ps []api.Port) {
 }
 
 func (s *vmService) stats(ctx context.Context, p api.StatsParams) (api.StatsResult, error) {
-	vm, err := s.d.store.FindVM(ctx, p.VM)
+	vm, err := s.store.FindVM(ctx, p.VM)
 	if err != nil {
 		return api.StatsResult{}, storeErr(err)
 	}
@@ -114,12 +114,12 @@ func (s *vmService) stats(ctx context.Context, p api.StatsParams) (api.StatsResu
 }
 
 func (s *vmService) sshConfig(ctx context.Context, p api.SSHConfigParams) (api.SSHConfigResult, error) {
-	keyPath := s.d.cfg.Layout.UserKey()
+	keyPath := s.layout.UserKey()
 	if _, err := guest.LoadOrCreateUserKey(keyPath); err != nil {
 		return api.SSHConfigResult{}, fmt.Errorf("user key: %w", err)
 	}
 	res := api.SSHConfigResult{User: "root", IdentityFile: keyPath, KnownHosts: s.knownHostsPath(), Hosts: []api.SSHHost{}}
-	vms, err := s.d.store.ListVMs(ctx)
+	vms, err := s.store.ListVMs(ctx)
 	if err != nil {
 		return res, storeErr(err)
 	}
@@ -127,7 +127,7 @@ func (s *vmService) sshConfig(ctx context.Context, p api.SSHConfigParams) (api.S
 		return res, err
 	}
 	if p.VM != "" {
-		vm, err := s.d.store.FindVM(ctx, p.VM)
+		vm, err := s.store.FindVM(ctx, p.VM)
 		if err != nil {
 			return res, storeErr(err)
 		}
@@ -146,7 +146,7 @@ func (s *vmService) sshConfig(ctx context.Context, p api.SSHConfigParams) (api.S
 }
 
 func (s *vmService) knownHostsPath() string {
-	return filepath.Join(filepath.Dir(s.d.cfg.Layout.UserKey()), "known_hosts")
+	return filepath.Join(filepath.Dir(s.layout.UserKey()), "known_hosts")
 }
 
 // ---- the stats poller ----
@@ -237,7 +237,7 @@ func (s *vmService) poller() *statsPoller {
 // refreshKnownHosts rewrites known_hosts from the VMs in the store (after a
 // start or a delete), so plain ssh sees a new VM at once.
 func (s *vmService) refreshKnownHosts(ctx context.Context) {
-	vms, err := s.d.store.ListVMs(context.WithoutCancel(ctx))
+	vms, err := s.store.ListVMs(context.WithoutCancel(ctx))
 	if err == nil {
 		err = s.poller().writeKnownHosts(vms)
 	}
@@ -246,15 +246,14 @@ func (s *vmService) refreshKnownHosts(ctx context.Context) {
 	}
 }
 
-// startStatsPoller starts sampling in the background; bangerd's shutdown
-// stops it (a closer is registered).
+// startStatsPoller starts sampling in the background; the caller stops it
+// with poller().stop at shutdown.
 func (s *vmService) startStatsPoller(ctx context.Context) {
 	sp := s.poller()
 	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	sp.cancel = cancel
 	sp.loopDone = make(chan struct{})
 	go sp.loop(ctx)
-	s.d.addCloser("stats poller", sp.stop)
 }
 
 func (sp *statsPoller) stop() error {
@@ -286,7 +285,7 @@ func (sp *statsPoller) loop(ctx context.Context) {
 // sample is still in flight), forgets VMs that stopped, and refreshes
 // known_hosts.
 func (sp *statsPoller) tick(ctx context.Context) {
-	vms, err := sp.s.d.store.ListVMs(ctx)
+	vms, err := sp.s.store.ListVMs(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			sp.log.WarnContext(ctx, "stats: list VMs", "error", err.Error())

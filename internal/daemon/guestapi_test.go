@@ -128,7 +128,7 @@ func TestSortPorts(t *testing.T) {
 func TestWriteKnownHosts(t *testing.T) {
 	dir := t.TempDir()
 	l := paths.Layout{ConfigDir: dir, DataDir: dir, RunDir: filepath.Join(dir, "run")}
-	s := &vmService{d: &Daemon{cfg: Config{Layout: l}}}
+	s := &vmService{layout: l}
 	sp := &statsPoller{s: s, hostKeys: map[string]string{}}
 	mk := func(id, key string) {
 		d := s.vmDir(id)

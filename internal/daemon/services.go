@@ -35,18 +35,20 @@ func (d *Daemon) initServices(ctx context.Context) error {
 			def = "firecracker"
 		}
 	}
-	nc, err := newNetCap(d, fc.Network)
+	nc, err := newNetCap(d.store, d.log, fc.Network)
 	if err != nil {
 		return err
 	}
 	d.vms = &vmService{
-		d: d, log: d.log, drivers: drivers, defDrv: def, net: nc,
+		store: d.store, locks: &d.locks, layout: d.cfg.Layout, artifacts: d, bootTimeout: fc.bootTimeout(),
+		log: d.log, drivers: drivers, defDrv: def, net: nc,
 		caps:     []capability{diskCap{}, keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
 	d.vms.reconcile(ctx)
 	d.vms.startStatsPoller(ctx)
+	d.addCloser("stats poller", d.vms.poller().stop)
 	return nil
 }
 
@@ -68,54 +70,105 @@ func (s *vmService) driver(name string) (vmm.Driver, error) {
 	return drv, nil
 }
 
-// reconcile runs at startup: it adopts VMs whose VMM still runs, marks the
-// others stopped and releases their resources, and undoes creates that a
-// previous bangerd did not finish. Nothing is leaked across restarts.
+// reconcile runs at startup and converges every VM to the truth:
+//   - a VMM found running for a record that says running is adopted;
+//   - a record left starting or stopping ends stopped (its VMM, if any, killed);
+//   - a record left creating is removed with everything it made;
+//   - a VMM of this home that no record claims (found by its command line in
+//     /proc, whether or not handles.json exists) is killed and its files removed;
+//   - taps of this user that no running VM owns are deleted.
+//
+// Nothing is leaked across restarts, whatever point the previous bangerd died at.
 func (s *vmService) reconcile(ctx context.Context) {
 	ctx = logging.WithOpID(ctx, logging.NewOpID())
-	vms, err := s.d.store.ListVMs(ctx)
+	vms, err := s.store.ListVMs(ctx)
 	if err != nil {
 		s.log.ErrorContext(ctx, "reconcile: list VMs", "error", err.Error())
 		return
 	}
+	known := map[string]bool{}
 	for _, vm := range vms {
+		known[vm.ID] = true
 		if vm.State == store.StateStopped {
 			continue
 		}
 		rt, err := s.adopt(ctx, vm)
 		switch {
-		case err == nil && vm.State != store.StateCreating:
-			vm.State = store.StateRunning
-			s.save(ctx, vm)
+		case err == nil && vm.State == store.StateRunning:
 			s.log.InfoContext(ctx, "adopted running VM", "vm", vm.Name, "pid", rt.handles.PID)
 			go s.watch(vm.ID, rt)
 		case vm.State == store.StateCreating:
-			if rt != nil {
-				rt.inst.Kill(ctx)
-			}
 			s.log.WarnContext(ctx, "removing VM whose create was interrupted by a bangerd restart", "vm", vm.Name)
-			s.cleanupState(ctx, vm)
+			cl := s.recordedCleanup(vm)
+			if rt != nil {
+				cl = rt.cleanup
+			}
+			s.release(ctx, vm, cl, "")
 			s.removeVM(ctx, vm)
+		case err == nil:
+			// starting or stopping when the previous bangerd died: the start
+			// or stop did not finish, so the VM ends stopped.
+			reason := fmt.Sprintf("bangerd restarted while the VM was %s", vm.State)
+			s.log.WarnContext(ctx, "stopping VM left half-way", "vm", vm.Name, "state", vm.State)
+			if kerr := s.killVMM(ctx, vm, rt); kerr != nil {
+				s.log.ErrorContext(ctx, "reconcile: kill VMM", "vm", vm.Name, "error", kerr.Error())
+			}
+			s.release(ctx, vm, rt.cleanup, reason)
 		default:
 			reason := "VMM exited while bangerd was not running"
-			if !errors.Is(err, vmm.ErrGone) && !errors.Is(err, os.ErrNotExist) {
+			if vm.State != store.StateRunning {
+				reason = fmt.Sprintf("bangerd restarted while the VM was %s", vm.State)
+			} else if !errors.Is(err, vmm.ErrGone) && !errors.Is(err, os.ErrNotExist) {
 				reason = fmt.Sprintf("could not re-attach to the VMM: %v", err)
 			}
 			s.log.WarnContext(ctx, "VM no longer running", "vm", vm.Name, "reason", reason)
-			s.finishStopped(ctx, vm, nil, reason)
+			s.releaseRecorded(ctx, vm, reason)
 		}
 	}
-	running := map[string]bool{}
-	for _, vm := range vms {
-		if s.runtime(vm.ID) != nil && vm.Tap != "" {
-			running[vm.Tap] = true
+	s.reapStrays(ctx, known)
+	if s.net != nil {
+		running := map[string]bool{}
+		for _, vm := range vms {
+			if s.runtime(vm.ID) != nil && vm.Tap != "" {
+				running[vm.Tap] = true
+			}
 		}
+		s.net.reclaim(ctx, running)
 	}
-	s.net.reclaim(ctx, running)
 }
 
+// reapStrays kills every VMM process of this home that no adopted runtime
+// owns, and removes VM directories that no record claims.
+func (s *vmService) reapStrays(ctx context.Context, known map[string]bool) {
+	procs, err := findVMMs(s.layout.VMsDir())
+	if err != nil {
+		s.log.WarnContext(ctx, "reconcile: scan /proc for VMMs", "error", err.Error())
+	}
+	for _, p := range procs {
+		if rt := s.runtime(p.vmID); rt != nil && rt.handles.PID == p.pid {
+			continue
+		}
+		s.log.WarnContext(ctx, "killing a VMM no running VM owns", "vm_id", p.vmID, "pid", p.pid, "recorded", known[p.vmID])
+		if err := killProcess(ctx, p); err != nil {
+			s.log.ErrorContext(ctx, "reconcile: kill stray VMM", "vm_id", p.vmID, "pid", p.pid, "error", err.Error())
+		}
+	}
+	ents, _ := os.ReadDir(s.layout.VMsDir())
+	for _, e := range ents {
+		if known[e.Name()] {
+			continue
+		}
+		s.log.WarnContext(ctx, "removing the directory of a VM that has no record", "vm_id", e.Name())
+		if err := os.RemoveAll(filepath.Join(s.layout.VMsDir(), e.Name())); err != nil {
+			s.log.ErrorContext(ctx, "reconcile: remove stray VM directory", "vm_id", e.Name(), "error", err.Error())
+		}
+	}
+}
+
+// adopt re-attaches to the VMM named in the VM's handles.json and gives it
+// a runtime whose cleanup releases what the record names.
 func (s *vmService) adopt(ctx context.Context, vm *store.VM) (*runtime, error) {
-	b, err := os.ReadFile(filepath.Join(s.vmDir(vm.ID), "handles.json"))
+	b, err := os.ReadFile(filepath.Join(s.vmDir(vm.ID), handlesName))
 	if err != nil {
 		return nil, err
 	}
@@ -131,7 +184,13 @@ func (s *vmService) adopt(ctx context.Context, vm *store.VM) (*runtime, error) {
 	if err != nil {
 		return nil, err
 	}
-	rt := &runtime{inst: inst, handles: inst.Handles()}
+	rt := &runtime{inst: inst, handles: inst.Handles(), cleanup: s.recordedCleanup(vm)}
+	rt.cleanup.add("runtime", func(context.Context) error {
+		s.closeGuest(rt)
+		s.forgetRuntime(vm.ID, rt)
+		return nil
+	})
+	rt.cleanup.add("vmm", func(ctx context.Context) error { return inst.Kill(ctx) })
 	s.setRuntime(vm.ID, rt)
 	return rt, nil
 }

@@ -109,7 +109,7 @@ func (s *vmService) register(m *rpc.Mux) {
 	rpc.Handle(m, api.MethodVMSet, s.set)
 	rpc.Handle(m, api.MethodVMConnect, s.connect)
 	rpc.Handle(m, api.MethodVMLogs, func(ctx context.Context, p api.LogsParams) (api.LogsResult, error) {
-		vm, err := s.d.store.FindVM(ctx, p.VM)
+		vm, err := s.store.FindVM(ctx, p.VM)
 		if err != nil {
 			return api.LogsResult{}, storeErr(err)
 		}
@@ -186,11 +186,11 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	case p.DiskMiB < 64 || p.DiskMiB > 16<<20:
 		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "disk must be between 64 MiB and 16 TiB")
 	}
-	img, err := s.d.resolveImage(ctx, p.Image)
+	img, err := s.artifacts.resolveImage(ctx, p.Image)
 	if err != nil {
 		return api.CreateStatus{}, err
 	}
-	k, err := s.d.resolveKernel(ctx, p.Kernel)
+	k, err := s.artifacts.resolveKernel(ctx, p.Kernel)
 	if err != nil {
 		return api.CreateStatus{}, err
 	}
@@ -203,9 +203,10 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	}
 	vm := &store.VM{ID: newID(), Name: p.Name, ImageID: img.ID, KernelID: k.ID, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB,
 		DiskMiB: p.DiskMiB, State: store.StateCreating, Driver: drvName, Workspace: p.Workspace}
-	if err := s.d.store.CreateVM(ctx, vm); err != nil {
+	if err := s.store.CreateVM(ctx, vm); err != nil {
 		return api.CreateStatus{}, storeErr(err)
 	}
+	fault("after-record")
 	opID := rpc.OpID(ctx)
 	op := &createOp{status: api.CreateStatus{OpID: opID, VMID: vm.ID, Name: vm.Name, Stages: []api.Stage{}}, done: make(chan struct{})}
 	s.mu.Lock()
@@ -218,11 +219,13 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 }
 
 func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp) {
-	unlock := s.d.locks.Lock(vm.ID)
+	unlock := s.locks.Lock(vm.ID)
 	err := s.start(ctx, vm, op.progress)
 	if err != nil {
-		// undo everything the create made, the record included
-		s.removeVM(ctx, vm)
+		// the start's cleanup released the runtime; the record and files go too
+		if rerr := s.removeVM(ctx, vm); rerr != nil {
+			s.log.ErrorContext(ctx, "remove VM after a failed create", "vm", vm.Name, "error", rerr.Error())
+		}
 	}
 	unlock()
 	op.mu.Lock()
@@ -243,27 +246,26 @@ func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp) {
 	})
 }
 
-// removeVM deletes a stopped VM's files, capabilities' resources and record.
+// removeVM deletes a stopped VM's files and record. Its runtime, if it had
+// one, has already been released.
 func (s *vmService) removeVM(ctx context.Context, vm *store.VM) error {
 	ctx = context.WithoutCancel(ctx)
-	for i := len(s.caps) - 1; i >= 0; i-- {
-		if c, ok := s.caps[i].(deleter); ok {
-			if err := c.DeleteVM(ctx, vm); err != nil {
-				s.log.WarnContext(ctx, "capability delete failed", "vm", vm.Name, "capability", s.caps[i].Name(), "error", err.Error())
-			}
-		}
-	}
 	if err := os.RemoveAll(s.vmDir(vm.ID)); err != nil {
 		return fmt.Errorf("remove VM directory: %w", err)
 	}
-	if err := s.d.store.DeleteVM(ctx, vm.ID); err != nil {
+	if err := s.store.DeleteVM(ctx, vm.ID); err != nil {
 		return err
 	}
 	s.refreshKnownHosts(ctx)
 	return nil
 }
 
+// delete removes a VM. A running one needs force: it is killed and its
+// runtime released through its cleanup first. A record that is not stopped
+// but has no runtime (a failed or interrupted start) is released from the
+// record, so no --force is needed for it.
 func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error {
+	fault("delete")
 	if rt := s.runtime(vm.ID); rt != nil {
 		if !force {
 			return rpc.Errorf(rpc.CodeConflict, "vm %q is running; stop it first or use --force", vm.Name)
@@ -271,6 +273,8 @@ func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error 
 		if err := s.kill(ctx, vm); err != nil {
 			return err
 		}
+	} else if vm.State != store.StateStopped {
+		s.releaseRecorded(ctx, vm, "")
 	}
 	return s.removeVM(ctx, vm)
 }
@@ -319,7 +323,7 @@ func (s *vmService) set(ctx context.Context, p api.SetParams) (api.SetResult, er
 
 // connect splices the caller's connection to the guest agent's SSH server.
 func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error) {
-	vm, err := s.d.store.FindVM(ctx, p.VM)
+	vm, err := s.store.FindVM(ctx, p.VM)
 	if err != nil {
 		return nil, storeErr(err)
 	}
@@ -338,7 +342,7 @@ func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, err
 		return nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)
 	}
 	return &rpc.Upgrade{
-		Result: api.ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.d.cfg.Layout.UserKey()},
+		Result: api.ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.layout.UserKey()},
 		Then: func(ctx context.Context, c net.Conn) {
 			system.Splice(c, gc)
 		},

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -32,24 +34,51 @@ type guestAgent interface {
 	Close() error
 }
 
-// runtime is the in-memory view of one running VM.
+// runtime is the in-memory view of one running VM. Its cleanup owns every
+// per-boot resource (tap, VMM, agent connection, handles.json, the runtime
+// entry itself): whatever ends the runtime runs it.
 type runtime struct {
 	inst      vmm.Instance
 	handles   vmm.Handles
 	guestMu   sync.Mutex
 	transport *guest.Transport
 	agent     guestAgent
-	stopping  bool // an intentional stop/kill is in progress
+	cleanup   *cleanup
 }
 
-// vmService owns the VM lifecycle.
+// vmStore is the part of the store the VM service uses.
+type vmStore interface {
+	FindVM(ctx context.Context, ref string) (*store.VM, error)
+	GetVM(ctx context.Context, id string) (*store.VM, error)
+	ListVMs(ctx context.Context) ([]*store.VM, error)
+	CreateVM(ctx context.Context, v *store.VM) error
+	UpdateVM(ctx context.Context, v *store.VM) error
+	DeleteVM(ctx context.Context, id string) error
+	FindImage(ctx context.Context, ref string) (*store.Image, error)
+	FindKernel(ctx context.Context, ref string) (*store.Kernel, error)
+}
+
+// artifactResolver picks the image and kernel of a new VM and gives a
+// kernel's initrd carrying the current agent.
+type artifactResolver interface {
+	resolveImage(ctx context.Context, ref string) (*store.Image, error)
+	resolveKernel(ctx context.Context, ref string) (*store.Kernel, error)
+	initrdFor(ctx context.Context, k *store.Kernel) (string, error)
+}
+
+// vmService owns the VM lifecycle. It is given only the ports it uses: a
+// store subset, the per-VM locks, the home's layout and an artifact resolver.
 type vmService struct {
-	d       *Daemon
-	log     *slog.Logger
-	caps    []capability
-	drivers map[string]vmm.Driver
-	defDrv  string
-	net     *netCap
+	store       vmStore
+	locks       *store.LockSet
+	layout      paths.Layout
+	artifacts   artifactResolver
+	bootTimeout time.Duration
+	log         *slog.Logger
+	caps        []capability
+	drivers     map[string]vmm.Driver
+	defDrv      string
+	net         *netCap // nil in tests without a network
 
 	// newAgent makes an agent client over a transport with the pinned host key.
 	newAgent func(t *guest.Transport, hostKeyLine string) (guestAgent, error)
@@ -78,14 +107,23 @@ func (s *vmService) setRuntime(id string, rt *runtime) {
 	}
 }
 
+// forgetRuntime removes rt (and only rt) from the runtime table.
+func (s *vmService) forgetRuntime(id string, rt *runtime) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.runtimes[id] == rt {
+		delete(s.runtimes, id)
+	}
+}
+
 // lockVM resolves ref, takes that VM's lock and re-reads the record under it.
 func (s *vmService) lockVM(ctx context.Context, ref string) (*store.VM, func(), error) {
-	vm, err := s.d.store.FindVM(ctx, ref)
+	vm, err := s.store.FindVM(ctx, ref)
 	if err != nil {
 		return nil, nil, storeErr(err)
 	}
-	unlock := s.d.locks.Lock(vm.ID)
-	vm, err = s.d.store.GetVM(ctx, vm.ID)
+	unlock := s.locks.Lock(vm.ID)
+	vm, err = s.store.GetVM(ctx, vm.ID)
 	if err != nil {
 		unlock()
 		return nil, nil, storeErr(err)
@@ -95,37 +133,58 @@ func (s *vmService) lockVM(ctx context.Context, ref string) (*store.VM, func(), 
 
 func (s *vmService) save(ctx context.Context, vm *store.VM) error {
 	// State writes must land even when the request was cancelled.
-	return s.d.store.UpdateVM(context.WithoutCancel(ctx), vm)
+	return s.store.UpdateVM(context.WithoutCancel(ctx), vm)
 }
 
-func (s *vmService) vmDir(id string) string { return s.d.cfg.Layout.VMDir(id) }
+// saveLogged is save for paths that cannot report the error to a caller.
+func (s *vmService) saveLogged(ctx context.Context, vm *store.VM) {
+	if err := s.save(ctx, vm); err != nil {
+		s.log.ErrorContext(ctx, "record VM state", "vm", vm.Name, "state", vm.State, "error", err.Error())
+	}
+}
+
+func (s *vmService) vmDir(id string) string { return s.layout.VMDir(id) }
 
 // ---- start pipeline ----
 
-// start boots vm (whose lock the caller holds), running the capabilities'
-// hooks. progress, when set, is told about stages. On failure everything the
-// start made is undone and the VMM is not left running.
+// startRun is one pass of the start pipeline.
+type startRun struct {
+	env *startEnv
+	cl  *cleanup // becomes the runtime's cleanup
+	rt  *runtime // set by the boot stage
+}
+
+// startStage is one named step of the start pipeline. A stage registers the
+// undo of everything it makes on r.cl as soon as it exists.
+type startStage struct {
+	name string
+	run  func(ctx context.Context, r *startRun) error
+}
+
+// startStages is the start pipeline, in order.
+func (s *vmService) startStages() []startStage {
+	return []startStage{
+		{"check", s.stageCheck},
+		{"prepare host", s.stagePrepareHost},
+		{"configure", s.stageConfigure},
+		{"boot", s.stageBoot},
+		{"wait for agent", s.stageWaitAgent},
+	}
+}
+
+// start boots vm (whose lock the caller holds) through the stage table.
+// progress, when set, is told about stages. On failure the run's cleanup
+// undoes everything the start made, the VMM included, and the record says
+// stopped with the error.
 func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage string, end bool, err error)) (err error) {
 	if progress == nil {
 		progress = func(string, bool, error) {}
 	}
-	stage := func(name string, fn func() error) error {
-		progress(name, false, nil)
-		t0 := time.Now()
-		err := fn()
-		progress(name, true, err)
-		lvl := slog.LevelDebug
-		if err != nil {
-			lvl = slog.LevelWarn
-		}
-		s.log.Log(ctx, lvl, "start stage", "vm", vm.Name, "stage", name, "duration_ms", logging.Ms(time.Since(t0)), "ok", err == nil)
-		return err
-	}
-	img, err := s.d.store.FindImage(ctx, vm.ImageID)
+	img, err := s.store.FindImage(ctx, vm.ImageID)
 	if err != nil {
 		return storeErr(err)
 	}
-	k, err := s.d.store.FindKernel(ctx, vm.KernelID)
+	k, err := s.store.FindKernel(ctx, vm.KernelID)
 	if err != nil {
 		return storeErr(err)
 	}
@@ -137,16 +196,16 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	env := &startEnv{
+	r := &startRun{cl: newCleanup(), env: &startEnv{
 		VM: vm, Image: img, Kernel: k, Dir: dir, Driver: drv,
 		Boot: &bootcfg.Config{Version: 1, VMID: vm.ID, Hostname: vm.Name},
 		Mach: &vmm.MachineConfig{VMID: vm.ID, Dir: dir, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, KernelPath: k.VmlinuxPath,
 			Cmdline: "console=ttyS0 reboot=k panic=-1 quiet", GuestPort: agentPort},
-	}
+	}}
 	if img.ConfigJSON != "" {
 		var ic api.ImageConfig
 		if json.Unmarshal([]byte(img.ConfigJSON), &ic) == nil {
-			env.Boot.Env, env.Boot.WorkDir, env.Boot.User = ic.Env, ic.WorkingDir, ic.User
+			r.env.Boot.Env, r.env.Boot.WorkDir, r.env.Boot.User = ic.Env, ic.WorkingDir, ic.User
 		}
 	}
 	vm.State = store.StateStarting
@@ -154,114 +213,128 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 	if err := s.save(ctx, vm); err != nil {
 		return err
 	}
-	var undos []func(context.Context) error
 	defer func() {
-		if err == nil {
-			return
+		if err != nil {
+			s.release(ctx, vm, r.cl, err.Error())
 		}
-		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer cancel()
-		for i := len(undos) - 1; i >= 0; i-- {
-			if uerr := undos[i](uctx); uerr != nil {
-				s.log.WarnContext(ctx, "undo after failed start", "vm", vm.Name, "error", uerr.Error())
-			}
-		}
-		s.cleanupState(uctx, vm)
-		vm.State = store.StateStopped
-		vm.LastError = err.Error()
-		s.save(uctx, vm)
 	}()
-
-	if err := stage("check", func() error {
-		if err := drv.Preflight(ctx); err != nil {
-			return err
+	for _, st := range s.startStages() {
+		progress(st.name, false, nil)
+		t0 := time.Now()
+		err := st.run(ctx, r)
+		if err == nil && ctx.Err() != nil {
+			err = fmt.Errorf("cancelled: %w", context.Cause(ctx))
 		}
-		return eachCap(s.caps, func(p startPrereq) error { return p.StartPrereq(ctx, env) })
-	}); err != nil {
-		return err
-	}
-	if err := stage("prepare host", func() error {
-		if err := eachCap(s.caps, func(p hostPreparer) error {
-			undo, err := p.PrepareHost(ctx, env)
-			if undo != nil {
-				undos = append(undos, undo)
-			}
-			return err
-		}); err != nil {
-			return err
+		progress(st.name, true, err)
+		lvl := slog.LevelDebug
+		if err != nil {
+			lvl = slog.LevelWarn
 		}
-		if err := s.save(ctx, vm); err != nil { // capabilities may have set ip, tap, mac
-			return err
-		}
-		initrd, err := s.d.initrdFor(ctx, k)
+		s.log.Log(ctx, lvl, "start stage", "vm", vm.Name, "stage", st.name, "duration_ms", logging.Ms(time.Since(t0)), "ok", err == nil)
 		if err != nil {
 			return err
 		}
-		env.Mach.InitrdPath = initrd
-		return nil
-	}); err != nil {
-		return err
-	}
-	if err := stage("configure", func() error {
-		env.Boot.Channel = channelFor(drv)
-		seed, err := bootcfg.NewSeed()
-		if err != nil {
-			return err
-		}
-		env.Boot.RNGSeed = seed
-		if err := eachCap(s.caps, func(p guestConfigContributor) error { return p.ContributeGuestConfig(ctx, env) }); err != nil {
-			return err
-		}
-		b, err := bootcfg.Encode(env.Boot)
-		if err != nil {
-			return err
-		}
-		if err := writeFileAtomic(filepath.Join(dir, bootcfgName), b, 0o600); err != nil {
-			return err
-		}
-		return eachCap(s.caps, func(p machineConfigContributor) error { return p.ContributeMachineConfig(ctx, env) })
-	}); err != nil {
-		return err
-	}
-	var rt *runtime
-	if err := stage("boot", func() error {
-		inst, err := drv.Start(ctx, *env.Mach)
-		if err != nil {
-			return err
-		}
-		h := inst.Handles()
-		env.Handles = &h
-		rt = &runtime{inst: inst, handles: h}
-		undos = append(undos, func(ctx context.Context) error {
-			rt.stopping = true
-			return inst.Kill(ctx)
-		})
-		if err := writeJSONAtomic(filepath.Join(dir, "handles.json"), h); err != nil {
-			return err
-		}
-		s.setRuntime(vm.ID, rt)
-		return nil
-	}); err != nil {
-		return err
-	}
-	if err := stage("wait for agent", func() error {
-		return s.waitAgent(ctx, vm, rt)
-	}); err != nil {
-		return err
-	}
-	if err := stage("post-start", func() error {
-		return eachCap(s.caps, func(p postStarter) error { return p.PostStart(ctx, env) })
-	}); err != nil {
-		return err
 	}
 	vm.State = store.StateRunning
 	if err := s.save(ctx, vm); err != nil {
 		return err
 	}
 	s.refreshKnownHosts(ctx)
-	go s.watch(vm.ID, rt)
+	go s.watch(vm.ID, r.rt)
 	return nil
 }
+
+func (s *vmService) stageCheck(ctx context.Context, r *startRun) error {
+	if err := r.env.Driver.Preflight(ctx); err != nil {
+		return err
+	}
+	return eachCap(s.caps, func(p startPrereq) error { return p.StartPrereq(ctx, r.env) })
+}
+
+func (s *vmService) stagePrepareHost(ctx context.Context, r *startRun) error {
+	if err := eachCap(s.caps, func(p hostPreparer) error {
+		undo, err := p.PrepareHost(ctx, r.env)
+		r.cl.add(p.(capability).Name(), undo)
+		return err
+	}); err != nil {
+		return err
+	}
+	if err := s.save(ctx, r.env.VM); err != nil { // capabilities may have set ip, tap, mac
+		return err
+	}
+	initrd, err := s.artifacts.initrdFor(ctx, r.env.Kernel)
+	if err != nil {
+		return err
+	}
+	r.env.Mach.InitrdPath = initrd
+	return nil
+}
+
+func (s *vmService) stageConfigure(ctx context.Context, r *startRun) error {
+	env := r.env
+	env.Boot.Channel = channelFor(env.Driver)
+	seed, err := bootcfg.NewSeed()
+	if err != nil {
+		return err
+	}
+	env.Boot.RNGSeed = seed
+	if err := eachCap(s.caps, func(p guestConfigContributor) error { return p.ContributeGuestConfig(ctx, env) }); err != nil {
+		return err
+	}
+	b, err := bootcfg.Encode(env.Boot)
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(filepath.Join(env.Dir, bootcfgName), b, 0o600); err != nil {
+		return err
+	}
+	return eachCap(s.caps, func(p machineConfigContributor) error { return p.ContributeMachineConfig(ctx, env) })
+}
+
+// stageBoot launches the VMM. Its identity (pid and start time) reaches
+// handles.json the moment it is spawned, before the driver waits for the
+// machine, so a bangerd killed at any later point finds it again.
+func (s *vmService) stageBoot(ctx context.Context, r *startRun) error {
+	env := r.env
+	hp := filepath.Join(env.Dir, handlesName)
+	r.cl.add("handles.json", func(context.Context) error {
+		if err := os.Remove(hp); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	})
+	env.Mach.Spawned = func(h vmm.Handles) {
+		if err := writeJSONAtomic(hp, h); err != nil {
+			s.log.WarnContext(ctx, "record VMM identity", "vm", env.VM.Name, "error", err.Error())
+		}
+		fault("create-after-spawn")
+	}
+	inst, err := env.Driver.Start(ctx, *env.Mach)
+	if err != nil {
+		return err
+	}
+	h := inst.Handles()
+	env.Handles = &h
+	rt := &runtime{inst: inst, handles: h, cleanup: r.cl}
+	r.rt = rt
+	s.setRuntime(env.VM.ID, rt)
+	r.cl.add("runtime", func(context.Context) error {
+		s.closeGuest(rt)
+		s.forgetRuntime(env.VM.ID, rt)
+		return nil
+	})
+	r.cl.add("vmm", func(ctx context.Context) error { return inst.Kill(ctx) })
+	fault("create-before-handles")
+	return writeJSONAtomic(hp, h)
+}
+
+func (s *vmService) stageWaitAgent(ctx context.Context, r *startRun) error {
+	fault("create-agent-wait")
+	return s.waitAgent(ctx, r.env.VM, r.rt)
+}
+
+// handlesName is the file in a VM directory recording its VMM's identity.
+const handlesName = "handles.json"
 
 // eachCap runs fn for every capability implementing hook T, in order, and
 // names the capability in the error of the first that fails.
@@ -290,7 +363,7 @@ func channelFor(drv vmm.Driver) bootcfg.Channel {
 // deadline passes. The agent client retries on its own (with a short
 // backoff), so one Ping spans the whole wait.
 func (s *vmService) waitAgent(ctx context.Context, vm *store.VM, rt *runtime) error {
-	timeout := s.d.fileCfg.bootTimeout()
+	timeout := s.bootTimeout
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	exited := make(chan struct{})
@@ -379,25 +452,26 @@ func (s *vmService) dialGuest(ctx context.Context, rt *runtime) (net.Conn, error
 	return t.Dial(ctx)
 }
 
-// watch waits for the VMM to exit and, unless an intentional stop is
-// handling it, marks the VM stopped with the reason and releases resources.
+// watch waits for the VMM to exit and, unless a stop, kill or delete has
+// already ended this runtime, marks the VM stopped with the reason and
+// releases the runtime through its cleanup.
 func (s *vmService) watch(id string, rt *runtime) {
 	<-rt.inst.Exited()
 	ctx := logging.WithOpID(context.Background(), logging.NewOpID())
 	st, _ := rt.inst.Wait(ctx)
-	unlock := s.d.locks.Lock(id)
+	unlock := s.locks.Lock(id)
 	defer unlock()
 	if s.runtime(id) != rt {
 		return // a stop, kill or delete already handled it
 	}
-	vm, err := s.d.store.GetVM(ctx, id)
+	vm, err := s.store.GetVM(ctx, id)
 	if err != nil {
-		s.setRuntime(id, nil)
+		rt.cleanup.run(ctx, s.log, "vm", id)
 		return
 	}
-	reason := exitReason(st)
+	reason := exitReason(st) // empty: the guest powered off by itself
 	s.log.WarnContext(ctx, "VMM exited", "vm", vm.Name, "reason", reason)
-	s.finishStopped(ctx, vm, rt, reason)
+	s.release(ctx, vm, rt.cleanup, reason)
 }
 
 func exitReason(st vmm.ExitStatus) string {
@@ -414,40 +488,58 @@ func exitReason(st vmm.ExitStatus) string {
 	return "VMM exited"
 }
 
-// finishStopped records a stopped VM and releases its per-boot resources.
-// The caller holds the VM lock.
-func (s *vmService) finishStopped(ctx context.Context, vm *store.VM, rt *runtime, lastErr string) {
-	if rt != nil {
-		rt.guestMu.Lock()
-		if rt.agent != nil {
-			rt.agent.Close()
-			rt.agent = nil
-		}
-		if rt.transport != nil {
-			rt.transport.Close()
-			rt.transport = nil
-		}
-		rt.guestMu.Unlock()
+// closeGuest closes the runtime's agent connection and transport.
+func (s *vmService) closeGuest(rt *runtime) {
+	rt.guestMu.Lock()
+	defer rt.guestMu.Unlock()
+	if rt.agent != nil {
+		rt.agent.Close()
+		rt.agent = nil
 	}
-	s.setRuntime(vm.ID, nil)
-	s.cleanupState(ctx, vm)
-	vm.State = store.StateStopped
-	vm.LastError = lastErr
-	if err := s.save(ctx, vm); err != nil {
-		s.log.ErrorContext(ctx, "record stopped VM", "vm", vm.Name, "error", err.Error())
+	if rt.transport != nil {
+		rt.transport.Close()
+		rt.transport = nil
 	}
 }
 
-// cleanupState runs the capabilities' state cleanup and removes handles.json.
-func (s *vmService) cleanupState(ctx context.Context, vm *store.VM) {
-	for i := len(s.caps) - 1; i >= 0; i-- {
-		if c, ok := s.caps[i].(stateCleaner); ok {
-			if err := c.CleanupState(ctx, vm); err != nil {
-				s.log.WarnContext(ctx, "state cleanup failed", "vm", vm.Name, "capability", s.caps[i].Name(), "error", err.Error())
-			}
+// release runs a runtime's cleanup and records the VM stopped with reason
+// (empty for an intentional stop). The caller holds the VM lock. It is the
+// one way a runtime ends: failed start, stop, kill, VMM crash and delete.
+func (s *vmService) release(ctx context.Context, vm *store.VM, cl *cleanup, reason string) error {
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	err := cl.run(uctx, s.log, "vm", vm.Name)
+	vm.State = store.StateStopped
+	vm.LastError = reason
+	s.saveLogged(uctx, vm)
+	return err
+}
+
+// recordedCleanup rebuilds the cleanup of a VM whose runtime this bangerd
+// does not hold (its VMM is gone, or was started by a bangerd that died):
+// the capabilities' per-boot resources named in the record and handles.json.
+func (s *vmService) recordedCleanup(vm *store.VM) *cleanup {
+	cl := newCleanup()
+	hp := filepath.Join(s.vmDir(vm.ID), handlesName)
+	cl.add("handles.json", func(context.Context) error {
+		if err := os.Remove(hp); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	})
+	for _, c := range s.caps {
+		if sc, ok := c.(stateCleaner); ok {
+			v := *vm
+			cl.add(c.Name(), func(ctx context.Context) error { return sc.CleanupState(ctx, &v) })
 		}
 	}
-	os.Remove(filepath.Join(s.vmDir(vm.ID), "handles.json"))
+	return cl
+}
+
+// releaseRecorded converges a VM without a runtime to stopped, releasing
+// what its record says it holds.
+func (s *vmService) releaseRecorded(ctx context.Context, vm *store.VM, reason string) error {
+	return s.release(ctx, vm, s.recordedCleanup(vm), reason)
 }
 
 // ---- stop, kill ----
@@ -458,13 +550,13 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 	rt := s.runtime(vm.ID)
 	if rt == nil {
 		if vm.State != store.StateStopped {
-			s.finishStopped(ctx, vm, nil, vm.LastError)
+			return s.releaseRecorded(ctx, vm, vm.LastError)
 		}
 		return nil
 	}
-	rt.stopping = true
 	vm.State = store.StateStopping
-	s.save(ctx, vm)
+	s.saveLogged(ctx, vm)
+	fault("stop")
 	deadline := time.Now().Add(timeout)
 	actx, cancel := context.WithTimeout(ctx, min(timeout, 5*time.Second))
 	asked := false
@@ -485,15 +577,23 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 	reason := ""
 	if werr != nil {
 		s.log.WarnContext(ctx, "guest did not power off in time; killing the VMM", "vm", vm.Name, "timeout", timeout.String())
-		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
-		err := rt.inst.Kill(kctx)
-		kcancel()
-		if err != nil {
-			return fmt.Errorf("kill VMM of %s: %w", vm.Name, err)
+		if err := s.killVMM(ctx, vm, rt); err != nil {
+			return err
 		}
 		reason = fmt.Sprintf("killed after the %s stop timeout", timeout)
 	}
-	s.finishStopped(ctx, vm, rt, reason)
+	s.release(ctx, vm, rt.cleanup, reason)
+	return nil
+}
+
+// killVMM ends the VMM now. On failure the runtime is kept (the VMM may
+// still run) and the error says so.
+func (s *vmService) killVMM(ctx context.Context, vm *store.VM, rt *runtime) error {
+	kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
+	if err := rt.inst.Kill(kctx); err != nil {
+		return fmt.Errorf("kill VMM of %s: %w", vm.Name, err)
+	}
 	return nil
 }
 
@@ -501,26 +601,44 @@ func (s *vmService) kill(ctx context.Context, vm *store.VM) error {
 	rt := s.runtime(vm.ID)
 	if rt == nil {
 		if vm.State != store.StateStopped {
-			s.finishStopped(ctx, vm, nil, vm.LastError)
+			return s.releaseRecorded(ctx, vm, vm.LastError)
 		}
 		return nil
 	}
-	rt.stopping = true
-	kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
-	defer cancel()
-	if err := rt.inst.Kill(kctx); err != nil {
-		return fmt.Errorf("kill VMM of %s: %w", vm.Name, err)
+	if err := s.killVMM(ctx, vm, rt); err != nil {
+		return err
 	}
-	s.finishStopped(ctx, vm, rt, "")
+	s.release(ctx, vm, rt.cleanup, "")
 	return nil
 }
 
+// writeFileAtomic writes p through a unique temporary file in its directory,
+// so concurrent writers never share a temporary name.
 func writeFileAtomic(p string, b []byte, mode os.FileMode) error {
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, b, mode); err != nil {
+	f, err := os.CreateTemp(filepath.Dir(p), "."+filepath.Base(p)+".tmp-*")
+	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, p)
+	tmp := f.Name()
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
 }
 
 func writeJSONAtomic(p string, v any) error {

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -174,4 +175,27 @@ func TestLockSetSerialisesPerKey(t *testing.T) {
 		t.Fatal("lock on b blocked by a")
 	}
 	ua()
+}
+
+// A path with URI metacharacters opens that file, not a truncated name.
+func TestOpenPathWithURICharacters(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	for _, name := range []string{"a#b", "a?b", "a%41b"} {
+		d := filepath.Join(dir, name)
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		st, err := Open(ctx, filepath.Join(d, "banger.db"))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		st.Close()
+		if _, err := os.Stat(filepath.Join(d, "banger.db")); err != nil {
+			t.Fatalf("%s: database not at its path: %v", name, err)
+		}
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 3 {
+		t.Fatalf("files made beside the homes: %v", ents)
+	}
 }

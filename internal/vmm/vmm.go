@@ -40,6 +40,12 @@ type MachineConfig struct {
 
 	// GuestPort is the vsock port (or serial channel name suffix) the agent listens on.
 	GuestPort uint32
+
+	// Spawned, when set, is called with the VMM's handles the moment its
+	// process exists, before Start waits for the machine, so the caller can
+	// record its identity durably (a caller killed during the wait can then
+	// find the VMM again).
+	Spawned func(Handles) `json:"-"`
 }
 
 // ChannelKind says how the host reaches the guest agent.

@@ -508,18 +508,21 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		h.Tap = cfg.Net.Tap
 	}
 	inst := d.newInstance(h, proc, false, l.jailDir, l.fcLog, con)
-	log.Debug("firecracker launched", "pid", proc.PID, "api_socket", l.apiSock)
+	log.DebugContext(ctx, "firecracker launched", "pid", proc.PID, "api_socket", l.apiSock)
+	if cfg.Spawned != nil {
+		cfg.Spawned(h)
+	}
 
 	if err := d.boot(ctx, inst, cfg, l); err != nil {
-		log.Warn("firecracker start failed; killing it", "pid", proc.PID, "error", err)
-		kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		log.WarnContext(ctx, "firecracker start failed; killing it", "pid", proc.PID, "error", err.Error())
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		if kerr := inst.Kill(kctx); kerr != nil {
-			log.Error("could not kill firecracker after a failed start", "pid", proc.PID, "error", kerr)
+			log.ErrorContext(ctx, "could not kill firecracker after a failed start", "pid", proc.PID, "error", kerr.Error())
 		}
 		return nil, err
 	}
-	log.Info("firecracker started", "pid", proc.PID, "took", time.Since(began).Round(time.Millisecond))
+	log.InfoContext(ctx, "firecracker started", "pid", proc.PID, "took", time.Since(began).Round(time.Millisecond))
 	return inst, nil
 }
 

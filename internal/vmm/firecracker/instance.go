@@ -194,7 +194,7 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 		}
 	}
 	in := d.newInstance(h, proc, true, jailDir, fcLog, con)
-	d.log.Info("adopted firecracker", "pid", h.PID, "vm", id)
+	d.log.InfoContext(ctx, "adopted firecracker", "pid", h.PID, "vm", id)
 	return in, nil
 }
 

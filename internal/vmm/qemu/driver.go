@@ -380,6 +380,9 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	}
 	log := d.log.With("vm", cfg.VMID, "pid", proc.PID)
 	log.DebugContext(ctx, "qemu launched", "accel", accel.Accel, "args", args)
+	if cfg.Spawned != nil {
+		cfg.Spawned(h)
+	}
 	// QEMU waits for this connection before it runs the guest (wait=on).
 	conn, err := vmmproc.DialConsole(ctx, paths.ConsoleSocket, proc.Done())
 	var console *vmmproc.Console
@@ -404,11 +407,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
 		defer kcancel()
 		if kerr := inst.Kill(kctx); kerr != nil {
-			log.Error("could not kill qemu after a failed start", "error", kerr)
+			log.ErrorContext(ctx, "could not kill qemu after a failed start", "error", kerr.Error())
 		}
 		return nil, err
 	}
-	log.Info("qemu started", "accel", accel.Accel, "channel", ch.Kind)
+	log.InfoContext(ctx, "qemu started", "accel", accel.Accel, "channel", ch.Kind)
 	return inst, nil
 }
 
@@ -453,9 +456,9 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 		return nil, fmt.Errorf("qemu pid %d: %w", h.PID, vmm.ErrGone)
 	case err != nil:
 		// Still ours: Kill works by PID. State reports the problem again.
-		log.Warn("adopted qemu does not answer on its monitor socket", "error", err)
+		log.WarnContext(ctx, "adopted qemu does not answer on its monitor socket", "error", err.Error())
 	default:
-		log.Info("qemu adopted", "state", st)
+		log.InfoContext(ctx, "qemu adopted", "state", st)
 	}
 	return inst, nil
 }

@@ -1,0 +1,70 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+)
+
+// cleanup is the one owner of what a VM runtime made: every stage of the
+// start pipeline registers its undo here as soon as the thing exists, and a
+// failed start, a stop, a VMM crash and a delete all release the runtime by
+// running it. Each undo runs once (in reverse order of registration); errors
+// are joined and each is logged with the op id of the context.
+type cleanup struct {
+	mu    sync.Mutex
+	steps []cleanupStep
+}
+
+type cleanupStep struct {
+	name string
+	fn   func(context.Context) error
+}
+
+func newCleanup() *cleanup { return &cleanup{} }
+
+// add registers an undo. A nil fn is ignored.
+func (c *cleanup) add(name string, fn func(context.Context) error) {
+	if fn == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.steps = append(c.steps, cleanupStep{name, fn})
+}
+
+// pending returns the names of the undos not yet run, oldest first.
+func (c *cleanup) pending() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]string, len(c.steps))
+	for i, s := range c.steps {
+		out[i] = s.name
+	}
+	return out
+}
+
+// run runs every registered undo not yet run, newest first, and returns the
+// joined errors. An undo added while run is running is run too. Concurrent
+// calls never run one undo twice.
+func (c *cleanup) run(ctx context.Context, log *slog.Logger, attrs ...any) error {
+	var errs []error
+	for {
+		c.mu.Lock()
+		if len(c.steps) == 0 {
+			c.mu.Unlock()
+			return errors.Join(errs...)
+		}
+		s := c.steps[len(c.steps)-1]
+		c.steps = c.steps[:len(c.steps)-1]
+		c.mu.Unlock()
+		if err := s.fn(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", s.name, err))
+			if log != nil {
+				log.WarnContext(ctx, "cleanup step failed", append(attrs, "step", s.name, "error", err.Error())...)
+			}
+		}
+	}
+}
