@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"os/exec"
@@ -13,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // BuildOptions tune the ext4 image.
@@ -100,19 +103,10 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 	res.MkfsTime = time.Since(start)
 	res.SizeBytes = size
 	start = time.Now()
-	scriptPath := out + ".debugfs"
-	if err := os.WriteFile(scriptPath, script.b.Bytes(), 0o600); err != nil {
-		return nil, err
-	}
-	defer os.Remove(scriptPath)
-	// debugfs runs in workDir: the batch names xattr value files relative to it.
-	cmd := exec.CommandContext(ctx, debugfs, "-w", "-f", scriptPath, out)
-	cmd.Dir = workDir
 	var stderr bytes.Buffer
 	stdout := &stdoutCheck{}
-	cmd.Stdout = stdout
-	cmd.Stderr = &limitedBuffer{b: &stderr, max: 64 << 10}
-	if err := cmd.Run(); err != nil {
+	// debugfs runs in workDir: the batch names xattr value files relative to it.
+	if err := runDebugfs(ctx, debugfs, workDir, out, script.b.Bytes(), stdout, &limitedBuffer{b: &stderr, max: 64 << 10}); err != nil {
 		os.Remove(out)
 		return nil, fmt.Errorf("debugfs: %w: %s", err, firstLines(stderr.String(), 5))
 	}
@@ -134,6 +128,39 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 	}
 	res.FixupTime = time.Since(start)
 	return res, nil
+}
+
+// runDebugfs runs `debugfs -w -f - img` in dir and feeds it script on stdin.
+// Before the script is written, the child's RLIMIT_NPROC is set to 0: an
+// unprivileged debugfs then cannot fork, so a shell escape that got past the
+// script writer would still run nothing (bangerd never runs as root, which
+// the limit does not bind). Nothing in debugfs forks before reading the script.
+func runDebugfs(ctx context.Context, debugfs, dir, img string, script []byte, stdout, stderr io.Writer) error {
+	cmd := exec.CommandContext(ctx, debugfs, "-w", "-f", "-", img)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	if err := unix.Prlimit(cmd.Process.Pid, unix.RLIMIT_NPROC, &unix.Rlimit{}, nil); err != nil {
+		stdin.Close()
+		cmd.Process.Kill()
+		cmd.Wait()
+		return fmt.Errorf("forbid debugfs to start processes: %w", err)
+	}
+	_, werr := stdin.Write(script)
+	stdin.Close()
+	if err := cmd.Wait(); err != nil {
+		return err
+	}
+	if werr != nil {
+		return fmt.Errorf("write the batch: %w", werr)
+	}
+	return nil
 }
 
 // stdoutCheck keeps (a few of) the lines of debugfs's stdout that are not
