@@ -64,11 +64,24 @@ func (c *Client) Ping(ctx context.Context) (PingResult, error) {
 	return r, err
 }
 
-// EnsureBridge creates banger's bridge if missing, with gateway address gw
-// (e.g. 172.30.0.1/24), and brings it up.
+// Info returns the network the helper's configuration gives banger (the
+// subnet to allocate guest addresses from).
+func (c *Client) Info(ctx context.Context) (InfoResult, error) {
+	var r InfoResult
+	err := c.call(ctx, MethodInfo, nil, &r)
+	return r, err
+}
+
+// EnsureBridge creates banger's bridge if missing, with the helper's
+// gateway address, and brings it up. gw, when valid, must be that address
+// (as net.info reports it); the helper refuses any other.
 func (c *Client) EnsureBridge(ctx context.Context, bridge string, gw netip.Prefix) (BridgeResult, error) {
 	var r BridgeResult
-	err := c.call(ctx, MethodEnsureBridge, EnsureBridgeParams{Bridge: bridge, CIDR: gw.String()}, &r)
+	p := EnsureBridgeParams{Bridge: bridge}
+	if gw.IsValid() {
+		p.CIDR = gw.String()
+	}
+	err := c.call(ctx, MethodEnsureBridge, p, &r)
 	return r, err
 }
 

@@ -32,8 +32,12 @@ const (
 	SocketEnv = "BANGER_HELPER_SOCKET"
 	// NATTable is the name of banger's nftables tables (families inet and bridge).
 	NATTable = "banger"
-	// DefaultPool is the private range bangerd carves its /24 out of.
+	// DefaultPool is the private range the helper carves banger's /24 out
+	// of, unless its configuration (DefaultHelperConfig) names another.
 	DefaultPool = "172.30.0.0/16"
+	// DefaultHelperConfig is the helper's root-owned configuration file,
+	// written by `banger system install`.
+	DefaultHelperConfig = "/etc/banger/helper.json"
 )
 
 // Method names of banger-helper.
@@ -46,6 +50,7 @@ const (
 	MethodEnsureNAT    = "net.ensure_nat"
 	MethodRemoveNAT    = "net.remove_nat"
 	MethodList         = "net.list"
+	MethodInfo         = "net.info"
 )
 
 // SocketPath returns the helper socket path: $BANGER_HELPER_SOCKET when set,
@@ -67,12 +72,27 @@ type PingResult struct {
 	CallerUID uint32 `json:"caller_uid"`
 }
 
+// InfoResult is the result of net.info: the network the helper's
+// root-owned configuration gives banger. bangerd allocates guest addresses
+// inside Subnet; a caller never chooses the range.
+type InfoResult struct {
+	Bridge    string `json:"bridge"`
+	TapPrefix string `json:"tap_prefix"`
+	// Pool is the configured range; Subnet the /24 of it in use (the
+	// bridge's, or the first free one), Gateway its address on the bridge.
+	Pool    string `json:"pool"`
+	Subnet  string `json:"subnet"`
+	Gateway string `json:"gateway"`
+	// MaxTapsPerUser is how many taps one uid may own (0: no limit).
+	MaxTapsPerUser int `json:"max_taps_per_user"`
+}
+
 // EnsureBridgeParams are the params of net.ensure_bridge.
 type EnsureBridgeParams struct {
 	Bridge string `json:"bridge"`
-	// CIDR is the gateway address with the subnet's prefix length, e.g.
-	// "172.30.0.1/24".
-	CIDR string `json:"cidr"`
+	// CIDR, when given, must be the gateway net.info reports (e.g.
+	// "172.30.0.1/24"); the helper refuses any other. Empty means that one.
+	CIDR string `json:"cidr,omitempty"`
 }
 
 // BridgeResult is the result of net.ensure_bridge.
@@ -129,8 +149,9 @@ type DeletedResult struct {
 // EnsureNATParams are the params of net.ensure_nat.
 type EnsureNATParams struct {
 	Bridge string `json:"bridge"`
-	// CIDR must be the bridge's address as given to net.ensure_bridge.
-	CIDR string `json:"cidr"`
+	// CIDR, when given, must be the gateway net.info reports; empty means
+	// that one.
+	CIDR string `json:"cidr,omitempty"`
 	// OutIface is the interface NATed traffic leaves by; default: the
 	// interface of the host's IPv4 default route.
 	OutIface string `json:"out_iface,omitempty"`

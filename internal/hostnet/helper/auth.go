@@ -3,6 +3,7 @@ package helper
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"os/user"
 	"slices"
@@ -37,6 +38,9 @@ func withCaller(ctx context.Context, c Caller) context.Context {
 
 // PeerCred reads SO_PEERCRED of a unix connection.
 func PeerCred(c net.Conn) (Caller, error) {
+	if pc, ok := c.(*peerConn); ok {
+		return pc.cred, nil
+	}
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return Caller{}, fmt.Errorf("connection is not a unix socket")
@@ -110,8 +114,9 @@ func (p Policy) Allowed(c Caller) bool {
 }
 
 // authorize is the rpc.Server hook: it records the caller on the context and
-// refuses callers outside the policy (every request on the connection then
-// gets permission_denied with its op_id).
+// refuses callers outside the policy. A refused connection gets one
+// permission_denied response (with its op_id) and is closed; the refusal
+// is logged through the rate-limited refusal log (refused).
 func (s *server) authorize(ctx context.Context, c net.Conn) (context.Context, error) {
 	cred, err := PeerCred(c)
 	if err != nil {
@@ -119,7 +124,6 @@ func (s *server) authorize(ctx context.Context, c net.Conn) (context.Context, er
 	}
 	ctx = withCaller(ctx, cred)
 	if !s.policy.Allowed(cred) {
-		s.log.Warn("refused connection from a caller that is not allowed", "uid", cred.UID, "gid", cred.GID, "pid", cred.PID)
 		return ctx, rpc.Errorf(rpc.CodePermissionDenied,
 			"uid %d is not allowed to use banger-helper (hint: start it with --allow-user %d, or run `sudo banger system install` as that user)", cred.UID, cred.UID)
 	}
@@ -156,4 +160,10 @@ func ResolveGroup(s string) (uint32, error) {
 		return 0, fmt.Errorf("group %q has a non-numeric gid %q", s, g.Gid)
 	}
 	return uint32(n), nil
+}
+
+// refused is the rpc.Server's OnRefused hook: one rate-limited record per
+// refused request (at most refusalBurst a minute, then a summary).
+func (s *server) refused(ctx context.Context, method string, e *rpc.ErrorResponse) {
+	s.refusals.record(ctx, FailedMsg, slog.String("method", method), slog.String("code", e.Code), slog.String("error", e.Message))
 }

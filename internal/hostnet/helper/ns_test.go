@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -41,10 +42,15 @@ func TestMain(m *testing.M) {
 		os.Exit(clientMain())
 	case "dial":
 		os.Exit(dialMain())
+	case "abuse":
+		os.Exit(abuseMain())
 	}
 	code := m.Run()
 	if binDir != "" {
 		os.RemoveAll(binDir)
+	}
+	if realDir != "" {
+		os.RemoveAll(realDir)
 	}
 	os.Exit(code)
 }
@@ -139,6 +145,22 @@ type testHelper struct {
 // waits until its socket answers, and stops it at test end.
 func startHelper(t *testing.T, env *nettest.Env, args ...string) *testHelper {
 	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startHelperBin(t, env, self, args...)
+}
+
+// startHelperBin is startHelper with the helper binary bin (the test binary
+// in its "helper" role, or the real banger-helper). Without a --config
+// argument the helper gets one that does not exist (the defaults), never
+// the host's.
+func startHelperBin(t *testing.T, env *nettest.Env, bin string, args ...string) *testHelper {
+	t.Helper()
+	if !slices.Contains(args, "--config") {
+		args = append(args, "--config", filepath.Join(t.TempDir(), "no-helper.json"))
+	}
 	dir, err := os.MkdirTemp("", "bghelper-sock")
 	if err != nil {
 		t.Fatal(err)
@@ -147,12 +169,8 @@ func startHelper(t *testing.T, env *nettest.Env, args ...string) *testHelper {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	h := &testHelper{sock: filepath.Join(dir, "helper.sock"), logs: &syncBuf{}, exited: make(chan struct{})}
-	h.cmd = exec.Command(self, append([]string{"--socket", h.sock}, args...)...)
+	h.cmd = exec.Command(bin, append([]string{"--socket", h.sock}, args...)...)
 	h.cmd.Env = append(os.Environ(), roleEnv+"=helper")
 	h.cmd.Stderr = h.logs
 	if err := env.Start(h.cmd); err != nil {
@@ -380,9 +398,14 @@ func TestBadInputRefused(t *testing.T) {
 		{"ipv6", root, req("net.ensure_bridge", br("banger0", "fd00::1/64"), ""), "invalid_argument"},
 		{"no prefix length", root, req("net.ensure_bridge", br("banger0", "172.30.0.1"), ""), "invalid_argument"},
 		{"network address", root, req("net.ensure_bridge", br("banger0", "172.30.0.0/24"), ""), "invalid_argument"},
-		{"collides with a route", root, req("net.ensure_bridge", br("banger0", "10.77.3.1/24"), ""), "conflict"},
-		{"nat collides with a route", root, req("net.ensure_nat", br("banger0", "10.77.3.1/24"), ""), "conflict"},
-		{"nat cidr not the bridge's", root, req("net.ensure_nat", br("banger0", "172.30.9.1/24"), ""), "failed_precondition"},
+		{"range outside the configured pool", root, req("net.ensure_bridge", br("banger0", "10.77.3.1/24"), ""), "invalid_argument"},
+		{"another /24 of the pool", root, req("net.ensure_bridge", br("banger0", "172.30.5.1/24"), ""), "invalid_argument"},
+		{"a wider range than banger's", root, req("net.ensure_bridge", br("banger0", "172.30.0.1/16"), ""), "invalid_argument"},
+		{"nat range outside the pool", root, req("net.ensure_nat", br("banger0", "10.77.3.1/24"), ""), "invalid_argument"},
+		{"nat cidr not the bridge's", root, req("net.ensure_nat", br("banger0", "172.30.9.1/24"), ""), "invalid_argument"},
+		{"user picks a range", allowed, req("net.ensure_bridge", br("banger0", "192.168.77.1/24"), ""), "invalid_argument"},
+		{"user deletes root's bridge", allowed, req("net.delete_bridge", `{"bridge":"banger0"}`, ""), "permission_denied"},
+		{"user removes root's nat", allowed, req("net.remove_nat", `{"bridge":"banger0"}`, ""), "permission_denied"},
 		{"nat uplink lo", root, req("net.ensure_nat", `{"bridge":"banger0","cidr":"172.30.0.1/24","out_iface":"lo"}`, ""), "invalid_argument"},
 		{"nat uplink with slash", root, req("net.ensure_nat", `{"bridge":"banger0","cidr":"172.30.0.1/24","out_iface":"../eth0"}`, ""), "invalid_argument"},
 		{"nat uplink missing", root, req("net.ensure_nat", `{"bridge":"banger0","cidr":"172.30.0.1/24","out_iface":"nosuch0"}`, ""), "not_found"},
@@ -404,10 +427,15 @@ func TestBadInputRefused(t *testing.T) {
 	resps := make([]map[string]any, len(cases))
 	for who, uid := range []uint32{0, allowedUID, deniedUID} {
 		var got []map[string]any
-		if who == root {
+		switch who {
+		case root:
 			got = h.exchange(t, lines[who]...)
-		} else {
+		case allowed:
 			got = h.asUID(t, uid, lines[who]...)
+		default: // a refused connection answers once and closes
+			for _, l := range lines[who] {
+				got = append(got, h.asUID(t, uid, l)...)
+			}
 		}
 		for j, r := range got {
 			resps[idx[who][j]] = r

@@ -13,8 +13,11 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/hostnet"
 	"github.com/bangerdev/banger/internal/logging"
@@ -23,79 +26,135 @@ import (
 // ShutdownGrace bounds how long in-flight calls may run after SIGTERM.
 const ShutdownGrace = 10 * time.Second
 
-// Listen prepares the helper's socket: its directory exists (mode 0755 when
-// the helper creates it or it is the default /run/banger), a stale socket
-// file is replaced, a live helper is not, and the socket is mode 0666 —
+// Listen prepares the helper's socket. Its directory must be owned by the
+// helper's uid (root) and writable by nobody else, and may not be a
+// symlink: the helper refuses it otherwise. It is created (0755) when
+// missing, and the default /run/banger is made 0755 through its file
+// descriptor, never through a path. The socket is bound inside that
+// verified directory (through /proc/self/fd), a stale socket file is
+// replaced, a live helper is not, and the socket is mode 0666:
 // authorisation is per connection (SO_PEERCRED), not by file mode.
-func Listen(ctx context.Context, path string) (*net.UnixListener, error) {
-	if path == "" || !filepath.IsAbs(path) {
-		return nil, fmt.Errorf("socket path %q must be absolute", path)
+func Listen(ctx context.Context, path string) (*SocketListener, error) {
+	if path == "" || !filepath.IsAbs(path) || filepath.Clean(path) != path {
+		return nil, fmt.Errorf("socket path %q must be absolute and clean", path)
 	}
-	dir := filepath.Dir(path)
+	dir, name := filepath.Split(path)
+	dir = filepath.Clean(dir)
+	if name == "" || len(name) > 64 {
+		return nil, fmt.Errorf("socket name %q must be 1-64 bytes", name)
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory: %w", err)
 	}
-	fi, err := os.Lstat(dir)
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+		return nil, fmt.Errorf("socket directory %s is not a directory (a symlink?); refusing it", dir)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("socket directory: %w", err)
+		return nil, fmt.Errorf("open socket directory %s: %w", dir, err)
 	}
-	if !fi.IsDir() {
-		return nil, fmt.Errorf("socket directory %s is not a directory (a symlink?)", dir)
+	d := os.NewFile(uintptr(dfd), dir)
+	ok := false
+	defer func() {
+		if !ok {
+			d.Close()
+		}
+	}()
+	var st unix.Stat_t
+	if err := unix.Fstat(dfd, &st); err != nil {
+		return nil, fmt.Errorf("stat socket directory %s: %w", dir, err)
 	}
-	if path == hostnet.DefaultSocket && fi.Mode().Perm() != 0o755 {
-		if err := os.Chmod(dir, 0o755); err != nil {
+	if int(st.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("socket directory %s is owned by uid %d, not by the helper (uid %d); refusing it (hint: remove it, or choose another --socket)", dir, st.Uid, os.Geteuid())
+	}
+	if st.Mode&(unix.S_IWGRP|unix.S_IWOTH) != 0 {
+		return nil, fmt.Errorf("socket directory %s is writable by group or others (mode %04o); refusing it", dir, st.Mode&0o7777)
+	}
+	if path == hostnet.DefaultSocket && st.Mode&0o777 != 0o755 {
+		if err := unix.Fchmod(dfd, 0o755); err != nil {
 			return nil, fmt.Errorf("chmod socket directory: %w", err)
 		}
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
+	inDir := fmt.Sprintf("/proc/self/fd/%d/%s", dfd, name)
+	var est unix.Stat_t
+	if err := unix.Fstatat(dfd, name, &est, unix.AT_SYMLINK_NOFOLLOW); err == nil {
+		if est.Mode&unix.S_IFMT != unix.S_IFSOCK {
 			return nil, fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
 		}
 		dctx, cancel := context.WithTimeout(ctx, time.Second)
-		var d net.Dialer
-		c, derr := d.DialContext(dctx, "unix", path)
+		var dl net.Dialer
+		c, derr := dl.DialContext(dctx, "unix", inDir)
 		cancel()
 		if derr == nil {
 			c.Close()
 			return nil, fmt.Errorf("another banger-helper is already listening on %s", path)
 		}
-		if err := os.Remove(path); err != nil {
+		if err := unix.Unlinkat(dfd, name, 0); err != nil {
 			return nil, fmt.Errorf("remove stale socket: %w", err)
 		}
 	}
 	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "unix", path)
+	ln, err := lc.Listen(ctx, "unix", inDir)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o666); err != nil {
-		ln.Close()
+	ul := ln.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	// The directory is the helper's alone, so the entry just bound is the
+	// socket; chmod it relative to the directory's descriptor.
+	if err := unix.Fstatat(dfd, name, &est, unix.AT_SYMLINK_NOFOLLOW); err != nil || est.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		ul.Close()
+		return nil, fmt.Errorf("socket %s vanished or changed after bind: %v", path, err)
+	}
+	if err := unix.Fchmodat(dfd, name, 0o666, 0); err != nil {
+		ul.Close()
+		unix.Unlinkat(dfd, name, 0)
 		return nil, fmt.Errorf("chmod socket: %w", err)
 	}
-	return ln.(*net.UnixListener), nil
+	ok = true
+	return &SocketListener{UnixListener: ul, dir: d, name: name}, nil
+}
+
+// SocketListener is the helper's listening socket; Close removes the
+// socket file (relative to its directory's descriptor).
+type SocketListener struct {
+	*net.UnixListener
+	dir  *os.File
+	name string
+	once sync.Once
+}
+
+// Close stops listening and removes the socket.
+func (l *SocketListener) Close() error {
+	err := l.UnixListener.Close()
+	l.once.Do(func() {
+		unix.Unlinkat(int(l.dir.Fd()), l.name, 0)
+		l.dir.Close()
+	})
+	return err
 }
 
 // Run serves the helper on socket until ctx is done, then shuts down
 // (in-flight calls get ShutdownGrace) and removes the socket.
 func Run(ctx context.Context, socket string, cfg Config) error {
-	srv, state, err := newServer(cfg)
+	srv, s, err := newServer(&cfg)
 	if err != nil {
 		return err
 	}
-	defer state.Close()
+	defer s.Close()
 	log := cfg.Logger
-	if log == nil {
-		log = slog.Default()
-	}
 	ln, err := Listen(ctx, socket)
 	if err != nil {
 		return err
 	}
-	state.resume(ctx)
+	s.resume(ctx)
+	lln := newLimitListener(ln.UnixListener, cfg.MaxConnsPerUser, cfg.MaxConns, s.refusals)
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(context.WithoutCancel(ctx), ln) }()
-	log.Info("banger-helper listening", "socket", socket, "bridge", orDefault(cfg.Bridge, hostnet.DefaultBridge),
-		"tap_prefix", orDefault(cfg.TapPrefix, hostnet.DefaultTapPrefix), "allow_uids", cfg.Policy.UIDs, "allow_gids", cfg.Policy.GIDs)
+	go func() { errc <- srv.Serve(context.WithoutCancel(ctx), lln) }()
+	log.Info("banger-helper listening", "socket", socket, "bridge", cfg.Bridge, "tap_prefix", cfg.TapPrefix,
+		"pool", cfg.Pool.String(), "max_taps_per_user", cfg.MaxTapsPerUser, "max_conns_per_user", cfg.MaxConnsPerUser,
+		"max_conns", cfg.MaxConns, "request_timeout_s", cfg.RequestTimeout.Seconds(),
+		"allow_uids", cfg.Policy.UIDs, "allow_gids", cfg.Policy.GIDs, "allow_cidrs", cfg.AllowCIDRs)
 	select {
 	case err := <-errc:
 		ln.Close()
@@ -108,6 +167,7 @@ func Run(ctx context.Context, socket string, cfg Config) error {
 	serr := srv.Shutdown(sctx)
 	ln.Close()
 	<-errc
+	s.refusals.flush()
 	if serr != nil {
 		return fmt.Errorf("shutdown: in-flight calls did not finish within %s: %w", ShutdownGrace, serr)
 	}
@@ -166,6 +226,7 @@ func Main(args []string, stderr io.Writer) int {
 	bridge := fs.String("bridge", hostnet.DefaultBridge, "the only bridge this helper manages")
 	prefix := fs.String("tap-prefix", hostnet.DefaultTapPrefix, "prefix of every tap name this helper accepts")
 	debug := fs.Bool("debug", false, "log at debug level")
+	config := fs.String("config", hostnet.DefaultHelperConfig, "root-owned JSON `file` with the address pool and limits (missing: defaults)")
 	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "where the guests' DNS forwarder finds the host's name servers")
 	fs.Var(&allowCIDRs, "allow-cidr", "IPv4 `CIDR` guests may reach although it is private, link-local or otherwise blocked (repeatable)")
 	fs.Var(&users, "allow-user", "user `NAME|UID` allowed to call (repeatable); root always is")
@@ -221,9 +282,21 @@ func Main(args []string, stderr io.Writer) int {
 	if len(pol.UIDs) == 0 && len(pol.GIDs) == 0 {
 		log.Warn("no --allow-user or --allow-group given: only root may call this helper")
 	}
+	cfg := Config{Bridge: *bridge, TapPrefix: *prefix, Policy: pol, Logger: log, AllowCIDRs: allow, ResolvConf: *resolvConf}
+	fc, found, err := LoadConfigFile(*config)
+	if err == nil {
+		err = fc.Apply(&cfg)
+	}
+	if err != nil {
+		log.Error("bad configuration", "error", err.Error())
+		return 2
+	}
+	if !found {
+		log.Info("no configuration file; using the defaults", "config", *config)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	err := Run(ctx, *socket, Config{Bridge: *bridge, TapPrefix: *prefix, Policy: pol, Logger: log, AllowCIDRs: allow, ResolvConf: *resolvConf})
+	err = Run(ctx, *socket, cfg)
 	if err != nil {
 		log.Error("banger-helper failed", "error", err.Error())
 		return 1

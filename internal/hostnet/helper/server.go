@@ -8,10 +8,18 @@
 //   - callers: root, the --allow-user uids, members of the --allow-group gids;
 //   - devices: only the configured bridge and taps named <tap prefix>…,
 //     1-15 bytes of [a-z0-9-];
-//   - addresses: IPv4 subnets inside 10/8, 172.16/12 or 192.168/16 that
-//     overlap no route or address of the host outside banger's devices;
-//   - ownership: a non-root caller creates taps for itself only and deletes
-//     and lists only its own taps;
+//   - addresses: the range comes from the helper's root-owned configuration
+//     (FileConfig.Pool), never from a caller: a /24 of it that overlaps no
+//     route or address of the host outside banger's devices; a caller's
+//     cidr that differs is refused;
+//   - ownership: a non-root caller creates taps for itself only (at most
+//     MaxTapsPerUser) and deletes and lists only its own taps; the bridge
+//     and the NAT tables record who made them (BridgeMark) and only that
+//     uid (or root) may remove them, and only while no other user's tap
+//     exists; ensure_bridge removes no address the helper did not add;
+//   - resources: 64 KiB request lines, a deadline per request line, a cap
+//     on connections per uid and overall, refused connections answered
+//     once then closed, refusal records rate-limited;
 //   - params: unknown fields are refused (invalid_argument).
 //
 // Mutating methods are serialised; every call produces exactly one log line
@@ -29,7 +37,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
+	"time"
 
 	"github.com/bangerdev/banger/internal/hostnet"
 	"github.com/bangerdev/banger/internal/hostnet/dnsfwd"
@@ -51,6 +61,17 @@ type Config struct {
 	TapPrefix string
 	// Table names banger's nftables tables (default hostnet.NATTable).
 	Table string
+	// Pool is the private range banger's /24 is carved out of (default
+	// hostnet.DefaultPool).
+	Pool netip.Prefix
+	// MaxTapsPerUser caps the taps one uid owns (0: DefaultMaxTapsPerUser;
+	// -1: no cap). Root's taps are not capped.
+	MaxTapsPerUser int
+	// MaxConnsPerUser and MaxConns cap simultaneous connections per non-root
+	// uid and overall (0: the defaults).
+	MaxConnsPerUser, MaxConns int
+	// RequestTimeout bounds the wait for each request line (0: default).
+	RequestTimeout time.Duration
 	// Policy says who may call.
 	Policy Policy
 	// Logger receives the per-call records (default slog.Default()).
@@ -79,6 +100,25 @@ func (c *Config) fill() error {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if !c.Pool.IsValid() {
+		c.Pool = netip.MustParsePrefix(hostnet.DefaultPool)
+	}
+	if c.MaxTapsPerUser == 0 {
+		c.MaxTapsPerUser = DefaultMaxTapsPerUser
+	}
+	if c.MaxConnsPerUser == 0 {
+		c.MaxConnsPerUser = DefaultMaxConnsPerUser
+	}
+	if c.MaxConns == 0 {
+		c.MaxConns = DefaultMaxConns
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = DefaultRequestTimeout
+	}
+	c.Pool = c.Pool.Masked()
+	if !c.Pool.Addr().Is4() || !hostnet.IsPrivate(c.Pool) || c.Pool.Bits() > hostnet.MaxSubnetBits {
+		return fmt.Errorf("pool %s must be a private IPv4 range (inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16) of at most /%d", c.Pool, hostnet.MaxSubnetBits)
+	}
 	for i, p := range c.AllowCIDRs {
 		if !p.IsValid() || !p.Addr().Is4() {
 			return fmt.Errorf("allowed range %s is not an IPv4 CIDR", p)
@@ -99,6 +139,9 @@ func (c *Config) fill() error {
 
 type server struct {
 	bridge, prefix, table string
+	pool                  netip.Prefix
+	maxTaps               int
+	refusals              *refusalLog
 	policy                Policy
 	log                   *slog.Logger
 	mu                    sync.Mutex // serialises mutating methods
@@ -112,16 +155,19 @@ type server struct {
 // NewServer returns an rpc.Server serving the helper's methods with
 // per-connection SO_PEERCRED authorisation and one log line per call.
 func NewServer(cfg Config) (*rpc.Server, error) {
-	srv, _, err := newServer(cfg)
+	srv, _, err := newServer(&cfg)
 	return srv, err
 }
 
-func newServer(cfg Config) (*rpc.Server, *server, error) {
+// newServer fills cfg's defaults and returns the rpc server and the
+// helper's state.
+func newServer(cfg *Config) (*rpc.Server, *server, error) {
 	if err := cfg.fill(); err != nil {
 		return nil, nil, err
 	}
 	s := &server{bridge: cfg.Bridge, prefix: cfg.TapPrefix, table: cfg.Table, policy: cfg.Policy, log: cfg.Logger,
-		allow: cfg.AllowCIDRs, resolvConf: cfg.ResolvConf, dnsPort: cfg.DNSPort}
+		allow: cfg.AllowCIDRs, resolvConf: cfg.ResolvConf, dnsPort: cfg.DNSPort,
+		pool: cfg.Pool, maxTaps: cfg.MaxTapsPerUser, refusals: newRefusalLog(cfg.Logger)}
 	mux := rpc.NewMux()
 	handle(s, mux, hostnet.MethodPing, false, s.ping)
 	handle(s, mux, hostnet.MethodEnsureBridge, true, s.ensureBridge)
@@ -131,13 +177,19 @@ func newServer(cfg Config) (*rpc.Server, *server, error) {
 	handle(s, mux, hostnet.MethodEnsureNAT, true, s.ensureNAT)
 	handle(s, mux, hostnet.MethodRemoveNAT, true, s.removeNAT)
 	handle(s, mux, hostnet.MethodList, false, s.list)
+	handle(s, mux, hostnet.MethodInfo, false, s.info)
 	return &rpc.Server{
-		Mux:          mux,
-		Logger:       cfg.Logger,
-		Authorize:    s.authorize,
-		LogEachCall:  true,
-		CompletedMsg: CompletedMsg,
-		FailedMsg:    FailedMsg,
+		Mux:            mux,
+		Logger:         cfg.Logger,
+		Authorize:      s.authorize,
+		LogEachCall:    true,
+		CompletedMsg:   CompletedMsg,
+		FailedMsg:      FailedMsg,
+		MaxLineBytes:   MaxRequestLine,
+		ReadTimeout:    cfg.RequestTimeout,
+		WriteTimeout:   cfg.RequestTimeout,
+		CloseOnRefusal: true,
+		OnRefused:      s.refused,
 	}, s, nil
 }
 
@@ -248,15 +300,65 @@ func (s *server) checkTap(name string) error {
 
 func (s *server) own(name string) bool { return hostnet.OwnDevice(s.bridge, s.prefix)(name) }
 
-// checkSubnet parses the gateway CIDR and refuses subnets overlapping
-// anything of the host's outside banger's own devices.
-func (s *server) checkSubnet(cidr string) (netip.Prefix, error) {
-	if cidr == "" {
-		return netip.Prefix{}, invalid("cidr is required (gateway address/prefix length, e.g. 172.30.0.1/24)")
-	}
-	gw, err := hostnet.ParseGatewayCIDR(cidr)
+func (s *server) inPool(p netip.Prefix) bool {
+	return p.Bits() >= s.pool.Bits() && s.pool.Contains(p.Addr())
+}
+
+// plan returns banger's gateway address (with its prefix length) from the
+// configured pool: the address the helper put on the existing bridge (or
+// any gateway-shaped one of the pool there), else the gateway of the pool's
+// first /24 (or the whole pool, when smaller) that collides with nothing
+// of the host's.
+func (s *server) plan() (netip.Prefix, error) {
+	exists, _, addrs, err := netcfg.BridgeInfo(s.bridge)
 	if err != nil {
-		return netip.Prefix{}, invalid("%v", err)
+		return netip.Prefix{}, err
+	}
+	if exists {
+		mark, ok, err := netcfg.ReadBridgeMark(s.bridge)
+		if err != nil {
+			return netip.Prefix{}, err
+		}
+		if ok && slices.Contains(addrs, mark.Gateway) && s.inPool(mark.Gateway) {
+			return mark.Gateway, nil
+		}
+		for _, a := range addrs {
+			if _, err := hostnet.ParseGatewayCIDR(a.String()); err == nil && s.inPool(a) {
+				return a, nil
+			}
+		}
+	}
+	used, err := netcfg.HostPrefixes(s.own)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	var taken []netip.Prefix
+	for _, u := range used {
+		taken = append(taken, u.Prefix)
+	}
+	subnet, err := hostnet.ChooseSubnet(s.pool, max(24, s.pool.Bits()), taken)
+	if err != nil {
+		return netip.Prefix{}, rpc.Errorf(rpc.CodeConflict, "%v (the range is the helper's pool in %s)", err, hostnet.DefaultHelperConfig)
+	}
+	return hostnet.GatewayCIDR(subnet), nil
+}
+
+// checkSubnet returns the planned gateway after checking that the caller's
+// cidr, if any, is that one (callers never choose the range) and that it
+// overlaps nothing of the host's outside banger's own devices.
+func (s *server) checkSubnet(cidr string) (netip.Prefix, error) {
+	if cidr != "" {
+		if _, err := hostnet.ParseGatewayCIDR(cidr); err != nil {
+			return netip.Prefix{}, invalid("%v", err)
+		}
+	}
+	gw, err := s.plan()
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	if cidr != "" && cidr != gw.String() {
+		return netip.Prefix{}, invalid("cidr %s is not banger's network %s: the range comes from the helper's configuration (pool %s), not from callers (hint: call %s, or leave cidr out)",
+			cidr, gw, s.pool, hostnet.MethodInfo)
 	}
 	used, err := netcfg.HostPrefixes(s.own)
 	if err != nil {
@@ -264,10 +366,68 @@ func (s *server) checkSubnet(cidr string) (netip.Prefix, error) {
 	}
 	for _, u := range used {
 		if hostnet.Overlaps(gw, u.Prefix) {
-			return netip.Prefix{}, rpc.Errorf(rpc.CodeConflict, "cidr %s overlaps %s of this host; choose another private range", cidr, u)
+			return netip.Prefix{}, rpc.Errorf(rpc.CodeConflict, "banger's network %s overlaps %s of this host (hint: set another pool in %s)", gw, u, hostnet.DefaultHelperConfig)
 		}
 	}
 	return gw, nil
+}
+
+func (s *server) info(ctx context.Context, c Caller, _ struct{}) (hostnet.InfoResult, error) {
+	gw, err := s.plan()
+	if err != nil {
+		return hostnet.InfoResult{}, err
+	}
+	maxTaps := s.maxTaps
+	if maxTaps < 0 {
+		maxTaps = 0
+	}
+	return hostnet.InfoResult{Bridge: s.bridge, TapPrefix: s.prefix, Pool: s.pool.String(), Subnet: gw.Masked().String(),
+		Gateway: gw.String(), MaxTapsPerUser: maxTaps}, nil
+}
+
+// mark returns the bridge's ownership record; a bridge without one
+// belongs to root.
+func (s *server) mark() (netcfg.BridgeMark, error) {
+	m, _, err := netcfg.ReadBridgeMark(s.bridge)
+	return m, err
+}
+
+// othersTaps lists the uids other than uid that own banger taps.
+func (s *server) othersTaps(uid uint32) ([]uint32, error) {
+	taps, err := netcfg.ListTaps(s.prefix)
+	if err != nil {
+		return nil, err
+	}
+	var out []uint32
+	for _, t := range taps {
+		if t.Owner != uid && !slices.Contains(out, t.Owner) {
+			out = append(out, t.Owner)
+		}
+	}
+	return out, nil
+}
+
+// mayRemove checks that a non-root caller owns what it removes (owner) and
+// that no other user's VM depends on it.
+func (s *server) mayRemove(c Caller, what string, owner *uint32) error {
+	if c.IsRoot() {
+		return nil
+	}
+	if owner == nil || *owner != c.UID {
+		who := "root"
+		if owner != nil {
+			who = fmt.Sprintf("uid %d", *owner)
+		}
+		return rpc.Errorf(rpc.CodePermissionDenied, "%s belongs to %s, not to uid %d; only its owner or root may remove it", what, who, c.UID)
+	}
+	others, err := s.othersTaps(c.UID)
+	if err != nil {
+		return err
+	}
+	if len(others) > 0 {
+		return rpc.Errorf(rpc.CodeFailedPrecondition, "%s is in use by taps of other users (uids %v); it stays until they are gone", what, others)
+	}
+	return nil
 }
 
 func (s *server) ping(ctx context.Context, c Caller, _ struct{}) (hostnet.PingResult, error) {
@@ -282,8 +442,33 @@ func (s *server) ensureBridge(ctx context.Context, c Caller, p hostnet.EnsureBri
 	if err != nil {
 		return hostnet.BridgeResult{}, err
 	}
+	_, _, had, err := netcfg.BridgeInfo(p.Bridge)
+	if err != nil {
+		return hostnet.BridgeResult{}, err
+	}
+	mark, err := s.mark()
+	if err != nil {
+		return hostnet.BridgeResult{}, err
+	}
 	created, err := netcfg.EnsureBridge(p.Bridge, gw)
 	if err != nil {
+		return hostnet.BridgeResult{}, err
+	}
+	if created {
+		mark = netcfg.BridgeMark{Owner: c.UID}
+	}
+	// The helper removes only an old address it added itself, and records
+	// the one it adds now.
+	if mark.Gateway.IsValid() && mark.Gateway != gw {
+		if err := netcfg.RemoveBridgeAddr(p.Bridge, mark.Gateway); err != nil {
+			return hostnet.BridgeResult{}, err
+		}
+		mark.Gateway = netip.Prefix{}
+	}
+	if !slices.Contains(had, gw) {
+		mark.Gateway = gw
+	}
+	if err := netcfg.WriteBridgeMark(p.Bridge, mark); err != nil {
 		return hostnet.BridgeResult{}, err
 	}
 	s.log.DebugContext(ctx, "bridge ensured", "bridge", p.Bridge, "cidr", gw.String(), "created", created)
@@ -292,6 +477,17 @@ func (s *server) ensureBridge(ctx context.Context, c Caller, p hostnet.EnsureBri
 
 func (s *server) deleteBridge(ctx context.Context, c Caller, p hostnet.BridgeParams) (hostnet.DeletedResult, error) {
 	if err := s.checkBridge(p.Bridge); err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	exists, _, _, err := netcfg.BridgeInfo(p.Bridge)
+	if err != nil || !exists {
+		return hostnet.DeletedResult{}, err
+	}
+	mark, err := s.mark()
+	if err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	if err := s.mayRemove(c, "bridge "+p.Bridge, &mark.Owner); err != nil {
 		return hostnet.DeletedResult{}, err
 	}
 	s.stopDNS()
@@ -324,6 +520,9 @@ func (s *server) createTap(ctx context.Context, c Caller, p hostnet.CreateTapPar
 	}
 	if p.MTU != 0 && (p.MTU < MinMTU || p.MTU > MaxMTU) {
 		return hostnet.TapInfo{}, invalid("mtu %d is outside %d-%d", p.MTU, MinMTU, MaxMTU)
+	}
+	if err := s.checkTapCap(p.Tap, owner); err != nil {
+		return hostnet.TapInfo{}, err
 	}
 	mac, ip, err := s.checkGuest(p)
 	if err != nil {
@@ -432,6 +631,30 @@ func (s *server) warnL2(ctx context.Context) {
 	})
 }
 
+// checkTapCap refuses a new tap for owner when it already owns maxTaps.
+func (s *server) checkTapCap(name string, owner uint32) error {
+	if s.maxTaps <= 0 || owner == 0 {
+		return nil
+	}
+	if t, err := netcfg.LookupTap(name); err != nil || t != nil {
+		return err // an existing tap converges (or is refused) without counting
+	}
+	taps, err := netcfg.ListTaps(s.prefix)
+	if err != nil {
+		return err
+	}
+	n := 0
+	for _, t := range taps {
+		if t.Owner == owner {
+			n++
+		}
+	}
+	if n >= s.maxTaps {
+		return rpc.Errorf(rpc.CodeFailedPrecondition, "uid %d already owns %d taps, the helper's max_taps_per_user (hint: remove VMs, or raise it in %s)", owner, n, hostnet.DefaultHelperConfig)
+	}
+	return nil
+}
+
 func (s *server) deleteTap(ctx context.Context, c Caller, p hostnet.DeleteTapParams) (hostnet.DeletedResult, error) {
 	if err := s.checkTap(p.Tap); err != nil {
 		return hostnet.DeletedResult{}, err
@@ -496,6 +719,10 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 	} else if !ok {
 		return hostnet.NATResult{}, rpc.Errorf(rpc.CodeNotFound, "interface %q does not exist", out)
 	}
+	natExisted, err := netcfg.NATExists(s.table)
+	if err != nil {
+		return hostnet.NATResult{}, err
+	}
 	guests, err := netcfg.ListGuests(s.prefix)
 	if err != nil {
 		return hostnet.NATResult{}, err
@@ -503,6 +730,15 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 	l2, err := netcfg.EnsureNAT(netcfg.NAT{Table: s.table, Bridge: p.Bridge, TapPrefix: s.prefix, OutIface: out, Gateway: gw, AllowDNS: p.AllowDNS, AllowCIDRs: s.allow}, guests)
 	if err != nil {
 		return hostnet.NATResult{}, err
+	}
+	if mark, err := s.mark(); err != nil {
+		return hostnet.NATResult{}, err
+	} else if !natExisted {
+		owner := c.UID
+		mark.NATOwner = &owner
+		if err := netcfg.WriteBridgeMark(p.Bridge, mark); err != nil {
+			return hostnet.NATResult{}, err
+		}
 	}
 	if !l2 {
 		s.warnL2(ctx)
@@ -556,8 +792,25 @@ func (s *server) removeNAT(ctx context.Context, c Caller, p hostnet.BridgeParams
 	if err := s.checkBridge(p.Bridge); err != nil {
 		return hostnet.DeletedResult{}, err
 	}
+	exists, err := netcfg.NATExists(s.table)
+	if err != nil || !exists {
+		return hostnet.DeletedResult{}, err
+	}
+	mark, err := s.mark()
+	if err != nil {
+		return hostnet.DeletedResult{}, err
+	}
+	if err := s.mayRemove(c, "banger's NAT (table inet "+s.table+")", mark.NATOwner); err != nil {
+		return hostnet.DeletedResult{}, err
+	}
 	s.stopDNS()
 	removed, err := netcfg.RemoveNAT(s.table, p.Bridge)
+	if err == nil && mark.NATOwner != nil {
+		mark.NATOwner = nil
+		if ok, _, _, _ := netcfg.BridgeInfo(p.Bridge); ok {
+			err = netcfg.WriteBridgeMark(p.Bridge, mark)
+		}
+	}
 	return hostnet.DeletedResult{Deleted: removed}, err
 }
 

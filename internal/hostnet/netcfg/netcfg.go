@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -93,7 +94,7 @@ func prefixOf(n *net.IPNet, masked bool) (netip.Prefix, bool) {
 	return p, true
 }
 
-// EnsureBridge makes the bridge exist, carry exactly the IPv4 address gw
+// EnsureBridge makes the bridge exist, carry the IPv4 address gw
 // (address/prefix length) and be up. created reports whether it was made now.
 func EnsureBridge(name string, gw netip.Prefix) (created bool, err error) {
 	l, err := linkByName(name)
@@ -116,18 +117,9 @@ func EnsureBridge(name string, gw netip.Prefix) (created bool, err error) {
 	if err != nil {
 		return created, err
 	}
-	found := false
-	for _, p := range have {
-		if p == gw {
-			found = true
-			continue
-		}
-		a := &netlink.Addr{IPNet: ipNet(p)}
-		if err := netlink.AddrDel(l, a); err != nil {
-			return created, fmt.Errorf("remove stale address %s from %s: %w", p, name, err)
-		}
-	}
-	if !found {
+	// Other addresses stay: banger did not necessarily add them (the helper
+	// removes its own old address itself, see RemoveBridgeAddr).
+	if !slices.Contains(have, gw) {
 		if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: ipNet(gw)}); err != nil {
 			return created, fmt.Errorf("add address %s to %s: %w", gw, name, err)
 		}
