@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/bangerdev/banger/internal/hostnet"
 	"github.com/bangerdev/banger/internal/hostnet/install"
 )
 
@@ -31,30 +32,35 @@ func binNextToBanger(name string) (string, error) {
 func (a *App) systemCommand() *cobra.Command {
 	sys := &cobra.Command{Use: "system", Short: "Install or remove banger's services"}
 	var allow []string
+	var pool string
 	inst := &cobra.Command{
 		Use:   "install",
 		Short: "Install banger-helper as a system service (as root) and bangerd as a user service",
 		Long: "Run as root (e.g. sudo banger system install) to install the root helper, allowed for the\n" +
-			"invoking user; run as yourself to install bangerd as a systemd user service.",
+			"invoking user; run as yourself to install bangerd as a systemd user service.\n\n" +
+			"As root it copies banger-helper to " + install.DefaultHelperInstallPath + " (root-owned; the\n" +
+			"service runs that copy) and writes the helper's configuration " + hostnet.DefaultHelperConfig + ",\n" +
+			"which sets the guest address range (--pool).",
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.systemInstall(cmd.Context(), allow, true)
+			return a.systemInstall(cmd.Context(), allow, pool, true)
 		},
 	}
 	inst.Flags().StringSliceVar(&allow, "allow-user", nil, "users the helper serves (default: the sudo caller)")
+	inst.Flags().StringVar(&pool, "pool", "", "private IPv4 `CIDR` guest addresses come from (default: keep the configured one, else "+hostnet.DefaultPool+")")
 	uninst := &cobra.Command{
 		Use:   "uninstall",
 		Short: "Remove the services banger system install made",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return a.systemInstall(cmd.Context(), allow, false)
+			return a.systemInstall(cmd.Context(), allow, "", false)
 		},
 	}
 	sys.AddCommand(inst, uninst)
 	return sys
 }
 
-func (a *App) systemInstall(ctx context.Context, allow []string, install_ bool) error {
+func (a *App) systemInstall(ctx context.Context, allow []string, pool string, install_ bool) error {
 	helperBin, err := binNextToBanger("banger-helper")
 	if err != nil {
 		return err
@@ -77,7 +83,10 @@ func (a *App) systemInstall(ctx context.Context, allow []string, install_ bool) 
 			}
 		}
 	}
-	o := install.Options{HelperBin: helperBin, DaemonBin: daemonBin, AllowUsers: allow, BangerHome: os.Getenv("BANGER_HOME")}
+	o := install.Options{HelperBin: helperBin, DaemonBin: daemonBin, AllowUsers: allow, BangerHome: os.Getenv("BANGER_HOME"), Pool: pool}
+	if pool != "" && !root {
+		return fmt.Errorf("--pool sets the root helper's configuration: run it as root (sudo banger system install --pool %s)", pool)
+	}
 	if s := os.Getenv("BANGER_HELPER_SOCKET"); s != "" {
 		o.HelperSocket = s
 	}
@@ -108,7 +117,7 @@ func (a *App) systemInstall(ctx context.Context, allow []string, install_ bool) 
 		if err != nil {
 			return noSystemd(err)
 		}
-		fmt.Fprintf(a.Stdout, "installed and started banger-helper (%s), serving %v\n", p, allow)
+		fmt.Fprintf(a.Stdout, "installed and started banger-helper (%s, running %s with %s), serving %v\n", p, in.HelperInstallPathOrDefault(), in.HelperConfigOrDefault(), allow)
 		if sudoUser != "" {
 			fmt.Fprintf(a.Stdout, "now run `banger system install` as %s (without sudo) to run bangerd as a user service\n", sudoUser)
 			return nil

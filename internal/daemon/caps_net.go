@@ -23,13 +23,11 @@ type netCap struct {
 	log    *slog.Logger
 	client *hostnet.Client
 	mode   string // auto, helper, none
-	pool   netip.Prefix
 	dns    []string
 
 	allocMu sync.Mutex // serialises address allocation
 
-	mu     sync.Mutex
-	subnet netip.Prefix // chosen on first use
+	mu sync.Mutex
 	// disabled records, per VM id, that this boot runs without a network
 	// (mode auto and no helper).
 	disabled map[string]bool
@@ -52,15 +50,10 @@ func newNetCap(st addrStore, log *slog.Logger, cfg NetworkConfig) (*netCap, erro
 	default:
 		return nil, fmt.Errorf("network.mode must be auto, helper or none, not %q", c.mode)
 	}
-	pool := cfg.Pool
-	if pool == "" {
-		pool = "172.30.0.0/16"
+	if cfg.Pool != "" {
+		c.log.Warn("network.pool is ignored: the guest range is set by the root helper's configuration",
+			"pool", cfg.Pool, "hint", "sudo banger system install --pool "+cfg.Pool)
 	}
-	p, err := netip.ParsePrefix(pool)
-	if err != nil || !hostnet.IsPrivate(p) {
-		return nil, fmt.Errorf("network.pool %q must be a private IPv4 range", pool)
-	}
-	c.pool = p
 	return c, nil
 }
 
@@ -91,25 +84,25 @@ func (c *netCap) StartPrereq(ctx context.Context, env *startEnv) error {
 	return nil
 }
 
-func (c *netCap) ensureSubnet() (netip.Prefix, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.subnet.IsValid() {
-		return c.subnet, nil
-	}
-	s, err := hostnet.PlanSubnet(c.pool, hostnet.DefaultBridge, hostnet.DefaultTapPrefix)
+// ensureSubnet asks the helper for banger's subnet: the range comes from
+// the helper's root-owned configuration, never from bangerd.
+func (c *netCap) ensureSubnet(ctx context.Context) (netip.Prefix, error) {
+	info, err := c.client.Info(ctx)
 	if err != nil {
 		return netip.Prefix{}, err
 	}
-	c.subnet = s
-	return s, nil
+	s, err := netip.ParsePrefix(info.Subnet)
+	if err != nil || !s.Addr().Is4() || !hostnet.IsPrivate(s) {
+		return netip.Prefix{}, fmt.Errorf("banger-helper reported subnet %q, not a private IPv4 range", info.Subnet)
+	}
+	return s.Masked(), nil
 }
 
 func (c *netCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Context) error, error) {
 	if c.off(env.VM.ID) {
 		return nil, nil
 	}
-	subnet, err := c.ensureSubnet()
+	subnet, err := c.ensureSubnet(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -174,7 +167,7 @@ func (c *netCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error
 	if c.off(env.VM.ID) || env.VM.IP == "" {
 		return nil
 	}
-	subnet, err := c.ensureSubnet()
+	subnet, err := c.ensureSubnet(ctx)
 	if err != nil {
 		return err
 	}

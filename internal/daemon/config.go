@@ -66,7 +66,8 @@ func parseSize(s string) (int64, error) {
 type NetworkConfig struct {
 	// Mode is "auto" (use the helper when it answers), "helper" (require it) or "none".
 	Mode string `json:"mode,omitempty"`
-	// Pool is the private range /24 subnets are chosen from (default 172.30.0.0/16).
+	// Pool is ignored (a warning says so): the guest range comes from the
+	// root helper's configuration (`sudo banger system install --pool`).
 	Pool string   `json:"pool,omitempty"`
 	DNS  []string `json:"dns,omitempty"`
 }

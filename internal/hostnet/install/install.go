@@ -21,6 +21,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/bangerdev/banger/internal/hostnet"
 )
 
 // Unit names.
@@ -32,10 +34,26 @@ const (
 // DefaultSystemUnitDir is where the helper's unit goes.
 const DefaultSystemUnitDir = "/etc/systemd/system"
 
+// DefaultHelperInstallPath is where InstallHelper copies banger-helper: a
+// root-owned location, so that the user who ran the install cannot swap
+// the binary the root service runs.
+const DefaultHelperInstallPath = "/usr/local/libexec/banger/banger-helper"
+
 // Options describe what to install.
 type Options struct {
 	// HelperBin and DaemonBin are absolute paths of banger-helper and bangerd.
+	// InstallHelper copies HelperBin to HelperInstallPath and the unit runs
+	// that copy.
 	HelperBin, DaemonBin string
+	// HelperInstallPath defaults to DefaultHelperInstallPath.
+	HelperInstallPath string
+	// HelperConfig is the helper's configuration file (default
+	// hostnet.DefaultHelperConfig).
+	HelperConfig string
+	// Pool, when set, is written to the helper's configuration as the guest
+	// address range; when empty, an existing configuration is kept and a new
+	// one gets hostnet.DefaultPool.
+	Pool string
 	// AllowUsers are the users (names or uids) the helper serves.
 	AllowUsers []string
 	// HelperArgs are extra flags for banger-helper (e.g. "--bridge", "banger1").
@@ -103,9 +121,34 @@ func execLine(bin string, args []string) string {
 	return strings.Join(parts, " ")
 }
 
-// RenderHelperUnit renders banger-helper.service.
+func (o Options) helperInstallPath() string {
+	if o.HelperInstallPath != "" {
+		return o.HelperInstallPath
+	}
+	return DefaultHelperInstallPath
+}
+
+// HelperInstallPathOrDefault is where InstallHelper puts the helper.
+func (o Options) HelperInstallPathOrDefault() string { return o.helperInstallPath() }
+
+// HelperConfigOrDefault is the helper's configuration file.
+func (o Options) HelperConfigOrDefault() string { return o.helperConfig() }
+
+func (o Options) helperConfig() string {
+	if o.HelperConfig != "" {
+		return o.HelperConfig
+	}
+	return hostnet.DefaultHelperConfig
+}
+
+// RenderHelperUnit renders banger-helper.service; it runs the installed
+// copy of the helper (HelperInstallPath) with its configuration file.
 func RenderHelperUnit(o Options) (string, error) {
-	if err := checkPath("helper binary", o.HelperBin); err != nil {
+	bin := o.helperInstallPath()
+	if err := checkPath("installed helper binary", bin); err != nil {
+		return "", err
+	}
+	if err := checkPath("helper configuration", o.helperConfig()); err != nil {
 		return "", err
 	}
 	if len(o.AllowUsers) == 0 {
@@ -127,6 +170,7 @@ func RenderHelperUnit(o Options) (string, error) {
 		}
 	}
 	args = append(args, o.HelperArgs...)
+	args = append(args, "--config", o.helperConfig())
 	var b strings.Builder
 	b.WriteString("# Written by `banger system install`; `banger system uninstall` removes it.\n")
 	b.WriteString("[Unit]\n")
@@ -135,7 +179,7 @@ func RenderHelperUnit(o Options) (string, error) {
 	b.WriteString("After=network.target\n\n")
 	b.WriteString("[Service]\n")
 	b.WriteString("Type=simple\n")
-	b.WriteString("ExecStart=" + execLine(o.HelperBin, args) + "\n")
+	b.WriteString("ExecStart=" + execLine(bin, args) + "\n")
 	if o.HelperSocket != "" {
 		if err := checkPath("helper socket", o.HelperSocket); err != nil {
 			return "", err
@@ -380,6 +424,15 @@ func (i *Installer) InstallHelper(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	if err := checkPath("helper binary", i.HelperBin); err != nil {
+		return "", err
+	}
+	if err := InstallBinary(i.HelperBin, i.helperInstallPath()); err != nil {
+		return "", err
+	}
+	if err := WriteHelperConfig(i.helperConfig(), i.Pool); err != nil {
+		return "", err
+	}
 	return i.install(ctx, i.systemDir(), HelperUnit, content, false)
 }
 
@@ -388,7 +441,15 @@ func (i *Installer) UninstallHelper(ctx context.Context) error {
 	if err := i.checkSystemd(); err != nil {
 		return err
 	}
-	return i.uninstall(ctx, i.systemDir(), HelperUnit, false)
+	if err := i.uninstall(ctx, i.systemDir(), HelperUnit, false); err != nil {
+		return err
+	}
+	for _, p := range []string{i.helperInstallPath(), i.helperConfig()} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", p, err)
+		}
+	}
+	return nil
 }
 
 // InstallDaemon (as the user) writes bangerd's user unit, enables and

@@ -11,12 +11,13 @@ import (
 )
 
 func TestRenderHelperUnit(t *testing.T) {
-	u, err := RenderHelperUnit(Options{HelperBin: "/usr/local/bin/banger-helper", AllowUsers: []string{"alice", "1001"}})
+	u, err := RenderHelperUnit(Options{HelperBin: "/home/alice/bin/banger-helper", AllowUsers: []string{"alice", "1001"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		"\nExecStart=/usr/local/bin/banger-helper --allow-user alice --allow-user 1001\n",
+		// the root-owned copy, never the user's binary
+		"\nExecStart=/usr/local/libexec/banger/banger-helper --allow-user alice --allow-user 1001 --config /etc/banger/helper.json\n",
 		"\nRuntimeDirectory=banger\n",
 		"\nRuntimeDirectoryMode=0755\n",
 		"\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n",
@@ -101,9 +102,14 @@ func (f *fakeRunner) run(ctx context.Context, name string, args ...string) ([]by
 func TestInstallerLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	f := &fakeRunner{}
+	src := filepath.Join(dir, "banger-helper")
+	if err := os.WriteFile(src, []byte("helper v1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	in := &Installer{
-		Options: Options{HelperBin: "/usr/bin/banger-helper", DaemonBin: "/usr/bin/bangerd", AllowUsers: []string{"alice"},
-			SystemUnitDir: filepath.Join(dir, "system"), UserUnitDir: filepath.Join(dir, "user")},
+		Options: Options{HelperBin: src, DaemonBin: "/usr/bin/bangerd", AllowUsers: []string{"alice"},
+			SystemUnitDir: filepath.Join(dir, "system"), UserUnitDir: filepath.Join(dir, "user"),
+			HelperInstallPath: filepath.Join(dir, "libexec", "banger", "banger-helper"), HelperConfig: filepath.Join(dir, "etc", "helper.json")},
 		Run: f.run, Systemd: func() bool { return true },
 	}
 	ctx := context.Background()
@@ -116,6 +122,11 @@ func TestInstallerLifecycle(t *testing.T) {
 	}
 	if _, err := in.InstallHelper(ctx); err != nil { // unchanged: no restart
 		t.Fatal(err)
+	}
+	for _, f := range []string{in.HelperInstallPath, in.HelperConfig} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("InstallHelper did not write %s: %v", f, err)
+		}
 	}
 	if _, err := in.InstallDaemon(ctx); err != nil {
 		t.Fatal(err)
@@ -146,7 +157,7 @@ func TestInstallerLifecycle(t *testing.T) {
 	if !reflect.DeepEqual(f.calls, want) {
 		t.Fatalf("systemctl calls:\n%q\nwant\n%q", f.calls, want)
 	}
-	for _, p := range []string{filepath.Join(dir, "system", HelperUnit), filepath.Join(dir, "user", DaemonUnit)} {
+	for _, p := range []string{filepath.Join(dir, "system", HelperUnit), filepath.Join(dir, "user", DaemonUnit), in.HelperInstallPath, in.HelperConfig} {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s left behind: %v", p, err)
 		}
