@@ -150,5 +150,41 @@ type Instance interface {
 	State(ctx context.Context) (State, error)
 }
 
+// Snapshotter is implemented by an Instance whose VMM can pause the machine
+// and save its state for a later Restore.
+//
+// A snapshot is taken in this order: Pause, SaveState, copy the writable
+// disks while still paused (vmmproc.CopySparse), then Resume (or Kill). The
+// saved state holds the guest's memory and device state, not its disks.
+type Snapshotter interface {
+	// Pause stops the vCPUs; I/O in flight is drained and flushed to the
+	// disk files.
+	Pause(ctx context.Context) error
+	// Resume runs a paused machine again.
+	Resume(ctx context.Context) error
+	// SaveState writes the paused machine's state into dir (an existing,
+	// empty directory of its own). The machine stays paused.
+	SaveState(ctx context.Context, dir string) (SavedState, error)
+}
+
+// SavedState describes a machine state saved by SaveState.
+type SavedState struct {
+	Driver string   `json:"driver"`
+	Files  []string `json:"files"` // names inside the state directory
+	Bytes  int64    `json:"bytes"` // disk space the files use (sparse files count their data only)
+}
+
+// Restorer is implemented by a Driver that can start a VMM from a saved state.
+type Restorer interface {
+	// Restore launches a VMM for cfg, loads the state saved in dir and
+	// resumes the guest where it was paused. cfg must have the saved
+	// machine's shape (vCPUs, memory, drives in the same order with the same
+	// ids, a network interface if it had one); its VM id, directory, disk
+	// paths and tap may differ. The guest keeps everything it had in memory,
+	// its MAC address included, until it is told otherwise. The guest
+	// channel is new: the host connects again.
+	Restore(ctx context.Context, cfg MachineConfig, dir string) (Instance, error)
+}
+
 // ErrGone means the VMM process no longer exists.
 var ErrGone = errors.New("vmm process is gone")

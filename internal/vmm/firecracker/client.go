@@ -150,6 +150,38 @@ type apiAction struct {
 	ActionType string `json:"action_type"`
 }
 
+type apiVM struct {
+	State string `json:"state"` // Paused, Resumed
+}
+
+type apiSnapshotCreate struct {
+	SnapshotPath string `json:"snapshot_path"`
+	MemFilePath  string `json:"mem_file_path"`
+	SnapshotType string `json:"snapshot_type,omitempty"`
+}
+
+type apiMemoryBackend struct {
+	BackendPath string `json:"backend_path"`
+	BackendType string `json:"backend_type"`
+}
+
+type apiNetworkOverride struct {
+	IfaceID     string `json:"iface_id"`
+	HostDevName string `json:"host_dev_name"`
+}
+
+type apiVsockOverride struct {
+	UDSPath string `json:"uds_path"`
+}
+
+type apiSnapshotLoad struct {
+	SnapshotPath     string               `json:"snapshot_path"`
+	MemBackend       apiMemoryBackend     `json:"mem_backend"`
+	ResumeVM         bool                 `json:"resume_vm"`
+	NetworkOverrides []apiNetworkOverride `json:"network_overrides,omitempty"`
+	VsockOverride    *apiVsockOverride    `json:"vsock_override,omitempty"`
+}
+
 type apiInstanceInfo struct {
 	AppName    string `json:"app_name"`
 	ID         string `json:"id"`

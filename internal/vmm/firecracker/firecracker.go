@@ -308,6 +308,9 @@ type layout struct {
 	// Paths given to Firecracker.
 	fcAPISock, fcVsock, fcLog2, fcMetrics, fcKernel, fcInitrd string
 	fcDrives                                                  []string
+
+	// A restore: the saved state (host paths) and as Firecracker sees them.
+	stateFile, memFile, fcStateFile, fcMemFile string
 }
 
 func (d *Driver) jailDir(vmID string) string {
@@ -315,7 +318,25 @@ func (d *Driver) jailDir(vmID string) string {
 	return filepath.Join(j.ChrootBaseDir, filepath.Base(j.ExecFile), vmID)
 }
 
-func (d *Driver) layout(cfg vmm.MachineConfig) layout {
+// driveLink is the name under which Firecracker opens a drive, relative to
+// its working directory (the VM directory, or the jail's root). A snapshot
+// records these names, so a VM restored in another directory opens its own
+// disks, not the source's.
+func driveLink(id string) string { return "drive-" + id }
+
+func (d *Driver) layout(cfg vmm.MachineConfig, stateDir string) layout {
+	l := d.layout1(cfg)
+	if stateDir != "" {
+		l.stateFile, l.memFile = filepath.Join(stateDir, StateFileName), filepath.Join(stateDir, MemFileName)
+		l.fcStateFile, l.fcMemFile = l.stateFile, l.memFile
+		if l.jailDir != "" {
+			l.fcStateFile, l.fcMemFile = "/"+StateFileName, "/"+MemFileName
+		}
+	}
+	return l
+}
+
+func (d *Driver) layout1(cfg vmm.MachineConfig) layout {
 	l := layout{
 		dir:     cfg.Dir,
 		console: filepath.Join(cfg.Dir, ConsoleLogName),
@@ -329,7 +350,7 @@ func (d *Driver) layout(cfg vmm.MachineConfig) layout {
 		l.fcAPISock, l.fcVsock, l.fcLog2, l.fcMetrics = l.apiSock, l.vsock, l.fcLog, l.metrics
 		l.fcKernel, l.fcInitrd = cfg.KernelPath, cfg.InitrdPath
 		for _, dr := range cfg.Drives {
-			l.fcDrives = append(l.fcDrives, dr.Path)
+			l.fcDrives = append(l.fcDrives, driveLink(dr.ID))
 		}
 		return l
 	}
@@ -344,7 +365,7 @@ func (d *Driver) layout(cfg vmm.MachineConfig) layout {
 		l.fcInitrd = "/initrd"
 	}
 	for _, dr := range cfg.Drives {
-		l.fcDrives = append(l.fcDrives, "/drive-"+dr.ID)
+		l.fcDrives = append(l.fcDrives, "/"+driveLink(dr.ID))
 	}
 	return l
 }
@@ -380,6 +401,12 @@ func (d *Driver) prepare(cfg vmm.MachineConfig, l layout) error {
 		f.Close()
 	}
 	if l.jailDir == "" {
+		// The drives under fixed names in the VM directory (see driveLink).
+		for _, dr := range cfg.Drives {
+			if err := relink(dr.Path, filepath.Join(cfg.Dir, driveLink(dr.ID))); err != nil {
+				return err
+			}
+		}
 		return nil
 	}
 	j := d.opts.Jailer
@@ -389,6 +416,9 @@ func (d *Driver) prepare(cfg vmm.MachineConfig, l layout) error {
 	}
 	for i, dr := range cfg.Drives {
 		links = append(links, [2]string{dr.Path, l.fcDrives[i]})
+	}
+	if l.stateFile != "" {
+		links = append(links, [2]string{l.stateFile, l.fcStateFile}, [2]string{l.memFile, l.fcMemFile})
 	}
 	for _, ln := range links {
 		dst := filepath.Join(l.jailRoot, ln[1])
@@ -406,6 +436,27 @@ func (d *Driver) prepare(cfg vmm.MachineConfig, l layout) error {
 				return fmt.Errorf("give %s to the jailed uid: %w", filepath.Base(p), err)
 			}
 		}
+	}
+	return nil
+}
+
+// relink points the symlink link at target, replacing an earlier symlink
+// there; anything else at link is an error.
+func relink(target, link string) error {
+	abs, err := filepath.Abs(target)
+	if err != nil {
+		return err
+	}
+	if fi, err := os.Lstat(link); err == nil {
+		if fi.Mode().Type() != fs.ModeSymlink {
+			return fmt.Errorf("%s exists and is not a symlink; remove it or pick another VM directory", link)
+		}
+		if err := os.Remove(link); err != nil {
+			return err
+		}
+	}
+	if err := os.Symlink(abs, link); err != nil {
+		return fmt.Errorf("link drive into the VM directory: %w", err)
 	}
 	return nil
 }
@@ -438,6 +489,16 @@ func (d *Driver) command(cfg vmm.MachineConfig, l layout) *exec.Cmd {
 
 // Start implements vmm.Driver.
 func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance, error) {
+	inst, err := d.launch(ctx, cfg, "")
+	if err != nil {
+		return nil, err
+	}
+	return inst, nil
+}
+
+// launch starts Firecracker for cfg and boots the machine, or, with a
+// stateDir, loads the state saved there and resumes it.
+func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, stateDir string) (*instance, error) {
 	if err := validate(cfg); err != nil {
 		return nil, err
 	}
@@ -452,7 +513,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		dd.opts.Jailer = &jj
 		d = &dd
 	}
-	l := d.layout(cfg)
+	l := d.layout(cfg, stateDir)
 	if err := d.prepare(cfg, l); err != nil {
 		d.removeJail(l.jailDir)
 		return nil, err
@@ -513,7 +574,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		cfg.Spawned(h)
 	}
 
-	if err := d.boot(ctx, inst, cfg, l); err != nil {
+	boot := d.boot
+	if stateDir != "" {
+		boot = d.restore
+	}
+	if err := boot(ctx, inst, cfg, l); err != nil {
 		log.WarnContext(ctx, "firecracker start failed; killing it", "pid", proc.PID, "error", err.Error())
 		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()

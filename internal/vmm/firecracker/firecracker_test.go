@@ -151,9 +151,10 @@ func TestStartConfiguresMachineAsSpecified(t *testing.T) {
 			"initrd_path":       cfg.InitrdPath,
 			"boot_args":         "quiet banger.debug=1 console=ttyS0 reboot=k panic=-1 pci=off",
 		},
-		"/drives/image":   {"drive_id": "image", "path_on_host": cfg.Drives[0].Path, "is_root_device": false, "is_read_only": true},
-		"/drives/rw":      {"drive_id": "rw", "path_on_host": cfg.Drives[1].Path, "is_root_device": false, "is_read_only": false},
-		"/drives/bootcfg": {"drive_id": "bootcfg", "path_on_host": cfg.Drives[2].Path, "is_root_device": false, "is_read_only": true},
+		// Relative to the VM directory, where each is a link to the drive.
+		"/drives/image":   {"drive_id": "image", "path_on_host": "drive-image", "is_root_device": false, "is_read_only": true},
+		"/drives/rw":      {"drive_id": "rw", "path_on_host": "drive-rw", "is_root_device": false, "is_read_only": false},
+		"/drives/bootcfg": {"drive_id": "bootcfg", "path_on_host": "drive-bootcfg", "is_root_device": false, "is_read_only": true},
 		"/vsock":          {"guest_cid": 3.0, "uds_path": filepath.Join(cfg.Dir, VsockName)},
 		"/actions":        {"action_type": "InstanceStart"},
 	}
@@ -163,6 +164,11 @@ func TestStartConfiguresMachineAsSpecified(t *testing.T) {
 		}
 		if got := body(t, r); !reflect.DeepEqual(got, wantBodies[r.Path]) {
 			t.Errorf("PUT %s body:\n got %v\nwant %v", r.Path, got, wantBodies[r.Path])
+		}
+	}
+	for _, dr := range cfg.Drives {
+		if target, err := os.Readlink(filepath.Join(cfg.Dir, "drive-"+dr.ID)); err != nil || target != dr.Path {
+			t.Errorf("drive link %s -> %q (%v), want %s", dr.ID, target, err, dr.Path)
 		}
 	}
 

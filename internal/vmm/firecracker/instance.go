@@ -15,16 +15,17 @@ import (
 // instance is one running Firecracker.
 type instance struct {
 	*vmmproc.Proc
-	d     *Driver
-	h     vmm.Handles
-	api   *client
-	fcLog string
+	d       *Driver
+	h       vmm.Handles
+	api     *client
+	fcLog   string
+	jailDir string
 }
 
 var _ vmm.Instance = (*instance)(nil)
 
 func (d *Driver) newInstance(h vmm.Handles, proc *system.Process, adopted bool, jailDir, fcLog string, console *vmmproc.Console) *instance {
-	in := &instance{d: d, h: h, api: newClient(h.APISocket), fcLog: fcLog}
+	in := &instance{d: d, h: h, api: newClient(h.APISocket), fcLog: fcLog, jailDir: jailDir}
 	in.Proc = vmmproc.Watch(vmmproc.Config{
 		Name: "firecracker", Handles: h, Proc: proc, Adopted: adopted, Log: d.log.With("vm", h.VMID, "pid", h.PID),
 		Sockets:   []string{h.APISocket, h.Channel.Path},

@@ -80,6 +80,9 @@ type launchSpec struct {
 	Channel vmm.GuestChannel
 	Paths   layout
 	Sandbox bool
+	// Incoming: wait paused for a migration stream (a snapshot restore)
+	// instead of booting: -incoming defer -S.
+	Incoming bool
 }
 
 // validateConfig checks a MachineConfig before anything is started.
@@ -248,6 +251,9 @@ func buildArgs(s launchSpec) ([]string, error) {
 		)
 	default:
 		return nil, fmt.Errorf("internal error: guest channel kind %q", s.Channel.Kind)
+	}
+	if s.Incoming {
+		a = append(a, "-incoming", "defer", "-S")
 	}
 	return a, nil
 }

@@ -290,6 +290,17 @@ func (d *Driver) Preflight(ctx context.Context) error {
 
 // Start implements vmm.Driver.
 func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance, error) {
+	inst, err := d.launch(ctx, cfg, false)
+	if err != nil {
+		return nil, err
+	}
+	return inst, nil
+}
+
+// launch starts QEMU for cfg. With incoming, QEMU waits (paused, -incoming
+// defer -S) for a migration stream instead of booting the kernel, and launch
+// returns once the monitor answers.
+func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, incoming bool) (*instance, error) {
 	if err := validateConfig(cfg); err != nil {
 		return nil, fmt.Errorf("invalid machine config: %w", err)
 	}
@@ -341,7 +352,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 	}
 	args, err := buildArgs(launchSpec{
 		Config: cfg, Accel: accel.Accel, TSCKHz: d.tscKHz, Channel: ch, Paths: paths,
-		Sandbox: info.sandbox && !d.opts.NoSandbox,
+		Sandbox: info.sandbox && !d.opts.NoSandbox, Incoming: incoming,
 	})
 	if err != nil {
 		return nil, err
@@ -403,7 +414,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance
 		return nil, fmt.Errorf("qemu failed to start: %w", err)
 	}
 	inst := newInstance(h, proc, false, console, log)
-	if err := inst.waitRunning(ctx); err != nil {
+	want := "running"
+	if incoming {
+		want = "inmigrate"
+	}
+	if err := inst.waitStatus(ctx, want); err != nil {
 		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
 		defer kcancel()
 		if kerr := inst.Kill(kctx); kerr != nil {

@@ -74,9 +74,12 @@ func exitStatus(code int, sig string, adopted bool, logTail string, at time.Time
 	return st
 }
 
-// readTail returns the last n non-empty lines of the file at path, joined by "; ".
+// readTail returns the last n non-empty lines of the file at path, joined by
+// "; ", leaving out QEMU's note that it waits for bangerd on the console socket.
 func readTail(path string, n int) string {
-	return strings.Join(vmmproc.Tail(path, n, nil), "; ")
+	return strings.Join(vmmproc.Tail(path, n, func(l string) bool {
+		return !strings.Contains(l, "info: QEMU waiting for connection on")
+	}), "; ")
 }
 
 // withDefaultTimeout bounds ctx when it has no deadline.
@@ -176,9 +179,10 @@ func (i *instance) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-// waitRunning waits until QEMU answers on QMP and reports the machine running,
-// or fails with QEMU's own words when it exits first.
-func (i *instance) waitRunning(ctx context.Context) error {
+// waitStatus waits until QEMU answers on QMP and reports the machine in
+// status want ("running"; "inmigrate" for a restore), or fails with QEMU's own
+// words when it exits first.
+func (i *instance) waitStatus(ctx context.Context, want string) error {
 	const poll = 20 * time.Millisecond
 	t := time.NewTimer(0)
 	defer t.Stop()
@@ -200,10 +204,10 @@ func (i *instance) waitRunning(ctx context.Context) error {
 		}
 		st, err := i.queryStatus(ctx)
 		if err == nil {
-			if st.Status == "running" {
+			if st.Status == want {
 				return nil
 			}
-			return fmt.Errorf("qemu reports the machine %q instead of running; qemu log: %s", st.Status, readTail(i.h.VMMLog, 5))
+			return fmt.Errorf("qemu reports the machine %q instead of %s; qemu log: %s", st.Status, want, readTail(i.h.VMMLog, 5))
 		}
 		lastErr = err
 		t.Reset(poll)

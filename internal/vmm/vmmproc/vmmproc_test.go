@@ -184,3 +184,47 @@ func TestAdoptProcessRefuses(t *testing.T) {
 		t.Fatalf("pid %d", p.PID)
 	}
 }
+
+func TestCopySparse(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "disk")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 64 << 20
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	// Data at the start, in the middle and at the very end; holes between.
+	for _, off := range []int64{0, 20 << 20, size - 5} {
+		if _, err := f.WriteAt([]byte("data!"), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	dst := filepath.Join(dir, "copy")
+	ctx := context.Background()
+	if _, err := CopySparse(ctx, src, dst); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(src)
+	b, _ := os.ReadFile(dst)
+	if len(a) != len(b) || string(a) != string(b) {
+		t.Fatalf("copy differs (%d vs %d bytes)", len(a), len(b))
+	}
+	if use, _ := DiskUse(dst); use > 4<<20 {
+		t.Errorf("the copy of a 64 MiB file holding 15 bytes uses %d bytes on disk", use)
+	}
+	if _, err := CopySparse(ctx, src, dst); err == nil {
+		t.Error("CopySparse overwrote an existing file")
+	}
+	link := filepath.Join(dir, "link")
+	os.Symlink(src, link)
+	if _, err := CopySparse(ctx, link, filepath.Join(dir, "copy2")); err == nil {
+		t.Error("CopySparse followed a symlink")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "copy2")); !errors.Is(err, os.ErrNotExist) {
+		t.Error("a failed copy left its destination")
+	}
+}

@@ -350,16 +350,11 @@ func (s *Server) handle(method, path string, body []byte) (int, any, *fault) {
 	case "PUT /actions":
 		return s.action(action)
 	case "PATCH /vm":
-		if !s.started {
-			return 0, nil, violation("The requested operation is not supported before starting the microVM: PATCH /vm")
-		}
-		s.paused = obj["state"] == "Paused"
-		return http.StatusNoContent, nil, nil
+		return s.vmState(obj)
+	case "PUT /snapshot/create":
+		return s.createSnapshot(obj)
 	case "PUT /snapshot/load":
-		if s.other || s.started {
-			return 0, nil, violation("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
-		}
-		return 0, nil, &fault{verdict: VerdictUnsimulated, msg: "fakefc: snapshots are not simulated"}
+		return s.loadSnapshot(obj)
 	}
 	if op.Method == "GET" {
 		return 0, nil, &fault{verdict: VerdictUnsimulated, msg: "fakefc: " + key + " is not simulated"}

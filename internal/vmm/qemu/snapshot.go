@@ -1,0 +1,260 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
+)
+
+// Snapshots use QEMU's migration: SaveState runs `migrate` to a unix socket
+// that bangerd serves and copies into a file (QEMU runs with -sandbox
+// spawn=deny, so exec: URIs are refused, and QEMU 7.2 has no file: URI);
+// Restore starts the same command line with `-incoming defer -S`, runs
+// `migrate-incoming` on a unix socket QEMU serves, streams the file into it
+// and then `cont`. Every microvm device banger uses migrates.
+
+const (
+	stateFileName = "qemu.vmstate"
+	migSockName   = "mig.sock"
+	// snapshotTimeout bounds SaveState and the load in Restore when ctx has
+	// no deadline.
+	snapshotTimeout = 2 * time.Minute
+	migratePoll     = 10 * time.Millisecond
+)
+
+var (
+	_ vmm.Snapshotter = (*instance)(nil)
+	_ vmm.Restorer    = (*Driver)(nil)
+)
+
+func withSnapshotTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, snapshotTimeout)
+}
+
+// Pause implements vmm.Snapshotter (QMP stop: QEMU drains and flushes the
+// disks before it returns).
+func (i *instance) Pause(ctx context.Context) error {
+	err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+		return q.Execute(ctx, "stop", nil, nil)
+	})
+	if err != nil {
+		return fmt.Errorf("pause the guest: %w", err)
+	}
+	return nil
+}
+
+// Resume implements vmm.Snapshotter.
+func (i *instance) Resume(ctx context.Context) error {
+	err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+		return q.Execute(ctx, "cont", nil, nil)
+	})
+	if err != nil {
+		return fmt.Errorf("resume the guest: %w", err)
+	}
+	return nil
+}
+
+type migrationInfo struct {
+	Status    string `json:"status"`
+	ErrorDesc string `json:"error-desc"`
+}
+
+// waitMigration polls query-migrate until the migration completed or failed.
+func (i *instance) waitMigration(ctx context.Context) error {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("qemu did not finish the snapshot in time: %w", ctx.Err())
+		case <-i.Exited():
+			return fmt.Errorf("qemu exited during the snapshot: %s", i.Status().Reason)
+		case <-t.C:
+		}
+		var mi migrationInfo
+		err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+			return q.Execute(ctx, "query-migrate", nil, &mi)
+		})
+		if err != nil {
+			return err
+		}
+		switch mi.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("qemu's migration %s: %s", mi.Status, mi.ErrorDesc)
+		}
+		t.Reset(migratePoll)
+	}
+}
+
+// SaveState implements vmm.Snapshotter: the paused machine's state goes to
+// dir/qemu.vmstate. Zero pages take no room in the stream, so the file holds
+// about the memory the guest has used, not its size.
+func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, error) {
+	ctx, cancel := withSnapshotTimeout(ctx)
+	defer cancel()
+	st, err := i.queryStatus(ctx)
+	if err != nil {
+		return vmm.SavedState{}, err
+	}
+	if st.Status != "paused" {
+		return vmm.SavedState{}, fmt.Errorf("save the guest's state: the machine is %q; pause it first", st.Status)
+	}
+	sock := filepath.Join(dir, migSockName)
+	if err := vmmproc.CheckSocketPath(sock); err != nil {
+		return vmm.SavedState{}, err
+	}
+	if err := vmmproc.RemoveSocket(sock); err != nil {
+		return vmm.SavedState{}, err
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return vmm.SavedState{}, fmt.Errorf("save the guest's state: %w", err)
+	}
+	defer ln.Close()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	path := filepath.Join(dir, stateFileName)
+	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return vmm.SavedState{}, fmt.Errorf("save the guest's state: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.Remove(path)
+		}
+	}()
+	copied := make(chan error, 1)
+	go func() {
+		defer out.Close()
+		c, err := ln.Accept()
+		if err != nil {
+			copied <- err
+			return
+		}
+		defer c.Close()
+		stopConn := context.AfterFunc(ctx, func() { c.Close() })
+		defer stopConn()
+		if _, err := io.Copy(out, c); err != nil {
+			copied <- err
+			return
+		}
+		copied <- out.Sync()
+	}()
+	err = i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+		// The default cap (32 MiB/s) is for live migration over a network;
+		// the guest is paused and the stream goes to a local file.
+		if err := q.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil); err != nil {
+			return err
+		}
+		return q.Execute(ctx, "migrate", map[string]any{"uri": "unix:" + sock}, nil)
+	})
+	if err == nil {
+		err = i.waitMigration(ctx)
+	}
+	if err != nil {
+		ln.Close()
+		<-copied
+		return vmm.SavedState{}, fmt.Errorf("save the guest's state: %w", err)
+	}
+	select {
+	case err = <-copied:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		return vmm.SavedState{}, fmt.Errorf("save the guest's state: write %s: %w", path, err)
+	}
+	ok = true
+	use, _ := vmmproc.DiskUse(path)
+	return vmm.SavedState{Driver: DriverName, Files: []string{stateFileName}, Bytes: use}, nil
+}
+
+// Restore implements vmm.Restorer.
+func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string) (vmm.Instance, error) {
+	state := filepath.Join(dir, stateFileName)
+	in, err := os.OpenFile(state, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("restore: open the saved state: %w", err)
+	}
+	defer in.Close()
+	if fi, err := in.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("restore: %s is not a regular file", state)
+	}
+	ctx, cancel := withSnapshotTimeout(ctx)
+	defer cancel()
+	inst, err := d.launch(ctx, cfg, true)
+	if err != nil {
+		return nil, err
+	}
+	if err := inst.load(ctx, cfg.Dir, in); err != nil {
+		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
+		defer kcancel()
+		if kerr := inst.Kill(kctx); kerr != nil {
+			inst.log.ErrorContext(ctx, "could not kill qemu after a failed restore", "error", kerr)
+		}
+		if tail := readTail(inst.h.VMMLog, 5); tail != "" {
+			err = fmt.Errorf("%w; qemu log: %s", err, tail)
+		}
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	inst.log.InfoContext(ctx, "qemu restored from a saved state")
+	return inst, nil
+}
+
+// load feeds the saved state to a QEMU waiting with -incoming defer and runs
+// the guest.
+func (i *instance) load(ctx context.Context, vmDir string, state io.Reader) error {
+	sock := filepath.Join(vmDir, migSockName)
+	if err := vmmproc.CheckSocketPath(sock); err != nil {
+		return err
+	}
+	if err := vmmproc.RemoveSocket(sock); err != nil {
+		return err
+	}
+	defer vmmproc.RemoveSocket(sock)
+	err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+		return q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}, nil)
+	})
+	if err != nil {
+		return err
+	}
+	conn, err := vmmproc.DialConsole(ctx, sock, i.Exited())
+	if err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	sent := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(conn, state)
+		if uc, ok := conn.(*net.UnixConn); ok {
+			uc.CloseWrite()
+		}
+		sent <- err
+	}()
+	err = i.waitMigration(ctx)
+	conn.Close()
+	// QEMU checked the stream; a send error matters only through it.
+	<-sent
+	if err != nil {
+		return err
+	}
+	if err := i.Resume(ctx); err != nil {
+		return err
+	}
+	return i.waitStatus(ctx, "running")
+}
