@@ -120,6 +120,13 @@ func homeProcs(h string) []int {
 
 func newNetRig(t *testing.T) *netRig {
 	t.Helper()
+	return newNetRigWith(t, nil)
+}
+
+// newNetRigWith is newNetRig with prep run on the namespaces before the
+// helper starts; it returns extra banger-helper arguments.
+func newNetRigWith(t *testing.T, prep func(e *nettest.Env) []string) *netRig {
+	t.Helper()
 	nettest.Require(t)
 	testenv.RequireQEMU(t)
 	if _, err := os.Stat(filepath.Join(repoRoot(t), "cmd", "banger-agent", "main.go")); err != nil {
@@ -134,7 +141,11 @@ func newNetRig(t *testing.T) *netRig {
 	h := home(t)
 	r := &netRig{env: e, home: h, sock: filepath.Join(h, "helper.sock")}
 	r.helperC = &hostnet.Client{Socket: r.sock}
-	r.helper = startInNS(t, e, "banger-helper", nil, helper, "--socket", r.sock, "--debug")
+	args := []string{"--socket", r.sock, "--debug"}
+	if prep != nil {
+		args = append(args, prep(e)...)
+	}
+	r.helper = startInNS(t, e, "banger-helper", nil, helper, args...)
 	waitSocket(t, r.helper, "banger-helper", r.sock)
 	// The CLI (run outside the namespace) finds the helper too.
 	t.Setenv(hostnet.SocketEnv, r.sock)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -23,7 +22,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/hostnet"
-	"github.com/bangerdev/banger/internal/hostnet/dnsfwd"
 	"github.com/bangerdev/banger/internal/hostnet/netcfg"
 	"github.com/bangerdev/banger/internal/hostnet/nettest"
 )
@@ -106,80 +104,6 @@ func countMarked(t *testing.T, env *nettest.Env) int {
 		}
 	}
 	return n
-}
-
-// dnsStub answers every A query on addr (UDP and TCP, in the host namespace) with
-// ip, counting the queries; it stands in for systemd-resolved's stub.
-func dnsStub(t *testing.T, env *nettest.Env, addr netip.AddrPort, ip netip.Addr) func() int {
-	t.Helper()
-	var pc net.PacketConn
-	if err := env.Do(func() (err error) { pc, err = net.ListenPacket("udp4", addr.String()); return err }); err != nil {
-		t.Fatalf("dns stub on %s: %v", addr, err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	var ln net.Listener
-	if err := env.Do(func() (err error) { ln, err = net.Listen("tcp4", addr.String()); return err }); err != nil {
-		t.Fatalf("dns stub on tcp %s: %v", addr, err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	hits := make(chan struct{}, 1000)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			var l [2]byte
-			if _, err := io.ReadFull(c, l[:]); err == nil {
-				q := make([]byte, binary.BigEndian.Uint16(l[:]))
-				if _, err := io.ReadFull(c, q); err == nil {
-					if r := answerA(q, ip); r != nil {
-						hits <- struct{}{}
-						c.Write(append([]byte{byte(len(r) >> 8), byte(len(r))}, r...))
-					}
-				}
-			}
-			c.Close()
-		}
-	}()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			if r := answerA(buf[:n], ip); r != nil {
-				hits <- struct{}{}
-				pc.WriteTo(r, from)
-			}
-		}
-	}()
-	return func() int { return len(hits) }
-}
-
-// answerA builds a reply with one A record to a one-question query.
-func answerA(q []byte, ip netip.Addr) []byte {
-	if !dnsfwd.ValidQuery(q) {
-		return nil
-	}
-	end := 12
-	for end < len(q) && q[end] != 0 {
-		end += int(q[end]) + 1
-	}
-	end += 5 // root label, qtype, qclass
-	if end > len(q) {
-		return nil
-	}
-	r := append([]byte(nil), q[:end]...)
-	r[2], r[3] = 0x81, 0x80
-	binary.BigEndian.PutUint16(r[6:], 1)  // ANCOUNT
-	binary.BigEndian.PutUint16(r[8:], 0)  // NSCOUNT
-	binary.BigEndian.PutUint16(r[10:], 0) // ARCOUNT
-	a := ip.As4()
-	r = append(r, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4)
-	return append(r, a[:]...)
 }
 
 // query builds an A query for name.
@@ -316,7 +240,7 @@ func TestGuestNetworkPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	answer := netip.MustParseAddr("203.0.113.77")
-	stubHits := dnsStub(t, env, netip.MustParseAddrPort("127.0.0.53:53"), answer)
+	stubHits := env.ServeDNS(t, netip.MustParseAddrPort("127.0.0.53:53"), answer)
 
 	h := startHelper(t, env, "--allow-user", fmt.Sprint(allowedUID), "--allow-cidr", "192.168.50.0/24", "--resolv-conf", resolv)
 	c := &hostnet.Client{Socket: h.sock}
