@@ -378,6 +378,9 @@ func (d *Daemon) initrdFor(ctx context.Context, k *store.Kernel) (string, error)
 	if err != nil {
 		return "", err
 	}
+	if err := kernel.CheckStaticAgent(agent); err != nil {
+		return "", codeErr(rpc.CodeFailedPrecondition, err)
+	}
 	sum, err := fileDigest(agent)
 	if err != nil {
 		return "", fmt.Errorf("read banger-agent: %w", err)

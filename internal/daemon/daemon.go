@@ -96,8 +96,12 @@ func open(ctx context.Context, cfg Config) (_ *Daemon, _ net.Listener, err error
 		}
 	}()
 	l := cfg.Layout
-	if err := l.Ensure(); err != nil {
+	fixed, err := l.Repair()
+	if err != nil {
 		return nil, nil, err
+	}
+	for _, f := range fixed {
+		d.log.WarnContext(ctx, "repaired the mode of a banger directory", "dir", f)
 	}
 	if err := paths.CheckSocketPath(l.Socket()); err != nil {
 		return nil, nil, err
@@ -164,17 +168,24 @@ func (d *Daemon) lock() error {
 }
 
 // listenUnix removes a stale socket (we hold the instance lock, so nobody
-// else serves it) and listens with mode 0600.
+// else serves it) and listens with mode 0600. The socket is made in the run
+// directory, which is already 0700 (checked here), so nobody else can reach
+// it before its own mode is set; the process umask is never touched (it is
+// process-wide: another goroutine creating a directory meanwhile would get
+// the wrong mode).
 func listenUnix(path string) (net.Listener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	if err != nil {
 		return nil, err
 	}
-	old := syscall.Umask(0o177)
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%s has mode %v: others could reach the socket; hint: chmod 700 %s", dir, fi.Mode().Perm(), dir)
+	}
 	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}

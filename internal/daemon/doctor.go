@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"strings"
 
+	"github.com/bangerdev/banger/internal/kernel"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/vmm"
 
@@ -66,6 +67,20 @@ func (d *Daemon) doctor(ctx context.Context, _ struct{}) (api.DoctorResult, erro
 		}
 	} else {
 		add("network", nil, fmt.Sprintf("banger-helper answers (bridge %s)", pr.Bridge))
+	}
+	if ap, err := agentPath(); err != nil {
+		add("banger-agent", err, "")
+	} else {
+		add("banger-agent", kernel.CheckStaticAgent(ap), ap+" (static)")
+	}
+	fixed, err := d.cfg.Layout.Repair()
+	switch {
+	case err != nil:
+		add("home directories", err, "")
+	case len(fixed) > 0:
+		add("home directories", nil, "repaired to mode 0700: "+strings.Join(fixed, ", "))
+	default:
+		add("home directories", nil, "mode 0700")
 	}
 	ks, _ := d.store.ListKernels(ctx)
 	ims, _ := d.store.ListImages(ctx)

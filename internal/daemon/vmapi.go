@@ -8,6 +8,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -222,6 +224,17 @@ func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp) {
 	unlock := s.locks.Lock(vm.ID)
 	err := s.start(ctx, vm, op.progress)
 	if err != nil {
+		// The console log outlives the VM, and the error names where it is.
+		if kept := s.keepFailedConsole(ctx, vm); kept != "" {
+			consolePath := filepath.Join(s.vmDir(vm.ID), "console.log")
+			msg := err.Error()
+			if strings.Contains(msg, consolePath) {
+				msg = strings.ReplaceAll(msg, consolePath, kept)
+			} else {
+				msg += "; console log kept at " + kept
+			}
+			err = fmt.Errorf("%s", msg)
+		}
 		// the start's cleanup released the runtime; the record and files go too
 		if rerr := s.removeVM(ctx, vm); rerr != nil {
 			s.log.ErrorContext(ctx, "remove VM after a failed create", "vm", vm.Name, "error", rerr.Error())
@@ -387,4 +400,49 @@ func (d *Daemon) resolveImage(ctx context.Context, ref string) (*store.Image, er
 func (d *Daemon) resolveKernel(ctx context.Context, ref string) (*store.Kernel, error) {
 	return resolveDefault(ctx, ref, d.fileCfg.DefaultKernel, d.store.FindKernel, d.store.ListKernels,
 		"no kernels yet: import one with `banger kernel import --package linux-image-cloud-amd64`")
+}
+
+// maxFailedLogs is how many console logs of failed creates are kept.
+const maxFailedLogs = 20
+
+// keepFailedConsole moves the console log of a failed create to
+// logs/failed/ (keeping the newest maxFailedLogs) and returns its new path,
+// or "" when there was none.
+func (s *vmService) keepFailedConsole(ctx context.Context, vm *store.VM) string {
+	src := filepath.Join(s.vmDir(vm.ID), "console.log")
+	if fi, err := os.Stat(src); err != nil || fi.Size() == 0 {
+		return ""
+	}
+	dir := s.layout.FailedLogsDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		s.log.WarnContext(ctx, "keep the console log of a failed create", "vm", vm.Name, "error", err.Error())
+		return ""
+	}
+	dst := filepath.Join(dir, time.Now().UTC().Format("20060102T150405.000Z")+"-"+vm.Name+"-"+vm.ID+".log")
+	if err := os.Rename(src, dst); err != nil {
+		s.log.WarnContext(ctx, "keep the console log of a failed create", "vm", vm.Name, "error", err.Error())
+		return ""
+	}
+	pruneDir(dir, ".log", maxFailedLogs)
+	return dst
+}
+
+// pruneDir removes the oldest files (by name: they start with a timestamp)
+// ending in suffix beyond keep.
+func pruneDir(dir, suffix string, keep int) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	var names []string
+	for _, e := range ents {
+		if e.Type().IsRegular() && strings.HasSuffix(e.Name(), suffix) {
+			names = append(names, e.Name())
+		}
+	}
+	sort.Strings(names)
+	for len(names) > keep {
+		os.Remove(filepath.Join(dir, names[0]))
+		names = names[1:]
+	}
 }

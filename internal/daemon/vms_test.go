@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,6 +26,7 @@ import (
 type fakeDriver struct {
 	preflightErr error
 	startErr     error // returned after the VMM was spawned (and killed, as drivers do)
+	onStart      func(cfg vmm.MachineConfig)
 
 	mu    sync.Mutex
 	insts map[string]*fakeInst // by VM id
@@ -49,6 +51,9 @@ func (d *fakeDriver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Inst
 	d.mu.Unlock()
 	if cfg.Spawned != nil {
 		cfg.Spawned(in.h)
+	}
+	if d.onStart != nil {
+		d.onStart(cfg)
 	}
 	if d.startErr != nil {
 		in.exit(vmm.ExitStatus{Signal: "killed"})
@@ -633,5 +638,39 @@ func TestFindVMMsIn(t *testing.T) {
 	}
 	if got, _ := findVMMsIn(proc, vms, os.Getuid()+1); len(got) != 0 {
 		t.Fatalf("another user's processes matched: %v", got)
+	}
+}
+
+// A failed create keeps its console log under logs/failed/ (the newest 20)
+// and the error names the kept file, which exists.
+func TestFailedCreateKeepsConsoleLog(t *testing.T) {
+	ts := newTestSvc(t)
+	ts.ping = errors.New("agent never answers")
+	ctx := context.Background()
+	os.MkdirAll(ts.layout.FailedLogsDir(), 0o700)
+	for i := 0; i < maxFailedLogs+3; i++ {
+		os.WriteFile(filepath.Join(ts.layout.FailedLogsDir(), fmt.Sprintf("19990101T0000%02d.000Z-old-x.log", i)), []byte("old"), 0o600)
+	}
+	vm := ts.newVM(t, "boom", store.StateCreating)
+	// the VMM writes its console as it boots
+	ts.drv.onStart = func(cfg vmm.MachineConfig) {
+		os.WriteFile(filepath.Join(cfg.Dir, "console.log"), []byte("Kernel panic - not syncing: No working init found\n"), 0o600)
+	}
+	op := &createOp{status: api.CreateStatus{OpID: "op2"}, done: make(chan struct{})}
+	ts.runCreate(ctx, vm, op)
+	msg := op.snapshot().Error
+	i := strings.Index(msg, ts.layout.FailedLogsDir())
+	if i < 0 {
+		t.Fatalf("error does not name the kept log: %s", msg)
+	}
+	kept := strings.Fields(msg[i:])[0]
+	kept = strings.TrimRight(kept, ")")
+	b, err := os.ReadFile(kept)
+	if err != nil || !strings.Contains(string(b), "No working init") {
+		t.Fatalf("kept log %s: %q %v", kept, b, err)
+	}
+	ents, _ := os.ReadDir(ts.layout.FailedLogsDir())
+	if len(ents) != maxFailedLogs {
+		t.Fatalf("%d failed logs kept, want %d", len(ents), maxFailedLogs)
 	}
 }

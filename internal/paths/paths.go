@@ -50,14 +50,61 @@ func Resolve(home string) (Layout, error) {
 	return l, nil
 }
 
-// Ensure creates the directories (mode 0700).
+// Dirs returns every directory banger keeps for this user. Each is private
+// to the user: mode 0700.
+func (l Layout) Dirs() []string {
+	return []string{l.ConfigDir, l.DataDir, l.RunDir, l.VMsDir(), l.ImagesDir(), l.KernelsDir(), l.CacheDir(),
+		l.SSHDir(), l.LogsDir(), l.FailedLogsDir()}
+}
+
+// DirMode is the mode of every banger directory.
+const DirMode os.FileMode = 0o700
+
+// Ensure creates the directories and gives each mode 0700 explicitly: the
+// mode MkdirAll is given is filtered by the process umask, and a directory
+// without its search bit breaks every later create.
 func (l Layout) Ensure() error {
-	for _, d := range []string{l.ConfigDir, l.DataDir, l.RunDir, l.VMsDir(), l.ImagesDir(), l.KernelsDir(), l.CacheDir()} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return fmt.Errorf("create %s: %w", d, err)
+	_, err := l.Repair()
+	return err
+}
+
+// Repair is Ensure that also returns the directories whose mode it had to fix.
+func (l Layout) Repair() (fixed []string, err error) {
+	for _, d := range l.Dirs() {
+		if err := os.MkdirAll(d, DirMode); err != nil {
+			return fixed, fmt.Errorf("create %s: %w", d, err)
+		}
+		fi, err := os.Stat(d)
+		if err != nil {
+			return fixed, err
+		}
+		if !fi.IsDir() {
+			return fixed, fmt.Errorf("%s is not a directory; move it away", d)
+		}
+		if fi.Mode().Perm() != DirMode {
+			if err := os.Chmod(d, DirMode); err != nil {
+				return fixed, fmt.Errorf("%s has mode %v, want %v: %w; hint: chmod 700 %s", d, fi.Mode().Perm(), DirMode, err, d)
+			}
+			fixed = append(fixed, fmt.Sprintf("%s (was %v)", d, fi.Mode().Perm()))
 		}
 	}
-	return nil
+	return fixed, nil
+}
+
+// CheckModes reports, without changing anything, each directory that exists
+// with a mode other than 0700, with the command that fixes it.
+func (l Layout) CheckModes() []string {
+	var out []string
+	for _, d := range l.Dirs() {
+		fi, err := os.Stat(d)
+		if err != nil || !fi.IsDir() {
+			continue
+		}
+		if fi.Mode().Perm() != DirMode {
+			out = append(out, fmt.Sprintf("%s has mode %v, want %v (fix: chmod 700 %s)", d, fi.Mode().Perm(), DirMode, d))
+		}
+	}
+	return out
 }
 
 func (l Layout) Socket() string     { return filepath.Join(l.RunDir, "bangerd.sock") }
@@ -69,7 +116,12 @@ func (l Layout) VMsDir() string     { return filepath.Join(l.DataDir, "vms") }
 func (l Layout) ImagesDir() string  { return filepath.Join(l.DataDir, "images") }
 func (l Layout) KernelsDir() string { return filepath.Join(l.DataDir, "kernels") }
 func (l Layout) CacheDir() string   { return filepath.Join(l.DataDir, "cache") }
-func (l Layout) UserKey() string    { return filepath.Join(l.DataDir, "ssh", "id_ed25519") }
+func (l Layout) SSHDir() string     { return filepath.Join(l.DataDir, "ssh") }
+func (l Layout) UserKey() string    { return filepath.Join(l.SSHDir(), "id_ed25519") }
+func (l Layout) LogsDir() string    { return filepath.Join(l.DataDir, "logs") }
+
+// FailedLogsDir keeps the console logs of failed creates (the last 20).
+func (l Layout) FailedLogsDir() string { return filepath.Join(l.LogsDir(), "failed") }
 
 // VMDir is the directory of one VM.
 func (l Layout) VMDir(id string) string { return filepath.Join(l.VMsDir(), id) }
