@@ -10,40 +10,34 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/paths"
-	"github.com/bangerdev/banger/internal/rpc"
-
-	"github.com/bangerdev/banger/api"
 )
 
 // daemonStartTimeout bounds how long the CLI waits for a bangerd it started.
 const daemonStartTimeout = 15 * time.Second
 
 // client connects to bangerd, starting it when nothing answers.
-func (a *App) client(ctx context.Context) (*rpc.Client, error) {
+func (a *App) client(ctx context.Context) (*client.Client, error) {
 	layout, err := paths.Resolve("")
 	if err != nil {
 		return nil, err
 	}
-	sock := layout.Socket()
-	c, err := rpc.Dial(ctx, sock)
+	c, err := client.Dial(ctx, client.WithSocket(layout.Socket()))
 	if err == nil {
 		return c, nil
 	}
-	if !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ECONNREFUSED) {
-		return nil, fmt.Errorf("connect to bangerd at %s: %w", sock, err)
+	if !errors.Is(err, client.ErrNotRunning) {
+		return nil, err
 	}
 	if err := a.startDaemon(ctx, layout); err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(daemonStartTimeout)
 	for {
-		c, err := rpc.Dial(ctx, sock)
+		c, err := client.Dial(ctx, client.WithSocket(layout.Socket()))
 		if err == nil {
-			if perr := c.Call(ctx, api.MethodPing, nil, nil); perr == nil {
-				return c, nil
-			}
-			c.Close()
+			return c, nil
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("bangerd did not come up within %s; see %s", daemonStartTimeout, layout.DaemonLog())
@@ -103,12 +97,11 @@ func (a *App) startDaemon(ctx context.Context, layout paths.Layout) error {
 	return nil
 }
 
-// call performs one RPC on a fresh connection.
+// call performs one RPC.
 func (a *App) call(ctx context.Context, method string, params, result any) error {
 	c, err := a.client(ctx)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
 	return c.Call(ctx, method, params, result)
 }

@@ -2,12 +2,9 @@ package cli
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -15,7 +12,8 @@ import (
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/term"
 
-	"github.com/bangerdev/banger/internal/guest"
+	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/guestfs"
 	"github.com/bangerdev/banger/internal/termsafe"
 
 	"github.com/bangerdev/banger/api"
@@ -28,131 +26,71 @@ func (a *App) sshTo(ctx context.Context, vm string) (*ssh.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	var res api.ConnectResult
-	conn, err := c.Upgrade(ctx, api.MethodVMConnect, api.VMRef{VM: vm}, &res)
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	hk, err := guest.ParsePublicKey(res.HostKey)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("VM host key: %w", err)
-	}
-	uk, err := guest.LoadOrCreateUserKey(res.KeyPath)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	cc, chans, reqs, err := ssh.NewClientConn(conn, res.VM, &ssh.ClientConfig{
-		User: res.User, Auth: []ssh.AuthMethod{ssh.PublicKeys(uk.Signer)}, HostKeyCallback: ssh.FixedHostKey(hk),
-		Config: guest.SSHConfig(), HostKeyAlgorithms: []string{hk.Type()},
-	})
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("ssh handshake with %s: %w", vm, err)
-	}
-	conn.SetDeadline(time.Time{})
-	return ssh.NewClient(cc, chans, reqs), nil
+	return c.SSH(ctx, vm, "")
 }
 
 // runInGuest runs argv (or a login shell when empty) and returns its exit status.
 func (a *App) runInGuest(ctx context.Context, vm string, argv []string, tty bool) (int, error) {
-	cl, err := a.sshTo(ctx, vm)
+	return a.execInGuest(ctx, vm, argv, client.ExecOptions{TTY: tty})
+}
+
+// execInGuest runs argv with o, wiring the App's stdio, the terminal (raw
+// mode and window size when o.TTY and stdin is one) and the signals this
+// process receives, which go to the command.
+func (a *App) execInGuest(ctx context.Context, vm string, argv []string, o client.ExecOptions) (int, error) {
+	c, err := a.client(ctx)
 	if err != nil {
 		return 0, err
 	}
-	defer cl.Close()
-	sess, err := cl.NewSession()
-	if err != nil {
-		return 0, fmt.Errorf("open session: %w", err)
+	o.Stdout, o.Stderr = a.Stdout, a.Stderr
+	if o.Stdin == nil {
+		o.Stdin = a.Stdin
 	}
-	defer sess.Close()
-	sess.Stdout, sess.Stderr = a.Stdout, a.Stderr
 	stdinFile, isFile := a.Stdin.(*os.File)
-	if tty && isFile && term.IsTerminal(int(stdinFile.Fd())) {
-		fd := int(stdinFile.Fd())
-		w, h, _ := term.GetSize(fd)
-		if err := sess.RequestPty(envOr("TERM", "xterm-256color"), h, w, ssh.TerminalModes{ssh.ECHO: 1}); err != nil {
-			return 0, fmt.Errorf("request a terminal: %w", err)
-		}
-		old, err := term.MakeRaw(fd)
-		if err == nil {
-			defer term.Restore(fd, old)
-		}
-		winch := make(chan os.Signal, 1)
-		signal.Notify(winch, syscall.SIGWINCH)
-		defer signal.Stop(winch)
-		go func() {
-			for range winch {
-				if w, h, err := term.GetSize(fd); err == nil {
-					sess.WindowChange(h, w)
-				}
+	if o.TTY {
+		if isFile && term.IsTerminal(int(stdinFile.Fd())) {
+			fd := int(stdinFile.Fd())
+			o.Width, o.Height, _ = term.GetSize(fd)
+			o.Term = envOr("TERM", "xterm-256color")
+			old, err := term.MakeRaw(fd)
+			if err == nil {
+				defer term.Restore(fd, old)
 			}
-		}()
-		sess.Stdin = a.Stdin
-	} else {
-		in, err := sess.StdinPipe()
-		if err != nil {
-			return 0, err
+			winch := make(chan os.Signal, 1)
+			signal.Notify(winch, syscall.SIGWINCH)
+			defer signal.Stop(winch)
+			resize := make(chan client.WindowSize, 1)
+			done := make(chan struct{})
+			defer close(done)
+			go func() {
+				for {
+					select {
+					case <-done:
+						return
+					case <-winch:
+						if w, h, err := term.GetSize(fd); err == nil {
+							select {
+							case resize <- client.WindowSize{Width: w, Height: h}:
+							default:
+							}
+						}
+					}
+				}
+			}()
+			o.Resize = resize
 		}
-		go func() {
-			io.Copy(in, a.Stdin)
-			in.Close()
-		}()
 	}
-	if len(argv) == 0 {
-		err = sess.Shell()
-		if err == nil {
-			err = sess.Wait()
-		}
-	} else {
-		err = sess.Run(shellJoin(argv))
-	}
-	var ee *ssh.ExitError
-	switch {
-	case err == nil:
-		return 0, nil
-	case errors.As(err, &ee):
-		if ee.Signal() != "" {
-			return 128 + signalNumber(ee.Signal()), nil
-		}
-		return ee.ExitStatus(), nil
-	case errors.Is(err, io.EOF), strings.Contains(err.Error(), "exited without exit status"):
-		return 255, fmt.Errorf("the connection to %s closed before the command finished", vm)
-	}
-	return 0, err
-}
-
-func signalNumber(name string) int {
-	switch name {
-	case "HUP":
-		return 1
-	case "INT":
-		return 2
-	case "KILL":
-		return 9
-	case "TERM":
-		return 15
-	}
-	return 1
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, client.ForwardedSignals...)
+	defer signal.Stop(sigs)
+	o.Signals = sigs
+	// Signals go to the command, so the context's own cancellation on
+	// SIGINT/SIGTERM must not hang it up.
+	return c.Exec(context.WithoutCancel(ctx), vm, argv, o)
 }
 
 // shellJoin quotes argv for the guest's shell.
-func shellJoin(argv []string) string {
-	parts := make([]string, len(argv))
-	for i, a := range argv {
-		if a != "" && strings.IndexFunc(a, func(r rune) bool {
-			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=:,@+%", r))
-		}) < 0 {
-			parts[i] = a
-			continue
-		}
-		parts[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-	}
-	return strings.Join(parts, " ")
-}
+func shellJoin(argv []string) string { return guestfs.ShellJoin(argv) }
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {

@@ -42,6 +42,7 @@ func fakeDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := rpc.NewMux()
+	rpc.Handle(m, api.MethodPing, func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
 	rpc.Handle(m, "vm.ports", func(ctx context.Context, p api.VMRef) (api.PortsResult, error) {
 		return api.PortsResult{VM: p.VM, Ports: []api.Port{{Proto: "tcp", Address: hostileAddress, Port: 80, PID: 7, Process: hostileProcess}}}, nil
 	})

@@ -126,10 +126,8 @@ func (a *App) sshProxy(ctx context.Context, vm string) error {
 	if err != nil {
 		return err
 	}
-	var res api.ConnectResult
-	conn, err := c.Upgrade(ctx, api.MethodVMConnect, api.VMRef{VM: vm}, &res)
+	conn, _, err := c.Connect(ctx, vm)
 	if err != nil {
-		c.Close()
 		return err
 	}
 	defer conn.Close()

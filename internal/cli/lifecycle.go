@@ -9,8 +9,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/bangerdev/banger/internal/rpc"
-
 	"github.com/bangerdev/banger/api"
 )
 
@@ -88,9 +86,8 @@ func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*a
 	if err != nil {
 		return nil, err
 	}
-	defer c.Close()
-	var st api.CreateStatus
-	if err := c.Call(ctx, api.MethodVMCreateBegin, p, &st); err != nil {
+	st, err := c.BeginCreate(ctx, p)
+	if err != nil {
 		return nil, err
 	}
 	if noWait {
@@ -100,34 +97,17 @@ func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*a
 		fmt.Fprintf(a.Stdout, "creating %s (%s); follow with: banger vm show %s\n", st.Name, st.OpID, st.Name)
 		return nil, nil
 	}
-	progress := a.output != "json"
-	printed := 0
-	sctx := rpc.WithOpID(ctx, st.OpID)
-	for {
-		for ; printed < len(st.Stages); printed++ {
-			s := st.Stages[printed]
-			if s.FinishedAt == nil {
-				break
+	var onStage func(api.Stage)
+	if a.output != "json" {
+		onStage = func(s api.Stage) {
+			mark := "✓"
+			if s.Error != "" {
+				mark = "✗"
 			}
-			if progress {
-				mark := "✓"
-				if s.Error != "" {
-					mark = "✗"
-				}
-				fmt.Fprintf(a.Stderr, "%s %-16s %6.0f ms\n", mark, s.Name, s.DurationMS)
-			}
-		}
-		if st.Done {
-			break
-		}
-		if err := c.Call(sctx, api.MethodVMCreateStatus, api.CreateStatusParams{OpID: st.OpID, Wait: true}, &st); err != nil {
-			return nil, err
+			fmt.Fprintf(a.Stderr, "%s %-16s %6.0f ms\n", mark, s.Name, s.DurationMS)
 		}
 	}
-	if st.Error != "" {
-		return nil, fmt.Errorf("create %s failed: %s (%s)", st.Name, st.Error, st.OpID)
-	}
-	return st.VM, nil
+	return c.WaitCreate(ctx, st, onStage)
 }
 
 func (a *App) addVMLifecycleCommands(vm *cobra.Command) {

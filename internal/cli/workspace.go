@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/pkg/sftp"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
@@ -18,18 +17,15 @@ import (
 
 // guestFS opens SFTP to a VM as a workspace.FS; close releases it.
 func (a *App) guestFS(ctx context.Context, vm string) (workspace.FS, func(), error) {
-	cl, err := a.sshTo(ctx, vm)
+	c, err := a.client(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	stop := context.AfterFunc(ctx, func() { cl.Close() })
-	sc, err := sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	g, err := c.OpenFS(ctx, vm)
 	if err != nil {
-		stop()
-		cl.Close()
-		return nil, nil, fmt.Errorf("start sftp in %s: %w", vm, err)
+		return nil, nil, err
 	}
-	return sftpFS{c: sc, cl: cl}, func() { sc.Close(); stop(); cl.Close() }, nil
+	return g, func() { g.Close() }, nil
 }
 
 // workspaceTop resolves a --workspace/push directory to its repository root.

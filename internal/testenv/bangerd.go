@@ -1,0 +1,150 @@
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+var (
+	cmdMu    sync.Mutex
+	cmdMemos = map[string]*memo[string]{}
+	cmdDir   string
+)
+
+// Command builds ./cmd/<name> of the banger module once per test process
+// and returns the binary's path (in a temporary directory removed when the
+// process's tests end is not guaranteed; it is small and under os.TempDir).
+func Command(t testing.TB, name string) string {
+	t.Helper()
+	cmdMu.Lock()
+	m := cmdMemos[name]
+	if m == nil {
+		m = &memo[string]{}
+		cmdMemos[name] = m
+	}
+	cmdMu.Unlock()
+	return m.get(t, func(s *step) string {
+		cmdMu.Lock()
+		if cmdDir == "" {
+			d, err := os.MkdirTemp("", "banger-test-bin-")
+			if err != nil {
+				cmdMu.Unlock()
+				s.Fatalf("temporary directory: %v", err)
+			}
+			cmdDir = d
+		}
+		dir := cmdDir
+		cmdMu.Unlock()
+		gobin, err := goTool()
+		if err != nil {
+			s.Fatalf("build %s: %v", name, err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		root, err := repoRoot(ctx)
+		if err != nil {
+			s.Fatalf("find the banger module root: %v", err)
+		}
+		cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+"/", "./cmd/"+name)
+		cmd.Dir = root
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Run(); err != nil {
+			s.Fatalf("go build ./cmd/%s: %v\n%s", name, err, out.String())
+		}
+		return filepath.Join(dir, name)
+	})
+}
+
+// Bangerd is a bangerd a test started in the foreground, on its own home.
+type Bangerd struct {
+	Home   string
+	Socket string
+	cmd    *exec.Cmd
+	logs   *lockedBuffer
+	done   chan struct{}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Logs returns what bangerd logged so far.
+func (b *Bangerd) Logs() string { return b.logs.String() }
+
+// Env is the environment that points banger commands at this bangerd.
+func (b *Bangerd) Env() []string { return append(os.Environ(), "BANGER_HOME="+b.Home) }
+
+// StartBangerd builds bangerd and starts it with a fresh short home (unix
+// socket paths are short), the test's banger-agent and the extra
+// environment, waits for its socket, and stops it when the test ends.
+func StartBangerd(t testing.TB, extraEnv ...string) *Bangerd {
+	t.Helper()
+	bin := Command(t, "bangerd")
+	agent := AgentBinary(t)
+	h, err := os.MkdirTemp("", "bh-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(h) })
+	cmd := exec.Command(bin, "--debug")
+	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h, "BANGER_AGENT="+agent), extraEnv...)
+	b := &Bangerd{Home: h, Socket: filepath.Join(h, "run", "bangerd.sock"), cmd: cmd, logs: &lockedBuffer{}, done: make(chan struct{})}
+	cmd.Stderr = b.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(b.done) }()
+	t.Cleanup(func() { b.Stop(t) })
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		select {
+		case <-b.done:
+			t.Fatalf("bangerd exited early:\n%s", b.Logs())
+		default:
+		}
+		if _, err := os.Stat(b.Socket); err == nil {
+			return b
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("bangerd made no socket within 20s:\n%s", b.Logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Stop stops bangerd (SIGINT, then SIGKILL after 20 s).
+func (b *Bangerd) Stop(t testing.TB) {
+	select {
+	case <-b.done:
+		return
+	default:
+	}
+	b.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-b.done:
+	case <-time.After(20 * time.Second):
+		b.cmd.Process.Kill()
+		<-b.done
+		t.Errorf("bangerd did not stop on SIGINT within 20s")
+	}
+}
