@@ -98,6 +98,7 @@ func mountRoot(root, rw *Disk, log *slog.Logger) error {
 		if err := unix.Mount(rw.Path, rwDir, "ext4", unix.MS_NOATIME, ""); err != nil {
 			return fmt.Errorf("mount the writable disk %s: %w", rw.Path, err)
 		}
+		growRW(rw.Path, rwDir, log) // after `vm set --disk`
 	} else {
 		log.Warn("no writable disk (ext4 labelled banger-rw): changes will be lost at power off")
 		if err := unix.Mount("tmpfs", rwDir, "tmpfs", 0, "mode=0755"); err != nil {

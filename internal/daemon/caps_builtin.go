@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"syscall"
 
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/guest"
@@ -36,7 +37,7 @@ func (diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Con
 	case err != nil:
 		return nil, err
 	case st.Size() < want:
-		if err := growRWDisk(ctx, p, want); err != nil {
+		if err := growRWDisk(p, want); err != nil {
 			return nil, err
 		}
 	}
@@ -66,19 +67,18 @@ func makeRWDisk(ctx context.Context, p string, size int64) error {
 	return os.Rename(tmp, p)
 }
 
-func growRWDisk(ctx context.Context, p string, size int64) error {
-	if err := os.Truncate(p, size); err != nil {
+// growRWDisk makes the writable disk file longer, and does nothing else:
+// the guest wrote that filesystem, so the host never checks, parses or
+// resizes it (e2fsck/resize2fs on hostile metadata would run host code on
+// guest bytes). The agent grows the filesystem online at the next boot.
+func growRWDisk(p string, size int64) error {
+	f, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
 		return fmt.Errorf("grow writable disk: %w", err)
 	}
-	if out, err := exec.CommandContext(ctx, "e2fsck", "-f", "-p", p).CombinedOutput(); err != nil {
-		// exit status 1 means errors were corrected
-		var ee *exec.ExitError
-		if !errors.As(err, &ee) || ee.ExitCode() > 1 {
-			return fmt.Errorf("check writable disk before growing: %v: %s", err, out)
-		}
-	}
-	if out, err := exec.CommandContext(ctx, "resize2fs", p).CombinedOutput(); err != nil {
-		return fmt.Errorf("grow writable disk filesystem: %v: %s", err, out)
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("grow writable disk: %w", err)
 	}
 	return nil
 }

@@ -50,7 +50,7 @@ func (d *Daemon) doctor(ctx context.Context, _ struct{}) (api.DoctorResult, erro
 	}
 	_, err := agentPath()
 	add("banger-agent", err, "found")
-	for _, tool := range []string{"mkfs.ext4", "resize2fs", "e2fsck"} {
+	for _, tool := range []string{"mkfs.ext4"} {
 		p, err := exec.LookPath(tool)
 		if err != nil {
 			err = fmt.Errorf("%s not found: install e2fsprogs", tool)
