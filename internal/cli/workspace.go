@@ -10,6 +10,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
+	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/bangerdev/banger/internal/workspace"
 
 	"github.com/bangerdev/banger/api"
@@ -200,9 +201,10 @@ func (a *App) workspaceCommand() *cobra.Command {
 			if a.output == "json" {
 				return a.printJSON(st)
 			}
-			head := orDash(short(st.GuestHead))
+			// the guest's HEAD file names these: stripped before printing
+			head := orDash(termsafe.Line(short(st.GuestHead)))
 			if st.GuestBranch != "" {
-				head += " (" + st.GuestBranch + ")"
+				head += " (" + termsafe.Line(st.GuestBranch) + ")"
 			}
 			branch := "absent"
 			if st.BranchCommit != "" {
