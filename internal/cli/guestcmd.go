@@ -29,25 +29,27 @@ func (a *App) sshTo(ctx context.Context, vm string) (*ssh.Client, error) {
 	return c.SSH(ctx, vm, "")
 }
 
-// runInGuest runs argv (or a login shell when empty) and returns its exit status.
+// runInGuest runs argv (or a login shell when empty) with stdin attached
+// and returns its exit status.
 func (a *App) runInGuest(ctx context.Context, vm string, argv []string, tty bool) (int, error) {
-	return a.execInGuest(ctx, vm, argv, client.ExecOptions{TTY: tty})
+	return a.execInGuest(ctx, vm, argv, client.ExecOptions{TTY: tty}, true)
 }
 
-// execInGuest runs argv with o, wiring the App's stdio, the terminal (raw
-// mode and window size when o.TTY and stdin is one) and the signals this
-// process receives, which go to the command.
-func (a *App) execInGuest(ctx context.Context, vm string, argv []string, o client.ExecOptions) (int, error) {
+// execInGuest runs argv with o, wiring the App's stdio (stdin only when
+// interactive), the terminal (raw mode and window size when o.TTY, interactive
+// and stdin is one) and the signals this process receives, which go to the
+// command.
+func (a *App) execInGuest(ctx context.Context, vm string, argv []string, o client.ExecOptions, interactive bool) (int, error) {
 	c, err := a.client(ctx)
 	if err != nil {
 		return 0, err
 	}
 	o.Stdout, o.Stderr = a.Stdout, a.Stderr
-	if o.Stdin == nil {
+	if interactive && o.Stdin == nil {
 		o.Stdin = a.Stdin
 	}
 	stdinFile, isFile := a.Stdin.(*os.File)
-	if o.TTY {
+	if o.TTY && interactive {
 		if isFile && term.IsTerminal(int(stdinFile.Fd())) {
 			fd := int(stdinFile.Fd())
 			o.Width, o.Height, _ = term.GetSize(fd)
@@ -100,39 +102,60 @@ func envOr(k, def string) string {
 }
 
 func (a *App) guestCommands() []*cobra.Command {
-	var tty bool
+	var ef execFlags
 	exec := &cobra.Command{
-		Use:   "exec VM -- CMD [ARGS...]",
+		Use:   "exec [flags] VM -- CMD [ARGS...]",
 		Short: "Run a command in a VM; exits with its status",
-		Args:  cobra.MinimumNArgs(2),
+		Long: "Runs CMD in a running VM, as docker exec does: -e/--env-file set variables, -w the\n" +
+			"working directory, -u the user, -i attaches stdin, -t allocates a terminal (-it for an\n" +
+			"interactive program). Signals banger receives go to the command. The exit status is the\n" +
+			"command's (128+N when signal N ended it, 126 when it cannot be executed, 127 when it is\n" +
+			"not found); 125 means banger itself failed (no such VM, VM stopped, bad flag).",
+		Example: "  banger exec dev -- uname -a\n" +
+			"  banger exec -e A=1 -w /tmp dev -- sh -c 'echo $A; pwd'\n" +
+			"  banger exec -it dev -- top\n" +
+			"  tar c src | banger exec -i dev -- tar x -C /root",
+		Annotations: map[string]string{annotationDockerExit: "1"},
+		Args:        cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			code, err := a.runInGuest(cmd.Context(), args[0], args[1:], tty)
+			vm, argv, err := vmAndCommand(cmd, args, true)
 			if err != nil {
 				return err
 			}
-			if code != 0 {
-				return &ExitError{Code: code}
+			o, err := ef.options()
+			if err != nil {
+				return err
 			}
-			return nil
+			return exitWith(a.execInGuest(cmd.Context(), vm, argv, o, ef.interactive))
 		},
 	}
-	exec.Flags().BoolVarP(&tty, "tty", "t", false, "allocate a terminal")
+	exec.Flags().SetInterspersed(false)
+	ef.add(exec.Flags(), true)
+	var sf execFlags
 	sshCmd := &cobra.Command{
-		Use:   "ssh VM [-- CMD...]",
+		Use:   "ssh [flags] VM [-- CMD...]",
 		Short: "Open a shell in a VM, or run a command",
-		Args:  cobra.MinimumNArgs(1),
+		Long: "Opens a login shell in a running VM, or runs CMD with stdin attached (like ssh).\n" +
+			"The exit status is the command's; 125 means banger itself failed.",
+		Example: "  banger ssh dev\n" +
+			"  banger ssh -u nobody dev -- id",
+		Annotations: map[string]string{annotationDockerExit: "1"},
+		Args:        cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			code, err := a.runInGuest(cmd.Context(), args[0], args[1:], len(args) == 1 || tty)
+			vm, argv, err := vmAndCommand(cmd, args, false)
 			if err != nil {
 				return err
 			}
-			if code != 0 {
-				return &ExitError{Code: code}
+			o, err := sf.options()
+			if err != nil {
+				return err
 			}
-			return nil
+			o.TTY = o.TTY || len(argv) == 0
+			return exitWith(a.execInGuest(cmd.Context(), vm, argv, o, true))
 		},
 	}
-	sshCmd.Flags().BoolVarP(&tty, "tty", "t", false, "allocate a terminal for CMD")
+	sshCmd.Flags().SetInterspersed(false)
+	sf.add(sshCmd.Flags(), false)
 	var follow, raw bool
 	logs := &cobra.Command{
 		Use:   "logs VM",
@@ -171,4 +194,15 @@ func (a *App) guestCommands() []*cobra.Command {
 	logs.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
 	logs.Flags().BoolVar(&raw, "raw", false, "print the log with its control sequences (for a terminal you trust with them)")
 	return []*cobra.Command{exec, sshCmd, logs}
+}
+
+// exitWith turns a guest command's status into the command's result.
+func exitWith(code int, err error) error {
+	if err != nil {
+		return err
+	}
+	if code != 0 {
+		return &ExitError{Code: code}
+	}
+	return nil
 }

@@ -58,7 +58,7 @@ func (a *App) Run(ctx context.Context, args []string) int {
 	root.SetIn(a.Stdin)
 	root.SetOut(a.Stdout)
 	root.SetErr(a.Stderr)
-	err := root.ExecuteContext(ctx)
+	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return 0
 	}
@@ -67,6 +67,11 @@ func (a *App) Run(ctx context.Context, args []string) int {
 		return ee.Code
 	}
 	a.printError(err)
+	if cmd != nil && cmd.Annotations[annotationDockerExit] != "" {
+		// exec, run and ssh pass the guest command's status through; their
+		// own failures must not look like it.
+		return exitOwnFailure
+	}
 	var ue *UsageError
 	if errors.As(err, &ue) || isCobraUsageError(err) {
 		return 2
@@ -106,7 +111,12 @@ func (a *App) newRoot() *cobra.Command {
 			return nil
 		},
 	}
-	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return &UsageError{err} })
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		if c.Annotations[annotationDockerExit] != "" {
+			return commandHint(c, err)
+		}
+		return &UsageError{err}
+	})
 	pf := root.PersistentFlags()
 	pf.StringVarP(&a.output, "output", "o", "table", "output format: table or json")
 	pf.BoolVar(&a.debug, "debug", false, "verbose diagnostics")

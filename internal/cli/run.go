@@ -17,15 +17,28 @@ const (
 
 func (a *App) runCommand() *cobra.Command {
 	var cf createFlags
+	var ef execFlags
 	var rm bool
 	run := &cobra.Command{
 		Use:   "run [flags] [-- CMD...]",
 		Short: "Create a VM and run a command (or the image's entrypoint, or a shell) in it",
 		Long: "Creates a VM and runs CMD in it. Without CMD it runs the image's entrypoint and command\n" +
-			"when it has them, else a shell. With no kernel or image yet, banger prepares Debian's cloud\n" +
-			"kernel and a Debian " + defaultSuite + " image first.",
+			"when it has them, else an interactive shell. -e/--env-file, -w, -u, -i and -t work as for\n" +
+			"exec. With no kernel or image yet, banger prepares Debian's cloud kernel and a Debian\n" +
+			defaultSuite + " image first.\n\n" +
+			"For agents and scripts, use --rm: the VM is deleted when the command ends, whatever\n" +
+			"its status, so nothing is left behind. The exit status is the command's; 125 means\n" +
+			"banger itself failed.",
+		Example: "  banger run --rm -- uname -a\n" +
+			"  banger run --rm -e CI=1 --workspace . -- make test\n" +
+			"  banger run --name dev --cpus 2 --memory 2G",
+		Annotations: map[string]string{annotationDockerExit: "1"},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := cf.params()
+			if err != nil {
+				return err
+			}
+			o, err := ef.options()
 			if err != nil {
 				return err
 			}
@@ -48,26 +61,24 @@ func (a *App) runCommand() *cobra.Command {
 				return err
 			}
 			argv := commandFor(ic, args)
-			tty := len(argv) == 0
+			interactive := ef.interactive || len(argv) == 0
+			o.TTY = o.TTY || len(argv) == 0
 			if p.Workspace != "" {
 				dest, err := a.pushWorkspace(ctx, v.Name, p.Workspace, "")
 				if err != nil {
 					return err
 				}
-				argv = workspaceArgv(dest, argv)
+				if o.Dir == "" {
+					o.Dir = dest
+				}
 			}
-			code, err := a.runInGuest(ctx, v.ID, argv, tty)
-			if err != nil {
-				return err
-			}
-			if code != 0 {
-				return &ExitError{Code: code}
-			}
-			return nil
+			return exitWith(a.execInGuest(ctx, v.ID, argv, o, interactive))
 		},
 	}
+	run.Flags().SetInterspersed(false)
 	cf.add(run, true)
-	run.Flags().BoolVar(&rm, "rm", false, "delete the VM when the command ends")
+	ef.add(run.Flags(), true)
+	run.Flags().BoolVar(&rm, "rm", false, "delete the VM when the command ends (what agents and scripts want)")
 	return run
 }
 

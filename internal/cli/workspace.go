@@ -236,11 +236,3 @@ func short(sha string) string {
 	}
 	return sha
 }
-
-// workspaceArgv runs argv (a login shell when empty) in dir in the guest.
-func workspaceArgv(dir string, argv []string) []string {
-	if len(argv) == 0 {
-		return []string{"sh", "-c", `cd "$1" && exec "${SHELL:-/bin/sh}" -l`, "sh", dir}
-	}
-	return append([]string{"sh", "-c", `cd "$1" && shift && exec "$@"`, "sh", dir}, argv...)
-}

@@ -119,11 +119,52 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		if code != 7 || out != "out\n" || errOut != "err\n" {
 			t.Fatalf("exit 7: code %d stdout %q stderr %q", code, out, errOut)
 		}
+		// docker's flags: -e, --env-file, -w, -u, -t; stdin only with -i
+		out, errOut, code = runBin(t, time.Minute, env, nil, bangerBin, "exec", "-e", "A=1", "-w", "/tmp", vmName, "--", "sh", "-c", "echo $A; pwd")
+		if code != 0 || out != "1\n/tmp\n" {
+			t.Fatalf("exec -e A=1 -w /tmp: code %d stdout %q stderr %q", code, out, errOut)
+		}
+		envFile := filepath.Join(t.TempDir(), "env")
+		os.WriteFile(envFile, []byte("# vars\nB=from file\nA=overridden\n"), 0o600)
+		out, _, code = runBin(t, time.Minute, env, nil, bangerBin, "exec", "--env-file", envFile, "-e", "A=flag", vmName, "--", "sh", "-c", `echo "$A/$B"`)
+		if code != 0 || out != "flag/from file\n" {
+			t.Fatalf("exec --env-file: code %d stdout %q", code, out)
+		}
+		out, _, code = runBin(t, time.Minute, env, strings.NewReader("must not be read"), bangerBin, "exec", vmName, "--", "cat")
+		if code != 0 || out != "" {
+			t.Fatalf("exec without -i read stdin: code %d stdout %q", code, out)
+		}
+		out, _, code = runBin(t, time.Minute, env, nil, bangerBin, "exec", "-u", "root", vmName, "--", "id", "-u")
+		if code != 0 || strings.TrimSpace(out) != "0" {
+			t.Fatalf("exec -u root: code %d stdout %q", code, out)
+		}
+		// the test image has only root: another user is refused by the guest
+		if _, errOut, code := runBin(t, time.Minute, env, nil, bangerBin, "exec", "-u", "ghostuser", vmName, "--", "true"); code == 0 || !strings.Contains(errOut, "ghostuser") {
+			t.Fatalf("exec -u ghostuser: code %d stderr %q", code, errOut)
+		}
+		out, _, code = runBin(t, time.Minute, env, nil, bangerBin, "exec", "-t", vmName, "--", "tty")
+		if code != 0 || !strings.HasPrefix(out, "/dev/pts/") {
+			t.Fatalf("exec -t: code %d stdout %q", code, out)
+		}
+		for _, c := range []struct {
+			args []string
+			code int
+		}{
+			{[]string{"exec", vmName, "--", "no-such-command"}, 127},
+			{[]string{"exec", vmName, "--", "/etc/passwd"}, 126},
+			{[]string{"exec", vmName, "--", "sh", "-c", "kill -TERM $$"}, 143},
+			{[]string{"exec", "no-such-vm", "--", "true"}, 125},
+			{[]string{"exec", "-w", "/no/such/dir", vmName, "--", "true"}, 125},
+		} {
+			if _, errOut, code := runBin(t, time.Minute, env, nil, bangerBin, c.args...); code != c.code {
+				t.Errorf("banger %s: exit %d, want %d (%s)", strings.Join(c.args, " "), code, c.code, errOut)
+			}
+		}
 		in := make([]byte, 10<<20)
 		rand.Read(in)
 		sum := sha256.Sum256(in)
 		t0 := time.Now()
-		out, errOut, code = runBin(t, 2*time.Minute, env, bytes.NewReader(in), bangerBin, "exec", vmName, "--", "sha256sum")
+		out, errOut, code = runBin(t, 2*time.Minute, env, bytes.NewReader(in), bangerBin, "exec", "-i", vmName, "--", "sha256sum")
 		f := strings.Fields(out)
 		if code != 0 || len(f) < 1 || f[0] != hex.EncodeToString(sum[:]) {
 			t.Fatalf("10 MiB through stdin: code %d out %q err %q, want sha256 %x", code, out, errOut, sum)
