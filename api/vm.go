@@ -14,22 +14,24 @@ const (
 
 // VM is one VM as bangerd reports it. Image and Kernel are names.
 type VM struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name"`
-	ImageID   string    `json:"image_id"`
-	Image     string    `json:"image"`
-	KernelID  string    `json:"kernel_id"`
-	Kernel    string    `json:"kernel"`
-	VCPUs     int       `json:"vcpus"`
-	MemoryMiB int       `json:"memory_mib"`
-	DiskMiB   int       `json:"disk_mib"`
-	State     string    `json:"state"`
-	Driver    string    `json:"driver,omitempty"`
-	IP        string    `json:"ip"`
-	MAC       string    `json:"mac,omitempty"`
-	Tap       string    `json:"tap,omitempty"`
-	Workspace string    `json:"workspace,omitempty"`
-	LastError string    `json:"last_error,omitempty"`
+	ID        string `json:"id"`
+	Name      string `json:"name"`
+	ImageID   string `json:"image_id"`
+	Image     string `json:"image"`
+	KernelID  string `json:"kernel_id"`
+	Kernel    string `json:"kernel"`
+	VCPUs     int    `json:"vcpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	DiskMiB   int    `json:"disk_mib"`
+	State     string `json:"state"`
+	Driver    string `json:"driver,omitempty"`
+	IP        string `json:"ip"`
+	MAC       string `json:"mac,omitempty"`
+	Tap       string `json:"tap,omitempty"`
+	Workspace string `json:"workspace,omitempty"`
+	LastError string `json:"last_error,omitempty"`
+	// Paused: running, with its vCPUs stopped (vm pause); not stored.
+	Paused    bool      `json:"paused,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
 }

@@ -135,6 +135,7 @@ func (a *App) newRoot() *cobra.Command {
 		},
 	})
 	root.AddCommand(a.vmCommand())
+	root.AddCommand(a.snapshotCommand())
 	root.AddCommand(a.systemCommand())
 	a.addServiceCommands(root)
 	return root

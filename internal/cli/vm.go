@@ -29,7 +29,11 @@ func (a *App) vmCommand() *cobra.Command {
 			}
 			rows := make([][]string, 0, len(vms))
 			for _, v := range vms {
-				rows = append(rows, []string{v.ID[:min(12, len(v.ID))], v.Name, v.State, orDash(v.Image), strconv.Itoa(v.VCPUs), mib(v.MemoryMiB), mib(v.DiskMiB), orDash(v.IP), ago(v.CreatedAt)})
+				state := v.State
+				if v.Paused {
+					state += " (paused)"
+				}
+				rows = append(rows, []string{v.ID[:min(12, len(v.ID))], v.Name, state, orDash(v.Image), strconv.Itoa(v.VCPUs), mib(v.MemoryMiB), mib(v.DiskMiB), orDash(v.IP), ago(v.CreatedAt)})
 			}
 			return a.table([]string{"ID", "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED"}, rows)
 		},
@@ -47,6 +51,7 @@ func (a *App) vmCommand() *cobra.Command {
 		},
 	})
 	a.addVMLifecycleCommands(vm)
+	a.addVMPauseCommands(vm)
 	return vm
 }
 

@@ -23,10 +23,16 @@ func (d *Daemon) registerAPI() {
 	})
 	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, _ struct{}) ([]*store.VM, error) {
 		vms, err := d.store.ListVMs(ctx)
+		for _, vm := range vms {
+			d.vms.markPaused(vm)
+		}
 		return vms, storeErr(err)
 	})
 	rpc.Handle(m, api.MethodVMGet, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		vm, err := d.store.FindVM(ctx, p.VM)
+		if vm != nil {
+			d.vms.markPaused(vm)
+		}
 		return vm, storeErr(err)
 	})
 	d.registerServiceAPI()

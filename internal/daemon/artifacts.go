@@ -36,6 +36,9 @@ func (d *Daemon) registerArtifactAPI() {
 		if users, _ := d.store.VMsUsing(ctx, "kernel_id", k.ID); len(users) > 0 {
 			return nil, rpc.Errorf(rpc.CodeConflict, "kernel %q is used by %s; delete those VMs first", k.Name, strings.Join(users, ", "))
 		}
+		if snaps, _ := d.store.SnapshotsUsing(ctx, "kernel_id", k.ID); len(snaps) > 0 {
+			return nil, rpc.Errorf(rpc.CodeConflict, "kernel %q is used by snapshot %s; delete those snapshots first (banger snapshot rm)", k.Name, strings.Join(snaps, ", "))
+		}
 		if err := d.store.DeleteKernel(ctx, k.ID); err != nil {
 			return nil, storeErr(err)
 		}
@@ -78,6 +81,9 @@ func (d *Daemon) registerArtifactAPI() {
 		}
 		if users, _ := d.store.VMsUsing(ctx, "image_id", im.ID); len(users) > 0 {
 			return nil, rpc.Errorf(rpc.CodeConflict, "image %q is used by %s; delete those VMs first", im.Name, strings.Join(users, ", "))
+		}
+		if snaps, _ := d.store.SnapshotsUsing(ctx, "image_id", im.ID); len(snaps) > 0 {
+			return nil, rpc.Errorf(rpc.CodeConflict, "image %q is used by snapshot %s; delete those snapshots first (banger snapshot rm)", im.Name, strings.Join(snaps, ", "))
 		}
 		if err := d.store.DeleteImage(ctx, im.ID); err != nil {
 			return nil, storeErr(err)

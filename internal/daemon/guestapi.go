@@ -46,6 +46,9 @@ func (s *vmService) runningAgent(ctx context.Context, ref string) (*store.VM, *r
 	if rt == nil || vm.State != store.StateRunning {
 		return nil, nil, nil, notRunning(vm)
 	}
+	if rt.paused.Load() {
+		return nil, nil, nil, pausedErr(vm)
+	}
 	a, err := s.agent(ctx, vm.ID, rt)
 	if err != nil {
 		return nil, nil, nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)

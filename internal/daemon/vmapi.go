@@ -118,6 +118,7 @@ func (s *vmService) register(m *rpc.Mux) {
 		return readLog(filepath.Join(s.vmDir(vm.ID), "console.log"), p.Offset, p.Max, s.runtime(vm.ID) != nil)
 	})
 	s.registerGuestAPI(m)
+	s.registerSnapshotAPI(m)
 }
 
 // withVM runs fn on the VM named by ref while holding its lock, with the
@@ -343,6 +344,9 @@ func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, err
 	rt := s.runtime(vm.ID)
 	if rt == nil || vm.State != store.StateRunning {
 		return nil, notRunning(vm)
+	}
+	if rt.paused.Load() {
+		return nil, pausedErr(vm)
 	}
 	pub, err := hostKeyPub(s.vmDir(vm.ID))
 	if err != nil {

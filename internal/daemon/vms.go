@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
@@ -44,6 +45,9 @@ type runtime struct {
 	transport *guest.Transport
 	agent     guestAgent
 	cleanup   *cleanup
+	// paused: the VMM's vCPUs are stopped (vm pause, or during a
+	// snapshot). Changed under the VM's lock.
+	paused atomic.Bool
 }
 
 // vmStore is the part of the store the VM service uses.
@@ -56,6 +60,10 @@ type vmStore interface {
 	DeleteVM(ctx context.Context, id string) error
 	FindImage(ctx context.Context, ref string) (*store.Image, error)
 	FindKernel(ctx context.Context, ref string) (*store.Kernel, error)
+	CreateSnapshot(ctx context.Context, sn *store.Snapshot) error
+	ListSnapshots(ctx context.Context) ([]*store.Snapshot, error)
+	FindSnapshot(ctx context.Context, ref string) (*store.Snapshot, error)
+	DeleteSnapshot(ctx context.Context, id string) error
 }
 
 // artifactResolver picks the image and kernel of a new VM and gives a
@@ -553,6 +561,12 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 			return s.releaseRecorded(ctx, vm, vm.LastError)
 		}
 		return nil
+	}
+	if rt.paused.Load() {
+		// A paused guest cannot act on a power-off request.
+		if sn, ok := rt.inst.(vmm.Snapshotter); ok && sn.Resume(ctx) == nil {
+			rt.paused.Store(false)
+		}
 	}
 	vm.State = store.StateStopping
 	s.saveLogged(ctx, vm)

@@ -24,6 +24,8 @@ import (
 // ---- a fake vmm.Driver ----
 
 type fakeDriver struct {
+	// wrap, when set, turns each new instance into the one Start returns.
+	wrap         func(*fakeInst) vmm.Instance
 	preflightErr error
 	startErr     error // returned after the VMM was spawned (and killed, as drivers do)
 	onStart      func(cfg vmm.MachineConfig)
@@ -58,6 +60,9 @@ func (d *fakeDriver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Inst
 	if d.startErr != nil {
 		in.exit(vmm.ExitStatus{Signal: "killed"})
 		return nil, d.startErr
+	}
+	if d.wrap != nil {
+		return d.wrap(in), nil
 	}
 	return in, nil
 }

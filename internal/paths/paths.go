@@ -123,6 +123,9 @@ func (l Layout) LogsDir() string    { return filepath.Join(l.DataDir, "logs") }
 // FailedLogsDir keeps the console logs of failed creates (the last 20).
 func (l Layout) FailedLogsDir() string { return filepath.Join(l.LogsDir(), "failed") }
 
+// SnapshotsDir holds one directory per snapshot (saved state + disk copy).
+func (l Layout) SnapshotsDir() string { return filepath.Join(l.DataDir, "snapshots") }
+
 // VMDir is the directory of one VM.
 func (l Layout) VMDir(id string) string { return filepath.Join(l.VMsDir(), id) }
 

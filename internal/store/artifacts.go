@@ -85,7 +85,7 @@ func (s *Store) FindImage(ctx context.Context, ref string) (*Image, error) {
 func (s *Store) DeleteImage(ctx context.Context, id string) error {
 	_, err := s.db.ExecContext(ctx, `DELETE FROM images WHERE id=?`, id)
 	if isFKErr(err) {
-		return errf(ErrConflict, "image is used by a VM")
+		return errf(ErrConflict, "image is used by a VM or a snapshot")
 	}
 	return err
 }
@@ -167,7 +167,7 @@ func (s *Store) FindKernel(ctx context.Context, ref string) (*Kernel, error) {
 func (s *Store) DeleteKernel(ctx context.Context, id string) error {
 	_, err := s.db.ExecContext(ctx, `DELETE FROM kernels WHERE id=?`, id)
 	if isFKErr(err) {
-		return errf(ErrConflict, "kernel is used by a VM")
+		return errf(ErrConflict, "kernel is used by a VM or a snapshot")
 	}
 	return err
 }

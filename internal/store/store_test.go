@@ -51,7 +51,7 @@ func TestMigrationsIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 		v, _ := s.SchemaVersion(context.Background())
-		if v != 1 {
+		if v != 2 {
 			t.Fatalf("schema version %d", v)
 		}
 		s.Close()
@@ -197,5 +197,56 @@ func TestOpenPathWithURICharacters(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 3 {
 		t.Fatalf("files made beside the homes: %v", ents)
+	}
+}
+
+// A snapshot keeps its image and kernel: neither can be deleted under it.
+func TestSnapshotsPinTheirArtifacts(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, filepath.Join(t.TempDir(), "banger.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.CreateImage(ctx, &Image{ID: "img1", Name: "img", RootfsPath: "/r"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateKernel(ctx, &Kernel{ID: "k1", Name: "k", VmlinuxPath: "/v"}); err != nil {
+		t.Fatal(err)
+	}
+	sn := &Snapshot{ID: "s1", Name: "snap", SourceVM: "vm", ImageID: "img1", KernelID: "k1", Driver: "qemu", VCPUs: 1, MemoryMiB: 256, DiskMiB: 1024, StateBytes: 5, DiskBytes: 7}
+	if err := s.CreateSnapshot(ctx, sn); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateSnapshot(ctx, &Snapshot{ID: "s2", Name: "snap", ImageID: "img1", KernelID: "k1", Driver: "qemu"}); !errors.Is(err, ErrConflict) {
+		t.Errorf("duplicate name: %v", err)
+	}
+	if err := s.CreateSnapshot(ctx, &Snapshot{ID: "s3", Name: "other", ImageID: "nope", KernelID: "k1", Driver: "qemu"}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("unknown image: %v", err)
+	}
+	if err := s.DeleteImage(ctx, "img1"); !errors.Is(err, ErrConflict) {
+		t.Errorf("image deleted from under a snapshot: %v", err)
+	}
+	if err := s.DeleteKernel(ctx, "k1"); !errors.Is(err, ErrConflict) {
+		t.Errorf("kernel deleted from under a snapshot: %v", err)
+	}
+	if names, _ := s.SnapshotsUsing(ctx, "image_id", "img1"); len(names) != 1 || names[0] != "snap" {
+		t.Errorf("SnapshotsUsing = %v", names)
+	}
+	got, err := s.FindSnapshot(ctx, "snap")
+	if err != nil || got.Image != "img" || got.Kernel != "k" || got.StateBytes != 5 || got.DiskBytes != 7 || got.MemoryMiB != 256 {
+		t.Fatalf("FindSnapshot = %+v, %v", got, err)
+	}
+	if l, _ := s.ListSnapshots(ctx); len(l) != 1 {
+		t.Errorf("ListSnapshots = %v", l)
+	}
+	if err := s.DeleteSnapshot(ctx, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteImage(ctx, "img1"); err != nil {
+		t.Errorf("image still pinned after the snapshot went: %v", err)
+	}
+	if _, err := s.FindSnapshot(ctx, "snap"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("deleted snapshot found: %v", err)
 	}
 }

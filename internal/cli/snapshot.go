@@ -1,0 +1,91 @@
+package cli
+
+import (
+	"fmt"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bangerdev/banger/api"
+)
+
+// snapshotCommand is `banger snapshot create|ls|rm`.
+func (a *App) snapshotCommand() *cobra.Command {
+	sc := &cobra.Command{Use: "snapshot", Short: "Save running VMs (memory, devices, writable disk) and manage the snapshots"}
+	var stop bool
+	create := &cobra.Command{
+		Use:   "create VM [NAME]",
+		Short: "Pause a running VM, save it, and resume it (--stop: stop it instead)",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 1 || len(args) > 2 {
+				return usagef("usage: %s VM [NAME]", cmd.CommandPath())
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p := api.SnapshotCreateParams{VM: args[0], Stop: stop}
+			if len(args) == 2 {
+				p.Name = args[1]
+			}
+			var sn api.Snapshot
+			if err := a.call(cmd.Context(), api.MethodSnapshotCreate, p, &sn); err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(sn)
+			}
+			fmt.Fprintf(a.Stdout, "created snapshot %s of %s (state %s, disk %s)\n", sn.Name, sn.SourceVM, humanBytes(sn.StateBytes), humanBytes(sn.DiskBytes))
+			return nil
+		},
+	}
+	create.Flags().BoolVar(&stop, "stop", false, "stop the VM after saving it instead of resuming it")
+	sc.AddCommand(create)
+	sc.AddCommand(&cobra.Command{
+		Use: "ls", Aliases: []string{"list"}, Short: "List snapshots", Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var l []*api.Snapshot
+			if err := a.call(cmd.Context(), api.MethodSnapshotList, nil, &l); err != nil {
+				return err
+			}
+			if l == nil {
+				l = []*api.Snapshot{}
+			}
+			if a.output == "json" {
+				return a.printJSON(l)
+			}
+			rows := make([][]string, 0, len(l))
+			for _, s := range l {
+				rows = append(rows, []string{s.Name, orDash(s.SourceVM), orDash(s.Image), strconv.Itoa(s.VCPUs), mib(s.MemoryMiB),
+					humanBytes(s.StateBytes + s.DiskBytes), s.Driver, ago(s.CreatedAt)})
+			}
+			return a.table([]string{"NAME", "FROM", "IMAGE", "CPUS", "MEMORY", "ON DISK", "DRIVER", "CREATED"}, rows)
+		},
+	})
+	rm := a.rmCommand(api.MethodSnapshotDelete, "a snapshot")
+	rm.Short = "Remove a snapshot (VMs made from it keep running)"
+	sc.AddCommand(rm)
+	return sc
+}
+
+// addVMPauseCommands adds `vm pause` and `vm resume`.
+func (a *App) addVMPauseCommands(vm *cobra.Command) {
+	for _, c := range []struct{ use, method, short, done string }{
+		{"pause", api.MethodVMPause, "Stop a running VM's vCPUs (its memory and processes stay)", "paused"},
+		{"resume", api.MethodVMResume, "Run a paused VM again", "resumed"},
+	} {
+		vm.AddCommand(&cobra.Command{
+			Use: c.use + " VM", Short: c.short, Args: exactArgs(1, "VM"),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				var v api.VM
+				if err := a.call(cmd.Context(), c.method, api.VMRef{VM: args[0]}, &v); err != nil {
+					return err
+				}
+				if a.output == "json" {
+					return a.printJSON(v)
+				}
+				fmt.Fprintf(a.Stdout, "%s %s\n", c.done, v.Name)
+				return nil
+			},
+		})
+	}
+}
