@@ -145,6 +145,10 @@ func TestLifecycleRealGuest(t *testing.T) {
 	if out := mustBanger(t, h, "exec", "alpha", "--", "cat", "/root/note"); strings.TrimSpace(out) != "kept" {
 		t.Fatalf("data lost growing the disk: %q", out)
 	}
+	// the guest grew its filesystem (the host only lengthened the file)
+	if out := mustBanger(t, h, "logs", "alpha"); !strings.Contains(out, "grew the writable disk's filesystem") {
+		t.Fatalf("the agent did not report growing the writable disk; console:\n%s", out)
+	}
 	if out := mustBanger(t, h, "vm", "set", "alpha", "--cpus", "1"); !strings.Contains(out, "next start") {
 		t.Fatalf("set on a running VM does not say when it applies: %q", out)
 	}
