@@ -48,7 +48,15 @@ type FileConfig struct {
 	// RequestTimeout bounds the wait for each request line, e.g. "30s"
 	// (default); an idle connection is closed after it.
 	RequestTimeout string `json:"request_timeout,omitempty"`
+	// AllowCIDRs are IPv4 ranges guests may reach although they are
+	// private, link-local or otherwise blocked (netcfg.BlockedEgress), e.g.
+	// ["192.168.1.0/24"] for a LAN service; added to --allow-cidr. At most
+	// maxAllowCIDRs.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
 }
+
+// maxAllowCIDRs bounds the allowed ranges (each is a rule per packet).
+const maxAllowCIDRs = 64
 
 // LoadConfigFile reads and checks the configuration file. A missing file
 // gives the defaults (found is false).
@@ -145,6 +153,16 @@ func (fc FileConfig) Apply(c *Config) error {
 			return fmt.Errorf("%s %d is out of range", f.name, *f.v)
 		}
 		*f.dst = *f.v
+	}
+	if len(fc.AllowCIDRs)+len(c.AllowCIDRs) > maxAllowCIDRs {
+		return fmt.Errorf("allow_cidrs: at most %d ranges", maxAllowCIDRs)
+	}
+	for _, a := range fc.AllowCIDRs {
+		p, err := netip.ParsePrefix(a)
+		if err != nil || !p.Addr().Is4() {
+			return fmt.Errorf("allow_cidrs: %q is not an IPv4 CIDR like 192.168.1.0/24", a)
+		}
+		c.AllowCIDRs = append(c.AllowCIDRs, p.Masked())
 	}
 	if fc.RequestTimeout != "" {
 		d, err := time.ParseDuration(fc.RequestTimeout)

@@ -17,13 +17,14 @@ import (
 // TestLoadConfigFileRefusesUnsafeFiles: only a regular file that root owns
 // and nobody else may write, in a directory of the same kind, is read.
 func TestLoadConfigFileRefusesUnsafeFiles(t *testing.T) {
-	good := writeConfig(t, `{"pool":"10.9.0.0/16","max_taps_per_user":4,"request_timeout":"2s"}`)
+	good := writeConfig(t, `{"pool":"10.9.0.0/16","max_taps_per_user":4,"request_timeout":"2s","allow_cidrs":["192.168.1.7/24"]}`)
 	fc, found, err := LoadConfigFile(good)
 	if err != nil || !found || fc.Pool != "10.9.0.0/16" || *fc.MaxTapsPerUser != 4 {
 		t.Fatalf("good file: %+v %v %v", fc, found, err)
 	}
 	var c Config
-	if err := fc.Apply(&c); err != nil || c.Pool.String() != "10.9.0.0/16" || c.MaxTapsPerUser != 4 || c.RequestTimeout != 2*time.Second {
+	if err := fc.Apply(&c); err != nil || c.Pool.String() != "10.9.0.0/16" || c.MaxTapsPerUser != 4 || c.RequestTimeout != 2*time.Second ||
+		len(c.AllowCIDRs) != 1 || c.AllowCIDRs[0].String() != "192.168.1.0/24" {
 		t.Fatalf("Apply: %+v %v", c, err)
 	}
 	if _, found, err := LoadConfigFile(filepath.Join(t.TempDir(), "missing.json")); err != nil || found {
@@ -62,7 +63,7 @@ func TestLoadConfigFileRefusesUnsafeFiles(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
-	for _, bad := range []string{`{"pool":"8.8.8.0/24"}`, `{"pool":"fd00::/64"}`, `{"max_taps_per_user":0}`, `{"max_conns_per_user":-1}`, `{"request_timeout":"1ns"}`} {
+	for _, bad := range []string{`{"pool":"8.8.8.0/24"}`, `{"pool":"fd00::/64"}`, `{"max_taps_per_user":0}`, `{"max_conns_per_user":-1}`, `{"request_timeout":"1ns"}`, `{"allow_cidrs":["fd00::/8"]}`, `{"allow_cidrs":["lan"]}`} {
 		fc, _, err := LoadConfigFile(writeConfig(t, bad))
 		var c Config
 		if err == nil {

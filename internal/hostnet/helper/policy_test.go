@@ -479,3 +479,58 @@ func addLAN(t *testing.T, env *nettest.Env, iface, hostAddr, lanAddr string) net
 	}
 	return ns
 }
+
+// TestCreateTapGuestAddresses: create_tap records a guest's MAC and IP
+// only when the IP is a guest address of the bridge's subnet and neither
+// is another tap's, so no user can claim a running guest's address.
+func TestCreateTapGuestAddresses(t *testing.T) {
+	env := nettest.New(t)
+	h := startHelper(t, env, "--allow-user", fmt.Sprint(allowedUID))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := &hostnet.Client{Socket: h.sock}
+	if _, err := c.EnsureBridge(ctx, "banger0", netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub := netip.MustParsePrefix(info.Subnet)
+	gw := netip.MustParsePrefix(info.Gateway).Addr()
+	guest := sub.Addr().Next().Next() // .2
+	root := uint32(0)
+	ti, err := c.CreateTapWith(ctx, hostnet.CreateTapParams{Tap: "bgt-a1", Bridge: "banger0", OwnerUID: &root, MAC: "02:00:00:00:00:0a", IP: guest.String()})
+	if err != nil || ti.MAC != "02:00:00:00:00:0a" || ti.IP != guest.String() {
+		t.Fatalf("create_tap with the guest's addresses: %+v %v", ti, err)
+	}
+	alias, err := env.ReadSys("bgt-a1", "ifalias")
+	if err != nil || !strings.Contains(alias, guest.String()) {
+		t.Fatalf("tap alias %q %v, want the guest's record", alias, err)
+	}
+	bcast := netip.AddrFrom4([4]byte{sub.Addr().As4()[0], sub.Addr().As4()[1], sub.Addr().As4()[2], 255})
+	tap := func(name, mac, ip string) string {
+		return req("net.create_tap", fmt.Sprintf(`{"tap":%q,"bridge":"banger0","mac":%q,"ip":%q}`, name, mac, ip), "")
+	}
+	for _, tc := range []struct{ name, line, code string }{
+		{"another tap's IP", tap("bgt-b1", "02:00:00:00:00:0b", guest.String()), "conflict"},
+		{"another tap's MAC", tap("bgt-b1", "02:00:00:00:00:0a", guest.Next().String()), "conflict"},
+		{"the gateway", tap("bgt-b1", "02:00:00:00:00:0b", gw.String()), "invalid_argument"},
+		{"the network address", tap("bgt-b1", "02:00:00:00:00:0b", sub.Addr().String()), "invalid_argument"},
+		{"the broadcast address", tap("bgt-b1", "02:00:00:00:00:0b", bcast.String()), "invalid_argument"},
+		{"outside the subnet", tap("bgt-b1", "02:00:00:00:00:0b", "203.0.113.9"), "invalid_argument"},
+		{"IPv6", tap("bgt-b1", "02:00:00:00:00:0b", "fd00::2"), "invalid_argument"},
+		{"multicast MAC", tap("bgt-b1", "03:00:00:00:00:0b", guest.Next().String()), "invalid_argument"},
+		{"zero MAC", tap("bgt-b1", "00:00:00:00:00:00", guest.Next().String()), "invalid_argument"},
+		{"long MAC", tap("bgt-b1", "02:00:00:00:00:00:00:0b", guest.Next().String()), "invalid_argument"},
+		{"MAC without IP", req("net.create_tap", `{"tap":"bgt-b1","bridge":"banger0","mac":"02:00:00:00:00:0b"}`, ""), "invalid_argument"},
+	} {
+		resp := h.asUID(t, allowedUID, tc.line)[0]
+		if code, msg, _ := errOf(resp); code != tc.code {
+			t.Errorf("%s: got %v (%s), want %s", tc.name, code, msg, tc.code)
+		}
+	}
+	if _, err := env.ReadSys("bgt-b1", "ifindex"); err == nil {
+		t.Errorf("a refused create_tap left tap bgt-b1 behind")
+	}
+}
