@@ -3,6 +3,7 @@ package workspace
 import (
 	"context"
 	"fmt"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -21,142 +22,153 @@ type PullResult struct {
 	Uncommitted bool   // the guest had uncommitted changes, committed on top of GuestHead
 }
 
-// sanitize replaces the downloaded repository's config (which the guest could
-// have written) with one that keeps only the repository format, so host git
-// never runs a command the guest chose (core.fsmonitor, filters, hooks).
-func sanitize(ctx context.Context, gitDir string) error {
-	cfg := filepath.Join(gitDir, "config")
-	keep := []string{"[core]", "\trepositoryformatversion = 0", "\tbare = false"}
-	if out, err := git(ctx, filepath.Dir(filepath.Dir(gitDir)), nil, nil, "config", "--file", cfg, "--get-regexp", `^extensions\.`); err == nil && out != "" {
-		keep[1] = "\trepositoryformatversion = 1"
-		keep = append(keep, "[extensions]")
-		for _, l := range strings.Split(out, "\n") {
-			k, v, _ := strings.Cut(l, " ")
-			k = strings.TrimPrefix(k, "extensions.")
-			if k == "" || strings.ContainsAny(k+v, "\n\"\\[]") {
-				continue
-			}
-			keep = append(keep, "\t"+k+" = "+v)
-		}
-	}
-	os.RemoveAll(filepath.Join(gitDir, "hooks"))
-	return os.WriteFile(cfg, []byte(strings.Join(keep, "\n")+"\n"), 0o600)
+// workTreeKeep is the Download filter for a guest's work tree: everything
+// but the top-level .git (imported separately, as data) and any nested .git,
+// which git would otherwise open as an embedded repository.
+func workTreeKeep(rel string, _ fs.FileInfo) bool {
+	return !strings.EqualFold(path.Base(rel), ".git")
 }
 
-// repoEnv points git at a downloaded copy, with a private index.
-func repoEnv(copyDir string) []string {
-	return []string{
-		"GIT_DIR=" + filepath.Join(copyDir, ".git"),
-		"GIT_WORK_TREE=" + copyDir,
-		"GIT_INDEX_FILE=" + filepath.Join(filepath.Dir(copyDir), "banger-index"),
-		"GIT_CONFIG_NOSYSTEM=1",
-	}
-}
-
-// CommitWork makes the commit a pull brings back from a downloaded copy of a
-// guest workspace (work tree and .git at copyDir): the copy's HEAD when its
-// tree matches HEAD, else a new commit of the whole tree (git add -A, so the
-// repository's .gitignore applies) whose parent is HEAD. Only the copy's
-// object store changes. The commit is made as hostRepo's git user.
-func CommitWork(ctx context.Context, copyDir, hostRepo, message string) (head, commit string, changed bool, err error) {
-	if err := sanitize(ctx, filepath.Join(copyDir, ".git")); err != nil {
-		return "", "", false, fmt.Errorf("prepare the downloaded repository: %w", err)
-	}
-	env := repoEnv(copyDir)
-	head, herr := git(ctx, copyDir, env, nil, "rev-parse", "--verify", "-q", "HEAD^{commit}")
-	if herr != nil {
-		head = "" // no commit yet
-	}
-	os.Remove(filepath.Join(filepath.Dir(copyDir), "banger-index"))
-	if head != "" {
-		if _, err := git(ctx, copyDir, env, nil, "read-tree", head); err != nil {
-			return "", "", false, err
-		}
-	}
-	if _, err := git(ctx, copyDir, env, nil, "add", "-A", "."); err != nil {
-		return "", "", false, err
-	}
-	tree, err := git(ctx, copyDir, env, nil, "write-tree")
+// ObjectFormat is the hash the repository holding dir uses (sha1, sha256).
+func ObjectFormat(ctx context.Context, dir string) (string, error) {
+	f, err := git(ctx, dir, nil, nil, "rev-parse", "--show-object-format")
 	if err != nil {
-		return "", "", false, err
+		return "", err
 	}
-	if head != "" {
-		headTree, err := git(ctx, copyDir, env, nil, "rev-parse", head+"^{tree}")
+	if _, err := hexLen(f); err != nil {
+		return "", err
+	}
+	return f, nil
+}
+
+// downloadGuestGit downloads only what importGuestGit reads of the guest's
+// dest/.git into tmp and imports it, in the host repository top's object
+// format, into a repository it makes in tmp.
+func downloadGuestGit(ctx context.Context, guest FS, dest, top, tmp string) (*guestRepo, error) {
+	gd := path.Join(dest, ".git")
+	if fi, err := guest.Lstat(gd); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("the guest's %s has no .git directory: it is not a pushed workspace (see --dest)", dest)
+	}
+	format, err := ObjectFormat(ctx, top)
+	if err != nil {
+		return nil, err
+	}
+	raw := filepath.Join(tmp, "guest-git")
+	if err := Download(ctx, guest, gd, raw, guestGitKeep); err != nil {
+		return nil, err
+	}
+	return importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), format)
+}
+
+// commitWork makes the commit a pull brings back: the guest's HEAD when the
+// work tree (downloaded at workTree) matches it, else a new commit of the
+// whole tree (git add -A, so the repository's .gitignore applies) whose
+// parent is HEAD. It runs in the imported repository r with a private index
+// (idx); only r's object store changes. ident is the committer.
+func commitWork(ctx context.Context, r *guestRepo, workTree, idx, message string, ident []string) (commit string, changed bool, err error) {
+	env := []string{"GIT_DIR=" + r.GitDir, "GIT_WORK_TREE=" + workTree, "GIT_INDEX_FILE=" + idx}
+	// no attribute from the guest's work tree selects a filter, diff or
+	// merge driver (none is configured; this makes sure of it)
+	if err := os.MkdirAll(filepath.Join(r.GitDir, "info"), 0o755); err != nil {
+		return "", false, err
+	}
+	if err := writeNew(filepath.Join(r.GitDir, "info", "attributes"), []byte("* -filter -diff -merge\n")); err != nil {
+		return "", false, err
+	}
+	if r.Head != "" {
+		if _, err := git(ctx, workTree, env, nil, "read-tree", r.Head); err != nil {
+			return "", false, err
+		}
+	}
+	if _, err := git(ctx, workTree, env, nil, "add", "-A", "."); err != nil {
+		return "", false, err
+	}
+	tree, err := git(ctx, workTree, env, nil, "write-tree")
+	if err != nil {
+		return "", false, err
+	}
+	if r.Head != "" {
+		headTree, err := git(ctx, workTree, env, nil, "rev-parse", r.Head+"^{tree}")
 		if err != nil {
-			return "", "", false, err
+			return "", false, err
 		}
 		if headTree == tree {
-			return head, head, false, nil
+			return r.Head, false, nil
 		}
 	}
 	args := []string{"commit-tree", tree, "-m", message}
-	if head != "" {
-		args = append(args, "-p", head)
+	if r.Head != "" {
+		args = append(args, "-p", r.Head)
 	}
-	commit, err = git(ctx, copyDir, append(env, identity(ctx, hostRepo)...), nil, args...)
+	commit, err = git(ctx, workTree, append(env, ident...), nil, args...)
 	if err != nil {
-		return "", "", false, err
+		return "", false, err
 	}
-	return head, commit, true, nil
+	return commit, true, nil
 }
 
-// identity is the host repository's committer (its local, global and system
-// config, which the copy's sanitised config no longer reaches), falling back
-// to a banger identity when the host user has none.
+// identity is the host repository's committer (its own and the user's
+// global config: a value read from the user's repository, never from guest
+// data), falling back to a banger identity when the host user has none.
 func identity(ctx context.Context, hostRepo string) []string {
-	name, _ := git(ctx, hostRepo, nil, nil, "config", "user.name")
-	email, _ := git(ctx, hostRepo, nil, nil, "config", "user.email")
+	name, _ := runGit(ctx, gitOpts{Dir: hostRepo, UserConfig: true}, "config", "user.name")
+	email, _ := runGit(ctx, gitOpts{Dir: hostRepo, UserConfig: true}, "config", "user.email")
 	if name == "" || email == "" {
 		name, email = "banger", "banger@localhost"
 	}
 	return []string{"GIT_AUTHOR_NAME=" + name, "GIT_AUTHOR_EMAIL=" + email, "GIT_COMMITTER_NAME=" + name, "GIT_COMMITTER_EMAIL=" + email}
 }
 
-// FetchBranch force-updates branch in the host repository to commit from the
-// repository copyDir, without touching the host's work tree, index or HEAD.
-func FetchBranch(ctx context.Context, hostRepo, copyDir, commit, branch string) error {
-	if _, err := git(ctx, hostRepo, nil, nil, "check-ref-format", "--branch", branch); err != nil {
-		return fmt.Errorf("%q cannot be a git branch name: %w", branch, err)
+// fetchBranch force-updates branch in the host repository to commit from the
+// host-made repository gitDir, without touching the host's work tree, index
+// or HEAD. The objects arrive through git's own transfer, which hashes every
+// one of them.
+func fetchBranch(ctx context.Context, hostRepo, gitDir, commit, branch string) error {
+	if !CheckRefName("refs/heads/" + branch) {
+		return fmt.Errorf("%q cannot be a git branch name", branch)
 	}
-	env := repoEnv(copyDir)
-	if _, err := git(ctx, copyDir, env, nil, "update-ref", "refs/banger/pull", commit); err != nil {
+	if _, err := git(ctx, gitDir, []string{"GIT_DIR=" + gitDir}, nil, "update-ref", "refs/banger/pull", commit); err != nil {
 		return err
 	}
 	if cur, err := git(ctx, hostRepo, nil, nil, "symbolic-ref", "-q", "HEAD"); err == nil && cur == "refs/heads/"+branch {
 		return fmt.Errorf("branch %s is checked out in %s: switch to another branch first (pull never touches your working tree)", branch, hostRepo)
 	}
-	_, err := git(ctx, hostRepo, nil, nil, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-		filepath.Join(copyDir, ".git"), "+refs/banger/pull:refs/heads/"+branch)
+	_, err := git(ctx, hostRepo, nil, nil, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
+		gitDir, "+refs/banger/pull:refs/heads/"+branch)
 	return err
 }
 
 // Pull brings the guest workspace at dest back to hostRepo as branch
 // banger/<vm>: the guest's commits, plus its uncommitted changes as one more
-// commit. tmp is a scratch directory the caller removes.
+// commit. tmp is a private scratch directory the caller removes.
 func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullResult, error) {
 	top, err := Toplevel(ctx, hostRepo)
 	if err != nil {
 		return nil, err
 	}
-	copyDir := filepath.Join(tmp, "ws")
-	if err := Download(ctx, guest, dest, copyDir); err != nil {
+	br := BranchFor(vm)
+	if !CheckRefName("refs/heads/" + br) {
+		return nil, fmt.Errorf("%q cannot be a git branch name", br)
+	}
+	r, err := downloadGuestGit(ctx, guest, dest, top, tmp)
+	if err != nil {
 		return nil, err
 	}
-	if fi, err := os.Lstat(filepath.Join(copyDir, ".git")); err != nil || !fi.IsDir() {
-		return nil, fmt.Errorf("the guest's %s has no .git directory: it is not a pushed workspace", dest)
+	workTree := filepath.Join(tmp, "ws")
+	if err := Download(ctx, guest, dest, workTree, workTreeKeep); err != nil {
+		return nil, err
 	}
-	head, commit, changed, err := CommitWork(ctx, copyDir, top, "banger: uncommitted work from VM "+vm)
+	commit, changed, err := commitWork(ctx, r, workTree, filepath.Join(tmp, "index"), "banger: uncommitted work from VM "+vm, identity(ctx, top))
 	if err != nil {
 		return nil, err
 	}
 	if commit == "" {
 		return nil, fmt.Errorf("the guest's workspace %s has no commits and no files", dest)
 	}
-	br := BranchFor(vm)
-	if err := FetchBranch(ctx, top, copyDir, commit, br); err != nil {
+	if err := fetchBranch(ctx, top, r.GitDir, commit, br); err != nil {
 		return nil, err
 	}
-	return &PullResult{Branch: br, Commit: commit, GuestHead: head, Uncommitted: changed}, nil
+	return &PullResult{Branch: br, Commit: commit, GuestHead: r.Head, Uncommitted: changed}, nil
 }
 
 // Status compares a guest workspace with the host repository.
@@ -171,48 +183,42 @@ type Status struct {
 	BranchMatches bool `json:"branch_matches"`
 }
 
-// GetStatus reads the guest's HEAD and history (only .git is downloaded).
+// GetStatus reads the guest's HEAD and history (only the parts of .git
+// importGuestGit reads are downloaded).
 func GetStatus(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*Status, error) {
 	top, err := Toplevel(ctx, hostRepo)
 	if err != nil {
 		return nil, err
 	}
-	copyDir := filepath.Join(tmp, "ws")
-	if err := Download(ctx, guest, dest, copyDir, ".git"); err != nil {
-		return nil, err
-	}
-	gd := filepath.Join(copyDir, ".git")
-	if err := sanitize(ctx, gd); err != nil {
-		return nil, err
-	}
-	st := &Status{Branch: BranchFor(vm)}
-	env := repoEnv(copyDir)
-	if b, err := git(ctx, copyDir, env, nil, "symbolic-ref", "-q", "--short", "HEAD"); err == nil {
-		st.GuestBranch = b
-	}
-	st.GuestHead, _ = git(ctx, copyDir, env, nil, "rev-parse", "--verify", "-q", "HEAD^{commit}")
-	hostObjects, err := git(ctx, top, nil, nil, "rev-parse", "--path-format=absolute", "--git-path", "objects")
+	r, err := downloadGuestGit(ctx, guest, dest, top, tmp)
 	if err != nil {
 		return nil, err
 	}
+	st := &Status{Branch: BranchFor(vm), GuestHead: r.Head}
+	st.GuestBranch = strings.TrimPrefix(r.Branch, "refs/heads/")
 	if st.GuestHead != "" {
-		// let the copy see the host's objects, then count what no host ref reaches
-		alt := filepath.Join(gd, "objects", "info", "alternates")
-		if err := os.MkdirAll(filepath.Dir(alt), 0o700); err != nil {
+		// let the imported repository (the host made it) see the host's
+		// objects, then count what no host ref reaches
+		hostObjects, err := git(ctx, top, nil, nil, "rev-parse", "--path-format=absolute", "--git-path", "objects")
+		if err != nil {
 			return nil, err
 		}
-		if err := os.WriteFile(alt, []byte(hostObjects+"\n"), 0o600); err != nil {
+		if err := os.MkdirAll(filepath.Join(r.GitDir, "objects", "info"), 0o755); err != nil {
+			return nil, err
+		}
+		if err := writeNew(filepath.Join(r.GitDir, "objects", "info", "alternates"), []byte(hostObjects+"\n")); err != nil {
 			return nil, err
 		}
 		refs, err := git(ctx, top, nil, nil, "for-each-ref", "--format=%(objectname)")
 		if err != nil {
 			return nil, err
 		}
-		in := st.GuestHead + "\n"
+		var in strings.Builder
+		in.WriteString(st.GuestHead + "\n")
 		for _, r := range strings.Fields(refs) {
-			in += "^" + r + "\n"
+			in.WriteString("^" + r + "\n")
 		}
-		n, err := git(ctx, copyDir, env, strings.NewReader(in), "rev-list", "--count", "--stdin")
+		n, err := git(ctx, r.GitDir, []string{"GIT_DIR=" + r.GitDir}, strings.NewReader(in.String()), "rev-list", "--count", "--stdin")
 		if err != nil {
 			return nil, err
 		}

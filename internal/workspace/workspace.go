@@ -5,14 +5,12 @@
 package workspace
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path"
 	"path/filepath"
 	"sort"
@@ -63,7 +61,7 @@ func (LocalFS) Open(p string) (io.ReadCloser, error) { return os.Open(p) }
 func (LocalFS) Mkdir(p string) error {
 	err := os.Mkdir(p, 0o755)
 	if errors.Is(err, fs.ErrExist) {
-		if fi, serr := os.Stat(p); serr == nil && fi.IsDir() {
+		if fi, serr := os.Lstat(p); serr == nil && fi.IsDir() {
 			return nil
 		}
 	}
@@ -73,32 +71,6 @@ func (LocalFS) Symlink(t, p string) error               { return os.Symlink(t, p
 func (LocalFS) Remove(p string) error                   { return os.Remove(p) }
 func (LocalFS) Chmod(p string, m fs.FileMode) error     { return os.Chmod(p, m) }
 func (LocalFS) Chtimes(p string, mtime time.Time) error { return os.Chtimes(p, mtime, mtime) }
-
-// git runs host git in dir with extra environment, returning trimmed stdout.
-// The caller's GIT_DIR and friends are dropped so they cannot redirect it.
-func git(ctx context.Context, dir string, env []string, stdin io.Reader, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, "git", args...)
-	cmd.Dir = dir
-	cmd.WaitDelay = 5 * time.Second
-	for _, kv := range os.Environ() {
-		switch k, _, _ := strings.Cut(kv, "="); k {
-		case "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_NAMESPACE":
-			continue
-		}
-		cmd.Env = append(cmd.Env, kv)
-	}
-	cmd.Env = append(cmd.Env, env...)
-	cmd.Stdin = stdin
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		if errors.Is(err, exec.ErrNotFound) {
-			return "", fmt.Errorf("git is not installed on this host (install it, e.g. apt-get install git): %w", err)
-		}
-		return strings.TrimSpace(out.String()), fmt.Errorf("git %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
-	}
-	return strings.TrimSpace(out.String()), nil
-}
 
 // Toplevel is the root of the git work tree holding dir.
 func Toplevel(ctx context.Context, dir string) (string, error) {
@@ -138,7 +110,8 @@ func PlanPush(ctx context.Context, dir string) (*Plan, error) {
 	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
 		return nil, fmt.Errorf("%s: .git is not a directory (git worktrees and submodules cannot be workspaces yet; use a full clone)", top)
 	}
-	out, err := git(ctx, top, nil, nil, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+	// the user's own repository, no guest data: their global excludes apply
+	out, err := runGit(ctx, gitOpts{Dir: top, UserConfig: true}, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
 	if err != nil {
 		return nil, err
 	}
@@ -365,9 +338,12 @@ func uploadFile(guest FS, src, dst string, it Item, progress func(int64)) error 
 func inGitDir(rel string) bool { return strings.HasPrefix(rel, ".git/") }
 
 // Download copies the guest tree at src into the new local directory dst,
-// keeping modes and symlinks (devices, sockets and fifos are skipped). With
-// only set, only those top-level names are copied.
-func Download(ctx context.Context, guest FS, src, dst string, only ...string) error {
+// keeping symlinks and the execute bits (devices, sockets and fifos are
+// skipped). keep, when set, is asked about every entry (rel is its slash path
+// under src) and a directory it refuses is not read. Names the guest lists
+// are checked (no "", ".", "..", '/', NUL or duplicate) and files are written
+// through a HostDir, so nothing the guest lists can write outside dst.
+func Download(ctx context.Context, guest FS, src, dst string, keep func(rel string, fi fs.FileInfo) bool) error {
 	fi, err := guest.Lstat(src)
 	if err != nil {
 		return fmt.Errorf("the guest's %s: %w (was the workspace pushed there? see --dest)", src, err)
@@ -378,47 +354,55 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 	if err := os.MkdirAll(dst, 0o700); err != nil {
 		return err
 	}
-	want := map[string]bool{}
-	for _, o := range only {
-		want[o] = true
+	hd, err := OpenHostDir(dst)
+	if err != nil {
+		return err
 	}
+	defer hd.Close()
 	type entry struct {
-		guest, local string
-		mode         fs.FileMode
-		size         int64
+		guest, rel string
+		mode       fs.FileMode
+		size       int64
 	}
 	// list a level of directories at a time, in parallel
 	var dirs, files []entry
 	var mu sync.Mutex
-	level := []entry{{guest: src, local: dst}}
-	for top := true; len(level) > 0; top = false {
+	level := []entry{{guest: src}}
+	for len(level) > 0 {
 		var next []entry
 		err := parallel(ctx, level, func(d entry) error {
 			ents, err := guest.ReadDir(d.guest)
 			if err != nil {
 				return fmt.Errorf("read the guest's %s: %w", d.guest, err)
 			}
-			mu.Lock()
-			defer mu.Unlock()
+			seen := make(map[string]bool, len(ents))
+			var mine []entry
 			for _, e := range ents {
-				if top && len(want) > 0 && !want[e.Name()] {
+				n := e.Name()
+				if !PlainName(n) || seen[n] {
+					return fmt.Errorf("the guest's %s lists a bad name %q (empty, \".\", \"..\", with '/', or twice)", d.guest, n)
+				}
+				seen[n] = true
+				en := entry{path.Join(d.guest, n), path.Join(d.rel, n), e.Mode(), e.Size()}
+				if keep != nil && !keep(en.rel, e) {
 					continue
 				}
-				if n := e.Name(); n == "" || n == "." || n == ".." || strings.ContainsAny(n, "/\x00") {
-					return fmt.Errorf("the guest's %s lists a bad name %q", d.guest, n)
-				}
-				en := entry{path.Join(d.guest, e.Name()), filepath.Join(d.local, e.Name()), e.Mode(), e.Size()}
 				switch {
 				case e.IsDir():
-					if err := os.Mkdir(en.local, 0o700); err != nil {
+					if err := hd.Mkdir(en.rel); err != nil {
 						return err
 					}
-					dirs = append(dirs, en)
-					next = append(next, en)
+					mine = append(mine, en)
 				case e.Mode()&fs.ModeSymlink != 0, e.Mode().IsRegular():
+					mu.Lock()
 					files = append(files, en)
+					mu.Unlock()
 				}
 			}
+			mu.Lock()
+			dirs = append(dirs, mine...)
+			next = append(next, mine...)
+			mu.Unlock()
 			return nil
 		})
 		if err != nil {
@@ -435,9 +419,9 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 			if err != nil {
 				return fmt.Errorf("read the guest's link %s: %w", e.guest, err)
 			}
-			return os.Symlink(t, e.local)
+			return hd.Symlink(t, e.rel, false)
 		}
-		if err := downloadFile(guest, e.guest, e.local, e.mode, e.size); err != nil {
+		if err := downloadFile(guest, hd, e.guest, e.rel, e.mode, e.size); err != nil {
 			return fmt.Errorf("copy the guest's %s: %w", e.guest, err)
 		}
 		return nil
@@ -449,20 +433,20 @@ func Download(ctx context.Context, guest FS, src, dst string, only ...string) er
 		return err
 	}
 	for i := len(dirs) - 1; i >= 0; i-- {
-		if err := os.Chmod(dirs[i].local, keptMode(dirs[i].mode)|0o700); err != nil {
+		if err := hd.SetDirMeta(dirs[i].rel, dirs[i].mode|0o700, time.Time{}); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func downloadFile(guest FS, src, dst string, mode fs.FileMode, size int64) error {
+func downloadFile(guest FS, hd *HostDir, src, rel string, mode fs.FileMode, size int64) error {
 	r, err := guest.Open(src)
 	if err != nil {
 		return err
 	}
 	defer r.Close()
-	w, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	w, err := hd.Create(rel, true)
 	if err != nil {
 		return err
 	}
@@ -473,11 +457,11 @@ func downloadFile(guest FS, src, dst string, mode fs.FileMode, size int64) error
 	} else {
 		_, err = io.Copy(w, r) // the sftp file's concurrent WriteTo
 	}
+	if err == nil {
+		err = SetFileMeta(w, mode, time.Time{})
+	}
 	if cerr := w.Close(); err == nil {
 		err = cerr
 	}
-	if err != nil {
-		return err
-	}
-	return os.Chmod(dst, keptMode(mode))
+	return err
 }

@@ -350,7 +350,7 @@ func TestDownloadRefusesEscapingNames(t *testing.T) {
 	write(t, filepath.Join(g, "a"), "x", 0o644)
 	for _, name := range []string{"..", "../evil", "a/b", ".", ""} {
 		dst := filepath.Join(t.TempDir(), "copy")
-		err := Download(context.Background(), badNames{name: name}, g, dst)
+		err := Download(context.Background(), badNames{name: name}, g, dst, nil)
 		if err == nil || !strings.Contains(err.Error(), "bad name") {
 			t.Errorf("name %q: %v", name, err)
 		}
