@@ -89,10 +89,15 @@ type cpOptions struct {
 // cpItem is one step of a copy plan.
 type cpItem struct {
 	Src, Dst string
-	Mode     fs.FileMode
-	Size     int64
-	MTime    time.Time
-	Link     string // symlink target, for symlinks
+	// Root is the destination directory the copy writes in (DST, or its
+	// parent when DST names the copy itself) and Rel is Dst below it, made
+	// only of plain names: the host side writes by (Root, Rel) without
+	// following links.
+	Root, Rel string
+	Mode      fs.FileMode
+	Size      int64
+	MTime     time.Time
+	Link      string // symlink target, for symlinks
 }
 
 func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions) error {
@@ -108,10 +113,10 @@ func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions)
 		return fmt.Errorf("start sftp in %s: %w", vm, err)
 	}
 	defer sc.Close()
-	var local, remote cpFS = osFS{}, sftpFS{c: sc, cl: cl}
-	from, to := local, remote
+	var from cpSource = osFS{}
+	var to cpDest = sftpFS{c: sc, cl: cl}
 	if src.VM != "" {
-		from, to = remote, local
+		from, to = sftpFS{c: sc, cl: cl}, osFS{}
 	}
 	plan, err := planCopy(from, to, src, dst, opts.Recursive)
 	if err != nil {
@@ -149,29 +154,66 @@ func ctxOr(ctx context.Context, err error) error {
 	return err
 }
 
-// cpFS is what a copy needs of either side.
-type cpFS interface {
+// cpSource is what a copy needs of the side it reads.
+type cpSource interface {
 	Stat(p string) (fs.FileInfo, error)
 	Lstat(p string) (fs.FileInfo, error)
 	ReadDir(p string) ([]fs.FileInfo, error)
 	Readlink(p string) (string, error)
 	Join(elem ...string) string
 	Base(p string) string
-	Create(p string) (io.WriteCloser, error)
 	Open(p string) (io.ReadCloser, error)
-	Mkdir(p string) error
-	Symlink(target, p string) error
-	Remove(p string) error
-	Chmod(p string, m fs.FileMode) error
-	Chtimes(p string, mtime time.Time) error
 }
 
-// osFS is this host's filesystem: workspace.LocalFS plus path helpers.
+// cpDest is what a copy needs of the side it writes.
+type cpDest interface {
+	Stat(p string) (fs.FileInfo, error)
+	Join(elem ...string) string
+	Base(p string) string
+	Dir(p string) string
+	PutDir(it cpItem) error                    // an existing directory is fine
+	PutLink(it cpItem) error                   // replaces a file or link
+	PutFile(it cpItem) (io.WriteCloser, error) // creates or truncates
+	SetMeta(it cpItem, w io.WriteCloser) error // mode and time; w is the open file, nil for a directory
+}
+
+// osFS is this host's filesystem. As a destination it receives names that
+// came from a guest, so it writes through workspace.HostDir: each path is
+// walked below the item's Root with O_NOFOLLOW, an existing link is never
+// followed, and modes (without setuid, setgid or sticky) and times are set
+// on descriptors.
 type osFS struct{ workspace.LocalFS }
 
 func (osFS) Stat(p string) (fs.FileInfo, error) { return os.Stat(p) }
 func (osFS) Join(e ...string) string            { return filepath.Join(e...) }
 func (osFS) Base(p string) string               { return filepath.Base(p) }
+func (osFS) Dir(p string) string                { return filepath.Dir(p) }
+
+func (osFS) in(it cpItem, fn func(*workspace.HostDir) error) error {
+	hd, err := workspace.OpenHostDir(it.Root)
+	if err != nil {
+		return err
+	}
+	defer hd.Close()
+	return fn(hd)
+}
+func (o osFS) PutDir(it cpItem) error {
+	return o.in(it, func(hd *workspace.HostDir) error { return hd.Mkdir(it.Rel) })
+}
+func (o osFS) PutLink(it cpItem) error {
+	return o.in(it, func(hd *workspace.HostDir) error { return hd.Symlink(it.Link, it.Rel, true) })
+}
+func (o osFS) PutFile(it cpItem) (io.WriteCloser, error) {
+	var f *os.File
+	err := o.in(it, func(hd *workspace.HostDir) (err error) { f, err = hd.Create(it.Rel, false); return err })
+	return f, err
+}
+func (o osFS) SetMeta(it cpItem, w io.WriteCloser) error {
+	if f, ok := w.(*os.File); ok {
+		return workspace.SetFileMeta(f, it.Mode, it.MTime)
+	}
+	return o.in(it, func(hd *workspace.HostDir) error { return hd.SetDirMeta(it.Rel, it.Mode, it.MTime) })
+}
 
 type sftpFS struct {
 	c  *sftp.Client
@@ -184,6 +226,7 @@ func (s sftpFS) ReadDir(p string) ([]fs.FileInfo, error) { return s.c.ReadDir(p)
 func (s sftpFS) Readlink(p string) (string, error)       { return s.c.ReadLink(p) }
 func (sftpFS) Join(e ...string) string                   { return path.Join(e...) }
 func (sftpFS) Base(p string) string                      { return path.Base(p) }
+func (sftpFS) Dir(p string) string                       { return path.Dir(p) }
 func (s sftpFS) Create(p string) (io.WriteCloser, error) {
 	return s.c.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC)
 }
@@ -196,6 +239,18 @@ func (s sftpFS) Mkdir(p string) error {
 		}
 	}
 	return err
+}
+func (s sftpFS) PutDir(it cpItem) error { return s.Mkdir(it.Dst) }
+func (s sftpFS) PutLink(it cpItem) error {
+	s.Remove(it.Dst)
+	return s.Symlink(it.Link, it.Dst)
+}
+func (s sftpFS) PutFile(it cpItem) (io.WriteCloser, error) { return s.Create(it.Dst) }
+func (s sftpFS) SetMeta(it cpItem, _ io.WriteCloser) error {
+	if err := s.Chmod(it.Dst, keptMode(it.Mode)); err != nil {
+		return err
+	}
+	return s.Chtimes(it.Dst, it.MTime)
 }
 
 // Symlink makes a symlink in the guest. The agent's SFTP server turns a
@@ -233,16 +288,21 @@ func keptMode(m fs.FileMode) fs.FileMode {
 }
 
 // planCopy lists what to copy, like cp -r/scp -r: into DST when DST is an
-// existing directory, else as DST.
-func planCopy(from, to cpFS, src, dst cpArg, recursive bool) ([]cpItem, error) {
+// existing directory, else as DST. Every name read from the source side is
+// checked (not empty, ".", ".." or with '/', and not listed twice in one
+// directory): a guest's listing cannot name a path outside the copy.
+func planCopy(from cpSource, to cpDest, src, dst cpArg, recursive bool) ([]cpItem, error) {
 	fi, err := from.Stat(src.Path)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", src, explainFSErr(err))
 	}
-	target := dst.Path
+	target := to.Join(dst.Path)
 	tfi, terr := to.Stat(dst.Path)
 	switch {
 	case terr == nil && tfi.IsDir():
+		if from.Base(src.Path) == ".." {
+			return nil, fmt.Errorf("cannot copy %s into %s: name the directory, not its \"..\"", src, dst)
+		}
 		target = to.Join(dst.Path, from.Base(src.Path))
 	case terr == nil && fi.IsDir():
 		return nil, fmt.Errorf("%s exists and is not a directory", dst)
@@ -251,19 +311,27 @@ func planCopy(from, to cpFS, src, dst cpArg, recursive bool) ([]cpItem, error) {
 	case terr != nil && !fi.IsDir() && strings.HasSuffix(dst.Path, "/"):
 		return nil, fmt.Errorf("%s: no such directory", dst)
 	}
+	root, top := to.Dir(target), to.Base(target)
+	if !workspace.PlainName(top) {
+		// DST itself (".", "/"): only a directory copied into an existing one
+		if tfi, err := to.Stat(target); err != nil || !tfi.IsDir() || !fi.IsDir() {
+			return nil, fmt.Errorf("cannot copy %s to %s: name the file or directory to create", src, target)
+		}
+		root, top = target, ""
+	}
 	if !fi.IsDir() {
 		if !fi.Mode().IsRegular() {
 			return nil, fmt.Errorf("%s is not a regular file", src)
 		}
-		return []cpItem{{Src: src.Path, Dst: target, Mode: fi.Mode(), Size: fi.Size(), MTime: fi.ModTime()}}, nil
+		return []cpItem{{Src: src.Path, Dst: target, Root: root, Rel: top, Mode: fi.Mode(), Size: fi.Size(), MTime: fi.ModTime()}}, nil
 	}
 	if !recursive {
 		return nil, fmt.Errorf("%s is a directory (use cp -r)", src)
 	}
 	var plan []cpItem
-	var walk func(s, d string, fi fs.FileInfo) error
-	walk = func(s, d string, fi fs.FileInfo) error {
-		it := cpItem{Src: s, Dst: d, Mode: fi.Mode(), MTime: fi.ModTime()}
+	var walk func(s, d, rel string, fi fs.FileInfo) error
+	walk = func(s, d, rel string, fi fs.FileInfo) error {
+		it := cpItem{Src: s, Dst: d, Root: root, Rel: rel, Mode: fi.Mode(), MTime: fi.ModTime()}
 		switch {
 		case fi.IsDir():
 			plan = append(plan, it)
@@ -271,13 +339,20 @@ func planCopy(from, to cpFS, src, dst cpArg, recursive bool) ([]cpItem, error) {
 			if err != nil {
 				return fmt.Errorf("read directory %s: %w", s, explainFSErr(err))
 			}
+			seen := make(map[string]bool, len(ents))
 			for _, e := range ents {
-				if err := walk(from.Join(s, e.Name()), to.Join(d, e.Name()), e); err != nil {
+				n := e.Name()
+				if !workspace.PlainName(n) || seen[n] {
+					return fmt.Errorf("directory %s lists a bad name %q (empty, \".\", \"..\", with '/', or twice): refusing to copy it", s, n)
+				}
+				seen[n] = true
+				if err := walk(from.Join(s, n), to.Join(d, n), path.Join(rel, n), e); err != nil {
 					return err
 				}
 			}
 			// the directory's mode and time are set after its contents
-			plan = append(plan, cpItem{Src: s, Dst: d, Mode: fi.Mode() | fs.ModeIrregular, MTime: fi.ModTime()})
+			it.Mode |= fs.ModeIrregular
+			plan = append(plan, it)
 		case fi.Mode()&fs.ModeSymlink != 0:
 			t, err := from.Readlink(s)
 			if err != nil {
@@ -293,11 +368,11 @@ func planCopy(from, to cpFS, src, dst cpArg, recursive bool) ([]cpItem, error) {
 		}
 		return nil
 	}
-	return plan, walk(src.Path, target, fi)
+	return plan, walk(src.Path, target, top, fi)
 }
 
 // runCopy carries out a plan.
-func runCopy(from, to cpFS, plan []cpItem, bar *progressbar.ProgressBar, src, dst cpArg) error {
+func runCopy(from cpSource, to cpDest, plan []cpItem, bar *progressbar.ProgressBar, src, dst cpArg) error {
 	where := func(p string, side cpArg) string {
 		if side.VM == "" {
 			return p
@@ -307,15 +382,13 @@ func runCopy(from, to cpFS, plan []cpItem, bar *progressbar.ProgressBar, src, ds
 	for _, it := range plan {
 		var err error
 		switch {
+		case it.Rel == "": // DST itself, an existing directory: left as it is
 		case it.Mode&fs.ModeIrregular != 0 && it.Mode.IsDir(): // directory done
-			if err = to.Chmod(it.Dst, keptMode(it.Mode)); err == nil {
-				err = to.Chtimes(it.Dst, it.MTime)
-			}
+			err = to.SetMeta(it, nil)
 		case it.Mode.IsDir():
-			err = to.Mkdir(it.Dst)
+			err = to.PutDir(it)
 		case it.Link != "":
-			to.Remove(it.Dst)
-			err = to.Symlink(it.Link, it.Dst)
+			err = to.PutLink(it)
 		default:
 			err = copyOne(from, to, it, bar)
 		}
@@ -327,13 +400,13 @@ func runCopy(from, to cpFS, plan []cpItem, bar *progressbar.ProgressBar, src, ds
 }
 
 // copyOne copies a regular file and sets its mode and time.
-func copyOne(from, to cpFS, it cpItem, bar *progressbar.ProgressBar) error {
+func copyOne(from cpSource, to cpDest, it cpItem, bar *progressbar.ProgressBar) error {
 	r, err := from.Open(it.Src)
 	if err != nil {
 		return err
 	}
 	defer r.Close()
-	w, err := to.Create(it.Dst)
+	w, err := to.PutFile(it)
 	if err != nil {
 		return err
 	}
@@ -347,16 +420,13 @@ func copyOne(from, to cpFS, it cpItem, bar *progressbar.ProgressBar) error {
 	default:
 		werr = transfer(w, io.TeeReader(r, bar))
 	}
+	if werr == nil {
+		werr = to.SetMeta(it, w)
+	}
 	if cerr := w.Close(); werr == nil {
 		werr = cerr
 	}
-	if werr != nil {
-		return werr
-	}
-	if err := to.Chmod(it.Dst, keptMode(it.Mode)); err != nil {
-		return err
-	}
-	return to.Chtimes(it.Dst, it.MTime)
+	return werr
 }
 
 // transfer uses the sftp fast paths: concurrent writes to a remote file,
