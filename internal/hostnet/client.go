@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"syscall"
+	"time"
 
 	"github.com/bangerdev/banger/internal/rpc"
 )
@@ -33,9 +34,25 @@ func (c *Client) socket() string {
 // the helper at all.
 var ErrHelperUnavailable = errors.New("banger-helper is not reachable")
 
+// BusyRetry bounds how long a call waits, retrying, while the helper turns
+// its connections away as over its limits (code unavailable).
+const BusyRetry = 30 * time.Second
+
 func (c *Client) call(ctx context.Context, method string, params, result any) error {
 	sock := c.socket()
 	err := rpc.Call(ctx, sock, method, params, result)
+	// The helper caps connections per uid: many VMs starting at once may
+	// meet the cap; wait for a slot (bounded) rather than fail the start.
+	for wait, start := 10*time.Millisecond, time.Now(); rpc.IsCode(err, rpc.CodeUnavailable) && time.Since(start) < BusyRetry; wait = min(2*wait, 500*time.Millisecond) {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("banger-helper %s: %w (while it was busy: %w)", method, ctx.Err(), err)
+		case <-t.C:
+		}
+		err = rpc.Call(ctx, sock, method, params, result)
+	}
 	if err == nil {
 		return nil
 	}

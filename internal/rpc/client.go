@@ -68,8 +68,17 @@ func (c *Client) Call(ctx context.Context, method string, params, result any) er
 	}
 	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	if _, err := c.conn.Write(line); err != nil {
-		return c.ctxErr(ctx, fmt.Errorf("send %s: %w", method, err))
+	if _, werr := c.conn.Write(line); werr != nil {
+		// A server that turns a connection away (a refusal, a connection
+		// cap) answers and closes without reading: its answer may already
+		// be here although the request could not be sent.
+		c.conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		respLine, tooLong, err := readLine(c.r, MaxResponse)
+		var resp Response
+		if err == nil && !tooLong && json.Unmarshal(respLine, &resp) == nil && resp.Error != nil {
+			return resp.Error
+		}
+		return c.ctxErr(ctx, fmt.Errorf("send %s: %w", method, werr))
 	}
 	respLine, tooLong, err := readLine(c.r, MaxResponse)
 	if tooLong {

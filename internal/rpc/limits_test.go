@@ -131,3 +131,35 @@ func TestServerCloseOnRefusal(t *testing.T) {
 		}
 	}
 }
+
+// TestClientReadsAnswerOfTurnedAwayConnection: a server that answers and
+// closes without reading (a connection cap) is understood even when the
+// request cannot be sent: the client returns the server's error, not a
+// broken pipe.
+func TestClientReadsAnswerOfTurnedAwayConnection(t *testing.T) {
+	sock := t.TempDir() + "/s.sock"
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte(`{"error":{"code":"unavailable","message":"too many connections","op_id":"op-abc123"}}` + "\n"))
+			c.Close()
+		}
+	}()
+	big := map[string]string{"s": strings.Repeat("x", 1<<20)} // larger than the socket buffer
+	for i := 0; i < 20; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := Call(ctx, sock, "system.ping", big, nil)
+		cancel()
+		if !IsCode(err, CodeUnavailable) {
+			t.Fatalf("call %d: %v, want the server's unavailable error", i, err)
+		}
+	}
+}

@@ -72,6 +72,30 @@ func abuseMain() int {
 		}
 		fmt.Printf("replies=%d\n", replies)
 		return 0
+	case "parallel":
+		// n VMs of one user starting at once: n concurrent create_tap calls.
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		ok := 0
+		c := &hostnet.Client{Socket: sock}
+		for i := 0; i < n; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				defer cancel()
+				if _, err := c.CreateTap(ctx, fmt.Sprintf("bgt-p%02d", i), "banger0", 0); err != nil {
+					fmt.Fprintln(os.Stderr, "create_tap:", err)
+					return
+				}
+				mu.Lock()
+				ok++
+				mu.Unlock()
+			}()
+		}
+		wg.Wait()
+		fmt.Printf("ok=%d\n", ok)
+		return 0
 	case "hold":
 		size, _ := strconv.Atoi(os.Getenv("ABUSE_BYTES"))
 		conns := make([]net.Conn, n)
@@ -327,6 +351,23 @@ func addBridgeAddr(t *testing.T, env *nettest.Env, cidr string) {
 }
 
 func codeOf(m map[string]any) string { c, _, _ := errOf(m); return c }
+
+// TestParallelStartsMeetTheConnectionCap: 24 concurrent create_tap calls
+// of one user (more than its 8 connections) all succeed: the client waits
+// for a slot instead of failing a VM's start.
+func TestParallelStartsMeetTheConnectionCap(t *testing.T) {
+	env := nettest.New(t)
+	h := startHelper(t, env, "--allow-user", fmt.Sprint(allowedUID))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := (&hostnet.Client{Socket: h.sock}).EnsureBridge(ctx, "banger0", netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.abuse(t, allowedUID, "parallel", 24); got != "ok=24" {
+		t.Fatalf("24 parallel create_tap: %s", got)
+	}
+	t.Logf("connections turned away and retried: %d", strings.Count(h.logs.String(), "over the limits"))
+}
 
 // TestOwnershipAcrossUsers: two allowed users share banger's network, and
 // neither can remove what the other made or depends on.
