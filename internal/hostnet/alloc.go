@@ -7,8 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-
-	"github.com/bangerdev/banger/internal/hostnet/netcfg"
 )
 
 // TapName derives the tap of a VM: prefix + the first 11 hex digits of the
@@ -113,22 +111,6 @@ func AllocateAddr(subnet netip.Prefix, inUse []netip.Addr) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("no free address left in %s (%d in use)", subnet, len(inUse))
 }
 
-// HostPrefixes lists the IPv4 networks the host uses (routes of every table
-// except default routes, and interface addresses), leaving out banger's own
-// bridge and taps. It reads the current network namespace via netlink and
-// needs no privileges.
-func HostPrefixes(bridge, tapPrefix string) ([]netip.Prefix, error) {
-	hp, err := netcfg.HostPrefixes(OwnDevice(bridge, tapPrefix))
-	if err != nil {
-		return nil, err
-	}
-	out := make([]netip.Prefix, 0, len(hp))
-	for _, h := range hp {
-		out = append(out, h.Prefix)
-	}
-	return out, nil
-}
-
 // OwnDevice returns a predicate for banger's own devices (the bridge and any
 // interface with the tap prefix). Empty arguments mean the defaults.
 func OwnDevice(bridge, tapPrefix string) func(string) bool {
@@ -139,30 +121,4 @@ func OwnDevice(bridge, tapPrefix string) func(string) bool {
 		tapPrefix = DefaultTapPrefix
 	}
 	return func(name string) bool { return name == bridge || strings.HasPrefix(name, tapPrefix) }
-}
-
-// PlanSubnet picks banger's subnet on this host: the bridge's current
-// private IPv4 subnet when the bridge exists with one (so that bangerd
-// restarts and several users converge on the same network), else the first
-// /24 of pool that collides with no route or address of the host.
-func PlanSubnet(pool netip.Prefix, bridge, tapPrefix string) (netip.Prefix, error) {
-	if bridge == "" {
-		bridge = DefaultBridge
-	}
-	exists, _, addrs, err := netcfg.BridgeInfo(bridge)
-	if err != nil {
-		return netip.Prefix{}, err
-	}
-	if exists {
-		for _, a := range addrs {
-			if _, err := ParseGatewayCIDR(a.String()); err == nil {
-				return a.Masked(), nil
-			}
-		}
-	}
-	taken, err := HostPrefixes(bridge, tapPrefix)
-	if err != nil {
-		return netip.Prefix{}, err
-	}
-	return ChooseSubnet(pool, 24, taken)
 }

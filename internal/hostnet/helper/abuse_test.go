@@ -369,6 +369,32 @@ func TestParallelStartsMeetTheConnectionCap(t *testing.T) {
 	t.Logf("connections turned away and retried: %d", strings.Count(h.logs.String(), "over the limits"))
 }
 
+// TestInfoAvoidsHostRoutes: the helper's subnet is the first /24 of its
+// pool that no route or address of the host uses (banger's own devices
+// aside), and stays the bridge's once it exists.
+func TestInfoAvoidsHostRoutes(t *testing.T) {
+	env := nettest.New(t)
+	if err := env.Do(func() error { return addRoute("172.30.0.0/23", env.GatewayAddr.String()) }); err != nil {
+		t.Fatal(err)
+	}
+	h := startHelper(t, env)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := &hostnet.Client{Socket: h.sock}
+	for i := 0; i < 2; i++ {
+		info, err := c.Info(ctx)
+		if err != nil || info.Subnet != "172.30.2.0/24" || info.Gateway != "172.30.2.1/24" {
+			t.Fatalf("net.info #%d with 172.30.0.0/23 routed: %+v %v", i, info, err)
+		}
+		if _, err := c.EnsureBridge(ctx, "banger0", netip.Prefix{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := bridgeAddrs(t, env); len(got) != 1 || got[0] != "172.30.2.1/24" {
+		t.Fatalf("bridge addresses: %v", got)
+	}
+}
+
 // TestOwnershipAcrossUsers: two allowed users share banger's network, and
 // neither can remove what the other made or depends on.
 func TestOwnershipAcrossUsers(t *testing.T) {
