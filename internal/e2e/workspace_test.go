@@ -130,6 +130,30 @@ func TestWorkspaceRealGuest(t *testing.T) {
 		t.Errorf("status after pull: %s", st)
 	}
 
+	// a hostile guest: its .git asks host git to run a filter (through
+	// extensions.worktreeConfig + config.worktree) and its config is a link
+	// to a host file; pull runs nothing, writes nothing there, and still
+	// brings the guest's edit back
+	marker := filepath.Join(t.TempDir(), "ran")
+	victim := filepath.Join(t.TempDir(), "victim")
+	writeFile(t, victim, "precious\n", 0o644)
+	os.Chmod(filepath.Dir(marker), 0o777)
+	hostile := fmt.Sprintf(`cd /root/proj && printf '[core]\n\trepositoryformatversion = 1\n[extensions]\n\tworktreeConfig = true\n' > .git/config.real && `+
+		`printf '[filter "x"]\n\tclean = touch %[1]s\n[core]\n\tfsmonitor = touch %[1]s\n' > .git/config.worktree && `+
+		`echo '* filter=x' > .gitattributes && rm .git/config && ln -s %[2]s .git/config && echo hostile > README`, marker, victim)
+	mustBanger(t, h, "exec", "w", "--", "sh", "-c", hostile)
+	mustBanger(t, h, "workspace", "status", "w")
+	mustBanger(t, h, "workspace", "pull", "w")
+	if _, err := os.Lstat(marker); err == nil {
+		t.Error("workspace pull ran a command the guest's .git chose")
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "precious\n" {
+		t.Errorf("workspace pull wrote through the guest's .git/config link: %q", b)
+	}
+	if s := hostGit(t, repo, "show", "banger/w:README"); s != "hostile" {
+		t.Errorf("README on banger/w after the hostile guest: %q", s)
+	}
+
 	// a bigger tree, pushed again by hand to another directory: measured
 	big := filepath.Join(t.TempDir(), "big")
 	os.Mkdir(big, 0o755)
