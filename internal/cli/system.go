@@ -12,7 +12,7 @@ import (
 func (a *App) addServiceCommands(root *cobra.Command) {
 	root.AddCommand(a.guestCommands()...)
 	root.AddCommand(a.guestToolCommands()...)
-	root.AddCommand(a.kernelCommand(), a.imageCommand(), a.runCommand(), a.doctorCommand(), a.workspaceCommand())
+	root.AddCommand(a.kernelCommand(), a.imageCommand(), a.runCommand(), a.doctorCommand(), a.workspaceCommand(), a.mcpCommand())
 }
 
 func (a *App) doctorCommand() *cobra.Command {
