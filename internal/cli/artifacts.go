@@ -24,16 +24,6 @@ func absPath(p string) (string, error) {
 	return filepath.Abs(p)
 }
 
-func humanBytes(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1fG", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1fM", float64(n)/(1<<20))
-	}
-	return fmt.Sprintf("%dK", n>>10)
-}
-
 func (a *App) kernelCommand() *cobra.Command {
 	k := &cobra.Command{Use: "kernel", Short: "Manage guest kernels"}
 	var p api.KernelImportParams
@@ -76,26 +66,26 @@ func (a *App) kernelCommand() *cobra.Command {
 	imp.Flags().StringVar(&p.Deb, "deb", "", "a Debian linux-image .deb")
 	imp.Flags().StringVar(&p.Package, "package", "", "a Debian kernel package to download with apt-get (e.g. linux-image-cloud-amd64)")
 	k.AddCommand(imp)
-	k.AddCommand(&cobra.Command{
+	var kFormat string
+	kls := &cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List kernels", Args: noArgs,
+		Example: "  banger kernel ls\n  banger kernel ls --format '{{.Name}} {{.Version}}'",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var ks []*api.Kernel
 			if err := a.call(cmd.Context(), api.MethodKernelList, nil, &ks); err != nil {
 				return err
 			}
-			if a.output == "json" {
-				if ks == nil {
-					ks = []*api.Kernel{}
+			return listOutput(a, ks, false, kFormat, func(k *api.Kernel) string { return k.ID }, func() error {
+				var rows [][]string
+				for _, k := range ks {
+					rows = append(rows, []string{k.Name, orDash(k.Version), sizeBytes(k.SizeBytes), ago(k.CreatedAt)})
 				}
-				return a.printJSON(ks)
-			}
-			var rows [][]string
-			for _, k := range ks {
-				rows = append(rows, []string{k.Name, orDash(k.Version), humanBytes(k.SizeBytes), ago(k.CreatedAt)})
-			}
-			return a.table([]string{"NAME", "VERSION", "SIZE", "CREATED"}, rows)
+				return a.table([]string{"NAME", "VERSION", "SIZE", "CREATED"}, rows)
+			})
 		},
-	})
+	}
+	addFormat(kls, &kFormat)
+	k.AddCommand(kls)
 	k.AddCommand(a.rmCommand(api.MethodKernelDelete, "a kernel"))
 	return k
 }
@@ -177,30 +167,30 @@ func (a *App) imageCommand() *cobra.Command {
 	build.Flags().StringVar(&bp.Name, "name", "", "name (default: debian-SUITE)")
 	build.Flags().IntVar(&bp.HeadroomMiB, "headroom", 0, "free space in MiB beyond the content (default 64)")
 	im.AddCommand(build)
-	im.AddCommand(&cobra.Command{
+	var imFormat string
+	ils := &cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List images", Args: noArgs,
+		Example: "  banger image ls\n  banger image ls --format '{{.Name}} {{size .SizeBytes}}'",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var ims []*api.Image
 			if err := a.call(cmd.Context(), api.MethodImageList, nil, &ims); err != nil {
 				return err
 			}
-			if a.output == "json" {
-				if ims == nil {
-					ims = []*api.Image{}
+			return listOutput(a, ims, false, imFormat, func(i *api.Image) string { return i.ID }, func() error {
+				var rows [][]string
+				for _, i := range ims {
+					d := i.Digest
+					if len(d) > 19 {
+						d = d[:19]
+					}
+					rows = append(rows, []string{i.Name, sizeBytes(i.SizeBytes), orDash(d), orDash(i.Source), ago(i.CreatedAt)})
 				}
-				return a.printJSON(ims)
-			}
-			var rows [][]string
-			for _, i := range ims {
-				d := i.Digest
-				if len(d) > 19 {
-					d = d[:19]
-				}
-				rows = append(rows, []string{i.Name, humanBytes(i.SizeBytes), orDash(d), orDash(i.Source), ago(i.CreatedAt)})
-			}
-			return a.table([]string{"NAME", "SIZE", "DIGEST", "SOURCE", "CREATED"}, rows)
+				return a.table([]string{"NAME", "SIZE", "DIGEST", "SOURCE", "CREATED"}, rows)
+			})
 		},
-	})
+	}
+	addFormat(ils, &imFormat)
+	im.AddCommand(ils)
 	im.AddCommand(a.rmCommand(api.MethodImageDelete, "an image"))
 	return im
 }
@@ -266,7 +256,7 @@ func (a *App) imageOp(ctx context.Context, method string, p api.ImageOpParams, v
 	if st.Reused {
 		verb += " (same image already present: reused)"
 	}
-	fmt.Fprintf(a.Stdout, "%s image %s (%s, %s)\n", verb, res.Name, humanBytes(res.SizeBytes), orDash(res.Digest))
+	fmt.Fprintf(a.Stdout, "%s image %s (%s, %s)\n", verb, res.Name, sizeBytes(res.SizeBytes), orDash(res.Digest))
 	return nil
 }
 

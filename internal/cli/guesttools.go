@@ -149,14 +149,23 @@ func (a *App) sshProxy(ctx context.Context, vm string) error {
 // ---- ports ----
 
 func (a *App) portsCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:   "ports VM",
-		Short: "List the listening TCP and UDP sockets in a VM",
-		Args:  exactArgs(1, "VM"),
+	var format string
+	cmd := &cobra.Command{
+		Use:     "ports VM",
+		Short:   "List the listening TCP and UDP sockets in a VM",
+		Example: "  banger ports dev\n  banger ports dev --format '{{.Proto}} {{.Port}} {{.Process}}'",
+		Args:    exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var res api.PortsResult
 			if err := a.call(cmd.Context(), api.MethodVMPorts, api.VMRef{VM: args[0]}, &res); err != nil {
 				return err
+			}
+			if format != "" {
+				items := make([]any, len(res.Ports))
+				for i := range res.Ports {
+					items[i] = res.Ports[i]
+				}
+				return a.renderItems(format, items)
 			}
 			if a.output == "json" {
 				return a.printJSON(res)
@@ -173,6 +182,8 @@ func (a *App) portsCommand() *cobra.Command {
 			return a.table([]string{"PROTO", "ADDRESS", "PORT", "PID", "PROCESS"}, rows)
 		},
 	}
+	addFormat(cmd, &format)
+	return cmd
 }
 
 // ---- port-forward ----
@@ -383,10 +394,12 @@ func (a *App) portForward(ctx context.Context, vm string, spec forwardSpec) erro
 
 func (a *App) statsCommand() *cobra.Command {
 	var watch bool
+	var format string
 	cmd := &cobra.Command{
-		Use:   "stats VM",
-		Short: "Show a VM's resource use: the VMM on the host, memory, load, disk and uptime in the guest",
-		Args:  exactArgs(1, "VM"),
+		Use:     "stats VM",
+		Short:   "Show a VM's resource use: the VMM on the host, memory, load, disk and uptime in the guest",
+		Example: "  banger stats dev\n  banger stats dev -w\n  banger stats dev --format '{{.Latest.Host.RSSBytes}}'",
+		Args:    exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if watch {
 				return a.watchStats(cmd.Context(), args[0])
@@ -395,14 +408,14 @@ func (a *App) statsCommand() *cobra.Command {
 			if err := a.call(cmd.Context(), api.MethodVMStats, api.StatsParams{VM: args[0], History: a.output == "json"}, &res); err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.printJSON(res)
-			}
-			a.printStats(res)
-			return nil
+			return a.showOutput(res, format, func() error {
+				a.printStats(res)
+				return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVarP(&watch, "watch", "w", false, "print a new sample as bangerd takes it, until Ctrl-C")
+	addFormat(cmd, &format)
 	return cmd
 }
 
@@ -414,14 +427,14 @@ func (a *App) printStats(res api.StatsResult) {
 		return
 	}
 	if h := s.Host; h != nil {
-		fmt.Fprintf(a.Stdout, "VMM      pid %d, CPU %s, RSS %s\n", h.PID, cpuText(h.CPUPercent), sizeText(h.RSSBytes))
+		fmt.Fprintf(a.Stdout, "VMM      pid %d, CPU %s, RSS %s\n", h.PID, cpuText(h.CPUPercent), sizeBytes(h.RSSBytes))
 	} else {
 		fmt.Fprintf(a.Stdout, "VMM      unavailable: %s\n", termsafe.Line(s.HostError))
 	}
 	if g := s.Guest; g != nil {
-		fmt.Fprintf(a.Stdout, "Memory   %s used of %s\n", sizeText(g.MemUsedBytes), sizeText(g.MemTotalBytes))
+		fmt.Fprintf(a.Stdout, "Memory   %s used of %s\n", sizeBytes(g.MemUsedBytes), sizeBytes(g.MemTotalBytes))
 		fmt.Fprintf(a.Stdout, "Load     %.2f %.2f %.2f\n", g.Load1, g.Load5, g.Load15)
-		fmt.Fprintf(a.Stdout, "Disk     %s used of %s (root)\n", sizeText(g.DiskUsedBytes), sizeText(g.DiskTotalBytes))
+		fmt.Fprintf(a.Stdout, "Disk     %s used of %s (root)\n", sizeBytes(g.DiskUsedBytes), sizeBytes(g.DiskTotalBytes))
 		fmt.Fprintf(a.Stdout, "Uptime   %s\n", g.Uptime.Round(time.Second))
 	} else {
 		fmt.Fprintf(a.Stdout, "Guest    unavailable: %s\n", termsafe.Line(s.GuestError))
@@ -475,13 +488,13 @@ func (a *App) watchStats(ctx context.Context, vm string) error {
 func statsRow(s *api.StatsSample) string {
 	cpu, rss := "-", "-"
 	if h := s.Host; h != nil {
-		cpu, rss = cpuText(h.CPUPercent), sizeText(h.RSSBytes)
+		cpu, rss = cpuText(h.CPUPercent), sizeBytes(h.RSSBytes)
 	}
 	mem, load, disk, up := "-", "-", "-", "-"
 	if g := s.Guest; g != nil {
-		mem = sizeText(g.MemUsedBytes) + "/" + sizeText(g.MemTotalBytes)
+		mem = sizeBytes(g.MemUsedBytes) + "/" + sizeBytes(g.MemTotalBytes)
 		load = fmt.Sprintf("%.2f", g.Load1)
-		disk = sizeText(g.DiskUsedBytes) + "/" + sizeText(g.DiskTotalBytes)
+		disk = sizeBytes(g.DiskUsedBytes) + "/" + sizeBytes(g.DiskTotalBytes)
 		up = g.Uptime.Round(time.Second).String()
 	}
 	return fmt.Sprintf("%-8s  %6s  %9s  %19s  %5s  %19s  %s", s.Time.Local().Format("15:04:05"), cpu, rss, mem, load, disk, up)
@@ -494,17 +507,3 @@ func cpuText(p *float64) string {
 	return fmt.Sprintf("%.1f%%", *p)
 }
 
-func sizeText(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%dB", n)
-	}
-	v := float64(n)
-	for _, u := range []string{"KiB", "MiB", "GiB", "TiB"} {
-		v /= unit
-		if v < unit {
-			return fmt.Sprintf("%.1f%s", v, u)
-		}
-	}
-	return fmt.Sprintf("%.1fPiB", v/unit)
-}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"strings"
 	"text/tabwriter"
-	"time"
 
 	"github.com/bangerdev/banger/internal/termsafe"
 )
@@ -33,32 +32,9 @@ func (a *App) table(header []string, rows [][]string) error {
 	return tw.Flush()
 }
 
-func ago(t time.Time) string {
-	if t.IsZero() {
-		return "-"
-	}
-	d := time.Since(t)
-	switch {
-	case d < time.Minute:
-		return fmt.Sprintf("%ds ago", int(d.Seconds()))
-	case d < time.Hour:
-		return fmt.Sprintf("%dm ago", int(d.Minutes()))
-	case d < 48*time.Hour:
-		return fmt.Sprintf("%dh ago", int(d.Hours()))
-	}
-	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
-}
-
 func orDash(s string) string {
 	if s == "" {
 		return "-"
 	}
 	return s
-}
-
-func mib(n int) string {
-	if n >= 1024 && n%1024 == 0 {
-		return fmt.Sprintf("%dG", n/1024)
-	}
-	return fmt.Sprintf("%dM", n)
 }

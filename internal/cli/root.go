@@ -4,6 +4,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/bangerdev/banger/internal/version"
 )
@@ -81,8 +84,49 @@ func (a *App) Run(ctx context.Context, args []string) int {
 
 // printError prints a command's error. Errors can quote what a guest said,
 // so terminal control sequences are removed.
+//
+// Under -o json it is one JSON object on stderr,
+// {"error":{"code","message","op_id"}}, for programs; with --debug the text
+// form adds the code, the op id and where bangerd logged it.
 func (a *App) printError(err error) {
+	code, msg, op := errorParts(err)
+	if a.output == "json" {
+		b, _ := json.Marshal(map[string]any{"error": map[string]string{"code": code, "message": msg, "op_id": op}})
+		fmt.Fprintf(a.Stderr, "%s\n", termsafe.EscapeJSON(b))
+		return
+	}
 	fmt.Fprintf(a.Stderr, "error: %s\n", termsafe.String(err.Error()))
+	if a.debug {
+		fmt.Fprintf(a.Stderr, "  code: %s\n", code)
+		if op != "" {
+			where := "bangerd's log"
+			if l, lerr := paths.Resolve(""); lerr == nil {
+				where = l.DaemonLog()
+			}
+			fmt.Fprintf(a.Stderr, "  op id: %s (grep %s %s)\n", op, op, where)
+		}
+		for e := errors.Unwrap(err); e != nil; e = errors.Unwrap(e) {
+			fmt.Fprintf(a.Stderr, "  cause: %T: %s\n", e, termsafe.String(e.Error()))
+		}
+	}
+}
+
+// errorParts splits an error into its code ("usage" for wrong usage), its
+// message without the op id suffix, and the op id.
+func errorParts(err error) (code, msg, op string) {
+	var e *client.Error
+	if errors.As(err, &e) {
+		msg = err.Error()
+		if e.OpID != "" {
+			msg = strings.TrimSuffix(msg, " ("+e.OpID+")")
+		}
+		return e.Code, msg, e.OpID
+	}
+	var ue *UsageError
+	if errors.As(err, &ue) || isCobraUsageError(err) {
+		return "usage", err.Error(), ""
+	}
+	return client.Code(err), err.Error(), ""
 }
 
 func isCobraUsageError(err error) bool {

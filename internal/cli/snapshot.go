@@ -34,33 +34,33 @@ func (a *App) snapshotCommand() *cobra.Command {
 			if a.output == "json" {
 				return a.printJSON(sn)
 			}
-			fmt.Fprintf(a.Stdout, "created snapshot %s of %s (state %s, disk %s)\n", sn.Name, sn.SourceVM, humanBytes(sn.StateBytes), humanBytes(sn.DiskBytes))
+			fmt.Fprintf(a.Stdout, "created snapshot %s of %s (state %s, disk %s)\n", sn.Name, sn.SourceVM, sizeBytes(sn.StateBytes), sizeBytes(sn.DiskBytes))
 			return nil
 		},
 	}
 	create.Flags().BoolVar(&stop, "stop", false, "stop the VM after saving it instead of resuming it")
 	sc.AddCommand(create)
-	sc.AddCommand(&cobra.Command{
+	var snFormat string
+	snls := &cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List snapshots", Args: noArgs,
+		Example: "  banger snapshot ls\n  banger snapshot ls --format '{{.Name}} {{.SourceVM}}'",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var l []*api.Snapshot
 			if err := a.call(cmd.Context(), api.MethodSnapshotList, nil, &l); err != nil {
 				return err
 			}
-			if l == nil {
-				l = []*api.Snapshot{}
-			}
-			if a.output == "json" {
-				return a.printJSON(l)
-			}
-			rows := make([][]string, 0, len(l))
-			for _, s := range l {
-				rows = append(rows, []string{s.Name, orDash(s.SourceVM), orDash(s.Image), strconv.Itoa(s.VCPUs), mib(s.MemoryMiB),
-					humanBytes(s.StateBytes + s.DiskBytes), s.Driver, ago(s.CreatedAt)})
-			}
-			return a.table([]string{"NAME", "FROM", "IMAGE", "CPUS", "MEMORY", "ON DISK", "DRIVER", "CREATED"}, rows)
+			return listOutput(a, l, false, snFormat, func(s *api.Snapshot) string { return s.Name }, func() error {
+				rows := make([][]string, 0, len(l))
+				for _, s := range l {
+					rows = append(rows, []string{s.Name, orDash(s.SourceVM), orDash(s.Image), strconv.Itoa(s.VCPUs), mib(s.MemoryMiB),
+						sizeBytes(s.StateBytes + s.DiskBytes), s.Driver, ago(s.CreatedAt)})
+				}
+				return a.table([]string{"NAME", "FROM", "IMAGE", "CPUS", "MEMORY", "ON DISK", "DRIVER", "CREATED"}, rows)
+			})
 		},
-	})
+	}
+	addFormat(snls, &snFormat)
+	sc.AddCommand(snls)
 	rm := a.rmCommand(api.MethodSnapshotDelete, "a snapshot")
 	rm.Short = "Remove a snapshot (VMs made from it keep running)"
 	sc.AddCommand(rm)

@@ -11,45 +11,65 @@ import (
 
 func (a *App) vmCommand() *cobra.Command {
 	vm := &cobra.Command{Use: "vm", Short: "Manage VMs"}
-	vm.AddCommand(&cobra.Command{
+	var quiet bool
+	var lsFormat string
+	var filters []string
+	ls := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List VMs",
-		Args:    noArgs,
+		Example: "  banger vm ls\n" +
+			"  banger vm ls -q --filter state=stopped\n" +
+			"  banger vm ls --format '{{.Name}} {{.State}} {{.IP}}'\n" +
+			"  banger vm ls --format '{{json .}}'",
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var vms []*api.VM
-			if err := a.call(cmd.Context(), api.MethodVMList, nil, &vms); err != nil {
+			f, err := parseVMFilter(filters)
+			if err != nil {
 				return err
 			}
-			if vms == nil {
-				vms = []*api.VM{}
+			c, err := a.client(cmd.Context())
+			if err != nil {
+				return err
 			}
-			if a.output == "json" {
-				return a.printJSON(vms)
+			vms, err := c.ListVMs(cmd.Context())
+			if err != nil {
+				return err
 			}
-			rows := make([][]string, 0, len(vms))
-			for _, v := range vms {
-				state := v.State
-				if v.Paused {
-					state += " (paused)"
+			vms = f.apply(vms)
+			return listOutput(a, vms, quiet, lsFormat, func(v *api.VM) string { return v.ID }, func() error {
+				rows := make([][]string, 0, len(vms))
+				for _, v := range vms {
+					state := v.State
+					if v.Paused {
+						state += " (paused)"
+					}
+					rows = append(rows, []string{v.ID[:min(12, len(v.ID))], v.Name, state, orDash(v.Image), strconv.Itoa(v.VCPUs), mib(v.MemoryMiB), mib(v.DiskMiB), orDash(v.IP), ago(v.CreatedAt)})
 				}
-				rows = append(rows, []string{v.ID[:min(12, len(v.ID))], v.Name, state, orDash(v.Image), strconv.Itoa(v.VCPUs), mib(v.MemoryMiB), mib(v.DiskMiB), orDash(v.IP), ago(v.CreatedAt)})
-			}
-			return a.table([]string{"ID", "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED"}, rows)
+				return a.table([]string{"ID", "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED"}, rows)
+			})
 		},
-	})
-	vm.AddCommand(&cobra.Command{
-		Use:   "show VM",
-		Short: "Show one VM",
-		Args:  exactArgs(1, "VM"),
+	}
+	ls.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only VM ids")
+	ls.Flags().StringArrayVar(&filters, "filter", nil, "only VMs matching KEY=VALUE: state=running, name=SUBSTRING, image=NAME, id=PREFIX (repeatable)")
+	addFormat(ls, &lsFormat)
+	vm.AddCommand(ls)
+	var showFormat string
+	show := &cobra.Command{
+		Use:     "show VM",
+		Short:   "Show one VM",
+		Example: "  banger vm show dev\n  banger vm show dev --format '{{.IP}}'\n  banger vm show dev -o json",
+		Args:    exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var v api.VM
 			if err := a.call(cmd.Context(), api.MethodVMGet, api.VMRef{VM: args[0]}, &v); err != nil {
 				return err
 			}
-			return a.showVM(&v)
+			return a.showOutput(&v, showFormat, func() error { return a.showVM(&v) })
 		},
-	})
+	}
+	addFormat(show, &showFormat)
+	vm.AddCommand(show)
 	a.addVMLifecycleCommands(vm)
 	a.addVMPauseCommands(vm)
 	return vm

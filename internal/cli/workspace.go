@@ -68,11 +68,9 @@ func (a *App) pushWorkspace(ctx context.Context, vm, dir, dest string) (string, 
 		}
 		return "", err
 	}
-	fmt.Fprintf(a.Stderr, "pushed %s to %s:%s (%d files, %s, %.1f s)\n", p.Root, vm, dest, p.Files, mibBytes(p.Bytes), time.Since(start).Seconds())
+	fmt.Fprintf(a.Stderr, "pushed %s to %s:%s (%d files, %s, %.1f s)\n", p.Root, vm, dest, p.Files, sizeBytes(p.Bytes), time.Since(start).Seconds())
 	return dest, nil
 }
-
-func mibBytes(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
 // workspaceRepo is the host repository a VM's workspace belongs to: --repo,
 // else the one it was created with, else the current directory's.
