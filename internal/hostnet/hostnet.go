@@ -171,6 +171,9 @@ type NATResult struct {
 	// DNS is the address of the helper's DNS forwarder ("" when allow_dns
 	// was not asked for).
 	DNS string `json:"dns,omitempty"`
+	// DNSError says why allow_dns got no forwarder (the call still
+	// succeeds: guests then lack DNS unless network.dns is set).
+	DNSError string `json:"dns_error,omitempty"`
 }
 
 // BridgeParams are the params of net.remove_nat and net.delete_bridge.

@@ -98,7 +98,7 @@ func Start(cfg Config) (*Forwarder, error) {
 	ap := netip.AddrPortFrom(cfg.Listen, uint16(cfg.Port))
 	u, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(ap))
 	if err != nil {
-		return nil, fmt.Errorf("dns forwarder: listen on udp %s: %w (the helper needs CAP_NET_BIND_SERVICE for port 53)", ap, err)
+		return nil, fmt.Errorf("dns forwarder: listen on udp %s: %w", ap, err)
 	}
 	t, err := net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(netip.AddrPortFrom(cfg.Listen, uint16(u.LocalAddr().(*net.UDPAddr).Port))))
 	if err != nil {

@@ -534,3 +534,29 @@ func TestCreateTapGuestAddresses(t *testing.T) {
 		t.Errorf("a refused create_tap left tap bgt-b1 behind")
 	}
 }
+
+// TestDNSPortTakenByHost: when a DNS server of the host already listens on
+// all addresses, ensure_nat still succeeds and guests reach that server on
+// the gateway.
+func TestDNSPortTakenByHost(t *testing.T) {
+	env := nettest.New(t)
+	answer := netip.MustParseAddr("203.0.113.88")
+	hits := env.ServeDNS(t, netip.MustParseAddrPort("0.0.0.0:53"), answer)
+	h := startHelper(t, env)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := &hostnet.Client{Socket: h.sock}
+	gw := mustPrefix("172.30.0.1/24")
+	if _, err := c.EnsureBridge(ctx, "banger0", gw); err != nil {
+		t.Fatal(err)
+	}
+	g := env.AddGuest(t, "banger0", "bgt-g1", mustPrefix("172.30.0.2/24"), gw.Addr())
+	nat, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String(), AllowDNS: true})
+	if err != nil || nat.DNS != "172.30.0.1:53" || nat.DNSError != "" {
+		t.Fatalf("ensure_nat with port 53 taken: %+v %v\n%s", nat, err, h.logs.String())
+	}
+	registerGuests(t, env, 0, g)
+	if got, err := resolveIn(g.NS, netip.AddrPortFrom(gw.Addr(), 53), "vm.example", false); err != nil || got != answer || hits() == 0 {
+		t.Fatalf("guest resolves through the host's own server: %s %v (hits %d)", got, err, hits())
+	}
+}

@@ -39,6 +39,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/bangerdev/banger/internal/hostnet"
@@ -745,11 +746,21 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 	}
 	res := hostnet.NATResult{Table: "inet " + s.table, Subnet: gw.Masked().String(), OutIface: out, L2Isolation: l2}
 	if p.AllowDNS {
+		// DNS never fails the call: the VM still starts, with a warning.
 		a, err := s.startDNS(ctx, gw)
-		if err != nil {
-			return hostnet.NATResult{}, err
+		switch {
+		case err == nil:
+			res.DNS = a.String()
+		case errors.Is(err, syscall.EADDRINUSE):
+			// A DNS server of the host's listens on all addresses, so on
+			// the gateway too, and the input chain lets guests reach it.
+			res.DNS = netip.AddrPortFrom(gw.Addr(), 53).String()
+			s.log.InfoContext(ctx, "port 53 on the gateway is served by another DNS server of this host (bound to all addresses); guests use it", "error", err.Error())
+		default:
+			res.DNSError = err.Error()
+			s.log.WarnContext(ctx, "guests get no DNS forwarder", "error", err.Error(),
+				"hint", "banger-helper needs CAP_NET_BIND_SERVICE (re-run `sudo banger system install`), or set network.dns in bangerd's config")
 		}
-		res.DNS = a.String()
 	}
 	return res, nil
 }
@@ -765,7 +776,7 @@ func (s *server) startDNS(ctx context.Context, gw netip.Prefix) (netip.AddrPort,
 	}
 	f, err := dnsfwd.Start(dnsfwd.Config{Listen: gw.Addr(), Port: s.dnsPort, Clients: gw.Masked(), ResolvConf: s.resolvConf, Logger: s.log})
 	if err != nil {
-		return netip.AddrPort{}, rpc.Errorf(rpc.CodeInternal, "%v", err)
+		return netip.AddrPort{}, err
 	}
 	s.dns = f
 	s.log.InfoContext(ctx, "dns forwarder listening", "addr", f.Addr().String())
