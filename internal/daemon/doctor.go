@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"strings"
 
+	"github.com/bangerdev/banger/internal/hostnet"
 	"github.com/bangerdev/banger/internal/kernel"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -67,6 +68,9 @@ func (d *Daemon) doctor(ctx context.Context, _ struct{}) (api.DoctorResult, erro
 		}
 	} else {
 		add("network", nil, fmt.Sprintf("banger-helper answers (bridge %s)", pr.Bridge))
+		if lr, err := s.net.client.List(ctx); err == nil && lr.Forward != nil {
+			add("guest forwarding", nil, forwardDetail(pr.Bridge, *lr.Forward))
+		}
 	}
 	if ap, err := agentPath(); err != nil {
 		add("banger-agent", err, "")
@@ -94,4 +98,25 @@ func (d *Daemon) doctor(ctx context.Context, _ struct{}) (api.DoctorResult, erro
 	add("kernels", kerr, fmt.Sprintf("%d", len(ks)))
 	add("images", ierr, fmt.Sprintf("%d", len(ims)))
 	return res, nil
+}
+
+// forwardDetail explains what other firewalls do to guests' forwarded
+// traffic, with the exact fix when banger cannot apply it itself.
+func forwardDetail(bridge string, f hostnet.ForwardInfo) string {
+	var parts []string
+	switch {
+	case f.NftDrop && f.BangerAccepts:
+		parts = append(parts, "iptables-nft FORWARD policy is drop (Docker/ufw); banger's accept rules for "+bridge+" are in place")
+	case f.NftDrop:
+		parts = append(parts, "iptables-nft FORWARD policy is drop (Docker/ufw); banger-helper adds accept rules for "+bridge+" when a VM starts")
+	default:
+		parts = append(parts, "no iptables-nft FORWARD drop")
+	}
+	if f.LegacyFilter {
+		parts = append(parts, fmt.Sprintf("warning: iptables-legacy's filter table is active and banger cannot see or change it; "+
+			"if `sudo iptables-legacy -S FORWARD` shows `-P FORWARD DROP`, guests get no network until you run "+
+			"`sudo iptables-legacy -I FORWARD 1 -i %[1]s -j ACCEPT && sudo iptables-legacy -I FORWARD 1 -o %[1]s -j ACCEPT` "+
+			"(with Docker, use DOCKER-USER instead of FORWARD)", bridge))
+	}
+	return strings.Join(parts, "; ")
 }

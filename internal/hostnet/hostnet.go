@@ -189,6 +189,22 @@ type ListResult struct {
 	// Taps are banger's taps (prefix match). A caller other than root sees
 	// only the taps it owns.
 	Taps []TapInfo `json:"taps"`
+	// Forward describes other firewalls on the forward path (nil when the
+	// helper could not tell).
+	Forward *ForwardInfo `json:"forward,omitempty"`
+}
+
+// ForwardInfo is what the helper sees of other tables that can drop
+// guests' forwarded traffic (for `banger doctor`).
+type ForwardInfo struct {
+	// NftDrop: an iptables-nft "ip filter" FORWARD chain drops by policy
+	// (Docker, ufw); BangerAccepts: banger's accept rules for its bridge
+	// are in it (or in DOCKER-USER).
+	NftDrop       bool `json:"nft_forward_drop"`
+	BangerAccepts bool `json:"banger_accepts"`
+	// LegacyFilter: iptables-legacy's filter table is active; nftables
+	// cannot see or change its FORWARD chain.
+	LegacyFilter bool `json:"legacy_iptables_filter"`
 }
 
 // BridgeState is the state of banger's bridge.

@@ -265,6 +265,9 @@ func TestGuestNetworkPolicy(t *testing.T) {
 	if n := countMarked(t, env); n != 2 {
 		t.Errorf("%d banger rules in Docker's ip filter, want 2", n)
 	}
+	if l, err := c.List(ctx); err != nil || l.Forward == nil || !l.Forward.NftDrop || !l.Forward.BangerAccepts || l.Forward.LegacyFilter {
+		t.Errorf("net.list forward state: %+v %v, want nft drop with banger's accepts, no legacy table", l.Forward, err)
+	}
 
 	// Egress: the public address through NAT (with Docker's drop present),
 	// the allowed range, and nothing else.
@@ -376,6 +379,9 @@ func TestGuestNetworkPolicy(t *testing.T) {
 	}
 	if n := countMarked(t, env); n != 0 {
 		t.Errorf("%d banger rules left in ip filter after remove_nat", n)
+	}
+	if l, err := c.List(ctx); err != nil || l.Forward == nil || !l.Forward.NftDrop || l.Forward.BangerAccepts {
+		t.Errorf("net.list forward state after remove_nat: %+v %v", l.Forward, err)
 	}
 	if v, _ := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); v != "0" {
 		t.Errorf("ip_forward %q after remove_nat, want 0 (banger turned it on)", v)

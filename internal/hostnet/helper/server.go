@@ -842,6 +842,9 @@ func (s *server) list(ctx context.Context, c Caller, _ struct{}) (hostnet.ListRe
 	if err != nil {
 		return res, err
 	}
+	if drop, acc, legacy, err := netcfg.ForwardState(s.table, s.bridge); err == nil {
+		res.Forward = &hostnet.ForwardInfo{NftDrop: drop, BangerAccepts: acc, LegacyFilter: legacy}
+	}
 	res.Taps = []hostnet.TapInfo{}
 	for _, t := range taps {
 		if !c.IsRoot() && t.Owner != c.UID {

@@ -601,6 +601,48 @@ func DockerForward(table, bridge string, add bool) (int, error) {
 	return n, nil
 }
 
+// ForwardState reports whether an iptables-nft "ip filter" FORWARD chain
+// drops by policy, whether banger's accept rules (DockerForward) are in
+// it or in DOCKER-USER, and whether iptables-legacy's filter table is
+// active in this namespace (/proc/net/ip_tables_names, readable by root).
+func ForwardState(table, bridge string) (nftDrop, accepts, legacy bool, err error) {
+	if b, rerr := os.ReadFile("/proc/net/ip_tables_names"); rerr == nil {
+		for _, l := range strings.Fields(string(b)) {
+			legacy = legacy || l == "filter"
+		}
+	}
+	c, err := nftables.New()
+	if err != nil {
+		return false, false, legacy, fmt.Errorf("open nftables: %w", err)
+	}
+	ok, err := tableExists(c, nftables.TableFamilyIPv4, "filter")
+	if err != nil || !ok {
+		return false, false, legacy, err
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
+	if err != nil {
+		return false, false, legacy, fmt.Errorf("list nftables chains: %w", err)
+	}
+	t := &nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4}
+	mark := dockerMark(table, bridge)
+	for _, ch := range chains {
+		if ch.Table.Name != "filter" || (ch.Name != "FORWARD" && ch.Name != "DOCKER-USER") {
+			continue
+		}
+		if ch.Name == "FORWARD" && ch.Policy != nil && *ch.Policy == nftables.ChainPolicyDrop {
+			nftDrop = true
+		}
+		rules, err := c.GetRules(t, ch)
+		if err != nil {
+			return nftDrop, accepts, legacy, fmt.Errorf("list rules of ip filter %s: %w", ch.Name, err)
+		}
+		for _, r := range rules {
+			accepts = accepts || bytes.Equal(r.UserData, mark)
+		}
+	}
+	return nftDrop, accepts, legacy, nil
+}
+
 func tableExists(c *nftables.Conn, fam nftables.TableFamily, name string) (bool, error) {
 	ts, err := c.ListTablesOfFamily(fam)
 	if err != nil {
