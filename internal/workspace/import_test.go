@@ -198,3 +198,36 @@ func TestPullSHA256(t *testing.T) {
 		t.Errorf("status %+v %v", st, err)
 	}
 }
+
+// FuzzGuestGitParsers feeds arbitrary bytes to the parsers of guest-written
+// git files: packed-refs, and the loose object, pack and index headers.
+// Whatever they accept is well formed.
+func FuzzGuestGitParsers(f *testing.F) {
+	id := strings.Repeat("ab", 20)
+	f.Add([]byte("# pack-refs with: peeled fully-peeled sorted \n" + id + " refs/heads/main\n^" + id + "\n"))
+	f.Add([]byte(id + " refs/heads/a..b\n" + id + " HEAD\n"))
+	f.Add([]byte("x\x9c\x4b\xca\xc9\x4f\x52\x30\x60\x00\x00\x0b\x2c\x02\x15"))
+	f.Add([]byte("PACK\x00\x00\x00\x02\x00\x00\x00\x01"))
+	f.Add([]byte("\xfftOc\x00\x00\x00\x02"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		im := &importer{hexLen: 40}
+		refs := map[string]string{}
+		if err := im.parsePackedRefs(b, refs); err == nil {
+			for name, oid := range refs {
+				if !CheckRefName(name) || !strings.HasPrefix(name, "refs/") || strings.HasPrefix(name, "refs/replace/") || !checkOID(oid, 40) {
+					t.Fatalf("packed-refs %q gave ref %q -> %q", b, name, oid)
+				}
+				if !strings.Contains(string(b), oid+" "+name+"\n") {
+					t.Fatalf("ref %q -> %q is not a line of %q", name, oid, b)
+				}
+			}
+		}
+		if checkPack(b) == nil && (len(b) < 8 || string(b[:4]) != "PACK") {
+			t.Fatalf("checkPack accepted %q", b)
+		}
+		if checkIdx(b) == nil && (len(b) < 8 || string(b[:4]) != "\xfftOc") {
+			t.Fatalf("checkIdx accepted %q", b)
+		}
+		checkLoose(b) // must not panic or hang
+	})
+}
