@@ -514,6 +514,18 @@ func TestCreateTapGuestAddresses(t *testing.T) {
 	if err != nil || !strings.Contains(alias, guest.String()) {
 		t.Fatalf("tap alias %q %v, want the guest's record", alias, err)
 	}
+	// An address someone else put on the bridge, outside the helper's pool,
+	// does not make its subnet a guest range.
+	if err := env.Do(func() error {
+		l, err := netlink.LinkByName("banger0")
+		if err != nil {
+			return err
+		}
+		a, _ := netlink.ParseAddr("192.0.2.1/24")
+		return netlink.AddrAdd(l, a)
+	}); err != nil {
+		t.Fatal(err)
+	}
 	bcast := netip.AddrFrom4([4]byte{sub.Addr().As4()[0], sub.Addr().As4()[1], sub.Addr().As4()[2], 255})
 	tap := func(name, mac, ip string) string {
 		return req("net.create_tap", fmt.Sprintf(`{"tap":%q,"bridge":"banger0","mac":%q,"ip":%q}`, name, mac, ip), "")
@@ -525,6 +537,7 @@ func TestCreateTapGuestAddresses(t *testing.T) {
 		{"the network address", tap("bgt-b1", "02:00:00:00:00:0b", sub.Addr().String()), "invalid_argument"},
 		{"the broadcast address", tap("bgt-b1", "02:00:00:00:00:0b", bcast.String()), "invalid_argument"},
 		{"outside the subnet", tap("bgt-b1", "02:00:00:00:00:0b", "203.0.113.9"), "invalid_argument"},
+		{"a foreign bridge address's subnet", tap("bgt-b1", "02:00:00:00:00:0b", "192.0.2.5"), "invalid_argument"},
 		{"IPv6", tap("bgt-b1", "02:00:00:00:00:0b", "fd00::2"), "invalid_argument"},
 		{"multicast MAC", tap("bgt-b1", "03:00:00:00:00:0b", guest.Next().String()), "invalid_argument"},
 		{"zero MAC", tap("bgt-b1", "00:00:00:00:00:00", guest.Next().String()), "invalid_argument"},

@@ -551,7 +551,8 @@ func tapInfo(t netcfg.Tap) hostnet.TapInfo {
 }
 
 // checkGuest validates a tap's guest addresses: both or neither; a
-// unicast, non-zero MAC; an IPv4 address inside the bridge's subnet that
+// unicast, non-zero MAC; an IPv4 address inside the bridge's subnet (of
+// the configured pool) that
 // is neither its network, broadcast nor gateway address; and neither
 // address recorded on another tap (so no one can claim a running guest's
 // address for a tap of their own).
@@ -579,6 +580,9 @@ func (s *server) checkGuest(p hostnet.CreateTapParams) (net.HardwareAddr, netip.
 	}
 	inside := false
 	for _, gw := range addrs {
+		if !s.inPool(gw) {
+			continue // an address banger's configuration did not give the bridge
+		}
 		sub := gw.Masked()
 		last := broadcast(sub)
 		if sub.Contains(ip) && ip != sub.Addr() && ip != last && ip != gw.Addr() {
