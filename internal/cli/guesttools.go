@@ -506,4 +506,3 @@ func cpuText(p *float64) string {
 	}
 	return fmt.Sprintf("%.1f%%", *p)
 }
-
