@@ -1,4 +1,8 @@
 // Command banger is the banger command line.
+//
+// The command reference in docs/cli is generated from the commands:
+//
+//go:generate go run . docs --markdown ../../docs/cli
 package main
 
 import (

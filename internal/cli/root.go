@@ -182,6 +182,8 @@ func (a *App) newRoot() *cobra.Command {
 	root.AddCommand(a.snapshotCommand())
 	root.AddCommand(a.systemCommand())
 	a.addServiceCommands(root)
+	root.AddCommand(a.docsCommand())
+	a.finishTree(root)
 	return root
 }
 
