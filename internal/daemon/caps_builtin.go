@@ -5,12 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"syscall"
 
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -18,20 +18,27 @@ import (
 
 // diskCap provides the per-VM disks: the shared read-only image, a sparse
 // writable disk (the overlay's upper layer) made on first start and grown when
-// disk_mib grows, and the boot config device.
-type diskCap struct{}
+// disk_mib grows, and the boot config device. The writable disk is a sparse
+// copy of a cached per-size ext4 template (internal/disk): its cost does not
+// grow with the disk's size.
+type diskCap struct{ maker *disk.Maker }
+
+// newDiskCap keeps the writable disk templates under cacheDir.
+func newDiskCap(cacheDir string) diskCap {
+	return diskCap{maker: &disk.Maker{Dir: filepath.Join(cacheDir, "rwdisk"), Label: bootcfg.RWLabel}}
+}
 
 func (diskCap) Name() string { return "disks" }
 
 const rwDiskName = "rw.ext4"
 
-func (diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Context) error, error) {
+func (c diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Context) error, error) {
 	p := filepath.Join(env.Dir, rwDiskName)
 	want := int64(env.VM.DiskMiB) << 20
 	st, err := os.Stat(p)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		if err := makeRWDisk(ctx, p, want); err != nil {
+		if err := c.maker.Make(ctx, p, want); err != nil {
 			return nil, err
 		}
 	case err != nil:
@@ -42,29 +49,6 @@ func (diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Con
 		}
 	}
 	return nil, nil
-}
-
-// makeRWDisk creates a sparse ext4 file of size bytes, labelled for the agent.
-// Its cost does not depend on the image size.
-func makeRWDisk(ctx context.Context, p string, size int64) error {
-	tmp := p + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("size writable disk: %w", err)
-	}
-	f.Close()
-	cmd := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-L", bootcfg.RWLabel, "-m", "0",
-		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", tmp)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("format writable disk: %v: %s (is e2fsprogs installed?)", err, out)
-	}
-	return os.Rename(tmp, p)
 }
 
 // growRWDisk makes the writable disk file longer, and does nothing else:

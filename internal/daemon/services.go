@@ -42,7 +42,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	d.vms = &vmService{
 		store: d.store, locks: &d.locks, layout: d.cfg.Layout, artifacts: d, bootTimeout: fc.bootTimeout(),
 		log: d.log, drivers: drivers, defDrv: def, net: nc,
-		caps:     []capability{diskCap{}, keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
+		caps:     []capability{newDiskCap(d.cfg.Layout.CacheDir()), keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
