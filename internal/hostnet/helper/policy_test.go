@@ -579,3 +579,42 @@ func TestDNSPortTakenByHost(t *testing.T) {
 		t.Fatalf("guest resolves through the host's own server: %s %v (hits %d)", got, err, hits())
 	}
 }
+
+// TestDNSForwarderSurvivesHelperRestart: a restarted helper serves the
+// running guests' DNS again before any new call.
+func TestDNSForwarderSurvivesHelperRestart(t *testing.T) {
+	env := nettest.New(t)
+	answer := netip.MustParseAddr("203.0.113.99")
+	env.ServeDNS(t, netip.MustParseAddrPort("127.0.0.53:53"), answer)
+	resolv := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h := startHelper(t, env, "--resolv-conf", resolv)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := &hostnet.Client{Socket: h.sock}
+	gw := mustPrefix("172.30.0.1/24")
+	if _, err := c.EnsureBridge(ctx, "banger0", gw); err != nil {
+		t.Fatal(err)
+	}
+	g := env.AddGuest(t, "banger0", "bgt-g1", mustPrefix("172.30.0.2/24"), gw.Addr())
+	if _, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String(), AllowDNS: true}); err != nil {
+		t.Fatal(err)
+	}
+	registerGuests(t, env, 0, g)
+	dns := netip.AddrPortFrom(gw.Addr(), 53)
+	if got, err := resolveIn(g.NS, dns, "vm.example", false); err != nil || got != answer {
+		t.Fatalf("before the restart: %s %v", got, err)
+	}
+	if err := h.stop(t); err != nil {
+		t.Fatalf("stop helper: %v", err)
+	}
+	if _, err := resolveIn(g.NS, dns, "vm.example", false); err == nil {
+		t.Fatal("control: DNS answered with the helper stopped")
+	}
+	startHelper(t, env, "--resolv-conf", resolv)
+	if got, err := resolveIn(g.NS, dns, "vm.example", false); err != nil || got != answer {
+		t.Fatalf("after the restart: %s %v", got, err)
+	}
+}
