@@ -70,6 +70,9 @@ func (t *Tree) BuildExt4(ctx context.Context, out string, opts BuildOptions) (*B
 	if err != nil {
 		return nil, err
 	}
+	if err := script.verify(); err != nil {
+		return nil, err
+	}
 	res := &BuildResult{Inodes: inodes, ContentBytes: t.Bytes, FixupCmds: script.n}
 	nInodes := inodes + inodes/10 + 256
 	size := blocks*blockSize*11/10 + int64(nInodes)*256 + 16<<20 + int64(opts.HeadroomMiB)<<20
@@ -350,7 +353,7 @@ func (t *Tree) fixupScript(s *debugfsScript, workDir string) (int64, int, error)
 				if err != nil {
 					return fmt.Errorf("%s: %w", desc, err)
 				}
-				sec := strconv.FormatInt(max(n.mtime.Unix(), 0), 10)
+				sec := strconv.FormatInt(min(max(n.mtime.Unix(), 0), 1<<33), 10)
 				for _, f := range []string{"mtime", "atime", "ctime"} {
 					if err := s.cmd("sif", ref, f, "@"+sec); err != nil {
 						return err

@@ -149,6 +149,12 @@ func xattrNameByte(c byte) bool {
 // the reading does too).
 func parseScript(data []byte, bufsiz int) ([][]string, error) {
 	var cmds [][]string
+	err := scanScript(data, bufsiz, func(words []string) { cmds = append(cmds, words) })
+	return cmds, err
+}
+
+// scanScript calls fn with the words of every command debugfs would run.
+func scanScript(data []byte, bufsiz int, fn func([]string)) error {
 	var errs []error
 	for len(data) > 0 {
 		// fgets: up to bufsiz-1 bytes, through the first newline.
@@ -170,10 +176,24 @@ func parseScript(data []byte, bufsiz int) ([][]string, error) {
 		if err != nil {
 			errs = append(errs, err)
 		} else if len(words) > 0 {
-			cmds = append(cmds, words)
+			fn(words)
 		}
 	}
-	return cmds, errors.Join(errs...)
+	return errors.Join(errs...)
+}
+
+// verify reads the whole batch as debugfs would with musl's 1024-byte read
+// buffer (cmd keeps lines short enough for either), and fails unless it holds
+// exactly the commands written: the last check before debugfs runs.
+func (s *debugfsScript) verify() error {
+	n := 0
+	if err := scanScript(s.b.Bytes(), 1024, func([]string) { n++ }); err != nil {
+		return fmt.Errorf("%w: %v", ErrScript, err)
+	}
+	if n != s.n {
+		return fmt.Errorf("%w: the batch reads as %d commands, %d were written", ErrScript, n, s.n)
+	}
+	return nil
 }
 
 // parseScriptLine is ss_execute_line's view of one line: the shell escape,

@@ -62,6 +62,33 @@ func TestScriptWriterRefuses(t *testing.T) {
 	}
 }
 
+// TestScriptVerify: a batch holding anything but the commands written (as a
+// writer bug would make) is refused before debugfs runs.
+func TestScriptVerify(t *testing.T) {
+	good := func() *debugfsScript {
+		s := &debugfsScript{}
+		if err := s.cmd("sif", "./a", "mode", "0644"); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	if err := good().verify(); err != nil {
+		t.Fatal(err)
+	}
+	for name, extra := range map[string]string{
+		"shell escape":  "!touch x\n",
+		"extra command": "sif \"./b\" uid 0\n",
+		"split line":    "sif \"./" + strings.Repeat("A", 1100) + "\" uid 0\n",
+		"no newline":    "sif \"./c\" uid 0",
+	} {
+		s := good()
+		s.b.WriteString(extra)
+		if err := s.verify(); !errors.Is(err, ErrScript) {
+			t.Errorf("%s: verify = %v, want ErrScript", name, err)
+		}
+	}
+}
+
 // checkScript parses s as debugfs would and compares it with the commands the
 // writer meant, and checks the shape of every argument.
 func checkScript(t *testing.T, s *debugfsScript) {
