@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -106,13 +108,25 @@ func (t *Tree) checkSpace(need int64, what string) error {
 	if free == nil {
 		free = freeBytes
 	}
-	avail, err := free(t.staging)
+	return checkFree(free, t.staging, need, what)
+}
+
+// checkFree fails with ErrNoSpace unless need bytes fit on the disk holding
+// dir (or its nearest existing parent) with spaceReserve to spare.
+func checkFree(free func(string) (int64, error), dir string, need int64, what string) error {
+	for {
+		if _, err := os.Stat(dir); err == nil || filepath.Dir(dir) == dir {
+			break
+		}
+		dir = filepath.Dir(dir)
+	}
+	avail, err := free(dir)
 	if err != nil {
-		return fmt.Errorf("check free space in %s: %w", t.staging, err)
+		return fmt.Errorf("check free space in %s: %w", dir, err)
 	}
 	if need+spaceReserve > avail {
 		return fmt.Errorf("%w: %s needs %s, and the disk holding %s has %s free (%s kept in reserve); free some space, or move banger's data directory",
-			ErrNoSpace, what, humanBytes(need), t.staging, humanBytes(avail), humanBytes(spaceReserve))
+			ErrNoSpace, what, humanBytes(need), dir, humanBytes(avail), humanBytes(spaceReserve))
 	}
 	return nil
 }

@@ -13,9 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
@@ -192,5 +194,60 @@ func TestFlattenLimits(t *testing.T) {
 				t.Fatalf("an image was built: %v", err)
 			}
 		})
+	}
+}
+
+// TestPullRefusesOversizedLayersBeforeDownload: the manifest's layer sizes
+// are checked against the limit before any blob is fetched.
+func TestPullRefusesOversizedLayersBeforeDownload(t *testing.T) {
+	reg := newRegistry(t)
+	src := testOCIImage(t)
+	ref, err := name.ParseReference(reg.host()+"/test/big:v1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, src); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	img, _, err := RemoteImage(ctx, ref.String(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layers, _ := src.Layers()
+	var total int64
+	for _, l := range layers {
+		sz, _ := l.Size()
+		total += sz
+	}
+	work := t.TempDir()
+	cache := &BlobCache{Dir: filepath.Join(work, "blobs")}
+	_, err = Flatten(ctx, img, cache, work, filepath.Join(work, "out.ext4"), BuildOptions{Limits: Limits{MaxBytes: total - 1}}, nil)
+	if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), "compressed, more than") {
+		t.Fatalf("got %v, want ErrLimit", err)
+	}
+	for _, l := range layers {
+		d, _ := l.Digest()
+		if n := reg.count(d.String()); n != 0 {
+			t.Errorf("layer %s fetched %d times", d, n)
+		}
+	}
+}
+
+// TestCheckFree: the disk check looks at the nearest existing directory and
+// keeps the reserve.
+func TestCheckFree(t *testing.T) {
+	var asked string
+	free := func(dir string) (int64, error) { asked = dir; return spaceReserve + 1000, nil }
+	dir := t.TempDir()
+	if err := checkFree(free, filepath.Join(dir, "not", "yet"), 1000, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if asked != dir {
+		t.Errorf("asked about %s, want %s", asked, dir)
+	}
+	if err := checkFree(free, dir, 1001, "download layer 1 of 1"); !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "download layer 1 of 1 needs 1001 bytes") {
+		t.Fatalf("got %v, want ErrNoSpace", err)
 	}
 }

@@ -379,10 +379,21 @@ func Flatten(ctx context.Context, img v1.Image, cache *BlobCache, work, out stri
 	}
 	blobs := make([]string, len(layers))
 	if cache != nil {
+		// The manifest's sizes bound the download (go-containerregistry
+		// stops a blob at its declared size): refuse before fetching
+		// anything when they exceed the limit or the disk.
+		if max := opts.Limits.withDefaults().MaxBytes; total > max {
+			return nil, fmt.Errorf("%w: the image's layers are %s compressed, more than %s", ErrLimit, humanBytes(total), humanBytes(max))
+		}
 		var done int64
 		for i, l := range layers {
 			if err := ctx.Err(); err != nil {
 				return nil, err
+			}
+			if h, err := l.Digest(); err == nil && !cache.Has(h) {
+				if err := checkFree(freeBytes, cache.Dir, sizes[i], fmt.Sprintf("download layer %d of %d", i+1, len(layers))); err != nil {
+					return nil, err
+				}
 			}
 			p, err := cache.Fetch(ctx, l, func(n int64) {
 				done += n
