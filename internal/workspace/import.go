@@ -92,8 +92,11 @@ func isHex(s string) bool {
 // not regular or a directory on those paths is refused, and so is a HEAD,
 // packed-refs or shallow that does not parse. Refs with invalid names or
 // contents are skipped, as git skips them. Everything else in guestGitDir is
-// never opened.
-func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat string) (*guestRepo, error) {
+// never opened. borrow, when set, is a host object directory (the host
+// repository's own) the new repository may read objects from, as git's
+// alternates: a host clone made with --reference or --shared pushes a .git
+// without the objects it borrows.
+func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat, borrow string) (*guestRepo, error) {
 	hl, err := hexLen(objectFormat)
 	if err != nil {
 		return nil, err
@@ -120,6 +123,17 @@ func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat string)
 	}
 	if err := im.shallow(); err != nil {
 		return nil, err
+	}
+	if borrow != "" {
+		if !filepath.IsAbs(borrow) || strings.ContainsAny(borrow, "\n\r") {
+			return nil, fmt.Errorf("cannot borrow objects from %q: not an absolute path on one line", borrow)
+		}
+		if err := os.MkdirAll(filepath.Join(into, "objects", "info"), 0o755); err != nil {
+			return nil, err
+		}
+		if err := writeNew(filepath.Join(into, "objects", "info", "alternates"), []byte(borrow+"\n")); err != nil {
+			return nil, err
+		}
 	}
 	if err := writeNew(filepath.Join(into, "packed-refs"), packedRefs(refs)); err != nil {
 		return nil, err

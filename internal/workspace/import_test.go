@@ -29,7 +29,7 @@ func TestImportGuestGit(t *testing.T) {
 	ctx := context.Background()
 	gd, head := guestGitCopy(t)
 	into := filepath.Join(t.TempDir(), "import.git")
-	r, err := importGuestGit(ctx, gd, into, "sha1")
+	r, err := importGuestGit(ctx, gd, into, "sha1", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestImportGuestGitRefuses(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			gd, _ := guestGitCopy(t)
 			tc.corrupt(t, gd)
-			_, err := importGuestGit(ctx, gd, filepath.Join(t.TempDir(), "import.git"), "sha1")
+			_, err := importGuestGit(ctx, gd, filepath.Join(t.TempDir(), "import.git"), "sha1", "")
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("import: %v, want an error with %q", err, tc.want)
 			}
@@ -165,7 +165,7 @@ func TestImportGuestGitSkipsBadRefs(t *testing.T) {
 	b, _ := os.ReadFile(filepath.Join(gd, "packed-refs"))
 	write(t, filepath.Join(gd, "packed-refs"), string(b)+head+" refs/heads/a b\n"+head+" refs/replace/"+head+"\n"+head+" HEAD\n", 0o644)
 	into := filepath.Join(t.TempDir(), "import.git")
-	r, err := importGuestGit(ctx, gd, into, "sha1")
+	r, err := importGuestGit(ctx, gd, into, "sha1", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,4 +230,30 @@ func FuzzGuestGitParsers(f *testing.F) {
 		}
 		checkLoose(b) // must not panic or hang
 	})
+}
+
+// A host clone made with --shared keeps its objects in another repository;
+// the guest's copy of its .git has none of them. Pull and status borrow the
+// host repository's own objects (never the guest's alternates).
+func TestPullSharedClone(t *testing.T) {
+	origin := hostRepo(t)
+	r := filepath.Join(t.TempDir(), "shared")
+	run(t, filepath.Dir(r), "clone", "-q", "--shared", origin, r)
+	g := pushed(t, r)
+	if err := os.Remove(filepath.Join(g, ".git", "objects", "info", "alternates")); err != nil {
+		t.Fatal(err) // a real guest cannot reach the host's path anyway
+	}
+	write(t, filepath.Join(g, "README"), "guest\n", 0o644)
+	ctx := context.Background()
+	res, err := Pull(ctx, LocalFS{}, g, r, "w", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if run(t, r, "show", res.Branch+":README") != "guest" || res.GuestHead != run(t, r, "rev-parse", "HEAD") {
+		t.Errorf("pull %+v", res)
+	}
+	st, err := GetStatus(ctx, LocalFS{}, g, r, "w", t.TempDir())
+	if err != nil || st.NotInHost != 0 || !st.BranchMatches {
+		t.Errorf("status %+v %v", st, err)
+	}
 }

@@ -43,7 +43,8 @@ func ObjectFormat(ctx context.Context, dir string) (string, error) {
 
 // downloadGuestGit downloads only what importGuestGit reads of the guest's
 // dest/.git into tmp and imports it, in the host repository top's object
-// format, into a repository it makes in tmp.
+// format, into a repository it makes in tmp that may also read top's
+// objects.
 func downloadGuestGit(ctx context.Context, guest FS, dest, top, tmp string) (*guestRepo, error) {
 	gd := path.Join(dest, ".git")
 	if fi, err := guest.Lstat(gd); err != nil || !fi.IsDir() {
@@ -53,11 +54,16 @@ func downloadGuestGit(ctx context.Context, guest FS, dest, top, tmp string) (*gu
 	if err != nil {
 		return nil, err
 	}
+	// the imported repository may read the host repository's own objects
+	hostObjects, err := git(ctx, top, nil, nil, "rev-parse", "--path-format=absolute", "--git-path", "objects")
+	if err != nil {
+		return nil, err
+	}
 	raw := filepath.Join(tmp, "guest-git")
 	if err := Download(ctx, guest, gd, raw, guestGitKeep); err != nil {
 		return nil, err
 	}
-	return importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), format)
+	return importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), format, hostObjects)
 }
 
 // commitWork makes the commit a pull brings back: the guest's HEAD when the
@@ -197,18 +203,8 @@ func GetStatus(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*
 	st := &Status{Branch: BranchFor(vm), GuestHead: r.Head}
 	st.GuestBranch = strings.TrimPrefix(r.Branch, "refs/heads/")
 	if st.GuestHead != "" {
-		// let the imported repository (the host made it) see the host's
-		// objects, then count what no host ref reaches
-		hostObjects, err := git(ctx, top, nil, nil, "rev-parse", "--path-format=absolute", "--git-path", "objects")
-		if err != nil {
-			return nil, err
-		}
-		if err := os.MkdirAll(filepath.Join(r.GitDir, "objects", "info"), 0o755); err != nil {
-			return nil, err
-		}
-		if err := writeNew(filepath.Join(r.GitDir, "objects", "info", "alternates"), []byte(hostObjects+"\n")); err != nil {
-			return nil, err
-		}
+		// the imported repository reads the host's objects (its
+		// alternates): count what no host ref reaches
 		refs, err := git(ctx, top, nil, nil, "for-each-ref", "--format=%(objectname)")
 		if err != nil {
 			return nil, err
