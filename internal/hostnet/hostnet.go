@@ -7,8 +7,11 @@
 // gateway address of a private /24; one persistent tap per VM, named
 // TapPrefix + 11 hex digits of the VM id ("bgt-0123456789a"), owned by the
 // user whose bangerd runs the VM, attached to the bridge as an isolated port;
-// and banger's own nftables tables ("inet banger" for NAT, forwarding and the
-// guest→host block; "bridge banger" for VM-to-VM isolation at layer 2).
+// and banger's own nftables tables ("inet banger" for NAT, the egress policy
+// (public addresses only), the guest→host block and owner-only connections
+// to guests; "bridge banger" for per-tap MAC/IP anti-spoofing, no IPv6, and
+// VM-to-VM isolation at layer 2). The helper serves guests' DNS on the
+// gateway (hostnet/dnsfwd).
 //
 // Privileged work happens in banger-helper (package hostnet/helper); the
 // netlink and nftables code is in hostnet/netcfg; systemd units for

@@ -2,7 +2,8 @@
 // serves a narrow allow-list of network methods (hostnet.Method*) over
 // banger's wire protocol (package rpc) on a unix socket, authorises every
 // connection by SO_PEERCRED, validates every argument before anything
-// reaches netlink or nftables, and holds no state of its own.
+// reaches netlink or nftables, and keeps no state of its own beyond the
+// devices and tables it makes (and what it records on them).
 //
 // Security rules enforced here:
 //   - callers: root, the --allow-user uids, members of the --allow-group gids;
@@ -20,6 +21,12 @@
 //   - resources: 64 KiB request lines, a deadline per request line, a cap
 //     on connections per uid and overall, refused connections answered
 //     once then closed, refusal records rate-limited;
+//   - guests: each tap carries its guest's MAC and IP (create_tap checks
+//     the IP is a guest address of the pool's subnet that no other tap
+//     holds) and may send only from them; guests reach public addresses
+//     through NAT and nothing else unless the configuration's allow_cidrs
+//     open a range; only a guest's owner (and root) may connect to it; the
+//     DNS forwarder on the gateway is bounded (package dnsfwd);
 //   - params: unknown fields are refused (invalid_argument).
 //
 // Mutating methods are serialised; every call produces exactly one log line
