@@ -233,3 +233,16 @@ func TestFixupScriptOfTestLayers(t *testing.T) {
 	checkScript(t, s)
 	_ = tar.TypeReg
 }
+
+// TestDebugfsStdoutCheck: on stdout only debugfs's command echo and mknod's
+// inode number are expected; anything else (ea_set prints its usage there)
+// fails the build.
+func TestDebugfsStdoutCheck(t *testing.T) {
+	var w stdoutCheck
+	for _, chunk := range []string{"debugfs: sif \"./a\" mode 0644\nAlloc", "ated inode: 12\n\n", "Usage:\tea_set [-r] <file> <attr> <value>\n", "debugfs: cd \"..\"\n"} {
+		w.Write([]byte(chunk))
+	}
+	if len(w.bad) != 1 || !strings.HasPrefix(w.bad[0], "Usage:") {
+		t.Fatalf("unexpected lines %q", w.bad)
+	}
+}
