@@ -209,3 +209,55 @@ func freePort(t *testing.T) int {
 	defer p.Close()
 	return p.LocalAddr().(*net.UDPAddr).Port
 }
+
+// BenchmarkRelayUDP measures one query through the forwarder to a fake
+// upstream on loopback and back (the forwarder's own cost per lookup).
+func BenchmarkRelayUDP(b *testing.B) {
+	up, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer up.Close()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := up.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			buf[2] |= 0x80
+			up.WriteToUDP(buf[:n], from)
+		}
+	}()
+	probe, _ := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	port := probe.LocalAddr().(*net.UDPAddr).Port
+	probe.Close()
+	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: port, Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: "/nonexistent"})
+	if err != nil {
+		b.Skip(err)
+	}
+	defer f.Close()
+	f.ups.mu.Lock()
+	f.ups.list = []netip.AddrPort{up.LocalAddr().(*net.UDPAddr).AddrPort()}
+	f.ups.checked = time.Now().Add(time.Hour)
+	f.ups.mu.Unlock()
+	f.limiter = newLimiter(1e9, 1e9, maxSources) // measure the relay, not the limit
+	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(f.Addr()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 1500)
+	query := q(1, 0x01, 1, 0)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		binary.BigEndian.PutUint16(query, uint16(i))
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Write(query); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := c.Read(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
