@@ -15,7 +15,28 @@ const (
 	MethodSnapshotList = "snapshot.list"
 	// MethodSnapshotDelete takes NameRef and returns DeleteResult.
 	MethodSnapshotDelete = "snapshot.delete"
+	// MethodVMFork takes ForkParams and returns ForkResult once every clone
+	// answers (it waits).
+	MethodVMFork = "vm.fork"
 )
+
+// ForkParams is vm.fork: snapshot the running VM, then make Count clones
+// (default 1) named Name (default "<vm>-fork"), or Name-1..Name-Count.
+// Each clone keeps the VM's memory (processes, files in tmpfs) and gets its
+// own identity: name, hostname, MAC, address, tap, SSH host key,
+// machine-id, a reseeded RNG and the current time.
+type ForkParams struct {
+	VM    string `json:"vm"`
+	Name  string `json:"name,omitempty"`
+	Count int    `json:"count,omitempty"`
+}
+
+// ForkResult lists the clones, with how long the snapshot and each clone took.
+type ForkResult struct {
+	VMs        []*VM     `json:"vms"`
+	SnapshotMS float64   `json:"snapshot_ms"`
+	CloneMS    []float64 `json:"clone_ms"`
+}
 
 // Snapshot is a saved running VM: its memory and device state, and a copy of
 // its writable disk. It depends on the image and kernel the VM ran (they

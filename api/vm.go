@@ -52,6 +52,10 @@ type CreateParams struct {
 	DiskMiB   int    `json:"disk_mib,omitempty"`
 	Driver    string `json:"driver,omitempty"`
 	Workspace string `json:"workspace,omitempty"`
+	// Snapshot makes the VM from a snapshot: it resumes where the snapshot
+	// was taken, with its own identity. Image, kernel, sizes and driver are
+	// the snapshot's; setting them is an error.
+	Snapshot string `json:"snapshot,omitempty"`
 }
 
 // Stage is one visible step of a create, with its timings.

@@ -59,6 +59,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 	}
 	sc.Reaper = r
 	sc.OnShutdown = onShutdown
+	sc.OnReidentify = func(p api.Reidentify) error { return reidentify("/", p, log) }
 	sc.Logger = log
 	srv, err := sshd.New(sc)
 	if err != nil {

@@ -16,6 +16,8 @@ type createFlags struct {
 	name, image, kernel, memory, disk, driver, workspace string
 	cpus                                                 int
 	noWait, noWorkspace                                  bool
+	snapshot                                             string
+	cmd                                                  *cobra.Command
 }
 
 func (f *createFlags) add(cmd *cobra.Command, withName bool) {
@@ -31,7 +33,9 @@ func (f *createFlags) add(cmd *cobra.Command, withName bool) {
 	fl.StringVar(&f.driver, "vmm", "", "VMM driver: qemu or firecracker (default: auto)")
 	fl.StringVar(&f.workspace, "workspace", "", "copy the git repository at DIR into the VM (/root/<name>)")
 	fl.BoolVar(&f.noWorkspace, "no-workspace", false, "copy no repository into the VM (the default)")
+	fl.StringVar(&f.snapshot, "snapshot", "", "make the VM from a snapshot (banger snapshot ls): it resumes where the snapshot was taken, with its own identity")
 	cmd.MarkFlagsMutuallyExclusive("workspace", "no-workspace")
+	f.cmd = cmd
 }
 
 // resolveWorkspace checks --workspace before the VM is made and stores the
@@ -49,6 +53,14 @@ func (f *createFlags) resolveWorkspace(ctx context.Context, p *api.CreateParams)
 }
 
 func (f *createFlags) params() (api.CreateParams, error) {
+	if f.snapshot != "" {
+		for _, n := range []string{"image", "kernel", "cpus", "memory", "disk", "vmm"} {
+			if f.cmd != nil && f.cmd.Flags().Changed(n) {
+				return api.CreateParams{}, usagef("--%s: a VM made from a snapshot has the snapshot's image, kernel, cpus, memory, disk and VMM", n)
+			}
+		}
+		return api.CreateParams{Name: f.name, Snapshot: f.snapshot}, nil
+	}
 	mem, err := parseSize(f.memory)
 	if err != nil {
 		return api.CreateParams{}, usagef("--memory: %v", err)

@@ -67,8 +67,45 @@ func (a *App) snapshotCommand() *cobra.Command {
 	return sc
 }
 
+// vmForkCommand is `banger vm fork VM [NAME] [--count N]`.
+func (a *App) vmForkCommand() *cobra.Command {
+	var count int
+	c := &cobra.Command{
+		Use:   "fork VM [NAME]",
+		Short: "Clone a running VM: each clone keeps its memory and processes, with its own name, address, keys and machine-id",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 1 || len(args) > 2 {
+				return usagef("usage: %s VM [NAME] [--count N]", cmd.CommandPath())
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p := api.ForkParams{VM: args[0], Count: count}
+			if len(args) == 2 {
+				p.Name = args[1]
+			}
+			var res api.ForkResult
+			err := a.call(cmd.Context(), api.MethodVMFork, p, &res)
+			if a.output == "json" && err == nil {
+				return a.printJSON(res)
+			}
+			for i, v := range res.VMs {
+				ms := 0.0
+				if i < len(res.CloneMS) {
+					ms = res.CloneMS[i]
+				}
+				fmt.Fprintf(a.Stdout, "%s is running (%s, %.0f ms after a %.0f ms snapshot)\n", v.Name, orDash(v.IP), ms, res.SnapshotMS)
+			}
+			return err
+		},
+	}
+	c.Flags().IntVar(&count, "count", 1, "how many clones (named NAME-1..NAME-N when more than one)")
+	return c
+}
+
 // addVMPauseCommands adds `vm pause` and `vm resume`.
 func (a *App) addVMPauseCommands(vm *cobra.Command) {
+	vm.AddCommand(a.vmForkCommand())
 	for _, c := range []struct{ use, method, short, done string }{
 		{"pause", api.MethodVMPause, "Stop a running VM's vCPUs (its memory and processes stay)", "paused"},
 		{"resume", api.MethodVMResume, "Run a paused VM again", "resumed"},

@@ -19,6 +19,8 @@ type startEnv struct {
 	Driver vmm.Driver
 	// Handles is filled after the VMM has started.
 	Handles *vmm.Handles
+	// Restore is set when this start restores a snapshot.
+	Restore *restoreSource
 }
 
 // A capability plugs into the start pipeline. Each hook is optional: a

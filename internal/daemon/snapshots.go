@@ -40,6 +40,7 @@ func (s *vmService) registerSnapshotAPI(m *rpc.Mux) {
 		return l, storeErr(err)
 	})
 	rpc.Handle(m, api.MethodSnapshotDelete, s.snapshotDelete)
+	rpc.Handle(m, api.MethodVMFork, s.fork)
 }
 
 // snapshotter returns the running VM's VMM as a vmm.Snapshotter.
@@ -129,6 +130,9 @@ func (s *vmService) snapshotCreate(ctx context.Context, p api.SnapshotCreatePara
 	}
 	saved, err := sn.SaveState(ctx, filepath.Join(dir, snapStateDir))
 	var diskBytes int64
+	if err == nil {
+		err = s.writeSnapSource(vm, dir)
+	}
 	if err == nil {
 		// The VMM flushed the disk when it paused; the copy is consistent
 		// with the saved memory.

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/api"
+	agentapi "github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
 )
@@ -206,5 +209,143 @@ func TestPauseResume(t *testing.T) {
 	ts.assertClean(t, vm)
 	if err := ts.pause(ctx, vm); err == nil {
 		t.Error("paused a stopped VM")
+	}
+}
+
+// Restore makes the fake driver a vmm.Restorer: a restored VMM is a new one.
+func (d *fakeDriver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string) (vmm.Instance, error) {
+	if _, err := os.Stat(filepath.Join(dir, "state")); err != nil {
+		return nil, fmt.Errorf("no saved state: %w", err)
+	}
+	return d.Start(ctx, cfg)
+}
+
+// reidAgent records the host key it was made with and the identities it gave.
+type reidAgent struct {
+	*fakeAgent
+	hostKey string
+	log     *reidLog
+}
+
+type reidLog struct {
+	mu    sync.Mutex
+	calls []reidCall
+}
+
+type reidCall struct {
+	hostKey string
+	p       agentapi.Reidentify
+}
+
+func (a *reidAgent) Reidentify(ctx context.Context, p agentapi.Reidentify) error {
+	a.log.mu.Lock()
+	defer a.log.mu.Unlock()
+	a.log.calls = append(a.log.calls, reidCall{a.hostKey, p})
+	return nil
+}
+
+func TestForkRestoresAndReidentifies(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	src, _ := runningSnapVM(t, ts, "src")
+	rl := &reidLog{}
+	base := ts.newAgent
+	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
+		a, err := base(tr, hostKey)
+		if err != nil {
+			return nil, err
+		}
+		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
+	}
+	srcKey, err := hostKeyPub(ts.vmDir(src.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := ts.fork(ctx, api.ForkParams{VM: "src", Count: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.VMs) != 2 || res.VMs[0].Name != "src-fork-1" || res.VMs[1].Name != "src-fork-2" {
+		t.Fatalf("fork result %+v", res)
+	}
+	if len(rl.calls) != 2 {
+		t.Fatalf("%d reidentify calls, want 2", len(rl.calls))
+	}
+	seen := map[string]bool{}
+	for i, c := range rl.calls {
+		clone := res.VMs[i]
+		if c.hostKey != srcKey {
+			t.Errorf("clone %d was reached with host key %q, want the source's", i, c.hostKey)
+		}
+		newKey, _ := hostKeyPub(ts.vmDir(clone.ID))
+		if newKey == srcKey || !strings.Contains(c.p.HostKey, "PRIVATE KEY") {
+			t.Errorf("clone %d keeps the source's host key", i)
+		}
+		if c.p.Hostname != clone.Name || len(c.p.MachineID) != 32 || len(c.p.RNGSeed) == 0 || c.p.TimeUnixNano == 0 {
+			t.Errorf("clone %d identity %+v", i, c.p)
+		}
+		if seen[c.p.MachineID] {
+			t.Errorf("machine-id %s given twice", c.p.MachineID)
+		}
+		seen[c.p.MachineID] = true
+		got, _ := ts.st.GetVM(ctx, clone.ID)
+		if got.State != store.StateRunning || got.MemoryMiB != src.MemoryMiB || got.ImageID != src.ImageID {
+			t.Errorf("clone %d record %+v", i, got)
+		}
+		if _, err := os.Stat(filepath.Join(ts.vmDir(clone.ID), rwDiskName)); err != nil {
+			t.Errorf("clone %d has no disk copy: %v", i, err)
+		}
+	}
+	// The fork's snapshot is gone; its image is free again once the VMs are.
+	if l, _ := ts.st.ListSnapshots(ctx); len(l) != 0 {
+		t.Errorf("fork left snapshots: %v", l)
+	}
+	if ents, _ := os.ReadDir(ts.layout.SnapshotsDir()); len(ents) != 0 {
+		t.Errorf("fork left snapshot files: %d", len(ents))
+	}
+	if _, err := ts.fork(ctx, api.ForkParams{VM: "src", Count: 2}); err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Errorf("fork over existing names: %v", err)
+	}
+	if _, err := ts.fork(ctx, api.ForkParams{VM: "src", Count: 99}); err == nil {
+		t.Error("fork of 99 clones accepted")
+	}
+
+	// vm create --snapshot: the async create path, with its stages.
+	sn, err := ts.snapshotCreate(ctx, api.SnapshotCreateParams{VM: "src", Name: "base"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts.createBegin(ctx, api.CreateParams{Name: "x", Snapshot: "base", MemoryMiB: 1024}); err == nil {
+		t.Error("create from a snapshot with a memory size accepted")
+	}
+	st, err := ts.createBegin(ctx, api.CreateParams{Name: "from-base", Snapshot: sn.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.mu.Lock()
+	op := ts.creates[st.OpID]
+	ts.mu.Unlock()
+	select {
+	case <-op.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("create from a snapshot did not finish")
+	}
+	fin := op.snapshot()
+	if fin.Error != "" {
+		t.Fatalf("create from a snapshot: %s", fin.Error)
+	}
+	var stages []string
+	for _, s := range fin.Stages {
+		stages = append(stages, s.Name)
+	}
+	if got := strings.Join(stages, ","); got != "check,copy disk,prepare host,configure,restore,reidentify,wait for agent" {
+		t.Errorf("stages %s", got)
+	}
+	// The source can go; the clone stays.
+	if err := ts.delete(ctx, src, true); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := ts.st.FindVM(ctx, "from-base"); got == nil || got.State != store.StateRunning {
+		t.Errorf("clone after the source was deleted: %+v", got)
 	}
 }

@@ -172,6 +172,9 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	if err := validName("vm", p.Name); err != nil {
 		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
 	}
+	if p.Snapshot != "" {
+		return s.createBeginFromSnapshot(ctx, p)
+	}
 	if p.VCPUs == 0 {
 		p.VCPUs = 1
 	}
@@ -217,13 +220,45 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	s.mu.Unlock()
 	// The create goes on after this call returns; it keeps the op id.
 	bctx := context.WithoutCancel(ctx)
-	go s.runCreate(bctx, vm, op)
+	go s.runCreate(bctx, vm, op, nil)
 	return op.snapshot(), nil
 }
 
-func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp) {
+// createBeginFromSnapshot is vm.create.begin with a snapshot: the VM takes
+// the snapshot's image, kernel, sizes and driver, and its first start
+// restores the snapshot.
+func (s *vmService) createBeginFromSnapshot(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
+	if p.Image != "" || p.Kernel != "" || p.VCPUs != 0 || p.MemoryMiB != 0 || p.DiskMiB != 0 || p.Driver != "" {
+		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "a VM made from a snapshot has the snapshot's image, kernel, cpus, memory, disk and driver; do not set them")
+	}
+	sn, err := s.store.FindSnapshot(ctx, p.Snapshot)
+	if err != nil {
+		return api.CreateStatus{}, storeErr(err)
+	}
+	rs, err := s.restoreSourceFor(sn)
+	if err != nil {
+		return api.CreateStatus{}, err
+	}
+	if _, err := s.driver(sn.Driver); err != nil {
+		return api.CreateStatus{}, err
+	}
+	vm := &store.VM{ID: newID(), Name: p.Name, ImageID: sn.ImageID, KernelID: sn.KernelID, VCPUs: sn.VCPUs, MemoryMiB: sn.MemoryMiB,
+		DiskMiB: sn.DiskMiB, State: store.StateCreating, Driver: sn.Driver, Workspace: p.Workspace}
+	if err := s.store.CreateVM(ctx, vm); err != nil {
+		return api.CreateStatus{}, storeErr(err)
+	}
+	opID := rpc.OpID(ctx)
+	op := &createOp{status: api.CreateStatus{OpID: opID, VMID: vm.ID, Name: vm.Name, Stages: []api.Stage{}}, done: make(chan struct{})}
+	s.mu.Lock()
+	s.creates[opID] = op
+	s.mu.Unlock()
+	go s.runCreate(context.WithoutCancel(ctx), vm, op, rs)
+	return op.snapshot(), nil
+}
+
+func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp, restore *restoreSource) {
 	unlock := s.locks.Lock(vm.ID)
-	err := s.start(ctx, vm, op.progress)
+	err := s.startFrom(ctx, vm, op.progress, restore)
 	if err != nil {
 		// The console log outlives the VM, and the error names where it is.
 		if kept := s.keepFailedConsole(ctx, vm); kept != "" {

@@ -169,8 +169,21 @@ type startStage struct {
 	run  func(ctx context.Context, r *startRun) error
 }
 
-// startStages is the start pipeline, in order.
-func (s *vmService) startStages() []startStage {
+// startStages is the start pipeline, in order. A VM's first start from a
+// snapshot copies the snapshot's disk, restores instead of booting, and
+// gives the clone its own identity before the usual agent wait.
+func (s *vmService) startStages(restore bool) []startStage {
+	if restore {
+		return []startStage{
+			{"check", s.stageCheck},
+			{"copy disk", s.stageCopyDisk},
+			{"prepare host", s.stagePrepareHost},
+			{"configure", s.stageConfigure},
+			{"restore", s.stageRestore},
+			{"reidentify", s.stageReidentify},
+			{"wait for agent", s.stageWaitAgent},
+		}
+	}
 	return []startStage{
 		{"check", s.stageCheck},
 		{"prepare host", s.stagePrepareHost},
@@ -185,6 +198,11 @@ func (s *vmService) startStages() []startStage {
 // undoes everything the start made, the VMM included, and the record says
 // stopped with the error.
 func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage string, end bool, err error)) (err error) {
+	return s.startFrom(ctx, vm, progress, nil)
+}
+
+// startFrom is start; with restore set, the VM is restored from a snapshot.
+func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(stage string, end bool, err error), restore *restoreSource) (err error) {
 	if progress == nil {
 		progress = func(string, bool, error) {}
 	}
@@ -209,6 +227,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 		Boot: &bootcfg.Config{Version: 1, VMID: vm.ID, Hostname: vm.Name},
 		Mach: &vmm.MachineConfig{VMID: vm.ID, Dir: dir, VCPUs: vm.VCPUs, MemoryMiB: vm.MemoryMiB, KernelPath: k.VmlinuxPath,
 			Cmdline: "console=ttyS0 reboot=k panic=-1 quiet", GuestPort: agentPort},
+		Restore: restore,
 	}}
 	if img.ConfigJSON != "" {
 		var ic api.ImageConfig
@@ -226,7 +245,7 @@ func (s *vmService) start(ctx context.Context, vm *store.VM, progress func(stage
 			s.release(ctx, vm, r.cl, err.Error())
 		}
 	}()
-	for _, st := range s.startStages() {
+	for _, st := range s.startStages(restore != nil) {
 		progress(st.name, false, nil)
 		t0 := time.Now()
 		err := st.run(ctx, r)
@@ -303,6 +322,12 @@ func (s *vmService) stageConfigure(ctx context.Context, r *startRun) error {
 // handles.json the moment it is spawned, before the driver waits for the
 // machine, so a bangerd killed at any later point finds it again.
 func (s *vmService) stageBoot(ctx context.Context, r *startRun) error {
+	return s.launch(ctx, r, func(ctx context.Context) (vmm.Instance, error) { return r.env.Driver.Start(ctx, *r.env.Mach) })
+}
+
+// launch runs the VMM through start (a boot or a restore), recording its
+// identity and registering its undo.
+func (s *vmService) launch(ctx context.Context, r *startRun, start func(context.Context) (vmm.Instance, error)) error {
 	env := r.env
 	hp := filepath.Join(env.Dir, handlesName)
 	r.cl.add("handles.json", func(context.Context) error {
@@ -317,7 +342,7 @@ func (s *vmService) stageBoot(ctx context.Context, r *startRun) error {
 		}
 		fault("create-after-spawn")
 	}
-	inst, err := env.Driver.Start(ctx, *env.Mach)
+	inst, err := start(ctx)
 	if err != nil {
 		return err
 	}

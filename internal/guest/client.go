@@ -351,6 +351,29 @@ func (c *Client) Shutdown(ctx context.Context) error {
 	return nil
 }
 
+// Reidentify gives a clone its own identity (see api.Reidentify). The
+// connection it used is dropped afterwards: the guest's host key changed, so
+// the next connection must be made with the new one pinned.
+func (c *Client) Reidentify(ctx context.Context, p api.Reidentify) error {
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	conn, err := c.SSH(ctx)
+	if err != nil {
+		return err
+	}
+	ok, data, err := sendRequest(ctx, conn, api.RequestReidentify, b)
+	c.broken(conn)
+	if err != nil {
+		return fmt.Errorf("give the clone its identity: %w", err)
+	}
+	if !ok {
+		return fmt.Errorf("the guest agent refused its new identity: %s", refusalText(data))
+	}
+	return nil
+}
+
 // Ports lists the guest's listening sockets.
 func (c *Client) Ports(ctx context.Context) ([]api.Port, error) {
 	data, err := c.request(ctx, api.RequestPorts)

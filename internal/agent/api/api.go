@@ -17,7 +17,43 @@ const (
 	RequestPorts = "banger-ports@banger"
 	// RequestStats reports guest resource use. Reply payload: Stats.
 	RequestStats = "banger-stats@banger"
+	// RequestReidentify gives a guest restored from a snapshot (a clone) its
+	// own identity. Payload: Reidentify (JSON, at most MaxReidentify bytes).
+	// Reply: ok once applied, or a refusal with the reason. The SSH host key
+	// changes for connections made after the reply.
+	RequestReidentify = "banger-reidentify@banger"
 )
+
+// MaxReidentify bounds a RequestReidentify payload.
+const MaxReidentify = 64 << 10
+
+// Reidentify is a clone's new identity: everything a guest restored from a
+// snapshot shares with its source until it is told otherwise.
+type Reidentify struct {
+	Hostname string `json:"hostname"`
+	// HostKey is the agent's new SSH host key (OpenSSH PEM, ed25519).
+	HostKey string `json:"host_key"`
+	// MachineID is the new /etc/machine-id (32 lowercase hex digits).
+	MachineID string `json:"machine_id"`
+	// RNGSeed is fresh host randomness credited to the guest's entropy
+	// pool (RNDADDENTROPY), so that the clone's RNG diverges from its source's.
+	RNGSeed []byte `json:"rng_seed"`
+	// TimeUnixNano is the host's clock when the request was made; the guest
+	// clock is set to it (it stood still while the snapshot waited).
+	TimeUnixNano int64 `json:"time_unix_nano"`
+	// Network, when set, replaces the interface's MAC, address, gateway and
+	// DNS (the interface is found by its current MAC, FromMAC).
+	Network *ReidentifyNetwork `json:"network,omitempty"`
+}
+
+// ReidentifyNetwork is a clone's network identity.
+type ReidentifyNetwork struct {
+	FromMAC string   `json:"from_mac"` // the MAC the guest has now (its source's)
+	MAC     string   `json:"mac"`
+	Address string   `json:"address"` // CIDR
+	Gateway string   `json:"gateway,omitempty"`
+	DNS     []string `json:"dns,omitempty"`
+}
 
 // Session channel requests served by the agent in addition to the standard ones.
 const (

@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -58,6 +59,10 @@ type Config struct {
 	// OnShutdown powers the guest off. It is called once, after the reply to
 	// api.RequestShutdown has been sent. Nil: shutdown requests are refused.
 	OnShutdown func()
+	// OnReidentify applies a clone's new identity (hostname, network, RNG,
+	// clock, machine-id); the server itself swaps the host key once it
+	// returns nil. Nil: the request is refused.
+	OnReidentify func(api.Reidentify) error
 
 	// KeepAlive is the interval of server-side keepalives; a client that
 	// misses three is disconnected. Default 30s; negative disables.
@@ -72,7 +77,8 @@ type Config struct {
 // Server serves SSH connections.
 type Server struct {
 	cfg      Config
-	sshCfg   *ssh.ServerConfig
+	allowed  map[string]bool
+	sshCfg   atomic.Pointer[ssh.ServerConfig]
 	log      *slog.Logger
 	shutOnce sync.Once
 	wg       sync.WaitGroup
@@ -135,12 +141,19 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
-	allowed := make(map[string]bool, len(cfg.AuthorizedKeys))
+	s := &Server{cfg: cfg, log: cfg.Logger, allowed: map[string]bool{}}
 	for _, k := range cfg.AuthorizedKeys {
-		allowed[string(k.Marshal())] = true
+		s.allowed[string(k.Marshal())] = true
 	}
-	s.sshCfg = &ssh.ServerConfig{
+	s.sshCfg.Store(s.serverConfig(cfg.HostKey))
+	return s, nil
+}
+
+// serverConfig is the SSH configuration with host key hk (a fresh value:
+// ssh.ServerConfig.AddHostKey would change a shared one in place).
+func (s *Server) serverConfig(hk ssh.Signer) *ssh.ServerConfig {
+	allowed := s.allowed
+	c := &ssh.ServerConfig{
 		Config: ssh.Config{
 			KeyExchanges: api.SSHKeyExchanges,
 			Ciphers:      api.SSHCiphers,
@@ -156,8 +169,8 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("public key %s is not authorized", ssh.FingerprintSHA256(key))
 		},
 	}
-	s.sshCfg.AddHostKey(cfg.HostKey)
-	return s, nil
+	c.AddHostKey(hk)
+	return c
 }
 
 // Serve accepts connections from l until ctx is done or l fails, serving
@@ -213,7 +226,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 		}
 	}()
 	_ = c.SetDeadline(time.Now().Add(handshakeTimeout))
-	conn, chans, reqs, err := ssh.NewServerConn(c, s.sshCfg)
+	conn, chans, reqs, err := ssh.NewServerConn(c, s.sshCfg.Load())
 	if err != nil {
 		s.log.Info("ssh handshake failed", "remote", c.RemoteAddr().String(), "err", err)
 		return
@@ -325,6 +338,8 @@ func (s *Server) globalRequests(ctx context.Context, reqs <-chan *ssh.Request, l
 				b, _ = json.Marshal(reply)
 			}
 			_ = req.Reply(true, b)
+		case api.RequestReidentify:
+			s.reidentify(req, log)
 		case api.RequestStats:
 			st, err := sysinfo.ReadStats(s.cfg.ProcRoot, s.cfg.RootPath)
 			if err != nil {
@@ -342,6 +357,40 @@ func (s *Server) globalRequests(ctx context.Context, reqs <-chan *ssh.Request, l
 			}
 		}
 	}
+}
+
+// reidentify applies a clone's new identity (Config.OnReidentify) and, once
+// it is applied, serves new connections with the new host key.
+func (s *Server) reidentify(req *ssh.Request, log *slog.Logger) {
+	if s.cfg.OnReidentify == nil {
+		_ = req.Reply(false, []byte("reidentify is not available"))
+		return
+	}
+	if len(req.Payload) > api.MaxReidentify {
+		_ = req.Reply(false, []byte("reidentify payload too large"))
+		return
+	}
+	var p api.Reidentify
+	if err := json.Unmarshal(req.Payload, &p); err != nil {
+		_ = req.Reply(false, []byte("reidentify: bad payload: "+err.Error()))
+		return
+	}
+	hk, err := ssh.ParsePrivateKey([]byte(p.HostKey))
+	if err == nil && !slices.Contains(api.SSHHostKeyAlgorithms, hk.PublicKey().Type()) {
+		err = fmt.Errorf("host key type %s", hk.PublicKey().Type())
+	}
+	if err != nil {
+		_ = req.Reply(false, []byte("reidentify: host key: "+err.Error()))
+		return
+	}
+	if err := s.cfg.OnReidentify(p); err != nil {
+		log.Warn("reidentify failed", "err", err)
+		_ = req.Reply(false, []byte(err.Error()))
+		return
+	}
+	s.sshCfg.Store(s.serverConfig(hk))
+	log.Info("identity replaced by the host", "hostname", p.Hostname, "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
+	_ = req.Reply(true, nil)
 }
 
 // recoverPanic keeps a bug in one handler from taking the whole agent (and

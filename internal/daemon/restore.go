@@ -1,0 +1,228 @@
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	agentapi "github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
+
+	"github.com/bangerdev/banger/api"
+)
+
+// snapSourceName is the file in a snapshot directory describing the VM it
+// was taken from: what a clone shares with it until the reidentify stage.
+const snapSourceName = "source.json"
+
+// snapSource is the source VM's identity at snapshot time.
+type snapSource struct {
+	// HostKeyPub is the source's pinned SSH host key: the clone answers
+	// with it until it is given its own.
+	HostKeyPub string `json:"host_key_pub"`
+	// MAC is the source's guest MAC: a clone's interface still has it.
+	MAC string `json:"mac,omitempty"`
+}
+
+// restoreSource is where a VM's first start comes from when it is made
+// from a snapshot.
+type restoreSource struct {
+	snap *store.Snapshot
+	dir  string
+	src  snapSource
+}
+
+// writeSnapSource records the source VM's identity in a snapshot directory.
+func (s *vmService) writeSnapSource(vm *store.VM, dir string) error {
+	pub, err := hostKeyPub(s.vmDir(vm.ID))
+	if err != nil {
+		return err
+	}
+	return writeJSONAtomic(filepath.Join(dir, snapSourceName), snapSource{HostKeyPub: pub, MAC: vm.MAC})
+}
+
+// restoreSourceFor loads what restoring sn needs.
+func (s *vmService) restoreSourceFor(sn *store.Snapshot) (*restoreSource, error) {
+	dir := s.snapshotDir(sn.ID)
+	b, err := os.ReadFile(filepath.Join(dir, snapSourceName))
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s is incomplete: %w", sn.Name, err)
+	}
+	rs := &restoreSource{snap: sn, dir: dir}
+	if err := json.Unmarshal(b, &rs.src); err != nil || rs.src.HostKeyPub == "" {
+		return nil, fmt.Errorf("snapshot %s: unreadable %s: %v", sn.Name, snapSourceName, err)
+	}
+	return rs, nil
+}
+
+// stageCopyDisk gives the new VM its own copy of the snapshot's writable disk.
+func (s *vmService) stageCopyDisk(ctx context.Context, r *startRun) error {
+	dst := filepath.Join(r.env.Dir, rwDiskName)
+	if _, err := os.Lstat(dst); err == nil {
+		return fmt.Errorf("%s already exists; a VM made from a snapshot starts from the snapshot's disk", dst)
+	}
+	_, err := vmmproc.CopySparse(ctx, filepath.Join(r.env.Restore.dir, snapDiskName), dst)
+	return err
+}
+
+// stageRestore starts the VMM from the snapshot's saved state.
+func (s *vmService) stageRestore(ctx context.Context, r *startRun) error {
+	rs, ok := r.env.Driver.(vmm.Restorer)
+	if !ok {
+		return fmt.Errorf("the %s driver cannot restore snapshots", r.env.Driver.Name())
+	}
+	return s.launch(ctx, r, func(ctx context.Context) (vmm.Instance, error) {
+		return rs.Restore(ctx, *r.env.Mach, filepath.Join(r.env.Restore.dir, snapStateDir))
+	})
+}
+
+// reidentifier is a guest agent client that can give a clone its identity.
+type reidentifier interface {
+	Reidentify(ctx context.Context, p agentapi.Reidentify) error
+}
+
+// stageReidentify reaches the clone with its source's host key and gives it
+// the identity the configure stage made for it: hostname, SSH host key,
+// machine-id, entropy, clock, MAC and address. From then on the clone
+// answers only with its own pinned key.
+func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
+	env, rs := r.env, r.env.Restore
+	ctx, cancel := context.WithTimeout(ctx, s.bootTimeout)
+	defer cancel()
+	r.rt.guestMu.Lock()
+	t, err := s.transportLocked(r.rt)
+	r.rt.guestMu.Unlock()
+	if err != nil {
+		return err
+	}
+	a, err := s.newAgent(t, rs.src.HostKeyPub)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	if err := a.Ping(ctx); err != nil {
+		return fmt.Errorf("the restored guest did not answer: %w%s", err, s.consoleHint(env.VM.ID))
+	}
+	ri, ok := a.(reidentifier)
+	if !ok {
+		return errors.New("internal error: the guest agent client cannot reidentify")
+	}
+	seed, err := bootcfg.NewSeed()
+	if err != nil {
+		return err
+	}
+	p := agentapi.Reidentify{
+		Hostname: env.Boot.Hostname, HostKey: env.Boot.HostKey, MachineID: newMachineID(),
+		RNGSeed: seed, TimeUnixNano: time.Now().UnixNano(),
+	}
+	if n := env.Boot.Network; n != nil {
+		p.Network = &agentapi.ReidentifyNetwork{FromMAC: rs.src.MAC, MAC: n.MAC, Address: n.Address, Gateway: n.Gateway, DNS: n.DNS}
+	}
+	return ri.Reidentify(ctx, p)
+}
+
+// newMachineID is a random systemd machine-id (128 bits, lowercase hex).
+func newMachineID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40 // a v4 UUID, as systemd-machine-id-setup makes
+	b[8] = b[8]&0x3f | 0x80
+	return hex.EncodeToString(b[:])
+}
+
+// createFromSnapshot makes a VM from sn and starts it (restore, reidentify).
+// The caller must not hold any VM lock. On failure nothing is left.
+func (s *vmService) createFromSnapshot(ctx context.Context, name string, sn *store.Snapshot, progress func(string, bool, error)) (*store.VM, error) {
+	if err := validName("vm", name); err != nil {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+	}
+	rs, err := s.restoreSourceFor(sn)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.driver(sn.Driver); err != nil {
+		return nil, err
+	}
+	vm := &store.VM{ID: newID(), Name: name, ImageID: sn.ImageID, KernelID: sn.KernelID, VCPUs: sn.VCPUs, MemoryMiB: sn.MemoryMiB,
+		DiskMiB: sn.DiskMiB, State: store.StateCreating, Driver: sn.Driver}
+	if err := s.store.CreateVM(ctx, vm); err != nil {
+		return nil, storeErr(err)
+	}
+	unlock := s.locks.Lock(vm.ID)
+	defer unlock()
+	if err := s.startFrom(ctx, vm, progress, rs); err != nil {
+		if rerr := s.removeVM(context.WithoutCancel(ctx), vm); rerr != nil {
+			s.log.ErrorContext(ctx, "remove VM after a failed restore", "vm", vm.Name, "error", rerr.Error())
+		}
+		return nil, err
+	}
+	return vm, nil
+}
+
+// maxForks bounds vm.fork's count.
+const maxForks = 16
+
+// fork snapshots a running VM and makes p.Count clones of it. The snapshot
+// is removed afterwards: the clones do not need its files.
+func (s *vmService) fork(ctx context.Context, p api.ForkParams) (*api.ForkResult, error) {
+	if p.Count == 0 {
+		p.Count = 1
+	}
+	if p.Count < 1 || p.Count > maxForks {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "count must be between 1 and %d", maxForks)
+	}
+	src, err := s.store.FindVM(ctx, p.VM)
+	if err != nil {
+		return nil, storeErr(err)
+	}
+	base := p.Name
+	if base == "" {
+		base = src.Name + "-fork"
+	}
+	names := []string{base}
+	if p.Count > 1 {
+		names = names[:0]
+		for i := 1; i <= p.Count; i++ {
+			names = append(names, fmt.Sprintf("%s-%d", base, i))
+		}
+	}
+	for _, n := range names {
+		if err := validName("vm", n); err != nil {
+			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		}
+		if _, err := s.store.FindVM(ctx, n); err == nil {
+			return nil, rpc.Errorf(rpc.CodeConflict, "a VM named %q already exists", n)
+		}
+	}
+	began := time.Now()
+	sn, err := s.snapshotCreate(ctx, api.SnapshotCreateParams{VM: src.ID, Name: "fork-" + newID()[:12]})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if _, err := s.snapshotDelete(context.WithoutCancel(ctx), api.NameRef{Name: sn.ID}); err != nil {
+			s.log.WarnContext(ctx, "remove the fork's snapshot", "snapshot", sn.Name, "error", err.Error())
+		}
+	}()
+	res := &api.ForkResult{SnapshotMS: float64(time.Since(began).Microseconds()) / 1000}
+	for _, n := range names {
+		t0 := time.Now()
+		vm, err := s.createFromSnapshot(ctx, n, sn, nil)
+		if err != nil {
+			return res, fmt.Errorf("fork %s as %s: %w", src.Name, n, err)
+		}
+		res.VMs = append(res.VMs, vm)
+		res.CloneMS = append(res.CloneMS, float64(time.Since(t0).Microseconds())/1000)
+	}
+	return res, nil
+}

@@ -1,0 +1,187 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// execOut runs a command in a VM and returns its trimmed stdout.
+func execOut(t *testing.T, h, vm, script string) string {
+	t.Helper()
+	return strings.TrimSpace(mustBanger(t, h, "exec", vm, "--", "sh", "-c", script))
+}
+
+func counterValue(t *testing.T, h, vm string) int {
+	t.Helper()
+	n, err := strconv.Atoi(execOut(t, h, vm, "cat /tmp/ctr/n"))
+	if err != nil {
+		t.Fatalf("%s: counter: %v", vm, err)
+	}
+	return n
+}
+
+// waitCounterAbove polls until the counter in vm passes n.
+func waitCounterAbove(t *testing.T, h, vm string, n int) int {
+	t.Helper()
+	var got int
+	waitFor(t, 20*time.Second, vm+"'s counter passes "+strconv.Itoa(n), func() bool {
+		got = counterValue(t, h, vm)
+		return got > n
+	})
+	return got
+}
+
+type identity struct {
+	hostname, machineID, random, ip, mac, hostKey string
+}
+
+func identityOf(t *testing.T, h, vm string) identity {
+	t.Helper()
+	out := execOut(t, h, vm, "hostname; cat /etc/machine-id 2>/dev/null || echo none; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
+	f := strings.Split(out, "\n")
+	if len(f) != 3 {
+		t.Fatalf("%s identity: %q", vm, out)
+	}
+	var v struct {
+		ID  string `json:"id"`
+		IP  string `json:"ip"`
+		MAC string `json:"mac"`
+	}
+	if err := json.Unmarshal([]byte(mustBanger(t, h, "vm", "show", vm, "-o", "json")), &v); err != nil {
+		t.Fatal(err)
+	}
+	key, err := os.ReadFile(filepath.Join(h, "vms", v.ID, "host_key.pub"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return identity{hostname: f[0], machineID: f[1], random: f[2], ip: v.IP, mac: v.MAC, hostKey: string(key)}
+}
+
+// The acceptance test of issue 11 on a real guest: a counter started before
+// the fork keeps counting in the clone; the clone's identity differs; both
+// answer at once; their RNGs differ; the clone outlives its source.
+func TestForkRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	if _, errOut, code := banger(t, h, "vm", "create", "src", "--memory", "256M", "--disk", "256M"); code != 0 {
+		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
+	}
+	// A counter in tmpfs, detached from the exec session.
+	mustBanger(t, h, "exec", "src", "--", "sh", "-c",
+		"mkdir -p /tmp/ctr && mount -t tmpfs tmpfs /tmp/ctr && echo 0 > /tmp/ctr/n && "+
+			"setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/ctr/n; sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
+	before := waitCounterAbove(t, h, "src", 2)
+	srcID := identityOf(t, h, "src")
+
+	start := time.Now()
+	out, errOut, code := banger(t, h, "vm", "fork", "src", "clone")
+	if code != 0 {
+		t.Fatalf("fork: exit %d: %s\n%s", code, errOut, d.logs.String())
+	}
+	t.Logf("fork took %v: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(out))
+
+	// The clone resumed the source's memory: the counter is there and counts on.
+	c1 := counterValue(t, h, "clone")
+	if c1 < before {
+		t.Errorf("the clone's counter is %d, below the %d the source had before the fork (rebooted?)", c1, before)
+	}
+	c2 := waitCounterAbove(t, h, "clone", c1)
+	t.Logf("counter: source %d before the fork; clone %d then %d", before, c1, c2)
+
+	cloneID := identityOf(t, h, "clone")
+	srcAfter := identityOf(t, h, "src")
+	if cloneID.hostname != "clone" || srcAfter.hostname != "src" {
+		t.Errorf("hostnames: source %q, clone %q", srcAfter.hostname, cloneID.hostname)
+	}
+	if cloneID.machineID == srcAfter.machineID || cloneID.machineID == "none" {
+		t.Errorf("machine-id: source %q, clone %q", srcAfter.machineID, cloneID.machineID)
+	}
+	if cloneID.hostKey == srcID.hostKey {
+		t.Error("the clone's pinned host key is the source's")
+	}
+	if cloneID.random == srcAfter.random {
+		t.Errorf("the clone's RNG gives the source's bytes: %s", cloneID.random)
+	}
+	if srcID.ip != "" {
+		if cloneID.ip == srcID.ip || cloneID.mac == srcID.mac {
+			t.Errorf("network identity: source %s/%s, clone %s/%s", srcID.ip, srcID.mac, cloneID.ip, cloneID.mac)
+		}
+		if got := execOut(t, h, "clone", "cat /sys/class/net/eth0/address"); !strings.EqualFold(got, cloneID.mac) {
+			t.Errorf("the clone's interface has MAC %s, its record %s", got, cloneID.mac)
+		}
+	} else {
+		t.Log("no guest network on this host (no banger-helper): IP and MAC not compared")
+	}
+
+	// Both answer at the same time.
+	var wg sync.WaitGroup
+	outs := make([]string, 2)
+	for i, vm := range []string{"src", "clone"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			o, _, code := banger(t, h, "exec", vm, "--", "hostname")
+			if code == 0 {
+				outs[i] = strings.TrimSpace(o)
+			}
+		}()
+	}
+	wg.Wait()
+	if outs[0] != "src" || outs[1] != "clone" {
+		t.Errorf("concurrent exec: %q", outs)
+	}
+
+	// The clone outlives its source.
+	mustBanger(t, h, "vm", "delete", "src", "--force")
+	c3 := waitCounterAbove(t, h, "clone", c2)
+	if got := execOut(t, h, "clone", "echo alive"); got != "alive" {
+		t.Fatalf("clone after the source was deleted: %q", got)
+	}
+	t.Logf("clone counts on after the source is gone: %d", c3)
+
+	// Snapshots as artifacts: create, create a VM from one, list, remove.
+	mustBanger(t, h, "snapshot", "create", "clone", "base")
+	var snaps []struct {
+		Name       string `json:"name"`
+		StateBytes int64  `json:"state_bytes"`
+		DiskBytes  int64  `json:"disk_bytes"`
+	}
+	if err := json.Unmarshal([]byte(mustBanger(t, h, "snapshot", "ls", "-o", "json")), &snaps); err != nil || len(snaps) != 1 {
+		t.Fatalf("snapshot ls: %v %v", snaps, err)
+	}
+	t.Logf("snapshot of a 256 MiB guest: state %d bytes, disk %d bytes", snaps[0].StateBytes, snaps[0].DiskBytes)
+	if snaps[0].StateBytes >= 256<<20 {
+		t.Errorf("snapshot state %d bytes: not less than the guest's memory", snaps[0].StateBytes)
+	}
+	mustBanger(t, h, "vm", "create", "from-snap", "--snapshot", "base")
+	waitCounterAbove(t, h, "from-snap", c3)
+	if got := execOut(t, h, "from-snap", "hostname"); got != "from-snap" {
+		t.Errorf("hostname of a VM made from a snapshot: %q", got)
+	}
+	mustBanger(t, h, "vm", "pause", "from-snap")
+	if _, errOut, code := banger(t, h, "exec", "from-snap", "--", "true"); code == 0 || !strings.Contains(errOut, "paused") {
+		t.Errorf("exec in a paused VM: exit %d: %s", code, errOut)
+	}
+	mustBanger(t, h, "vm", "resume", "from-snap")
+	execOut(t, h, "from-snap", "true")
+	mustBanger(t, h, "snapshot", "create", "from-snap", "second", "--stop")
+	if v := showVM(t, h, "from-snap"); v.State != "stopped" {
+		t.Errorf("after snapshot --stop: %s", v.State)
+	}
+	mustBanger(t, h, "snapshot", "rm", "base")
+	execOut(t, h, "clone", "true")
+
+	// With no VM left, the snapshot alone keeps the image.
+	mustBanger(t, h, "vm", "delete", "clone", "--force")
+	mustBanger(t, h, "vm", "delete", "from-snap", "--force")
+	if _, errOut, code := banger(t, h, "image", "rm", "busybox"); code == 0 || !strings.Contains(errOut, "snapshot second") {
+		t.Errorf("image rm under a snapshot: exit %d: %s", code, errOut)
+	}
+	mustBanger(t, h, "snapshot", "rm", "second")
+	mustBanger(t, h, "image", "rm", "busybox")
+}
