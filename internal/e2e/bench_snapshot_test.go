@@ -1,0 +1,141 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBenchSnapshot measures, side by side in one run (rounds alternate):
+// cold create → exec-ready, create from a snapshot → exec-ready, fork of a
+// running VM → exec-ready; then snapshot sizes and VMM memory for a 256 MiB
+// and a 1 GiB guest. Run with scripts/bench-snapshot (BANGER_BENCH_SNAPSHOT=1,
+// BANGER_BENCH_ROUNDS, default 10).
+func TestBenchSnapshot(t *testing.T) {
+	if os.Getenv("BANGER_BENCH_SNAPSHOT") == "" {
+		t.Skip("a benchmark: set BANGER_BENCH_SNAPSHOT=1 (scripts/bench-snapshot)")
+	}
+	rounds := 10
+	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {
+		rounds = v
+	}
+	h, _, _ := realHome(t)
+	mustBanger(t, h, "vm", "create", "src", "--memory", "256M", "--disk", "256M")
+	mustBanger(t, h, "exec", "src", "--", "true")
+	mustBanger(t, h, "snapshot", "create", "src", "base")
+
+	timed := func(args ...[]string) time.Duration {
+		s := time.Now()
+		for _, a := range args {
+			mustBanger(t, h, a...)
+		}
+		return time.Since(s)
+	}
+	var cold, restore, fork []time.Duration
+	for r := 0; r < rounds; r++ {
+		c, rs, f := fmt.Sprintf("cold-%d", r), fmt.Sprintf("restored-%d", r), fmt.Sprintf("fork-%d", r)
+		cold = append(cold, timed([]string{"vm", "create", c, "--memory", "256M", "--disk", "256M"}, []string{"exec", c, "--", "true"}))
+		restore = append(restore, timed([]string{"vm", "create", rs, "--snapshot", "base"}, []string{"exec", rs, "--", "true"}))
+		fork = append(fork, timed([]string{"vm", "fork", "src", f}, []string{"exec", f, "--", "true"}))
+		for _, n := range []string{c, rs, f} {
+			mustBanger(t, h, "vm", "delete", n, "--force")
+		}
+	}
+	med := func(d []time.Duration) time.Duration {
+		s := append([]time.Duration(nil), d...)
+		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+		return s[len(s)/2]
+	}
+	t.Logf("BENCH rounds=%d", rounds)
+	t.Logf("BENCH cold create to exec-ready:        median %v  (all %v)", med(cold).Round(time.Millisecond), roundAll(cold))
+	t.Logf("BENCH create --snapshot to exec-ready:  median %v  (all %v)", med(restore).Round(time.Millisecond), roundAll(restore))
+	t.Logf("BENCH vm fork to exec-ready:            median %v  (all %v)", med(fork).Round(time.Millisecond), roundAll(fork))
+
+	// Sizes and memory: a cold VM and one restored from its snapshot.
+	for _, mem := range []string{"256M", "1G"} {
+		name := "size-" + strings.ToLower(mem)
+		mustBanger(t, h, "vm", "create", name, "--memory", mem, "--disk", "256M")
+		mustBanger(t, h, "exec", name, "--", "true")
+		coldRSS := vmmRSS(t, h, name)
+		mustBanger(t, h, "snapshot", "create", name, name+"-snap")
+		var sn struct {
+			ID         string `json:"id"`
+			StateBytes int64  `json:"state_bytes"`
+			DiskBytes  int64  `json:"disk_bytes"`
+		}
+		for _, l := range listSnapshots(t, h) {
+			if l.Name == name+"-snap" {
+				sn.ID, sn.StateBytes, sn.DiskBytes = l.ID, l.StateBytes, l.DiskBytes
+			}
+		}
+		du := dirUse(t, filepath.Join(h, "snapshots", sn.ID))
+		mustBanger(t, h, "vm", "create", name+"-r", "--snapshot", name+"-snap")
+		mustBanger(t, h, "exec", name+"-r", "--", "true")
+		t.Logf("BENCH %s guest: snapshot state %s, disk copy %s, directory %s on disk; VMM RSS cold %s, restored %s",
+			mem, mbs(sn.StateBytes), mbs(sn.DiskBytes), mbs(du), mbs(coldRSS), mbs(vmmRSS(t, h, name+"-r")))
+		mustBanger(t, h, "vm", "delete", name, "--force")
+		mustBanger(t, h, "vm", "delete", name+"-r", "--force")
+	}
+}
+
+func roundAll(d []time.Duration) []string {
+	out := make([]string, len(d))
+	for i, x := range d {
+		out[i] = x.Round(10 * time.Millisecond).String()
+	}
+	return out
+}
+
+func mbs(n int64) string { return fmt.Sprintf("%.1f MB", float64(n)/1e6) }
+
+type snapJSON struct {
+	ID         string `json:"id"`
+	Name       string `json:"name"`
+	StateBytes int64  `json:"state_bytes"`
+	DiskBytes  int64  `json:"disk_bytes"`
+}
+
+func listSnapshots(t *testing.T, h string) []snapJSON {
+	t.Helper()
+	var l []snapJSON
+	if err := json.Unmarshal([]byte(mustBanger(t, h, "snapshot", "ls", "-o", "json")), &l); err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// vmmRSS is the resident memory of a VM's VMM process.
+func vmmRSS(t *testing.T, h, name string) int64 {
+	t.Helper()
+	pid := vmmPID(t, h, showVM(t, h, name).ID)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// dirUse is the disk space (allocated blocks) of the files under dir.
+func dirUse(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			n += diskBlocks(fi)
+		}
+		return nil
+	})
+	return n
+}
