@@ -56,6 +56,10 @@ type CreateParams struct {
 	// was taken, with its own identity. Image, kernel, sizes and driver are
 	// the snapshot's; setting them is an error.
 	Snapshot string `json:"snapshot,omitempty"`
+	// Base (banger run): restore from this spec's base snapshot when there
+	// is one (image, kernel, cpus, memory, disk, driver and agent); else
+	// boot cold and save the base snapshot right after the agent answers.
+	Base bool `json:"base,omitempty"`
 }
 
 // Stage is one visible step of a create, with its timings.

@@ -18,7 +18,7 @@ const (
 func (a *App) runCommand() *cobra.Command {
 	var cf createFlags
 	var ef execFlags
-	var rm bool
+	var rm, cold bool
 	run := &cobra.Command{
 		Use:   "run [flags] [-- CMD...]",
 		Short: "Create a VM and run a command (or the image's entrypoint, or a shell) in it",
@@ -26,6 +26,9 @@ func (a *App) runCommand() *cobra.Command {
 			"when it has them, else an interactive shell. -e/--env-file, -w, -u, -i and -t work as for\n" +
 			"exec. With no kernel or image yet, banger prepares Debian's cloud kernel and a Debian\n" +
 			defaultSuite + " image first.\n\n" +
+			"The first run of a spec (image, kernel, cpus, memory, disk) boots cold and saves a base\n" +
+			"snapshot right after boot; later runs of that spec restore it (each VM still gets its own\n" +
+			"name, address, keys and machine-id). --cold boots without it.\n\n" +
 			"For agents and scripts, use --rm: the VM is deleted when the command ends, whatever\n" +
 			"its status, so nothing is left behind. The exit status is the command's; 125 means\n" +
 			"banger itself failed.",
@@ -38,6 +41,7 @@ func (a *App) runCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			p.Base = !cold && p.Snapshot == ""
 			o, err := ef.options()
 			if err != nil {
 				return err
@@ -77,6 +81,7 @@ func (a *App) runCommand() *cobra.Command {
 	}
 	run.Flags().SetInterspersed(false)
 	cf.add(run, true)
+	run.Flags().BoolVar(&cold, "cold", false, "boot cold: neither use nor save the spec's base snapshot")
 	ef.add(run.Flags(), true)
 	run.Flags().BoolVar(&rm, "rm", false, "delete the VM when the command ends (what agents and scripts want)")
 	return run

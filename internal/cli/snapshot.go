@@ -11,11 +11,13 @@ import (
 
 // snapshotCommand is `banger snapshot create|ls|rm`.
 func (a *App) snapshotCommand() *cobra.Command {
-	sc := &cobra.Command{Use: "snapshot", Short: "Save running VMs (memory, devices, writable disk) and manage the snapshots"}
+	sc := &cobra.Command{Use: "snapshot", Short: "Save running VMs (memory, devices, writable disk) and manage the snapshots",
+		Example: "  banger snapshot create dev warm\n  banger vm create dev2 --snapshot warm\n  banger snapshot ls"}
 	var stop bool
 	create := &cobra.Command{
-		Use:   "create VM [NAME]",
-		Short: "Pause a running VM, save it, and resume it (--stop: stop it instead)",
+		Use:     "create VM [NAME]",
+		Short:   "Pause a running VM, save it, and resume it (--stop: stop it instead)",
+		Example: "  banger snapshot create dev warm\n  banger snapshot create dev --stop",
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) < 1 || len(args) > 2 {
 				return usagef("usage: %s VM [NAME]", cmd.CommandPath())
@@ -63,6 +65,7 @@ func (a *App) snapshotCommand() *cobra.Command {
 	sc.AddCommand(snls)
 	rm := a.rmCommand(api.MethodSnapshotDelete, "a snapshot")
 	rm.Short = "Remove a snapshot (VMs made from it keep running)"
+	rm.Example = "  banger snapshot rm warm"
 	sc.AddCommand(rm)
 	return sc
 }
@@ -71,8 +74,9 @@ func (a *App) snapshotCommand() *cobra.Command {
 func (a *App) vmForkCommand() *cobra.Command {
 	var count int
 	c := &cobra.Command{
-		Use:   "fork VM [NAME]",
-		Short: "Clone a running VM: each clone keeps its memory and processes, with its own name, address, keys and machine-id",
+		Use:     "fork VM [NAME]",
+		Short:   "Clone a running VM: each clone keeps its memory and processes, with its own name, address, keys and machine-id",
+		Example: "  banger vm fork dev dev2\n  banger vm fork dev workers --count 4",
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) < 1 || len(args) > 2 {
 				return usagef("usage: %s VM [NAME] [--count N]", cmd.CommandPath())
@@ -111,7 +115,7 @@ func (a *App) addVMPauseCommands(vm *cobra.Command) {
 		{"resume", api.MethodVMResume, "Run a paused VM again", "resumed"},
 	} {
 		vm.AddCommand(&cobra.Command{
-			Use: c.use + " VM", Short: c.short, Args: exactArgs(1, "VM"),
+			Use: c.use + " VM", Short: c.short, Args: exactArgs(1, "VM"), Example: "  banger vm " + c.use + " dev",
 			RunE: func(cmd *cobra.Command, args []string) error {
 				var v api.VM
 				if err := a.call(cmd.Context(), c.method, api.VMRef{VM: args[0]}, &v); err != nil {

@@ -36,6 +36,7 @@ func (d *Daemon) registerArtifactAPI() {
 		if users, _ := d.store.VMsUsing(ctx, "kernel_id", k.ID); len(users) > 0 {
 			return nil, rpc.Errorf(rpc.CodeConflict, "kernel %q is used by %s; delete those VMs first", k.Name, strings.Join(users, ", "))
 		}
+		d.vms.dropBases(ctx, func(sn *store.Snapshot) bool { return sn.KernelID == k.ID })
 		if snaps, _ := d.store.SnapshotsUsing(ctx, "kernel_id", k.ID); len(snaps) > 0 {
 			return nil, rpc.Errorf(rpc.CodeConflict, "kernel %q is used by snapshot %s; delete those snapshots first (banger snapshot rm)", k.Name, strings.Join(snaps, ", "))
 		}
@@ -82,6 +83,7 @@ func (d *Daemon) registerArtifactAPI() {
 		if users, _ := d.store.VMsUsing(ctx, "image_id", im.ID); len(users) > 0 {
 			return nil, rpc.Errorf(rpc.CodeConflict, "image %q is used by %s; delete those VMs first", im.Name, strings.Join(users, ", "))
 		}
+		d.vms.dropBases(ctx, func(sn *store.Snapshot) bool { return sn.ImageID == im.ID })
 		if snaps, _ := d.store.SnapshotsUsing(ctx, "image_id", im.ID); len(snaps) > 0 {
 			return nil, rpc.Errorf(rpc.CodeConflict, "image %q is used by snapshot %s; delete those snapshots first (banger snapshot rm)", im.Name, strings.Join(snaps, ", "))
 		}

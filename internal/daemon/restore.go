@@ -3,12 +3,14 @@ package daemon
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
@@ -225,4 +227,62 @@ func (s *vmService) fork(ctx context.Context, p api.ForkParams) (*api.ForkResult
 		res.CloneMS = append(res.CloneMS, float64(time.Since(t0).Microseconds())/1000)
 	}
 	return res, nil
+}
+
+// basePrefix names the base snapshots `banger run` keeps, one per spec.
+const basePrefix = "base-"
+
+// baseSnapshot returns the name of the base snapshot for a spec and the
+// snapshot when it exists. The name hashes everything a restored guest
+// depends on: image, kernel, the initrd (which carries the agent), sizes and
+// driver; a new image, kernel or agent gets a new base.
+func (s *vmService) baseSnapshot(ctx context.Context, img *store.Image, k *store.Kernel, vcpus, mem, disk int, drv string) (string, *store.Snapshot, error) {
+	initrd, err := s.artifacts.initrdFor(ctx, k)
+	if err != nil {
+		return "", nil, err
+	}
+	ident := initrd
+	if fi, err := os.Stat(initrd); err == nil {
+		ident = fmt.Sprintf("%s@%d.%d", initrd, fi.Size(), fi.ModTime().UnixNano())
+	}
+	h := sha256.Sum256([]byte(fmt.Sprintf("%s\x00%s\x00%s\x00%d\x00%d\x00%d\x00%s", img.ID, k.ID, ident, vcpus, mem, disk, drv)))
+	name := basePrefix + hex.EncodeToString(h[:6])
+	sn, err := s.store.FindSnapshot(ctx, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return name, nil, nil
+	}
+	if err != nil {
+		return "", nil, storeErr(err)
+	}
+	return name, sn, nil
+}
+
+// saveBase snapshots a VM that just booted cold as its spec's base; a
+// failure only costs the next run its warm start. The caller holds the VM lock.
+func (s *vmService) saveBase(ctx context.Context, vm *store.VM, name string, progress func(string, bool, error)) {
+	if _, ok := s.runtime(vm.ID).inst.(vmm.Snapshotter); !ok {
+		return
+	}
+	progress("save base snapshot", false, nil)
+	_, err := s.snapshotLocked(ctx, vm, api.SnapshotCreateParams{Name: name})
+	progress("save base snapshot", true, nil)
+	if err != nil {
+		s.log.WarnContext(ctx, "save the base snapshot", "vm", vm.Name, "snapshot", name, "error", err.Error())
+	}
+}
+
+// dropBases removes the base snapshots that pin an image or kernel (they
+// are caches), so that deleting the image or kernel is not refused for them.
+func (s *vmService) dropBases(ctx context.Context, match func(*store.Snapshot) bool) {
+	l, err := s.store.ListSnapshots(ctx)
+	if err != nil {
+		return
+	}
+	for _, sn := range l {
+		if strings.HasPrefix(sn.Name, basePrefix) && match(sn) {
+			if _, err := s.snapshotDelete(ctx, api.NameRef{Name: sn.ID}); err != nil {
+				s.log.WarnContext(ctx, "remove a stale base snapshot", "snapshot", sn.Name, "error", err.Error())
+			}
+		}
+	}
 }

@@ -98,6 +98,11 @@ func (s *vmService) snapshotCreate(ctx context.Context, p api.SnapshotCreatePara
 		return nil, err
 	}
 	defer unlock()
+	return s.snapshotLocked(ctx, vm, p)
+}
+
+// snapshotLocked is snapshotCreate for a VM whose lock the caller holds.
+func (s *vmService) snapshotLocked(ctx context.Context, vm *store.VM, p api.SnapshotCreateParams) (*store.Snapshot, error) {
 	name := p.Name
 	if name == "" {
 		name = vm.Name + "-" + time.Now().UTC().Format("20060102-150405")

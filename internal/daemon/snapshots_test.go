@@ -349,3 +349,90 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 		t.Errorf("clone after the source was deleted: %+v", got)
 	}
 }
+
+// banger run: the first create of a spec boots cold and saves the spec's
+// base snapshot; the next one restores it; a dropped base is made again.
+func TestRunBaseSnapshot(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	ts.drv.wrap = func(in *fakeInst) vmm.Instance {
+		os.WriteFile(filepath.Join(ts.vmDir(in.h.VMID), rwDiskName), []byte("disk"), 0o600)
+		return &snapInst{fakeInst: in}
+	}
+	rl := &reidLog{}
+	base := ts.newAgent
+	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
+		a, err := base(tr, hostKey)
+		if err != nil {
+			return nil, err
+		}
+		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
+	}
+	create := func(name string) []string {
+		t.Helper()
+		st, err := ts.createBegin(ctx, api.CreateParams{Name: name, Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Base: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ts.mu.Lock()
+		op := ts.creates[st.OpID]
+		ts.mu.Unlock()
+		select {
+		case <-op.done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("create did not finish")
+		}
+		fin := op.snapshot()
+		if fin.Error != "" {
+			t.Fatalf("create %s: %s", name, fin.Error)
+		}
+		var names []string
+		for _, s := range fin.Stages {
+			names = append(names, s.Name)
+		}
+		return names
+	}
+	first := strings.Join(create("one"), ",")
+	if !strings.Contains(first, "boot") || !strings.HasSuffix(first, "save base snapshot") {
+		t.Fatalf("first run stages: %s", first)
+	}
+	l, _ := ts.st.ListSnapshots(ctx)
+	if len(l) != 1 || !strings.HasPrefix(l[0].Name, basePrefix) {
+		t.Fatalf("snapshots after the first run: %+v", l)
+	}
+	second := strings.Join(create("two"), ",")
+	if !strings.Contains(second, "restore") || strings.Contains(second, "save base") {
+		t.Fatalf("second run stages: %s", second)
+	}
+	if len(rl.calls) != 1 || rl.calls[0].p.Hostname != "two" {
+		t.Fatalf("reidentify calls %+v", rl.calls)
+	}
+	// Another spec (memory) has its own base.
+	if _, err := ts.createBegin(ctx, api.CreateParams{Name: "three", Image: "img", Kernel: "k", MemoryMiB: 512, DiskMiB: 256, Base: true}); err != nil {
+		t.Fatal(err)
+	}
+	// Deleting the image's base snapshots frees it (they are caches).
+	waitForOps(t, ts)
+	ts.dropBases(ctx, func(sn *store.Snapshot) bool { return sn.ImageID == "img" })
+	if l, _ := ts.st.ListSnapshots(ctx); len(l) != 0 {
+		t.Fatalf("bases left: %+v", l)
+	}
+}
+
+// waitForOps waits until every create operation has finished.
+func waitForOps(t *testing.T, ts *testSvc) {
+	t.Helper()
+	ts.mu.Lock()
+	var ops []*createOp
+	for _, op := range ts.creates {
+		ops = append(ops, op)
+	}
+	ts.mu.Unlock()
+	for _, op := range ops {
+		select {
+		case <-op.done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("create did not finish")
+		}
+	}
+}

@@ -207,6 +207,17 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	if _, err := s.driver(drvName); err != nil {
 		return api.CreateStatus{}, err
 	}
+	var base string
+	if p.Base {
+		name, sn, err := s.baseSnapshot(ctx, img, k, p.VCPUs, p.MemoryMiB, p.DiskMiB, drvName)
+		if err != nil {
+			return api.CreateStatus{}, err
+		}
+		if sn != nil {
+			return s.createBeginFromSnapshot(ctx, api.CreateParams{Name: p.Name, Snapshot: sn.ID, Workspace: p.Workspace})
+		}
+		base = name
+	}
 	vm := &store.VM{ID: newID(), Name: p.Name, ImageID: img.ID, KernelID: k.ID, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB,
 		DiskMiB: p.DiskMiB, State: store.StateCreating, Driver: drvName, Workspace: p.Workspace}
 	if err := s.store.CreateVM(ctx, vm); err != nil {
@@ -220,7 +231,7 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	s.mu.Unlock()
 	// The create goes on after this call returns; it keeps the op id.
 	bctx := context.WithoutCancel(ctx)
-	go s.runCreate(bctx, vm, op, nil)
+	go s.runCreate(bctx, vm, op, nil, base)
 	return op.snapshot(), nil
 }
 
@@ -252,13 +263,16 @@ func (s *vmService) createBeginFromSnapshot(ctx context.Context, p api.CreatePar
 	s.mu.Lock()
 	s.creates[opID] = op
 	s.mu.Unlock()
-	go s.runCreate(context.WithoutCancel(ctx), vm, op, rs)
+	go s.runCreate(context.WithoutCancel(ctx), vm, op, rs, "")
 	return op.snapshot(), nil
 }
 
-func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp, restore *restoreSource) {
+func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp, restore *restoreSource, base string) {
 	unlock := s.locks.Lock(vm.ID)
 	err := s.startFrom(ctx, vm, op.progress, restore)
+	if err == nil && base != "" {
+		s.saveBase(ctx, vm, base, op.progress)
+	}
 	if err != nil {
 		// The console log outlives the VM, and the error names where it is.
 		if kept := s.keepFailedConsole(ctx, vm); kept != "" {

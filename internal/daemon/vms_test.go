@@ -396,7 +396,7 @@ func TestFailedCreateRemovesEverythingOnce(t *testing.T) {
 	ctx := context.Background()
 	vm := ts.newVM(t, "c", store.StateCreating)
 	op := &createOp{status: api.CreateStatus{OpID: "op1"}, done: make(chan struct{})}
-	ts.runCreate(ctx, vm, op, nil)
+	ts.runCreate(ctx, vm, op, nil, "")
 	st := op.snapshot()
 	if !st.Done || !strings.Contains(st.Error, "agent never answers") {
 		t.Fatalf("create status: %+v", st)
@@ -662,7 +662,7 @@ func TestFailedCreateKeepsConsoleLog(t *testing.T) {
 		os.WriteFile(filepath.Join(cfg.Dir, "console.log"), []byte("Kernel panic - not syncing: No working init found\n"), 0o600)
 	}
 	op := &createOp{status: api.CreateStatus{OpID: "op2"}, done: make(chan struct{})}
-	ts.runCreate(ctx, vm, op, nil)
+	ts.runCreate(ctx, vm, op, nil, "")
 	msg := op.snapshot().Error
 	i := strings.Index(msg, ts.layout.FailedLogsDir())
 	if i < 0 {
