@@ -185,3 +185,34 @@ func TestForkRealGuest(t *testing.T) {
 	mustBanger(t, h, "snapshot", "rm", "second")
 	mustBanger(t, h, "image", "rm", "busybox")
 }
+
+// banger run: the first run of a spec boots cold and saves its base
+// snapshot; the second restores it, and is a VM of its own.
+func TestRunBaseSnapshotRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	args := []string{"run", "--rm", "--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M", "--name"}
+	out, errOut, code := banger(t, h, append(args, "first", "--", "hostname")...)
+	if code != 0 || strings.TrimSpace(out) != "first" {
+		t.Fatalf("first run: exit %d, %q\n%s\n%s", code, out, errOut, d.logs.String())
+	}
+	if !strings.Contains(errOut, "save base snapshot") {
+		t.Errorf("the first run did not save a base snapshot:\n%s", errOut)
+	}
+	out, errOut, code = banger(t, h, append(args, "second", "--", "hostname")...)
+	if code != 0 || strings.TrimSpace(out) != "second" {
+		t.Fatalf("second run: exit %d, %q\n%s", code, out, errOut)
+	}
+	if !strings.Contains(errOut, "restore") || strings.Contains(errOut, "boot ") {
+		t.Errorf("the second run did not restore the base snapshot:\n%s", errOut)
+	}
+	t.Logf("second run stages:\n%s", errOut)
+	out, errOut, code = banger(t, h, append([]string{"run", "--cold"}, append(args[1:], "third", "--", "hostname")...)...)
+	if code != 0 || strings.Contains(errOut, "restore") {
+		t.Errorf("--cold: exit %d\n%s", code, errOut)
+	}
+	// The base pins the image only as a cache: image rm drops it.
+	mustBanger(t, h, "image", "rm", "busybox")
+	if l := listSnapshots(t, h); len(l) != 0 {
+		t.Errorf("snapshots left after image rm: %+v", l)
+	}
+}
