@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"time"
 
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
@@ -95,7 +96,13 @@ func (s *vmService) reconcile(ctx context.Context) {
 		rt, err := s.adopt(ctx, vm)
 		switch {
 		case err == nil && vm.State == store.StateRunning:
-			s.log.InfoContext(ctx, "adopted running VM", "vm", vm.Name, "pid", rt.handles.PID)
+			// A VM paused by `vm pause` (or a snapshot cut short) stays paused.
+			sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			if st, serr := rt.inst.State(sctx); serr == nil && st == vmm.StatePaused {
+				rt.paused.Store(true)
+			}
+			cancel()
+			s.log.InfoContext(ctx, "adopted running VM", "vm", vm.Name, "pid", rt.handles.PID, "paused", rt.paused.Load())
 			go s.watch(vm.ID, rt)
 		case vm.State == store.StateCreating:
 			s.log.WarnContext(ctx, "removing VM whose create was interrupted by a bangerd restart", "vm", vm.Name)
