@@ -1,0 +1,318 @@
+package bench
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/bangerdev/banger/internal/image"
+)
+
+// Today's rates (issue 13, quiet machine): the targets are 3× these.
+const (
+	cpTodayMiBs    = 19.7
+	stdinTodayMiBs = 24.2
+)
+
+// benchGuest: exec latency, exec stdin, cp both ways, workspaces; each
+// against OpenSSH through `banger ssh-config` with a live ControlMaster, or
+// tar through exec.
+func (b *bench) benchGuest() {
+	const vm = "g"
+	if _, _, _, err := b.createVM(vm); err != nil {
+		b.fail("guest", "create the guest", err)
+		return
+	}
+	defer b.deleteVM(vm)
+	cfg := filepath.Join(b.tmp, "ssh_config")
+	out, err := b.cli(time.Minute, nil, "ssh-config", vm)
+	if err == nil {
+		err = os.WriteFile(cfg, []byte(out), 0o600)
+	}
+	if err != nil {
+		b.fail("guest", "ssh-config", err)
+		return
+	}
+	cm := filepath.Join(b.tmp, "cm-%C")
+	sshArgs := []string{"-F", cfg, "-o", "ControlMaster=auto", "-o", "ControlPath=" + cm, "-o", "ControlPersist=600", "-o", "BatchMode=yes"}
+	ssh := "ssh " + strings.Join(quoteAll(sshArgs), " ")
+	scp := "scp -q " + strings.Join(quoteAll(sshArgs), " ")
+	// Open the master connection (not timed).
+	if _, err := b.sh(2*time.Minute, ssh+" "+vm+" true"); err != nil {
+		b.fail("guest", "OpenSSH through ssh-config", err)
+		return
+	}
+	defer exec.Command("ssh", append(sshArgs, "-O", "exit", vm)...).Run()
+
+	// exec true
+	n := b.runs()
+	bx, err := timeN(n, func() error { _, err := b.cli(time.Minute, nil, "exec", vm, "--", "true"); return err })
+	if err != nil {
+		b.fail("guest", "exec true", err)
+	} else {
+		sx, err := timeN(n, func() error { _, err := b.sh(time.Minute, ssh+" "+vm+" true"); return err })
+		if err != nil {
+			b.fail("guest", "ssh true", err)
+		} else {
+			bm, sm := median(bx), median(sx)
+			b.add(Result{Group: "guest", Metric: "exec true", Unit: "ms", Banger: bm, Baseline: sm, Base: "ssh -F ssh-config with a live ControlMaster",
+				Target: "≤1.0×", Pass: passIf(bm <= sm), N: n, Samples: bx, BaseSmp: sx})
+		}
+	}
+
+	// Payloads.
+	mib := 100
+	reps := 3
+	if b.quick {
+		mib, reps = 8, 1
+	}
+	payload := filepath.Join(b.tmp, "payload")
+	if err := randomFile(payload, int64(mib)<<20); err != nil {
+		b.fail("guest", "payload", err)
+		return
+	}
+	rate := func(ds []float64) float64 { return float64(mib) / (median(ds) / 1000) }
+	transfer := func(metric, base, target string, want float64, banger, baseline string) {
+		bs, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, banger); return err })
+		if err != nil {
+			b.fail("guest", metric, err)
+			return
+		}
+		ss, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, baseline); return err })
+		if err != nil {
+			b.fail("guest", metric+" (baseline)", err)
+			return
+		}
+		r := Result{Group: "guest", Metric: fmt.Sprintf("%s %d MiB", metric, mib), Unit: "MiB/s", Banger: rate(bs), Baseline: rate(ss),
+			Base: base, Target: target, N: reps, Samples: bs, BaseSmp: ss, Note: "samples are ms"}
+		if want > 0 {
+			r.Pass = passIf(r.Banger >= want)
+		}
+		b.add(r)
+	}
+	p := shq(payload)
+	transfer("exec stdin", "ssh (ControlMaster) cat >", fmt.Sprintf("≥%.0f (3× today)", 3*stdinTodayMiBs), 3*stdinTodayMiBs,
+		`"$BANGER" exec -i `+vm+` -- sh -c 'cat > /root/in' < `+p,
+		ssh+" "+vm+" 'cat > /root/in2' < "+p)
+	transfer("cp host→guest", "scp through ssh-config (ControlMaster)", fmt.Sprintf("≥%.0f (3× today)", 3*cpTodayMiBs), 3*cpTodayMiBs,
+		`"$BANGER" cp -q `+p+" "+vm+":/root/cp1",
+		scp+" "+p+" "+vm+":/root/cp2")
+	back := shq(filepath.Join(b.tmp, "back"))
+	transfer("cp guest→host", "scp through ssh-config (ControlMaster)", fmt.Sprintf("≥%.0f (3× today)", 3*cpTodayMiBs), 3*cpTodayMiBs,
+		`rm -f `+back+`; "$BANGER" cp -q `+vm+":/root/cp1 "+back,
+		`rm -f `+back+"; "+scp+" "+vm+":/root/cp2 "+back)
+	b.cli(time.Minute, nil, "exec", vm, "--", "rm", "-f", "/root/in", "/root/in2", "/root/cp1", "/root/cp2")
+	os.Remove(payload)
+	os.Remove(filepath.Join(b.tmp, "back"))
+
+	b.benchWorkspace(vm, ssh)
+}
+
+func (b *bench) benchWorkspace(vm, ssh string) {
+	files, size := 1000, 64<<10
+	reps := 3
+	if b.quick {
+		files, size, reps = 50, 16<<10, 1
+	}
+	repo := filepath.Join(b.tmp, "repo")
+	if err := makeRepo(repo, files, size); err != nil {
+		b.fail("workspace", "make the repository", err)
+		return
+	}
+	desc := fmt.Sprintf("%d files × %d KiB", files, size>>10)
+	r := shq(repo)
+	push := `"$BANGER" exec ` + vm + ` -- rm -rf /root/ws; "$BANGER" workspace push ` + vm + " " + r + " --dest /root/ws >/dev/null"
+	tarPush := `cd ` + r + ` && git ls-files -z | tar --null -T - -cf - | "$BANGER" exec -i ` + vm + ` -- sh -c 'rm -rf /root/wt && mkdir -p /root/wt && tar xf - -C /root/wt'`
+	// Each push starts from an empty destination; the rm is timed on both sides.
+	bp, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, push); return err })
+	if err != nil {
+		b.fail("workspace", "workspace push", err)
+		return
+	}
+	tp, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, tarPush); return err })
+	if err != nil {
+		b.fail("workspace", "tar | exec tar x", err)
+		return
+	}
+	b.add(Result{Group: "workspace", Metric: "workspace push (" + desc + ")", Unit: "ms", Banger: median(bp), Baseline: median(tp),
+		Base: "git ls-files | tar c | banger exec -i tar x", Target: "≤0.5×", Pass: passIf(median(bp) <= 0.5*median(tp)), N: reps, Samples: bp, BaseSmp: tp})
+
+	// Re-push after a one-file change.
+	i := 0
+	repush, err := timeN(reps, func() error {
+		i++
+		if err := os.WriteFile(filepath.Join(repo, "f0000.txt"), []byte(fmt.Sprintf("change %d\n", i)), 0o644); err != nil {
+			return err
+		}
+		_, err := b.sh(10*time.Minute, `"$BANGER" workspace push `+vm+" "+r+" --dest /root/ws >/dev/null")
+		return err
+	})
+	if err != nil {
+		b.fail("workspace", "workspace re-push", err)
+	} else {
+		b.add(Result{Group: "workspace", Metric: "workspace re-push after a one-file change", Unit: "ms", Banger: median(repush), Baseline: median(tp),
+			Base: "tar | exec of the whole tree", Target: "<300 ms", Pass: passIf(median(repush) < 300), N: reps, Samples: repush, BaseSmp: tp})
+	}
+
+	// Pull (a branch in the host repository) vs tar c through exec.
+	pullDir := shq(filepath.Join(b.tmp, "pulled"))
+	pull := `git -C ` + r + ` branch -D banger/` + vm + ` >/dev/null 2>&1 || true; "$BANGER" workspace pull ` + vm + " --dest /root/ws --repo " + r + " >/dev/null"
+	tarPull := `rm -rf ` + pullDir + ` && mkdir -p ` + pullDir + ` && "$BANGER" exec ` + vm + ` -- tar cf - -C /root/wt . | tar xf - -C ` + pullDir
+	bl, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, pull); return err })
+	if err != nil {
+		b.fail("workspace", "workspace pull", err)
+	} else if tl, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, tarPull); return err }); err != nil {
+		b.fail("workspace", "exec tar c | tar x", err)
+	} else {
+		b.add(Result{Group: "workspace", Metric: "workspace pull (" + desc + ")", Unit: "ms", Banger: median(bl), Baseline: median(tl),
+			Base: "banger exec tar c | tar x", Target: "<1.0×", Pass: passIf(median(bl) < median(tl)), N: reps, Samples: bl, BaseSmp: tl})
+	}
+
+	// rsync over ssh-config, when both ends have it.
+	_, herr := exec.LookPath("rsync")
+	_, gerr := b.cli(time.Minute, nil, "exec", vm, "--", "sh", "-c", "command -v rsync")
+	if herr != nil || gerr != nil {
+		b.add(Result{Group: "workspace", Metric: "rsync over ssh-config", Note: "not measured: rsync missing on the host or in the guest image (busybox)"})
+		return
+	}
+	rs, err := timeN(reps, func() error {
+		_, err := b.sh(10*time.Minute, `rsync -a -e `+shq(ssh)+` `+r+`/ `+vm+`:/root/wr/`)
+		return err
+	})
+	if err != nil {
+		b.fail("workspace", "rsync", err)
+		return
+	}
+	b.add(Result{Group: "workspace", Metric: "workspace push vs rsync", Unit: "ms", Banger: median(bp), Baseline: median(rs),
+		Base: "rsync -a over ssh-config (ControlMaster)", N: reps, Samples: bp, BaseSmp: rs})
+}
+
+// benchImage: building an image from a tar (banger's rootless builder) vs
+// tar -x + mkfs.ext4 -d.
+func (b *bench) benchImage() {
+	srcs := []string{"/usr/share/zoneinfo", "/usr/bin", "/usr/share/perl", "/usr/lib/python3"}
+	reps := 3
+	if b.quick {
+		srcs, reps = []string{"/usr/share/zoneinfo"}, 1
+	}
+	var have []string
+	for _, s := range srcs {
+		if _, err := os.Stat(s); err == nil {
+			have = append(have, strings.TrimPrefix(s, "/"))
+		}
+	}
+	tarball := filepath.Join(b.tmp, "tree.tar")
+	if _, err := b.sh(10*time.Minute, "tar -C / -cf "+shq(tarball)+" "+strings.Join(have, " ")); err != nil {
+		b.fail("image", "make the tar", err)
+		return
+	}
+	defer os.Remove(tarball)
+	st, _ := os.Stat(tarball)
+	var size int64
+	bs, err := timeN(reps, func() error {
+		work, err := os.MkdirTemp(b.tmp, "img")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(work)
+		f, err := os.Open(tarball)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		res, err := image.FromTar(ctx, f, work, filepath.Join(work, "rootfs.ext4"), image.BuildOptions{})
+		if err == nil {
+			size = res.SizeBytes
+		}
+		return err
+	})
+	if err != nil {
+		b.fail("image", "image build", err)
+		return
+	}
+	ts, err := timeN(reps, func() error {
+		work, err := os.MkdirTemp(b.tmp, "tar")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(work)
+		w := shq(work)
+		_, err = b.sh(10*time.Minute, fmt.Sprintf("mkdir %s/t && tar -xpf %s -C %s/t && truncate -s %d %s/f && mkfs.ext4 -q -F -d %s/t %s/f",
+			w, shq(tarball), w, size, w, w, w))
+		return err
+	})
+	if err != nil {
+		b.fail("image", "tar -x + mkfs.ext4 -d", err)
+		return
+	}
+	b.add(Result{Group: "image", Metric: fmt.Sprintf("image from a %d MiB tar", st.Size()>>20), Unit: "ms", Banger: median(bs), Baseline: median(ts),
+		Base: "tar -xp + mkfs.ext4 -d (needs root for owners)", N: reps, Samples: bs, BaseSmp: ts,
+		Note: "banger: internal/image.FromTar, the builder behind image import; " + strings.Join(have, " ")})
+}
+
+// --- helpers ---
+
+func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+func quoteAll(ss []string) []string {
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		out[i] = shq(s)
+	}
+	return out
+}
+
+func randomFile(p string, n int64) error {
+	f, err := os.Create(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for n > 0 {
+		c := min(n, int64(len(buf)))
+		rand.Read(buf[:c])
+		if _, err := f.Write(buf[:c]); err != nil {
+			return err
+		}
+		n -= c
+	}
+	return f.Close()
+}
+
+// makeRepo makes a git repository of files random files of size bytes in
+// 10 directories, committed.
+func makeRepo(dir string, files, size int) error {
+	buf := make([]byte, size)
+	for i := 0; i < files; i++ {
+		p := filepath.Join(dir, fmt.Sprintf("d%d", i%10), fmt.Sprintf("f%04d.txt", i))
+		if i == 0 {
+			p = filepath.Join(dir, "f0000.txt")
+		}
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		rand.Read(buf)
+		if err := os.WriteFile(p, buf, 0o644); err != nil {
+			return err
+		}
+	}
+	for _, args := range [][]string{
+		{"init", "-q"}, {"add", "-A"},
+		{"-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "-qm", "bench"},
+	} {
+		cmd := exec.Command("git", args...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("git %v: %v: %s", args, err, out)
+		}
+	}
+	return nil
+}

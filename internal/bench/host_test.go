@@ -1,0 +1,146 @@
+package bench
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/disk"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// benchDisks: the writable disk at 4 GiB and 64 GiB (warm template), and
+// what the same 64 GiB disk costs with a fresh mkfs.ext4.
+func (b *bench) benchDisks() {
+	ctx := context.Background()
+	dir := filepath.Join(b.tmp, "disks")
+	m := &disk.Maker{Dir: filepath.Join(dir, "templates"), Label: bootcfg.RWLabel}
+	sizes := []int64{4 << 30, 64 << 30}
+	samples := map[int64][]float64{}
+	for _, s := range sizes { // warm: the template is made once per size
+		if err := m.Make(ctx, filepath.Join(dir, "warm"), s); err != nil {
+			b.fail("disk", "disk creation", err)
+			return
+		}
+		os.Remove(filepath.Join(dir, "warm"))
+	}
+	n := b.runs() * 4
+	for i := 0; i < n; i++ {
+		for _, s := range sizes {
+			p := filepath.Join(dir, fmt.Sprintf("d%d", s>>30))
+			os.Remove(p)
+			start := time.Now()
+			if err := m.Make(ctx, p, s); err != nil {
+				b.fail("disk", "disk creation", err)
+				return
+			}
+			samples[s] = append(samples[s], ms(time.Since(start)))
+		}
+	}
+	big, small := median(samples[64<<30]), median(samples[4<<30])
+	b.add(Result{Group: "disk", Metric: "writable disk 64 GiB (vs 4 GiB)", Unit: "ms", Banger: big, Baseline: small,
+		Base: "the same at 4 GiB", Target: "≤1.2×, both <10 ms", Pass: passIf(big <= 1.2*small && big < 10 && small < 10),
+		N: n, Samples: samples[64<<30], BaseSmp: samples[4<<30]})
+	// The old way: mkfs.ext4 on a sparse file for every disk.
+	var mk []float64
+	for i := 0; i < b.runs(); i++ {
+		p := filepath.Join(dir, "mkfs")
+		os.Remove(p)
+		start := time.Now()
+		f, err := os.Create(p)
+		if err == nil {
+			err = f.Truncate(64 << 30)
+			f.Close()
+		}
+		if err == nil {
+			var out []byte
+			out, err = exec.Command("mkfs.ext4", "-q", "-F", "-L", bootcfg.RWLabel, "-m", "0",
+				"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", p).CombinedOutput()
+			if err != nil {
+				err = fmt.Errorf("%v: %s", err, out)
+			}
+		}
+		if err != nil {
+			b.fail("disk", "mkfs.ext4 64 GiB", err)
+			return
+		}
+		mk = append(mk, ms(time.Since(start)))
+	}
+	b.add(Result{Group: "disk", Metric: "writable disk 64 GiB (vs mkfs.ext4)", Unit: "ms", Banger: big, Baseline: median(mk),
+		Base: "mkfs.ext4 -E lazy_itable_init,lazy_journal_init on a sparse file", N: len(mk), Samples: samples[64<<30], BaseSmp: mk})
+	os.RemoveAll(dir)
+}
+
+// benchRPC: system.ping, vm.list with 1000 records, bangerd's idle RSS.
+func (b *bench) benchRPC() {
+	ctx := context.Background()
+	if b.pid > 0 {
+		if rss, err := rssMiB(b.pid); err == nil {
+			b.add(Result{Group: "rpc", Metric: "bangerd RSS idle after imports", Unit: "MiB", Banger: rss, Target: "<30", Pass: passIf(rss < 30), N: 1,
+				Note: "kernel (.deb) and image imported, no VM"})
+		}
+	}
+	n := b.runs() * 10
+	pings, err := timeN(n, func() error { return b.cl.Ping(ctx) })
+	if err != nil {
+		b.fail("rpc", "system.ping", err)
+	} else {
+		b.add(Result{Group: "rpc", Metric: "system.ping (new connection each)", Unit: "ms", Banger: median(pings), N: n, Samples: pings})
+	}
+
+	// 1000 stopped VM records, written straight into the database.
+	st, err := store.Open(ctx, filepath.Join(b.home, "banger.db"))
+	if err != nil {
+		b.fail("rpc", "vm.list 1000 records", err)
+		return
+	}
+	defer st.Close()
+	imgs, err := b.cl.ListImages(ctx)
+	if err != nil || len(imgs) == 0 {
+		b.fail("rpc", "vm.list 1000 records", fmt.Errorf("no image: %v", err))
+		return
+	}
+	ks, err := b.cl.ListKernels(ctx)
+	if err != nil || len(ks) == 0 {
+		b.fail("rpc", "vm.list 1000 records", fmt.Errorf("no kernel: %v", err))
+		return
+	}
+	var ids []string
+	defer func() {
+		for _, id := range ids {
+			st.DeleteVM(ctx, id)
+		}
+	}()
+	for i := 0; i < 1000; i++ {
+		var r [8]byte
+		rand.Read(r[:])
+		v := &store.VM{ID: hex.EncodeToString(r[:]), Name: fmt.Sprintf("list-%04d", i), ImageID: imgs[0].ID, KernelID: ks[0].ID,
+			VCPUs: 1, MemoryMiB: 256, DiskMiB: 256, State: store.StateStopped, Driver: "qemu"}
+		if err := st.CreateVM(ctx, v); err != nil {
+			b.fail("rpc", "vm.list 1000 records", err)
+			return
+		}
+		ids = append(ids, v.ID)
+	}
+	var got int
+	lists, err := timeN(b.runs(), func() error {
+		vms, err := b.cl.ListVMs(ctx)
+		got = len(vms)
+		return err
+	})
+	if err != nil {
+		b.fail("rpc", "vm.list 1000 records", err)
+		return
+	}
+	direct, _ := timeN(b.runs(), func() error { _, err := st.ListVMs(ctx); return err })
+	p50 := median(lists)
+	b.add(Result{Group: "rpc", Metric: "vm.list, 1000 records", Unit: "ms", Banger: p50, Baseline: median(direct),
+		Base: "the same SQLite query in-process", Target: "<10", Pass: passIf(p50 < 10), N: len(lists), Samples: lists, BaseSmp: direct,
+		Note: fmt.Sprintf("%d VMs listed", got)})
+}
