@@ -118,5 +118,10 @@ func forwardDetail(bridge string, f hostnet.ForwardInfo) string {
 			"`sudo iptables-legacy -I FORWARD 1 -i %[1]s -j ACCEPT && sudo iptables-legacy -I FORWARD 1 -o %[1]s -j ACCEPT` "+
 			"(with Docker, use DOCKER-USER instead of FORWARD)", bridge))
 	}
+	if f.Firewalld {
+		parts = append(parts, fmt.Sprintf("warning: firewalld is active and rejects forwarding for interfaces in no zone that allows it; "+
+			"if guests get no network, run `sudo firewall-cmd --permanent --zone=trusted --add-interface=%[1]s && sudo firewall-cmd --reload` "+
+			"(banger's own tables still decide what guests reach)", bridge))
+	}
 	return strings.Join(parts, "; ")
 }

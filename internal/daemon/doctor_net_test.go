@@ -17,6 +17,8 @@ func TestForwardDetail(t *testing.T) {
 		{hostnet.ForwardInfo{NftDrop: true, BangerAccepts: true}, []string{"are in place"}, []string{"warning"}},
 		{hostnet.ForwardInfo{LegacyFilter: true}, []string{"warning: iptables-legacy",
 			"sudo iptables-legacy -I FORWARD 1 -i banger0 -j ACCEPT && sudo iptables-legacy -I FORWARD 1 -o banger0 -j ACCEPT"}, nil},
+		{hostnet.ForwardInfo{Firewalld: true}, []string{"warning: firewalld",
+			"sudo firewall-cmd --permanent --zone=trusted --add-interface=banger0 && sudo firewall-cmd --reload"}, nil},
 	} {
 		got := forwardDetail("banger0", tc.f)
 		for _, w := range tc.want {

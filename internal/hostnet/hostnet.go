@@ -208,6 +208,9 @@ type ForwardInfo struct {
 	// LegacyFilter: iptables-legacy's filter table is active; nftables
 	// cannot see or change its FORWARD chain.
 	LegacyFilter bool `json:"legacy_iptables_filter"`
+	// Firewalld: firewalld's nftables table exists; its forward chain
+	// rejects traffic of interfaces in no zone that allows forwarding.
+	Firewalld bool `json:"firewalld"`
 }
 
 // BridgeState is the state of banger's bridge.

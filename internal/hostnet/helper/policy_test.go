@@ -578,6 +578,23 @@ func TestDNSPortTakenByHost(t *testing.T) {
 	if got, err := resolveIn(g.NS, netip.AddrPortFrom(gw.Addr(), 53), "vm.example", false); err != nil || got != answer || hits() == 0 {
 		t.Fatalf("guest resolves through the host's own server: %s %v (hits %d)", got, err, hits())
 	}
+	// net.list tells doctor about firewalld (its table appears).
+	if l, err := c.List(ctx); err != nil || l.Forward == nil || l.Forward.Firewalld || l.Forward.NftDrop {
+		t.Fatalf("forward state without other firewalls: %+v %v", l.Forward, err)
+	}
+	if err := env.Do(func() error {
+		nc, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		nc.AddTable(&nftables.Table{Name: "firewalld", Family: nftables.TableFamilyINet})
+		return nc.Flush()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := c.List(ctx); err != nil || l.Forward == nil || !l.Forward.Firewalld {
+		t.Fatalf("forward state with firewalld's table: %+v %v", l.Forward, err)
+	}
 }
 
 // TestDNSForwarderSurvivesHelperRestart: a restarted helper serves the

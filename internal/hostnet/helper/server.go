@@ -855,6 +855,7 @@ func (s *server) list(ctx context.Context, c Caller, _ struct{}) (hostnet.ListRe
 	}
 	if drop, acc, legacy, err := netcfg.ForwardState(s.table, s.bridge); err == nil {
 		res.Forward = &hostnet.ForwardInfo{NftDrop: drop, BangerAccepts: acc, LegacyFilter: legacy}
+		res.Forward.Firewalld, _ = netcfg.FirewalldActive()
 	}
 	res.Taps = []hostnet.TapInfo{}
 	for _, t := range taps {

@@ -619,6 +619,19 @@ func ForwardState(table, bridge string) (nftDrop, accepts, legacy bool, err erro
 	if err != nil || !ok {
 		return false, false, legacy, err
 	}
+	return forwardState(c, table, bridge, legacy)
+}
+
+// FirewalldActive reports whether firewalld's nftables table exists.
+func FirewalldActive() (bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return false, fmt.Errorf("open nftables: %w", err)
+	}
+	return tableExists(c, nftables.TableFamilyINet, "firewalld")
+}
+
+func forwardState(c *nftables.Conn, table, bridge string, legacy bool) (nftDrop, accepts, _ bool, err error) {
 	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
 	if err != nil {
 		return false, false, legacy, fmt.Errorf("list nftables chains: %w", err)
