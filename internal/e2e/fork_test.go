@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -214,5 +215,59 @@ func TestRunBaseSnapshotRealGuest(t *testing.T) {
 	mustBanger(t, h, "image", "rm", "busybox")
 	if l := listSnapshots(t, h); len(l) != 0 {
 		t.Errorf("snapshots left after image rm: %+v", l)
+	}
+}
+
+// A clone on banger's network: its own MAC and address on its interface,
+// reachable at that address (a listener forked with its memory answers
+// with the clone's hostname), and it reaches the outside through NAT, which
+// the per-tap anti-spoofing rules would refuse with the source's MAC or
+// address.
+func TestForkNetworkRealGuest(t *testing.T) {
+	r := newNetRig(t)
+	e, h := r.env, r.home
+	r.waitCreate(t, r.beginCreate(t, "neta"))
+	res := r.guestExecAll(t, []guestCmd{{"neta", "setsid busybox nc -ll -p 8080 -e hostname </dev/null >/dev/null 2>&1 &"}})
+	if res[0].code != 0 {
+		t.Fatalf("start listener: %s", res[0].out)
+	}
+	start := time.Now()
+	out := mustBanger(t, h, "vm", "fork", "neta", "netc")
+	t.Logf("fork took %v: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(out))
+	type vmNet struct{ IP, MAC string }
+	show := func(n string) vmNet {
+		var v vmNet
+		if err := json.Unmarshal([]byte(mustBanger(t, h, "vm", "show", n, "-o", "json")), &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	a, c := show("neta"), show("netc")
+	if a.IP == "" || c.IP == "" || a.IP == c.IP || strings.EqualFold(a.MAC, c.MAC) {
+		t.Fatalf("network identities: source %+v, clone %+v", a, c)
+	}
+	res = r.guestExecAll(t, []guestCmd{{"netc", "cat /sys/class/net/eth0/address; ip -4 addr show eth0"}})
+	if res[0].code != 0 || !strings.Contains(strings.ToLower(res[0].out), strings.ToLower(c.MAC)) ||
+		!strings.Contains(res[0].out, " "+c.IP+"/") || strings.Contains(res[0].out, " "+a.IP+"/") {
+		t.Fatalf("the clone's eth0 (want %s %s, not %s):\n%s", c.MAC, c.IP, a.IP, res[0].out)
+	}
+	for n, ip := range map[string]string{"neta": a.IP, "netc": c.IP} {
+		var got string
+		var err error
+		waitFor(t, 15*time.Second, "host to reach the listener in "+n, func() bool {
+			got, err = dialIn(e, ip+":8080", 3*time.Second)
+			return err == nil && got == n
+		})
+		t.Logf("host → %s (%s:8080): %q", n, ip, got)
+	}
+	internet := fmt.Sprintf("timeout 3 busybox nc %s %d </dev/null", e.InternetAddr, e.InternetPort)
+	res = r.guestExecAll(t, []guestCmd{{"netc", internet}, {"neta", internet}})
+	for i, n := range []string{"netc", "neta"} {
+		if res[i].code != 0 || !strings.HasPrefix(strings.TrimSpace(res[i].out), "hello ") {
+			t.Errorf("%s → outside: exit %d, %q", n, res[i].code, res[i].out)
+		}
+	}
+	for _, n := range []string{"neta", "netc"} {
+		mustBanger(t, h, "vm", "delete", n, "--force")
 	}
 }
