@@ -34,6 +34,10 @@ type VM struct {
 	Paused    bool      `json:"paused,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+
+	// ExpiresAt is when bangerd deletes the VM (created with a TTL); not
+	// stored in the VM record.
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 }
 
 // VMRef names a VM by id, name or unambiguous prefix.
@@ -60,6 +64,10 @@ type CreateParams struct {
 	// is one (image, kernel, cpus, memory, disk, driver and agent); else
 	// boot cold and save the base snapshot right after the agent answers.
 	Base bool `json:"base,omitempty"`
+
+	// TTLSeconds, when set, has bangerd stop and delete the VM that long
+	// after the create began (at most 30 days).
+	TTLSeconds float64 `json:"ttl_seconds,omitempty"`
 }
 
 // Stage is one visible step of a create, with its timings.

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/client"
 )
 
 type createFlags struct {
@@ -18,6 +20,7 @@ type createFlags struct {
 	noWait, noWorkspace                                  bool
 	snapshot                                             string
 	cmd                                                  *cobra.Command
+	ttl                                                  time.Duration
 }
 
 func (f *createFlags) add(cmd *cobra.Command, withName bool) {
@@ -34,6 +37,7 @@ func (f *createFlags) add(cmd *cobra.Command, withName bool) {
 	fl.StringVar(&f.workspace, "workspace", "", "copy the git repository at DIR into the VM (/root/<name>)")
 	fl.BoolVar(&f.noWorkspace, "no-workspace", false, "copy no repository into the VM (the default)")
 	fl.StringVar(&f.snapshot, "snapshot", "", "make the VM from a snapshot (banger snapshot ls): it resumes where the snapshot was taken, with its own identity")
+	fl.DurationVar(&f.ttl, "ttl", 0, "delete the VM this long after it is created, e.g. 30m or 2h (bangerd does it, even if this command is gone)")
 	cmd.MarkFlagsMutuallyExclusive("workspace", "no-workspace")
 	f.cmd = cmd
 }
@@ -69,7 +73,11 @@ func (f *createFlags) params() (api.CreateParams, error) {
 	if err != nil {
 		return api.CreateParams{}, usagef("--disk: %v", err)
 	}
-	return api.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver}, nil
+	if f.ttl < 0 {
+		return api.CreateParams{}, usagef("--ttl must be positive")
+	}
+	return api.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver,
+		TTLSeconds: f.ttl.Seconds()}, nil
 }
 
 // parseSize reads 512M, 2G, 1024 (MiB) into MiB.
@@ -192,23 +200,91 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 		c.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the guest to power off before killing it")
 		vm.AddCommand(c)
 	}
-	var force bool
+	var force, all bool
 	del := &cobra.Command{
-		Use: "delete VM", Aliases: []string{"rm"}, Short: "Delete a VM and its disks", Args: exactArgs(1, "VM"),
+		Use: "delete VM...", Aliases: []string{"rm"}, Short: "Delete VMs and their disks",
+		Example: "  banger vm rm dev\n  banger vm rm -f web db\n  banger vm rm --all --force",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if all == (len(args) > 0) {
+				return usagef("usage: %s VM... (or --all)", cmd.CommandPath())
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var res api.DeleteResult
-			if err := a.call(cmd.Context(), api.MethodVMDelete, api.DeleteParams{VM: args[0], Force: force}, &res); err != nil {
+			ctx := cmd.Context()
+			c, err := a.client(ctx)
+			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.printJSON(res)
+			refs := args
+			if all {
+				vms, err := c.ListVMs(ctx)
+				if err != nil {
+					return err
+				}
+				refs = nil
+				for _, v := range vms {
+					refs = append(refs, v.ID)
+				}
 			}
-			fmt.Fprintf(a.Stdout, "deleted %s\n", res.Deleted)
-			return nil
+			res, err := a.deleteVMs(ctx, c, refs, force)
+			if a.output == "json" {
+				if len(args) == 1 && len(res) == 1 {
+					if perr := a.printJSON(res[0]); perr != nil {
+						return perr
+					}
+				} else if perr := a.printJSON(res); perr != nil {
+					return perr
+				}
+			}
+			return err
 		},
 	}
 	del.Flags().BoolVarP(&force, "force", "f", false, "delete even if running (kills it)")
+	del.Flags().BoolVar(&all, "all", false, "delete every VM (running ones need --force)")
 	vm.AddCommand(del)
+
+	var pruneFilters []string
+	prune := &cobra.Command{
+		Use:   "prune",
+		Short: "Delete every stopped (or failed) VM, or those matching --filter",
+		Example: "  banger vm prune\n" +
+			"  banger vm prune --filter name=ci-\n" +
+			"  banger vm prune --filter image=debian -o json",
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, err := parseVMFilter(pruneFilters)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			c, err := a.client(ctx)
+			if err != nil {
+				return err
+			}
+			vms, err := c.ListVMs(ctx)
+			if err != nil {
+				return err
+			}
+			var refs []string
+			for _, v := range f.apply(vms) {
+				if v.State == api.StateStopped || v.State == api.StateError {
+					refs = append(refs, v.ID)
+				}
+			}
+			res, err := a.deleteVMs(ctx, c, refs, false)
+			if a.output == "json" {
+				if perr := a.printJSON(res); perr != nil {
+					return perr
+				}
+			} else if len(refs) == 0 {
+				fmt.Fprintln(a.Stdout, "nothing to prune")
+			}
+			return err
+		},
+	}
+	prune.Flags().StringArrayVar(&pruneFilters, "filter", nil, "only VMs matching KEY=VALUE: state=, name=SUBSTRING, image=NAME, id=PREFIX (repeatable)")
+	vm.AddCommand(prune)
 
 	var setCPUs int
 	var setMem, setDisk string
@@ -257,4 +333,32 @@ func (a *App) printVMState(v *api.VM) error {
 	}
 	fmt.Fprintln(a.Stdout, line)
 	return nil
+}
+
+// deleteVMs deletes refs one by one, printing each (unless -o json), and
+// returns what was deleted and the failures joined.
+func (a *App) deleteVMs(ctx context.Context, c *client.Client, refs []string, force bool) ([]api.DeleteResult, error) {
+	out := []api.DeleteResult{}
+	var errs []error
+	for _, ref := range refs {
+		r, err := c.DeleteVM(ctx, ref, force)
+		if err != nil {
+			errs = append(errs, err)
+			if a.output != "json" && len(refs) > 1 {
+				a.printError(err)
+			}
+			continue
+		}
+		out = append(out, r)
+		if a.output != "json" {
+			fmt.Fprintf(a.Stdout, "deleted %s\n", r.Deleted)
+		}
+	}
+	switch {
+	case len(errs) == 1 && len(refs) == 1:
+		return out, errs[0]
+	case len(errs) > 0:
+		return out, fmt.Errorf("%d of %d VMs not deleted (see above): %w", len(errs), len(refs), errors.Join(errs...))
+	}
+	return out, nil
 }

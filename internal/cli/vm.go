@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strconv"
 
+	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
 
 	"github.com/bangerdev/banger/api"
@@ -84,6 +85,9 @@ func (a *App) showVM(v *api.VM) error {
 		{"cpus", strconv.Itoa(v.VCPUs)}, {"memory", mib(v.MemoryMiB)}, {"disk", mib(v.DiskMiB)},
 		{"ip", orDash(v.IP)}, {"mac", orDash(v.MAC)}, {"driver", orDash(v.Driver)},
 		{"created", v.CreatedAt.Local().Format("2006-01-02 15:04:05")}, {"updated", v.UpdatedAt.Local().Format("2006-01-02 15:04:05")},
+	}
+	if v.ExpiresAt != nil {
+		rows = append(rows, []string{"expires", v.ExpiresAt.Local().Format("2006-01-02 15:04:05") + " (" + humanize.Time(*v.ExpiresAt) + ")"})
 	}
 	if v.LastError != "" {
 		rows = append(rows, []string{"last error", v.LastError})

@@ -25,6 +25,7 @@ func (d *Daemon) registerAPI() {
 		vms, err := d.store.ListVMs(ctx)
 		for _, vm := range vms {
 			d.vms.markPaused(vm)
+			d.vms.markExpiry(vm)
 		}
 		return vms, storeErr(err)
 	})
@@ -32,6 +33,7 @@ func (d *Daemon) registerAPI() {
 		vm, err := d.store.FindVM(ctx, p.VM)
 		if vm != nil {
 			d.vms.markPaused(vm)
+			d.vms.markExpiry(vm)
 		}
 		return vm, storeErr(err)
 	})

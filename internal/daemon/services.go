@@ -50,6 +50,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	d.vms.reconcile(ctx)
 	d.vms.startStatsPoller(ctx)
 	d.addCloser("stats poller", d.vms.poller().stop)
+	d.addCloser("ttl reaper", d.vms.startReaper(ctx))
 	return nil
 }
 

@@ -165,7 +165,7 @@ func readLog(p string, off, max int64, running bool) (api.LogsResult, error) {
 	return api.LogsResult{Data: string(buf[:n]), NextOffset: off + int64(n), Running: running}, nil
 }
 
-func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
+func (s *vmService) createBeginNow(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
 	if p.Name == "" {
 		p.Name = randomName()
 	}

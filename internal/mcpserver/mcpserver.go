@@ -110,13 +110,14 @@ func invalid(format string, args ...any) error {
 // ---- create_vm, list_vms, delete_vm ----
 
 type CreateVMInput struct {
-	Name      string `json:"name,omitempty" jsonschema:"VM name (letters, digits, -); default: a random one"`
-	Image     string `json:"image,omitempty" jsonschema:"image name; default: the configured one, else the newest"`
-	Kernel    string `json:"kernel,omitempty" jsonschema:"kernel name; default: the configured one, else the newest"`
-	CPUs      int    `json:"cpus,omitempty" jsonschema:"virtual CPUs (default 1)"`
-	MemoryMiB int    `json:"memory_mib,omitempty" jsonschema:"memory in MiB (default 512)"`
-	DiskMiB   int    `json:"disk_mib,omitempty" jsonschema:"writable disk in MiB (default 4096)"`
-	Workspace string `json:"workspace,omitempty" jsonschema:"absolute path of a host git repository to copy into the VM at /root/<repository name>"`
+	Name       string  `json:"name,omitempty" jsonschema:"VM name (letters, digits, -); default: a random one"`
+	Image      string  `json:"image,omitempty" jsonschema:"image name; default: the configured one, else the newest"`
+	Kernel     string  `json:"kernel,omitempty" jsonschema:"kernel name; default: the configured one, else the newest"`
+	CPUs       int     `json:"cpus,omitempty" jsonschema:"virtual CPUs (default 1)"`
+	MemoryMiB  int     `json:"memory_mib,omitempty" jsonschema:"memory in MiB (default 512)"`
+	DiskMiB    int     `json:"disk_mib,omitempty" jsonschema:"writable disk in MiB (default 4096)"`
+	Workspace  string  `json:"workspace,omitempty" jsonschema:"absolute path of a host git repository to copy into the VM at /root/<repository name>"`
+	TTLSeconds float64 `json:"ttl_seconds,omitempty" jsonschema:"delete the VM this many seconds after creating it, even if delete_vm is never called (recommended)"`
 }
 
 type VMInfo struct {
@@ -130,11 +131,16 @@ type VMInfo struct {
 	IP        string `json:"ip,omitempty"`
 	Workspace string `json:"workspace,omitempty"`
 	LastError string `json:"last_error,omitempty"`
+	ExpiresAt string `json:"expires_at,omitempty" jsonschema:"when bangerd deletes the VM (RFC 3339)"`
 }
 
 func vmInfo(v *api.VM) VMInfo {
-	return VMInfo{Name: v.Name, ID: v.ID, State: v.State, Image: v.Image, CPUs: v.VCPUs, MemoryMiB: v.MemoryMiB,
+	i := VMInfo{Name: v.Name, ID: v.ID, State: v.State, Image: v.Image, CPUs: v.VCPUs, MemoryMiB: v.MemoryMiB,
 		DiskMiB: v.DiskMiB, IP: v.IP, Workspace: v.Workspace, LastError: v.LastError}
+	if v.ExpiresAt != nil {
+		i.ExpiresAt = v.ExpiresAt.UTC().Format(time.RFC3339)
+	}
+	return i
 }
 
 type CreateVMOutput struct {
@@ -144,7 +150,8 @@ type CreateVMOutput struct {
 }
 
 func (t *tools) createVM(ctx context.Context, in CreateVMInput) (CreateVMOutput, error) {
-	p := api.CreateParams{Name: in.Name, Image: in.Image, Kernel: in.Kernel, VCPUs: in.CPUs, MemoryMiB: in.MemoryMiB, DiskMiB: in.DiskMiB}
+	p := api.CreateParams{Name: in.Name, Image: in.Image, Kernel: in.Kernel, VCPUs: in.CPUs, MemoryMiB: in.MemoryMiB, DiskMiB: in.DiskMiB,
+		TTLSeconds: in.TTLSeconds}
 	if in.Workspace != "" {
 		root, err := client.WorkspaceRoot(ctx, in.Workspace)
 		if err != nil {

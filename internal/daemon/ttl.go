@@ -1,0 +1,166 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// A VM created with a TTL carries its expiry in a small file in its
+// directory, which goes when the VM does; a reaper deletes expired VMs (for
+// agents that forget theirs).
+
+const (
+	expiryFile     = "expires_at"
+	maxTTL         = 30 * 24 * time.Hour
+	minTTL         = time.Second
+	reaperInterval = time.Second
+)
+
+// ttlOf validates a create's ttl_seconds (0: none).
+func ttlOf(sec float64) (time.Duration, error) {
+	if sec == 0 {
+		return 0, nil
+	}
+	d := time.Duration(sec * float64(time.Second))
+	if sec < 0 || d < minTTL || d > maxTTL {
+		return 0, rpc.Errorf(rpc.CodeInvalidArgument, "ttl must be between %s and %s", minTTL, maxTTL)
+	}
+	return d, nil
+}
+
+// createBegin is vm.create.begin: the create (from an image or a snapshot),
+// with the VM's expiry recorded when it has a TTL.
+func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
+	ttl, err := ttlOf(p.TTLSeconds)
+	if err != nil {
+		return api.CreateStatus{}, err
+	}
+	st, err := s.createBeginNow(ctx, p)
+	if err != nil || ttl == 0 {
+		return st, err
+	}
+	if err := s.setExpiry(&store.VM{ID: st.VMID}, ttl); err != nil {
+		return st, fmt.Errorf("%s is being created, but its ttl could not be recorded (delete it yourself): %w", st.Name, err)
+	}
+	return st, nil
+}
+
+// setExpiry records that vm expires ttl from now.
+func (s *vmService) setExpiry(vm *store.VM, ttl time.Duration) error {
+	if ttl <= 0 {
+		return nil
+	}
+	at := time.Now().Add(ttl).UTC()
+	dir := s.vmDir(vm.ID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := writeFileAtomic(filepath.Join(dir, expiryFile), []byte(at.Format(time.RFC3339Nano)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("record the VM's expiry: %w", err)
+	}
+	vm.ExpiresAt = &at
+	return nil
+}
+
+// expiry reads a VM's expiry; ok is false when it has none.
+func (s *vmService) expiry(id string) (time.Time, bool) {
+	f, err := os.Open(filepath.Join(s.vmDir(id), expiryFile))
+	if err != nil {
+		return time.Time{}, false
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 128))
+	if err != nil {
+		return time.Time{}, false
+	}
+	t, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(string(b)))
+	if err != nil {
+		return time.Time{}, false
+	}
+	return t, true
+}
+
+// markExpiry fills vm.ExpiresAt for a caller.
+func (s *vmService) markExpiry(vm *store.VM) {
+	if t, ok := s.expiry(vm.ID); ok {
+		vm.ExpiresAt = &t
+	}
+}
+
+// startReaper deletes expired VMs every second until the returned stop is
+// called (bangerd registers it as a closer).
+func (s *vmService) startReaper(ctx context.Context) func() error {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(reaperInterval)
+		defer t.Stop()
+		for {
+			s.reapExpired(ctx, time.Now())
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() error {
+		cancel()
+		wg.Wait()
+		return nil
+	}
+}
+
+// reapExpired stops and deletes every VM whose expiry is past; one still
+// being created or started is left for the next round.
+func (s *vmService) reapExpired(ctx context.Context, now time.Time) {
+	vms, err := s.store.ListVMs(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.WarnContext(ctx, "ttl: list VMs", "error", err.Error())
+		}
+		return
+	}
+	for _, vm := range vms {
+		at, ok := s.expiry(vm.ID)
+		if !ok || now.Before(at) || vm.State == store.StateCreating || vm.State == store.StateStarting {
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.reap(logging.WithOpID(ctx, logging.NewOpID()), vm.ID, at)
+	}
+}
+
+func (s *vmService) reap(ctx context.Context, id string, at time.Time) {
+	vm, unlock, err := s.lockVM(ctx, id)
+	if err != nil {
+		if !errors.Is(err, store.ErrNotFound) && rpc.CodeOf(err) != rpc.CodeNotFound {
+			s.log.WarnContext(ctx, "ttl: find VM", "vm_id", id, "error", err.Error())
+		}
+		return
+	}
+	defer unlock()
+	if vm.State == store.StateCreating || vm.State == store.StateStarting {
+		return
+	}
+	s.log.InfoContext(ctx, "ttl expired: deleting VM", "vm", vm.Name, "expired_at", at.Format(time.RFC3339))
+	if err := s.delete(ctx, vm, true); err != nil {
+		s.log.WarnContext(ctx, "ttl: delete VM", "vm", vm.Name, "error", err.Error())
+	}
+}
