@@ -73,4 +73,7 @@ type SSHConfigResult struct {
 	User         string    `json:"user"`
 	IdentityFile string    `json:"identity_file"`
 	KnownHosts   string    `json:"known_hosts"`
+	// ConfigFile is the OpenSSH config bangerd keeps current, with a Host
+	// banger-<name> entry per VM (`banger ssh-config --install` includes it).
+	ConfigFile string `json:"config_file,omitempty"`
 }

@@ -82,10 +82,10 @@ func TestRenderSSHConfig(t *testing.T) {
 		Hosts: []api.SSHHost{{Name: "alpha"}, {Name: "beta"}}, User: "root",
 		IdentityFile: "/home/u/my keys/id_ed25519", KnownHosts: "/data/100%/known_hosts",
 	}
-	out := renderSSHConfig(res, "/opt/my bin/banger", "/h")
+	out := renderSSHConfig(res, "/opt/my bin/banger", "/h", "banger-")
 	for _, want := range []string{
-		"Host alpha\n  HostName alpha\n  User root\n",
-		"Host beta\n",
+		"Host banger-alpha\n  HostName alpha\n  User root\n",
+		"Host banger-beta\n",
 		`  IdentityFile "/home/u/my keys/id_ed25519"`,
 		"  IdentitiesOnly yes\n",
 		"  StrictHostKeyChecking yes\n",
@@ -96,7 +96,7 @@ func TestRenderSSHConfig(t *testing.T) {
 			t.Errorf("ssh config lacks %q:\n%s", want, out)
 		}
 	}
-	if out := renderSSHConfig(res, "/usr/bin/banger", ""); strings.Contains(out, "BANGER_HOME") || !strings.Contains(out, "ProxyCommand /usr/bin/banger ssh-proxy %h") {
+	if out := renderSSHConfig(res, "/usr/bin/banger", "", ""); strings.Contains(out, "BANGER_HOME") || !strings.Contains(out, "ProxyCommand /usr/bin/banger ssh-proxy %h") {
 		t.Errorf("without BANGER_HOME:\n%s", out)
 	}
 }

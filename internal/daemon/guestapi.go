@@ -121,7 +121,7 @@ func (s *vmService) sshConfig(ctx context.Context, p api.SSHConfigParams) (api.S
 	if _, err := guest.LoadOrCreateUserKey(keyPath); err != nil {
 		return api.SSHConfigResult{}, fmt.Errorf("user key: %w", err)
 	}
-	res := api.SSHConfigResult{User: "root", IdentityFile: keyPath, KnownHosts: s.knownHostsPath(), Hosts: []api.SSHHost{}}
+	res := api.SSHConfigResult{User: "root", IdentityFile: keyPath, KnownHosts: s.knownHostsPath(), ConfigFile: s.sshConfigPath(), Hosts: []api.SSHHost{}}
 	vms, err := s.store.ListVMs(ctx)
 	if err != nil {
 		return res, storeErr(err)
@@ -483,6 +483,13 @@ func (sp *statsPoller) writeKnownHosts(vms []*store.VM) error {
 		}
 	}
 	content := knownHostsContent(entries)
+	names := make([]string, 0, len(entries))
+	for n := range entries {
+		names = append(names, n)
+	}
+	if err := sp.s.writeSSHConfig(names); err != nil && sp.log != nil {
+		sp.log.Warn("update ssh config", "error", err.Error())
+	}
 	p := sp.s.knownHostsPath()
 	if bytes.Equal(content, sp.khWritten) {
 		if _, err := os.Stat(p); err == nil {

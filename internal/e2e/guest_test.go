@@ -185,6 +185,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 
 	// OpenSSH through banger ssh-config
 	cfg := filepath.Join(work, "ssh_config")
+	sshHost := "banger-" + vmName // ssh-config's host names never clash with real hosts
 	sshOK := false
 	t.Run("ssh-config", func(t *testing.T) {
 		sshBin, err := exec.LookPath("ssh")
@@ -193,7 +194,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		}
 		all := mustBanger(t, h, "ssh-config")
 		one := mustBanger(t, h, "ssh-config", vmName)
-		if !strings.Contains(all, "Host "+vmName+"\n") || !strings.Contains(one, "Host "+vmName+"\n") {
+		if !strings.Contains(all, "Host "+sshHost+"\n") || !strings.Contains(one, "Host "+sshHost+"\n") {
 			t.Fatalf("ssh-config lacks the VM:\n%s", all)
 		}
 		for _, want := range []string{"StrictHostKeyChecking yes", "IdentitiesOnly yes", "ssh-proxy %h", "BANGER_HOME=" + h} {
@@ -207,10 +208,25 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		ssh := func(cfgPath string, args ...string) (string, string, int) {
 			return runBin(t, time.Minute, nil, strings.NewReader(""), sshBin, append([]string{"-F", cfgPath, "-o", "BatchMode=yes"}, args...)...)
 		}
-		if out, errOut, code := ssh(cfg, vmName, "echo", "hello"); code != 0 || out != "hello\n" {
+		if out, errOut, code := ssh(cfg, sshHost, "echo", "hello"); code != 0 || out != "hello\n" {
 			t.Fatalf("ssh -F config VM: code %d out %q err %q", code, out, errOut)
 		}
 		sshOK = true
+		// --install: ~/.ssh/config includes the config bangerd keeps current, once
+		fakeHome := filepath.Join(work, "home")
+		homeEnv := []string{"BANGER_HOME=" + h, "HOME=" + fakeHome}
+		for i := 0; i < 2; i++ {
+			if _, errOut, code := runBin(t, time.Minute, homeEnv, nil, bangerBin, "ssh-config", "--install"); code != 0 {
+				t.Fatalf("ssh-config --install: %d %s", code, errOut)
+			}
+		}
+		userCfg := filepath.Join(fakeHome, ".ssh", "config")
+		if b, err := os.ReadFile(userCfg); err != nil || strings.Count(string(b), "Include ") != 1 {
+			t.Fatalf("~/.ssh/config after two installs: %v\n%s", err, b)
+		}
+		if out, errOut, code := ssh(userCfg, sshHost, "echo", "included"); code != 0 || out != "included\n" {
+			t.Fatalf("ssh through the installed Include: code %d out %q err %q", code, out, errOut)
+		}
 		// a tampered host key makes OpenSSH refuse
 		m := regexp.MustCompile(`UserKnownHostsFile (\S+)`).FindStringSubmatch(one)
 		if m == nil {
@@ -232,7 +248,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		os.WriteFile(badKH, []byte(strings.Join(tampered, "\n")), 0o600)
 		badCfg := filepath.Join(work, "ssh_config.bad")
 		os.WriteFile(badCfg, []byte(strings.ReplaceAll(one, m[1], badKH)), 0o600)
-		_, errOut, code := ssh(badCfg, vmName, "true")
+		_, errOut, code := ssh(badCfg, sshHost, "true")
 		if code == 0 || !strings.Contains(errOut, "HOST IDENTIFICATION HAS CHANGED") && !strings.Contains(errOut, "Host key verification failed") {
 			t.Fatalf("ssh with a tampered known_hosts: code %d err %q", code, errOut)
 		}
@@ -326,7 +342,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 			lport := l.Addr().(*net.TCPAddr).Port
 			l.Close()
 			sshL := exec.CommandContext(ctx, "ssh", "-F", cfg, "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-N",
-				"-L", fmt.Sprintf("127.0.0.1:%d:127.0.0.1:9000", lport), vmName)
+				"-L", fmt.Sprintf("127.0.0.1:%d:127.0.0.1:9000", lport), sshHost)
 			var sshErr lockedBuf
 			sshL.Stderr = &sshErr
 			if err := sshL.Start(); err != nil {
@@ -437,7 +453,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 			return
 		}
 		t0 = time.Now()
-		if _, errOut, code := runBin(t, 3*time.Minute, nil, nil, scpBin, "-F", cfg, "-o", "BatchMode=yes", "-q", "-p", src, vmName+":/root/scp.bin"); code != 0 {
+		if _, errOut, code := runBin(t, 3*time.Minute, nil, nil, scpBin, "-F", cfg, "-o", "BatchMode=yes", "-q", "-p", src, sshHost+":/root/scp.bin"); code != 0 {
 			t.Fatalf("scp to the guest: %d %s", code, errOut)
 		}
 		scpUp := time.Since(t0)
@@ -446,7 +462,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		}
 		scpBack := filepath.Join(work, "scp-back.bin")
 		t0 = time.Now()
-		if _, errOut, code := runBin(t, 3*time.Minute, nil, nil, scpBin, "-F", cfg, "-o", "BatchMode=yes", "-q", "-p", vmName+":/root/scp.bin", scpBack); code != 0 {
+		if _, errOut, code := runBin(t, 3*time.Minute, nil, nil, scpBin, "-F", cfg, "-o", "BatchMode=yes", "-q", "-p", sshHost+":/root/scp.bin", scpBack); code != 0 {
 			t.Fatalf("scp from the guest: %d %s", code, errOut)
 		}
 		scpDown := time.Since(t0)
