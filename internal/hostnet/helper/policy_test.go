@@ -198,9 +198,8 @@ func setGuestAddr(t *testing.T, g *nettest.Guest, addr netip.Prefix, mac net.Har
 // except a range the helper's --allow-cidr opens; no IPv6 leaves it; a
 // guest that takes another's MAC and IP gets nothing through; only the
 // owner (and root) may connect to a guest; guests resolve names through the
-// helper's forwarder when the host's resolver is 127.0.0.53; forwarding
-// banger turned on does not route other interfaces, and remove_nat puts
-// everything back.
+// helper's forwarder when the host's resolver is 127.0.0.53; remove_nat
+// takes banger's rules out again.
 func TestGuestNetworkPolicy(t *testing.T) {
 	env := nettest.New(t)
 	const owner = 1000
@@ -356,24 +355,9 @@ func TestGuestNetworkPolicy(t *testing.T) {
 		t.Errorf("real g2 → internet after the spoofing attempts: %q %v", line, err)
 	}
 
-	// Forwarding that banger turned on routes nothing else: the outside
-	// cannot use the host as a router towards a LAN behind it.
-	lan := addLAN(t, env, "lan0", "10.99.0.1/24", "10.99.0.2/24")
-	lanSvc := nettest.Listen(t, lan, netip.MustParseAddrPort("10.99.0.2:0"))
-	if err := nettest.DoIn(env.Outside, func() error {
-		_, dst, _ := net.ParseCIDR("10.99.0.0/24")
-		return netlink.RouteAdd(&netlink.Route{Dst: dst, Gw: env.HostAddr.Addr().AsSlice()})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if line, err := nettest.Dial(ctx, env.Host, lanSvc, 3*time.Second); err != nil || line != "hello" {
-		t.Fatalf("control: host → LAN service: %q %v", line, err)
-	}
-	if line, err := nettest.Dial(ctx, env.Outside, lanSvc, time.Second); err == nil {
-		t.Errorf("outside → LAN through the host: connected (%q), want dropped (banger turned forwarding on)", line)
-	}
-
-	// remove_nat: tables, Docker rules and forwarding back as they were.
+	// remove_nat: banger's tables and Docker rules gone; forwarding stays on
+	// because Docker's firewall now manages it (TestForwardingGuard covers
+	// the host without one).
 	if _, err := c.RemoveNAT(ctx, "banger0"); err != nil {
 		t.Fatal(err)
 	}
@@ -383,8 +367,8 @@ func TestGuestNetworkPolicy(t *testing.T) {
 	if l, err := c.List(ctx); err != nil || l.Forward == nil || !l.Forward.NftDrop || l.Forward.BangerAccepts {
 		t.Errorf("net.list forward state after remove_nat: %+v %v", l.Forward, err)
 	}
-	if v, _ := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); v != "0" {
-		t.Errorf("ip_forward %q after remove_nat, want 0 (banger turned it on)", v)
+	if v, _ := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); v != "1" {
+		t.Errorf("ip_forward %q after remove_nat with Docker's FORWARD drop present, want 1 (left for Docker)", v)
 	}
 	var d string
 	env.Do(func() (err error) { d, err = netcfg.DumpRuleset(); return err })
@@ -633,5 +617,116 @@ func TestDNSForwarderSurvivesHelperRestart(t *testing.T) {
 	startHelper(t, env, "--resolv-conf", resolv)
 	if got, err := resolveIn(g.NS, dns, "vm.example", false); err != nil || got != answer {
 		t.Fatalf("after the restart: %s %v", got, err)
+	}
+}
+
+// TestForwardingGuard: when banger turns IPv4 forwarding on, the host does
+// not become a router for its other interfaces; when a firewall such as
+// Docker's (FORWARD policy drop) appears later, banger leaves forwarding to
+// it, so Docker's own networks keep working; remove_nat turns forwarding
+// off again only when no such firewall needs it.
+func TestForwardingGuard(t *testing.T) {
+	env := nettest.New(t)
+	h := startHelper(t, env)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := &hostnet.Client{Socket: h.sock}
+	gw := mustPrefix("172.30.0.1/24")
+	if _, err := c.EnsureBridge(ctx, "banger0", gw); err != nil {
+		t.Fatal(err)
+	}
+	// A LAN behind the host (lan0), and the outside routing to it via the host.
+	lan := addLAN(t, env, "lan0", "10.99.0.1/24", "10.99.0.2/24")
+	lanSvc := nettest.Listen(t, lan, netip.MustParseAddrPort("10.99.0.2:0"))
+	if err := nettest.DoIn(env.Outside, func() error {
+		_, dst, _ := net.ParseCIDR("10.99.0.0/24")
+		return netlink.RouteAdd(&netlink.Route{Dst: dst, Gw: env.HostAddr.Addr().AsSlice()})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	setForward := func(v string) {
+		t.Helper()
+		if err := env.Do(func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte(v), 0o644) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	routed := func() bool {
+		_, err := nettest.Dial(ctx, env.Outside, lanSvc, time.Second)
+		return err == nil
+	}
+	forward := func() string { v, _ := readProcSys(env, "/proc/sys/net/ipv4/ip_forward"); return v }
+	// Control: with forwarding on and no rules, the host routes outside → LAN.
+	setForward("1")
+	if !routed() {
+		t.Fatal("control: outside → LAN not routed with forwarding on and no rules")
+	}
+	setForward("0")
+
+	nat := hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String()}
+	if _, err := c.EnsureNAT(ctx, nat); err != nil {
+		t.Fatal(err)
+	}
+	if forward() != "1" {
+		t.Fatalf("ip_forward %q after ensure_nat", forward())
+	}
+	if routed() {
+		t.Error("outside → LAN routed through the host after banger turned forwarding on")
+	}
+
+	// Docker starts: FORWARD policy drop, accepting its own network (lan0
+	// stands in for docker0). banger steps back at its next ensure_nat.
+	dockerDrop(t, env, true)
+	if err := env.Do(func() error {
+		nc, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		tb := &nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4}
+		ch := &nftables.Chain{Name: "FORWARD", Table: tb}
+		for _, k := range []expr.MetaKey{expr.MetaKeyIIFNAME, expr.MetaKeyOIFNAME} {
+			nc.AddRule(&nftables.Rule{Table: tb, Chain: ch, Exprs: []expr.Any{
+				&expr.Meta{Key: k, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("lan0\x00")},
+				&expr.Verdict{Kind: expr.VerdictAccept}}})
+		}
+		return nc.Flush()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.EnsureNAT(ctx, nat); err != nil {
+		t.Fatal(err)
+	}
+	if !routed() {
+		t.Error("Docker's own network (accepted in its FORWARD) not routed after banger's ensure_nat")
+	}
+	if _, err := c.RemoveNAT(ctx, "banger0"); err != nil {
+		t.Fatal(err)
+	}
+	if forward() != "1" {
+		t.Errorf("ip_forward %q after remove_nat while Docker manages forwarding, want 1", forward())
+	}
+
+	// Docker gone: banger's guard is back, and remove_nat turns forwarding off.
+	if err := env.Do(func() error {
+		nc, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		nc.DelTable(&nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4})
+		return nc.Flush()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	setForward("0")
+	if _, err := c.EnsureNAT(ctx, nat); err != nil {
+		t.Fatal(err)
+	}
+	if routed() {
+		t.Error("outside → LAN routed through the host after banger turned forwarding on again")
+	}
+	if _, err := c.RemoveNAT(ctx, "banger0"); err != nil {
+		t.Fatal(err)
+	}
+	if forward() != "0" {
+		t.Errorf("ip_forward %q after remove_nat, want 0 (banger had turned it on)", forward())
 	}
 }

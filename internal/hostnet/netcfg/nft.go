@@ -249,7 +249,9 @@ func outputRules(bridge string, guests []Guest) [][]expr.Any {
 	return append(rules, rule(oif(bridge), ctNew(), drop))
 }
 
-func (n NAT) inetChains(guests []Guest, guard bool) []chainSpec {
+// inetChains builds table inet banger; marker records that banger turned
+// forwarding on, dropOthers ends the forward chain with a drop.
+func (n NAT) inetChains(guests []Guest, marker, dropOthers bool) []chainSpec {
 	b, o, s, g := n.Bridge, n.OutIface, n.Gateway.Masked(), n.Gateway.Addr()
 	input := [][]expr.Any{rule(iif(b), ctEstablished(), accept)}
 	if n.AllowDNS {
@@ -282,8 +284,10 @@ func (n NAT) inetChains(guests []Guest, guard bool) []chainSpec {
 		{name: "input", typ: nftables.ChainTypeFilter, hook: nftables.ChainHookInput, prio: nftables.ChainPriorityFilter, rules: input},
 		{name: "output", typ: nftables.ChainTypeFilter, hook: nftables.ChainHookOutput, prio: nftables.ChainPriorityFilter, rules: outputRules(b, guests)},
 	}
-	if guard {
+	if dropOthers {
 		forward = append(forward, drop)
+	}
+	if marker {
 		chains = append(chains, chainSpec{name: guardChain})
 	}
 	chains[1].rules = forward
@@ -371,7 +375,10 @@ func sortGuests(gs []Guest) []Guest {
 // drops every forwarded packet that does not involve the bridge, so that
 // the host does not become a router for its other interfaces. A marker
 // chain remembers this across later calls; RemoveNAT turns forwarding
-// back off.
+// back off. While another firewall guards forwarding (an iptables-nft
+// FORWARD chain with policy drop: Docker, ufw), banger leaves that job to
+// it: a router started after banger (Docker) keeps working, and RemoveNAT
+// leaves forwarding on for it.
 func EnsureNAT(n NAT, guests []Guest) (l2 bool, err error) {
 	if n.Table == "" || n.Bridge == "" || n.TapPrefix == "" || n.OutIface == "" || !n.Gateway.IsValid() {
 		return false, fmt.Errorf("incomplete NAT description %+v", n)
@@ -385,13 +392,17 @@ func EnsureNAT(n NAT, guests []Guest) (l2 bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	guard := !fwdOn
-	if !guard {
-		if guard, err = chainExists(c, nftables.TableFamilyINet, n.Table, guardChain); err != nil {
+	marker := !fwdOn
+	if !marker {
+		if marker, err = chainExists(c, nftables.TableFamilyINet, n.Table, guardChain); err != nil {
 			return false, err
 		}
 	}
-	if err := replaceTable(c, nftables.TableFamilyINet, n.Table, n.inetChains(guests, guard)); err != nil {
+	other, _, _, err := forwardDropElsewhere(c)
+	if err != nil {
+		return false, err
+	}
+	if err := replaceTable(c, nftables.TableFamilyINet, n.Table, n.inetChains(guests, marker, marker && !other)); err != nil {
 		return false, fmt.Errorf("install nftables table inet %s: %w", n.Table, err)
 	}
 	l2 = true
@@ -458,7 +469,8 @@ func chainExists(c *nftables.Conn, fam nftables.TableFamily, table, chain string
 
 // RemoveNAT deletes banger's tables and its rules in Docker-style FORWARD
 // chains; removed is false when there was nothing. When banger had turned
-// IPv4 forwarding on, it is turned off again.
+// IPv4 forwarding on, it is turned off again, unless another firewall
+// (Docker, ufw) now manages forwarding.
 func RemoveNAT(table, bridge string) (removed bool, err error) {
 	c, err := nftables.New()
 	if err != nil {
@@ -490,7 +502,11 @@ func RemoveNAT(table, bridge string) (removed bool, err error) {
 	} else if n > 0 {
 		removed = true
 	}
-	if guard {
+	other, _, _, err := forwardDropElsewhere(c)
+	if err != nil {
+		return removed, err
+	}
+	if guard && !other {
 		if err := os.WriteFile(ipForward, []byte("0\n"), 0o644); err != nil {
 			return removed, fmt.Errorf("turn IPv4 forwarding back off: %w", err)
 		}
@@ -620,6 +636,16 @@ func ForwardState(table, bridge string) (nftDrop, accepts, legacy bool, err erro
 		return false, false, legacy, err
 	}
 	return forwardState(c, table, bridge, legacy)
+}
+
+// forwardDropElsewhere reports whether an iptables-nft "ip filter" FORWARD
+// chain drops by policy.
+func forwardDropElsewhere(c *nftables.Conn) (bool, bool, bool, error) {
+	ok, err := tableExists(c, nftables.TableFamilyIPv4, "filter")
+	if err != nil || !ok {
+		return false, false, false, err
+	}
+	return forwardState(c, "", "", false)
 }
 
 // FirewalldActive reports whether firewalld's nftables table exists.
