@@ -23,12 +23,20 @@ import (
 
 func (d *Daemon) registerArtifactAPI() {
 	m := d.mux
-	rpc.Handle(m, api.MethodKernelImport, d.importKernel)
+	nameOf := func(p api.NameRef) string { return p.Name }
+	rpc.Handle(m, api.MethodKernelImport, logOp(d.log, api.MethodKernelImport, "kernel", func(p api.KernelImportParams) string { return p.Name },
+		func(ctx context.Context, p api.KernelImportParams) (*store.Kernel, error) {
+			k, err := d.importKernel(ctx, p)
+			if err == nil && k != nil {
+				d.events.publish(ctx, api.Event{Type: api.EventKernelAdded, Name: k.Name})
+			}
+			return k, err
+		}))
 	rpc.Handle(m, api.MethodKernelList, func(ctx context.Context, _ struct{}) ([]*store.Kernel, error) {
 		ks, err := d.store.ListKernels(ctx)
 		return ks, storeErr(err)
 	})
-	rpc.Handle(m, api.MethodKernelDelete, func(ctx context.Context, p api.NameRef) (*api.DeleteResult, error) {
+	rpc.Handle(m, api.MethodKernelDelete, logOp(d.log, api.MethodKernelDelete, "kernel", nameOf, func(ctx context.Context, p api.NameRef) (*api.DeleteResult, error) {
 		k, err := d.store.FindKernel(ctx, p.Name)
 		if err != nil {
 			return nil, storeErr(err)
@@ -45,11 +53,12 @@ func (d *Daemon) registerArtifactAPI() {
 		}
 		os.RemoveAll(filepath.Join(d.cfg.Layout.KernelsDir(), k.ID))
 		return &api.DeleteResult{Deleted: k.Name}, nil
-	})
-	rpc.Handle(m, api.MethodImageImport, func(ctx context.Context, p api.ImageImportParams) (*api.Image, error) {
-		im, err := d.runImageOp(ctx, "import", api.ImageOpParams{Name: p.Name, Path: p.Path, HeadroomMiB: p.HeadroomMiB}, nil)
-		return im.API(), err
-	})
+	}))
+	rpc.Handle(m, api.MethodImageImport, logOp(d.log, api.MethodImageImport, "image", func(p api.ImageImportParams) string { return p.Name + " " + p.Path },
+		func(ctx context.Context, p api.ImageImportParams) (*api.Image, error) {
+			im, err := d.runImageOp(ctx, "import", api.ImageOpParams{Name: p.Name, Path: p.Path, HeadroomMiB: p.HeadroomMiB}, nil)
+			return im.API(), err
+		}))
 	d.registerImageOpsAPI()
 	rpc.Handle(m, api.MethodImageConfig, func(ctx context.Context, p api.NameRef) (api.ImageConfig, error) {
 		var ic api.ImageConfig
@@ -75,7 +84,7 @@ func (d *Daemon) registerArtifactAPI() {
 		}
 		return out, nil
 	})
-	rpc.Handle(m, api.MethodImageDelete, func(ctx context.Context, p api.NameRef) (*api.DeleteResult, error) {
+	rpc.Handle(m, api.MethodImageDelete, logOp(d.log, api.MethodImageDelete, "image", nameOf, func(ctx context.Context, p api.NameRef) (*api.DeleteResult, error) {
 		im, err := d.store.FindImage(ctx, p.Name)
 		if err != nil {
 			return nil, storeErr(err)
@@ -92,7 +101,7 @@ func (d *Daemon) registerArtifactAPI() {
 		}
 		os.RemoveAll(filepath.Join(d.cfg.Layout.ImagesDir(), im.ID))
 		return &api.DeleteResult{Deleted: im.Name}, nil
-	})
+	}))
 }
 
 func hostFile(p, what string) (string, error) {

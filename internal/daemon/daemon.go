@@ -41,6 +41,7 @@ type Daemon struct {
 	locks   store.LockSet
 	fileCfg FileConfig
 	vms     *vmService
+	events  *eventBus
 }
 
 type namedCloser struct {
@@ -89,7 +90,7 @@ func open(ctx context.Context, cfg Config) (_ *Daemon, _ net.Listener, err error
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Logger, mux: rpc.NewMux(), started: time.Now()}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, mux: rpc.NewMux(), started: time.Now(), events: newEventBus()}
 	defer func() {
 		if err != nil {
 			d.close()

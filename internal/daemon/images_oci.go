@@ -24,6 +24,22 @@ import (
 type imageOp struct {
 	mu     sync.Mutex
 	status api.ImageOpStatus
+	cancel context.CancelCauseFunc // set for operations begun with *.begin
+}
+
+// cancelOp cancels the operation unless it has finished; it reports
+// whether it was still running.
+func (o *imageOp) cancelOp() bool {
+	o.mu.Lock()
+	done, cancel := o.status.Done, o.cancel
+	o.mu.Unlock()
+	if done {
+		return false
+	}
+	if cancel != nil {
+		cancel(errCancelled)
+	}
+	return true
 }
 
 func (o *imageOp) snapshot() api.ImageOpStatus {
@@ -50,9 +66,10 @@ func (d *Daemon) registerImageOpsAPI() {
 			return d.beginImageOp(ctx, kind, p)
 		}
 	}
-	rpc.Handle(m, api.MethodImagePullBegin, begin("pull"))
-	rpc.Handle(m, api.MethodImageImportBegin, begin("import"))
-	rpc.Handle(m, api.MethodImageBuildBegin, begin("build"))
+	opOf := func(p api.ImageOpParams) string { return p.Name + " " + p.Ref + p.Path + p.Suite }
+	rpc.Handle(m, api.MethodImagePullBegin, logOp(d.log, api.MethodImagePullBegin, "image", opOf, begin("pull")))
+	rpc.Handle(m, api.MethodImageImportBegin, logOp(d.log, api.MethodImageImportBegin, "image", opOf, begin("import")))
+	rpc.Handle(m, api.MethodImageBuildBegin, logOp(d.log, api.MethodImageBuildBegin, "image", opOf, begin("build")))
 	rpc.Handle(m, api.MethodImageOpStatus, func(ctx context.Context, p api.ImageOpStatusParams) (api.ImageOpStatus, error) {
 		imageOps.Lock()
 		op := imageOps.m[p.OpID]
@@ -62,10 +79,10 @@ func (d *Daemon) registerImageOpsAPI() {
 		}
 		return op.snapshot(), nil
 	})
-	rpc.Handle(m, api.MethodImagePull, func(ctx context.Context, p api.ImageOpParams) (*api.Image, error) {
+	rpc.Handle(m, api.MethodImagePull, logOp(d.log, api.MethodImagePull, "image", opOf, func(ctx context.Context, p api.ImageOpParams) (*api.Image, error) {
 		im, err := d.runImageOp(ctx, "pull", p, nil)
 		return im.API(), err
-	})
+	}))
 }
 
 func (d *Daemon) beginImageOp(ctx context.Context, kind string, p api.ImageOpParams) (api.ImageOpStatus, error) {
@@ -80,8 +97,10 @@ func (d *Daemon) beginImageOp(ctx context.Context, kind string, p api.ImageOpPar
 	imageOps.Lock()
 	imageOps.m[opID] = op
 	imageOps.Unlock()
+	bctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	op.cancel = cancel
 	go func() {
-		bctx := context.WithoutCancel(ctx)
+		defer cancel(nil)
 		im, err := d.runImageOp(bctx, kind, p, op)
 		op.mu.Lock()
 		op.status.Done = true
@@ -148,10 +167,15 @@ func hostPath(p string) (string, error) {
 // runImageOp does a pull, import or build to the end: the image's files are
 // made in a temporary directory, moved into place, and the database row is
 // written last, so an interrupted operation leaves nothing registered.
-func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParams, op *imageOp) (_ *store.Image, err error) {
+func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParams, op *imageOp) (added *store.Image, err error) {
 	if op == nil {
 		op = &imageOp{}
 	}
+	defer func() {
+		if err == nil && added != nil {
+			d.events.publish(ctx, api.Event{Type: api.EventImageAdded, Name: added.Name})
+		}
+	}()
 	if err := validateImageOp(kind, &p); err != nil {
 		return nil, err
 	}
@@ -179,7 +203,11 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 	}
 	activeTemps.Store(work, struct{}{})
 	defer activeTemps.Delete(work)
-	defer os.RemoveAll(work)
+	defer func() {
+		if err := removeTree(work); err != nil {
+			d.log.WarnContext(ctx, "remove image work directory", "error", err.Error())
+		}
+	}()
 	opts := image.BuildOptions{HeadroomMiB: p.HeadroomMiB, Limits: d.fileCfg.imageLimits()}
 
 	var (
@@ -313,7 +341,10 @@ func (d *Daemon) sweepImageTemps() {
 		if d.tempInUse(e.Name()) {
 			continue
 		}
-		os.RemoveAll(filepath.Join(d.cfg.Layout.ImagesDir(), e.Name()))
+		// unmounted first: a debootstrap stopped half-way leaves proc mounted
+		if err := removeTree(filepath.Join(d.cfg.Layout.ImagesDir(), e.Name())); err != nil {
+			d.log.Warn("remove a leftover image work directory", "error", err.Error())
+		}
 	}
 }
 

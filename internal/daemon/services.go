@@ -42,12 +42,13 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	}
 	d.vms = &vmService{
 		store: d.store, locks: &d.locks, layout: d.cfg.Layout, artifacts: d, bootTimeout: fc.bootTimeout(),
-		log: d.log, drivers: drivers, defDrv: def, net: nc,
+		log: d.log, drivers: drivers, defDrv: def, net: nc, events: d.events,
 		caps:     []capability{newDiskCap(d.cfg.Layout.CacheDir()), keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
 	d.vms.reconcile(ctx)
+	d.sweepImageTemps() // leftovers of image operations a previous bangerd did not finish
 	d.vms.startStatsPoller(ctx)
 	d.addCloser("stats poller", d.vms.poller().stop)
 	d.addCloser("ttl reaper", d.vms.startReaper(ctx))
@@ -59,6 +60,7 @@ func (d *Daemon) registerServiceAPI() {
 	d.vms.register(d.mux)
 	d.registerArtifactAPI()
 	d.registerDoctor()
+	d.registerEventsAPI()
 }
 
 func (s *vmService) driver(name string) (vmm.Driver, error) {

@@ -25,6 +25,31 @@ type createOp struct {
 	mu     sync.Mutex
 	status api.CreateStatus
 	done   chan struct{}
+	cancel context.CancelCauseFunc // nil in tests
+}
+
+// errCancelled is the cause given to an operation cancelled with op.cancel.
+var errCancelled = errors.New("cancelled by the user (op.cancel)")
+
+// cancelOp cancels the create unless it has finished; it reports whether
+// it was still running.
+func (c *createOp) cancelOp() bool {
+	select {
+	case <-c.done:
+		return false
+	default:
+	}
+	if c.cancel != nil {
+		c.cancel(errCancelled)
+	}
+	return true
+}
+
+// createOp returns the create operation with this op id, or nil.
+func (s *vmService) createOp(opID string) *createOp {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.creates[opID]
 }
 
 func (c *createOp) snapshot() api.CreateStatus {
@@ -59,7 +84,9 @@ func (c *createOp) progress(name string, end bool, err error) {
 const maxVMsTotalVCPU = 64
 
 func (s *vmService) register(m *rpc.Mux) {
-	rpc.Handle(m, api.MethodVMCreateBegin, s.createBegin)
+	vmOf := func(p api.VMRef) string { return p.VM }
+	stopOf := func(p api.StopParams) string { return p.VM }
+	rpc.Handle(m, api.MethodVMCreateBegin, logOp(s.log, api.MethodVMCreateBegin, "vm", func(p api.CreateParams) string { return p.Name }, s.createBegin))
 	rpc.Handle(m, api.MethodVMCreateStatus, func(ctx context.Context, p api.CreateStatusParams) (api.CreateStatus, error) {
 		s.mu.Lock()
 		op := s.creates[p.OpID]
@@ -76,7 +103,7 @@ func (s *vmService) register(m *rpc.Mux) {
 		}
 		return op.snapshot(), nil
 	})
-	rpc.Handle(m, api.MethodVMStart, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
+	rpc.Handle(m, api.MethodVMStart, logOp(s.log, api.MethodVMStart, "vm", vmOf, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
 			switch vm.State {
 			case store.StateRunning:
@@ -86,29 +113,29 @@ func (s *vmService) register(m *rpc.Mux) {
 			}
 			return rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
 		})
-	})
-	rpc.Handle(m, api.MethodVMStop, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
+	}))
+	rpc.Handle(m, api.MethodVMStop, logOp(s.log, api.MethodVMStop, "vm", stopOf, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)) })
-	})
-	rpc.Handle(m, api.MethodVMRestart, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
+	}))
+	rpc.Handle(m, api.MethodVMRestart, logOp(s.log, api.MethodVMRestart, "vm", stopOf, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
 			if err := s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)); err != nil {
 				return err
 			}
 			return s.start(ctx, vm, nil)
 		})
-	})
-	rpc.Handle(m, api.MethodVMKill, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
+	}))
+	rpc.Handle(m, api.MethodVMKill, logOp(s.log, api.MethodVMKill, "vm", vmOf, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.kill(ctx, vm) })
-	})
-	rpc.Handle(m, api.MethodVMDelete, func(ctx context.Context, p api.DeleteParams) (*api.DeleteResult, error) {
+	}))
+	rpc.Handle(m, api.MethodVMDelete, logOp(s.log, api.MethodVMDelete, "vm", func(p api.DeleteParams) string { return p.VM }, func(ctx context.Context, p api.DeleteParams) (*api.DeleteResult, error) {
 		vm, err := s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.delete(ctx, vm, p.Force) })
 		if err != nil {
 			return nil, err
 		}
 		return &api.DeleteResult{Deleted: vm.Name, ID: vm.ID}, nil
-	})
-	rpc.Handle(m, api.MethodVMSet, s.set)
+	}))
+	rpc.Handle(m, api.MethodVMSet, logOp(s.log, api.MethodVMSet, "vm", func(p api.SetParams) string { return p.VM }, s.set))
 	rpc.Handle(m, api.MethodVMConnect, s.connect)
 	rpc.Handle(m, api.MethodVMLogs, func(ctx context.Context, p api.LogsParams) (api.LogsResult, error) {
 		vm, err := s.store.FindVM(ctx, p.VM)
@@ -229,9 +256,9 @@ func (s *vmService) createBeginNow(ctx context.Context, p api.CreateParams) (api
 	s.mu.Lock()
 	s.creates[opID] = op
 	s.mu.Unlock()
-	// The create goes on after this call returns; it keeps the op id.
-	bctx := context.WithoutCancel(ctx)
-	go s.runCreate(bctx, vm, op, nil, base)
+	// The create goes on after this call returns; it keeps the op id, and
+	// op.cancel cancels it (the start then undoes what it made).
+	s.goCreate(ctx, vm, op, nil, base)
 	return op.snapshot(), nil
 }
 
@@ -263,8 +290,19 @@ func (s *vmService) createBeginFromSnapshot(ctx context.Context, p api.CreatePar
 	s.mu.Lock()
 	s.creates[opID] = op
 	s.mu.Unlock()
-	go s.runCreate(context.WithoutCancel(ctx), vm, op, rs, "")
+	s.goCreate(ctx, vm, op, rs, "")
 	return op.snapshot(), nil
+}
+
+// goCreate runs the create in the background under a context that
+// op.cancel cancels; it keeps the op id of ctx.
+func (s *vmService) goCreate(ctx context.Context, vm *store.VM, op *createOp, restore *restoreSource, base string) {
+	bctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	op.cancel = cancel
+	go func() {
+		defer cancel(nil)
+		s.runCreate(bctx, vm, op, restore, base)
+	}()
 }
 
 func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp, restore *restoreSource, base string) {
@@ -296,9 +334,12 @@ func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp, r
 	if err != nil {
 		op.status.Error = err.Error()
 		s.log.WarnContext(ctx, "create failed", "vm", vm.Name, "error", err.Error())
+		s.events.publish(ctx, api.Event{Type: api.EventVMCreateFailed, VM: vm.Name, VMID: vm.ID, Reason: err.Error()})
 	} else {
 		op.status.VM = vm
 		s.log.InfoContext(ctx, "create completed", "vm", vm.Name)
+		s.events.publish(ctx, api.Event{Type: api.EventVMCreated, VM: vm.Name, VMID: vm.ID})
+		s.events.publish(ctx, api.Event{Type: api.EventVMStarted, VM: vm.Name, VMID: vm.ID})
 	}
 	op.mu.Unlock()
 	close(op.done)
@@ -339,7 +380,11 @@ func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error 
 	} else if vm.State != store.StateStopped {
 		s.releaseRecorded(ctx, vm, "")
 	}
-	return s.removeVM(ctx, vm)
+	if err := s.removeVM(ctx, vm); err != nil {
+		return err
+	}
+	s.events.publish(ctx, api.Event{Type: api.EventVMDeleted, VM: vm.Name, VMID: vm.ID})
+	return nil
 }
 
 func (s *vmService) set(ctx context.Context, p api.SetParams) (api.SetResult, error) {

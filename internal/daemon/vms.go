@@ -87,6 +87,7 @@ type vmService struct {
 	drivers     map[string]vmm.Driver
 	defDrv      string
 	net         *netCap // nil in tests without a network
+	events      *eventBus
 
 	// newAgent makes an agent client over a transport with the pinned host key.
 	newAgent func(t *guest.Transport, hostKeyLine string) (guestAgent, error)
@@ -235,6 +236,7 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 			r.env.Boot.Env, r.env.Boot.WorkDir, r.env.Boot.User = ic.Env, ic.WorkingDir, ic.User
 		}
 	}
+	creating := vm.State == store.StateCreating
 	vm.State = store.StateStarting
 	vm.LastError = ""
 	if err := s.save(ctx, vm); err != nil {
@@ -243,6 +245,11 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 	defer func() {
 		if err != nil {
 			s.release(ctx, vm, r.cl, err.Error())
+			if !creating {
+				s.events.publish(ctx, api.Event{Type: api.EventVMStartFailed, VM: vm.Name, VMID: vm.ID, Reason: err.Error()})
+			}
+		} else if !creating {
+			s.events.publish(ctx, api.Event{Type: api.EventVMStarted, VM: vm.Name, VMID: vm.ID})
 		}
 	}()
 	for _, st := range s.startStages(restore != nil) {
@@ -542,9 +549,13 @@ func (s *vmService) release(ctx context.Context, vm *store.VM, cl *cleanup, reas
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	err := cl.run(uctx, s.log, "vm", vm.Name)
+	prior := vm.State
 	vm.State = store.StateStopped
 	vm.LastError = reason
 	s.saveLogged(uctx, vm)
+	if prior == store.StateRunning || prior == store.StateStopping {
+		s.events.publish(ctx, api.Event{Type: api.EventVMStopped, VM: vm.Name, VMID: vm.ID, Reason: reason})
+	}
 	return err
 }
 

@@ -160,7 +160,16 @@ func (c *int32c) get() int {
 	return c.n
 }
 
-func (a *fakeAgent) Ping(ctx context.Context) error { return a.pingErr }
+func (a *fakeAgent) Ping(ctx context.Context) error {
+	if errors.Is(a.pingErr, errBlock) {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return a.pingErr
+}
+
+// errBlock makes the fake agent's Ping wait for its context.
+var errBlock = errors.New("block")
 func (a *fakeAgent) Shutdown(ctx context.Context) error {
 	if in := a.drv.inst(a.id); in != nil {
 		in.exit(vmm.ExitStatus{})
@@ -294,7 +303,7 @@ func newTestSvc(t *testing.T) *testSvc {
 		store: st, locks: &store.LockSet{}, layout: l, artifacts: ts.arts, bootTimeout: 5 * time.Second,
 		log: logging.Discard(), drivers: map[string]vmm.Driver{"fake": ts.drv}, defDrv: "fake",
 		caps:     []capability{keysCap{userKeyPath: l.UserKey()}, ts.probe},
-		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
+		runtimes: map[string]*runtime{}, creates: map[string]*createOp{}, events: newEventBus(),
 	}
 	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
 		id := ""
@@ -677,5 +686,74 @@ func TestFailedCreateKeepsConsoleLog(t *testing.T) {
 	ents, _ := os.ReadDir(ts.layout.FailedLogsDir())
 	if len(ents) != maxFailedLogs {
 		t.Fatalf("%d failed logs kept, want %d", len(ents), maxFailedLogs)
+	}
+}
+
+// Cancelling a create (op.cancel) during the agent wait undoes everything.
+func TestCancelCreateUndoes(t *testing.T) {
+	ts := newTestSvc(t)
+	ts.ping = errBlock
+	ctx := logging.WithOpID(context.Background(), "op-cancel-1")
+	vm := ts.newVM(t, "cx", store.StateCreating)
+	cctx, cancel := context.WithCancelCause(ctx)
+	op := &createOp{status: api.CreateStatus{OpID: "op-cancel-1"}, done: make(chan struct{}), cancel: cancel}
+	ts.mu.Lock()
+	ts.creates["op-cancel-1"] = op
+	ts.mu.Unlock()
+	go ts.runCreate(cctx, vm, op, nil, "")
+	deadline := time.Now().Add(5 * time.Second)
+	for ts.runtime(vm.ID) == nil && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if !ts.createOp("op-cancel-1").cancelOp() {
+		t.Fatal("cancel says the create had finished")
+	}
+	select {
+	case <-op.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("create did not end within 5s of its cancel")
+	}
+	if st := op.snapshot(); !strings.Contains(st.Error, "cancel") {
+		t.Fatalf("status: %+v", st)
+	}
+	ts.assertClean(t, vm)
+	if _, err := ts.st.GetVM(ctx, vm.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("record left: %v", err)
+	}
+	if op.cancelOp() {
+		t.Fatal("a finished create claims to be cancelled")
+	}
+}
+
+// State changes reach the event stream with their op id and reason.
+func TestEventsCarryOpIDAndReason(t *testing.T) {
+	ts := newTestSvc(t)
+	_, ch, stop := ts.events.subscribe(true)
+	defer stop()
+	ctx := logging.WithOpID(context.Background(), "op-ev-1")
+	vm := ts.newVM(t, "ev", store.StateStopped)
+	if err := ts.start(ctx, vm, nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.drv.inst(vm.ID).exit(vmm.ExitStatus{Code: 3})
+	var got []api.Event
+	deadline := time.After(5 * time.Second)
+	for len(got) < 2 {
+		select {
+		case ev := <-ch:
+			got = append(got, ev)
+		case <-deadline:
+			t.Fatalf("events so far: %+v", got)
+		}
+	}
+	if got[0].Type != api.EventVMStarted || got[0].OpID != "op-ev-1" || got[0].VM != "ev" {
+		t.Fatalf("first event: %+v", got[0])
+	}
+	if got[1].Type != api.EventVMStopped || !strings.Contains(got[1].Reason, "status 3") || got[1].OpID == "" {
+		t.Fatalf("second event: %+v", got[1])
+	}
+	past, _, _ := ts.events.subscribe(false)
+	if len(past) != 2 {
+		t.Fatalf("recent events: %+v", past)
 	}
 }
