@@ -212,36 +212,24 @@ func (a *App) imageOp(ctx context.Context, method string, p api.ImageOpParams, v
 	phase := ""
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
-	sctx := rpc.WithOpID(ctx, st.OpID)
-	for !st.Done {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-tick.C:
-		}
-		if err := c.Call(sctx, api.MethodImageOpStatus, api.ImageOpStatusParams{OpID: st.OpID}, &st); err != nil {
-			return err
-		}
-		if !show {
-			continue
-		}
-		if st.Phase != phase {
-			if bar != nil {
-				bar.Finish()
+	poll := func(ctx context.Context) error {
+		for !st.Done {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-tick.C:
 			}
-			phase = st.Phase
-			total := st.Total
-			if total <= 0 {
-				total = -1
+			if err := c.Call(rpc.WithOpID(ctx, st.OpID), api.MethodImageOpStatus, api.ImageOpStatusParams{OpID: st.OpID}, &st); err != nil {
+				return err
 			}
-			bar = progressbar.NewOptions64(total, progressbar.OptionSetWriter(a.Stderr), progressbar.OptionSetDescription(fmt.Sprintf("%-8s", phase)),
-				progressbar.OptionShowBytes(true), progressbar.OptionThrottle(100*time.Millisecond), progressbar.OptionClearOnFinish(),
-				progressbar.OptionSetWidth(30))
+			if show {
+				a.showImagePhase(st, &bar, &phase)
+			}
 		}
-		if st.Total > 0 {
-			bar.ChangeMax64(st.Total)
-		}
-		bar.Set64(st.Current)
+		return nil
+	}
+	if err := a.followCancellable(ctx, c, "the image "+st.Kind, st.OpID, poll); err != nil {
+		return err
 	}
 	if bar != nil {
 		bar.Finish()
@@ -258,6 +246,27 @@ func (a *App) imageOp(ctx context.Context, method string, p api.ImageOpParams, v
 	}
 	fmt.Fprintf(a.Stdout, "%s image %s (%s, %s)\n", verb, res.Name, sizeBytes(res.SizeBytes), orDash(res.Digest))
 	return nil
+}
+
+// showImagePhase draws an image operation's progress on stderr.
+func (a *App) showImagePhase(st api.ImageOpStatus, barp **progressbar.ProgressBar, phase *string) {
+	if st.Phase != *phase {
+		if *barp != nil {
+			(*barp).Finish()
+		}
+		*phase = st.Phase
+		total := st.Total
+		if total <= 0 {
+			total = -1
+		}
+		*barp = progressbar.NewOptions64(total, progressbar.OptionSetWriter(a.Stderr), progressbar.OptionSetDescription(fmt.Sprintf("%-8s", st.Phase)),
+			progressbar.OptionShowBytes(true), progressbar.OptionThrottle(100*time.Millisecond), progressbar.OptionClearOnFinish(),
+			progressbar.OptionSetWidth(30))
+	}
+	if st.Total > 0 {
+		(*barp).ChangeMax64(st.Total)
+	}
+	(*barp).Set64(st.Current)
 }
 
 func (a *App) stderrIsTerminal() bool {

@@ -114,7 +114,7 @@ func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*a
 		if a.output == "json" {
 			return nil, a.printJSON(st)
 		}
-		fmt.Fprintf(a.Stdout, "creating %s (%s); follow with: banger vm show %s\n", st.Name, st.OpID, st.Name)
+		fmt.Fprintf(a.Stdout, "creating %s (%s); follow with: banger vm show %s (or banger events -f); cancel with: banger op cancel %s\n", st.Name, st.OpID, st.Name, st.OpID)
 		return nil, nil
 	}
 	var onStage func(api.Stage)
@@ -127,7 +127,13 @@ func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*a
 			fmt.Fprintf(a.Stderr, "%s %-16s %6.0f ms\n", mark, s.Name, s.DurationMS)
 		}
 	}
-	return c.WaitCreate(ctx, st, onStage)
+	var v *api.VM
+	err = a.followCancellable(ctx, c, "the create of "+st.Name, st.OpID, func(ctx context.Context) error {
+		var err error
+		v, err = c.WaitCreate(ctx, st, onStage)
+		return err
+	})
+	return v, err
 }
 
 func (a *App) addVMLifecycleCommands(vm *cobra.Command) {

@@ -182,6 +182,7 @@ func (a *App) newRoot() *cobra.Command {
 	root.AddCommand(a.snapshotCommand())
 	root.AddCommand(a.systemCommand())
 	a.addServiceCommands(root)
+	root.AddCommand(a.eventsCommands()...)
 	root.AddCommand(a.docsCommand())
 	a.finishTree(root)
 	return root

@@ -369,7 +369,6 @@ func (s *vmService) removeVM(ctx context.Context, vm *store.VM) error {
 // but has no runtime (a failed or interrupted start) is released from the
 // record, so no --force is needed for it.
 func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error {
-	fault("delete")
 	if rt := s.runtime(vm.ID); rt != nil {
 		if !force {
 			return rpc.Errorf(rpc.CodeConflict, "vm %q is running; stop it first or use --force", vm.Name)
@@ -380,6 +379,7 @@ func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error 
 	} else if vm.State != store.StateStopped {
 		s.releaseRecorded(ctx, vm, "")
 	}
+	fault("delete") // VMM gone, files and record still there
 	if err := s.removeVM(ctx, vm); err != nil {
 		return err
 	}

@@ -236,8 +236,12 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 			r.env.Boot.Env, r.env.Boot.WorkDir, r.env.Boot.User = ic.Env, ic.WorkingDir, ic.User
 		}
 	}
+	// A create keeps its record "creating" until it runs, so that a bangerd
+	// killed during it removes the VM at restart instead of keeping half of it.
 	creating := vm.State == store.StateCreating
-	vm.State = store.StateStarting
+	if !creating {
+		vm.State = store.StateStarting
+	}
 	vm.LastError = ""
 	if err := s.save(ctx, vm); err != nil {
 		return err
@@ -252,6 +256,9 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 			s.events.publish(ctx, api.Event{Type: api.EventVMStarted, VM: vm.Name, VMID: vm.ID})
 		}
 	}()
+	if !creating {
+		fault("start")
+	}
 	for _, st := range s.startStages(restore != nil) {
 		progress(st.name, false, nil)
 		t0 := time.Now()
@@ -347,7 +354,7 @@ func (s *vmService) launch(ctx context.Context, r *startRun, start func(context.
 		if err := writeJSONAtomic(hp, h); err != nil {
 			s.log.WarnContext(ctx, "record VMM identity", "vm", env.VM.Name, "error", err.Error())
 		}
-		fault("create-after-spawn")
+		fault("after-spawn")
 	}
 	inst, err := start(ctx)
 	if err != nil {
@@ -364,12 +371,12 @@ func (s *vmService) launch(ctx context.Context, r *startRun, start func(context.
 		return nil
 	})
 	r.cl.add("vmm", func(ctx context.Context) error { return inst.Kill(ctx) })
-	fault("create-before-handles")
+	fault("before-handles")
 	return writeJSONAtomic(hp, h)
 }
 
 func (s *vmService) stageWaitAgent(ctx context.Context, r *startRun) error {
-	fault("create-agent-wait")
+	fault("agent-wait")
 	return s.waitAgent(ctx, r.env.VM, r.rt)
 }
 

@@ -20,10 +20,12 @@ import (
 
 // Environment variables the fake reads.
 const (
-	EnvSpec          = "FAKEFC_SPEC"
-	EnvRecord        = "FAKEFC_RECORD"
-	EnvFail          = "FAKEFC_FAIL"
-	EnvVsockForward  = "FAKEFC_VSOCK_FORWARD"
+	EnvSpec         = "FAKEFC_SPEC"
+	EnvRecord       = "FAKEFC_RECORD"
+	EnvFail         = "FAKEFC_FAIL"
+	EnvVsockForward = "FAKEFC_VSOCK_FORWARD"
+	// EnvVsockPreamble=1 sets Options.VsockPreamble.
+	EnvVsockPreamble = "FAKEFC_VSOCK_PREAMBLE"
 	EnvVsockPorts    = "FAKEFC_VSOCK_PORTS"
 	EnvPowerOffDelay = "FAKEFC_POWEROFF_DELAY"
 	EnvMaxLifetime   = "FAKEFC_MAX_LIFETIME"
@@ -108,14 +110,15 @@ func firecrackerMain(args []string, getenv func(string) string, stdout, stderr i
 		}
 	}
 	opts := Options{
-		Spec:         spec,
-		ID:           *id,
-		Root:         getenv(EnvRoot),
-		RecordPath:   getenv(EnvRecord),
-		Failures:     failures,
-		Console:      stdout,
-		Stderr:       stderr,
-		VsockForward: getenv(EnvVsockForward),
+		Spec:          spec,
+		ID:            *id,
+		Root:          getenv(EnvRoot),
+		RecordPath:    getenv(EnvRecord),
+		Failures:      failures,
+		Console:       stdout,
+		Stderr:        stderr,
+		VsockForward:  getenv(EnvVsockForward),
+		VsockPreamble: getenv(EnvVsockPreamble) == "1",
 	}
 	if v := getenv(EnvConsoleBytes); v != "" {
 		if opts.ConsoleSpew, err = strconv.ParseInt(v, 10, 64); err != nil {

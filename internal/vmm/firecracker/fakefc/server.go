@@ -99,7 +99,11 @@ type Options struct {
 
 	PowerOffDelay time.Duration
 	CrashDelay    time.Duration
-	VsockForward  string   // unix socket to forward vsock streams to; "" echoes
+	VsockForward  string // unix socket to forward vsock streams to; "" echoes
+	// VsockPreamble makes each forwarded stream start with the line
+	// "FAKEFC bootcfg=<path of the drive with id bootcfg>\n", so that one
+	// pretend guest behind VsockForward can serve many VMs.
+	VsockPreamble bool
 	VsockPorts    []uint32 // ports the pretend guest listens on; nil = all
 	ConsoleSpew   int64    // bytes of console output the guest writes once running
 }
@@ -828,6 +832,20 @@ func (s *Server) vsockConn(c net.Conn) {
 			return
 		}
 		defer fwd.Close()
+		if s.opts.VsockPreamble {
+			s.mu.Lock()
+			p := ""
+			if d, ok := s.drives["bootcfg"]; ok {
+				p = d.Path
+			}
+			if ap, err := filepath.Abs(p); err == nil && p != "" {
+				p = ap // drives may be named relative to the VMM's directory
+			}
+			s.mu.Unlock()
+			if _, err := fmt.Fprintf(fwd, "FAKEFC bootcfg=%s\n", p); err != nil {
+				return
+			}
+		}
 	}
 	s.mu.Lock()
 	s.hostPort++

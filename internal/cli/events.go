@@ -1,0 +1,85 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bangerdev/banger/api"
+)
+
+// eventsCommands are `banger events` and `banger op cancel`.
+func (a *App) eventsCommands() []*cobra.Command {
+	var follow bool
+	events := &cobra.Command{
+		Use:   "events",
+		Short: "Show bangerd's recent state changes (VMs created, started, stopped, deleted; images and kernels added)",
+		Long: "Show bangerd's recent state changes, each with the op id of the operation that caused it.\n" +
+			"With -f, keep following new ones until interrupted. With -o json, one JSON object per line.",
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			enc := json.NewEncoder(a.Stdout)
+			err = c.Events(cmd.Context(), follow, func(ev api.Event) error {
+				if a.output == "json" {
+					return enc.Encode(ev)
+				}
+				_, err := fmt.Fprintln(a.Stdout, formatEvent(ev))
+				return err
+			})
+			if follow && errors.Is(err, context.Canceled) {
+				return nil // Ctrl-C ends a follow
+			}
+			return err
+		},
+	}
+	events.Flags().BoolVarP(&follow, "follow", "f", false, "keep following new events")
+
+	op := &cobra.Command{Use: "op", Short: "Operations running in bangerd"}
+	op.AddCommand(&cobra.Command{
+		Use:   "cancel OP_ID",
+		Short: "Cancel a running create or image operation; bangerd undoes what it made",
+		Args:  exactArgs(1, "OP_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			res, err := c.CancelOp(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(res)
+			}
+			if res.Cancelled {
+				fmt.Fprintf(a.Stdout, "cancelling %s operation %s; follow it with: banger events -f\n", res.Kind, res.OpID)
+			} else {
+				fmt.Fprintf(a.Stdout, "%s operation %s had already finished\n", res.Kind, res.OpID)
+			}
+			return nil
+		},
+	})
+	return []*cobra.Command{events, op}
+}
+
+// formatEvent is one human line: time, type, subject, reason, op id.
+func formatEvent(ev api.Event) string {
+	subject := ev.VM
+	if subject == "" {
+		subject = ev.Name
+	}
+	s := fmt.Sprintf("%s  %-18s %s", ev.Time.Local().Format("2006-01-02 15:04:05"), ev.Type, subject)
+	if ev.Reason != "" {
+		s += "  (" + ev.Reason + ")"
+	}
+	return s + "  op=" + ev.OpID
+}

@@ -1,0 +1,675 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/sshd"
+	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/testenv"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/fakefc"
+	"github.com/bangerdev/banger/internal/vmm/firecracker/fakefc/fakefctest"
+)
+
+// These tests drive bangerd with the fake firecracker (no guest CPU cost)
+// and a pretend guest that serves the real agent SSH server for many VMs at
+// once: the fake prefixes each forwarded vsock stream with the VM's boot
+// config path (FAKEFC_VSOCK_PREAMBLE), so one listener knows which VM a
+// connection is for.
+
+// multiGuest is the pretend guest of every VM behind the fake firecracker.
+type multiGuest struct {
+	t      *testing.T
+	sock   string
+	passwd string
+	mu     sync.Mutex
+	mute   map[string]bool // VM names whose agent never answers
+}
+
+func startMultiGuest(t *testing.T) *multiGuest {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "bg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	g := &multiGuest{t: t, sock: filepath.Join(dir, "guest.sock"), passwd: filepath.Join(dir, "passwd"), mute: map[string]bool{}}
+	os.WriteFile(g.passwd, []byte("root:x:0:0:root:/tmp:/bin/sh\n"), 0o644)
+	ln, err := net.Listen("unix", g.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(g.sock, 0o777) // a bangerd running as nobody starts the fake VMMs
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() { cancel(); ln.Close(); wg.Wait() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				g.serveConn(ctx, c)
+			}()
+		}
+	}()
+	return g
+}
+
+func (g *multiGuest) setMute(name string, on bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.mute[name] = on
+}
+
+type bufConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (b *bufConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+func (g *multiGuest) serveConn(ctx context.Context, c net.Conn) {
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	line, err := br.ReadString('\n')
+	if err != nil {
+		g.t.Logf("pretend guest: read the preamble: %v", err)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	p, ok := strings.CutPrefix(strings.TrimSpace(line), "FAKEFC bootcfg=")
+	if !ok || p == "" {
+		g.t.Logf("pretend guest: bad preamble %q", line)
+		return
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		g.t.Logf("pretend guest: %v", err)
+		return
+	}
+	cfg, err := bootcfg.Decode(f)
+	f.Close()
+	if err != nil {
+		g.t.Logf("pretend guest: boot config: %v", err)
+		return
+	}
+	g.mu.Lock()
+	mute := g.mute[cfg.Hostname]
+	g.mu.Unlock()
+	if mute {
+		<-ctx.Done() // an agent that never answers
+		return
+	}
+	hk, err := ssh.ParsePrivateKey([]byte(cfg.HostKey))
+	if err != nil {
+		return
+	}
+	keys, err := sshd.ParseAuthorizedKeys(cfg.AuthorizedKeys)
+	if err != nil {
+		return
+	}
+	vmDir := filepath.Dir(p)
+	srv, err := sshd.New(sshd.Config{HostKey: hk, AuthorizedKeys: keys, PasswdFile: g.passwd, Logger: logging.Discard(),
+		OnShutdown: func() {
+			var h struct{ PID int }
+			if b, err := os.ReadFile(filepath.Join(vmDir, "handles.json")); err == nil && json.Unmarshal(b, &h) == nil && h.PID > 0 {
+				syscall.Kill(h.PID, syscall.SIGTERM)
+			}
+		}})
+	if err != nil {
+		return
+	}
+	srv.ServeConn(ctx, &bufConn{c, br})
+}
+
+// fcRig is the fake firecracker, the pretend guest and a kernel and image
+// to import, for bangerd processes of any number of homes.
+type fcRig struct {
+	fc     *fakefctest.Env
+	g      *multiGuest
+	env    []string
+	kernel string
+	rootfs string
+}
+
+func newFCRig(t *testing.T) *fcRig {
+	t.Helper()
+	fc := fakefctest.Setup(t)
+	fc.AllowViolations() // bangerd is SIGKILLed mid-request in some tests
+	t.Setenv(fakefc.EnvMaxLifetime, "30m")
+	// a bangerd running as nobody must reach the fake's binary, spec and record
+	for _, p := range []string{filepath.Dir(fc.Binary), filepath.Dir(filepath.Dir(fc.Binary)), filepath.Dir(fc.Record)} {
+		os.Chmod(p, 0o755)
+	}
+	os.WriteFile(fc.Record, nil, 0o666)
+	os.Chmod(fc.Record, 0o666)
+	os.Chmod(fc.Spec, 0o644)
+	k := testenv.GuestKernel(t)
+	r := &fcRig{fc: fc, g: startMultiGuest(t), kernel: k.VmlinuxPath, rootfs: testenv.BusyboxRootfs(t, 64)}
+	r.env = []string{"PATH=" + filepath.Dir(fc.Binary) + ":" + os.Getenv("PATH"),
+		fakefc.EnvVsockForward + "=" + r.g.sock, fakefc.EnvVsockPreamble + "=1", "BANGER_VMM=firecracker"}
+	return r
+}
+
+// importArtifacts imports the kernel and the image into home h.
+func (r *fcRig) importArtifacts(t *testing.T, h string) {
+	t.Helper()
+	mustBanger(t, h, "kernel", "import", r.kernel, "--name", "plain")
+	mustBanger(t, h, "image", "import", r.rootfs, "--name", "busybox")
+}
+
+// faultBin builds bangerd with the faultinject tag (once), next to a copy of
+// the agent, and returns its path.
+var (
+	faultOnce sync.Once
+	faultPath string
+	faultErr  error
+)
+
+func faultBangerd(t *testing.T) string {
+	t.Helper()
+	dir := bins(t)
+	faultOnce.Do(func() {
+		fdir := filepath.Join(dir, "faultinject")
+		if faultErr = os.MkdirAll(fdir, 0o755); faultErr != nil {
+			return
+		}
+		cmd := exec.Command("go", "build", "-tags", "faultinject", "-o", fdir+"/", "./cmd/bangerd")
+		cmd.Dir = repoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			faultErr = fmt.Errorf("%v: %s", err, out)
+			return
+		}
+		b, err := os.ReadFile(filepath.Join(dir, "banger-agent"))
+		if err == nil {
+			err = os.WriteFile(filepath.Join(fdir, "banger-agent"), b, 0o755)
+		}
+		faultErr = err
+		faultPath = filepath.Join(fdir, "bangerd")
+	})
+	if faultErr != nil {
+		t.Fatalf("build bangerd with faultinject: %v", faultErr)
+	}
+	return faultPath
+}
+
+// startFaultDaemon runs the faultinject bangerd, killing itself at point
+// (none when empty). It does not fail the test when bangerd dies.
+func startFaultDaemon(t *testing.T, h, point string, env []string) *daemonProc {
+	t.Helper()
+	bin := faultBangerd(t)
+	cmd := exec.Command(bin, "--debug")
+	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h, "BANGER_FAULT="+point), env...)
+	d := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
+	cmd.Stderr = d.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(d.done) }()
+	t.Cleanup(func() { d.stop(t) })
+	sock := filepath.Join(h, "run", "bangerd.sock")
+	waitFor(t, 15*time.Second, "bangerd socket", func() bool {
+		select {
+		case <-d.done:
+			t.Fatalf("bangerd exited early: %s", d.logs.String())
+		default:
+		}
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return d
+}
+
+// vmmProcs returns this home's VMM processes by VM id, found by their
+// command line (fake firecracker or qemu naming a path under h/vms/).
+func vmmProcs(h string) map[string][]int {
+	re := regexp.MustCompile(regexp.QuoteMeta(h+"/vms/") + `([A-Za-z0-9_.-]+)/`)
+	out := map[string][]int{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		argv := strings.Split(string(b), "\x00")
+		base := filepath.Base(argv[0])
+		if base != "firecracker" && !strings.HasPrefix(base, "qemu-system") {
+			continue
+		}
+		if st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
+			if i := bytes.LastIndexByte(st, ')'); i > 0 && len(st) > i+2 && st[i+2] == 'Z' {
+				continue // a zombie is not running
+			}
+		}
+		if m := re.FindSubmatch(b); m != nil {
+			out[string(m[1])] = append(out[string(m[1])], pid)
+		}
+	}
+	return out
+}
+
+type recVM struct {
+	ID, Name, State string
+}
+
+// recordsFromDB reads the VM records while no bangerd runs.
+func recordsFromDB(t *testing.T, h string) []recVM {
+	t.Helper()
+	st, err := store.Open(context.Background(), filepath.Join(h, "banger.db"))
+	if err != nil {
+		t.Fatalf("open the store: %v", err)
+	}
+	defer st.Close()
+	vms, err := st.ListVMs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []recVM
+	for _, v := range vms {
+		out = append(out, recVM{v.ID, v.Name, v.State})
+	}
+	return out
+}
+
+func recordsFromCLI(t *testing.T, h string) []recVM {
+	t.Helper()
+	var vms []recVM
+	if err := json.Unmarshal([]byte(mustBanger(t, h, "vm", "list", "-o", "json")), &vms); err != nil {
+		t.Fatal(err)
+	}
+	return vms
+}
+
+// leaks counts what does not match the truth: a VMM whose record is missing
+// or not running, a running record without a VMM, a record left half-way
+// (creating, starting, stopping) and a VM directory with no record.
+func leaks(h string, recs []recVM) (n int, what []string) {
+	procs := vmmProcs(h)
+	byID := map[string]recVM{}
+	for _, r := range recs {
+		byID[r.ID] = r
+	}
+	for id, pids := range procs {
+		if r, ok := byID[id]; !ok || r.State != "running" {
+			n += len(pids)
+			what = append(what, fmt.Sprintf("VMM %v of %s (record %q)", pids, id, r.State))
+		}
+	}
+	for _, r := range recs {
+		switch r.State {
+		case "running":
+			if len(procs[r.ID]) == 0 {
+				n++
+				what = append(what, r.Name+" running without a VMM")
+			}
+		case "stopped":
+		default:
+			n++
+			what = append(what, r.Name+" left "+r.State)
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Join(h, "vms"))
+	for _, e := range ents {
+		if _, ok := byID[e.Name()]; !ok {
+			n++
+			what = append(what, "directory vms/"+e.Name()+" without a record")
+		}
+	}
+	return n, what
+}
+
+// mountsUnder returns the mount points under dir.
+func mountsIn(dir string) []string {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			out = append(out, f[4])
+		}
+	}
+	return out
+}
+
+// checkConverged checks the acceptance of a restarted bangerd: every
+// running record answers exec, no stopped record has a VMM, and deleting
+// everything leaves no process, mount or file under the home.
+func checkConverged(t *testing.T, h string) {
+	t.Helper()
+	procs := vmmProcs(h)
+	for _, v := range recordsFromCLI(t, h) {
+		switch v.State {
+		case "running":
+			if out, errOut, code := banger(t, h, "exec", v.Name, "--", "echo", "alive"); code != 0 || strings.TrimSpace(out) != "alive" {
+				t.Errorf("running %s does not answer exec: %d %q %s", v.Name, code, out, errOut)
+			}
+		case "stopped":
+			if len(procs[v.ID]) > 0 {
+				t.Errorf("stopped %s still has VMM %v", v.Name, procs[v.ID])
+			}
+		}
+	}
+	for _, v := range recordsFromCLI(t, h) {
+		mustBanger(t, h, "vm", "delete", "--force", v.Name)
+	}
+	waitFor(t, 10*time.Second, "no VMM of the home", func() bool { return len(vmmProcs(h)) == 0 })
+	if m := mountsIn(h); len(m) > 0 {
+		t.Errorf("mounts left under the home: %v", m)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(h, "vms")); len(ents) > 0 {
+		t.Errorf("files left under vms/: %v", ents)
+	}
+}
+
+// faultRow is one line of the fault-injection table.
+type faultRow struct {
+	point                     string
+	injected, before, after int
+}
+
+// TestFaultInjectionConverges kills bangerd (SIGKILL, faultinject build) at
+// each named point of create, start, stop and delete, restarts it and
+// checks that it converges.
+func TestFaultInjectionConverges(t *testing.T) {
+	rig := newFCRig(t)
+	rounds := 2
+	if v, err := strconv.Atoi(os.Getenv("BANGER_FAULT_ROUNDS")); err == nil && v > 0 {
+		rounds = v
+	}
+	points := []string{"after-record", "after-spawn", "before-handles", "agent-wait", "start", "stop", "delete"}
+	var rows []faultRow
+	for _, point := range points {
+		row := faultRow{point: point}
+		for round := 0; round < rounds; round++ {
+			t.Run(fmt.Sprintf("%s/%d", point, round), func(t *testing.T) {
+				h := home(t)
+				d := startFaultDaemon(t, h, "", rig.env)
+				rig.importArtifacts(t, h)
+				mustBanger(t, h, "vm", "create", "base", "--memory", "128M", "--disk", "64M")
+				if point == "start" {
+					mustBanger(t, h, "vm", "stop", "base", "--timeout", "10s")
+				}
+				d.stop(t)
+				d = startFaultDaemon(t, h, point, rig.env)
+				switch point {
+				case "start":
+					banger(t, h, "vm", "start", "base")
+				case "stop":
+					banger(t, h, "vm", "stop", "base", "--timeout", "10s")
+				case "delete":
+					banger(t, h, "vm", "delete", "--force", "base")
+				default:
+					banger(t, h, "vm", "create", "v1", "--memory", "128M", "--disk", "64M")
+				}
+				select {
+				case <-d.done:
+				case <-time.After(30 * time.Second):
+					t.Fatalf("bangerd did not die at %s: %s", point, d.logs.String())
+				}
+				if strings.Contains(d.logs.String(), "fault injected at "+point) {
+					row.injected++
+				}
+				nb, what := leaks(h, recordsFromDB(t, h))
+				row.before += nb
+				t.Logf("%s: before restart %d: %v", point, nb, what)
+				startFaultDaemon(t, h, "", rig.env)
+				na, what := leaks(h, recordsFromCLI(t, h))
+				row.after += na
+				if na != 0 {
+					t.Errorf("%s: after restart %d left: %v", point, na, what)
+				}
+				checkConverged(t, h)
+			})
+		}
+		rows = append(rows, row)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n| point | times injected | leaks before restart | leaks after restart |\n|---|---|---|---|\n")
+	for _, r := range rows {
+		fmt.Fprintf(&b, "| %s | %d | %d | %d |\n", r.point, r.injected, r.before, r.after)
+	}
+	t.Log(b.String())
+	if p := os.Getenv("BANGER_FAULT_TABLE"); p != "" {
+		os.WriteFile(p, []byte(b.String()), 0o644)
+	}
+}
+
+// bangerCtx runs the CLI with a deadline and returns its output and status
+// (-1 when it did not finish in time).
+func bangerCtx(t *testing.T, h string, d time.Duration, args ...string) (string, int) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(bins(t), "banger"), args...)
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+h)
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		return string(out), -1
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(out), ee.ExitCode()
+	}
+	return string(out), 0
+}
+
+// 20 concurrent mixed operations on one VM and 8 concurrent creates all get
+// an answer (no deadlock) and leave bangerd consistent.
+func TestConcurrentOpsNoDeadlock(t *testing.T) {
+	rig := newFCRig(t)
+	h := home(t)
+	startDaemon(t, h, rig.env...)
+	rig.importArtifacts(t, h)
+	mustBanger(t, h, "vm", "create", "one", "--memory", "128M", "--disk", "64M")
+	ops := [][]string{
+		{"vm", "start", "one"}, {"vm", "stop", "one", "--timeout", "5s"}, {"vm", "set", "one", "--cpus", "2"},
+		{"exec", "one", "--", "true"}, {"vm", "restart", "one", "--timeout", "5s"},
+	}
+	var wg sync.WaitGroup
+	type res struct {
+		args []string
+		out  string
+		code int
+	}
+	results := make([]res, 20)
+	for i := range results {
+		args := ops[i%len(ops)]
+		if i == 17 {
+			args = []string{"vm", "delete", "--force", "one"}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out, code := bangerCtx(t, h, 3*time.Minute, args...)
+			results[i] = res{args, out, code}
+		}()
+	}
+	wg.Wait()
+	for _, r := range results {
+		if r.code == -1 {
+			t.Errorf("%v got no answer within 3 minutes (deadlock?)", r.args)
+		}
+		if strings.Contains(r.out, "internal") {
+			t.Errorf("%v: internal error: %s", r.args, r.out)
+		}
+	}
+	if n, what := leaks(h, recordsFromCLI(t, h)); n != 0 {
+		t.Errorf("after the mixed operations: %v", what)
+	}
+	// 8 creates at once
+	codes := make([]int, 8)
+	outs := make([]string, 8)
+	for i := range codes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			outs[i], codes[i] = bangerCtx(t, h, 3*time.Minute, "vm", "create", fmt.Sprintf("c%d", i), "--memory", "128M", "--disk", "64M")
+		}()
+	}
+	wg.Wait()
+	for i, c := range codes {
+		if c != 0 {
+			t.Errorf("create c%d: exit %d: %s", i, c, outs[i])
+		}
+	}
+	for i := range codes {
+		if out := mustBanger(t, h, "exec", fmt.Sprintf("c%d", i), "--", "echo", "ok"); strings.TrimSpace(out) != "ok" {
+			t.Errorf("exec c%d: %q", i, out)
+		}
+	}
+	checkConverged(t, h)
+}
+
+// startDaemonDefaultLevel runs bangerd at its default log level (no --debug).
+func startDaemonDefaultLevel(t *testing.T, h string, env ...string) *daemonProc {
+	t.Helper()
+	return startDaemonWith(t, h, func(cmd *exec.Cmd) {
+		cmd.Args = []string{cmd.Args[0]}
+		cmd.Env = append(cmd.Env, "BANGER_DEBUG=")
+	}, env...)
+}
+
+// Ctrl-C during a create (after boot) cancels and undoes it within 5 s;
+// Ctrl-C during `exec -- sleep` ends the guest process; the events stream
+// and the default-level log carry the op id of a successful stop; a create
+// failing at the agent wait leaves nothing, and a start failing there
+// leaves a VM that deletes without --force.
+func TestInterruptsEventsAndOpIDs(t *testing.T) {
+	rig := newFCRig(t)
+	h := home(t)
+	os.WriteFile(filepath.Join(h, "config.json"), []byte(`{"boot_timeout": "4s"}`), 0o600)
+	d := startDaemonDefaultLevel(t, h, rig.env...)
+	rig.importArtifacts(t, h)
+
+	// Ctrl-C after boot: cancelled and undone
+	rig.g.setMute("slow", true)
+	cmd := exec.Command(filepath.Join(bins(t), "banger"), "vm", "create", "slow", "--memory", "128M", "--disk", "64M")
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+h)
+	stderr := &lockedBuf{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cliDone := make(chan struct{})
+	go func() { cmd.Wait(); close(cliDone) }()
+	waitFor(t, 30*time.Second, "the boot stage", func() bool { return strings.Contains(stderr.String(), "boot") })
+	cmd.Process.Signal(os.Interrupt)
+	t0 := time.Now()
+	waitFor(t, 5*time.Second, "the cancelled create to leave no VM and no VMM", func() bool {
+		return len(recordsFromCLI(t, h)) == 0 && len(vmmProcs(h)) == 0
+	})
+	t.Logf("Ctrl-C during create: nothing left after %v", time.Since(t0).Round(time.Millisecond))
+	select {
+	case <-cliDone:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the CLI did not exit after Ctrl-C: %s", stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "cancel") {
+		t.Errorf("the CLI did not say it cancelled: %s", stderr.String())
+	}
+
+	// a create failing at the agent wait leaves nothing, keeps its console log
+	_, errOut, code := banger(t, h, "vm", "create", "slow", "--memory", "128M", "--disk", "64M")
+	if code == 0 || !strings.Contains(errOut, "logs/failed/") {
+		t.Errorf("failed create: exit %d, %s", code, errOut)
+	}
+	if len(recordsFromCLI(t, h)) != 0 || len(vmmProcs(h)) != 0 {
+		t.Errorf("a failed create left a VM or a VMM")
+	}
+
+	// a start failing at the agent wait: delete needs no --force
+	rig.g.setMute("slow", false)
+	mustBanger(t, h, "vm", "create", "slow", "--memory", "128M", "--disk", "64M")
+	mustBanger(t, h, "vm", "stop", "slow", "--timeout", "5s")
+	rig.g.setMute("slow", true)
+	if _, _, code := banger(t, h, "vm", "start", "slow"); code == 0 {
+		t.Fatal("start with a mute agent succeeded")
+	}
+	if v := showVM(t, h, "slow"); v.State != "stopped" || v.LastError == "" {
+		t.Errorf("after the failed start: %+v", v)
+	}
+	mustBanger(t, h, "vm", "delete", "slow")
+
+	// Ctrl-C during exec -- sleep ends the guest process
+	mustBanger(t, h, "vm", "create", "ex", "--memory", "128M", "--disk", "64M")
+	ex := exec.Command(filepath.Join(bins(t), "banger"), "exec", "ex", "--", "sleep", "100.25")
+	ex.Env = append(os.Environ(), "BANGER_HOME="+h)
+	if err := ex.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exDone := make(chan struct{})
+	go func() { ex.Wait(); close(exDone) }()
+	sleepPid := func() int {
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+			if string(b) == "sleep\x00100.25\x00" {
+				pid, _ := strconv.Atoi(e.Name())
+				return pid
+			}
+		}
+		return 0
+	}
+	waitFor(t, 15*time.Second, "the guest's sleep", func() bool { return sleepPid() != 0 })
+	ex.Process.Signal(os.Interrupt)
+	waitFor(t, 5*time.Second, "the guest's sleep to end after Ctrl-C", func() bool { return sleepPid() == 0 })
+	select {
+	case <-exDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("exec did not return after Ctrl-C")
+	}
+
+	// the op id of a successful stop: in the events and the default-level log
+	mustBanger(t, h, "vm", "stop", "ex", "--timeout", "5s")
+	var stopOp string
+	for _, l := range strings.Split(strings.TrimSpace(mustBanger(t, h, "events", "-o", "json")), "\n") {
+		var raw map[string]any
+		json.Unmarshal([]byte(l), &raw)
+		if raw["type"] == "vm.stopped" && raw["vm"] == "ex" {
+			stopOp, _ = raw["op_id"].(string)
+		}
+	}
+	if stopOp == "" {
+		t.Fatalf("no vm.stopped event with an op id for ex")
+	}
+	found := false
+	for _, l := range strings.Split(d.logs.String(), "\n") {
+		if strings.Contains(l, stopOp) && strings.Contains(l, `"vm.stop"`) && strings.Contains(l, `"level":"INFO"`) {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("the default-level log has no Info line with the stop's op id %s", stopOp)
+	}
+	checkConverged(t, h)
+}
