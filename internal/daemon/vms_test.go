@@ -170,6 +170,7 @@ func (a *fakeAgent) Ping(ctx context.Context) error {
 
 // errBlock makes the fake agent's Ping wait for its context.
 var errBlock = errors.New("block")
+
 func (a *fakeAgent) Shutdown(ctx context.Context) error {
 	if in := a.drv.inst(a.id); in != nil {
 		in.exit(vmm.ExitStatus{})

@@ -395,7 +395,7 @@ func checkConverged(t *testing.T, h string) {
 
 // faultRow is one line of the fault-injection table.
 type faultRow struct {
-	point                     string
+	point                   string
 	injected, before, after int
 }
 
