@@ -19,7 +19,8 @@ func (a *App) eventsCommands() []*cobra.Command {
 		Short: "Show bangerd's recent state changes (VMs created, started, stopped, deleted; images and kernels added)",
 		Long: "Show bangerd's recent state changes, each with the op id of the operation that caused it.\n" +
 			"With -f, keep following new ones until interrupted. With -o json, one JSON object per line.",
-		Args: noArgs,
+		Example: "  banger events\n  banger events -f -o json",
+		Args:    noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client(cmd.Context())
 			if err != nil {
@@ -42,11 +43,12 @@ func (a *App) eventsCommands() []*cobra.Command {
 	}
 	events.Flags().BoolVarP(&follow, "follow", "f", false, "keep following new events")
 
-	op := &cobra.Command{Use: "op", Short: "Operations running in bangerd"}
+	op := &cobra.Command{Use: "op", Short: "Operations running in bangerd", Example: "  banger op cancel op-3f2a9c1d0e4b"}
 	op.AddCommand(&cobra.Command{
-		Use:   "cancel OP_ID",
-		Short: "Cancel a running create or image operation; bangerd undoes what it made",
-		Args:  exactArgs(1, "OP_ID"),
+		Use:     "cancel OP_ID",
+		Short:   "Cancel a running create or image operation; bangerd undoes what it made",
+		Example: "  banger vm create dev --no-wait   # prints the op id\n  banger op cancel op-3f2a9c1d0e4b",
+		Args:    exactArgs(1, "OP_ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client(cmd.Context())
 			if err != nil {
