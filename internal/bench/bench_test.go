@@ -26,6 +26,7 @@ var (
 	flagQuick = flag.Bool("quick", false, "CI smoke run: fewer repetitions, smaller payloads (under 3 minutes)")
 	flagJSON  = flag.String("json", "", "write the results as JSON to this file")
 	flagMD    = flag.String("md", "", "write the table as markdown to this file")
+	flagBoots = flag.Int("boots", 0, "boots per create figure (default 2 quick, 5 full)")
 	flagOnly  = flag.String("only", "", "comma-separated groups to run (disk,rpc,create,guest,workspace,image,concurrent)")
 )
 
@@ -84,6 +85,9 @@ func (b *bench) runs() int {
 
 // boots is how many times a boot is measured.
 func (b *bench) boots() int {
+	if *flagBoots > 0 {
+		return *flagBoots
+	}
 	if b.quick {
 		return 2
 	}

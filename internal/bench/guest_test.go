@@ -65,6 +65,23 @@ func (b *bench) benchGuest() {
 		}
 	}
 
+	// What exec pays every time: an SSH handshake with the agent in the guest.
+	hs, err := timeN(n, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		c, err := b.cl.SSH(ctx, vm, "")
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+	if err != nil {
+		b.fail("guest", "SSH handshake", err)
+	} else {
+		b.add(Result{Group: "guest", Metric: "  of which: SSH handshake with the agent", Unit: "ms", Banger: median(hs), N: n, Samples: hs,
+			Note: "client.SSH in-process (connect through bangerd + key exchange + auth); OpenSSH's ControlMaster pays it once"})
+	}
+
 	// Payloads.
 	mib := 100
 	reps := 3

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
@@ -129,6 +131,7 @@ func (b *bench) benchRPC() {
 		ids = append(ids, v.ID)
 	}
 	var got int
+	cpu0 := cpuMs(b.pid)
 	lists, err := timeN(b.runs(), func() error {
 		vms, err := b.cl.ListVMs(ctx)
 		got = len(vms)
@@ -138,9 +141,30 @@ func (b *bench) benchRPC() {
 		b.fail("rpc", "vm.list 1000 records", err)
 		return
 	}
+	cpuPer := (cpuMs(b.pid) - cpu0) / float64(len(lists))
 	direct, _ := timeN(b.runs(), func() error { _, err := st.ListVMs(ctx); return err })
 	p50 := median(lists)
 	b.add(Result{Group: "rpc", Metric: "vm.list, 1000 records", Unit: "ms", Banger: p50, Baseline: median(direct),
 		Base: "the same SQLite query in-process", Target: "<10", Pass: passIf(p50 < 10), N: len(lists), Samples: lists, BaseSmp: direct,
-		Note: fmt.Sprintf("%d VMs listed", got)})
+		Note: fmt.Sprintf("%d VMs listed; bangerd CPU %.1f ms per call", got, cpuPer)})
+}
+
+// cpuMs is the CPU time (user+system) pid has used, in ms.
+func cpuMs(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) * 10 // USER_HZ is 100
 }

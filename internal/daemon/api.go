@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"time"
@@ -21,13 +22,21 @@ func (d *Daemon) registerAPI() {
 			UptimeSeconds: time.Since(d.started).Seconds(), StartedAt: d.started.UTC().Format(time.RFC3339),
 		}, nil
 	})
-	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, _ struct{}) ([]*store.VM, error) {
+	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, _ struct{}) (json.RawMessage, error) {
+		if !d.vms.anyPaused() {
+			// The common case, served as SQLite encodes it (no paused flags to add).
+			b, err := d.store.ListVMsJSON(ctx)
+			return b, storeErr(err)
+		}
 		vms, err := d.store.ListVMs(ctx)
+		if err != nil {
+			return nil, storeErr(err)
+		}
 		for _, vm := range vms {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
 		}
-		return vms, storeErr(err)
+		return json.Marshal(vms)
 	})
 	rpc.Handle(m, api.MethodVMGet, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		vm, err := d.store.FindVM(ctx, p.VM)

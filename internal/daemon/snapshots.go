@@ -193,6 +193,18 @@ func pausedErr(vm *store.VM) error {
 	return rpc.Errorf(rpc.CodeConflict, "vm %q is paused; resume it first: banger vm resume %s", vm.Name, vm.Name)
 }
 
+// anyPaused says whether any running VM is paused.
+func (s *vmService) anyPaused() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, rt := range s.runtimes {
+		if rt.paused.Load() {
+			return true
+		}
+	}
+	return false
+}
+
 // markPaused sets vm.Paused from the runtime.
 func (s *vmService) markPaused(vm *store.VM) {
 	if rt := s.runtime(vm.ID); rt != nil && rt.paused.Load() {

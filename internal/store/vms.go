@@ -126,6 +126,27 @@ func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
 	return out, rows.Err()
 }
 
+// vmJSONObject builds, in SQL, the object encoding/json makes of a VM (the
+// wire's api.VM): same keys and values; the omitempty keys are present with
+// their empty values, which decode the same.
+const vmJSONObject = `json_object('id', v.id, 'name', v.name, 'image_id', v.image_id, 'image', COALESCE(i.name, ''),
+	'kernel_id', v.kernel_id, 'kernel', COALESCE(k.name, ''), 'vcpus', v.vcpus, 'memory_mib', v.memory_mib,
+	'disk_mib', v.disk_mib, 'state', v.state, 'driver', v.driver, 'ip', v.ip, 'mac', v.mac, 'tap', v.tap,
+	'workspace', v.workspace, 'last_error', v.last_error, 'created_at', v.created_at, 'updated_at', v.updated_at)`
+
+// ListVMsJSON returns what json.Marshal of ListVMs would: the JSON array of
+// all VMs, oldest first, built by SQLite in one row. vm.list serves it as is:
+// scanning 1000 records column by column through the driver and encoding
+// them again cost ~8 ms of CPU per call.
+func (s *Store) ListVMsJSON(ctx context.Context) ([]byte, error) {
+	var out []byte
+	err := s.db.QueryRowContext(ctx, `SELECT json_group_array(`+vmJSONObject+` ORDER BY v.created_at, v.name)`+vmFrom).Scan(&out)
+	if err != nil {
+		return nil, fmt.Errorf("list vms: %w", err)
+	}
+	return out, nil
+}
+
 // FindVM resolves a user's reference: exact id, then exact name, then an
 // unambiguous prefix of an id or a name.
 func (s *Store) FindVM(ctx context.Context, ref string) (*VM, error) {
