@@ -31,7 +31,9 @@ type VM struct {
 	Workspace string `json:"workspace,omitempty"`
 	LastError string `json:"last_error,omitempty"`
 	// Paused: running, with its vCPUs stopped (vm pause); not stored.
-	Paused    bool      `json:"paused,omitempty"`
+	Paused bool `json:"paused,omitempty"`
+	// Pool: an unclaimed VM of the ready pool (vm ls --all shows them).
+	Pool      bool      `json:"pool,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
 

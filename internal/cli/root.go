@@ -180,6 +180,7 @@ func (a *App) newRoot() *cobra.Command {
 	})
 	root.AddCommand(a.vmCommand())
 	root.AddCommand(a.snapshotCommand())
+	root.AddCommand(a.poolCommand())
 	root.AddCommand(a.systemCommand())
 	a.addServiceCommands(root)
 	root.AddCommand(a.eventsCommands()...)

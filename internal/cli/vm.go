@@ -12,7 +12,7 @@ import (
 
 func (a *App) vmCommand() *cobra.Command {
 	vm := &cobra.Command{Use: "vm", Short: "Manage VMs"}
-	var quiet bool
+	var quiet, all bool
 	var lsFormat string
 	var filters []string
 	ls := &cobra.Command{
@@ -34,6 +34,10 @@ func (a *App) vmCommand() *cobra.Command {
 				return err
 			}
 			vms, err := c.ListVMs(cmd.Context())
+			if all {
+				vms = nil
+				err = c.Call(cmd.Context(), api.MethodVMList, api.VMListParams{All: true}, &vms)
+			}
 			if err != nil {
 				return err
 			}
@@ -45,6 +49,9 @@ func (a *App) vmCommand() *cobra.Command {
 					if v.Paused {
 						state += " (paused)"
 					}
+					if v.Pool {
+						state += " (pool)"
+					}
 					rows = append(rows, []string{v.ID[:min(12, len(v.ID))], v.Name, state, orDash(v.Image), strconv.Itoa(v.VCPUs), mib(v.MemoryMiB), mib(v.DiskMiB), orDash(v.IP), ago(v.CreatedAt)})
 				}
 				return a.table([]string{"ID", "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED"}, rows)
@@ -52,6 +59,7 @@ func (a *App) vmCommand() *cobra.Command {
 		},
 	}
 	ls.Flags().BoolVarP(&quiet, "quiet", "q", false, "print only VM ids")
+	ls.Flags().BoolVar(&all, "all", false, "include the ready pool's unclaimed VMs")
 	ls.Flags().StringArrayVar(&filters, "filter", nil, "only VMs matching KEY=VALUE: state=running, name=SUBSTRING, image=NAME, id=PREFIX (repeatable)")
 	addFormat(ls, &lsFormat)
 	vm.AddCommand(ls)

@@ -22,8 +22,8 @@ func (d *Daemon) registerAPI() {
 			UptimeSeconds: time.Since(d.started).Seconds(), StartedAt: d.started.UTC().Format(time.RFC3339),
 		}, nil
 	})
-	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, _ struct{}) (json.RawMessage, error) {
-		if !d.vms.anyPaused() {
+	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, p api.VMListParams) (json.RawMessage, error) {
+		if !d.vms.anyPaused() && !d.vms.poolActive() {
 			// The common case, served as SQLite encodes it (no paused flags to add).
 			b, err := d.store.ListVMsJSON(ctx)
 			return b, storeErr(err)
@@ -32,17 +32,23 @@ func (d *Daemon) registerAPI() {
 		if err != nil {
 			return nil, storeErr(err)
 		}
+		out := make([]*store.VM, 0, len(vms))
 		for _, vm := range vms {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
+			d.vms.markPool(vm)
+			if !vm.Pool || p.All {
+				out = append(out, vm)
+			}
 		}
-		return json.Marshal(vms)
+		return json.Marshal(out)
 	})
 	rpc.Handle(m, api.MethodVMGet, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
 		vm, err := d.store.FindVM(ctx, p.VM)
 		if vm != nil {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
+			d.vms.markPool(vm)
 		}
 		return vm, storeErr(err)
 	})

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/image"
 )
 
@@ -27,6 +28,12 @@ type FileConfig struct {
 	Network NetworkConfig `json:"network,omitempty"`
 	// Images bounds what one image may unpack to.
 	Images ImagesConfig `json:"images,omitempty"`
+	// Pool keeps VMs of these specs ready for `banger run` (`banger pool
+	// set` changes it at run time; its state then wins over this list).
+	Pool []api.PoolSpec `json:"pool,omitempty"`
+	// PoolMemoryMiB bounds the guest memory of all pool VMs together
+	// (default 2048).
+	PoolMemoryMiB int `json:"pool_memory_mib,omitempty"`
 }
 
 // ImagesConfig bounds image pull/import/build: layers are hostile, and these

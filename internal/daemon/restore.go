@@ -286,3 +286,8 @@ func (s *vmService) dropBases(ctx context.Context, match func(*store.Snapshot) b
 		}
 	}
 }
+
+// agentapiReidentifyHostname is a reidentify that only renames the guest.
+func agentapiReidentifyHostname(name string) agentapi.Reidentify {
+	return agentapi.Reidentify{Hostname: name}
+}

@@ -47,9 +47,22 @@ func (d *Daemon) initServices(ctx context.Context) error {
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}
+	d.vms.pool = newReadyPool(d.cfg.Layout.DataDir, d.fileCfg.Pool, d.fileCfg.PoolMemoryMiB)
 	d.vms.reconcile(ctx)
 	d.sweepImageTemps() // leftovers of image operations a previous bangerd did not finish
 	d.vms.startStatsPoller(ctx)
+	pctx, pcancel := context.WithCancel(context.WithoutCancel(ctx))
+	poolDone := make(chan struct{})
+	go func() { defer close(poolDone); d.vms.poolLoop(pctx) }()
+	d.addCloser("ready pool", func() error {
+		pcancel()
+		select {
+		case <-poolDone:
+		case <-time.After(30 * time.Second):
+			return errors.New("the pool refill did not stop within 30s")
+		}
+		return nil
+	})
 	d.addCloser("stats poller", d.vms.poller().stop)
 	d.addCloser("ttl reaper", d.vms.startReaper(ctx))
 	return nil

@@ -41,6 +41,7 @@ func (s *vmService) registerSnapshotAPI(m *rpc.Mux) {
 	})
 	rpc.Handle(m, api.MethodSnapshotDelete, s.snapshotDelete)
 	rpc.Handle(m, api.MethodVMFork, s.fork)
+	s.registerPoolAPI(m)
 }
 
 // snapshotter returns the running VM's VMM as a vmm.Snapshotter.

@@ -436,3 +436,93 @@ func waitForOps(t *testing.T, ts *testSvc) {
 		}
 	}
 }
+
+// The ready pool: set fills it (hidden from vm ls), a run of the same spec
+// takes a VM from it (renamed, told its hostname), and it refills; the
+// memory budget stops it with a note.
+func TestReadyPool(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	ts.drv.wrap = func(in *fakeInst) vmm.Instance {
+		os.WriteFile(filepath.Join(ts.vmDir(in.h.VMID), rwDiskName), []byte("disk"), 0o600)
+		return &snapInst{fakeInst: in}
+	}
+	rl := &reidLog{}
+	base := ts.newAgent
+	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
+		a, err := base(tr, hostKey)
+		if err != nil {
+			return nil, err
+		}
+		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
+	}
+	ts.pool = newReadyPool(ts.layout.DataDir, nil, 600)
+	spec := api.PoolSpec{Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Size: 2}
+	if _, err := ts.poolSet(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	ts.poolRefill(ctx)
+	pools, _ := ts.poolList(ctx, struct{}{})
+	if len(pools) != 1 || pools[0].Ready != 2 {
+		t.Fatalf("pools after refill: %+v", pools[0])
+	}
+	vms, _ := ts.st.ListVMs(ctx)
+	for _, vm := range vms {
+		ts.markPool(vm)
+		if !vm.Pool || !strings.HasPrefix(vm.Name, "pool-") {
+			t.Errorf("pool VM %s not marked", vm.Name)
+		}
+	}
+	// The pools.json survives a restart.
+	if p2 := newReadyPool(ts.layout.DataDir, nil, 0); len(p2.specs) != 1 || p2.specs[0].Size != 2 {
+		t.Errorf("pools.json: %+v", p2.specs)
+	}
+
+	st, err := ts.createBegin(ctx, api.CreateParams{Name: "job", Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Base: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Done || st.VM == nil || st.VM.Name != "job" || len(st.Stages) != 1 || st.Stages[0].Name != "claim from pool" {
+		t.Fatalf("claim status %+v", st)
+	}
+	v, _ := ts.st.FindVM(ctx, "job")
+	ts.markPool(v)
+	if v.Pool || v.State != store.StateRunning {
+		t.Errorf("claimed VM %+v", v)
+	}
+	// The second pool VM was restored from the base the first one saved;
+	// the claim only renames.
+	if n := len(rl.calls); n != 2 || rl.calls[n-1].p.Hostname != "job" || rl.calls[n-1].p.HostKey != "" {
+		t.Errorf("reidentify calls %+v", rl.calls)
+	}
+	// A different spec is not served from this pool.
+	st2, err := ts.createBegin(ctx, api.CreateParams{Name: "other", Image: "img", Kernel: "k", MemoryMiB: 512, DiskMiB: 256, Base: true})
+	if err != nil || st2.Done {
+		t.Fatalf("another spec: %+v %v", st2, err)
+	}
+	waitForOps(t, ts)
+	// Refill up to the budget (600 MiB: 256 ready + 256 more fits, a third does not).
+	ts.poolRefill(ctx)
+	pools, _ = ts.poolList(ctx, struct{}{})
+	if pools[0].Ready != 2 {
+		t.Errorf("after the claim and a refill: %+v", pools[0])
+	}
+	if _, err := ts.poolSet(ctx, api.PoolSpec{Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Size: 3}); err != nil {
+		t.Fatal(err)
+	}
+	ts.poolRefill(ctx)
+	pools, _ = ts.poolList(ctx, struct{}{})
+	if pools[0].Ready != 2 || !strings.Contains(pools[0].Note, "budget") {
+		t.Errorf("over the budget: %+v", pools[0])
+	}
+	// Size 0 empties it.
+	if _, err := ts.poolSet(ctx, api.PoolSpec{Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Size: 0}); err != nil {
+		t.Fatal(err)
+	}
+	if members, _ := ts.poolMembers(ctx, ""); len(members) != 0 {
+		t.Errorf("pool VMs left after size 0: %d", len(members))
+	}
+	if pools, _ := ts.poolList(ctx, struct{}{}); len(pools) != 0 {
+		t.Errorf("pools after size 0: %+v", pools)
+	}
+}

@@ -236,6 +236,9 @@ func (s *vmService) createBeginNow(ctx context.Context, p api.CreateParams) (api
 	}
 	var base string
 	if p.Base {
+		if vm, err := s.claimPool(ctx, poolKey(img, k, p.VCPUs, p.MemoryMiB, p.DiskMiB, drvName), p.Name, p.Workspace); err == nil && vm != nil {
+			return s.claimedStatus(ctx, vm), nil
+		}
 		name, sn, err := s.baseSnapshot(ctx, img, k, p.VCPUs, p.MemoryMiB, p.DiskMiB, drvName)
 		if err != nil {
 			return api.CreateStatus{}, err
@@ -260,6 +263,26 @@ func (s *vmService) createBeginNow(ctx context.Context, p api.CreateParams) (api
 	// op.cancel cancels it (the start then undoes what it made).
 	s.goCreate(ctx, vm, op, nil, base)
 	return op.snapshot(), nil
+}
+
+// claimedStatus is the finished create of a VM taken from the ready pool.
+func (s *vmService) claimedStatus(ctx context.Context, vm *store.VM) api.CreateStatus {
+	opID := rpc.OpID(ctx)
+	op := &createOp{status: api.CreateStatus{OpID: opID, VMID: vm.ID, Name: vm.Name, Stages: []api.Stage{}}, done: make(chan struct{})}
+	op.progress("claim from pool", false, nil)
+	op.progress("claim from pool", true, nil)
+	op.status.Done, op.status.VM = true, vm
+	close(op.done)
+	s.mu.Lock()
+	s.creates[opID] = op
+	s.mu.Unlock()
+	time.AfterFunc(time.Hour, func() {
+		s.mu.Lock()
+		delete(s.creates, opID)
+		s.mu.Unlock()
+	})
+	s.log.InfoContext(ctx, "create served from the ready pool", "vm", vm.Name)
+	return op.snapshot()
 }
 
 // createBeginFromSnapshot is vm.create.begin with a snapshot: the VM takes

@@ -88,6 +88,7 @@ type vmService struct {
 	defDrv      string
 	net         *netCap // nil in tests without a network
 	events      *eventBus
+	pool        *readyPool // nil: no ready pool
 
 	// newAgent makes an agent client over a transport with the pinned host key.
 	newAgent func(t *guest.Transport, hostKeyLine string) (guestAgent, error)

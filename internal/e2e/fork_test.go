@@ -271,3 +271,56 @@ func TestForkNetworkRealGuest(t *testing.T) {
 		mustBanger(t, h, "vm", "delete", n, "--force")
 	}
 }
+
+type poolJSON struct {
+	Ready int      `json:"ready"`
+	Size  int      `json:"size"`
+	VMs   []string `json:"vms"`
+	Note  string   `json:"note"`
+}
+
+func poolReady(t *testing.T, h string) poolJSON {
+	t.Helper()
+	var l []poolJSON
+	if err := json.Unmarshal([]byte(mustBanger(t, h, "pool", "ls", "-o", "json")), &l); err != nil || len(l) != 1 {
+		t.Fatalf("pool ls: %v %v", l, err)
+	}
+	return l[0]
+}
+
+// The ready pool: `banger run` of the pool's spec is served from it (its
+// stages say so), the VM is the run's own (hostname), and the pool refills.
+func TestReadyPoolRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	spec := []string{"--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M"}
+	mustBanger(t, h, append([]string{"pool", "set", "1"}, spec...)...)
+	var p poolJSON
+	waitFor(t, 3*time.Minute, "the pool to fill", func() bool { p = poolReady(t, h); return p.Ready == 1 })
+	first := p.VMs[0]
+	var vms []vmJSON
+	json.Unmarshal([]byte(mustBanger(t, h, "vm", "ls", "-o", "json")), &vms)
+	if len(vms) != 0 {
+		t.Errorf("vm ls shows pool VMs: %+v", vms)
+	}
+	json.Unmarshal([]byte(mustBanger(t, h, "vm", "ls", "--all", "-o", "json")), &vms)
+	if len(vms) != 1 || vms[0].Name != first {
+		t.Errorf("vm ls --all: %+v", vms)
+	}
+	out, errOut, code := banger(t, h, append(append([]string{"run", "--rm", "--name", "job"}, spec...), "--", "hostname")...)
+	if code != 0 || strings.TrimSpace(out) != "job" {
+		t.Fatalf("run: exit %d, %q\n%s\n%s", code, out, errOut, d.logs.String())
+	}
+	if !strings.Contains(errOut, "claim from pool") {
+		t.Errorf("the run was not served from the pool:\n%s", errOut)
+	}
+	t.Logf("run from the pool:\n%s", errOut)
+	waitFor(t, 3*time.Minute, "the pool to refill", func() bool {
+		p = poolReady(t, h)
+		return p.Ready == 1 && p.VMs[0] != first
+	})
+	mustBanger(t, h, "pool", "set", "0", "--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M")
+	json.Unmarshal([]byte(mustBanger(t, h, "vm", "ls", "--all", "-o", "json")), &vms)
+	if len(vms) != 0 {
+		t.Errorf("VMs left after pool set 0: %+v", vms)
+	}
+}

@@ -31,7 +31,8 @@ const MaxReidentify = 64 << 10
 // snapshot shares with its source until it is told otherwise.
 type Reidentify struct {
 	Hostname string `json:"hostname"`
-	// HostKey is the agent's new SSH host key (OpenSSH PEM, ed25519).
+	// HostKey is the agent's new SSH host key (OpenSSH PEM, ed25519);
+	// empty keeps the current one.
 	HostKey string `json:"host_key"`
 	// MachineID is the new /etc/machine-id (32 lowercase hex digits).
 	MachineID string `json:"machine_id"`

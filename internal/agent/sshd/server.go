@@ -375,21 +375,28 @@ func (s *Server) reidentify(req *ssh.Request, log *slog.Logger) {
 		_ = req.Reply(false, []byte("reidentify: bad payload: "+err.Error()))
 		return
 	}
-	hk, err := ssh.ParsePrivateKey([]byte(p.HostKey))
-	if err == nil && !slices.Contains(api.SSHHostKeyAlgorithms, hk.PublicKey().Type()) {
-		err = fmt.Errorf("host key type %s", hk.PublicKey().Type())
-	}
-	if err != nil {
-		_ = req.Reply(false, []byte("reidentify: host key: "+err.Error()))
-		return
+	var hk ssh.Signer
+	if p.HostKey != "" { // empty: keep the host key (a renamed VM)
+		var err error
+		hk, err = ssh.ParsePrivateKey([]byte(p.HostKey))
+		if err == nil && !slices.Contains(api.SSHHostKeyAlgorithms, hk.PublicKey().Type()) {
+			err = fmt.Errorf("host key type %s", hk.PublicKey().Type())
+		}
+		if err != nil {
+			_ = req.Reply(false, []byte("reidentify: host key: "+err.Error()))
+			return
+		}
 	}
 	if err := s.cfg.OnReidentify(p); err != nil {
 		log.Warn("reidentify failed", "err", err)
 		_ = req.Reply(false, []byte(err.Error()))
 		return
 	}
-	s.sshCfg.Store(s.serverConfig(hk))
-	log.Info("identity replaced by the host", "hostname", p.Hostname, "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
+	if hk != nil {
+		s.sshCfg.Store(s.serverConfig(hk))
+		log.Info("host key replaced by the host", "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
+	}
+	log.Info("identity replaced by the host", "hostname", p.Hostname)
 	_ = req.Reply(true, nil)
 }
 

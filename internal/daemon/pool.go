@@ -1,0 +1,392 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
+)
+
+// The ready pool keeps VMs of configured specs booted (restored from the
+// spec's base snapshot when it has one), so that `banger run` takes one
+// instead of creating it. A pool VM is an ordinary VM whose directory holds
+// the marker file poolMarker (the spec's key): vm ls hides it unless --all.
+// Claiming removes the marker (so two runs cannot take the same VM), renames
+// the VM to the run's name and tells the guest its hostname; its address,
+// MAC, host key and machine-id were its own from the start.
+
+const (
+	poolMarker        = "pool"
+	poolsFile         = "pools.json"
+	defaultPoolBudget = 2048 // MiB of guest memory all pool VMs may hold
+	poolRefillEvery   = 10 * time.Second
+)
+
+type readyPool struct {
+	mu        sync.Mutex
+	specs     []api.PoolSpec
+	path      string
+	budgetMiB int
+	notes     map[string]string // by spec key
+	making    map[string]int
+	kick      chan struct{}
+}
+
+func newReadyPool(dataDir string, fromConfig []api.PoolSpec, budgetMiB int) *readyPool {
+	p := &readyPool{path: filepath.Join(dataDir, poolsFile), budgetMiB: budgetMiB, notes: map[string]string{},
+		making: map[string]int{}, kick: make(chan struct{}, 1)}
+	if p.budgetMiB <= 0 {
+		p.budgetMiB = defaultPoolBudget
+	}
+	if b, err := os.ReadFile(p.path); err == nil && json.Unmarshal(b, &p.specs) == nil {
+		return p
+	}
+	for _, sp := range fromConfig {
+		p.specs = append(p.specs, poolDefaults(sp))
+	}
+	return p
+}
+
+// poolDefaults fills run's defaults into a spec.
+func poolDefaults(sp api.PoolSpec) api.PoolSpec {
+	if sp.VCPUs == 0 {
+		sp.VCPUs = 1
+	}
+	if sp.MemoryMiB == 0 {
+		sp.MemoryMiB = 512
+	}
+	if sp.DiskMiB == 0 {
+		sp.DiskMiB = 4096
+	}
+	return sp
+}
+
+func (p *readyPool) trigger() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// poolKey identifies a spec once image and kernel are resolved.
+func poolKey(img *store.Image, k *store.Kernel, vcpus, mem, disk int, drv string) string {
+	return fmt.Sprintf("%s/%s/%d/%d/%d/%s", img.ID, k.ID, vcpus, mem, disk, drv)
+}
+
+func (s *vmService) poolMarkerOf(vmID string) (string, bool) {
+	b, err := os.ReadFile(filepath.Join(s.vmDir(vmID), poolMarker))
+	if err != nil {
+		return "", false
+	}
+	return strings.TrimSpace(string(b)), true
+}
+
+// markPool sets vm.Pool from the marker.
+func (s *vmService) markPool(vm *store.VM) {
+	_, vm.Pool = s.poolMarkerOf(vm.ID)
+}
+
+func (s *vmService) registerPoolAPI(m *rpc.Mux) {
+	rpc.Handle(m, api.MethodPoolList, s.poolList)
+	rpc.Handle(m, api.MethodPoolSet, s.poolSet)
+}
+
+// poolMembers lists the pool VMs of key (all keys when key is "").
+func (s *vmService) poolMembers(ctx context.Context, key string) ([]*store.VM, error) {
+	vms, err := s.store.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []*store.VM
+	for _, vm := range vms {
+		if k, ok := s.poolMarkerOf(vm.ID); ok && (key == "" || k == key) {
+			out = append(out, vm)
+		}
+	}
+	return out, nil
+}
+
+func (s *vmService) specKey(ctx context.Context, sp api.PoolSpec) (string, *store.Image, *store.Kernel, error) {
+	img, err := s.artifacts.resolveImage(ctx, sp.Image)
+	if err != nil {
+		return "", nil, nil, err
+	}
+	k, err := s.artifacts.resolveKernel(ctx, sp.Kernel)
+	if err != nil {
+		return "", nil, nil, err
+	}
+	return poolKey(img, k, sp.VCPUs, sp.MemoryMiB, sp.DiskMiB, s.defDrv), img, k, nil
+}
+
+func (s *vmService) poolList(ctx context.Context, _ struct{}) ([]*api.Pool, error) {
+	if s.pool == nil {
+		return []*api.Pool{}, nil
+	}
+	s.pool.mu.Lock()
+	specs := append([]api.PoolSpec(nil), s.pool.specs...)
+	s.pool.mu.Unlock()
+	out := []*api.Pool{}
+	for _, sp := range specs {
+		pl := &api.Pool{PoolSpec: sp}
+		key, _, _, err := s.specKey(ctx, sp)
+		if err != nil {
+			pl.Note = err.Error()
+			out = append(out, pl)
+			continue
+		}
+		members, err := s.poolMembers(ctx, key)
+		if err != nil {
+			return nil, storeErr(err)
+		}
+		for _, vm := range members {
+			if vm.State == store.StateRunning && s.runtime(vm.ID) != nil {
+				pl.Ready++
+				pl.VMs = append(pl.VMs, vm.Name)
+			} else {
+				pl.Starting++
+			}
+		}
+		s.pool.mu.Lock()
+		pl.Note = s.pool.notes[key]
+		s.pool.mu.Unlock()
+		out = append(out, pl)
+	}
+	return out, nil
+}
+
+// poolSet sets a spec's size (0 removes the pool and its unclaimed VMs).
+func (s *vmService) poolSet(ctx context.Context, sp api.PoolSpec) (*api.Pool, error) {
+	if s.pool == nil {
+		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "the ready pool is not available")
+	}
+	sp = poolDefaults(sp)
+	if sp.Size < 0 || sp.Size > 32 {
+		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "pool size must be between 0 and 32")
+	}
+	key, _, _, err := s.specKey(ctx, sp)
+	if err != nil {
+		return nil, err
+	}
+	s.pool.mu.Lock()
+	var specs []api.PoolSpec
+	found := false
+	for _, o := range s.pool.specs {
+		if o.Image == sp.Image && o.Kernel == sp.Kernel && o.VCPUs == sp.VCPUs && o.MemoryMiB == sp.MemoryMiB && o.DiskMiB == sp.DiskMiB {
+			found = true
+			if sp.Size == 0 {
+				continue
+			}
+			o.Size = sp.Size
+		}
+		specs = append(specs, o)
+	}
+	if !found && sp.Size > 0 {
+		specs = append(specs, sp)
+	}
+	s.pool.specs = specs
+	b, _ := json.MarshalIndent(specs, "", "  ")
+	s.pool.mu.Unlock()
+	if err := writeFileAtomic(s.pool.path, b, 0o600); err != nil {
+		return nil, err
+	}
+	// Shrink now; grow in the background.
+	members, err := s.poolMembers(ctx, key)
+	if err != nil {
+		return nil, storeErr(err)
+	}
+	for i := sp.Size; i < len(members); i++ {
+		if _, err := s.withVM(ctx, members[i].ID, func(vm *store.VM) error { return s.delete(ctx, vm, true) }); err != nil {
+			s.log.WarnContext(ctx, "shrink the pool", "vm", members[i].Name, "error", err.Error())
+		}
+	}
+	s.pool.trigger()
+	return &api.Pool{PoolSpec: sp}, nil
+}
+
+// poolLoop keeps the pools filled until ctx ends.
+func (s *vmService) poolLoop(ctx context.Context) {
+	t := time.NewTicker(poolRefillEvery)
+	defer t.Stop()
+	for {
+		s.poolRefill(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.pool.kick:
+		case <-t.C:
+		}
+	}
+}
+
+// poolRefill makes missing pool VMs, one at a time, within the budget.
+func (s *vmService) poolRefill(ctx context.Context) {
+	s.pool.mu.Lock()
+	specs := append([]api.PoolSpec(nil), s.pool.specs...)
+	budget := s.pool.budgetMiB
+	s.pool.mu.Unlock()
+	for _, sp := range specs {
+		if sp.Size <= 0 || ctx.Err() != nil {
+			continue
+		}
+		key, img, k, err := s.specKey(ctx, sp)
+		if err != nil {
+			s.poolNote(key, err.Error())
+			continue
+		}
+		for {
+			all, err := s.poolMembers(ctx, "")
+			if err != nil {
+				return
+			}
+			used, have := 0, 0
+			for _, vm := range all {
+				used += vm.MemoryMiB
+				if k2, _ := s.poolMarkerOf(vm.ID); k2 == key {
+					have++
+				}
+			}
+			if have >= sp.Size {
+				s.poolNote(key, "")
+				break
+			}
+			if used+sp.MemoryMiB > budget {
+				s.poolNote(key, fmt.Sprintf("%d of %d ready: the pool memory budget (%d MiB) is used up", have, sp.Size, budget))
+				break
+			}
+			if err := s.makePoolVM(ctx, key, img, k, sp); err != nil {
+				s.poolNote(key, "refill failed: "+err.Error())
+				s.log.WarnContext(ctx, "refill the ready pool", "error", err.Error())
+				break
+			}
+		}
+	}
+}
+
+func (s *vmService) poolNote(key, note string) {
+	s.pool.mu.Lock()
+	s.pool.notes[key] = note
+	s.pool.mu.Unlock()
+}
+
+// makePoolVM makes one pool VM, restored from the spec's base snapshot when
+// there is one (else booted cold, and the base saved).
+func (s *vmService) makePoolVM(ctx context.Context, key string, img *store.Image, k *store.Kernel, sp api.PoolSpec) error {
+	vm := &store.VM{ID: newID(), ImageID: img.ID, KernelID: k.ID, VCPUs: sp.VCPUs, MemoryMiB: sp.MemoryMiB,
+		DiskMiB: sp.DiskMiB, State: store.StateCreating, Driver: s.defDrv}
+	vm.Name = "pool-" + vm.ID[:12]
+	if err := os.MkdirAll(s.vmDir(vm.ID), 0o700); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(s.vmDir(vm.ID), poolMarker), []byte(key+"\n"), 0o600); err != nil {
+		return err
+	}
+	if err := s.store.CreateVM(ctx, vm); err != nil {
+		os.RemoveAll(s.vmDir(vm.ID))
+		return storeErr(err)
+	}
+	unlock := s.locks.Lock(vm.ID)
+	defer unlock()
+	name, sn, err := s.baseSnapshot(ctx, img, k, sp.VCPUs, sp.MemoryMiB, sp.DiskMiB, s.defDrv)
+	if err == nil {
+		if sn != nil {
+			var rs *restoreSource
+			if rs, err = s.restoreSourceFor(sn); err == nil {
+				err = s.startFrom(ctx, vm, nil, rs)
+			}
+		} else if err = s.start(ctx, vm, nil); err == nil {
+			s.saveBase(ctx, vm, name, func(string, bool, error) {})
+		}
+	}
+	if err != nil {
+		if rerr := s.removeVM(context.WithoutCancel(ctx), vm); rerr != nil {
+			s.log.ErrorContext(ctx, "remove a failed pool VM", "vm", vm.Name, "error", rerr.Error())
+		}
+		return err
+	}
+	s.log.InfoContext(ctx, "pool VM ready", "vm", vm.Name, "restored", sn != nil)
+	return nil
+}
+
+// claimPool hands a ready pool VM of key to a run: renamed to name, told its
+// hostname. It returns nil when the pool has none ready.
+func (s *vmService) claimPool(ctx context.Context, key, name, workspace string) (*store.VM, error) {
+	if s.pool == nil {
+		return nil, nil
+	}
+	members, err := s.poolMembers(ctx, key)
+	if err != nil {
+		return nil, nil
+	}
+	for _, m := range members {
+		vm, err := s.claimOne(ctx, m.ID, key, name, workspace)
+		if err != nil {
+			s.log.WarnContext(ctx, "claim a pool VM", "vm", m.Name, "error", err.Error())
+			continue
+		}
+		if vm != nil {
+			s.pool.trigger()
+			return vm, nil
+		}
+	}
+	return nil, nil
+}
+
+func (s *vmService) claimOne(ctx context.Context, id, key, name, workspace string) (*store.VM, error) {
+	unlock := s.locks.Lock(id)
+	defer unlock()
+	vm, err := s.store.GetVM(ctx, id)
+	if err != nil {
+		return nil, nil
+	}
+	rt := s.runtime(id)
+	if k, ok := s.poolMarkerOf(id); !ok || k != key || vm.State != store.StateRunning || rt == nil || rt.paused.Load() {
+		return nil, nil
+	}
+	// Removing the marker is the claim: the lock makes it exclusive.
+	if err := os.Remove(filepath.Join(s.vmDir(id), poolMarker)); err != nil {
+		return nil, nil
+	}
+	old := vm.Name
+	vm.Name, vm.Workspace = name, workspace
+	if err := s.save(ctx, vm); err != nil {
+		// Name taken: give it back to the pool.
+		os.WriteFile(filepath.Join(s.vmDir(id), poolMarker), []byte(key+"\n"), 0o600)
+		vm.Name = old
+		return nil, storeErr(err)
+	}
+	a, err := s.agent(ctx, id, rt)
+	if err == nil {
+		ri, ok := a.(reidentifier)
+		if !ok {
+			err = errors.New("internal error: the guest agent client cannot reidentify")
+		} else {
+			err = ri.Reidentify(ctx, agentapiReidentifyHostname(name))
+		}
+	}
+	if err != nil {
+		// The VM is the run's now; a stale hostname is not worth failing it.
+		s.log.WarnContext(ctx, "tell a claimed pool VM its hostname", "vm", name, "error", err.Error())
+	}
+	s.refreshKnownHosts(ctx)
+	return vm, nil
+}
+
+// poolActive reports whether any pool is configured (so vm.list must look
+// for pool VMs to hide).
+func (s *vmService) poolActive() bool {
+	if s.pool == nil {
+		return false
+	}
+	s.pool.mu.Lock()
+	defer s.pool.mu.Unlock()
+	return len(s.pool.specs) > 0
+}
