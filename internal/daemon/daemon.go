@@ -61,7 +61,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer d.close()
-	srv := &rpc.Server{Mux: d.mux, Logger: d.log}
+	srv := newRPCServer(d)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ctx, ln) }()
 	d.log.Info("bangerd ready", "socket", cfg.Layout.Socket(), "pid", os.Getpid(), "version", cfg.Version)
@@ -125,6 +125,12 @@ func open(ctx context.Context, cfg Config) (_ *Daemon, _ net.Listener, err error
 		return nil, nil, err
 	}
 	return d, ln, nil
+}
+
+// newRPCServer is bangerd's server on its socket: only its own user (and
+// root) is served; a refused connection gets one answer and is closed.
+func newRPCServer(d *Daemon) *rpc.Server {
+	return &rpc.Server{Mux: d.mux, Logger: d.log, Authorize: authorizePeer(uint32(os.Getuid())), CloseOnRefusal: true}
 }
 
 func (d *Daemon) addCloser(name string, fn func() error) {
