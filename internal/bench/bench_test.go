@@ -224,6 +224,10 @@ func num(v float64) string {
 // table renders the results (markdown when md).
 func (b *bench) table(md bool) string {
 	var sb strings.Builder
+	if md {
+		fmt.Fprintf(&sb, "`%s` on %s: %d CPUs, load average %s at the start and %s at the end, %d other QEMU processes running at the start; %.0f s.\n\n",
+			b.rep.Command, b.rep.Started.Format("2006-01-02 15:04 UTC"), b.rep.CPUs, first(b.rep.LoadAvg), last(b.rep.LoadAvg), b.rep.OtherVMM, b.rep.Seconds)
+	}
 	head := []string{"metric", "unit", "banger", "baseline", "ratio", "target", "pass", "n", "baseline is / note"}
 	var w io.Writer = &sb
 	var tw *tabwriter.Writer
@@ -393,4 +397,18 @@ func rssMiB(pid int) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
+}
+
+func first(s []string) string {
+	if len(s) == 0 {
+		return "?"
+	}
+	return s[0]
+}
+
+func last(s []string) string {
+	if len(s) == 0 {
+		return "?"
+	}
+	return s[len(s)-1]
 }
