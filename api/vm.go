@@ -40,6 +40,18 @@ type VM struct {
 	// ExpiresAt is when bangerd deletes the VM (created with a TTL); not
 	// stored in the VM record.
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	// Forwards are the host ports bangerd publishes for the VM (-p); Port is
+	// the one listening (chosen when the spec said 0), 0 while stopped.
+	Forwards []Forward `json:"forwards,omitempty"`
+}
+
+// Forward is one published port: Host:Port on the host to GuestPort in the VM.
+type Forward struct {
+	Spec      string `json:"spec"`
+	Host      string `json:"host"`
+	Port      int    `json:"port"`
+	GuestPort int    `json:"guest_port"`
+	Error     string `json:"error,omitempty"`
 }
 
 // VMRef names a VM by id, name or unambiguous prefix.
@@ -70,6 +82,9 @@ type CreateParams struct {
 	// TTLSeconds, when set, has bangerd stop and delete the VM that long
 	// after the create began (at most 30 days).
 	TTLSeconds float64 `json:"ttl_seconds,omitempty"`
+	// Ports are published while the VM runs: [HOST:]PORT:GUEST_PORT (HOST
+	// defaults to 127.0.0.1; PORT 0 picks a free one, see VM.Forwards).
+	Ports []string `json:"ports,omitempty"`
 }
 
 // Stage is one visible step of a create, with its timings.

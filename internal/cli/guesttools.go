@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/crypto/ssh"
 
+	"github.com/bangerdev/banger/internal/portspec"
 	"github.com/bangerdev/banger/internal/sshconfig"
 	"github.com/bangerdev/banger/internal/system"
 	"github.com/bangerdev/banger/internal/termsafe"
@@ -206,103 +207,50 @@ func (a *App) portsCommand() *cobra.Command {
 // ---- port-forward ----
 
 // forwardSpec is a parsed [HOST:]PORT[:GUEST_PORT].
-type forwardSpec struct {
-	Host      string
-	Port      int // 0: any free port
-	GuestPort int
-}
+type forwardSpec = portspec.Spec
 
-// parseForward parses [HOST:]PORT[:GUEST_PORT]. With two parts, a numeric
-// first part means PORT:GUEST_PORT, else HOST:PORT. An IPv6 host goes in
-// brackets: [::1]:8080:80.
-func parseForward(s string) (forwardSpec, error) {
-	bad := func(why string) (forwardSpec, error) {
-		return forwardSpec{}, fmt.Errorf("bad forward %q: %s (want [HOST:]PORT[:GUEST_PORT], e.g. 8080, 8080:80 or 127.0.0.1:8080:80)", s, why)
-	}
-	var host string
-	rest := s
-	if strings.HasPrefix(s, "[") {
-		i := strings.Index(s, "]:")
-		if i < 0 {
-			return bad("unterminated [IPv6 address]")
-		}
-		host, rest = s[1:i], s[i+2:]
-		if net.ParseIP(host) == nil {
-			return bad("not an IPv6 address in brackets")
-		}
-	}
-	parts := strings.Split(rest, ":")
-	if host == "" {
-		switch {
-		case len(parts) == 3:
-			host, parts = parts[0], parts[1:]
-		case len(parts) == 2 && !isDigits(parts[0]):
-			host, parts = parts[0], parts[1:2]
-		}
-		if host == "" && len(parts) > 2 {
-			return bad("too many ':'")
-		}
-	}
-	if len(parts) > 2 || len(parts) == 0 {
-		return bad("too many ':'")
-	}
-	port, err := parsePort(parts[0], true)
-	if err != nil {
-		return bad(err.Error())
-	}
-	guestPort := port
-	if len(parts) == 2 {
-		if guestPort, err = parsePort(parts[1], false); err != nil {
-			return bad(err.Error())
-		}
-	} else if port == 0 {
-		return bad("port 0 needs a GUEST_PORT")
-	}
-	if host == "" {
-		host = "127.0.0.1"
-	}
-	if strings.ContainsAny(host, " /") {
-		return bad("bad host")
-	}
-	return forwardSpec{Host: host, Port: port, GuestPort: guestPort}, nil
-}
-
-func isDigits(s string) bool {
-	return s != "" && strings.Trim(s, "0123456789") == ""
-}
-
-func parsePort(s string, zeroOK bool) (int, error) {
-	if !isDigits(s) {
-		return 0, fmt.Errorf("%q is not a port number", s)
-	}
-	n, err := strconv.Atoi(s)
-	if err != nil || n > 65535 || n == 0 && !zeroOK {
-		return 0, fmt.Errorf("port %s out of range", s)
-	}
-	return n, nil
-}
+func parseForward(s string) (forwardSpec, error) { return portspec.Parse(s) }
 
 func (a *App) portForwardCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:   "port-forward VM [HOST:]PORT[:GUEST_PORT]",
-		Short: "Expose a VM's port on this host (127.0.0.1 unless HOST says otherwise) until Ctrl-C",
-		Args:  exactArgs(2, "VM [HOST:]PORT[:GUEST_PORT]"),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			spec, err := parseForward(args[1])
-			if err != nil {
-				return &UsageError{err}
+	var auto bool
+	cmd := &cobra.Command{
+		Use:   "port-forward VM [[HOST:]PORT[:GUEST_PORT]...]",
+		Short: "Expose a VM's ports on this host (127.0.0.1 unless HOST says otherwise) until Ctrl-C",
+		Long: "Listens on this host and carries each connection to a port in the VM, over the VM's\n" +
+			"agent (no network needed). Give several specs to forward several ports. PORT 0 picks\n" +
+			"a free port (printed; under -o json, one JSON line with every chosen port). --auto\n" +
+			"follows the guest: every TCP port something listens on in the VM is forwarded to the\n" +
+			"same port on 127.0.0.1 (or a free one when that is taken) while it listens.",
+		Example: "  banger port-forward dev 8080\n" +
+			"  banger port-forward dev 8080:80 0:5432 127.0.0.1:9000:9000\n" +
+			"  banger port-forward dev --auto",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 1 || len(args) < 2 && !auto {
+				return usagef("usage: %s VM [HOST:]PORT[:GUEST_PORT]... (or --auto)", cmd.CommandPath())
 			}
-			return a.portForward(cmd.Context(), args[0], spec)
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var specs []forwardSpec
+			for _, s := range args[1:] {
+				spec, err := parseForward(s)
+				if err != nil {
+					return &UsageError{err}
+				}
+				specs = append(specs, spec)
+			}
+			return a.portForward(cmd.Context(), args[0], specs, auto)
 		},
 	}
+	cmd.Flags().BoolVar(&auto, "auto", false, "forward every TCP port the guest listens on, following it as ports open and close")
+	return cmd
 }
 
-// forwarder carries local TCP connections to a guest port over one SSH
+// forwarder carries local TCP connections to guest ports over one SSH
 // connection, reconnecting when it breaks.
 type forwarder struct {
-	a    *App
-	vm   string
-	spec forwardSpec
+	a  *App
+	vm string
 
 	mu sync.Mutex
 	cl *ssh.Client
@@ -341,15 +289,15 @@ func (f *forwarder) close() {
 	}
 }
 
-// dial opens a direct-tcpip channel to the guest port (IPv4 loopback, then IPv6).
-func (f *forwarder) dial(ctx context.Context) (net.Conn, error) {
+// dial opens a direct-tcpip channel to a guest port (IPv4 loopback, then IPv6).
+func (f *forwarder) dial(ctx context.Context, guestPort int) (net.Conn, error) {
 	cl, err := f.client(ctx)
 	if err != nil {
 		return nil, err
 	}
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	port := strconv.Itoa(f.spec.GuestPort)
+	port := strconv.Itoa(guestPort)
 	c, err := cl.DialContext(dctx, "tcp", net.JoinHostPort("127.0.0.1", port))
 	if err == nil {
 		return c, nil
@@ -361,42 +309,24 @@ func (f *forwarder) dial(ctx context.Context) (net.Conn, error) {
 	if c6, err6 := cl.DialContext(dctx, "tcp", net.JoinHostPort("::1", port)); err6 == nil {
 		return c6, nil
 	}
-	return nil, fmt.Errorf("nothing accepts connections on port %d in %s (%v)", f.spec.GuestPort, f.vm, err)
+	return nil, fmt.Errorf("nothing accepts connections on port %d in %s (%v)", guestPort, f.vm, err)
 }
 
-func (a *App) portForward(ctx context.Context, vm string, spec forwardSpec) error {
-	f := &forwarder{a: a, vm: vm, spec: spec}
-	defer f.close()
-	// Connect first: a stopped VM or unknown name fails now, not at the first connection.
-	if _, err := f.client(ctx); err != nil {
-		return err
-	}
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "tcp", net.JoinHostPort(spec.Host, strconv.Itoa(spec.Port)))
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", net.JoinHostPort(spec.Host, strconv.Itoa(spec.Port)), err)
-	}
-	defer ln.Close()
-	fmt.Fprintf(a.Stdout, "Forwarding %s -> %s:%d (Ctrl-C to stop)\n", ln.Addr(), vm, spec.GuestPort)
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-	var wg sync.WaitGroup
-	defer wg.Wait()
+// serve accepts on ln until it is closed, carrying connections to guestPort.
+func (f *forwarder) serve(ctx context.Context, ln net.Listener, guestPort int, wg *sync.WaitGroup) {
+	defer wg.Done()
 	for {
 		lconn, err := ln.Accept()
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("accept: %w", err)
+			return
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer lconn.Close()
-			gconn, err := f.dial(ctx)
+			gconn, err := f.dial(ctx, guestPort)
 			if err != nil {
-				fmt.Fprintf(a.Stderr, "port-forward: %s: %v\n", lconn.RemoteAddr(), err)
+				fmt.Fprintf(f.a.Stderr, "port-forward: %s: %s\n", lconn.RemoteAddr(), termsafe.String(err.Error()))
 				return
 			}
 			defer gconn.Close()
@@ -405,6 +335,142 @@ func (a *App) portForward(ctx context.Context, vm string, spec forwardSpec) erro
 			system.Splice(lconn, gconn)
 		}()
 	}
+}
+
+// boundForward is a forward as listening: the chosen port when PORT was 0.
+type boundForward struct {
+	Host      string `json:"host"`
+	Port      int    `json:"port"`
+	GuestPort int    `json:"guest_port"`
+	Auto      bool   `json:"auto,omitempty"`
+}
+
+func listenSpec(ctx context.Context, spec forwardSpec) (net.Listener, boundForward, error) {
+	var lc net.ListenConfig
+	addr := net.JoinHostPort(spec.Host, strconv.Itoa(spec.Port))
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, boundForward{}, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return ln, boundForward{Host: spec.Host, Port: ln.Addr().(*net.TCPAddr).Port, GuestPort: spec.GuestPort}, nil
+}
+
+func (a *App) portForward(ctx context.Context, vm string, specs []forwardSpec, auto bool) error {
+	f := &forwarder{a: a, vm: vm}
+	defer f.close()
+	// Connect first: a stopped VM or unknown name fails now, not at the first connection.
+	if _, err := f.client(ctx); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	var lns []net.Listener
+	defer func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		wg.Wait()
+	}()
+	var bound []boundForward
+	explicit := map[int]bool{}
+	for _, spec := range specs {
+		ln, b, err := listenSpec(ctx, spec)
+		if err != nil {
+			return err
+		}
+		lns = append(lns, ln)
+		bound = append(bound, b)
+		explicit[spec.GuestPort] = true
+		wg.Add(1)
+		go f.serve(ctx, ln, spec.GuestPort, &wg)
+	}
+	if a.output == "json" {
+		b, _ := json.Marshal(map[string]any{"vm": vm, "forwards": bound})
+		fmt.Fprintf(a.Stdout, "%s\n", b)
+	} else {
+		for _, b := range bound {
+			fmt.Fprintf(a.Stdout, "Forwarding %s -> %s:%d\n", net.JoinHostPort(b.Host, strconv.Itoa(b.Port)), vm, b.GuestPort)
+		}
+		fmt.Fprintln(a.Stdout, "(Ctrl-C to stop)")
+	}
+	if !auto {
+		<-ctx.Done()
+		return nil
+	}
+	return a.followPorts(ctx, f, explicit, &wg)
+}
+
+// followPorts forwards each TCP port the guest listens on (but those
+// forwarded explicitly and SSH's 22) while it listens, as Lima does.
+func (a *App) followPorts(ctx context.Context, f *forwarder, explicit map[int]bool, wg *sync.WaitGroup) error {
+	c, err := a.client(ctx)
+	if err != nil {
+		return err
+	}
+	active := map[int]net.Listener{}
+	defer func() {
+		for _, ln := range active {
+			ln.Close()
+		}
+	}()
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		res, err := c.Ports(pctx, f.vm)
+		cancel()
+		if err == nil {
+			seen := map[int]bool{}
+			for _, p := range res.Ports {
+				if (p.Proto != "tcp" && p.Proto != "tcp6") || p.Port == 22 || explicit[p.Port] || p.Port <= 0 || p.Port > 65535 {
+					continue
+				}
+				seen[p.Port] = true
+				if active[p.Port] != nil {
+					continue
+				}
+				ln, b, lerr := listenSpec(ctx, forwardSpec{Host: "127.0.0.1", Port: p.Port, GuestPort: p.Port})
+				if lerr != nil {
+					ln, b, lerr = listenSpec(ctx, forwardSpec{Host: "127.0.0.1", Port: 0, GuestPort: p.Port})
+				}
+				if lerr != nil {
+					fmt.Fprintf(a.Stderr, "port-forward: guest port %d: %v\n", p.Port, lerr)
+					continue
+				}
+				active[p.Port] = ln
+				b.Auto = true
+				a.reportForward(f.vm, b, "forwarding")
+				wg.Add(1)
+				go f.serve(ctx, ln, p.Port, wg)
+			}
+			for port, ln := range active {
+				if !seen[port] {
+					ln.Close()
+					delete(active, port)
+					a.reportForward(f.vm, boundForward{Host: "127.0.0.1", Port: ln.Addr().(*net.TCPAddr).Port, GuestPort: port, Auto: true}, "stopped")
+				}
+			}
+		} else if ctx.Err() == nil {
+			fmt.Fprintf(a.Stderr, "port-forward: list the guest's ports: %s\n", termsafe.String(err.Error()))
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (a *App) reportForward(vm string, b boundForward, event string) {
+	if a.output == "json" {
+		out, _ := json.Marshal(map[string]any{"event": event, "vm": vm, "forward": b})
+		fmt.Fprintf(a.Stdout, "%s\n", out)
+		return
+	}
+	arrow := "->"
+	if event == "stopped" {
+		arrow = "-/->"
+	}
+	fmt.Fprintf(a.Stdout, "%s %s %s %s:%d (guest listener)\n", strings.ToUpper(event[:1])+event[1:], net.JoinHostPort(b.Host, strconv.Itoa(b.Port)), arrow, vm, b.GuestPort)
 }
 
 // ---- stats ----

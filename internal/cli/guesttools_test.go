@@ -9,54 +9,6 @@ import (
 	"github.com/bangerdev/banger/api"
 )
 
-func TestParseForward(t *testing.T) {
-	tests := []struct {
-		in      string
-		want    forwardSpec
-		wantErr bool
-	}{
-		{"8080", forwardSpec{"127.0.0.1", 8080, 8080}, false},
-		{"8080:80", forwardSpec{"127.0.0.1", 8080, 80}, false},
-		{"0:80", forwardSpec{"127.0.0.1", 0, 80}, false},
-		{"localhost:8080", forwardSpec{"localhost", 8080, 8080}, false},
-		{"0.0.0.0:8080:80", forwardSpec{"0.0.0.0", 8080, 80}, false},
-		{"[::1]:8080:80", forwardSpec{"::1", 8080, 80}, false},
-		{"[::1]:8080", forwardSpec{"::1", 8080, 8080}, false},
-		{"0", forwardSpec{}, true},
-		{"", forwardSpec{}, true},
-		{"70000", forwardSpec{}, true},
-		{"8080:0", forwardSpec{}, true},
-		{"a:b:c:d", forwardSpec{}, true},
-		{"[::1:80", forwardSpec{}, true},
-		{"[nope]:80", forwardSpec{}, true},
-		{"host:x", forwardSpec{}, true},
-		{"-1", forwardSpec{}, true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.in, func(t *testing.T) {
-			got, err := parseForward(tt.in)
-			if (err != nil) != tt.wantErr || got != tt.want {
-				t.Fatalf("parseForward(%q) = %+v, %v; want %+v (error %v)", tt.in, got, err, tt.want, tt.wantErr)
-			}
-		})
-	}
-}
-
-func FuzzParseForward(f *testing.F) {
-	for _, s := range []string{"8080", "1:2", "h:1:2", "[::1]:1:2", "[", ":::", "0:0"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		sp, err := parseForward(s)
-		if err != nil {
-			return
-		}
-		if sp.Port < 0 || sp.Port > 65535 || sp.GuestPort < 1 || sp.GuestPort > 65535 || sp.Host == "" {
-			t.Fatalf("parseForward(%q) accepted %+v", s, sp)
-		}
-	})
-}
-
 func TestParseCpArg(t *testing.T) {
 	tests := []struct {
 		in   string

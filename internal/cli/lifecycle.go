@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"strconv"
 	"strings"
 	"time"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/portspec"
 )
 
 type createFlags struct {
@@ -21,6 +24,7 @@ type createFlags struct {
 	snapshot                                             string
 	cmd                                                  *cobra.Command
 	ttl                                                  time.Duration
+	publish                                              []string
 }
 
 func (f *createFlags) add(cmd *cobra.Command, withName bool) {
@@ -37,6 +41,7 @@ func (f *createFlags) add(cmd *cobra.Command, withName bool) {
 	fl.StringVar(&f.workspace, "workspace", "", "copy the git repository at DIR into the VM (/root/<name>)")
 	fl.BoolVar(&f.noWorkspace, "no-workspace", false, "copy no repository into the VM (the default)")
 	fl.StringVar(&f.snapshot, "snapshot", "", "make the VM from a snapshot (banger snapshot ls): it resumes where the snapshot was taken, with its own identity")
+	fl.StringArrayVarP(&f.publish, "publish", "p", nil, "publish a VM port on this host while it runs: [HOST:]PORT:GUEST_PORT (HOST 127.0.0.1; PORT 0 picks one), repeatable")
 	fl.DurationVar(&f.ttl, "ttl", 0, "delete the VM this long after it is created, e.g. 30m or 2h (bangerd does it, even if this command is gone)")
 	cmd.MarkFlagsMutuallyExclusive("workspace", "no-workspace")
 	f.cmd = cmd
@@ -76,8 +81,16 @@ func (f *createFlags) params() (api.CreateParams, error) {
 	if f.ttl < 0 {
 		return api.CreateParams{}, usagef("--ttl must be positive")
 	}
+	var ports []string
+	for _, s := range f.publish {
+		sp, err := portspec.Parse(s)
+		if err != nil {
+			return api.CreateParams{}, usagef("-p: %v", err)
+		}
+		ports = append(ports, sp.String())
+	}
 	return api.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver,
-		TTLSeconds: f.ttl.Seconds()}, nil
+		TTLSeconds: f.ttl.Seconds(), Ports: ports}, nil
 }
 
 // parseSize reads 512M, 2G, 1024 (MiB) into MiB.
@@ -163,10 +176,17 @@ func (a *App) addVMLifecycleCommands(vm *cobra.Command) {
 					return fmt.Errorf("%s is running, but its workspace push failed (retry with banger workspace push %s %s): %w", v.Name, v.Name, p.Workspace, err)
 				}
 			}
+			if len(p.Ports) > 0 || p.TTLSeconds > 0 {
+				// the record as bangerd reports it now: chosen ports, expiry
+				if got, err := a.getVM(cmd.Context(), v.ID); err == nil {
+					v = got
+				}
+			}
 			if a.output == "json" {
 				return a.printJSON(v)
 			}
 			fmt.Fprintf(a.Stdout, "%s is running\n", v.Name)
+			a.printForwards(a.Stdout, v)
 			return nil
 		},
 	}
@@ -367,4 +387,23 @@ func (a *App) deleteVMs(ctx context.Context, c *client.Client, refs []string, fo
 		return out, fmt.Errorf("%d of %d VMs not deleted (see above): %w", len(errs), len(refs), errors.Join(errs...))
 	}
 	return out, nil
+}
+
+func (a *App) getVM(ctx context.Context, ref string) (*api.VM, error) {
+	c, err := a.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return c.GetVM(ctx, ref)
+}
+
+// printForwards says where a VM's published ports listen.
+func (a *App) printForwards(w io.Writer, v *api.VM) {
+	for _, f := range v.Forwards {
+		if f.Error != "" {
+			fmt.Fprintf(a.Stderr, "cannot publish %s: %s\n", f.Spec, f.Error)
+			continue
+		}
+		fmt.Fprintf(w, "publishing %s -> %s:%d\n", net.JoinHostPort(f.Host, strconv.Itoa(f.Port)), v.Name, f.GuestPort)
+	}
 }

@@ -60,6 +60,11 @@ func (a *App) runCommand() *cobra.Command {
 			if rm {
 				defer a.call(context.WithoutCancel(ctx), api.MethodVMDelete, api.DeleteParams{VM: v.ID, Force: true}, nil)
 			}
+			if len(p.Ports) > 0 {
+				if got, err := a.getVM(ctx, v.ID); err == nil {
+					a.printForwards(a.Stderr, got)
+				}
+			}
 			var ic api.ImageConfig
 			if err := a.call(ctx, api.MethodImageConfig, api.NameRef{Name: v.ImageID}, &ic); err != nil {
 				return err

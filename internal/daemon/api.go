@@ -23,7 +23,7 @@ func (d *Daemon) registerAPI() {
 		}, nil
 	})
 	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, p api.VMListParams) (json.RawMessage, error) {
-		if !d.vms.anyPaused() && !d.vms.poolActive() {
+		if !d.vms.anyPaused() && !d.vms.poolActive() && !d.vms.anyDecorated() {
 			// The common case, served as SQLite encodes it (no paused flags to add).
 			b, err := d.store.ListVMsJSON(ctx)
 			return b, storeErr(err)
@@ -36,6 +36,7 @@ func (d *Daemon) registerAPI() {
 		for _, vm := range vms {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
+			d.vms.markForwards(ctx, vm)
 			d.vms.markPool(vm)
 			if !vm.Pool || p.All {
 				out = append(out, vm)
@@ -48,6 +49,7 @@ func (d *Daemon) registerAPI() {
 		if vm != nil {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
+			d.vms.markForwards(ctx, vm)
 			d.vms.markPool(vm)
 		}
 		return vm, storeErr(err)

@@ -41,15 +41,25 @@ func ttlOf(sec float64) (time.Duration, error) {
 }
 
 // createBegin is vm.create.begin: the create (from an image or a snapshot),
-// with the VM's expiry recorded when it has a TTL.
+// with the VM's expiry and published ports recorded.
 func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
 	ttl, err := ttlOf(p.TTLSeconds)
 	if err != nil {
 		return api.CreateStatus{}, err
 	}
+	ports, err := parsePorts(p.Ports)
+	if err != nil {
+		return api.CreateStatus{}, err
+	}
 	st, err := s.createBeginNow(ctx, p)
-	if err != nil || ttl == 0 {
+	if err != nil {
 		return st, err
+	}
+	if err := s.setPorts(st.VMID, ports); err != nil {
+		return st, fmt.Errorf("%s is being created, but its published ports could not be recorded: %w", st.Name, err)
+	}
+	if ttl == 0 {
+		return st, nil
 	}
 	if err := s.setExpiry(&store.VM{ID: st.VMID}, ttl); err != nil {
 		return st, fmt.Errorf("%s is being created, but its ttl could not be recorded (delete it yourself): %w", st.Name, err)
@@ -99,8 +109,9 @@ func (s *vmService) markExpiry(vm *store.VM) {
 	}
 }
 
-// startReaper deletes expired VMs every second until the returned stop is
-// called (bangerd registers it as a closer).
+// startReaper deletes expired VMs and keeps published ports listening (or
+// not) every second until the returned stop is called (bangerd registers it
+// as a closer).
 func (s *vmService) startReaper(ctx context.Context) func() error {
 	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	var wg sync.WaitGroup
@@ -111,6 +122,9 @@ func (s *vmService) startReaper(ctx context.Context) func() error {
 		defer t.Stop()
 		for {
 			s.reapExpired(ctx, time.Now())
+			if vms, err := s.store.ListVMs(ctx); err == nil {
+				s.syncForwards(ctx, vms)
+			}
 			select {
 			case <-ctx.Done():
 				return
@@ -121,6 +135,7 @@ func (s *vmService) startReaper(ctx context.Context) func() error {
 	return func() error {
 		cancel()
 		wg.Wait()
+		s.closeForwards()
 		return nil
 	}
 }

@@ -96,6 +96,8 @@ type vmService struct {
 	statsOnce sync.Once
 	pollerVal *statsPoller
 
+	forwards forwardSet // host ports published with -p (forwards.go)
+
 	mu       sync.Mutex
 	runtimes map[string]*runtime
 	creates  map[string]*createOp

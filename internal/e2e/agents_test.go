@@ -1,6 +1,15 @@
 package e2e
 
 import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -45,5 +54,98 @@ func TestAgentLifecycleRealGuest(t *testing.T) {
 	}
 	if out := mustBanger(t, h, "vm", "ls", "-q"); out != "" {
 		t.Errorf("VMs left: %q", out)
+	}
+}
+
+// TestPortsRealGuest: -p on create publishes a guest port through bangerd
+// (JSON gives the chosen port for 0); port-forward takes several specs and
+// --auto follows the guest's listeners.
+func TestPortsRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	out, errOut, code := banger(t, h, "vm", "create", "web", "-p", "0:9000", "--memory", "256M", "--disk", "512M", "-o", "json")
+	if code != 0 {
+		t.Fatalf("create -p: %d %s\n%s", code, errOut, d.logs.String())
+	}
+	t.Cleanup(func() { banger(t, h, "vm", "rm", "-f", "web") })
+	var v struct {
+		Forwards []struct {
+			Host      string `json:"host"`
+			Port      int    `json:"port"`
+			GuestPort int    `json:"guest_port"`
+		} `json:"forwards"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil || len(v.Forwards) != 1 || v.Forwards[0].Port == 0 || v.Forwards[0].GuestPort != 9000 {
+		t.Fatalf("create -p 0:9000 -o json: %v %s", err, out)
+	}
+	mustBanger(t, h, "exec", "web", "--", "sh", "-c", "mkdir -p /www && echo published > /www/index.html && httpd -p 9000 -h /www && httpd -p 9001 -h /www")
+	get := func(port int) string {
+		t.Helper()
+		var body string
+		waitFor(t, 20*time.Second, fmt.Sprintf("GET 127.0.0.1:%d", port), func() bool {
+			c := http.Client{Timeout: 3 * time.Second}
+			resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/index.html", port))
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+			body = string(b)
+			return resp.StatusCode == 200
+		})
+		return body
+	}
+	if got := get(v.Forwards[0].Port); got != "published\n" {
+		t.Fatalf("published port served %q", got)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(bins(t), "banger"), "port-forward", "web", "0:9000", "--auto", "-o", "json")
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+h)
+	stdout, _ := cmd.StdoutPipe()
+	var stderr lockedBuf
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() }()
+	lines := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	next := func(what string) map[string]any {
+		t.Helper()
+		select {
+		case l, ok := <-lines:
+			var m map[string]any
+			if !ok || json.Unmarshal([]byte(l), &m) != nil {
+				t.Fatalf("%s: line %q (stderr %s)", what, l, stderr.String())
+			}
+			return m
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s: nothing within 30s (stderr %s)", what, stderr.String())
+		}
+		return nil
+	}
+	first := next("the explicit forwards")
+	fws, _ := first["forwards"].([]any)
+	if len(fws) != 1 {
+		t.Fatalf("port-forward -o json: %v", first)
+	}
+	p0 := int(fws[0].(map[string]any)["port"].(float64))
+	if got := get(p0); got != "published\n" {
+		t.Fatalf("explicit forward served %q", got)
+	}
+	ev := next("the --auto forward of 9001")
+	fw, _ := ev["forward"].(map[string]any)
+	if ev["event"] != "forwarding" || fw == nil || fw["guest_port"] != float64(9001) {
+		t.Fatalf("auto event: %v", ev)
+	}
+	if got := get(int(fw["port"].(float64))); got != "published\n" {
+		t.Fatalf("auto forward served %q", got)
 	}
 }

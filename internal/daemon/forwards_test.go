@@ -1,0 +1,70 @@
+package daemon
+
+import (
+	"context"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/internal/rpc"
+)
+
+// TestPublishedPorts: -p specs are checked, listened on while the VM runs
+// (PORT 0 reported as the chosen port) and closed when it stops.
+func TestPublishedPorts(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	if _, err := ts.createBegin(ctx, api.CreateParams{Name: "bad", Ports: []string{"99999:80"}}); rpc.CodeOf(err) != rpc.CodeInvalidArgument {
+		t.Fatalf("bad spec: %v", err)
+	}
+	st, err := ts.createBegin(rpc.WithOpID(ctx, "op-ports1"), api.CreateParams{Name: "web", Ports: []string{"127.0.0.1:0:80"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.mu.Lock()
+	op := ts.creates[st.OpID]
+	ts.mu.Unlock()
+	select {
+	case <-op.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("create did not finish")
+	}
+	vm, err := ts.st.GetVM(ctx, st.VMID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.markForwards(ctx, vm)
+	if len(vm.Forwards) != 1 || vm.Forwards[0].Port == 0 || vm.Forwards[0].GuestPort != 80 || vm.Forwards[0].Error != "" {
+		t.Fatalf("forwards %+v", vm.Forwards)
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(vm.Forwards[0].Port))
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("published port not listening: %v", err)
+	}
+	c.Close()
+	// the same boot keeps the same listener
+	vm2, _ := ts.st.GetVM(ctx, st.VMID)
+	ts.markForwards(ctx, vm2)
+	if vm2.Forwards[0].Port != vm.Forwards[0].Port {
+		t.Fatalf("port changed within one boot: %d then %d", vm.Forwards[0].Port, vm2.Forwards[0].Port)
+	}
+	// stopped: the housekeeping closes it
+	if err := ts.kill(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	vms, _ := ts.st.ListVMs(ctx)
+	ts.syncForwards(ctx, vms)
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("published port still listening after the VM stopped")
+	}
+	vm3, _ := ts.st.GetVM(ctx, st.VMID)
+	ts.markForwards(ctx, vm3)
+	if len(vm3.Forwards) != 1 || vm3.Forwards[0].Port != 0 {
+		t.Fatalf("stopped VM forwards %+v", vm3.Forwards)
+	}
+	ts.closeForwards()
+}
