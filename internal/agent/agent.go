@@ -153,7 +153,7 @@ func shutdown(log *slog.Logger, reason string) {
 
 // fatal logs why boot cannot continue and powers off.
 func fatal(log *slog.Logger, what string, err error) {
-	log.Error("BOOT FAILED: "+what, "err", err)
+	log.Error("BOOT FAILED: "+what, "error", err)
 	shutdown(log, "boot failed")
 	select {} // powerOff does not return as PID 1
 }
@@ -177,7 +177,7 @@ func initMain(log *slog.Logger) {
 
 	n, errs := loadModules("/lib/modules/"+release, ModulesLoadFile, log)
 	for _, err := range errs {
-		log.Warn("module not loaded", "err", err)
+		log.Warn("module not loaded", "error", err)
 	}
 	log.Debug("modules loaded", "count", n)
 
@@ -190,7 +190,7 @@ func initMain(log *slog.Logger) {
 		fatal(log, "read the boot config", err)
 	}
 	if err := seedRNG(cfg.RNGSeed); err != nil {
-		log.Warn("seed the entropy pool from the boot config", "err", err)
+		log.Warn("seed the entropy pool from the boot config", "error", err)
 	}
 	if err := mountRoot(disks.Root, disks.RW, log); err != nil {
 		fatal(log, "mount the root filesystem", err)
@@ -200,20 +200,20 @@ func initMain(log *slog.Logger) {
 	}
 	if cfg.Hostname != "" {
 		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
-			log.Warn("set hostname", "hostname", cfg.Hostname, "err", err)
+			log.Warn("set hostname", "hostname", cfg.Hostname, "error", err)
 		}
 		if err := writeHostname(newRoot, cfg.Hostname); err != nil {
-			log.Warn("write /etc/hostname and /etc/hosts", "err", err)
+			log.Warn("write /etc/hostname and /etc/hosts", "error", err)
 		}
 	}
 	if err := configureNetwork(cfg.Network, log); err != nil {
 		// The host channel does not need the network: keep going so that
 		// the host can still get in and see what is wrong.
-		log.Error("network not configured", "err", err)
+		log.Error("network not configured", "error", err)
 	}
 	if cfg.Network != nil {
 		if err := writeResolvConf(newRoot, cfg.Network.DNS); err != nil {
-			log.Warn("write /etc/resolv.conf", "err", err)
+			log.Warn("write /etc/resolv.conf", "error", err)
 		}
 	}
 	freeInitramfs(log)
@@ -224,21 +224,21 @@ func initMain(log *slog.Logger) {
 
 	if hasInit(imageInit) {
 		if err := startServeChild(cfg, log); err != nil {
-			log.Error("could not start the agent's server; staying PID 1 without the image's init", "err", err)
+			log.Error("could not start the agent's server; staying PID 1 without the image's init", "error", err)
 		} else {
 			log.Info("handing PID 1 over to the image's init", "init", imageInit)
 			argv := append([]string{imageInit}, os.Args[1:]...)
 			err := syscall.Exec(imageInit, argv, os.Environ())
 			// Only reached when exec failed; the server child is running,
 			// so stay PID 1 and keep reaping.
-			log.Error("exec the image's init failed", "init", imageInit, "err", err)
+			log.Error("exec the image's init failed", "init", imageInit, "error", err)
 			servePID1(nil, log)
 			return
 		}
 	}
 	// No init will mount cgroup2; container tools in the guest want it.
 	if err := unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-		log.Debug("mount cgroup2", "err", err)
+		log.Debug("mount cgroup2", "error", err)
 	}
 	servePID1(cfg, log)
 }
@@ -354,7 +354,7 @@ func serveMain(args []string, _ *slog.Logger) int {
 	case len(args) == 2 && args[0] == "--config":
 		f, err := os.Open(args[1])
 		if err != nil {
-			log.Error("open boot config", "err", err)
+			log.Error("open boot config", "error", err)
 			return 1
 		}
 		defer f.Close()
@@ -367,12 +367,12 @@ func serveMain(args []string, _ *slog.Logger) int {
 	}
 	b, err := io.ReadAll(io.LimitReader(src, bootcfg.MaxSize+4096))
 	if err != nil {
-		log.Error("read boot config", "err", err)
+		log.Error("read boot config", "error", err)
 		return 1
 	}
 	cfg, err := bootcfg.Decode(bytes.NewReader(b))
 	if err != nil {
-		log.Error("read boot config", "err", err)
+		log.Error("read boot config", "error", err)
 		return 1
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -384,7 +384,7 @@ func serveMain(args []string, _ *slog.Logger) int {
 		go watchPowerButton(ctx, func() { go shutdown(log, "power button") }, log)
 	}
 	if err := serve(ctx, cfg, nil, func() { shutdown(log, "requested by the host") }, log); err != nil {
-		log.Error("cannot serve the host; banger cannot reach this guest", "err", err)
+		log.Error("cannot serve the host; banger cannot reach this guest", "error", err)
 		return 1
 	}
 	return 0

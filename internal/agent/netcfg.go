@@ -25,7 +25,7 @@ const linkWait = 5 * time.Second
 func configureNetwork(n *bootcfg.Network, log *slog.Logger) error {
 	if lo, err := netlink.LinkByName("lo"); err == nil {
 		if err := netlink.LinkSetUp(lo); err != nil {
-			log.Warn("bring up lo", "err", err)
+			log.Warn("bring up lo", "error", err)
 		}
 	}
 	if n == nil {

@@ -51,7 +51,7 @@ func powerOff(log *slog.Logger, reason string) {
 			time.Sleep(initGrace)
 			log.Warn("the image's init did not power off in time; rebooting now", "init", exe)
 		} else {
-			log.Warn("could not signal the image's init", "init", exe, "err", err)
+			log.Warn("could not signal the image's init", "init", exe, "error", err)
 		}
 	}
 	unix.Sync()
@@ -78,7 +78,7 @@ func finalShutdown(log *slog.Logger) {
 	log.Debug("processes stopped", "after", time.Since(start).Round(time.Millisecond))
 	unix.Sync()
 	if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-		log.Debug("remount / read-only", "err", err)
+		log.Debug("remount / read-only", "error", err)
 	}
 	unix.Sync()
 	log.Info("rebooting to end the VM", "after", time.Since(start).Round(time.Millisecond))

@@ -86,7 +86,7 @@ func watchPowerButton(ctx context.Context, onPress func(), log *slog.Logger) {
 			}
 			f, err := os.Open(dev)
 			if err != nil {
-				log.Debug("open power button", "device", dev, "err", err)
+				log.Debug("open power button", "device", dev, "error", err)
 				continue
 			}
 			watching[dev] = true
@@ -100,7 +100,7 @@ func watchPowerButton(ctx context.Context, onPress func(), log *slog.Logger) {
 					onPress()
 				})
 				if ctx.Err() == nil && !errors.Is(err, os.ErrClosed) {
-					log.Debug("power button device ended", "device", dev, "err", err)
+					log.Debug("power button device ended", "device", dev, "error", err)
 				}
 			}()
 		}

@@ -107,7 +107,7 @@ func growRW(dev, mountPoint string, log *slog.Logger) {
 	old, now, err := growFilesystem(dev, mountPoint)
 	switch {
 	case err != nil:
-		log.Warn("could not grow the writable disk's filesystem; it keeps its old size", "device", dev, "err", err)
+		log.Warn("could not grow the writable disk's filesystem; it keeps its old size", "device", dev, "error", err)
 	case now > old:
 		log.Info("grew the writable disk's filesystem", "device", dev, "from_mib", old>>20, "to_mib", now>>20)
 	}

@@ -33,7 +33,7 @@ func SSHConfig(cfg *bootcfg.Config, log *slog.Logger) (sshd.Config, error) {
 	for i, line := range cfg.AuthorizedKeys {
 		k, err := sshd.ParseAuthorizedKeys([]string{line})
 		if err != nil {
-			log.Warn("skipping an unusable authorized key from the boot config", "index", i, "err", err)
+			log.Warn("skipping an unusable authorized key from the boot config", "index", i, "error", err)
 			continue
 		}
 		keys = append(keys, k...)
@@ -75,7 +75,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 		if ctx.Err() != nil {
 			return nil
 		}
-		log.Warn("serving the host failed; listening again", "err", err)
+		log.Warn("serving the host failed; listening again", "error", err)
 		t := time.NewTimer(time.Second)
 		select {
 		case <-ctx.Done():

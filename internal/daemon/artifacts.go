@@ -179,13 +179,13 @@ func (d *Daemon) importKernel(ctx context.Context, p api.KernelImportParams) (_ 
 		deb := p.Deb
 		if p.Package != "" {
 			if err := kernel.ValidatePackageName(p.Package); err != nil {
-				return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+				return nil, codeErr(rpc.CodeInvalidArgument, err)
 			}
 			// A meta package (linux-image-cloud-amd64) names the current kernel.
 			if rest := strings.TrimPrefix(p.Package, "linux-image-"); rest != "" && (rest[0] < '0' || rest[0] > '9') {
 				name, err := kernel.ResolveKernelPackage(ctx, p.Package)
 				if err != nil {
-					return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
+					return nil, codeErr(rpc.CodeFailedPrecondition, err)
 				}
 				p.Package = name
 			}

@@ -48,7 +48,7 @@ func (d *Daemon) buildDebootstrap(ctx context.Context, p api.ImageOpParams, op *
 		Work: work, Logger: d.log, Log: logWriter{d, ctx, "debootstrap"}})
 	lop.End(err)
 	if err != nil {
-		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
+		return nil, codeErr(rpc.CodeFailedPrecondition, err)
 	}
 	op.progress(image.Event{Phase: "mkfs"})
 	built := filepath.Join(work, "rootfs.ext4")

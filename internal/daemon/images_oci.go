@@ -131,11 +131,11 @@ func validateImageOp(kind string, p *api.ImageOpParams) error {
 		}
 	case "build":
 		if err := image.ValidateSuite(p.Suite); err != nil {
-			return rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			return codeErr(rpc.CodeInvalidArgument, err)
 		}
 		for _, pk := range p.Packages {
 			if err := image.ValidatePackage(pk); err != nil {
-				return rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+				return codeErr(rpc.CodeInvalidArgument, err)
 			}
 		}
 	}
@@ -144,7 +144,7 @@ func validateImageOp(kind string, p *api.ImageOpParams) error {
 	}
 	if p.Name != "" {
 		if err := validName("image", p.Name); err != nil {
-			return rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			return codeErr(rpc.CodeInvalidArgument, err)
 		}
 	}
 	return nil
@@ -182,7 +182,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 	if kind == "import" {
 		k, err := image.Detect(p.Path)
 		if err != nil {
-			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			return nil, codeErr(rpc.CodeInvalidArgument, err)
 		}
 		if k == image.KindExt4 {
 			op.progress(image.Event{Phase: "copy"})
@@ -195,7 +195,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 	if err := os.MkdirAll(imagesDir, 0o700); err != nil {
 		return nil, err
 	}
-	d.sweepImageTemps()
+	d.sweepImageTemps(ctx)
 	id := newID()
 	work := filepath.Join(imagesDir, ".tmp-"+id)
 	if err := os.MkdirAll(work, 0o700); err != nil {
@@ -225,7 +225,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 			return i, rr, err
 		}()
 		if err != nil {
-			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
+			return nil, codeErr(rpc.CodeFailedPrecondition, err)
 		}
 		source = r.Name()
 		if name == "" {
@@ -235,7 +235,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 		k, _ := image.Detect(p.Path)
 		img, err = image.OpenArchive(p.Path, k, work)
 		if err != nil {
-			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			return nil, codeErr(rpc.CodeInvalidArgument, err)
 		}
 		if st, err := os.Stat(p.Path); err == nil && !st.IsDir() {
 			opts.SourceBytes = st.Size()
@@ -252,7 +252,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 	}
 	digest, cfg, err := image.ConfigOf(img)
 	if err != nil {
-		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		return nil, codeErr(rpc.CodeInvalidArgument, err)
 	}
 	cfgJSON, _ := json.Marshal(cfg)
 	unlock := d.locks.Lock("image-digest:" + digest)
@@ -332,7 +332,7 @@ func (d *Daemon) registerBuilt(ctx context.Context, op *imageOp, id, built, dir,
 
 // sweepImageTemps removes work directories of operations that no longer run
 // (e.g. bangerd was stopped mid-pull).
-func (d *Daemon) sweepImageTemps() {
+func (d *Daemon) sweepImageTemps(ctx context.Context) {
 	ents, _ := os.ReadDir(d.cfg.Layout.ImagesDir())
 	for _, e := range ents {
 		if !strings.HasPrefix(e.Name(), ".tmp-") {
@@ -343,7 +343,7 @@ func (d *Daemon) sweepImageTemps() {
 		}
 		// unmounted first: a debootstrap stopped half-way leaves proc mounted
 		if err := removeTree(filepath.Join(d.cfg.Layout.ImagesDir(), e.Name())); err != nil {
-			d.log.Warn("remove a leftover image work directory", "error", err.Error())
+			d.log.WarnContext(ctx, "remove a leftover image work directory", "error", err.Error())
 		}
 	}
 }

@@ -146,7 +146,7 @@ func newMachineID() string {
 // The caller must not hold any VM lock. On failure nothing is left.
 func (s *vmService) createFromSnapshot(ctx context.Context, name string, sn *store.Snapshot, progress func(string, bool, error)) (*store.VM, error) {
 	if err := validName("vm", name); err != nil {
-		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		return nil, codeErr(rpc.CodeInvalidArgument, err)
 	}
 	rs, err := s.restoreSourceFor(sn)
 	if err != nil {
@@ -200,7 +200,7 @@ func (s *vmService) fork(ctx context.Context, p api.ForkParams) (*api.ForkResult
 	}
 	for _, n := range names {
 		if err := validName("vm", n); err != nil {
-			return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+			return nil, codeErr(rpc.CodeInvalidArgument, err)
 		}
 		if _, err := s.store.FindVM(ctx, n); err == nil {
 			return nil, rpc.Errorf(rpc.CodeConflict, "a VM named %q already exists", n)

@@ -49,7 +49,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	}
 	d.vms.pool = newReadyPool(d.cfg.Layout.DataDir, d.fileCfg.Pool, d.fileCfg.PoolMemoryMiB)
 	d.vms.reconcile(ctx)
-	d.sweepImageTemps() // leftovers of image operations a previous bangerd did not finish
+	d.sweepImageTemps(ctx) // leftovers of image operations a previous bangerd did not finish
 	d.vms.startStatsPoller(ctx)
 	pctx, pcancel := context.WithCancel(context.WithoutCancel(ctx))
 	poolDone := make(chan struct{})

@@ -109,7 +109,7 @@ func (s *vmService) snapshotLocked(ctx context.Context, vm *store.VM, p api.Snap
 		name = vm.Name + "-" + time.Now().UTC().Format("20060102-150405")
 	}
 	if err := validName("snapshot", name); err != nil {
-		return nil, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		return nil, codeErr(rpc.CodeInvalidArgument, err)
 	}
 	if _, err := s.store.FindSnapshot(ctx, name); err == nil {
 		return nil, rpc.Errorf(rpc.CodeConflict, "a snapshot named %q already exists", name)

@@ -81,7 +81,8 @@ func (c *createOp) progress(name string, end bool, err error) {
 	}
 }
 
-const maxVMsTotalVCPU = 64
+// maxVCPUsPerVM bounds the cpus of one VM.
+const maxVCPUsPerVM = 64
 
 func (s *vmService) register(m *rpc.Mux) {
 	vmOf := func(p api.VMRef) string { return p.VM }
@@ -197,7 +198,7 @@ func (s *vmService) createBeginNow(ctx context.Context, p api.CreateParams) (api
 		p.Name = randomName()
 	}
 	if err := validName("vm", p.Name); err != nil {
-		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+		return api.CreateStatus{}, codeErr(rpc.CodeInvalidArgument, err)
 	}
 	if p.Snapshot != "" {
 		return s.createBeginFromSnapshot(ctx, p)
@@ -212,8 +213,8 @@ func (s *vmService) createBeginNow(ctx context.Context, p api.CreateParams) (api
 		p.DiskMiB = 4096
 	}
 	switch {
-	case p.VCPUs < 1 || p.VCPUs > maxVMsTotalVCPU:
-		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
+	case p.VCPUs < 1 || p.VCPUs > maxVCPUsPerVM:
+		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVCPUsPerVM)
 	case p.MemoryMiB < 64 || p.MemoryMiB > 1<<20:
 		return api.CreateStatus{}, rpc.Errorf(rpc.CodeInvalidArgument, "memory must be between 64 MiB and 1 TiB")
 	case p.DiskMiB < 64 || p.DiskMiB > 16<<20:
@@ -418,8 +419,8 @@ func (s *vmService) set(ctx context.Context, p api.SetParams) (api.SetResult, er
 	defer unlock()
 	old := *vm
 	if p.VCPUs != 0 {
-		if p.VCPUs < 1 || p.VCPUs > maxVMsTotalVCPU {
-			return api.SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVMsTotalVCPU)
+		if p.VCPUs < 1 || p.VCPUs > maxVCPUsPerVM {
+			return api.SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "cpus must be between 1 and %d", maxVCPUsPerVM)
 		}
 		vm.VCPUs = p.VCPUs
 	}
@@ -436,7 +437,7 @@ func (s *vmService) set(ctx context.Context, p api.SetParams) (api.SetResult, er
 	for _, c := range s.caps {
 		if cc, ok := c.(configChanger); ok {
 			if err := cc.ApplyConfigChange(ctx, &old, vm, running); err != nil {
-				return api.SetResult{}, rpc.Errorf(rpc.CodeInvalidArgument, "%v", err)
+				return api.SetResult{}, codeErr(rpc.CodeInvalidArgument, err)
 			}
 		}
 	}

@@ -224,7 +224,7 @@ func (c *Client) keepalive(conn *ssh.Client) {
 		_, _, err := sendRequest(ctx, conn, "keepalive@openssh.com", nil)
 		cancel()
 		if err != nil {
-			c.log.Debug("guest agent stopped answering keepalives; dropping the connection", "err", err)
+			c.log.Debug("guest agent stopped answering keepalives; dropping the connection", "error", err)
 			c.broken(conn)
 			return
 		}

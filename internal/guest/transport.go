@@ -228,7 +228,7 @@ func (m *serialMux) dial(ctx context.Context) (net.Conn, error) {
 		if attempt > 0 || ctx.Err() != nil {
 			return nil, fmt.Errorf("open a stream to the guest agent: %w", err)
 		}
-		m.log.Debug("guest channel session broke; reconnecting", "err", err)
+		m.log.Debug("guest channel session broke; reconnecting", "error", err)
 	}
 }
 

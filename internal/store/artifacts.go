@@ -72,7 +72,7 @@ func (s *Store) ListImages(ctx context.Context) ([]*Image, error) {
 	return out, rows.Err()
 }
 
-// FindImage resolves an image by id or name (exact), then unique id prefix.
+// FindImage resolves an image by exact id or name (a name wins over an id).
 func (s *Store) FindImage(ctx context.Context, ref string) (*Image, error) {
 	im, err := scanImage(s.db.QueryRowContext(ctx, `SELECT `+imageCols+` FROM images WHERE id=? OR name=? ORDER BY name=? DESC LIMIT 1`, ref, ref, ref))
 	if errors.Is(err, sql.ErrNoRows) {

@@ -147,12 +147,12 @@ func (l *SerialListener) run() {
 		}
 		switch {
 		case err == nil, errors.Is(err, io.EOF):
-			l.log.Debug("host channel session ended; waiting for the host", "err", err)
+			l.log.Debug("host channel session ended; waiting for the host", "error", err)
 		case errors.Is(err, yamux.ErrInvalidVersion), errors.Is(err, yamux.ErrInvalidMsgType):
 			// A new host started talking before this end saw the old one go.
 			l.log.Info("host channel resynchronising with a new host connection")
 		default:
-			l.log.Warn("host channel error; resynchronising", "err", err)
+			l.log.Warn("host channel error; resynchronising", "error", err)
 		}
 		if d := minCycle - time.Since(start); d > 0 {
 			t := time.NewTimer(d)

@@ -119,7 +119,7 @@ func (r *Reaper) ReapOnce() int {
 		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 		if err != nil {
 			if !errors.Is(err, unix.ECHILD) {
-				r.log.Debug("reap orphan", "pid", pid, "err", err)
+				r.log.Debug("reap orphan", "pid", pid, "error", err)
 			}
 			continue
 		}

@@ -35,7 +35,7 @@ func (s *Server) handleDirectTCPIP(ctx context.Context, nc ssh.NewChannel, log *
 	d := net.Dialer{Timeout: dialTimeout}
 	tc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		log.Debug("direct-tcpip dial failed", "addr", addr, "err", err)
+		log.Debug("direct-tcpip dial failed", "addr", addr, "error", err)
 		_ = nc.Reject(ssh.ConnectionFailed, err.Error())
 		return
 	}

@@ -193,7 +193,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 				} else if tempDelay *= 2; tempDelay > time.Second {
 					tempDelay = time.Second
 				}
-				s.log.Warn("accept failed; retrying", "err", err, "delay", tempDelay)
+				s.log.Warn("accept failed; retrying", "error", err, "delay", tempDelay)
 				t := time.NewTimer(tempDelay)
 				select {
 				case <-ctx.Done():
@@ -228,7 +228,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	_ = c.SetDeadline(time.Now().Add(handshakeTimeout))
 	conn, chans, reqs, err := ssh.NewServerConn(c, s.sshCfg.Load())
 	if err != nil {
-		s.log.Info("ssh handshake failed", "remote", c.RemoteAddr().String(), "err", err)
+		s.log.Info("ssh handshake failed", "remote", c.RemoteAddr().String(), "error", err)
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
@@ -326,7 +326,7 @@ func (s *Server) globalRequests(ctx context.Context, reqs <-chan *ssh.Request, l
 		case api.RequestPorts:
 			ports, err := sysinfo.Ports(s.cfg.ProcRoot)
 			if err != nil {
-				log.Warn("list ports", "err", err)
+				log.Warn("list ports", "error", err)
 				_ = req.Reply(false, []byte(err.Error()))
 				continue
 			}
@@ -343,7 +343,7 @@ func (s *Server) globalRequests(ctx context.Context, reqs <-chan *ssh.Request, l
 		case api.RequestStats:
 			st, err := sysinfo.ReadStats(s.cfg.ProcRoot, s.cfg.RootPath)
 			if err != nil {
-				log.Warn("read stats", "err", err)
+				log.Warn("read stats", "error", err)
 				_ = req.Reply(false, []byte(err.Error()))
 				continue
 			}
@@ -388,7 +388,7 @@ func (s *Server) reidentify(req *ssh.Request, log *slog.Logger) {
 		}
 	}
 	if err := s.cfg.OnReidentify(p); err != nil {
-		log.Warn("reidentify failed", "err", err)
+		log.Warn("reidentify failed", "error", err)
 		_ = req.Reply(false, []byte(err.Error()))
 		return
 	}

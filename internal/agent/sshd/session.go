@@ -98,7 +98,7 @@ type session struct {
 func (s *Server) handleSession(ctx context.Context, conn *ssh.ServerConn, nc ssh.NewChannel, log *slog.Logger) {
 	ch, reqs, err := nc.Accept()
 	if err != nil {
-		log.Debug("accept session channel", "err", err)
+		log.Debug("accept session channel", "error", err)
 		return
 	}
 	ss := &session{srv: s, log: log, ch: ch, user: conn.User(), gate: make(chan struct{})}
@@ -128,7 +128,7 @@ func (s *Server) handleSession(ctx context.Context, conn *ssh.ServerConn, nc ssh
 		ss.startErr = nil
 		ss.mu.Unlock()
 		if failed != nil {
-			log.Info("command failed to start", "err", failed)
+			log.Info("command failed to start", "error", failed)
 			nl := "\n"
 			if ss.pty != nil {
 				nl = "\r\n"
