@@ -19,9 +19,12 @@ type FileConfig struct {
 	// VMM is "auto" (firecracker when on PATH, else qemu), "firecracker" or "qemu".
 	VMM string `json:"vmm,omitempty"`
 	// QEMUAccel is "auto", "kvm" or "tcg".
-	QEMUAccel     string `json:"qemu_accel,omitempty"`
-	DefaultImage  string `json:"default_image,omitempty"`
-	DefaultKernel string `json:"default_kernel,omitempty"`
+	QEMUAccel string `json:"qemu_accel,omitempty"`
+	// FirecrackerKVMDevice is the KVM device the firecracker driver checks
+	// (default /dev/kvm; the tests' fake firecracker needs none).
+	FirecrackerKVMDevice string `json:"firecracker_kvm_device,omitempty"`
+	DefaultImage         string `json:"default_image,omitempty"`
+	DefaultKernel        string `json:"default_kernel,omitempty"`
 	// BootTimeout bounds a boot until the agent answers, e.g. "90s".
 	BootTimeout string `json:"boot_timeout,omitempty"`
 	// Network configures host networking through banger-helper.

@@ -27,7 +27,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	d.fileCfg = fc
 	drivers := map[string]vmm.Driver{
 		"qemu":        qemu.New(qemu.Options{Accel: fc.QEMUAccel, Logger: d.log}),
-		"firecracker": firecracker.New(firecracker.Options{Logger: d.log}),
+		"firecracker": firecracker.New(firecracker.Options{Logger: d.log, KVMDevice: fc.FirecrackerKVMDevice}),
 	}
 	def := fc.VMM
 	if def == "" || def == "auto" {

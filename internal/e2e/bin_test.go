@@ -6,11 +6,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -213,4 +215,59 @@ func rawCall(t *testing.T, sock string, lines ...string) []map[string]any {
 		out = append(out, m)
 	}
 	return out
+}
+
+// nobodyUID is the unprivileged user bangerd runs as in the end-to-end tests.
+const nobodyUID = 65534
+
+// daemonUID is the user the VM tests run bangerd as: nobody when the tests
+// run as root (as CI does), so that they see what a user's own bangerd sees
+// (permission bits count); BANGER_E2E_DAEMON_USER=root keeps it root.
+func daemonUID() uint32 {
+	if os.Geteuid() != 0 || os.Getenv("BANGER_E2E_DAEMON_USER") == "root" {
+		return 0
+	}
+	return nobodyUID
+}
+
+// startUserDaemon runs bangerd as daemonUID over home h (chowned to it);
+// the root helper, when a test has one, stays root.
+func startUserDaemon(t *testing.T, h string, extraEnv ...string) *daemonProc {
+	t.Helper()
+	uid := daemonUID()
+	if uid == 0 {
+		return startDaemon(t, h, extraEnv...)
+	}
+	os.Chmod(bins(t), 0o755)
+	chownTree(t, h, int(uid))
+	os.Chmod(h, 0o700)
+	return startDaemonWith(t, h, func(cmd *exec.Cmd) {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	}, append([]string{"HOME=" + h}, extraEnv...)...)
+}
+
+// copyIntoHome copies src into home h (where bangerd, whichever user it
+// runs as, can read it) and returns the copy's path.
+func copyIntoHome(t *testing.T, h, src string) string {
+	t.Helper()
+	dst := filepath.Join(h, "in-"+filepath.Base(src))
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if uid := daemonUID(); uid != 0 {
+		os.Chown(dst, int(uid), int(uid))
+	}
+	return dst
 }

@@ -673,3 +673,174 @@ func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	}
 	checkConverged(t, h)
 }
+
+// TestFiftyFreshHomesAsNobody starts 50 fresh homes at once, each with a
+// bangerd running as nobody that is asked for a kernel, an image and a VM
+// as soon as it answers: every create succeeds and every home's
+// directories are 0700. (The fake firecracker keeps the CPU cost bounded;
+// the point is 50 first starts racing.) BANGER_HOMES sets the number.
+func TestFiftyFreshHomesAsNobody(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("running bangerd as nobody needs root")
+	}
+	n := 50
+	if v, err := strconv.Atoi(os.Getenv("BANGER_HOMES")); err == nil && v > 0 {
+		n = v
+	}
+	rig := newFCRig(t)
+	// the fake VMM needs a kernel file, not a kernel: a small static x86-64 ELF
+	vmlinux := "/bin/busybox"
+	if _, err := os.Stat(vmlinux); err != nil {
+		vmlinux = rig.kernel
+	}
+	rootfs := testenv.BusyboxRootfs(t, 16)
+	bangerd := filepath.Join(bins(t), "bangerd")
+	os.Chmod(bins(t), 0o755)
+	homes := make([]*nobodyHome, n)
+	for i := range homes {
+		h := home(t)
+		k, r := copyIntoHome(t, h, vmlinux), copyIntoHome(t, h, rootfs)
+		os.Chown(k, nobodyUID, nobodyUID)
+		os.Chown(r, nobodyUID, nobodyUID)
+		// the fake firecracker needs no KVM; a user's would be in the kvm group
+		os.WriteFile(filepath.Join(h, "config.json"), []byte(`{"firecracker_kvm_device": "/dev/null"}`), 0o600)
+		chownTree(t, h, nobodyUID)
+		homes[i] = &nobodyHome{h: h, kernel: k, rootfs: r, logs: &lockedBuf{}}
+	}
+	t.Cleanup(func() {
+		for _, hr := range homes {
+			for _, v := range recordsFromCLIQuiet(hr.h) {
+				bangerCtx(t, hr.h, time.Minute, "vm", "delete", "--force", v.Name)
+			}
+			if hr.cmd != nil && hr.cmd.Process != nil {
+				hr.cmd.Process.Signal(os.Interrupt)
+				hr.cmd.Wait()
+			}
+		}
+	})
+	t0 := time.Now()
+	var wg sync.WaitGroup
+	for _, hr := range homes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			hr.err = hr.run(bangerd, rig.env)
+		}()
+	}
+	wg.Wait()
+	took := time.Since(t0)
+	failed := 0
+	for i, hr := range homes {
+		if hr.err != nil {
+			failed++
+			t.Errorf("home %d (%s): %v\n%s", i, hr.h, hr.err, tail(hr.logs.String(), 2000))
+		}
+	}
+	t.Logf("%d fresh homes as nobody, first start + kernel + image + create at once: %d succeeded in %v", n, n-failed, took.Round(time.Millisecond))
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+func recordsFromCLIQuiet(h string) []recVM {
+	cmd := exec.Command(filepath.Join(binDir, "banger"), "vm", "list", "-o", "json")
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+h)
+	out, err := cmd.Output()
+	if err != nil {
+		return nil
+	}
+	var vms []recVM
+	json.Unmarshal(out, &vms)
+	return vms
+}
+
+// nobodyHome is one fresh home of TestFiftyFreshHomesAsNobody.
+type nobodyHome struct {
+	h, kernel, rootfs string
+	cmd               *exec.Cmd
+	logs              *lockedBuf
+	err               error
+}
+
+// cli runs banger against the home with a deadline.
+func (hr *nobodyHome) cli(d time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "banger"), args...)
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+hr.h)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("banger %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out), nil
+}
+
+// run starts the home's first bangerd as nobody and, as soon as it answers,
+// imports a kernel and an image and creates a VM, then checks it runs,
+// answers exec, and that the home's directories are 0700.
+func (hr *nobodyHome) run(bangerd string, env []string) error {
+	hr.cmd = exec.Command(bangerd)
+	hr.cmd.Env = append(append(os.Environ(), "BANGER_HOME="+hr.h, "HOME="+hr.h), env...)
+	hr.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobodyUID, Gid: nobodyUID}}
+	hr.cmd.Stderr = hr.logs
+	if err := hr.cmd.Start(); err != nil {
+		return err
+	}
+	sock := filepath.Join(hr.h, "run", "bangerd.sock")
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("bangerd did not answer within 60s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := hr.cli(3*time.Minute, "kernel", "import", hr.kernel, "--name", "k"); err != nil {
+		return err
+	}
+	if _, err := hr.cli(3*time.Minute, "image", "import", hr.rootfs, "--name", "busybox"); err != nil {
+		return err
+	}
+	if _, err := hr.cli(3*time.Minute, "vm", "create", "v", "--memory", "128M", "--disk", "64M", "--no-wait"); err != nil {
+		return err
+	}
+	deadline = time.Now().Add(4 * time.Minute)
+	for {
+		out, err := hr.cli(time.Minute, "vm", "show", "v", "-o", "json")
+		if err != nil {
+			return err
+		}
+		var v vmJSON
+		json.Unmarshal([]byte(out), &v)
+		if v.State == "running" {
+			break
+		}
+		if v.State != "creating" && v.State != "starting" {
+			return fmt.Errorf("vm is %s: %s", v.State, v.LastError)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("vm still %s after 4 minutes", v.State)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if out, err := hr.cli(time.Minute, "exec", "v", "--", "echo", "ok"); err != nil || strings.TrimSpace(out) != "ok" {
+		return fmt.Errorf("exec: %q %v", out, err)
+	}
+	for _, d := range []string{hr.h, filepath.Join(hr.h, "run"), filepath.Join(hr.h, "ssh"), filepath.Join(hr.h, "vms"), filepath.Join(hr.h, "images"), filepath.Join(hr.h, "kernels")} {
+		fi, err := os.Stat(d)
+		if err != nil {
+			return err
+		}
+		if fi.Mode().Perm() != 0o700 {
+			return fmt.Errorf("%s has mode %v", d, fi.Mode().Perm())
+		}
+	}
+	return nil
+}

@@ -23,7 +23,8 @@ type vmJSON struct {
 }
 
 // realHome prepares a BANGER_HOME with the Debian cloud kernel and a busybox
-// image imported through the CLI, and a running bangerd.
+// image imported through the CLI, and a running bangerd (as nobody when the
+// tests run as root: see daemonUID).
 func realHome(t *testing.T) (string, *daemonProc, string) {
 	t.Helper()
 	testenv.RequireQEMU(t)
@@ -34,9 +35,12 @@ func realHome(t *testing.T) (string, *daemonProc, string) {
 	k := testenv.GuestKernel(t)
 	rootfs := testenv.BusyboxRootfs(t, 64)
 	h := home(t)
-	d := startDaemon(t, h, "BANGER_VMM=qemu")
+	deb, rootfs = copyIntoHome(t, h, deb), copyIntoHome(t, h, rootfs)
+	d := startUserDaemon(t, h, "BANGER_VMM=qemu")
 	mustBanger(t, h, "kernel", "import", "--deb", deb, "--name", "debian")
 	mustBanger(t, h, "image", "import", rootfs, "--name", "busybox")
+	os.Remove(deb)
+	os.Remove(rootfs)
 	return h, d, k.Version
 }
 
@@ -191,7 +195,7 @@ func TestVMMCrashAndDaemonRestart(t *testing.T) {
 	if syscall.Kill(spid, 0) != nil {
 		t.Fatal("VMM died with bangerd")
 	}
-	d2 := startDaemon(t, h, "BANGER_VMM=qemu")
+	d2 := startUserDaemon(t, h, "BANGER_VMM=qemu")
 	if v := showVM(t, h, "steady"); v.State != "running" {
 		t.Fatalf("after bangerd restart: %+v\n%s", v, d2.logs.String())
 	}

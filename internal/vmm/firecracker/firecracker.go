@@ -107,6 +107,9 @@ type Options struct {
 
 	// SocketTimeout bounds the wait for the API socket after launch (default 10s).
 	SocketTimeout time.Duration
+	// KVMDevice is the device Preflight checks for read-write access
+	// (default /dev/kvm).
+	KVMDevice string
 	// ConsoleMax caps each of the two console log files. Default
 	// vmmproc.ConsoleFileMax.
 	ConsoleMax int64
@@ -188,7 +191,11 @@ func (d *Driver) Preflight(ctx context.Context) error {
 			return fmt.Errorf("jailer chroot base dir %q must be an absolute path", j.ChrootBaseDir)
 		}
 	}
-	return checkKVM("/dev/kvm")
+	dev := d.opts.KVMDevice
+	if dev == "" {
+		dev = "/dev/kvm"
+	}
+	return checkKVM(dev)
 }
 
 func checkKVM(dev string) error {
