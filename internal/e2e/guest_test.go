@@ -224,6 +224,12 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		if b, err := os.ReadFile(userCfg); err != nil || strings.Count(string(b), "Include ") != 1 {
 			t.Fatalf("~/.ssh/config after two installs: %v\n%s", err, b)
 		}
+		if uid := daemonUID(); uid != 0 {
+			// bangerd (nobody) wrote the included file; OpenSSH, run here as
+			// root, wants it owned by its own user, as it is when one user
+			// runs both
+			os.Lchown(filepath.Join(h, "ssh", "config"), os.Getuid(), os.Getgid())
+		}
 		if out, errOut, code := ssh(userCfg, sshHost, "echo", "included"); code != 0 || out != "included\n" {
 			t.Fatalf("ssh through the installed Include: code %d out %q err %q", code, out, errOut)
 		}
