@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 // eventsCommands are `banger events` and `banger op cancel`.
@@ -27,10 +28,14 @@ func (a *App) eventsCommands() []*cobra.Command {
 				return err
 			}
 			defer c.Close()
-			enc := json.NewEncoder(a.Stdout)
 			err = c.Events(cmd.Context(), follow, func(ev api.Event) error {
 				if a.output == "json" {
-					return enc.Encode(ev)
+					b, err := json.Marshal(ev)
+					if err != nil {
+						return err
+					}
+					_, err = a.Stdout.Write(append(termsafe.EscapeJSON(b), '\n'))
+					return err
 				}
 				_, err := fmt.Fprintln(a.Stdout, formatEvent(ev))
 				return err
@@ -79,9 +84,9 @@ func formatEvent(ev api.Event) string {
 	if subject == "" {
 		subject = ev.Name
 	}
-	s := fmt.Sprintf("%s  %-18s %s", ev.Time.Local().Format("2006-01-02 15:04:05"), ev.Type, subject)
-	if ev.Reason != "" {
-		s += "  (" + ev.Reason + ")"
+	s := fmt.Sprintf("%s  %-18s %s", ev.Time.Local().Format("2006-01-02 15:04:05"), termsafe.Line(ev.Type), termsafe.Line(subject))
+	if ev.Reason != "" { // a failure's reason may quote the guest's console
+		s += "  (" + termsafe.String(ev.Reason) + ")"
 	}
 	return s + "  op=" + ev.OpID
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/portspec"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 type createFlags struct {
@@ -355,7 +356,7 @@ func (a *App) printVMState(v *api.VM) error {
 	}
 	line := fmt.Sprintf("%s is %s", v.Name, v.State)
 	if v.LastError != "" {
-		line += " (" + v.LastError + ")"
+		line += " (" + termsafe.String(v.LastError) + ")" // may quote the guest's console
 	}
 	fmt.Fprintln(a.Stdout, line)
 	return nil

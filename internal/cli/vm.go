@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 func (a *App) vmCommand() *cobra.Command {
@@ -98,7 +99,7 @@ func (a *App) showVM(v *api.VM) error {
 		rows = append(rows, []string{"expires", v.ExpiresAt.Local().Format("2006-01-02 15:04:05") + " (" + humanize.Time(*v.ExpiresAt) + ")"})
 	}
 	if v.LastError != "" {
-		rows = append(rows, []string{"last error", v.LastError})
+		rows = append(rows, []string{"last error", termsafe.String(v.LastError)}) // may quote the guest's console
 	}
 	for _, r := range rows {
 		fmt.Fprintf(a.Stdout, "%-10s %s\n", r[0]+":", r[1])

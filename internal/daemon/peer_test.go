@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/rpc"
 )
 
@@ -172,5 +173,31 @@ func TestListenUnixModes(t *testing.T) {
 	defer ln.Close()
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode %v (%v), want 0600", fi.Mode().Perm(), err)
+	}
+}
+
+// The boot-failure hint quotes the guest's console in an error that becomes
+// the VM's last error and an event's reason: bounded however the guest
+// filled its console, and never read through a link.
+func TestConsoleHintIsBounded(t *testing.T) {
+	dir := t.TempDir()
+	s := &vmService{layout: paths.Layout{DataDir: dir}}
+	id := "vm0"
+	vdir := s.vmDir(id)
+	os.MkdirAll(vdir, 0o700)
+	console := strings.Repeat("x", 4<<20) + "\n" + strings.Repeat("y", 1<<20) + "\nlast line\n"
+	if err := os.WriteFile(filepath.Join(vdir, "console.log"), []byte(console), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := s.consoleHint(id)
+	if len(h) > 8*(consoleHintLine+16)+len(vdir)+100 || !strings.HasSuffix(h, "last line") {
+		t.Fatalf("hint of %d bytes, ends %q", len(h), h[max(0, len(h)-40):])
+	}
+	os.Remove(filepath.Join(vdir, "console.log"))
+	secret := filepath.Join(dir, "secret")
+	os.WriteFile(secret, []byte("secret\n"), 0o600)
+	os.Symlink(secret, filepath.Join(vdir, "console.log"))
+	if h := s.consoleHint(id); strings.Contains(h, "secret") {
+		t.Fatalf("hint read through a link: %q", h)
 	}
 }

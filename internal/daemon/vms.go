@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
@@ -445,7 +447,7 @@ func (s *vmService) waitAgent(ctx context.Context, vm *store.VM, rt *runtime) er
 // consoleHint returns the last lines of the console log, for error messages.
 func (s *vmService) consoleHint(id string) string {
 	p := filepath.Join(s.vmDir(id), "console.log")
-	b, err := os.ReadFile(p)
+	b, err := readTail(p, consoleHintBytes)
 	if err != nil || len(b) == 0 {
 		return ""
 	}
@@ -453,7 +455,40 @@ func (s *vmService) consoleHint(id string) string {
 	if len(lines) > 8 {
 		lines = lines[len(lines)-8:]
 	}
+	for i, l := range lines {
+		if len(l) > consoleHintLine {
+			lines[i] = strings.ToValidUTF8(l[:consoleHintLine], "") + "…"
+		}
+	}
 	return "; console (" + p + ") ends with:\n  " + strings.Join(lines, "\n  ")
+}
+
+// The console is the guest's: the hint quoting it in an error (which is
+// stored as the VM's last error and sent in events) is bounded.
+const (
+	consoleHintBytes = 16 << 10
+	consoleHintLine  = 240
+)
+
+// readTail reads at most the last n bytes of the file at p, without
+// following a link there.
+func readTail(p string, n int64) ([]byte, error) {
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", p)
+	}
+	off := max(fi.Size()-n, 0)
+	b := make([]byte, min(fi.Size(), n))
+	k, err := f.ReadAt(b, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return b[:k], nil
 }
 
 // agent returns (connecting if needed) the agent connection of a running VM.
