@@ -26,6 +26,7 @@ var (
 	flagQuick = flag.Bool("quick", false, "CI smoke run: fewer repetitions, smaller payloads (under 3 minutes)")
 	flagJSON  = flag.String("json", "", "write the results as JSON to this file")
 	flagMD    = flag.String("md", "", "write the table as markdown to this file")
+	flagDoc   = flag.String("doc", "", "replace the table between the bench markers of this markdown file (docs/BENCHMARKS.md)")
 	flagBoots = flag.Int("boots", 0, "boots per create figure (default 2 quick, 5 full)")
 	flagOnly  = flag.String("only", "", "comma-separated groups to run (disk,rpc,create,guest,workspace,image,concurrent)")
 )
@@ -204,6 +205,31 @@ func (b *bench) finish() {
 			b.t.Errorf("write %s: %v", *flagMD, err)
 		}
 	}
+	if *flagDoc != "" {
+		if err := replaceBetween(*flagDoc, b.table(true)); err != nil {
+			b.t.Errorf("update %s: %v", *flagDoc, err)
+		}
+	}
+}
+
+const (
+	docBegin = "<!-- scripts/bench table: begin -->"
+	docEnd   = "<!-- scripts/bench table: end -->"
+)
+
+// replaceBetween puts table between the markers of the file at p.
+func replaceBetween(p, table string) error {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return err
+	}
+	s := string(b)
+	i, j := strings.Index(s, docBegin), strings.Index(s, docEnd)
+	if i < 0 || j < i {
+		return fmt.Errorf("no %q … %q markers", docBegin, docEnd)
+	}
+	s = s[:i+len(docBegin)] + "\n" + table + s[j:]
+	return os.WriteFile(p, []byte(s), 0o644)
 }
 
 func num(v float64) string {

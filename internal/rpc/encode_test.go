@@ -1,7 +1,10 @@
 package rpc
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
+	"strings"
 	"testing"
 )
 
@@ -31,5 +34,29 @@ func TestEncodeResponseMatchesMarshal(t *testing.T) {
 		if string(gb) != string(wb) {
 			t.Errorf("encodeResponse %s, json.Marshal %s", got, want)
 		}
+	}
+}
+
+// The client decodes the result in one pass; errors, nulls and type
+// mismatches come back as before.
+func TestClientResultDecoding(t *testing.T) {
+	sock, _, _ := startServer(t)
+	ctx := WithOpID(context.Background(), "op-0123abcd")
+	var s string
+	err := Call(ctx, sock, "fail", map[string]string{"Code": CodeNotFound}, &s)
+	var er *ErrorResponse
+	if !errors.As(err, &er) || er.Code != CodeNotFound || er.OpID != "op-0123abcd" {
+		t.Fatalf("error response with a result pointer: %T %v", err, err)
+	}
+	var m map[string]any
+	if err := Call(ctx, sock, "echo", map[string]any{"a": 1.5}, &m); err != nil || m["a"] != 1.5 {
+		t.Fatalf("echo: %v %v", m, err)
+	}
+	if err := Call(ctx, sock, "echo", map[string]any{"a": 1}, &s); err == nil || !strings.Contains(err.Error(), "decode result of echo") {
+		t.Fatalf("type mismatch: %v", err)
+	}
+	keep := map[string]any{"kept": true}
+	if err := Call(ctx, sock, "echo", nil, &keep); err != nil || keep["kept"] != true {
+		t.Fatalf("a null result changed the value: %v %v", keep, err)
 	}
 }
