@@ -20,6 +20,7 @@ type fakeVMs struct {
 	mu      sync.Mutex
 	vms     []*api.VM
 	deleted []string
+	creates []api.CreateParams
 }
 
 func startFakeVMs(t *testing.T, vms ...*api.VM) *fakeVMs {
@@ -61,6 +62,13 @@ func startFakeVMs(t *testing.T, vms ...*api.VM) *fakeVMs {
 			}
 		}
 		return nil, rpc.Errorf(rpc.CodeNotFound, "vm %q not found", p.VM)
+	})
+	rpc.Handle(m, api.MethodVMCreateBegin, func(ctx context.Context, p api.CreateParams) (api.CreateStatus, error) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.creates = append(f.creates, p)
+		v := &api.VM{ID: "new" + p.Name, Name: p.Name, State: api.StateRunning, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB, DiskMiB: p.DiskMiB}
+		return api.CreateStatus{OpID: "op-fake1", VMID: v.ID, Name: p.Name, Done: true, Stages: []api.Stage{}, VM: v}, nil
 	})
 	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
 	if err != nil {

@@ -268,6 +268,7 @@ func (a *App) completeCp(cmd *cobra.Command, args []string, toComplete string) (
 func (a *App) flagCompletions(root *cobra.Command) {
 	fixed := map[string][]string{
 		"vmm":    {"qemu", "firecracker"},
+		"size":   {"small", "medium", "large"},
 		"filter": {"state=running", "state=stopped", "state=error", "name=", "image=", "id="},
 	}
 	dynamic := map[string]nameKind{"image": kindImage, "kernel": kindKernel, "snapshot": kindSnapshot, "from": kindSnapshot}

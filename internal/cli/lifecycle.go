@@ -7,15 +7,16 @@ import (
 	"io"
 	"net"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/portspec"
 	"github.com/bangerdev/banger/internal/termsafe"
+	"github.com/bangerdev/banger/internal/userconfig"
 )
 
 type createFlags struct {
@@ -26,6 +27,7 @@ type createFlags struct {
 	cmd                                                  *cobra.Command
 	ttl                                                  time.Duration
 	publish                                              []string
+	size                                                 string
 }
 
 func (f *createFlags) add(cmd *cobra.Command, withName bool) {
@@ -35,6 +37,7 @@ func (f *createFlags) add(cmd *cobra.Command, withName bool) {
 	}
 	fl.StringVar(&f.image, "image", "", "image (default: the configured one, else the newest)")
 	fl.StringVar(&f.kernel, "kernel", "", "kernel (default: the configured one, else the newest)")
+	fl.StringVar(&f.size, "size", "", "size profile: small, medium, large or one from the config (banger config get sizes); --cpus/--memory/--disk override it")
 	fl.IntVar(&f.cpus, "cpus", 1, "virtual CPUs")
 	fl.StringVar(&f.memory, "memory", "512M", "memory, e.g. 512M or 2G")
 	fl.StringVar(&f.disk, "disk", "4G", "writable disk size, e.g. 10G")
@@ -63,22 +66,6 @@ func (f *createFlags) resolveWorkspace(ctx context.Context, p *api.CreateParams)
 }
 
 func (f *createFlags) params() (api.CreateParams, error) {
-	if f.snapshot != "" {
-		for _, n := range []string{"image", "kernel", "cpus", "memory", "disk", "vmm"} {
-			if f.cmd != nil && f.cmd.Flags().Changed(n) {
-				return api.CreateParams{}, usagef("--%s: a VM made from a snapshot has the snapshot's image, kernel, cpus, memory, disk and VMM", n)
-			}
-		}
-		return api.CreateParams{Name: f.name, Snapshot: f.snapshot}, nil
-	}
-	mem, err := parseSize(f.memory)
-	if err != nil {
-		return api.CreateParams{}, usagef("--memory: %v", err)
-	}
-	disk, err := parseSize(f.disk)
-	if err != nil {
-		return api.CreateParams{}, usagef("--disk: %v", err)
-	}
 	if f.ttl < 0 {
 		return api.CreateParams{}, usagef("--ttl must be positive")
 	}
@@ -90,29 +77,68 @@ func (f *createFlags) params() (api.CreateParams, error) {
 		}
 		ports = append(ports, sp.String())
 	}
+	if f.snapshot != "" {
+		for _, n := range []string{"image", "kernel", "cpus", "memory", "disk", "vmm", "size"} {
+			if f.changed(n) {
+				return api.CreateParams{}, usagef("--%s: a VM made from a snapshot has the snapshot's image, kernel, cpus, memory, disk and VMM", n)
+			}
+		}
+		return api.CreateParams{Name: f.name, Snapshot: f.snapshot, TTLSeconds: f.ttl.Seconds(), Ports: ports}, nil
+	}
+	if err := f.applySize(); err != nil {
+		return api.CreateParams{}, err
+	}
+	mem, err := parseSize(f.memory)
+	if err != nil {
+		return api.CreateParams{}, usagef("--memory: %v", err)
+	}
+	disk, err := parseSize(f.disk)
+	if err != nil {
+		return api.CreateParams{}, usagef("--disk: %v", err)
+	}
 	return api.CreateParams{Name: f.name, Image: f.image, Kernel: f.kernel, VCPUs: f.cpus, MemoryMiB: mem, DiskMiB: disk, Driver: f.driver,
 		TTLSeconds: f.ttl.Seconds(), Ports: ports}, nil
 }
 
-// parseSize reads 512M, 2G, 1024 (MiB) into MiB.
-func parseSize(s string) (int, error) {
-	s = strings.TrimSpace(strings.ToUpper(s))
-	s = strings.TrimSuffix(strings.TrimSuffix(s, "IB"), "B")
-	mult := 1
-	switch {
-	case strings.HasSuffix(s, "G"):
-		mult, s = 1024, strings.TrimSuffix(s, "G")
-	case strings.HasSuffix(s, "T"):
-		mult, s = 1024*1024, strings.TrimSuffix(s, "T")
-	case strings.HasSuffix(s, "M"):
-		s = strings.TrimSuffix(s, "M")
-	}
-	n, err := strconv.ParseFloat(s, 64)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("%q is not a size like 512M or 2G", s)
-	}
-	return int(n * float64(mult)), nil
+func (f *createFlags) changed(flag string) bool {
+	return f.cmd != nil && f.cmd.Flags().Changed(flag)
 }
+
+// applySize fills cpus, memory and disk not given as flags from --size, else
+// from the config's default_size.
+func (f *createFlags) applySize() error {
+	if f.size == "" && (f.changed("cpus") || f.changed("memory") || f.changed("disk")) {
+		return nil
+	}
+	l, err := paths.Resolve("")
+	if err != nil {
+		return err
+	}
+	cfg, err := userconfig.Load(l.ConfigFile())
+	if err != nil {
+		return err
+	}
+	prof, ok, err := userconfig.Profile(cfg, f.size)
+	if err != nil {
+		return usagef("--size: %v", err)
+	}
+	if !ok {
+		return nil
+	}
+	if !f.changed("cpus") && prof.CPUs > 0 {
+		f.cpus = prof.CPUs
+	}
+	if !f.changed("memory") && prof.Memory != "" {
+		f.memory = prof.Memory
+	}
+	if !f.changed("disk") && prof.Disk != "" {
+		f.disk = prof.Disk
+	}
+	return nil
+}
+
+// parseSize reads 512M, 2G, 1024 (MiB) into MiB.
+func parseSize(s string) (int, error) { return userconfig.ParseMiB(s) }
 
 // createVM begins a create and, unless noWait, follows its stages.
 func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*api.VM, error) {

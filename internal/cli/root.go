@@ -184,7 +184,7 @@ func (a *App) newRoot() *cobra.Command {
 	root.AddCommand(a.systemCommand())
 	a.addServiceCommands(root)
 	root.AddCommand(a.eventsCommands()...)
-	root.AddCommand(a.docsCommand())
+	root.AddCommand(a.docsCommand(), a.configCommand())
 	a.finishTree(root)
 	return root
 }

@@ -21,6 +21,8 @@ import (
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/paths"
+	"github.com/bangerdev/banger/internal/userconfig"
 )
 
 // Limits of the exec and file tools.
@@ -113,6 +115,7 @@ type CreateVMInput struct {
 	Name       string  `json:"name,omitempty" jsonschema:"VM name (letters, digits, -); default: a random one"`
 	Image      string  `json:"image,omitempty" jsonschema:"image name; default: the configured one, else the newest"`
 	Kernel     string  `json:"kernel,omitempty" jsonschema:"kernel name; default: the configured one, else the newest"`
+	Size       string  `json:"size,omitempty" jsonschema:"size profile: small, medium, large or one from banger's config; cpus, memory_mib and disk_mib override it"`
 	CPUs       int     `json:"cpus,omitempty" jsonschema:"virtual CPUs (default 1)"`
 	MemoryMiB  int     `json:"memory_mib,omitempty" jsonschema:"memory in MiB (default 512)"`
 	DiskMiB    int     `json:"disk_mib,omitempty" jsonschema:"writable disk in MiB (default 4096)"`
@@ -152,6 +155,9 @@ type CreateVMOutput struct {
 func (t *tools) createVM(ctx context.Context, in CreateVMInput) (CreateVMOutput, error) {
 	p := api.CreateParams{Name: in.Name, Image: in.Image, Kernel: in.Kernel, VCPUs: in.CPUs, MemoryMiB: in.MemoryMiB, DiskMiB: in.DiskMiB,
 		TTLSeconds: in.TTLSeconds}
+	if err := applySize(&p, in.Size); err != nil {
+		return CreateVMOutput{}, err
+	}
 	if in.Workspace != "" {
 		root, err := client.WorkspaceRoot(ctx, in.Workspace)
 		if err != nil {
@@ -446,4 +452,38 @@ func (t *tools) workspacePull(ctx context.Context, in WorkspacePullInput) (Works
 		return WorkspacePullOutput{}, err
 	}
 	return WorkspacePullOutput{Branch: r.Branch, Commit: r.Commit, GuestHead: r.GuestHead, Uncommitted: r.Uncommitted, Repo: root}, nil
+}
+
+// applySize fills cpus, memory and disk left zero from the size profile
+// (size, else the config's default_size).
+func applySize(p *api.CreateParams, size string) error {
+	l, err := paths.Resolve("")
+	if err != nil {
+		return err
+	}
+	cfg, err := userconfig.Load(l.ConfigFile())
+	if err != nil {
+		return err
+	}
+	prof, ok, err := userconfig.Profile(cfg, size)
+	if err != nil {
+		return invalid("%v", err)
+	}
+	if !ok {
+		return nil
+	}
+	if p.VCPUs == 0 {
+		p.VCPUs = prof.CPUs
+	}
+	if p.MemoryMiB == 0 && prof.Memory != "" {
+		if p.MemoryMiB, err = userconfig.ParseMiB(prof.Memory); err != nil {
+			return invalid("size %s: memory: %v", size, err)
+		}
+	}
+	if p.DiskMiB == 0 && prof.Disk != "" {
+		if p.DiskMiB, err = userconfig.ParseMiB(prof.Disk); err != nil {
+			return invalid("size %s: disk: %v", size, err)
+		}
+	}
+	return nil
 }
