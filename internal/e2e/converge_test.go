@@ -662,6 +662,12 @@ func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	if stopOp == "" {
 		t.Fatalf("no vm.stopped event with an op id for ex")
 	}
+	evs := mustBanger(t, h, "events")
+	for _, want := range []string{"kernel.added", "image.added", "vm.created", "vm.started", "vm.start_failed", "vm.create_failed", "vm.deleted", "vm.stopped"} {
+		if !strings.Contains(evs, want) {
+			t.Errorf("banger events lacks %s:\n%s", want, evs)
+		}
+	}
 	found := false
 	for _, l := range strings.Split(d.logs.String(), "\n") {
 		if strings.Contains(l, stopOp) && strings.Contains(l, `"vm.stop"`) && strings.Contains(l, `"level":"INFO"`) {

@@ -54,7 +54,7 @@ func Resolve(home string) (Layout, error) {
 // to the user: mode 0700.
 func (l Layout) Dirs() []string {
 	return []string{l.ConfigDir, l.DataDir, l.RunDir, l.VMsDir(), l.ImagesDir(), l.KernelsDir(), l.CacheDir(),
-		l.SSHDir(), l.LogsDir(), l.FailedLogsDir()}
+		l.SSHDir(), l.LogsDir(), l.FailedLogsDir(), l.SnapshotsDir()}
 }
 
 // DirMode is the mode of every banger directory.
