@@ -57,6 +57,37 @@ func TestBenchSnapshot(t *testing.T) {
 	t.Logf("BENCH create --snapshot to exec-ready:  median %v  (all %v)", med(restore).Round(time.Millisecond), roundAll(restore))
 	t.Logf("BENCH vm fork to exec-ready:            median %v  (all %v)", med(fork).Round(time.Millisecond), roundAll(fork))
 
+	// banger run -- true: cold, restored from the spec's base snapshot, and
+	// served from the ready pool (which refills between rounds, untimed).
+	runArgs := []string{"run", "--rm", "--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M"}
+	poolSpec := []string{"--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M"}
+	mustBanger(t, h, append(append([]string{}, runArgs...), "--", "true")...) // saves the base
+	mustBanger(t, h, append([]string{"pool", "set", "1"}, poolSpec...)...)
+	poolFull := func() {
+		waitFor(t, 5*time.Minute, "the pool to fill", func() bool {
+			var l []struct {
+				Ready int `json:"ready"`
+			}
+			json.Unmarshal([]byte(mustBanger(t, h, "pool", "ls", "-o", "json")), &l)
+			return len(l) == 1 && l[0].Ready == 1
+		})
+	}
+	var runCold, runBase, runPool []time.Duration
+	for r := 0; r < rounds; r++ {
+		poolFull()
+		// The pool serves only its spec: --cold and a --name do not change
+		// the spec, so the pool is claimed first, then base, then cold.
+		runPool = append(runPool, timed(append(append([]string{}, runArgs...), "--", "true")))
+		mustBanger(t, h, append([]string{"pool", "set", "0"}, poolSpec...)...)
+		runBase = append(runBase, timed(append(append([]string{}, runArgs...), "--", "true")))
+		runCold = append(runCold, timed(append(append([]string{}, runArgs...), "--cold", "--", "true")))
+		mustBanger(t, h, append([]string{"pool", "set", "1"}, poolSpec...)...)
+	}
+	t.Logf("BENCH run -- true, cold:                 median %v  (all %v)", med(runCold).Round(time.Millisecond), roundAll(runCold))
+	t.Logf("BENCH run -- true, base snapshot:        median %v  (all %v)", med(runBase).Round(time.Millisecond), roundAll(runBase))
+	t.Logf("BENCH run -- true, from the ready pool:  median %v  (all %v)", med(runPool).Round(time.Millisecond), roundAll(runPool))
+	mustBanger(t, h, append([]string{"pool", "set", "0"}, poolSpec...)...)
+
 	// Sizes and memory: a cold VM and one restored from its snapshot.
 	for _, mem := range []string{"256M", "1G"} {
 		name := "size-" + strings.ToLower(mem)
