@@ -2,6 +2,12 @@ package api
 
 import (
 	"encoding/json"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"os"
+	"strings"
 	"testing"
 )
 
@@ -28,5 +34,49 @@ func TestWireShapes(t *testing.T) {
 		if string(b) != tc.want {
 			t.Errorf("%T: got %s, want %s", tc.v, b, tc.want)
 		}
+	}
+}
+
+// TestEveryMethodDocumented: docs/API.md names every method constant's
+// value, so a new method cannot land undocumented.
+func TestEveryMethodDocumented(t *testing.T) {
+	doc, err := os.ReadFile("../docs/API.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	pkgs, err := parser.ParseDir(fset, ".", func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, p := range pkgs {
+		for _, f := range p.Files {
+			for _, d := range f.Decls {
+				g, ok := d.(*ast.GenDecl)
+				if !ok || g.Tok != token.CONST {
+					continue
+				}
+				for _, sp := range g.Specs {
+					vs := sp.(*ast.ValueSpec)
+					for i, name := range vs.Names {
+						if !strings.HasPrefix(name.Name, "Method") || i >= len(vs.Values) {
+							continue
+						}
+						lit, ok := vs.Values[i].(*ast.BasicLit)
+						if !ok {
+							continue
+						}
+						n++
+						if v := strings.Trim(lit.Value, `"`); !strings.Contains(string(doc), "`"+v+"`") {
+							t.Errorf("%s (%q) is not in docs/API.md", name.Name, v)
+						}
+					}
+				}
+			}
+		}
+	}
+	if n < 30 {
+		t.Fatalf("found only %d method constants", n)
 	}
 }
