@@ -303,7 +303,7 @@ func (c *Client) Ping(ctx context.Context) error {
 		_, err := c.request(actx, api.RequestPing)
 		cancel()
 		if err == nil {
-			c.log.Debug("guest agent answered", "after", time.Since(start).Round(time.Millisecond))
+			c.log.DebugContext(ctx, "guest agent answered", "after", time.Since(start).Round(time.Millisecond))
 			return nil
 		}
 		if errors.Is(err, ErrClosed) {
