@@ -850,3 +850,36 @@ func (hr *nobodyHome) run(bangerd string, env []string) error {
 	}
 	return nil
 }
+
+// A debootstrap stopped half-way leaves proc mounted in its work directory
+// (images/.tmp-*): the next bangerd unmounts it, then removes the directory.
+// bangerd runs in a private mount namespace made for the test (unshare -m),
+// so the host's mount table is never touched.
+func TestImageTempLeftoversUnmounted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting proc needs root")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skipf("unshare (util-linux) not installed: %v", err)
+	}
+	h := home(t)
+	tmp := filepath.Join(h, "images", ".tmp-leftover")
+	if err := os.MkdirAll(filepath.Join(tmp, "rootfs", "proc"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(tmp, "rootfs", "etc-file"), []byte("x"), 0o600)
+	bangerd := filepath.Join(bins(t), "bangerd")
+	script := `mount -t proc proc "$1" && grep -q " $1 " /proc/self/mountinfo && exec "$2" --debug`
+	d := startDaemonWith(t, h, func(cmd *exec.Cmd) {
+		cmd.Path = unshare
+		cmd.Args = []string{unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh", filepath.Join(tmp, "rootfs", "proc"), bangerd}
+	})
+	waitFor(t, 10*time.Second, "the leftover to be removed", func() bool {
+		_, err := os.Stat(tmp)
+		return os.IsNotExist(err)
+	})
+	if strings.Contains(d.logs.String(), "cannot unmount") {
+		t.Fatalf("bangerd could not unmount the leftover: %s", d.logs.String())
+	}
+}
