@@ -11,8 +11,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/creack/pty"
 )
 
 // TestAgentLifecycleRealGuest: vm ls -q, --format, --filter and completion
@@ -161,5 +164,28 @@ func TestPortsRealGuest(t *testing.T) {
 	}
 	if got := get(int(fw["port"].(float64))); got != "published\n" {
 		t.Fatalf("auto forward served %q", got)
+	}
+
+	// exec -it: a terminal both ways, raw, as docker exec -it gives
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		t.Skipf("no pseudo-terminal: %v", err)
+	}
+	defer ptmx.Close()
+	it := exec.CommandContext(ctx, filepath.Join(bins(t), "banger"), "exec", "-it", "web", "--", "sh", "-c", "tty; read x; echo got:$x")
+	it.Env = append(os.Environ(), "BANGER_HOME="+h, "TERM=xterm")
+	it.Stdin, it.Stdout, it.Stderr = tty, tty, tty
+	it.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+	if err := it.Start(); err != nil {
+		t.Fatal(err)
+	}
+	tty.Close()
+	var screen lockedBuf
+	go io.Copy(&screen, ptmx)
+	waitFor(t, 30*time.Second, "the guest's tty in exec -it", func() bool { return strings.Contains(screen.String(), "/dev/pts/") })
+	ptmx.Write([]byte("hello\r"))
+	waitFor(t, 30*time.Second, "exec -it to read a line", func() bool { return strings.Contains(screen.String(), "got:hello") })
+	if err := it.Wait(); err != nil {
+		t.Fatalf("exec -it: %v\n%s", err, screen.String())
 	}
 }
