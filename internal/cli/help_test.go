@@ -115,3 +115,18 @@ func TestDocsCommand(t *testing.T) {
 		t.Errorf("banger_vm_ls.md lacks flags or examples:\n%s", b)
 	}
 }
+
+// TestEveryListingHasFormat: every ls (and show) takes --format.
+func TestEveryListingHasFormat(t *testing.T) {
+	a := &App{}
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		if (c.Name() == "ls" || c.Name() == "show") && c.Flags().Lookup("format") == nil {
+			t.Errorf("%q has no --format", c.CommandPath())
+		}
+		for _, s := range c.Commands() {
+			walk(s)
+		}
+	}
+	walk(a.newRoot())
+}

@@ -14,28 +14,27 @@ import (
 func (a *App) poolCommand() *cobra.Command {
 	pc := &cobra.Command{Use: "pool", Short: "Keep VMs ready for banger run",
 		Example: "  banger pool set 2 --memory 256M --disk 256M\n  banger pool ls"}
-	pc.AddCommand(&cobra.Command{
+	var poolFormat string
+	pls := &cobra.Command{
 		Use: "ls", Aliases: []string{"list"}, Short: "List the ready pools", Args: noArgs,
-		Example: "  banger pool ls\n  banger pool ls -o json",
+		Example: "  banger pool ls\n  banger pool ls -o json\n  banger pool ls --format '{{.Ready}}/{{.Size}} {{join .VMs \",\"}}'",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var l []*api.Pool
 			if err := a.call(cmd.Context(), api.MethodPoolList, nil, &l); err != nil {
 				return err
 			}
-			if l == nil {
-				l = []*api.Pool{}
-			}
-			if a.output == "json" {
-				return a.printJSON(l)
-			}
-			rows := make([][]string, 0, len(l))
-			for _, p := range l {
-				rows = append(rows, []string{orDash(p.Image), orDash(p.Kernel), strconv.Itoa(p.VCPUs), mib(p.MemoryMiB), mib(p.DiskMiB),
-					fmt.Sprintf("%d/%d", p.Ready, p.Size), orDash(strings.Join(p.VMs, ",")), orDash(p.Note)})
-			}
-			return a.table([]string{"IMAGE", "KERNEL", "CPUS", "MEMORY", "DISK", "READY", "VMS", "NOTE"}, rows)
+			return listOutput(a, l, false, poolFormat, func(p *api.Pool) string { return strconv.Itoa(p.Size) }, func() error {
+				rows := make([][]string, 0, len(l))
+				for _, p := range l {
+					rows = append(rows, []string{orDash(p.Image), orDash(p.Kernel), strconv.Itoa(p.VCPUs), mib(p.MemoryMiB), mib(p.DiskMiB),
+						fmt.Sprintf("%d/%d", p.Ready, p.Size), orDash(strings.Join(p.VMs, ",")), orDash(p.Note)})
+				}
+				return a.table([]string{"IMAGE", "KERNEL", "CPUS", "MEMORY", "DISK", "READY", "VMS", "NOTE"}, rows)
+			})
 		},
-	})
+	}
+	addFormat(pls, &poolFormat)
+	pc.AddCommand(pls)
 	var image, kernel, memory, disk string
 	var cpus int
 	set := &cobra.Command{
