@@ -399,14 +399,21 @@ func (a *App) portForward(ctx context.Context, vm string, specs []forwardSpec, a
 	return a.followPorts(ctx, f, explicit, &wg)
 }
 
+// maxAutoForwards bounds the host listeners --auto opens: the guest
+// chooses them, so it must not be able to take every free localhost port
+// or the CLI's file descriptors (a ports reply may list 8192 sockets).
+const maxAutoForwards = 64
+
 // followPorts forwards each TCP port the guest listens on (but those
 // forwarded explicitly and SSH's 22) while it listens, as Lima does.
+// At most maxAutoForwards at once.
 func (a *App) followPorts(ctx context.Context, f *forwarder, explicit map[int]bool, wg *sync.WaitGroup) error {
 	c, err := a.client(ctx)
 	if err != nil {
 		return err
 	}
 	active := map[int]net.Listener{}
+	capped := false
 	defer func() {
 		for _, ln := range active {
 			ln.Close()
@@ -426,6 +433,13 @@ func (a *App) followPorts(ctx context.Context, f *forwarder, explicit map[int]bo
 				}
 				seen[p.Port] = true
 				if active[p.Port] != nil {
+					continue
+				}
+				if len(active) >= maxAutoForwards {
+					if !capped {
+						capped = true
+						fmt.Fprintf(a.Stderr, "port-forward: the guest listens on more than %d TCP ports; forwarding only %d of them\n", maxAutoForwards, maxAutoForwards)
+					}
 					continue
 				}
 				ln, b, lerr := listenSpec(ctx, forwardSpec{Host: "127.0.0.1", Port: p.Port, GuestPort: p.Port})
