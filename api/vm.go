@@ -155,6 +155,12 @@ type ConnectResult struct {
 	KeyPath string `json:"key_path"` // the user's banger key
 }
 
+// BulkResult is vm.bulk's result; the connection then carries a bulk
+// stream whose hello bangerd has done.
+type BulkResult struct {
+	VM string `json:"vm"`
+}
+
 // LogsParams is vm.logs.
 type LogsParams struct {
 	VM     string `json:"vm"`

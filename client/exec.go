@@ -116,6 +116,12 @@ func (c *Client) Exec(ctx context.Context, vm string, argv []string, o ExecOptio
 			return 0, &Error{Code: CodeInvalidArgument, Message: fmt.Sprintf("bad environment variable %q: want KEY=VALUE with KEY of letters, digits and _", kv)}
 		}
 	}
+	if !o.TTY {
+		code, fallback, err := c.execBulk(ctx, vm, argv, o)
+		if !fallback {
+			return code, err
+		}
+	}
 	cl, err := c.SSH(ctx, vm, o.User)
 	if err != nil {
 		return 0, err

@@ -29,14 +29,22 @@ func (g *GuestFS) Close() error {
 	return nil
 }
 
-// OpenFS opens SFTP to a running VM as root. Cancelling ctx closes it.
+// OpenFS opens SFTP to a running VM as root, over the bulk path when the
+// VM has one (else SSH). Cancelling ctx closes it.
 func (c *Client) OpenFS(ctx context.Context, vm string) (*GuestFS, error) {
+	sc, closeFn, err := c.bulkSFTP(ctx, vm)
+	if err == nil {
+		return &GuestFS{SFTP: guestfs.SFTP{C: sc, Run: func(argv []string) error { return c.Run(ctx, vm, argv) }}, close: closeFn}, nil
+	}
+	if !noBulk(err) {
+		return nil, err
+	}
 	cl, err := c.SSH(ctx, vm, "")
 	if err != nil {
 		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { cl.Close() })
-	sc, err := sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	sc, err = sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
 	if err != nil {
 		stop()
 		cl.Close()

@@ -31,6 +31,7 @@ import (
 	"github.com/pkg/sftp"
 	"golang.org/x/sys/unix"
 
+	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/agent/reaper"
 	"github.com/bangerdev/banger/internal/agent/sshd"
@@ -397,7 +398,9 @@ func sftpMain() int {
 		io.Reader
 		io.WriteCloser
 	}{os.Stdin, os.Stdout}
-	srv, err := sftp.NewServer(rw)
+	// Reads of up to SFTPMaxPacket bytes (the bulk path's clients ask for
+	// them; others keep asking for 32 KiB).
+	srv, err := sftp.NewServer(rw, sftp.WithMaxTxPacket(api.SFTPMaxPacket))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "sftp-server:", err)
 		return 1

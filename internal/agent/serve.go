@@ -13,6 +13,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/agent/channel"
 	"github.com/bangerdev/banger/internal/agent/reaper"
 	"github.com/bangerdev/banger/internal/agent/sshd"
@@ -70,7 +71,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 		if err != nil {
 			return err
 		}
-		err = srv.Serve(ctx, l)
+		err = srv.Serve(ctx, newDispatchListener(ctx, l, cfg.BulkKey, srv, log))
 		l.Close()
 		if ctx.Err() != nil {
 			return nil
@@ -84,6 +85,62 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 		}
 	}
 	return nil
+}
+
+// classifyWait bounds the wait for a new stream's first byte (an SSH client
+// that waits for the server's identification is served after it).
+const classifyWait = 2 * time.Second
+
+// dispatchListener hands bulk streams (whose first byte is bulk.Magic's) to
+// the SSH server's bulk handler after checking their key, and returns the
+// rest, SSH connections, from Accept.
+type dispatchListener struct {
+	net.Listener
+	ctx   context.Context
+	conns chan net.Conn
+	errc  chan error
+}
+
+func newDispatchListener(ctx context.Context, l net.Listener, key []byte, srv *sshd.Server, log *slog.Logger) *dispatchListener {
+	d := &dispatchListener{Listener: l, ctx: ctx, conns: make(chan net.Conn), errc: make(chan error, 1)}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				d.errc <- err
+				return
+			}
+			go func() {
+				isBulk, pc := bulk.Classify(c, classifyWait)
+				if !isBulk {
+					select {
+					case d.conns <- pc:
+					case <-ctx.Done():
+						pc.Close()
+					}
+					return
+				}
+				if err := bulk.Accept(pc, key, classifyWait); err != nil {
+					log.Warn("bulk stream refused", "error", err)
+					return
+				}
+				srv.ServeBulk(ctx, pc)
+			}()
+		}
+	}()
+	return d
+}
+
+func (d *dispatchListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-d.conns:
+		return c, nil
+	case err := <-d.errc:
+		d.errc <- err
+		return nil, err
+	case <-d.ctx.Done():
+		return nil, net.ErrClosed
+	}
 }
 
 // listen opens the host channel named by the boot config, waiting (bounded)

@@ -15,7 +15,6 @@ import (
 	"github.com/pkg/sftp"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
-	"golang.org/x/crypto/ssh"
 	"golang.org/x/term"
 
 	"github.com/bangerdev/banger/internal/workspace"
@@ -101,22 +100,21 @@ type cpItem struct {
 }
 
 func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions) error {
-	cl, err := a.sshTo(ctx, vm)
+	c, err := a.client(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
-	stop := context.AfterFunc(ctx, func() { cl.Close() })
-	defer stop()
-	sc, err := sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	// SFTP over the bulk path (SSH when the VM has none).
+	sc, closeFS, err := c.SFTP(ctx, vm)
 	if err != nil {
-		return fmt.Errorf("start sftp in %s: %w", vm, err)
+		return err
 	}
-	defer sc.Close()
+	defer closeFS()
+	run := func(argv []string) error { return c.Run(ctx, vm, argv) }
 	var from cpSource = osFS{}
-	var to cpDest = sftpFS{c: sc, cl: cl}
+	var to cpDest = sftpFS{c: sc, run: run}
 	if src.VM != "" {
-		from, to = sftpFS{c: sc, cl: cl}, osFS{}
+		from, to = sftpFS{c: sc, run: run}, osFS{}
 	}
 	plan, err := planCopy(from, to, src, dst, opts.Recursive)
 	if err != nil {
@@ -216,8 +214,8 @@ func (o osFS) SetMeta(it cpItem, w io.WriteCloser) error {
 }
 
 type sftpFS struct {
-	c  *sftp.Client
-	cl *ssh.Client
+	c   *sftp.Client
+	run func(argv []string) error // runs a command in the guest
 }
 
 func (s sftpFS) Stat(p string) (fs.FileInfo, error)      { return s.c.Stat(p) }
@@ -257,22 +255,15 @@ func (s sftpFS) SetMeta(it cpItem, _ io.WriteCloser) error {
 // relative target into an absolute one, which would break links inside a
 // copied tree, so relative targets are made with ln in the guest.
 func (s sftpFS) Symlink(t, p string) error {
-	if path.IsAbs(t) || s.cl == nil {
+	if path.IsAbs(t) || s.run == nil {
 		return s.c.Symlink(t, p)
 	}
 	abs, err := s.c.RealPath(p)
 	if err != nil {
 		return err
 	}
-	sess, err := s.cl.NewSession()
-	if err != nil {
-		return fmt.Errorf("open a session: %w", err)
-	}
-	defer sess.Close()
-	var stderr strings.Builder
-	sess.Stderr = &stderr
-	if err := sess.Run(shellJoin([]string{"ln", "-sfn", "--", t, abs})); err != nil {
-		return fmt.Errorf("ln -s in the guest: %w: %s", err, strings.TrimSpace(stderr.String()))
+	if err := s.run([]string{"ln", "-sfn", "--", t, abs}); err != nil {
+		return fmt.Errorf("ln -s in the guest: %w", err)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/store"
@@ -93,6 +94,40 @@ func (keysCap) Name() string { return "keys" }
 
 const hostKeyName = "host_key"
 
+// bulkKeyName is the file (0600, in the VM directory) holding the key of
+// the current boot's bulk streams.
+const bulkKeyName = "bulk_key"
+
+// writePrivate replaces path with data, mode 0600, atomically.
+func writePrivate(path string, data []byte) error {
+	tmp := path + ".tmp"
+	_ = os.Remove(tmp)
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// bulkKey reads the current boot's bulk key of a VM.
+func bulkKey(dir string) ([]byte, error) {
+	b, err := os.ReadFile(filepath.Join(dir, bulkKeyName))
+	if err != nil {
+		return nil, fmt.Errorf("VM bulk key missing (restart the VM to make one): %w", err)
+	}
+	if len(b) != bulk.KeySize {
+		return nil, fmt.Errorf("VM bulk key has %d bytes, want %d", len(b), bulk.KeySize)
+	}
+	return b, nil
+}
+
 func (k keysCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error {
 	hk, err := loadOrCreateHostKey(env.Dir)
 	if err != nil {
@@ -103,6 +138,15 @@ func (k keysCap) ContributeGuestConfig(ctx context.Context, env *startEnv) error
 		return fmt.Errorf("user key: %w", err)
 	}
 	env.Boot.HostKey = hk
+	// A fresh bulk key at every start, kept for vm.bulk (see package bulk).
+	bk, err := bulk.NewKey()
+	if err != nil {
+		return err
+	}
+	if err := writePrivate(filepath.Join(env.Dir, bulkKeyName), bk); err != nil {
+		return fmt.Errorf("bulk key: %w", err)
+	}
+	env.Boot.BulkKey = bk
 	env.Boot.AuthorizedKeys = append(env.Boot.AuthorizedKeys, uk.AuthorizedLine())
 	return nil
 }

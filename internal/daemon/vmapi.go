@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
@@ -138,6 +139,7 @@ func (s *vmService) register(m *rpc.Mux) {
 	}))
 	rpc.Handle(m, api.MethodVMSet, logOp(s.log, api.MethodVMSet, "vm", func(p api.SetParams) string { return p.VM }, s.set))
 	rpc.Handle(m, api.MethodVMConnect, s.connect)
+	rpc.Handle(m, api.MethodVMBulk, s.bulk)
 	rpc.Handle(m, api.MethodVMLogs, func(ctx context.Context, p api.LogsParams) (api.LogsResult, error) {
 		vm, err := s.store.FindVM(ctx, p.VM)
 		if err != nil {
@@ -478,6 +480,52 @@ func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, err
 	}
 	return &rpc.Upgrade{
 		Result: api.ConnectResult{VM: vm.Name, HostKey: pub, User: "root", KeyPath: s.layout.UserKey()},
+		Then: func(ctx context.Context, c net.Conn) {
+			system.Splice(c, gc)
+		},
+	}, nil
+}
+
+// bulk opens an authenticated bulk stream to the guest agent (the hello,
+// with the VM's bulk key, done here: the client never sees the key) and
+// splices the caller's connection to it.
+func (s *vmService) bulk(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error) {
+	vm, err := s.store.FindVM(ctx, p.VM)
+	if err != nil {
+		return nil, storeErr(err)
+	}
+	rt := s.runtime(vm.ID)
+	if rt == nil || vm.State != store.StateRunning {
+		return nil, notRunning(vm)
+	}
+	if rt.paused.Load() {
+		return nil, pausedErr(vm)
+	}
+	key, err := bulkKey(s.vmDir(vm.ID))
+	if err != nil {
+		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	gc, err := s.dialGuest(dctx, rt)
+	if err != nil {
+		return nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)
+	}
+	dl, _ := dctx.Deadline()
+	_ = gc.SetDeadline(dl)
+	stop := context.AfterFunc(dctx, func() { _ = gc.SetDeadline(time.Unix(1, 0)) })
+	err = bulk.Hello(gc, key)
+	stop()
+	_ = gc.SetDeadline(time.Time{})
+	if err != nil {
+		gc.Close()
+		if errors.Is(err, bulk.ErrUnsupported) {
+			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "the agent of %s does not serve bulk streams (restart the VM to update it)", vm.Name)
+		}
+		return nil, rpc.Errorf(rpc.CodeUnavailable, "bulk stream to %s: %v", vm.Name, err)
+	}
+	return &rpc.Upgrade{
+		Result: api.BulkResult{VM: vm.Name},
 		Then: func(ctx context.Context, c net.Conn) {
 			system.Splice(c, gc)
 		},

@@ -15,11 +15,14 @@ import (
 	"golang.org/x/crypto/ssh"
 )
 
-// SFTP is a workspace.FS on a guest. SSH (optional) is used to make relative
-// symlinks, which the agent's SFTP server would turn absolute.
+// SFTP is a workspace.FS on a guest. Run, else SSH (both optional), is used
+// to make relative symlinks, which the agent's SFTP server would turn
+// absolute.
 type SFTP struct {
 	C   *sftp.Client
 	SSH *ssh.Client
+	// Run runs argv in the guest; its error says what failed.
+	Run func(argv []string) error
 }
 
 func (s SFTP) Stat(p string) (fs.FileInfo, error)      { return s.C.Stat(p) }
@@ -46,12 +49,15 @@ func (s SFTP) Mkdir(p string) error {
 
 // Symlink makes a symlink in the guest; relative targets are made with ln.
 func (s SFTP) Symlink(t, p string) error {
-	if path.IsAbs(t) || s.SSH == nil {
+	if path.IsAbs(t) || s.SSH == nil && s.Run == nil {
 		return s.C.Symlink(t, p)
 	}
 	abs, err := s.C.RealPath(p)
 	if err != nil {
 		return err
+	}
+	if s.Run != nil {
+		return s.Run([]string{"ln", "-sfn", "--", t, abs})
 	}
 	sess, err := s.SSH.NewSession()
 	if err != nil {

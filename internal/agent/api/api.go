@@ -84,6 +84,12 @@ var (
 	SSHPublicKeyAuthAlgorithms = []string{"ssh-ed25519"}
 )
 
+// SFTPMaxPacket is the largest read or write payload the agent's SFTP
+// server handles (pkg/sftp's packets carry up to 256 KiB); banger's own
+// clients use it over the bulk path, where fewer, larger requests save
+// round trips through the emulated guest.
+const SFTPMaxPacket = 128 << 10
+
 // Defaults both sides use unless configured otherwise.
 const (
 	// DefaultVsockPort is the vsock port the agent listens on.

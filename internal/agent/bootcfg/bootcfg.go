@@ -60,6 +60,10 @@ type Config struct {
 	// gather entropy, which takes seconds without RDRAND or virtio-rng. The
 	// host must write a new seed before every start.
 	RNGSeed []byte `json:"rng_seed,omitempty"`
+	// BulkKey (bulk.KeySize bytes, fresh at every start) authenticates the
+	// host's unencrypted bulk streams (see package bulk). Without it the
+	// agent refuses them.
+	BulkKey []byte `json:"bulk_key,omitempty"`
 }
 
 // SeedSize is the size of a fresh RNGSeed.

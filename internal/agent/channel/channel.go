@@ -181,7 +181,7 @@ func (l *SerialListener) cycle(br *bufio.Reader) error {
 	cfg.Logger = slog.NewLogLogger(l.log.Handler(), slog.LevelDebug)
 	cfg.KeepAliveInterval = 15 * time.Second
 	cfg.StreamCloseTimeout = 30 * time.Second
-	pc := &portConn{r: br, port: l.port}
+	pc := newPortConn(br, l.port)
 	sess, err := yamux.Server(pc, cfg)
 	if err != nil {
 		return err
@@ -248,15 +248,91 @@ type readerFunc func([]byte) (int, error)
 func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
 
 // portConn is what yamux runs on: reads through the shared buffered reader,
-// writes to the port; Close unblocks both without closing the device.
+// writes to the port through a coalescing writer; Close unblocks both
+// without closing the device.
+//
+// yamux writes each frame as two writes (header, then body), and every
+// write to a virtio-serial port costs a virtqueue notification, which is
+// expensive in an emulated guest. So writes are queued and one flusher
+// writes whatever has accumulated in a single write: small frames travel
+// together, and while one write is in flight the next batch builds up.
 type portConn struct {
 	r    *bufio.Reader
 	port Port
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	pending []byte
+	spare   []byte
+	err     error
+	started bool
+	closed  bool
 }
 
-func (c *portConn) Read(p []byte) (int, error)  { return c.r.Read(p) }
-func (c *portConn) Write(p []byte) (int, error) { return c.port.Write(p) }
+// maxPending bounds the bytes queued for the port; writers wait beyond it.
+const maxPending = 1 << 20
+
+func newPortConn(r *bufio.Reader, port Port) *portConn {
+	c := &portConn{r: r, port: port}
+	c.cond = sync.NewCond(&c.mu)
+	return c
+}
+
+func (c *portConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+func (c *portConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.started {
+		c.started = true
+		go c.flush()
+	}
+	for c.err == nil && !c.closed && len(c.pending) >= maxPending {
+		c.cond.Wait()
+	}
+	if c.err != nil {
+		return 0, c.err
+	}
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	c.pending = append(c.pending, p...)
+	c.cond.Broadcast()
+	return len(p), nil
+}
+
+// flush writes what Write queued, batch by batch, until the conn is closed
+// or the port fails.
+func (c *portConn) flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		for len(c.pending) == 0 && !c.closed {
+			c.cond.Wait()
+		}
+		if c.closed {
+			return
+		}
+		batch := c.pending
+		c.pending = c.spare[:0]
+		c.cond.Broadcast()
+		c.mu.Unlock()
+		_, err := c.port.Write(batch)
+		c.mu.Lock()
+		c.spare = batch
+		if err != nil {
+			c.err = err
+			c.cond.Broadcast()
+			return
+		}
+	}
+}
+
 func (c *portConn) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
 	past := time.Unix(1, 0)
 	_ = c.port.SetReadDeadline(past)
 	_ = c.port.SetWriteDeadline(past)

@@ -103,44 +103,50 @@ func (s *Server) handleSession(ctx context.Context, conn *ssh.ServerConn, nc ssh
 	}
 	ss := &session{srv: s, log: log, ch: ch, user: conn.User(), gate: make(chan struct{})}
 	for req := range reqs {
-		ok, msg := ss.handle(ctx, req)
-		if req.WantReply {
-			var payload []byte
-			if !ok && msg != "" {
-				payload = []byte(msg)
-			}
-			_ = req.Reply(ok, payload)
-		}
-		if !ok && msg != "" {
-			log.Info("session request refused", "type", req.Type, "reason", msg)
-		}
-		ss.mu.Lock()
-		if ss.started && !ss.gateOpen {
-			ss.gateOpen = true
-			close(ss.gate)
-		}
-		ss.mu.Unlock()
-		// A command that could not start is reported after the reply, so
-		// that the client sees the request accepted, then the error on
-		// stderr and exit status 127.
-		ss.mu.Lock()
-		failed := ss.startErr
-		ss.startErr = nil
-		ss.mu.Unlock()
-		if failed != nil {
-			log.Info("command failed to start", "error", failed)
-			nl := "\n"
-			if ss.pty != nil {
-				nl = "\r\n"
-			}
-			fmt.Fprintf(ss.ch.Stderr(), "banger-agent: %v%s", failed, nl)
-			ss.finish(exitStatusMsg{Status: 127}, nil)
-		}
+		ss.serve(ctx, req, req.WantReply, req.Reply)
 	}
 	// The client closed the channel (or the connection died). Hang up a
 	// command that is still running, as a terminal would.
 	ss.hangup()
 	ch.Close()
+}
+
+// serve handles one request and replies to it when the client wants a reply.
+func (ss *session) serve(ctx context.Context, req *ssh.Request, wantReply bool, reply func(bool, []byte) error) {
+	log := ss.log
+	ok, msg := ss.handle(ctx, req)
+	if wantReply {
+		var payload []byte
+		if !ok && msg != "" {
+			payload = []byte(msg)
+		}
+		_ = reply(ok, payload)
+	}
+	if !ok && msg != "" {
+		log.Info("session request refused", "type", req.Type, "reason", msg)
+	}
+	ss.mu.Lock()
+	if ss.started && !ss.gateOpen {
+		ss.gateOpen = true
+		close(ss.gate)
+	}
+	ss.mu.Unlock()
+	// A command that could not start is reported after the reply, so
+	// that the client sees the request accepted, then the error on
+	// stderr and exit status 127.
+	ss.mu.Lock()
+	failed := ss.startErr
+	ss.startErr = nil
+	ss.mu.Unlock()
+	if failed != nil {
+		log.Info("command failed to start", "error", failed)
+		nl := "\n"
+		if ss.pty != nil {
+			nl = "\r\n"
+		}
+		fmt.Fprintf(ss.ch.Stderr(), "banger-agent: %v%s", failed, nl)
+		ss.finish(exitStatusMsg{Status: 127}, nil)
+	}
 }
 
 func (ss *session) handle(ctx context.Context, req *ssh.Request) (bool, string) {

@@ -1,0 +1,305 @@
+package client
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/pkg/sftp"
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/api"
+	agentapi "github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/guestfs"
+)
+
+// The bulk path (vm.bulk): an unencrypted, key-authenticated stream to the
+// agent, spliced by bangerd, that carries non-interactive commands and file
+// copies without SSH's cost (see internal/agent/bulk). Terminals, `banger
+// ssh` and OpenSSH keep using SSH.
+
+// openBulk opens a bulk stream to vm and sends its Open frame.
+func (c *Client) openBulk(ctx context.Context, vm string, o bulk.Open) (net.Conn, error) {
+	rc, err := c.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var res api.BulkResult
+	conn, err := rc.Upgrade(ctx, api.MethodVMBulk, api.VMRef{VM: vm}, &res)
+	if err != nil {
+		rc.Close()
+		return nil, err
+	}
+	if err := bulk.WriteOpen(conn, o); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("open a bulk stream to %s: %w", vm, err)
+	}
+	return conn, nil
+}
+
+// noBulk reports whether err means this bangerd or this VM's agent has no
+// bulk path (an older version), so that SSH should be used instead.
+func noBulk(err error) bool {
+	switch Code(err) {
+	case CodeUnknownMethod:
+		return true
+	case CodeFailedPrecondition:
+		return strings.Contains(err.Error(), "bulk")
+	}
+	return false
+}
+
+// bulkSession opens an OpSession bulk stream as user.
+func (c *Client) bulkSession(ctx context.Context, vm, user string) (*bulk.Chan, error) {
+	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpSession, User: user})
+	if err != nil {
+		return nil, err
+	}
+	return bulk.NewChan(conn), nil
+}
+
+// Wire messages of the session requests (RFC 4254 and banger's own).
+type (
+	envReq        struct{ Name, Value string }
+	execReq       struct{ Command string }
+	subsysReq     struct{ Name string }
+	signalReq     struct{ Signal string }
+	workDirReq    struct{ Dir string }
+	exitStatusMsg struct{ Status uint32 }
+	exitSignalMsg struct {
+		Signal     string
+		CoreDumped bool
+		Error      string
+		Lang       string
+	}
+)
+
+// execBulk is Exec over the bulk path (no terminal). fallback is set when
+// the bulk path is not available and nothing was run.
+func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecOptions) (code int, fallback bool, err error) {
+	ch, err := c.bulkSession(ctx, vm, o.User)
+	if err != nil {
+		if noBulk(err) {
+			return 0, true, nil
+		}
+		return 0, false, err
+	}
+	defer ch.Close()
+	stop := context.AfterFunc(ctx, func() { ch.Close() })
+	defer stop()
+	for _, kv := range o.Env {
+		k, v, _ := strings.Cut(kv, "=")
+		if _, err := ch.SendRequest("env", false, ssh.Marshal(&envReq{k, v})); err != nil {
+			return ExitCodeConnectionLost, false, ctxErr(ctx, fmt.Errorf("set %s in the guest: %w", k, err))
+		}
+	}
+	if o.Dir != "" {
+		ok, err := ch.SendRequest(agentapi.RequestWorkDir, true, ssh.Marshal(&workDirReq{o.Dir}))
+		if err != nil {
+			return ExitCodeConnectionLost, false, ctxErr(ctx, fmt.Errorf("set the working directory: %w", err))
+		}
+		if !ok {
+			return 0, false, &Error{Code: CodeInvalidArgument, Message: fmt.Sprintf("working directory %q does not exist in %s", o.Dir, vm)}
+		}
+	}
+	var start error
+	if len(argv) == 0 {
+		_, start = ch.SendRequest("shell", false, nil)
+	} else {
+		_, start = ch.SendRequest("exec", false, ssh.Marshal(&execReq{guestfs.ShellJoin(argv)}))
+	}
+	if start != nil {
+		return ExitCodeConnectionLost, false, ctxErr(ctx, fmt.Errorf("start the command in %s: %w", vm, start))
+	}
+	if o.Stdin != nil {
+		// Not waited for, as with SSH: the caller's stdin may never end.
+		go func() {
+			_, _ = ch.ReadFrom(o.Stdin)
+			_ = ch.CloseWrite()
+		}()
+	} else {
+		_ = ch.CloseWrite()
+	}
+	outDone := make(chan struct{}, 2)
+	go func() {
+		_, _ = io.Copy(orDiscard(o.Stdout), ch)
+		outDone <- struct{}{}
+	}()
+	go func() {
+		_, _ = io.Copy(orDiscard(o.Stderr), ch.Stderr())
+		outDone <- struct{}{}
+	}()
+	done := make(chan struct{})
+	defer close(done)
+	if o.Signals != nil {
+		go func() {
+			for {
+				select {
+				case <-done:
+					return
+				case s := <-o.Signals:
+					if name := signalName(s); name != "" {
+						_, _ = ch.SendRequest("signal", false, ssh.Marshal(&signalReq{name}))
+					}
+				}
+			}
+		}()
+	}
+	code, got := 0, false
+	for r := range ch.Requests() {
+		switch r.Type {
+		case "exit-status":
+			var m exitStatusMsg
+			if ssh.Unmarshal(r.Payload, &m) == nil {
+				code, got = int(m.Status), true
+			}
+		case "exit-signal":
+			var m exitSignalMsg
+			if ssh.Unmarshal(r.Payload, &m) == nil {
+				code, got = 128+SignalNumber(m.Signal), true
+			}
+		}
+	}
+	<-outDone
+	<-outDone
+	if !got {
+		if ctx.Err() != nil {
+			return ExitCodeConnectionLost, false, ctxErr(ctx, errors.New("the command was hung up"))
+		}
+		return ExitCodeConnectionLost, false, fmt.Errorf("the connection to %s closed before the command finished", vm)
+	}
+	return code, false, nil
+}
+
+// ChannelThroughput measures the raw channel to vm: n bytes, unframed and
+// unencrypted, from the agent to this process (toGuest false) or back, and
+// the time that took (from the stream's Open to the last byte). It is the
+// ceiling of everything the bulk path carries.
+func (c *Client) ChannelThroughput(ctx context.Context, vm string, toGuest bool, n int64) (time.Duration, error) {
+	op := bulk.OpZero
+	if toGuest {
+		op = bulk.OpSink
+	}
+	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: op, N: uint64(n)})
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	start := time.Now()
+	buf := make([]byte, 256<<10)
+	if !toGuest {
+		got, err := io.CopyBuffer(io.Discard, conn, buf)
+		d := time.Since(start)
+		if err == nil && got != n {
+			err = fmt.Errorf("the agent sent %d bytes, want %d", got, n)
+		}
+		return d, ctxErr(ctx, err)
+	}
+	for left := n; left > 0; {
+		k := min(left, int64(len(buf)))
+		if _, err := conn.Write(buf[:k]); err != nil {
+			return 0, ctxErr(ctx, err)
+		}
+		left -= k
+	}
+	var b [8]byte
+	if _, err := io.ReadFull(conn, b[:]); err != nil {
+		return 0, ctxErr(ctx, fmt.Errorf("read the agent's count: %w", err))
+	}
+	d := time.Since(start)
+	if got := binary.BigEndian.Uint64(b[:]); got != uint64(n) {
+		return d, fmt.Errorf("the agent received %d bytes, want %d", got, n)
+	}
+	return d, nil
+}
+
+// sftpOptions are the SFTP client's options for copies: many requests in
+// flight hide the channel's latency.
+var sftpOptions = []sftp.ClientOption{sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64)}
+
+// bulkSFTP starts the agent's SFTP server (as root) on a bulk stream.
+// Cancelling ctx closes it; so does the returned function.
+func (c *Client) bulkSFTP(ctx context.Context, vm string) (*sftp.Client, func(), error) {
+	ch, err := c.bulkSession(ctx, vm, "")
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { ch.Close() })
+	fail := func(err error) (*sftp.Client, func(), error) {
+		stop()
+		ch.Close()
+		return nil, nil, ctxErr(ctx, err)
+	}
+	ok, err := ch.SendRequest("subsystem", true, ssh.Marshal(&subsysReq{"sftp"}))
+	if err != nil {
+		return fail(fmt.Errorf("start sftp in %s: %w", vm, err))
+	}
+	if !ok {
+		return fail(fmt.Errorf("start sftp in %s: refused", vm))
+	}
+	go func() { _, _ = io.Copy(io.Discard, io.LimitReader(ch.Stderr(), 1<<20)) }()
+	sc, err := sftp.NewClientPipe(ch, ch, append(sftpOptions, sftp.MaxPacketUnchecked(agentapi.SFTPMaxPacket))...)
+	if err != nil {
+		return fail(fmt.Errorf("start sftp in %s: %w", vm, err))
+	}
+	return sc, func() { sc.Close(); stop(); ch.Close() }, nil
+}
+
+// SFTP opens an SFTP session to a running VM as root, over the bulk path
+// when the VM has one (else SSH). Cancelling ctx closes it; so does the
+// returned function.
+func (c *Client) SFTP(ctx context.Context, vm string) (*sftp.Client, func(), error) {
+	sc, closeFn, err := c.bulkSFTP(ctx, vm)
+	if err == nil || !noBulk(err) {
+		return sc, closeFn, err
+	}
+	cl, err := c.SSH(ctx, vm, "")
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { cl.Close() })
+	sc, err = sftp.NewClient(cl, sftpOptions...)
+	if err != nil {
+		stop()
+		cl.Close()
+		return nil, nil, fmt.Errorf("start sftp in %s: %w", vm, err)
+	}
+	return sc, func() { sc.Close(); stop(); cl.Close() }, nil
+}
+
+// Run runs argv in a running VM as root with no input, and fails with the
+// command's stderr when it exits non-zero.
+func (c *Client) Run(ctx context.Context, vm string, argv []string) error {
+	var stderr strings.Builder
+	code, err := c.Exec(ctx, vm, argv, ExecOptions{Stderr: &limitedWriter{w: &stderr, n: 4096}})
+	if err != nil {
+		return err
+	}
+	if code != 0 {
+		return fmt.Errorf("%s in %s: exit status %d: %s", argv[0], vm, code, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
+
+// limitedWriter keeps the first n bytes and discards the rest.
+type limitedWriter struct {
+	w io.Writer
+	n int
+}
+
+func (l *limitedWriter) Write(p []byte) (int, error) {
+	if l.n > 0 {
+		k := min(len(p), l.n)
+		l.n -= k
+		_, _ = l.w.Write(p[:k])
+	}
+	return len(p), nil
+}

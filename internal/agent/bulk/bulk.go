@@ -1,0 +1,543 @@
+// Package bulk is banger's unencrypted data path between bangerd and the
+// guest agent, next to SSH on the same channel (one yamux stream on
+// virtio-serial, one connection on vsock).
+//
+// The channel is private to the VM's owner where it is a 0600 unix socket in
+// a 0700 directory, but any local user can connect to an AF_VSOCK port, so
+// every bulk stream starts with the per-VM key from the boot configuration:
+//
+//	host → agent: Magic (12 bytes) + key (KeySize bytes)
+//	agent → host: Accepted or Refused (4 bytes); on Refused it closes.
+//
+// The agent tells a bulk stream from an SSH one by its first byte (an SSH
+// client starts with "SSH-"). After the hello the stream carries frames
+// (type byte, big-endian uint32 length, payload of at most MaxFrame bytes):
+// the host opens the stream with one FrameOpen (an Open message), then each
+// side sends what the operation defines. OpSession mirrors an SSH "session"
+// channel (requests, stdin, stdout, stderr, exit status) without encryption;
+// OpZero and OpSink measure the raw channel.
+//
+// Everything the guest sends is hostile to the host: frames are bounded and
+// the host decides every path it writes.
+package bulk
+
+import (
+	"bufio"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+)
+
+// Magic starts every bulk stream. Its first byte can never start an SSH
+// identification line.
+const Magic = "BANGERBULK1\n"
+
+// KeySize is the size of the per-VM bulk key.
+const KeySize = 32
+
+// The agent's answer to the hello.
+const (
+	Accepted = "BOK1"
+	Refused  = "BNO1"
+)
+
+// MaxFrame bounds a frame's payload in both directions.
+const MaxFrame = 1 << 20
+
+// chunk is the size of the data frames a Chan writes.
+const chunk = 256 << 10
+
+// Frame types.
+const (
+	FrameOpen    byte = 1 // Open (host → agent, first frame)
+	FrameData    byte = 2 // stdin (host → agent) or stdout (agent → host)
+	FrameStderr  byte = 3 // agent → host
+	FrameEOF     byte = 4 // no more FrameData from the sender
+	FrameRequest byte = 5 // Request
+	FrameReply   byte = 6 // Reply to a Request that wanted one
+	FrameClose   byte = 7 // the sender is done with the stream
+)
+
+// Operations.
+const (
+	OpSession = "session" // an SSH-like session: requests, then data
+	OpZero    = "zero"    // the agent writes N zero bytes, unframed, then closes
+	OpSink    = "sink"    // the agent reads N unframed bytes (or until EOF), then writes their count (8 bytes)
+)
+
+// Open is FrameOpen's payload (SSH wire encoding).
+type Open struct {
+	Op   string
+	User string
+	N    uint64
+}
+
+// Request is FrameRequest's payload: an SSH channel request.
+type Request struct {
+	Type      string
+	WantReply bool
+	Payload   []byte
+}
+
+// Reply is FrameReply's payload.
+type Reply struct {
+	OK      bool
+	Payload []byte
+}
+
+// NewKey returns a fresh random bulk key.
+func NewKey() ([]byte, error) {
+	k := make([]byte, KeySize)
+	if _, err := rand.Read(k); err != nil {
+		return nil, fmt.Errorf("random bulk key: %w", err)
+	}
+	return k, nil
+}
+
+// ErrRefused means the agent refused the bulk key.
+var ErrRefused = errors.New("the guest agent refused the bulk stream's key")
+
+// ErrUnsupported means the agent does not serve bulk streams (an older agent
+// answered as an SSH server).
+var ErrUnsupported = errors.New("the guest agent does not serve bulk streams")
+
+// Hello runs the host side of the hello on c. A deadline on c bounds it.
+func Hello(c io.ReadWriter, key []byte) error {
+	if len(key) != KeySize {
+		return fmt.Errorf("bulk key has %d bytes, want %d", len(key), KeySize)
+	}
+	msg := make([]byte, 0, len(Magic)+KeySize)
+	msg = append(append(msg, Magic...), key...)
+	if _, err := c.Write(msg); err != nil {
+		return fmt.Errorf("bulk hello: %w", err)
+	}
+	var ans [4]byte
+	if _, err := io.ReadFull(c, ans[:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("%w (the stream closed)", ErrRefused)
+		}
+		return fmt.Errorf("bulk hello: %w", err)
+	}
+	switch string(ans[:]) {
+	case Accepted:
+		return nil
+	case Refused:
+		return ErrRefused
+	}
+	if string(ans[:]) == "SSH-" {
+		return ErrUnsupported
+	}
+	return fmt.Errorf("bulk hello: unexpected answer %q", ans[:])
+}
+
+// PeekConn is a connection whose first bytes have been peeked.
+type PeekConn struct {
+	net.Conn
+	R *bufio.Reader
+}
+
+func (p *PeekConn) Read(b []byte) (int, error) { return p.R.Read(b) }
+
+// CloseWrite half-closes the connection when the underlying one can.
+func (p *PeekConn) CloseWrite() error {
+	if cw, ok := p.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// Classify looks at c's first byte (waiting at most wait): it reports
+// whether c is a bulk stream and returns a connection that still yields
+// every byte. A client that sends nothing within wait is taken for SSH (an
+// SSH client that waits for the server's identification first).
+func Classify(c net.Conn, wait time.Duration) (bool, net.Conn) {
+	br := bufio.NewReaderSize(c, 64<<10)
+	_ = c.SetReadDeadline(time.Now().Add(wait))
+	b, err := br.Peek(1)
+	_ = c.SetReadDeadline(time.Time{})
+	pc := &PeekConn{Conn: c, R: br}
+	if err != nil || len(b) == 0 {
+		return false, pc
+	}
+	return b[0] == Magic[0], pc
+}
+
+// Accept runs the agent side of the hello on a stream Classify called bulk.
+// It compares the key in constant time; a stream without the right key (or
+// an agent without a key) is refused and closed.
+func Accept(c net.Conn, key []byte, wait time.Duration) error {
+	_ = c.SetDeadline(time.Now().Add(wait))
+	defer c.SetDeadline(time.Time{})
+	buf := make([]byte, len(Magic)+KeySize)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		c.Close()
+		return fmt.Errorf("bulk hello: %w", err)
+	}
+	okMagic := string(buf[:len(Magic)]) == Magic
+	okKey := len(key) == KeySize && subtle.ConstantTimeCompare(buf[len(Magic):], key) == 1
+	if !okMagic || !okKey {
+		_, _ = c.Write([]byte(Refused))
+		c.Close()
+		if !okMagic {
+			return errors.New("bulk hello: bad magic")
+		}
+		return errors.New("bulk hello: wrong or missing key")
+	}
+	if _, err := c.Write([]byte(Accepted)); err != nil {
+		c.Close()
+		return fmt.Errorf("bulk hello: %w", err)
+	}
+	return nil
+}
+
+// WriteFrame writes one frame in a single write.
+func WriteFrame(w io.Writer, typ byte, payload []byte) error {
+	_, err := appendWrite(w, nil, typ, payload)
+	return err
+}
+
+// appendWrite writes one frame with one Write, assembling it in buf (grown
+// as needed and returned for reuse).
+func appendWrite(w io.Writer, buf []byte, typ byte, payload []byte) ([]byte, error) {
+	if len(payload) > MaxFrame {
+		return buf, fmt.Errorf("bulk frame of %d bytes exceeds %d", len(payload), MaxFrame)
+	}
+	buf = append(buf[:0], typ, 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(buf[1:5], uint32(len(payload)))
+	buf = append(buf, payload...)
+	_, err := w.Write(buf)
+	return buf, err
+}
+
+// ReadFrame reads one frame into buf (grown as needed, never beyond
+// MaxFrame) and returns its type and payload (valid until the next call).
+func ReadFrame(r io.Reader, buf []byte) (byte, []byte, error) {
+	var hdr [5]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return 0, buf[:0], err
+	}
+	n := binary.BigEndian.Uint32(hdr[1:])
+	if n > MaxFrame {
+		return 0, buf[:0], fmt.Errorf("bulk frame of %d bytes exceeds %d", n, MaxFrame)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, buf[:0], err
+	}
+	return hdr[0], buf, nil
+}
+
+// ReadOpen reads the stream's first frame, which must be FrameOpen.
+func ReadOpen(r io.Reader) (Open, error) {
+	typ, p, err := ReadFrame(r, nil)
+	if err != nil {
+		return Open{}, err
+	}
+	var o Open
+	if typ != FrameOpen {
+		return o, fmt.Errorf("bulk stream starts with frame type %d, not open", typ)
+	}
+	if err := ssh.Unmarshal(p, &o); err != nil {
+		return o, fmt.Errorf("bulk open: %w", err)
+	}
+	return o, nil
+}
+
+// WriteOpen writes the stream's first frame.
+func WriteOpen(w io.Writer, o Open) error {
+	return WriteFrame(w, FrameOpen, ssh.Marshal(&o))
+}
+
+// queue is a bounded byte queue: Write blocks while it holds max bytes.
+type queue struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	buf    []byte
+	max    int
+	eof    bool  // no more writes; reads drain then see io.EOF
+	err    error // closed: reads and writes fail with it
+	reader bool
+}
+
+func newQueue(max int) *queue {
+	q := &queue{max: max}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+func (q *queue) write(p []byte) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(p) > 0 {
+		for q.err == nil && len(q.buf) >= q.max {
+			q.cond.Wait()
+		}
+		if q.err != nil {
+			return q.err
+		}
+		if q.eof {
+			return errors.New("bulk: data after EOF")
+		}
+		n := min(len(p), q.max-len(q.buf))
+		q.buf = append(q.buf, p[:n]...)
+		p = p[n:]
+		q.cond.Broadcast()
+	}
+	return nil
+}
+
+func (q *queue) Read(p []byte) (int, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.buf) == 0 && !q.eof && q.err == nil {
+		q.cond.Wait()
+	}
+	if len(q.buf) > 0 {
+		n := copy(p, q.buf)
+		q.buf = q.buf[n:]
+		if len(q.buf) == 0 {
+			q.buf = nil
+		}
+		q.cond.Broadcast()
+		return n, nil
+	}
+	if q.err != nil {
+		return 0, q.err
+	}
+	return 0, io.EOF
+}
+
+func (q *queue) closeWrite() {
+	q.mu.Lock()
+	q.eof = true
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}
+
+func (q *queue) fail(err error) {
+	q.mu.Lock()
+	if q.err == nil {
+		q.err = err
+	}
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}
+
+// queueSize bounds what a Chan buffers of each incoming data stream.
+const queueSize = 4 << 20
+
+// Chan is one session over a bulk stream, usable from either end. On the
+// agent it satisfies ssh.Channel. Incoming data (and, on the host, stderr)
+// is buffered up to queueSize; beyond that the reader stops reading the
+// stream, so requests behind unread data wait too.
+type Chan struct {
+	conn    net.Conn
+	r       io.Reader
+	wmu     sync.Mutex
+	in      *queue
+	errIn   *queue
+	reqs    chan Request
+	reply   chan Reply
+	done    chan struct{}
+	closed  sync.Once
+	sentEOF bool
+	wbuf    []byte
+}
+
+// NewChan starts serving frames on conn (after the hello and Open).
+func NewChan(conn net.Conn) *Chan {
+	c := &Chan{
+		conn:  conn,
+		r:     bufio.NewReaderSize(conn, 256<<10),
+		in:    newQueue(queueSize),
+		errIn: newQueue(queueSize),
+		reqs:  make(chan Request, 16),
+		reply: make(chan Reply, 1),
+		done:  make(chan struct{}),
+	}
+	if pc, ok := conn.(*PeekConn); ok {
+		c.r = pc.R
+	}
+	go c.readLoop()
+	return c
+}
+
+func (c *Chan) readLoop() {
+	defer close(c.reqs)
+	defer close(c.done)
+	var buf []byte
+	var err error
+	for {
+		var typ byte
+		var p []byte
+		typ, p, err = ReadFrame(c.r, buf)
+		buf = p
+		if err != nil {
+			break
+		}
+		switch typ {
+		case FrameData:
+			err = c.in.write(p)
+		case FrameStderr:
+			err = c.errIn.write(p)
+		case FrameEOF:
+			c.in.closeWrite()
+		case FrameRequest:
+			var r Request
+			if err = ssh.Unmarshal(p, &r); err == nil {
+				r.Payload = append([]byte(nil), r.Payload...)
+				c.reqs <- r
+			}
+		case FrameReply:
+			var r Reply
+			if err = ssh.Unmarshal(p, &r); err == nil {
+				r.Payload = append([]byte(nil), r.Payload...)
+				select {
+				case c.reply <- r:
+				default:
+					err = errors.New("bulk: unexpected reply")
+				}
+			}
+		case FrameClose:
+			err = io.EOF
+		default:
+			err = fmt.Errorf("bulk: unknown frame type %d", typ)
+		}
+		if err != nil {
+			break
+		}
+	}
+	if errors.Is(err, io.EOF) {
+		c.in.closeWrite()
+		c.errIn.closeWrite()
+		return
+	}
+	c.in.fail(err)
+	c.errIn.fail(err)
+}
+
+func (c *Chan) send(typ byte, p []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	var err error
+	c.wbuf, err = appendWrite(c.conn, c.wbuf, typ, p)
+	return err
+}
+
+// Requests returns the peer's requests; it is closed when the stream ends.
+func (c *Chan) Requests() <-chan Request { return c.reqs }
+
+// Done is closed when the peer's frames have ended.
+func (c *Chan) Done() <-chan struct{} { return c.done }
+
+// Read reads the peer's data (stdin on the agent, stdout on the host).
+func (c *Chan) Read(p []byte) (int, error) { return c.in.Read(p) }
+
+// ReadStderr reads the agent's stderr (host side).
+func (c *Chan) ReadStderr(p []byte) (int, error) { return c.errIn.Read(p) }
+
+// Write sends data.
+func (c *Chan) Write(p []byte) (int, error) { return c.write(FrameData, p) }
+
+func (c *Chan) write(typ byte, p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		k := min(len(p), chunk)
+		if err := c.send(typ, p[:k]); err != nil {
+			return n, err
+		}
+		n += k
+		p = p[k:]
+	}
+	return n, nil
+}
+
+// ReadFrom sends what r yields as data, in frames of up to 256 KiB.
+func (c *Chan) ReadFrom(r io.Reader) (int64, error) {
+	buf := make([]byte, chunk)
+	var n int64
+	for {
+		k, err := r.Read(buf)
+		if k > 0 {
+			if werr := c.send(FrameData, buf[:k]); werr != nil {
+				return n, werr
+			}
+			n += int64(k)
+		}
+		if errors.Is(err, io.EOF) {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+// CloseWrite says no more data will follow.
+func (c *Chan) CloseWrite() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.sentEOF {
+		return nil
+	}
+	c.sentEOF = true
+	var err error
+	c.wbuf, err = appendWrite(c.conn, c.wbuf, FrameEOF, nil)
+	return err
+}
+
+// Close ends the stream.
+func (c *Chan) Close() error {
+	c.closed.Do(func() {
+		_ = c.send(FrameClose, nil)
+		c.conn.Close()
+		c.in.fail(net.ErrClosed)
+		c.errIn.fail(net.ErrClosed)
+	})
+	return nil
+}
+
+// SendRequest sends a request and, when wantReply, waits for its reply.
+func (c *Chan) SendRequest(name string, wantReply bool, payload []byte) (bool, error) {
+	if err := c.send(FrameRequest, ssh.Marshal(&Request{Type: name, WantReply: wantReply, Payload: payload})); err != nil {
+		return false, err
+	}
+	if !wantReply {
+		return false, nil
+	}
+	select {
+	case r := <-c.reply:
+		return r.OK, nil
+	case <-c.done:
+		return false, io.EOF
+	}
+}
+
+// SendReply answers a request that wanted a reply.
+func (c *Chan) SendReply(ok bool, payload []byte) error {
+	return c.send(FrameReply, ssh.Marshal(&Reply{OK: ok, Payload: payload}))
+}
+
+// Stderr writes stderr frames (agent side).
+func (c *Chan) Stderr() io.ReadWriter { return stderrRW{c} }
+
+type stderrRW struct{ c *Chan }
+
+func (s stderrRW) Write(p []byte) (int, error) { return s.c.write(FrameStderr, p) }
+func (s stderrRW) Read(p []byte) (int, error)  { return s.c.errIn.Read(p) }
+
+var _ ssh.Channel = (*Chan)(nil)

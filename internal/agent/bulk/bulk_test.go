@@ -1,0 +1,223 @@
+package bulk
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+func key(b byte) []byte { return bytes.Repeat([]byte{b}, KeySize) }
+
+// TestHelloKey plays the local user who can reach the agent's vsock port:
+// without the VM's key (wrong, short, none, or an agent that has none) the
+// stream is refused before any operation runs.
+func TestHelloKey(t *testing.T) {
+	tests := []struct {
+		name     string
+		agentKey []byte
+		send     []byte // raw hello bytes
+		wantErr  error
+	}{
+		{"right key", key(7), append([]byte(Magic), key(7)...), nil},
+		{"wrong key", key(7), append([]byte(Magic), key(8)...), ErrRefused},
+		{"one bit off", key(7), append([]byte(Magic), append(key(7)[:KeySize-1], 6)...), ErrRefused},
+		{"agent without a key", nil, append([]byte(Magic), make([]byte, KeySize)...), ErrRefused},
+		{"agent without a key, empty key sent", nil, []byte(Magic + strings.Repeat("\x00", KeySize)), ErrRefused},
+		{"bad magic", key(7), append([]byte("BANGERBULK2\n"), key(7)...), ErrRefused},
+		{"short hello", key(7), []byte(Magic + "abc"), ErrRefused},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			host, agent := net.Pipe()
+			defer host.Close()
+			accepted := make(chan error, 1)
+			go func() {
+				isBulk, c := Classify(agent, time.Second)
+				if !isBulk {
+					accepted <- errors.New("not classified as bulk")
+					agent.Close()
+					return
+				}
+				accepted <- Accept(c, tt.agentKey, time.Second)
+			}()
+			host.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := host.Write(tt.send); err != nil && tt.wantErr == nil {
+				t.Fatal(err)
+			}
+			if len(tt.send) < len(Magic)+KeySize {
+				host.Close() // the agent's read ends
+			}
+			var ans [4]byte
+			_, rerr := io.ReadFull(host, ans[:])
+			aerr := <-accepted
+			if tt.wantErr == nil {
+				if rerr != nil || string(ans[:]) != Accepted || aerr != nil {
+					t.Fatalf("answer %q %v, agent %v", ans, rerr, aerr)
+				}
+				return
+			}
+			if aerr == nil {
+				t.Fatal("the agent accepted the stream")
+			}
+			if rerr == nil && string(ans[:]) == Accepted {
+				t.Fatal("the agent answered Accepted")
+			}
+		})
+	}
+}
+
+func TestHelloClient(t *testing.T) {
+	for _, tt := range []struct {
+		answer string
+		want   error
+	}{{Accepted, nil}, {Refused, ErrRefused}, {"SSH-2.0-x\r\n", ErrUnsupported}, {"", ErrRefused}} {
+		host, agent := net.Pipe()
+		go func() {
+			buf := make([]byte, len(Magic)+KeySize)
+			io.ReadFull(agent, buf)
+			agent.Write([]byte(tt.answer))
+			agent.Close()
+		}()
+		err := Hello(host, key(1))
+		if !errors.Is(err, tt.want) && !(tt.want == nil && err == nil) {
+			t.Errorf("answer %q: %v, want %v", tt.answer, err, tt.want)
+		}
+		host.Close()
+	}
+	if err := Hello(&bytes.Buffer{}, nil); err == nil {
+		t.Error("Hello with no key succeeded")
+	}
+}
+
+func TestClassifySSH(t *testing.T) {
+	host, agent := net.Pipe()
+	defer host.Close()
+	go host.Write([]byte("SSH-2.0-Go\r\n"))
+	isBulk, c := Classify(agent, time.Second)
+	if isBulk {
+		t.Fatal("an SSH client was classified as bulk")
+	}
+	buf := make([]byte, 12)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "SSH-2.0-Go\r\n" {
+		t.Fatalf("peeked bytes lost: %q %v", buf, err)
+	}
+	// A client that waits for the server's identification is SSH too.
+	h2, a2 := net.Pipe()
+	defer h2.Close()
+	if isBulk, _ := Classify(a2, 20*time.Millisecond); isBulk {
+		t.Fatal("a silent client was classified as bulk")
+	}
+}
+
+// TestReadFrameBounds plays a hostile peer: an oversized length is refused
+// before anything is allocated, a truncated frame is an error.
+func TestReadFrameBounds(t *testing.T) {
+	var big [5]byte
+	big[0] = FrameData
+	binary.BigEndian.PutUint32(big[1:], MaxFrame+1)
+	if _, _, err := ReadFrame(bytes.NewReader(big[:]), nil); err == nil || !strings.Contains(err.Error(), "exceeds") {
+		t.Fatalf("oversized frame: %v", err)
+	}
+	binary.BigEndian.PutUint32(big[1:], 0xffffffff)
+	if _, _, err := ReadFrame(bytes.NewReader(big[:]), nil); err == nil {
+		t.Fatal("4 GiB frame accepted")
+	}
+	var b bytes.Buffer
+	WriteFrame(&b, FrameData, []byte("hello"))
+	if _, _, err := ReadFrame(bytes.NewReader(b.Bytes()[:7]), nil); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("truncated frame: %v", err)
+	}
+	typ, p, err := ReadFrame(bytes.NewReader(b.Bytes()), nil)
+	if err != nil || typ != FrameData || string(p) != "hello" {
+		t.Fatalf("frame: %d %q %v", typ, p, err)
+	}
+	if err := WriteFrame(io.Discard, FrameData, make([]byte, MaxFrame+1)); err == nil {
+		t.Fatal("wrote an oversized frame")
+	}
+	if _, err := ReadOpen(bytes.NewReader(b.Bytes())); err == nil {
+		t.Fatal("a stream starting with data was opened")
+	}
+}
+
+// TestChanRoundTrip runs both ends of a session: requests with and without
+// replies, data both ways in more than one frame, stderr, EOF and close.
+func TestChanRoundTrip(t *testing.T) {
+	a, b := net.Pipe()
+	host, agent := NewChan(a), NewChan(b)
+	defer host.Close()
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB: several frames
+	go func() {
+		for r := range agent.Requests() {
+			if r.WantReply {
+				agent.SendReply(r.Type == "ok", nil)
+			}
+			if r.Type == "go" {
+				got, _ := io.ReadAll(agent)
+				agent.Write(got)
+				agent.Stderr().Write([]byte("err"))
+				agent.CloseWrite()
+				agent.SendRequest("exit-status", false, []byte{0, 0, 0, 3})
+				agent.Close()
+			}
+		}
+	}()
+	if ok, err := host.SendRequest("ok", true, nil); !ok || err != nil {
+		t.Fatalf("request ok: %v %v", ok, err)
+	}
+	if ok, err := host.SendRequest("no", true, nil); ok || err != nil {
+		t.Fatalf("request no: %v %v", ok, err)
+	}
+	host.SendRequest("go", false, nil)
+	go func() {
+		host.ReadFrom(bytes.NewReader(payload))
+		host.CloseWrite()
+	}()
+	var out, errOut []byte
+	done := make(chan struct{})
+	go func() { errOut, _ = io.ReadAll(host.Stderr()); close(done) }()
+	out, err := io.ReadAll(host)
+	<-done
+	if err != nil || !bytes.Equal(out, payload) || string(errOut) != "err" {
+		t.Fatalf("echo: %d bytes (want %d) %v, stderr %q", len(out), len(payload), err, errOut)
+	}
+	var reqs []string
+	for r := range host.Requests() {
+		reqs = append(reqs, r.Type)
+	}
+	if len(reqs) != 1 || reqs[0] != "exit-status" {
+		t.Fatalf("requests from the agent: %q", reqs)
+	}
+}
+
+// FuzzChan feeds hostile frames to a Chan: it must never panic, and must
+// end when the stream does.
+func FuzzChan(f *testing.F) {
+	var b bytes.Buffer
+	WriteFrame(&b, FrameData, []byte("x"))
+	WriteFrame(&b, FrameRequest, []byte{0, 0, 0, 1, 'a', 1, 0, 0, 0, 0})
+	WriteFrame(&b, FrameReply, []byte{1, 0, 0, 0, 0})
+	WriteFrame(&b, FrameEOF, nil)
+	WriteFrame(&b, FrameClose, nil)
+	f.Add(b.Bytes())
+	f.Add([]byte{FrameData, 0xff, 0xff, 0xff, 0xff})
+	f.Add([]byte{9, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, peer := net.Pipe()
+		c := NewChan(a)
+		go func() {
+			peer.Write(in)
+			peer.Close()
+		}()
+		go io.Copy(io.Discard, c)
+		go io.Copy(io.Discard, c.Stderr())
+		for range c.Requests() {
+		}
+		<-c.Done()
+		c.Close()
+	})
+}

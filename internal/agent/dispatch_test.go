@@ -1,0 +1,89 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/agent/sshd"
+)
+
+// TestDispatchBulkKey plays a local user who reaches the agent's port (as
+// anyone can on vsock): a bulk stream without the VM's key is refused and
+// runs nothing; with it, the operation runs; an SSH client still reaches
+// the SSH server.
+func TestDispatchBulkKey(t *testing.T) {
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	signer, _ := ssh.NewSignerFromKey(priv)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv, err := sshd.New(sshd.Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := bytes.Repeat([]byte{5}, bulk.KeySize)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d := newDispatchListener(ctx, l, key, srv, log)
+	defer d.Close()
+
+	zero := func(k []byte) (int64, error) {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := bulk.Hello(c, k); err != nil {
+			return 0, err
+		}
+		bulk.WriteOpen(c, bulk.Open{Op: bulk.OpZero, N: 1000})
+		return io.Copy(io.Discard, c)
+	}
+	if n, err := zero(key); err != nil || n != 1000 {
+		t.Fatalf("right key: %d bytes, %v", n, err)
+	}
+	if n, err := zero(bytes.Repeat([]byte{6}, bulk.KeySize)); err == nil || n != 0 {
+		t.Fatalf("wrong key: %d bytes, %v", n, err)
+	}
+	// an agent booted without a key refuses every bulk stream
+	l2, _ := net.Listen("unix", t.TempDir()+"/s2")
+	d2 := newDispatchListener(ctx, l2, nil, srv, log)
+	defer d2.Close()
+	c, _ := net.Dial("unix", l2.Addr().String())
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := bulk.Hello(c, make([]byte, bulk.KeySize)); err == nil {
+		t.Fatal("an agent without a key accepted a bulk stream")
+	}
+	c.Close()
+
+	// SSH passes through to Accept with its first bytes intact
+	cc, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	go cc.Write([]byte("SSH-2.0-test\r\n"))
+	sc, err := d.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	sc.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 14)
+	if _, err := io.ReadFull(sc, buf); err != nil || string(buf) != "SSH-2.0-test\r\n" {
+		t.Fatalf("ssh stream: %q %v", buf, err)
+	}
+}

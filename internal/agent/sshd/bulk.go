@@ -1,0 +1,72 @@
+package sshd
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/bulk"
+)
+
+// bulkOpenTimeout bounds the wait for a bulk stream's Open frame.
+const bulkOpenTimeout = 30 * time.Second
+
+// maxZero bounds OpZero.
+const maxZero = 64 << 30
+
+// ServeBulk serves one bulk stream whose hello has been accepted (see
+// package bulk) until it ends or ctx is done.
+func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
+	defer c.Close()
+	defer s.recoverPanic(s.log, "bulk stream handler", nil)
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	_ = c.SetReadDeadline(time.Now().Add(bulkOpenTimeout))
+	var r io.Reader = c
+	if pc, ok := c.(*bulk.PeekConn); ok {
+		r = pc.R
+	}
+	o, err := bulk.ReadOpen(r)
+	_ = c.SetReadDeadline(time.Time{})
+	if err != nil {
+		s.log.Info("bulk stream refused", "error", err)
+		return
+	}
+	log := s.log.With("bulk", o.Op, "user", o.User)
+	switch o.Op {
+	case bulk.OpSession:
+		ch := bulk.NewChan(c)
+		ss := &session{srv: s, log: log, ch: ch, user: o.User, gate: make(chan struct{})}
+		for r := range ch.Requests() {
+			ss.serve(ctx, &ssh.Request{Type: r.Type, Payload: r.Payload}, r.WantReply, ch.SendReply)
+		}
+		ss.hangup()
+		ch.Close()
+	case bulk.OpZero:
+		n := min(o.N, maxZero)
+		buf := make([]byte, 256<<10)
+		for n > 0 {
+			k := min(n, uint64(len(buf)))
+			if _, err := c.Write(buf[:k]); err != nil {
+				log.Debug("bulk zero", "error", err)
+				return
+			}
+			n -= k
+		}
+	case bulk.OpSink:
+		n, err := io.CopyBuffer(io.Discard, io.LimitReader(r, int64(min(o.N, maxZero))), make([]byte, 256<<10))
+		if err != nil {
+			log.Debug("bulk sink", "error", err)
+			return
+		}
+		var b [8]byte
+		binary.BigEndian.PutUint64(b[:], uint64(n))
+		_, _ = c.Write(b[:])
+	default:
+		log.Info("bulk stream refused: unknown operation")
+	}
+}

@@ -1,0 +1,149 @@
+package sshd
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/bulk"
+)
+
+func bulkServer(t *testing.T) *Server {
+	t.Helper()
+	dir := t.TempDir()
+	passwd := filepath.Join(dir, "passwd")
+	line := fmt.Sprintf("tester:x:%d:%d:Tester:%s:/bin/sh\n", os.Getuid(), os.Getgid(), dir)
+	if err := os.WriteFile(passwd, []byte(line), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	signer, err := ssh.NewSignerFromKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := New(Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, PasswdFile: passwd,
+		GroupFile: filepath.Join(dir, "group"), DefaultUser: "tester", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv
+}
+
+// openBulk serves one bulk stream (hello already done) with op.
+func openBulk(t *testing.T, srv *Server, o bulk.Open) net.Conn {
+	t.Helper()
+	host, agent := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { srv.ServeBulk(ctx, agent); close(done) }()
+	t.Cleanup(func() { host.Close(); cancel(); <-done })
+	host.SetDeadline(time.Now().Add(20 * time.Second))
+	if err := bulk.WriteOpen(host, o); err != nil {
+		t.Fatal(err)
+	}
+	return host
+}
+
+// TestBulkSession runs commands through a bulk session as the SSH server
+// would: env, working directory (refused when missing), stdin, stdout,
+// stderr, exit status, a command that cannot start.
+func TestBulkSession(t *testing.T) {
+	srv := bulkServer(t)
+	tests := []struct {
+		name     string
+		cmd      string
+		stdin    string
+		dir      string
+		dirOK    bool
+		wantOut  string
+		wantErr  string
+		wantCode uint32
+	}{
+		{"streams and status", "cat; echo err >&2; exit 3", "in", "", true, "in", "err\n", 3},
+		{"env and dir", `printf "%s %s" "$A" "$(pwd)"`, "", "/tmp", true, "1 /tmp", "", 0},
+		{"missing dir", "true", "", "/no/such/dir", false, "", "", 0},
+		{"cannot start", "exec /no/such/binary", "", "", true, "", "", 127},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ch := bulk.NewChan(openBulk(t, srv, bulk.Open{Op: bulk.OpSession}))
+			defer ch.Close()
+			ch.SendRequest("env", false, ssh.Marshal(&envMsg{"A", "1"}))
+			if tt.dir != "" {
+				ok, err := ch.SendRequest("banger-workdir@banger", true, ssh.Marshal(&workDirMsg{tt.dir}))
+				if err != nil || ok != tt.dirOK {
+					t.Fatalf("workdir %q: ok %v err %v", tt.dir, ok, err)
+				}
+				if !ok {
+					return
+				}
+			}
+			ch.SendRequest("exec", false, ssh.Marshal(&execMsg{tt.cmd}))
+			ch.Write([]byte(tt.stdin))
+			ch.CloseWrite()
+			var errOut []byte
+			done := make(chan struct{})
+			go func() { errOut, _ = io.ReadAll(ch.Stderr()); close(done) }()
+			out, _ := io.ReadAll(ch)
+			<-done
+			code := uint32(999)
+			for r := range ch.Requests() {
+				if r.Type == "exit-status" {
+					code = binary.BigEndian.Uint32(r.Payload)
+				}
+			}
+			if string(out) != tt.wantOut || code != tt.wantCode {
+				t.Fatalf("stdout %q code %d, want %q %d (stderr %q)", out, code, tt.wantOut, tt.wantCode, errOut)
+			}
+			if tt.wantErr != "" && string(errOut) != tt.wantErr {
+				t.Fatalf("stderr %q, want %q", errOut, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestBulkRawOps(t *testing.T) {
+	srv := bulkServer(t)
+	c := openBulk(t, srv, bulk.Open{Op: bulk.OpZero, N: 3<<20 + 5})
+	n, err := io.Copy(io.Discard, c)
+	if err != nil || n != 3<<20+5 {
+		t.Fatalf("zero: %d bytes, %v", n, err)
+	}
+	c = openBulk(t, srv, bulk.Open{Op: bulk.OpSink, N: 1 << 20})
+	go c.Write(make([]byte, 1<<20))
+	var b [8]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil || binary.BigEndian.Uint64(b[:]) != 1<<20 {
+		t.Fatalf("sink: %v %d", err, binary.BigEndian.Uint64(b[:]))
+	}
+	// unknown operations and garbage instead of Open end the stream
+	for _, o := range []bulk.Open{{Op: "rm-rf"}} {
+		c = openBulk(t, srv, o)
+		if n, _ := io.Copy(io.Discard, c); n != 0 {
+			t.Fatalf("op %q answered %d bytes", o.Op, n)
+		}
+	}
+	host, agent := net.Pipe()
+	go host.Write([]byte(strings.Repeat("x", 64)))
+	done := make(chan struct{})
+	go func() { srv.ServeBulk(context.Background(), agent); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a garbage stream was not closed")
+	}
+	host.Close()
+	_ = bytes.MinRead
+}

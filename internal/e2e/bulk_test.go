@@ -1,0 +1,184 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pkg/sftp"
+
+	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/guestfs"
+)
+
+// TestBulkRealGuest measures the bulk path against one real guest: the raw
+// channel (the physical limit), then cp 100 MiB both ways and exec stdin
+// 50 MiB over the bulk path, each next to the same transfer over SSH (the
+// path they took before) in the same run. It checks every byte.
+func TestBulkRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	bangerBin := filepath.Join(bins(t), "banger")
+	env := []string{"BANGER_HOME=" + h}
+	const vmName = "bulk"
+	if _, errOut, code := banger(t, h, "vm", "create", vmName, "--memory", "512M", "--disk", "1G"); code != 0 {
+		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
+	}
+	t.Cleanup(func() { banger(t, h, "vm", "delete", vmName, "--force") })
+	c, err := client.New(client.WithHome(h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	const mib = 1 << 20
+	measure := func(what string, n int64, f func() error) float64 {
+		t.Helper()
+		t0 := time.Now()
+		if err := f(); err != nil {
+			t.Fatalf("%s: %v\n%s", what, err, d.logs.String())
+		}
+		r := mibPerSec(n, time.Since(t0))
+		t.Logf("MEASURE %s: %d MiB in %v (%.1f MiB/s)", what, n/mib, time.Since(t0).Round(time.Millisecond), r)
+		return r
+	}
+
+	// The raw channel: unframed, unencrypted bytes through bangerd's splice.
+	var rawIn, rawOut float64
+	for _, toGuest := range []bool{false, true} {
+		dir := "guest→host"
+		if toGuest {
+			dir = "host→guest"
+		}
+		n := int64(100 * mib)
+		dur, err := c.ChannelThroughput(ctx, vmName, toGuest, n)
+		if err != nil {
+			t.Fatalf("raw channel %s: %v", dir, err)
+		}
+		r := mibPerSec(n, dur)
+		t.Logf("MEASURE raw channel %s: 100 MiB in %v (%.1f MiB/s)", dir, dur.Round(time.Millisecond), r)
+		if toGuest {
+			rawIn = r
+		} else {
+			rawOut = r
+		}
+	}
+
+	work := t.TempDir()
+	src := filepath.Join(work, "big.bin")
+	randomFile(t, src, 100*mib, 0o640)
+	want := sha256File(t, src)
+	guestSum := func(p string) string {
+		t.Helper()
+		out := mustBanger(t, h, "exec", vmName, "--", "sha256sum", p)
+		return strings.Fields(out)[0]
+	}
+
+	// cp over the bulk path (the CLI), both ways.
+	up := measure("banger cp host→guest (bulk)", 100*mib, func() error {
+		if _, errOut, code := runBin(t, 5*time.Minute, env, nil, bangerBin, "cp", src, vmName+":/root/big.bin"); code != 0 {
+			return fmt.Errorf("exit %d: %s", code, errOut)
+		}
+		return nil
+	})
+	if got := guestSum("/root/big.bin"); got != want {
+		t.Fatalf("cp to the guest: sha256 %s, want %s", got, want)
+	}
+	back := filepath.Join(work, "back.bin")
+	down := measure("banger cp guest→host (bulk)", 100*mib, func() error {
+		if _, errOut, code := runBin(t, 5*time.Minute, env, nil, bangerBin, "cp", vmName+":/root/big.bin", back); code != 0 {
+			return fmt.Errorf("exit %d: %s", code, errOut)
+		}
+		return nil
+	})
+	if got := sha256File(t, back); got != want {
+		t.Fatalf("cp from the guest: sha256 %s, want %s", got, want)
+	}
+	mustBanger(t, h, "exec", vmName, "--", "rm", "-f", "/root/big.bin")
+
+	// The same copies over SSH+SFTP, the path cp took before.
+	cl, err := c.SSH(ctx, vmName, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	sc, err := sftp.NewClient(cl, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(64))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	sshUp := measure("SFTP over SSH host→guest (before)", 100*mib, func() error {
+		in, err := os.Open(src)
+		if err != nil {
+			return err
+		}
+		defer in.Close()
+		f, err := sc.Create("/root/ssh.bin")
+		if err != nil {
+			return err
+		}
+		if _, err := f.ReadFromWithConcurrency(in, 0); err != nil {
+			return err
+		}
+		return f.Close()
+	})
+	sshDown := measure("SFTP over SSH guest→host (before)", 100*mib, func() error {
+		f, err := sc.Open("/root/ssh.bin")
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = f.WriteTo(io.Discard)
+		return err
+	})
+	mustBanger(t, h, "exec", vmName, "--", "rm", "-f", "/root/ssh.bin")
+
+	// exec stdin, 50 MiB into a file, over the bulk path (the CLI) and over SSH.
+	in := make([]byte, 50*mib)
+	rand.Read(in)
+	sum := sha256.Sum256(in)
+	execIn := measure("banger exec -i … cat > f (bulk)", 50*mib, func() error {
+		if _, errOut, code := runBin(t, 5*time.Minute, env, bytes.NewReader(in), bangerBin, "exec", "-i", vmName, "--", "sh", "-c", "cat > /root/in.bin"); code != 0 {
+			return fmt.Errorf("exit %d: %s", code, errOut)
+		}
+		return nil
+	})
+	if got := guestSum("/root/in.bin"); got != hex.EncodeToString(sum[:]) {
+		t.Fatalf("exec stdin: sha256 %s, want %x", got, sum)
+	}
+	sshIn := measure("exec stdin over SSH … cat > f (before)", 50*mib, func() error {
+		s, err := cl.NewSession()
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		s.Stdin = bytes.NewReader(in)
+		return s.Run(guestfs.ShellJoin([]string{"sh", "-c", "cat > /root/in.bin"}))
+	})
+	// stdout the other way: 50 MiB out of the guest.
+	var out bytes.Buffer
+	execOut := measure("banger exec … cat f > stdout (bulk)", 50*mib, func() error {
+		code, err := c.Exec(ctx, vmName, []string{"cat", "/root/in.bin"}, client.ExecOptions{Stdout: &out})
+		if err == nil && code != 0 {
+			err = fmt.Errorf("exit %d", code)
+		}
+		return err
+	})
+	if got := sha256.Sum256(out.Bytes()); got != sum {
+		t.Fatalf("exec stdout: sha256 %x, want %x", got, sum)
+	}
+	t.Logf("MEASURE summary MiB/s: raw channel out %.1f in %.1f | cp up %.1f (ssh %.1f, %.0f%% of raw) down %.1f (ssh %.1f, %.0f%% of raw) | exec stdin %.1f (ssh %.1f, %.0f%% of raw) stdout %.1f",
+		rawOut, rawIn, up, sshUp, 100*up/rawIn, down, sshDown, 100*down/rawOut, execIn, sshIn, 100*execIn/rawIn, execOut)
+	// The bulk path must beat SSH; the ratios above are the figures.
+	if up < sshUp || down < sshDown || execIn < sshIn {
+		t.Errorf("the bulk path is slower than SSH: cp up %.1f vs %.1f, down %.1f vs %.1f, exec stdin %.1f vs %.1f", up, sshUp, down, sshDown, execIn, sshIn)
+	}
+}
