@@ -34,6 +34,7 @@ type PushOptions struct {
 	Dest     string               // directory in the guest (default WorkspaceDest)
 	Progress func(bytes int64)    // called as bytes are sent
 	Planned  func(*WorkspacePlan) // called once the push is planned
+	Pushed   func(PushStats)      // called with what a streamed push sent
 }
 
 // WorkspacePush copies the git repository holding dir (tracked files,
@@ -50,6 +51,18 @@ func (c *Client) WorkspacePush(ctx context.Context, vm, dir string, o PushOption
 	dest := o.Dest
 	if dest == "" {
 		dest = workspace.DefaultDest(p.Root)
+	}
+	// One stream that sends only what changed (bulk path); per-file SFTP
+	// when the VM has no bulk path.
+	st, err := c.syncPush(ctx, vm, p, dest, o.Progress)
+	if err == nil {
+		if o.Pushed != nil {
+			o.Pushed(st)
+		}
+		return dest, nil
+	}
+	if !noBulk(err) {
+		return "", err
 	}
 	g, err := c.OpenFS(ctx, vm)
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/bangerdev/banger/internal/workspace"
 
 	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/client"
 )
 
 // guestFS opens SFTP to a VM as a workspace.FS; close releases it.
@@ -42,33 +43,46 @@ func workspaceTop(ctx context.Context, dir string) (string, error) {
 // /root/<repository name>) and returns dest.
 func (a *App) pushWorkspace(ctx context.Context, vm, dir, dest string) (string, error) {
 	start := time.Now()
-	p, err := workspace.PlanPush(ctx, dir)
+	c, err := a.client(ctx)
 	if err != nil {
 		return "", err
 	}
-	if dest == "" {
-		dest = workspace.DefaultDest(p.Root)
-	}
-	g, done, err := a.guestFS(ctx, vm)
+	var p *workspace.Plan
+	var st *client.PushStats
+	var bar *progressbar.ProgressBar
+	defer func() {
+		if bar != nil {
+			bar.Finish()
+		}
+	}()
+	dest, err = c.WorkspacePush(ctx, vm, dir, client.PushOptions{
+		Dest: dest,
+		Planned: func(pl *workspace.Plan) {
+			p = pl
+			if a.stderrIsTerminal() && p.Bytes > 8<<20 {
+				bar = progressbar.NewOptions64(p.Bytes, progressbar.OptionSetWriter(a.Stderr),
+					progressbar.OptionSetDescription("workspace"), progressbar.OptionShowBytes(true),
+					progressbar.OptionThrottle(100*time.Millisecond), progressbar.OptionClearOnFinish(), progressbar.OptionSetWidth(30))
+			}
+		},
+		Progress: func(n int64) {
+			if bar != nil {
+				bar.Add64(n)
+			}
+		},
+		Pushed: func(s client.PushStats) { st = &s },
+	})
 	if err != nil {
-		return "", err
-	}
-	defer done()
-	var progress func(int64)
-	if a.stderrIsTerminal() && p.Bytes > 8<<20 {
-		bar := progressbar.NewOptions64(p.Bytes, progressbar.OptionSetWriter(a.Stderr),
-			progressbar.OptionSetDescription("workspace"), progressbar.OptionShowBytes(true),
-			progressbar.OptionThrottle(100*time.Millisecond), progressbar.OptionClearOnFinish(), progressbar.OptionSetWidth(30))
-		defer bar.Finish()
-		progress = func(n int64) { bar.Add64(n) }
-	}
-	if err := workspace.Upload(ctx, p, g, dest, progress); err != nil {
 		if ctx.Err() != nil {
 			return "", fmt.Errorf("workspace push interrupted: %w", ctx.Err())
 		}
 		return "", err
 	}
-	fmt.Fprintf(a.Stderr, "pushed %s to %s:%s (%d files, %s, %.1f s)\n", p.Root, vm, dest, p.Files, sizeBytes(p.Bytes), time.Since(start).Seconds())
+	sent := ""
+	if st != nil {
+		sent = fmt.Sprintf("; sent %d files, %s, deleted %d", st.Files, sizeBytes(st.Bytes), st.Deleted)
+	}
+	fmt.Fprintf(a.Stderr, "pushed %s to %s:%s (%d files, %s%s, %.1f s)\n", p.Root, vm, dest, p.Files, sizeBytes(p.Bytes), sent, time.Since(start).Seconds())
 	return dest, nil
 }
 
@@ -100,7 +114,8 @@ func (a *App) workspaceCommand() *cobra.Command {
 		Short: "Copy the git repository at DIR (default .) into a VM",
 		Long: "Copies the repository holding DIR into the VM at /root/<name> (or --dest): tracked\n" +
 			"files and untracked files that are not ignored, with modes and symlinks, and the whole\n" +
-			".git. Pushing again rewrites every file; files deleted on the host stay in the guest.",
+			".git, in one stream. Pushing again sends only what changed (size, mtime, mode, link\n" +
+			"target) and deletes in the guest what an earlier push wrote and the host no longer has.",
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := "."

@@ -71,6 +71,7 @@ const (
 	OpSession = "session" // an SSH-like session: requests, then data
 	OpZero    = "zero"    // the agent writes N zero bytes, unframed, then closes
 	OpSink    = "sink"    // the agent reads N unframed bytes (or until EOF), then writes their count (8 bytes)
+	OpSync    = "sync"    // a workspace push: see sync.go
 )
 
 // Open is FrameOpen's payload (SSH wire encoding).
@@ -78,6 +79,7 @@ type Open struct {
 	Op   string
 	User string
 	N    uint64
+	Arg  string // OpSync: the destination directory in the guest
 }
 
 // Request is FrameRequest's payload: an SSH channel request.

@@ -66,6 +66,11 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		var b [8]byte
 		binary.BigEndian.PutUint64(b[:], uint64(n))
 		_, _ = c.Write(b[:])
+	case bulk.OpSync:
+		sy := &bulk.Syncer{Dest: o.Arg, StateDir: s.cfg.WorkspaceState}
+		if err := sy.Serve(c, r); err != nil {
+			log.Info("workspace push failed", "dest", o.Arg, "err", err)
+		}
 	default:
 		log.Info("bulk stream refused: unknown operation")
 	}

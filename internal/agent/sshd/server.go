@@ -53,6 +53,9 @@ type Config struct {
 	ProcRoot   string // default /proc
 	RootPath   string // filesystem reported by stats; default /
 	SelfExe    string // this binary, for the sftp-server child; default /proc/self/exe
+	// WorkspaceState is where workspace pushes remember the paths they
+	// wrote; default /var/lib/banger-agent/workspaces.
+	WorkspaceState string
 
 	// Reaper tracks the children the server starts (nil unless PID 1).
 	Reaper *reaper.Reaper
@@ -128,6 +131,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.SelfExe == "" {
 		cfg.SelfExe = "/proc/self/exe"
+	}
+	if cfg.WorkspaceState == "" {
+		cfg.WorkspaceState = "/var/lib/banger-agent/workspaces"
 	}
 	if cfg.DefaultUser == "" {
 		cfg.DefaultUser = "root"

@@ -1,0 +1,192 @@
+package client
+
+import (
+	"context"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/workspace"
+)
+
+func gitRepo(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Skip("git not installed")
+	}
+	dir := t.TempDir()
+	write := func(rel, data string, mode os.FileMode) {
+		p := filepath.Join(dir, rel)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(data), mode); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(p, mode)
+	}
+	write("a.txt", "alpha", 0o644)
+	write("bin/run.sh", "#!/bin/sh\necho hi\n", 0o755)
+	write("sub/dir/deep.txt", "deep", 0o600)
+	write("gone.txt", "to be deleted", 0o644)
+	if err := os.Symlink("a.txt", filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"init", "-q"}, {"add", "-A"}, {"-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"}} {
+		cmd := exec.Command("git", args...)
+		cmd.Dir = dir
+		cmd.Env = append(os.Environ(), "GIT_CONFIG_GLOBAL=/dev/null", "GIT_CONFIG_NOSYSTEM=1")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("git %v: %v %s", args, err, out)
+		}
+	}
+	return dir
+}
+
+// push runs one streamed push of repo into dest against an in-process
+// agent side (bulk.Syncer).
+func push(t *testing.T, repo, dest, state string) PushStats {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p, err := workspace.PlanPush(ctx, repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, agent := net.Pipe()
+	defer host.Close()
+	done := make(chan error, 1)
+	go func() {
+		done <- (&bulk.Syncer{Dest: dest, StateDir: state}).Serve(agent, agent)
+		agent.Close()
+	}()
+	st, err := pushStream(ctx, host, p, nil)
+	if err != nil {
+		t.Fatalf("push: %v (agent: %v)", err, <-done)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	return st
+}
+
+func TestStreamedPushSyncs(t *testing.T) {
+	repo := gitRepo(t)
+	dest := filepath.Join(t.TempDir(), "ws")
+	state := t.TempDir()
+	st := push(t, repo, dest, state)
+	if st.Files < 4 || st.Links != 1 {
+		t.Fatalf("first push: %+v", st)
+	}
+	check := func(rel, data string, mode fs.FileMode) {
+		t.Helper()
+		p := filepath.Join(dest, rel)
+		b, err := os.ReadFile(p)
+		fi, _ := os.Lstat(p)
+		if err != nil || string(b) != data || fi.Mode().Perm() != mode {
+			t.Fatalf("%s: %q %v mode %v, want %q %v", rel, b, err, fi.Mode(), data, mode)
+		}
+		hfi, _ := os.Lstat(filepath.Join(repo, rel))
+		if !fi.ModTime().Equal(hfi.ModTime()) {
+			t.Fatalf("%s: mtime %v, want %v", rel, fi.ModTime(), hfi.ModTime())
+		}
+	}
+	check("a.txt", "alpha", 0o644)
+	check("bin/run.sh", "#!/bin/sh\necho hi\n", 0o755)
+	check("sub/dir/deep.txt", "deep", 0o600)
+	if l, err := os.Readlink(filepath.Join(dest, "link")); err != nil || l != "a.txt" {
+		t.Fatalf("link: %q %v", l, err)
+	}
+	if _, err := os.Stat(filepath.Join(dest, ".git", "HEAD")); err != nil {
+		t.Fatalf(".git not pushed: %v", err)
+	}
+
+	// unchanged: nothing is sent
+	if st := push(t, repo, dest, state); st.Files != 0 || st.Links != 0 || st.Deleted != 0 {
+		t.Fatalf("push of an unchanged repository sent %+v", st)
+	}
+	// a file the guest made is not the host's to delete
+	os.WriteFile(filepath.Join(dest, "guest-made.txt"), []byte("mine"), 0o644)
+	// one change, one deletion, one mode change
+	later := time.Now().Add(time.Hour)
+	os.WriteFile(filepath.Join(repo, "a.txt"), []byte("alpha two"), 0o644)
+	os.Chtimes(filepath.Join(repo, "a.txt"), later, later)
+	os.Remove(filepath.Join(repo, "gone.txt"))
+	exec.Command("git", "-C", repo, "rm", "-q", "--cached", "gone.txt").Run()
+	st = push(t, repo, dest, state)
+	// a.txt, and the index git rm rewrote
+	if st.Files != 2 || st.Deleted != 1 {
+		t.Fatalf("re-push after one change and one deletion: %+v", st)
+	}
+	check("a.txt", "alpha two", 0o644)
+	if _, err := os.Lstat(filepath.Join(dest, "gone.txt")); !os.IsNotExist(err) {
+		t.Fatalf("a file deleted on the host is still in the guest: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dest, "guest-made.txt")); err != nil {
+		t.Fatalf("a guest-made file was deleted: %v", err)
+	}
+	// exactly one file: change its content keeping the size, new mtime
+	os.WriteFile(filepath.Join(repo, "sub/dir/deep.txt"), []byte("DEEP"), 0o600)
+	os.Chtimes(filepath.Join(repo, "sub/dir/deep.txt"), later, later)
+	if st := push(t, repo, dest, state); st.Files != 1 || st.Bytes != 4 {
+		t.Fatalf("re-push after one change: %+v, want one file of 4 bytes", st)
+	}
+	check("sub/dir/deep.txt", "DEEP", 0o600)
+}
+
+// TestSyncerStaysInDest plays a host (or a stream) naming paths outside the
+// destination, and a guest tree with a link where a directory should be:
+// nothing outside the destination changes.
+func TestSyncerStaysInDest(t *testing.T) {
+	root := t.TempDir()
+	dest := filepath.Join(root, "ws")
+	outside := filepath.Join(root, "outside")
+	os.MkdirAll(dest, 0o755)
+	os.MkdirAll(outside, 0o755)
+	os.WriteFile(filepath.Join(outside, "keep"), []byte("keep"), 0o644)
+	os.Symlink(outside, filepath.Join(dest, "escape"))
+	for _, tc := range []struct{ kind, rel string }{
+		{bulk.SyncFile, "../outside/keep"},
+		{bulk.SyncDelete, "../outside"},
+		{bulk.SyncFile, "/etc/passwd"},
+		{bulk.SyncDelete, "escape/keep"},
+		{bulk.SyncFile, "escape/new"},
+		{bulk.SyncDir, "escape/d"},
+		{bulk.SyncLink, "escape/l"},
+		{bulk.SyncDelete, "."},
+		{bulk.SyncFile, "a/../../outside/keep"},
+	} {
+		s := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
+		host, agent := net.Pipe()
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(agent, agent); agent.Close() }()
+		if _, err := bulk.ReadManifest(host); err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			e := bulk.SyncEntry{Rel: tc.rel, Size: 4, Mode: 0o644, Target: "/"}
+			writeReq(host, tc.kind, e)
+			bulk.WriteFrame(host, bulk.FrameData, []byte("evil"))
+			writeReq(host, bulk.SyncDone, bulk.SyncEntry{})
+		}()
+		_, err := bulk.ReadSyncReply(host)
+		host.Close()
+		if err == nil || <-done == nil {
+			t.Errorf("%s %q was applied", tc.kind, tc.rel)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(outside, "keep")); err != nil || string(b) != "keep" {
+		t.Fatalf("outside/keep: %q %v", b, err)
+	}
+	ents, _ := os.ReadDir(outside)
+	if len(ents) != 1 {
+		t.Fatalf("outside has %d entries, want 1", len(ents))
+	}
+}
+
+func writeReq(c net.Conn, kind string, e bulk.SyncEntry) {
+	bulk.WriteFrame(c, bulk.FrameRequest, sshMarshalReq(kind, e))
+}

@@ -1,0 +1,494 @@
+package bulk
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
+)
+
+// OpSync is a workspace push in one stream (Open.Arg is the absolute
+// destination directory in the guest):
+//
+//  1. agent → host: the manifest of the destination, FrameData frames of
+//     JSON arrays of ManifestEntry, then FrameEOF.
+//  2. host → agent: FrameRequest frames (Type SyncDelete, SyncDir, SyncFile,
+//     SyncLink, Payload a SyncEntry), a SyncFile followed by exactly Size
+//     bytes in FrameData frames; then a SyncDone request.
+//  3. agent → host: FrameReply, OK with a SyncStats JSON payload, or not OK
+//     with the error. The agent also answers not OK, and stops, at its first
+//     failure.
+//
+// The host sends only what differs from the manifest (type, mode, size,
+// mtime to the nanosecond, link target), and deletes what it pushed before
+// (the agent remembers the paths it wrote for each destination) and no
+// longer has. Everything is applied in Go: no guest tool is needed.
+const (
+	SyncDelete = "delete"
+	SyncDir    = "dir"
+	SyncFile   = "file"
+	SyncLink   = "link"
+	SyncDone   = "done"
+)
+
+// ManifestEntry is one path under the destination, as the agent sees it.
+type ManifestEntry struct {
+	P string `json:"p"`           // slash path relative to the destination
+	T string `json:"t"`           // "d", "f", "l" or "o" (other)
+	M uint32 `json:"m,omitempty"` // fs.FileMode permission, setuid, setgid and sticky bits
+	S int64  `json:"s,omitempty"` // size of a file
+	N int64  `json:"n,omitempty"` // mtime, ns since the epoch
+	L string `json:"l,omitempty"` // symlink target
+	W bool   `json:"w,omitempty"` // written by an earlier push
+}
+
+// SyncEntry is a SyncDelete, SyncDir, SyncFile or SyncLink request's payload.
+type SyncEntry struct {
+	Rel    string
+	Mode   uint32 // fs.FileMode bits as in ManifestEntry.M
+	MTime  uint64 // ns since the epoch as int64 bits (files and links)
+	Size   uint64 // SyncFile: the data that follows
+	Target string // SyncLink
+}
+
+// SyncStats is what a sync did.
+type SyncStats struct {
+	Files   int   `json:"files"`
+	Bytes   int64 `json:"bytes"`
+	Links   int   `json:"links"`
+	Dirs    int   `json:"dirs"`
+	Deleted int   `json:"deleted"`
+}
+
+// Limits of a manifest, on both ends.
+const (
+	MaxManifestEntries = 1 << 20
+	MaxManifestBytes   = 256 << 20
+)
+
+// KeptMode is the part of a mode a push keeps.
+func KeptMode(m fs.FileMode) uint32 {
+	return uint32(m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky))
+}
+
+// CleanRel checks that rel is a plain relative slash path below a
+// directory: not empty, not absolute, already clean, no "." or ".."
+// component, no NUL.
+func CleanRel(rel string) error {
+	if rel == "" || rel == "." || strings.HasPrefix(rel, "/") || path.Clean(rel) != rel ||
+		strings.ContainsRune(rel, 0) || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("bad relative path %q", rel)
+	}
+	return nil
+}
+
+// Syncer applies a sync in the guest (the agent's side of OpSync).
+type Syncer struct {
+	Dest     string // absolute destination directory
+	StateDir string // where the list of pushed paths per destination is kept
+
+	known map[string]bool // directories under Dest checked to be real directories
+	state map[string]bool // paths written by pushes
+	stats SyncStats
+}
+
+func (s *Syncer) stateFile() string {
+	h := sha256.Sum256([]byte(s.Dest))
+	return filepath.Join(s.StateDir, hex.EncodeToString(h[:12])+".pushed")
+}
+
+func (s *Syncer) loadState() {
+	s.state = map[string]bool{}
+	b, err := os.ReadFile(s.stateFile())
+	if err != nil {
+		return
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if CleanRel(l) == nil {
+			s.state[l] = true
+		}
+	}
+}
+
+func (s *Syncer) saveState() error {
+	if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
+		return err
+	}
+	list := make([]string, 0, len(s.state))
+	for p := range s.state {
+		list = append(list, p)
+	}
+	slices.Sort(list)
+	tmp := s.stateFile() + ".tmp"
+	if err := os.WriteFile(tmp, []byte(strings.Join(list, "\n")), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, s.stateFile())
+}
+
+// Serve runs the agent's side of OpSync on c (after Open); r reads c.
+func (s *Syncer) Serve(c io.Writer, r io.Reader) error {
+	err := s.serve(c, r)
+	if err != nil {
+		// Keep reading what the host still sends, so that it reaches the
+		// answer (the stream's end stops this).
+		go func() { _, _ = io.Copy(io.Discard, r) }()
+		_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: false, Payload: []byte(err.Error())}))
+		return err
+	}
+	js, _ := json.Marshal(s.stats)
+	return WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: js}))
+}
+
+func (s *Syncer) serve(c io.Writer, r io.Reader) error {
+	if !filepath.IsAbs(s.Dest) || filepath.Clean(s.Dest) != s.Dest || s.Dest == "/" {
+		return fmt.Errorf("bad destination %q: want a clean absolute path below /", s.Dest)
+	}
+	if err := os.MkdirAll(s.Dest, 0o755); err != nil {
+		return err
+	}
+	if fi, err := os.Lstat(s.Dest); err != nil || !fi.IsDir() {
+		return fmt.Errorf("destination %s is not a directory", s.Dest)
+	}
+	s.known = map[string]bool{"": true}
+	s.loadState()
+	if err := s.sendManifest(c); err != nil {
+		return err
+	}
+	var buf []byte
+	for {
+		typ, p, err := ReadFrame(r, buf)
+		buf = p
+		if err != nil {
+			return fmt.Errorf("read the push: %w", err)
+		}
+		if typ != FrameRequest {
+			return fmt.Errorf("unexpected frame type %d in a push", typ)
+		}
+		var req Request
+		if err := ssh.Unmarshal(p, &req); err != nil {
+			return err
+		}
+		if req.Type == SyncDone {
+			return s.saveState()
+		}
+		var e SyncEntry
+		if err := ssh.Unmarshal(req.Payload, &e); err != nil {
+			return err
+		}
+		if err := s.apply(req.Type, e, r); err != nil {
+			return fmt.Errorf("%s %s: %w", req.Type, e.Rel, err)
+		}
+	}
+}
+
+// sendManifest walks Dest without following links.
+func (s *Syncer) sendManifest(c io.Writer) error {
+	var batch []ManifestEntry
+	size, n := 0, 0
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		js, err := json.Marshal(batch)
+		if err != nil {
+			return err
+		}
+		batch, size = batch[:0], 0
+		return WriteFrame(c, FrameData, js)
+	}
+	err := filepath.WalkDir(s.Dest, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return nil // vanished or unreadable: not in the manifest
+		}
+		if p == s.Dest {
+			return nil
+		}
+		if n++; n > MaxManifestEntries {
+			return fmt.Errorf("more than %d entries under %s", MaxManifestEntries, s.Dest)
+		}
+		rel := filepath.ToSlash(p[len(s.Dest)+1:])
+		fi, err := d.Info()
+		if err != nil {
+			return nil
+		}
+		e := ManifestEntry{P: rel, M: KeptMode(fi.Mode()), W: s.state[rel]}
+		switch {
+		case fi.IsDir():
+			e.T = "d"
+		case fi.Mode().IsRegular():
+			e.T, e.S, e.N = "f", fi.Size(), fi.ModTime().UnixNano()
+		case fi.Mode()&fs.ModeSymlink != 0:
+			e.T, e.N = "l", fi.ModTime().UnixNano()
+			e.L, _ = os.Readlink(p)
+		default:
+			e.T = "o"
+		}
+		batch = append(batch, e)
+		if size += len(rel) + len(e.L) + 64; size > 512<<10 {
+			return flush()
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	return WriteFrame(c, FrameEOF, nil)
+}
+
+// path returns rel's path below Dest after checking rel and that every
+// directory above it is a real directory (made when missing), so that no
+// link in the guest's tree leads a write or a delete out of Dest.
+func (s *Syncer) path(rel string) (string, error) {
+	if err := CleanRel(rel); err != nil {
+		return "", err
+	}
+	dir := path.Dir(rel)
+	if dir == "." {
+		dir = ""
+	}
+	if !s.known[dir] {
+		var walked string
+		for _, part := range strings.Split(dir, "/") {
+			walked = path.Join(walked, part)
+			if s.known[walked] {
+				continue
+			}
+			p := filepath.Join(s.Dest, filepath.FromSlash(walked))
+			fi, err := os.Lstat(p)
+			if errors.Is(err, fs.ErrNotExist) {
+				if err := os.Mkdir(p, 0o755); err != nil {
+					return "", err
+				}
+			} else if err != nil {
+				return "", err
+			} else if !fi.IsDir() {
+				return "", fmt.Errorf("%s is not a directory in the guest", walked)
+			}
+			s.known[walked] = true
+		}
+	}
+	return filepath.Join(s.Dest, filepath.FromSlash(rel)), nil
+}
+
+func setMTime(p string, ns int64) error {
+	ts := []unix.Timespec{unix.NsecToTimespec(ns), unix.NsecToTimespec(ns)}
+	return unix.UtimesNanoAt(unix.AT_FDCWD, p, ts, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
+	p, err := s.path(e.Rel)
+	if err != nil {
+		return err
+	}
+	fi, lerr := os.Lstat(p)
+	exists := lerr == nil
+	switch kind {
+	case SyncDelete:
+		if exists {
+			if err := os.RemoveAll(p); err != nil {
+				return err
+			}
+		}
+		delete(s.state, e.Rel)
+		s.forget(e.Rel)
+		s.stats.Deleted++
+		return nil
+	case SyncDir:
+		if exists && !fi.IsDir() {
+			if err := os.RemoveAll(p); err != nil {
+				return err
+			}
+			exists = false
+		}
+		if !exists {
+			if err := os.Mkdir(p, 0o755); err != nil {
+				return err
+			}
+		}
+		s.known[e.Rel] = true
+		s.stats.Dirs++
+		s.state[e.Rel] = true
+		return os.Chmod(p, fs.FileMode(e.Mode)&fs.ModePerm|modeExtra(e.Mode))
+	case SyncLink:
+		if exists {
+			if err := os.RemoveAll(p); err != nil {
+				return err
+			}
+		}
+		s.forget(e.Rel)
+		if err := os.Symlink(e.Target, p); err != nil {
+			return err
+		}
+		s.stats.Links++
+		s.state[e.Rel] = true
+		return setMTime(p, int64(e.MTime))
+	case SyncFile:
+		if exists && !fi.Mode().IsRegular() {
+			if err := os.RemoveAll(p); err != nil {
+				return err
+			}
+			s.forget(e.Rel)
+		}
+		if err := s.writeFile(p, e, r); err != nil {
+			return err
+		}
+		s.stats.Files++
+		s.stats.Bytes += int64(e.Size)
+		s.state[e.Rel] = true
+		return nil
+	}
+	return fmt.Errorf("unknown push entry %q", kind)
+}
+
+// forget drops rel and what was below it from the checked directories.
+func (s *Syncer) forget(rel string) {
+	for k := range s.known {
+		if k == rel || strings.HasPrefix(k, rel+"/") {
+			delete(s.known, k)
+		}
+	}
+}
+
+func modeExtra(m uint32) fs.FileMode {
+	return fs.FileMode(m) & (fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+}
+
+// writeFile writes Size bytes from the data frames into a temporary file
+// next to p and renames it over p (so a running binary is replaced, not
+// rewritten).
+func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
+	f, err := os.CreateTemp(filepath.Dir(p), ".banger-push-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	w := bufio.NewWriterSize(f, 256<<10)
+	left := e.Size
+	var buf []byte
+	for left > 0 {
+		typ, d, err := ReadFrame(r, buf)
+		buf = d
+		if err != nil {
+			return err
+		}
+		if typ != FrameData || uint64(len(d)) > left {
+			return fmt.Errorf("file data: frame type %d of %d bytes with %d left", typ, len(d), left)
+		}
+		if _, err := w.Write(d); err != nil {
+			return err
+		}
+		left -= uint64(len(d))
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	if err := f.Chmod(fs.FileMode(e.Mode)&fs.ModePerm | modeExtra(e.Mode)); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := setMTime(tmp, int64(e.MTime)); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}
+
+// ReadManifest reads the agent's manifest (host side), bounded by
+// MaxManifestEntries and MaxManifestBytes. Entries with bad paths are
+// dropped: they can match nothing the host sends.
+func ReadManifest(r io.Reader) (map[string]ManifestEntry, error) {
+	m := map[string]ManifestEntry{}
+	total := 0
+	var buf []byte
+	for {
+		typ, p, err := ReadFrame(r, buf)
+		buf = p
+		if err != nil {
+			return nil, fmt.Errorf("read the guest's manifest: %w", err)
+		}
+		switch typ {
+		case FrameEOF:
+			return m, nil
+		case FrameReply:
+			var rep Reply
+			if ssh.Unmarshal(p, &rep) == nil && !rep.OK {
+				return nil, fmt.Errorf("the guest refused the push: %s", truncate(string(rep.Payload), 512))
+			}
+			return nil, errors.New("the guest ended the push early")
+		case FrameData:
+		default:
+			return nil, fmt.Errorf("unexpected frame type %d in the guest's manifest", typ)
+		}
+		if total += len(p); total > MaxManifestBytes {
+			return nil, fmt.Errorf("the guest's manifest exceeds %d bytes", MaxManifestBytes)
+		}
+		var batch []ManifestEntry
+		if err := json.Unmarshal(p, &batch); err != nil {
+			return nil, fmt.Errorf("the guest's manifest: %w", err)
+		}
+		for _, e := range batch {
+			if CleanRel(e.P) != nil {
+				continue
+			}
+			if len(m) >= MaxManifestEntries {
+				return nil, fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
+			}
+			m[e.P] = e
+		}
+	}
+}
+
+// ReadSyncReply reads the agent's final answer (host side).
+func ReadSyncReply(r io.Reader) (SyncStats, error) {
+	var st SyncStats
+	typ, p, err := ReadFrame(r, nil)
+	if err != nil {
+		return st, fmt.Errorf("read the guest's answer: %w", err)
+	}
+	var rep Reply
+	if typ != FrameReply || ssh.Unmarshal(p, &rep) != nil {
+		return st, fmt.Errorf("unexpected frame type %d as the guest's answer", typ)
+	}
+	if !rep.OK {
+		return st, fmt.Errorf("the guest failed the push: %s", truncate(string(rep.Payload), 512))
+	}
+	if err := json.Unmarshal(rep.Payload, &st); err != nil {
+		return st, fmt.Errorf("the guest's answer: %w", err)
+	}
+	return st, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
