@@ -69,7 +69,7 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 	case bulk.OpSync:
 		sy := &bulk.Syncer{Dest: o.Arg, StateDir: s.cfg.WorkspaceState}
 		if err := sy.Serve(c, r); err != nil {
-			log.Info("workspace push failed", "dest", o.Arg, "err", err)
+			log.Info("workspace push failed", "dest", o.Arg, "error", err)
 		}
 	default:
 		log.Info("bulk stream refused: unknown operation")
