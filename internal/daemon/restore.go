@@ -15,6 +15,7 @@ import (
 
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -112,9 +113,11 @@ func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 		return err
 	}
 	defer a.Close()
+	t0 := time.Now()
 	if err := a.Ping(ctx); err != nil {
 		return fmt.Errorf("the restored guest did not answer: %w%s", err, s.consoleHint(env.VM.ID))
 	}
+	pingTook := time.Since(t0)
 	ri, ok := a.(reidentifier)
 	if !ok {
 		return errors.New("internal error: the guest agent client cannot reidentify")
@@ -130,7 +133,10 @@ func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 	if n := env.Boot.Network; n != nil {
 		p.Network = &agentapi.ReidentifyNetwork{FromMAC: rs.src.MAC, MAC: n.MAC, Address: n.Address, Gateway: n.Gateway, DNS: n.DNS}
 	}
-	return ri.Reidentify(ctx, p)
+	t1 := time.Now()
+	err = ri.Reidentify(ctx, p)
+	s.log.InfoContext(ctx, "clone reidentified", "vm", env.VM.Name, "reach_ms", logging.Ms(pingTook), "reidentify_ms", logging.Ms(time.Since(t1)), "ok", err == nil)
+	return err
 }
 
 // newMachineID is a random systemd machine-id (128 bits, lowercase hex).

@@ -207,6 +207,11 @@ func TestRunBaseSnapshotRealGuest(t *testing.T) {
 		t.Errorf("the second run did not restore the base snapshot:\n%s", errOut)
 	}
 	t.Logf("second run stages:\n%s", errOut)
+	for _, l := range strings.Split(d.logs.String(), "\n") {
+		if strings.Contains(l, "reidentified") || strings.Contains(l, "guest agent answered") {
+			t.Log(l)
+		}
+	}
 	out, errOut, code = banger(t, h, append([]string{"run", "--cold"}, append(args[1:], "third", "--", "hostname")...)...)
 	if code != 0 || strings.Contains(errOut, "restore") {
 		t.Errorf("--cold: exit %d\n%s", code, errOut)
