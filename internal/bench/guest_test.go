@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/image"
 )
 
@@ -92,6 +93,23 @@ func (b *bench) benchGuest() {
 	} else {
 		b.add(Result{Group: "guest", Metric: "  of which: SSH handshake with the agent", Unit: "ms", Banger: median(hs), N: n, Samples: hs,
 			Note: "client.SSH in-process (connect through bangerd + key exchange + auth); OpenSSH's ControlMaster pays it once"})
+	}
+
+	// The same through the public client in-process: no CLI process.
+	ix, err := timeN(n, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		code, err := b.cl.Exec(ctx, vm, []string{"true"}, client.ExecOptions{})
+		if err == nil && code != 0 {
+			err = fmt.Errorf("exit %d", code)
+		}
+		return err
+	})
+	if err != nil {
+		b.fail("guest", "client.Exec", err)
+	} else {
+		b.add(Result{Group: "guest", Metric: "  exec true in-process (client.Exec)", Unit: "ms", Banger: median(ix), N: n, Samples: ix,
+			Note: "the CLI's share is the difference from exec true"})
 	}
 
 	// Payloads.
