@@ -197,14 +197,14 @@ func (b *bench) rawBootOnce(s *rawSpec) (float64, error) {
 // Two more figures go into stages: "before the VMM" (request sent to the
 // boot stage starting: check, prepare host, configure and the RPCs) and
 // "after the agent" (the agent answered to the client having the VM).
-func (b *bench) createVM(name string) (*api.VM, float64, map[string]float64, error) {
+func (b *bench) createVM(name string, diskMiB int) (*api.VM, float64, map[string]float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	stages := map[string]float64{}
 	var mu sync.Mutex
 	var bootStart, agentEnd time.Time
 	start := time.Now()
-	v, err := b.cl.CreateVM(ctx, api.CreateParams{Name: name, Image: "busybox", Kernel: "debian", MemoryMiB: benchMemMiB, DiskMiB: benchDiskMiB},
+	v, err := b.cl.CreateVM(ctx, api.CreateParams{Name: name, Image: "busybox", Kernel: "debian", MemoryMiB: benchMemMiB, DiskMiB: diskMiB},
 		func(st api.Stage) {
 			if st.FinishedAt != nil {
 				mu.Lock()
@@ -241,7 +241,7 @@ func (b *bench) spec() (*rawSpec, error) {
 	if b.raw != nil {
 		return b.raw, nil
 	}
-	v, _, _, err := b.createVM("warmup")
+	v, _, _, err := b.createVM("warmup", benchDiskMiB)
 	if err != nil {
 		return nil, fmt.Errorf("warm-up create: %w", err)
 	}
@@ -262,7 +262,7 @@ func (b *bench) benchCreate() {
 	stageSamples := map[string][]float64{}
 	for i := 0; i < b.boots(); i++ {
 		name := fmt.Sprintf("c%d", i)
-		_, d, stages, err := b.createVM(name)
+		_, d, stages, err := b.createVM(name, benchDiskMiB)
 		b.deleteVM(name)
 		if err != nil {
 			b.fail("create", "create → ready", err)
@@ -349,7 +349,7 @@ func (b *bench) benchConcurrent() {
 	start = time.Now()
 	for i := 0; i < n; i++ {
 		wg.Add(1)
-		go func() { defer wg.Done(); _, _, _, errs[i] = b.createVM(fmt.Sprintf("p%d", i)) }()
+		go func() { defer wg.Done(); _, _, _, errs[i] = b.createVM(fmt.Sprintf("p%d", i), benchDiskMiB) }()
 	}
 	wg.Wait()
 	wall := ms(time.Since(start))

@@ -25,7 +25,9 @@ const (
 // tar through exec.
 func (b *bench) benchGuest() {
 	const vm = "g"
-	if _, _, _, err := b.createVM(vm); err != nil {
+	// 4 GiB: room for two 100 MiB payloads and the workspaces (sparse, and
+	// no slower to make than 256 MiB).
+	if _, _, _, err := b.createVM(vm, 4096); err != nil {
 		b.fail("guest", "create the guest", err)
 		return
 	}
@@ -146,6 +148,7 @@ func (b *bench) benchGuest() {
 	transfer("exec stdin", "ssh (ControlMaster) cat >", fmt.Sprintf("≥%.0f (3× today)", 3*stdinTodayMiBs), 3*stdinTodayMiBs,
 		`"$BANGER" exec -i `+vm+` -- sh -c 'cat > /root/in' < `+p,
 		ssh+" "+alias+" 'cat > /root/in2' < "+p)
+	b.cli(time.Minute, nil, "exec", vm, "--", "rm", "-f", "/root/in", "/root/in2")
 	transfer("cp host→guest", "scp through ssh-config (ControlMaster)", fmt.Sprintf("≥%.0f (3× today)", 3*cpTodayMiBs), 3*cpTodayMiBs,
 		`"$BANGER" cp -q `+p+" "+vm+":/root/cp1",
 		scp+" "+p+" "+alias+":/root/cp2")
