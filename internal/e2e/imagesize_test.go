@@ -36,8 +36,12 @@ func createTimed(t *testing.T, h, name string, args ...string) (time.Duration, m
 // from a 100 MiB image, and the image is not copied per VM.
 func TestCreateCostIndependentOfImageSize(t *testing.T) {
 	h, _, _ := realHome(t)
-	small := testenv.BusyboxRootfs(t, 100)
-	big := filepath.Join(t.TempDir(), "big.ext4")
+	// inside the home, where bangerd (nobody, see daemonUID) can read them
+	small := filepath.Join(h, "small.ext4")
+	if out, err := exec.Command("cp", "--sparse=always", testenv.BusyboxRootfs(t, 100), small).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	big := filepath.Join(h, "big.ext4")
 	if out, err := exec.Command("cp", "--sparse=always", small, big).CombinedOutput(); err != nil {
 		t.Fatalf("cp: %v %s", err, out)
 	}
@@ -46,6 +50,10 @@ func TestCreateCostIndependentOfImageSize(t *testing.T) {
 	}
 	if out, err := exec.Command("resize2fs", big).CombinedOutput(); err != nil {
 		t.Fatalf("resize2fs: %v %s", err, out)
+	}
+	if uid := int(daemonUID()); uid != 0 {
+		os.Chown(small, uid, uid)
+		os.Chown(big, uid, uid)
 	}
 	mustBanger(t, h, "image", "import", small, "--name", "small")
 	mustBanger(t, h, "image", "import", big, "--name", "big")
