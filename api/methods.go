@@ -33,7 +33,7 @@ const (
 	// MethodVMConnect takes VMRef and returns ConnectResult; the connection
 	// is then upgraded to the guest agent's SSH server.
 	MethodVMConnect = "vm.connect"
-	// MethodVMBulk takes VMRef and returns BulkResult; the connection is
+	// MethodVMBulk takes BulkParams and returns BulkResult; the connection is
 	// then upgraded to an authenticated bulk stream to the guest agent
 	// (unencrypted: see internal/agent/bulk), starting with its Open frame.
 	MethodVMBulk = "vm.bulk"

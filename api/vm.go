@@ -155,6 +155,15 @@ type ConnectResult struct {
 	KeyPath string `json:"key_path"` // the user's banger key
 }
 
+// BulkParams is vm.bulk's parameters.
+type BulkParams struct {
+	VM string `json:"vm"`
+	// Workspace holds the VM's workspace lock for the stream's life: bangerd
+	// runs one workspace operation per VM at a time (others wait). Stop and
+	// delete do not wait for it: they end the stream.
+	Workspace bool `json:"workspace,omitempty"`
+}
+
 // BulkResult is vm.bulk's result; the connection then carries a bulk
 // stream whose hello bangerd has done.
 type BulkResult struct {

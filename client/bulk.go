@@ -26,12 +26,18 @@ import (
 
 // openBulk opens a bulk stream to vm and sends its Open frame.
 func (c *Client) openBulk(ctx context.Context, vm string, o bulk.Open) (net.Conn, error) {
+	return c.openBulkWith(ctx, api.BulkParams{VM: vm}, o)
+}
+
+// openBulkWith is openBulk with vm.bulk's parameters.
+func (c *Client) openBulkWith(ctx context.Context, p api.BulkParams, o bulk.Open) (net.Conn, error) {
+	vm := p.VM
 	rc, err := c.dial(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var res api.BulkResult
-	conn, err := rc.Upgrade(ctx, api.MethodVMBulk, api.VMRef{VM: vm}, &res)
+	conn, err := rc.Upgrade(ctx, api.MethodVMBulk, p, &res)
 	if err != nil {
 		rc.Close()
 		return nil, err

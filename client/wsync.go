@@ -3,6 +3,7 @@ package client
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,8 +11,11 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/api"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/workspace"
@@ -24,7 +28,8 @@ type PushStats = bulk.SyncStats
 // agent answers with what dest holds, and only what differs goes (plus the
 // deletion of what an earlier push wrote and the host no longer has).
 func (c *Client) syncPush(ctx context.Context, vm string, p *workspace.Plan, dest string, progress func(int64)) (PushStats, error) {
-	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpSync, Arg: dest})
+	// Under the VM's workspace lock in bangerd: pushes never interleave.
+	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Workspace: true}, bulk.Open{Op: bulk.OpSync, Arg: dest})
 	if err != nil {
 		return PushStats{}, err
 	}
@@ -39,6 +44,9 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 	fail := func(err error) (PushStats, error) {
 		if ctx.Err() != nil {
 			return PushStats{}, fmt.Errorf("workspace push interrupted: %w", ctx.Err())
+		}
+		if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+			return PushStats{}, fmt.Errorf("workspace push interrupted: the stream to the VM closed (was it stopped or deleted?): %w", err)
 		}
 		return PushStats{}, err
 	}

@@ -489,7 +489,7 @@ func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, err
 // bulk opens an authenticated bulk stream to the guest agent (the hello,
 // with the VM's bulk key, done here: the client never sees the key) and
 // splices the caller's connection to it.
-func (s *vmService) bulk(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error) {
+func (s *vmService) bulk(ctx context.Context, p api.BulkParams) (*rpc.Upgrade, error) {
 	vm, err := s.store.FindVM(ctx, p.VM)
 	if err != nil {
 		return nil, storeErr(err)
@@ -505,6 +505,22 @@ func (s *vmService) bulk(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error)
 	if err != nil {
 		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "%v", err)
 	}
+	unlock := func() {}
+	if p.Workspace {
+		t0 := time.Now()
+		if unlock, err = rt.lockWorkspace(ctx); err != nil {
+			return nil, rpc.Errorf(rpc.CodeUnavailable, "wait for the workspace operation running on %s: %v", vm.Name, err)
+		}
+		if d := time.Since(t0); d > 10*time.Millisecond {
+			s.log.InfoContext(ctx, "waited for the VM's workspace lock", "vm", vm.Name, "ms", d.Milliseconds())
+		}
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unlock()
+		}
+	}()
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	gc, err := s.dialGuest(dctx, rt)
@@ -524,11 +540,16 @@ func (s *vmService) bulk(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error)
 		}
 		return nil, rpc.Errorf(rpc.CodeUnavailable, "bulk stream to %s: %v", vm.Name, err)
 	}
+	forget := rt.trackBulk(gc)
+	ok = true
 	return &rpc.Upgrade{
 		Result: api.BulkResult{VM: vm.Name},
 		Then: func(ctx context.Context, c net.Conn) {
+			defer unlock()
+			defer forget()
 			system.Splice(c, gc)
 		},
+		Abandon: func() { forget(); gc.Close(); unlock() },
 	}, nil
 }
 

@@ -50,6 +50,51 @@ type runtime struct {
 	// paused: the VMM's vCPUs are stopped (vm pause, or during a
 	// snapshot). Changed under the VM's lock.
 	paused atomic.Bool
+	// wsLock serialises workspace operations (vm.bulk with workspace set);
+	// bulk holds the open bulk streams, which closeGuest ends.
+	wsLock chan struct{}
+	bulkMu sync.Mutex
+	bulk   map[net.Conn]struct{}
+}
+
+// lockWorkspace waits (bounded by ctx) for the VM's workspace lock.
+func (rt *runtime) lockWorkspace(ctx context.Context) (func(), error) {
+	rt.bulkMu.Lock()
+	if rt.wsLock == nil {
+		rt.wsLock = make(chan struct{}, 1)
+	}
+	l := rt.wsLock
+	rt.bulkMu.Unlock()
+	select {
+	case l <- struct{}{}:
+		return func() { <-l }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// trackBulk records an open bulk stream; the returned func forgets it.
+func (rt *runtime) trackBulk(c net.Conn) func() {
+	rt.bulkMu.Lock()
+	if rt.bulk == nil {
+		rt.bulk = map[net.Conn]struct{}{}
+	}
+	rt.bulk[c] = struct{}{}
+	rt.bulkMu.Unlock()
+	return func() {
+		rt.bulkMu.Lock()
+		delete(rt.bulk, c)
+		rt.bulkMu.Unlock()
+	}
+}
+
+// closeBulk ends every open bulk stream (a running push fails at once).
+func (rt *runtime) closeBulk() {
+	rt.bulkMu.Lock()
+	defer rt.bulkMu.Unlock()
+	for c := range rt.bulk {
+		c.Close()
+	}
 }
 
 // vmStore is the part of the store the VM service uses.
@@ -575,6 +620,7 @@ func exitReason(st vmm.ExitStatus) string {
 
 // closeGuest closes the runtime's agent connection and transport.
 func (s *vmService) closeGuest(rt *runtime) {
+	rt.closeBulk()
 	rt.guestMu.Lock()
 	defer rt.guestMu.Unlock()
 	if rt.agent != nil {
@@ -651,6 +697,8 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 	}
 	vm.State = store.StateStopping
 	s.saveLogged(ctx, vm)
+	// A running workspace push or copy ends now, cleanly, with an error.
+	rt.closeBulk()
 	fault("stop")
 	deadline := time.Now().Add(timeout)
 	actx, cancel := context.WithTimeout(ctx, min(timeout, 5*time.Second))

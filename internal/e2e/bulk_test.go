@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -243,4 +244,47 @@ func TestWorkspaceSyncRealGuest(t *testing.T) {
 		t.Fatalf("after re-pushes:\n%s", got)
 	}
 	t.Logf("MEASURE workspace push of %d files: %v; re-push after one change: %v (CLI wall time)", 205, d1.Round(time.Millisecond), d2.Round(time.Millisecond))
+
+	// Workspace operations on one VM are serialised by bangerd's lock: two
+	// pushes at once both succeed, the second after the first.
+	randomFile(t, filepath.Join(repo, "big.bin"), 24<<20, 0o644)
+	bangerBin := filepath.Join(bins(t), "banger")
+	env := []string{"BANGER_HOME=" + h}
+	start := func(dest string) (*exec.Cmd, *bytes.Buffer) {
+		cmd := exec.Command(bangerBin, "workspace", "push", vmName, repo, "--dest", dest)
+		cmd.Env = append(os.Environ(), env...)
+		var errb bytes.Buffer
+		cmd.Stderr = &errb
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd, &errb
+	}
+	c1, e1 := start("/root/p1")
+	c2, e2 := start("/root/p2")
+	if err1, err2 := c1.Wait(), c2.Wait(); err1 != nil || err2 != nil {
+		t.Fatalf("concurrent pushes: %v %s / %v %s", err1, e1, err2, e2)
+	}
+	if !strings.Contains(d.logs.String(), "waited for the VM's workspace lock") {
+		t.Errorf("two concurrent pushes did not wait for each other:\n%s\n%s", e1, e2)
+	}
+	mustBanger(t, h, "exec", vmName, "--", "rm", "-rf", "/root/p1", "/root/p2")
+
+	// The lock does not hold up stop: stop ends a running push, which fails
+	// with an error; the VM starts again.
+	before := strings.Count(d.logs.String(), `"vm.bulk"`)
+	c3, e3 := start("/root/p3")
+	waitFor(t, time.Minute, "the push's bulk stream", func() bool { return strings.Count(d.logs.String(), `"vm.bulk"`) > before })
+	t0 := time.Now()
+	if _, errOut, code := banger(t, h, "vm", "stop", vmName); code != 0 {
+		t.Fatalf("stop during a push: exit %d: %s", code, errOut)
+	}
+	stopTook := time.Since(t0)
+	err3 := c3.Wait()
+	if err3 == nil {
+		t.Fatalf("a push survived its VM's stop: %s", e3)
+	}
+	t.Logf("stop during a push took %v; the push said: %s", stopTook.Round(time.Millisecond), strings.TrimSpace(e3.String()))
+	mustBanger(t, h, "vm", "start", vmName)
+	mustBanger(t, h, "exec", vmName, "--", "true")
 }

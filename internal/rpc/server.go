@@ -256,6 +256,9 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, st *connState) {
 			up.Then(WithOpID(ctx, resp.OpID), &streamConn{Conn: c, r: r})
 			return
 		}
+		if up != nil && up.Abandon != nil {
+			up.Abandon()
+		}
 		if werr != nil || closing || err != nil || (authErr != nil && s.CloseOnRefusal) {
 			return
 		}
@@ -302,6 +305,9 @@ func readLine(r *bufio.Reader, max int) (line []byte, tooLong bool, err error) {
 type Upgrade struct {
 	Result any
 	Then   func(ctx context.Context, conn net.Conn)
+	// Abandon (optional) releases what the handler holds for Then when Then
+	// will not run (the response could not be written).
+	Abandon func()
 }
 
 // streamConn is a connection after an upgrade: reads first drain the bytes
