@@ -128,18 +128,20 @@ func (a *App) imageCommand() *cobra.Command {
 	im.AddCommand(imp)
 
 	var pp api.ImageOpParams
+	var pullNoWait, buildNoWait bool
 	pull := &cobra.Command{
 		Use:   "pull REF",
 		Short: "Pull a linux/amd64 image from an OCI registry (debian:bookworm means Docker Hub)",
 		Args:  exactArgs(1, "REF"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			pp.Ref = args[0]
-			return a.imageOp(cmd.Context(), api.MethodImagePullBegin, pp, "pulled")
+			return a.imageOpWait(cmd.Context(), api.MethodImagePullBegin, pp, "pulled", pullNoWait)
 		},
 	}
 	pull.Flags().StringVar(&pp.Name, "name", "", "name (default: from the reference, e.g. debian-bookworm)")
 	pull.Flags().BoolVar(&pp.Insecure, "insecure", false, "use plain HTTP for the registry")
 	pull.Flags().IntVar(&pp.HeadroomMiB, "headroom", 0, "free space in MiB beyond the content (default 64)")
+	pull.Flags().BoolVar(&pullNoWait, "no-wait", false, "return once the pull has begun (Ctrl-C otherwise cancels it)")
 	im.AddCommand(pull)
 
 	var bp api.ImageOpParams
@@ -158,7 +160,7 @@ func (a *App) imageCommand() *cobra.Command {
 					bp.Packages = append(bp.Packages, p)
 				}
 			}
-			return a.imageOp(cmd.Context(), api.MethodImageBuildBegin, bp, "built")
+			return a.imageOpWait(cmd.Context(), api.MethodImageBuildBegin, bp, "built", buildNoWait)
 		},
 	}
 	build.Flags().StringVar(&bp.Suite, "debootstrap", "", "Debian suite to bootstrap (e.g. bookworm)")
@@ -166,6 +168,7 @@ func (a *App) imageCommand() *cobra.Command {
 	build.Flags().StringVar(&pkgs, "packages", "", "extra packages, comma-separated")
 	build.Flags().StringVar(&bp.Name, "name", "", "name (default: debian-SUITE)")
 	build.Flags().IntVar(&bp.HeadroomMiB, "headroom", 0, "free space in MiB beyond the content (default 64)")
+	build.Flags().BoolVar(&buildNoWait, "no-wait", false, "return once the build has begun (Ctrl-C otherwise cancels it)")
 	im.AddCommand(build)
 	var imFormat string
 	ils := &cobra.Command{
@@ -198,6 +201,12 @@ func (a *App) imageCommand() *cobra.Command {
 // imageOp starts a long image operation and follows it to the end, with a
 // progress bar on a terminal (none under -o json or when stderr is not one).
 func (a *App) imageOp(ctx context.Context, method string, p api.ImageOpParams, verb string) error {
+	return a.imageOpWait(ctx, method, p, verb, false)
+}
+
+// imageOpWait is imageOp; with noWait it returns once the operation has
+// begun, saying how to follow and cancel it.
+func (a *App) imageOpWait(ctx context.Context, method string, p api.ImageOpParams, verb string, noWait bool) error {
 	c, err := a.client(ctx)
 	if err != nil {
 		return err
@@ -206,6 +215,13 @@ func (a *App) imageOp(ctx context.Context, method string, p api.ImageOpParams, v
 	var st api.ImageOpStatus
 	if err := c.Call(ctx, method, p, &st); err != nil {
 		return err
+	}
+	if noWait {
+		if a.output == "json" {
+			return a.printJSON(st)
+		}
+		fmt.Fprintf(a.Stdout, "image %s begun (%s); follow with: banger events -f; cancel with: banger op cancel %s\n", st.Kind, st.OpID, st.OpID)
+		return nil
 	}
 	show := a.output != "json" && a.stderrIsTerminal()
 	var bar *progressbar.ProgressBar

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -596,6 +598,31 @@ func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "cancel") {
 		t.Errorf("the CLI did not say it cancelled: %s", stderr.String())
+	}
+
+	// an image pull begun with --no-wait, held up by its registry, is
+	// cancelled with banger op cancel and leaves no work directory
+	reg := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		<-r.Context().Done()
+	}))
+	defer reg.Close()
+	out := mustBanger(t, h, "image", "pull", "--insecure", "--no-wait", strings.TrimPrefix(reg.URL, "http://")+"/stuck/x:v1")
+	opID := regexp.MustCompile(`op-[0-9a-f]+`).FindString(out)
+	if opID == "" || !strings.Contains(out, "banger op cancel") {
+		t.Fatalf("pull --no-wait: %q", out)
+	}
+	if out := mustBanger(t, h, "op", "cancel", opID); !strings.Contains(out, "cancelling image operation") {
+		t.Fatalf("op cancel: %q", out)
+	}
+	waitFor(t, 10*time.Second, "the cancelled pull to finish", func() bool {
+		out, _, _ := banger(t, h, "op", "cancel", opID)
+		return strings.Contains(out, "already finished")
+	})
+	if m, _ := filepath.Glob(filepath.Join(h, "images", ".tmp-*")); len(m) > 0 {
+		t.Errorf("the cancelled pull left %v", m)
 	}
 
 	// a create failing at the agent wait leaves nothing, keeps its console log
