@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/agent/sshd"
 )
@@ -36,7 +37,7 @@ func TestDispatchBulkKey(t *testing.T) {
 	key := bytes.Repeat([]byte{5}, bulk.KeySize)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	d := newDispatchListener(ctx, l, key, srv, log)
+	d := newDispatchListener(ctx, l, newBulkKey(key), srv, log)
 	defer d.Close()
 
 	zero := func(k []byte) (int64, error) {
@@ -60,7 +61,7 @@ func TestDispatchBulkKey(t *testing.T) {
 	}
 	// an agent booted without a key refuses every bulk stream
 	l2, _ := net.Listen("unix", t.TempDir()+"/s2")
-	d2 := newDispatchListener(ctx, l2, nil, srv, log)
+	d2 := newDispatchListener(ctx, l2, newBulkKey(nil), srv, log)
 	defer d2.Close()
 	c, _ := net.Dial("unix", l2.Addr().String())
 	c.SetDeadline(time.Now().Add(10 * time.Second))
@@ -85,5 +86,69 @@ func TestDispatchBulkKey(t *testing.T) {
 	buf := make([]byte, 14)
 	if _, err := io.ReadFull(sc, buf); err != nil || string(buf) != "SSH-2.0-test\r\n" {
 		t.Fatalf("ssh stream: %q %v", buf, err)
+	}
+}
+
+// TestReidentifyReplacesBulkKey: a clone restored from a snapshot starts
+// with its source's bulk key in memory; the reidentify that carries its own
+// key makes bulk streams with the source's key fail and the clone's work.
+// A key of the wrong size refuses the whole request before anything applies.
+func TestReidentifyReplacesBulkKey(t *testing.T) {
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	signer, _ := ssh.NewSignerFromKey(priv)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv, err := sshd.New(sshd.Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	source, clone := bytes.Repeat([]byte{1}, bulk.KeySize), bytes.Repeat([]byte{2}, bulk.KeySize)
+	keys := newBulkKey(source)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d := newDispatchListener(ctx, l, keys, srv, log)
+	defer d.Close()
+	hello := func(k []byte) error {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		return bulk.Hello(c, k)
+	}
+	applied := 0
+	on := keys.onReidentify(func(api.Reidentify) error { applied++; return nil })
+	for _, bad := range [][]byte{{}, make([]byte, bulk.KeySize-1), make([]byte, bulk.KeySize+1)} {
+		if err := on(api.Reidentify{Hostname: "x", BulkKey: bad}); err == nil {
+			t.Errorf("a %d-byte bulk key was accepted", len(bad))
+		}
+	}
+	if applied != 0 {
+		t.Fatalf("a request with a bad bulk key was applied %d times", applied)
+	}
+	if err := hello(source); err != nil {
+		t.Fatalf("source key before reidentify: %v", err)
+	}
+	// a rename (no key) keeps the key
+	if err := on(api.Reidentify{Hostname: "x"}); err != nil || hello(source) != nil {
+		t.Fatalf("a reidentify without a key changed the key (%v)", err)
+	}
+	if err := on(api.Reidentify{Hostname: "x", BulkKey: clone}); err != nil {
+		t.Fatal(err)
+	}
+	if err := hello(source); err == nil {
+		t.Error("the source's bulk key still works after reidentify")
+	}
+	if err := hello(clone); err != nil {
+		t.Errorf("the clone's bulk key: %v", err)
+	}
+	// a failed reidentify leaves the key alone
+	failing := keys.onReidentify(func(api.Reidentify) error { return io.ErrUnexpectedEOF })
+	if err := failing(api.Reidentify{BulkKey: source}); err == nil || hello(clone) != nil {
+		t.Errorf("a failed reidentify replaced the key (%v)", err)
 	}
 }

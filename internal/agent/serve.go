@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -60,7 +62,8 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 	}
 	sc.Reaper = r
 	sc.OnShutdown = onShutdown
-	sc.OnReidentify = func(p api.Reidentify) error { return reidentify("/", p, log) }
+	keys := newBulkKey(cfg.BulkKey)
+	sc.OnReidentify = keys.onReidentify(func(p api.Reidentify) error { return reidentify("/", p, log) })
 	sc.Logger = log
 	srv, err := sshd.New(sc)
 	if err != nil {
@@ -71,7 +74,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 		if err != nil {
 			return err
 		}
-		err = srv.Serve(ctx, newDispatchListener(ctx, l, cfg.BulkKey, srv, log))
+		err = srv.Serve(ctx, newDispatchListener(ctx, l, keys, srv, log))
 		l.Close()
 		if ctx.Err() != nil {
 			return nil
@@ -101,7 +104,38 @@ type dispatchListener struct {
 	errc  chan error
 }
 
-func newDispatchListener(ctx context.Context, l net.Listener, key []byte, srv *sshd.Server, log *slog.Logger) *dispatchListener {
+// bulkKey is the key bulk streams must present: the boot config's, until a
+// reidentify gives a clone its own.
+type bulkKey struct{ p atomic.Pointer[[]byte] }
+
+func newBulkKey(k []byte) *bulkKey {
+	b := &bulkKey{}
+	b.p.Store(&k)
+	return b
+}
+
+func (b *bulkKey) get() []byte { return *b.p.Load() }
+
+// onReidentify wraps apply (the rest of a reidentify) so that a request
+// carrying a bulk key replaces this one once apply succeeded. A key of the
+// wrong size refuses the request before anything is applied.
+func (b *bulkKey) onReidentify(apply func(api.Reidentify) error) func(api.Reidentify) error {
+	return func(p api.Reidentify) error {
+		if p.BulkKey != nil && len(p.BulkKey) != bulk.KeySize {
+			return fmt.Errorf("bulk key has %d bytes, want %d", len(p.BulkKey), bulk.KeySize)
+		}
+		if err := apply(p); err != nil {
+			return err
+		}
+		if p.BulkKey != nil {
+			k := bytes.Clone(p.BulkKey)
+			b.p.Store(&k)
+		}
+		return nil
+	}
+}
+
+func newDispatchListener(ctx context.Context, l net.Listener, keys *bulkKey, srv *sshd.Server, log *slog.Logger) *dispatchListener {
 	d := &dispatchListener{Listener: l, ctx: ctx, conns: make(chan net.Conn), errc: make(chan error, 1)}
 	go func() {
 		for {
@@ -120,7 +154,7 @@ func newDispatchListener(ctx context.Context, l net.Listener, key []byte, srv *s
 					}
 					return
 				}
-				if err := bulk.Accept(pc, key, classifyWait); err != nil {
+				if err := bulk.Accept(pc, keys.get(), classifyWait); err != nil {
 					log.Warn("bulk stream refused", "error", err)
 					return
 				}

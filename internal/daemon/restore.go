@@ -128,7 +128,7 @@ func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 	}
 	p := agentapi.Reidentify{
 		Hostname: env.Boot.Hostname, HostKey: env.Boot.HostKey, MachineID: newMachineID(),
-		RNGSeed: seed, TimeUnixNano: time.Now().UnixNano(),
+		RNGSeed: seed, TimeUnixNano: time.Now().UnixNano(), BulkKey: env.Boot.BulkKey,
 	}
 	if n := env.Boot.Network; n != nil {
 		p.Network = &agentapi.ReidentifyNetwork{FromMAC: rs.src.MAC, MAC: n.MAC, Address: n.Address, Gateway: n.Gateway, DNS: n.DNS}

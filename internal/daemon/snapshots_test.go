@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -288,6 +289,11 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 			t.Errorf("machine-id %s given twice", c.p.MachineID)
 		}
 		seen[c.p.MachineID] = true
+		// the clone's bulk key, not the source's that its memory holds
+		srcBulk, _ := bulkKey(ts.vmDir(src.ID))
+		if bk, err := bulkKey(ts.vmDir(clone.ID)); err != nil || !bytes.Equal(c.p.BulkKey, bk) || bytes.Equal(bk, srcBulk) {
+			t.Errorf("clone %d was given bulk key %x, its own is %x (%v), the source's %x", i, c.p.BulkKey, bk, err, srcBulk)
+		}
 		got, _ := ts.st.GetVM(ctx, clone.ID)
 		if got.State != store.StateRunning || got.MemoryMiB != src.MemoryMiB || got.ImageID != src.ImageID {
 			t.Errorf("clone %d record %+v", i, got)

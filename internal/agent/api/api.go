@@ -45,6 +45,10 @@ type Reidentify struct {
 	// Network, when set, replaces the interface's MAC, address, gateway and
 	// DNS (the interface is found by its current MAC, FromMAC).
 	Network *ReidentifyNetwork `json:"network,omitempty"`
+	// BulkKey, when set, replaces the key bulk streams must present (the
+	// clone's own, from its start; a clone restored with its source's
+	// memory would otherwise accept only its source's).
+	BulkKey []byte `json:"bulk_key,omitempty"`
 }
 
 // ReidentifyNetwork is a clone's network identity.
