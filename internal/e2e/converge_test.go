@@ -178,6 +178,27 @@ func newFCRig(t *testing.T) *fcRig {
 	return r
 }
 
+// home is a fresh home whose config lets the fake firecracker run where
+// /dev/kvm is missing or not the user's (it needs no KVM); extra is more
+// JSON members for config.json.
+func (r *fcRig) home(t *testing.T, extra string) string {
+	t.Helper()
+	h := home(t)
+	writeFakeFCConfig(t, h, extra)
+	return h
+}
+
+func writeFakeFCConfig(t *testing.T, h, extra string) {
+	t.Helper()
+	cfg := `{"firecracker_kvm_device": "/dev/null"`
+	if extra != "" {
+		cfg += ", " + extra
+	}
+	if err := os.WriteFile(filepath.Join(h, "config.json"), []byte(cfg+"}"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // importArtifacts imports the kernel and the image into home h.
 func (r *fcRig) importArtifacts(t *testing.T, h string) {
 	t.Helper()
@@ -416,7 +437,7 @@ func TestFaultInjectionConverges(t *testing.T) {
 		row := faultRow{point: point}
 		for round := 0; round < rounds; round++ {
 			t.Run(fmt.Sprintf("%s/%d", point, round), func(t *testing.T) {
-				h := home(t)
+				h := rig.home(t, "")
 				d := startFaultDaemon(t, h, "", rig.env)
 				rig.importArtifacts(t, h)
 				mustBanger(t, h, "vm", "create", "base", "--memory", "128M", "--disk", "64M")
@@ -489,7 +510,7 @@ func bangerCtx(t *testing.T, h string, d time.Duration, args ...string) (string,
 // an answer (no deadlock) and leave bangerd consistent.
 func TestConcurrentOpsNoDeadlock(t *testing.T) {
 	rig := newFCRig(t)
-	h := home(t)
+	h := rig.home(t, "")
 	startDaemon(t, h, rig.env...)
 	rig.importArtifacts(t, h)
 	mustBanger(t, h, "vm", "create", "one", "--memory", "128M", "--disk", "64M")
@@ -568,8 +589,7 @@ func startDaemonDefaultLevel(t *testing.T, h string, env ...string) *daemonProc 
 // leaves a VM that deletes without --force.
 func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	rig := newFCRig(t)
-	h := home(t)
-	os.WriteFile(filepath.Join(h, "config.json"), []byte(`{"boot_timeout": "4s"}`), 0o600)
+	h := rig.home(t, `"boot_timeout": "4s"`)
 	d := startDaemonDefaultLevel(t, h, rig.env...)
 	rig.importArtifacts(t, h)
 
@@ -735,8 +755,7 @@ func TestFiftyFreshHomesAsNobody(t *testing.T) {
 		k, r := copyIntoHome(t, h, vmlinux), copyIntoHome(t, h, rootfs)
 		os.Chown(k, nobodyUID, nobodyUID)
 		os.Chown(r, nobodyUID, nobodyUID)
-		// the fake firecracker needs no KVM; a user's would be in the kvm group
-		os.WriteFile(filepath.Join(h, "config.json"), []byte(`{"firecracker_kvm_device": "/dev/null"}`), 0o600)
+		writeFakeFCConfig(t, h, "")
 		chownTree(t, h, nobodyUID)
 		homes[i] = &nobodyHome{h: h, kernel: k, rootfs: r, logs: &lockedBuf{}}
 	}
