@@ -82,6 +82,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := srv.Shutdown(sctx); err != nil {
 		d.log.Warn("in-flight requests did not finish before the shutdown deadline", "error", err.Error())
 	}
+	// Creates and image operations run on after their requests; they are
+	// cancelled and undone rather than cut off half-way (a debootstrap would
+	// be left running with proc mounted in its work directory).
+	d.cancelRunningOps(sctx)
 	os.Remove(cfg.Layout.Socket())
 	return nil
 }

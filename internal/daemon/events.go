@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -102,6 +103,61 @@ func (d *Daemon) registerEventsAPI() {
 			}
 			return api.OpCancelResult{}, rpc.Errorf(rpc.CodeNotFound, "no create or image operation %q is known (finished ones are forgotten after a while)", p.OpID)
 		}))
+}
+
+// errShutdown is the cause given to operations cancelled by a stopping bangerd.
+var errShutdown = errors.New("bangerd is shutting down")
+
+// cancelRunningOps cancels every create and image operation still running
+// and waits (until ctx ends) for them to finish undoing what they made.
+func (d *Daemon) cancelRunningOps(ctx context.Context) {
+	var dones []<-chan struct{}
+	if d.vms != nil {
+		d.vms.mu.Lock()
+		for _, op := range d.vms.creates {
+			select {
+			case <-op.done:
+				continue
+			default:
+			}
+			if op.cancel != nil {
+				op.cancel(errShutdown)
+			}
+			dones = append(dones, op.done)
+		}
+		d.vms.mu.Unlock()
+	}
+	imageOps.Lock()
+	var running []*imageOp
+	for _, op := range imageOps.m {
+		op.mu.Lock()
+		if !op.status.Done && op.cancel != nil {
+			op.cancel(errShutdown)
+			running = append(running, op)
+		}
+		op.mu.Unlock()
+	}
+	imageOps.Unlock()
+	if len(dones)+len(running) == 0 {
+		return
+	}
+	d.log.InfoContext(ctx, "cancelling operations still running", "creates", len(dones), "image_operations", len(running))
+	for _, done := range dones {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return
+		}
+	}
+	for _, op := range running {
+		for !op.snapshot().Done {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
 }
 
 // streamEvents writes past, then each event from ch, as JSON lines until

@@ -313,8 +313,9 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 		progress(st.name, false, nil)
 		t0 := time.Now()
 		err := st.run(ctx, r)
-		if err == nil && ctx.Err() != nil {
-			err = fmt.Errorf("cancelled: %w", context.Cause(ctx))
+		if ctx.Err() != nil {
+			// say why (op.cancel, shutdown) rather than "context canceled"
+			err = fmt.Errorf("cancelled during %s: %w", st.name, context.Cause(ctx))
 		}
 		progress(st.name, true, err)
 		lvl := slog.LevelDebug

@@ -758,3 +758,36 @@ func TestEventsCarryOpIDAndReason(t *testing.T) {
 		t.Fatalf("recent events: %+v", past)
 	}
 }
+
+// A stopping bangerd cancels a create still running and waits for its undo.
+func TestShutdownCancelsRunningCreate(t *testing.T) {
+	ts := newTestSvc(t)
+	ts.ping = errBlock
+	ctx := logging.WithOpID(context.Background(), "op-shut-1")
+	vm := ts.newVM(t, "sh", store.StateCreating)
+	op := &createOp{status: api.CreateStatus{OpID: "op-shut-1"}, done: make(chan struct{})}
+	ts.mu.Lock()
+	ts.creates["op-shut-1"] = op
+	ts.mu.Unlock()
+	ts.goCreate(ctx, vm, op, nil, "")
+	deadline := time.Now().Add(5 * time.Second)
+	for ts.runtime(vm.ID) == nil && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	d := &Daemon{vms: ts.vmService, log: logging.Discard()}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d.cancelRunningOps(sctx)
+	select {
+	case <-op.done:
+	default:
+		t.Fatal("shutdown returned before the create finished undoing")
+	}
+	if st := op.snapshot(); !strings.Contains(st.Error, "shutting down") {
+		t.Fatalf("status: %+v", st)
+	}
+	ts.assertClean(t, vm)
+	if _, err := ts.st.GetVM(ctx, vm.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("record left: %v", err)
+	}
+}
