@@ -32,6 +32,10 @@ const (
 	maxRefs        = 1 << 20  // refs, loose and packed
 	maxRefDepth    = 64       // directory levels under refs/
 	maxLooseHeader = 32       // bytes of a loose object's header inflated to check it
+	// looseCheckBytes is how much of a file check sees: a zlib stream with
+	// dynamic Huffman codes (a tree of a large directory) carries up to
+	// ~300 bytes of code tables before its first inflated byte.
+	looseCheckBytes = 1024
 )
 
 // guestRepo is a guest repository imported into a repository the host made.
@@ -329,7 +333,7 @@ func (im *importer) copyFile(rel string, check func([]byte) error) error {
 	}
 	defer f.Close()
 	br := bufio.NewReaderSize(f, 64<<10)
-	head, _ := br.Peek(64)
+	head, _ := br.Peek(looseCheckBytes)
 	if err := check(head); err != nil {
 		return refused(rel, err.Error())
 	}

@@ -2,6 +2,9 @@ package workspace
 
 import (
 	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -255,5 +258,32 @@ func TestPullSharedClone(t *testing.T) {
 	st, err := GetStatus(ctx, LocalFS{}, g, r, "w", t.TempDir())
 	if err != nil || st.NotInHost != 0 || !st.BranchMatches {
 		t.Errorf("status %+v %v", st, err)
+	}
+}
+
+// git compresses the tree of a directory of 100 files with dynamic Huffman
+// codes: their tables come before the first inflated byte, so the check must
+// see more than a few dozen compressed bytes (64 were too few: pulls of such
+// repositories were refused as "not a git object").
+func TestCheckLooseLargeTree(t *testing.T) {
+	r := t.TempDir()
+	run(t, r, "init", "-q")
+	rnd := make([]byte, 32)
+	for i := 0; i < 100; i++ {
+		rand.Read(rnd)
+		write(t, filepath.Join(r, "d", fmt.Sprintf("f%03d.txt", i)), fmt.Sprintf("%x\n", rnd), 0o644)
+	}
+	run(t, r, "add", "-A")
+	run(t, r, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "x")
+	tree := strings.TrimSpace(run(t, r, "rev-parse", "HEAD:d"))
+	f, err := os.Open(filepath.Join(r, ".git", "objects", tree[:2], tree[2:]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	head := make([]byte, looseCheckBytes)
+	n, _ := io.ReadFull(f, head)
+	if err := checkLoose(head[:n]); err != nil {
+		t.Fatalf("git's own tree object is refused: %v", err)
 	}
 }
