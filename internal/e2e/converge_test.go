@@ -589,7 +589,7 @@ func startDaemonDefaultLevel(t *testing.T, h string, env ...string) *daemonProc 
 // leaves a VM that deletes without --force.
 func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	rig := newFCRig(t)
-	h := rig.home(t, `"boot_timeout": "4s"`)
+	h := rig.home(t, `"boot_timeout": "10s"`) // long enough that Ctrl-C lands during the agent wait on a loaded machine
 	d := startDaemonDefaultLevel(t, h, rig.env...)
 	rig.importArtifacts(t, h)
 
