@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/bangerdev/banger/internal/testenv"
 	"io"
 	"os"
 	"os/exec"
@@ -88,7 +89,14 @@ func home(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(d) })
+	t.Cleanup(func() {
+		// VMMs outlive bangerd by design: end those this home started
+		// before removing it, or they run on with their home gone.
+		if _, err := testenv.KillVMMsUnder(d); err != nil {
+			t.Error(err)
+		}
+		os.RemoveAll(d)
+	})
 	return d
 }
 

@@ -105,7 +105,14 @@ func StartBangerd(t testing.TB, extraEnv ...string) *Bangerd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(h) })
+	t.Cleanup(func() {
+		// VMMs outlive bangerd by design: end those this home started
+		// before removing it, or they run on with their home gone.
+		if _, err := KillVMMsUnder(h); err != nil {
+			t.Error(err)
+		}
+		os.RemoveAll(h)
+	})
 	cmd := exec.Command(bin, "--debug")
 	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h, "BANGER_AGENT="+agent), extraEnv...)
 	b := &Bangerd{Home: h, Socket: filepath.Join(h, "run", "bangerd.sock"), cmd: cmd, logs: &lockedBuffer{}, done: make(chan struct{})}
