@@ -280,6 +280,10 @@ func (b *bench) table(md bool) string {
 		if r.Error != "" {
 			note = "ERROR: " + r.Error
 		}
+		note = strings.Join(strings.Fields(note), " ")
+		if len(note) > 300 {
+			note = note[:300] + "… (see the JSON)"
+		}
 		if md {
 			note = strings.ReplaceAll(note, "|", `\|`)
 		}
