@@ -29,7 +29,10 @@ type VM struct {
 	MAC       string `json:"mac,omitempty"`
 	Tap       string `json:"tap,omitempty"`
 	Workspace string `json:"workspace,omitempty"`
-	LastError string `json:"last_error,omitempty"`
+	// WorkspaceDest is where the last `workspace push` put the workspace in
+	// the guest; pull and status use it when not told otherwise.
+	WorkspaceDest string `json:"workspace_dest,omitempty"`
+	LastError     string `json:"last_error,omitempty"`
 	// Paused: running, with its vCPUs stopped (vm pause); not stored.
 	Paused bool `json:"paused,omitempty"`
 	// Pool: an unclaimed VM of the ready pool (vm ls --all shows them).
@@ -162,6 +165,8 @@ type BulkParams struct {
 	// runs one workspace operation per VM at a time (others wait). Stop and
 	// delete do not wait for it: they end the stream.
 	Workspace bool `json:"workspace,omitempty"`
+	// Dest (with Workspace) is recorded as the VM's WorkspaceDest.
+	Dest string `json:"dest,omitempty"`
 }
 
 // BulkResult is vm.bulk's result; the connection then carries a bulk

@@ -75,10 +75,13 @@ func (c *Client) WorkspacePush(ctx context.Context, vm, dir string, o PushOption
 	return dest, nil
 }
 
-// WorkspacePull brings a VM's workspace at dest (default WorkspaceDest(repo))
+// WorkspacePull brings a VM's workspace at dest (default: where its last push went, else WorkspaceDest(repo))
 // back into the host repository repo as branch banger/<vm>: the guest's HEAD
 // plus one commit of its uncommitted changes. vmName names the branch.
 func (c *Client) WorkspacePull(ctx context.Context, vm, vmName, repo, dest string) (*PullResult, error) {
+	if dest == "" {
+		dest = c.recordedDest(ctx, vm)
+	}
 	if dest == "" {
 		dest = workspace.DefaultDest(repo)
 	}
@@ -99,6 +102,9 @@ func (c *Client) WorkspacePull(ctx context.Context, vm, vmName, repo, dest strin
 // host repository.
 func (c *Client) GetWorkspaceStatus(ctx context.Context, vm, vmName, repo, dest string) (*WorkspaceStatus, error) {
 	if dest == "" {
+		dest = c.recordedDest(ctx, vm)
+	}
+	if dest == "" {
 		dest = workspace.DefaultDest(repo)
 	}
 	g, err := c.OpenFS(ctx, vm)
@@ -112,4 +118,13 @@ func (c *Client) GetWorkspaceStatus(ctx context.Context, vm, vmName, repo, dest 
 	}
 	defer os.RemoveAll(tmp)
 	return workspace.GetStatus(ctx, g, dest, repo, vmName, tmp)
+}
+
+// recordedDest is where the VM's last workspace push went ("" if unknown).
+func (c *Client) recordedDest(ctx context.Context, vm string) string {
+	v, err := c.GetVM(ctx, vm)
+	if err != nil {
+		return ""
+	}
+	return v.WorkspaceDest
 }

@@ -153,6 +153,9 @@ func (a *App) workspaceCommand() *cobra.Command {
 				return err
 			}
 			if pullDest == "" {
+				pullDest = v.WorkspaceDest // where the last push put it
+			}
+			if pullDest == "" {
 				pullDest = workspace.DefaultDest(top)
 			}
 			g, done, err := a.guestFS(ctx, args[0])
@@ -181,7 +184,7 @@ func (a *App) workspaceCommand() *cobra.Command {
 		},
 	}
 	pull.Flags().StringVar(&repo, "repo", "", "host repository (default: the VM's --workspace, else .)")
-	pull.Flags().StringVar(&pullDest, "dest", "", "workspace directory in the guest (default /root/<repository name>)")
+	pull.Flags().StringVar(&pullDest, "dest", "", "workspace directory in the guest (default: where the last push put it, else /root/<repository name>)")
 
 	var stRepo, stDest string
 	status := &cobra.Command{
@@ -193,6 +196,9 @@ func (a *App) workspaceCommand() *cobra.Command {
 			v, top, err := a.workspaceRepo(ctx, args[0], stRepo)
 			if err != nil {
 				return err
+			}
+			if stDest == "" {
+				stDest = v.WorkspaceDest
 			}
 			if stDest == "" {
 				stDest = workspace.DefaultDest(top)
@@ -238,7 +244,7 @@ func (a *App) workspaceCommand() *cobra.Command {
 		},
 	}
 	status.Flags().StringVar(&stRepo, "repo", "", "host repository (default: the VM's --workspace, else .)")
-	status.Flags().StringVar(&stDest, "dest", "", "workspace directory in the guest (default /root/<repository name>)")
+	status.Flags().StringVar(&stDest, "dest", "", "workspace directory in the guest (default: where the last push put it, else /root/<repository name>)")
 	ws.AddCommand(push, pull, status)
 	return ws
 }

@@ -514,6 +514,12 @@ func (s *vmService) bulk(ctx context.Context, p api.BulkParams) (*rpc.Upgrade, e
 		if d := time.Since(t0); d > 10*time.Millisecond {
 			s.log.InfoContext(ctx, "waited for the VM's workspace lock", "vm", vm.Name, "ms", d.Milliseconds())
 		}
+		if p.Dest != "" && p.Dest != vm.WorkspaceDest {
+			if err := s.store.SetWorkspaceDest(ctx, vm.ID, p.Dest); err != nil {
+				unlock()
+				return nil, err
+			}
+		}
 	}
 	ok := false
 	defer func() {

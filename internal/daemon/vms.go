@@ -99,6 +99,7 @@ func (rt *runtime) closeBulk() {
 
 // vmStore is the part of the store the VM service uses.
 type vmStore interface {
+	SetWorkspaceDest(ctx context.Context, id, dest string) error
 	FindVM(ctx context.Context, ref string) (*store.VM, error)
 	GetVM(ctx context.Context, id string) (*store.VM, error)
 	ListVMs(ctx context.Context) ([]*store.VM, error)

@@ -245,6 +245,17 @@ func TestWorkspaceSyncRealGuest(t *testing.T) {
 	}
 	t.Logf("MEASURE workspace push of %d files: %v; re-push after one change: %v (CLI wall time)", 205, d1.Round(time.Millisecond), d2.Round(time.Millisecond))
 
+	// --dest is recorded per VM: status and pull find /root/ws themselves.
+	if v := showVM(t, h, vmName); !strings.Contains(mustBanger(t, h, "vm", "show", vmName, "-o", "json"), `"workspace_dest": "/root/ws"`) && !strings.Contains(mustBanger(t, h, "vm", "show", vmName, "-o", "json"), `"workspace_dest":"/root/ws"`) {
+		t.Fatalf("vm show lacks workspace_dest /root/ws: %+v", v)
+	}
+	if out, errOut, code := banger(t, h, "workspace", "status", vmName, "--repo", repo); code != 0 {
+		t.Fatalf("status without --dest: exit %d: %s %s", code, out, errOut)
+	}
+	if out, errOut, code := banger(t, h, "workspace", "pull", vmName, "--repo", repo); code != 0 || !strings.Contains(out, "banger/"+vmName) {
+		t.Fatalf("pull without --dest: exit %d: %s %s", code, out, errOut)
+	}
+
 	// Workspace operations on one VM are serialised by bangerd's lock: two
 	// pushes at once both succeed, the second after the first.
 	randomFile(t, filepath.Join(repo, "big.bin"), 24<<20, 0o644)

@@ -51,7 +51,7 @@ func TestMigrationsIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 		v, _ := s.SchemaVersion(context.Background())
-		if v != 2 {
+		if v != 3 {
 			t.Fatalf("schema version %d", v)
 		}
 		s.Close()
@@ -248,5 +248,35 @@ func TestSnapshotsPinTheirArtifacts(t *testing.T) {
 	}
 	if _, err := s.FindSnapshot(ctx, "snap"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("deleted snapshot found: %v", err)
+	}
+}
+
+// TestWorkspaceDest: recorded by SetWorkspaceDest, read back by every
+// lookup, and not undone by an UpdateVM of a record read before it.
+func TestWorkspaceDest(t *testing.T) {
+	s := openTest(t)
+	seed(t, s)
+	ctx := context.Background()
+	stale, err := s.GetVM(ctx, "aaaa11112222")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetWorkspaceDest(ctx, "aaaa11112222", "/root/ws"); err != nil {
+		t.Fatal(err)
+	}
+	stale.State = StateRunning
+	if err := s.UpdateVM(ctx, stale); err != nil {
+		t.Fatal(err)
+	}
+	v, err := s.FindVM(ctx, "web")
+	if err != nil || v.WorkspaceDest != "/root/ws" || v.State != StateRunning {
+		t.Fatalf("after SetWorkspaceDest and a stale UpdateVM: %+v %v", v, err)
+	}
+	if err := s.SetWorkspaceDest(ctx, "nope", "/x"); err == nil {
+		t.Fatal("SetWorkspaceDest of a missing VM succeeded")
+	}
+	js, err := s.ListVMsJSON(ctx)
+	if err != nil || !strings.Contains(string(js), `"workspace_dest":"/root/ws"`) {
+		t.Fatalf("vm.list JSON lacks workspace_dest: %s %v", js, err)
 	}
 }

@@ -27,7 +27,7 @@ type VM = api.VM
 
 const vmColumns = `v.id, v.name, v.image_id, COALESCE(i.name, ''), v.kernel_id, COALESCE(k.name, ''),
 	v.vcpus, v.memory_mib, v.disk_mib, v.state, v.driver, v.ip, v.mac, v.tap, v.workspace,
-	v.last_error, v.created_at, v.updated_at`
+	v.last_error, v.created_at, v.updated_at, v.workspace_dest`
 
 const vmFrom = ` FROM vms v LEFT JOIN images i ON i.id = v.image_id LEFT JOIN kernels k ON k.id = v.kernel_id`
 
@@ -37,7 +37,7 @@ func scanVM(r scanner) (*VM, error) {
 	var v VM
 	var created, updated string
 	if err := r.Scan(&v.ID, &v.Name, &v.ImageID, &v.Image, &v.KernelID, &v.Kernel, &v.VCPUs, &v.MemoryMiB,
-		&v.DiskMiB, &v.State, &v.Driver, &v.IP, &v.MAC, &v.Tap, &v.Workspace, &v.LastError, &created, &updated); err != nil {
+		&v.DiskMiB, &v.State, &v.Driver, &v.IP, &v.MAC, &v.Tap, &v.Workspace, &v.LastError, &created, &updated, &v.WorkspaceDest); err != nil {
 		return nil, err
 	}
 	v.CreatedAt, v.UpdatedAt = parseTime(created), parseTime(updated)
@@ -71,7 +71,19 @@ func (s *Store) CreateVM(ctx context.Context, v *VM) error {
 	return nil
 }
 
-// UpdateVM writes every mutable field of v (by id) and bumps updated_at.
+// SetWorkspaceDest records where the VM's workspace is in the guest.
+func (s *Store) SetWorkspaceDest(ctx context.Context, id, dest string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE vms SET workspace_dest=? WHERE id=?`, dest, id)
+	if err != nil {
+		return fmt.Errorf("update vm %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errf(ErrNotFound, "vm %s", id)
+	}
+	return nil
+}
+
+// UpdateVM writes every mutable field of v (but not WorkspaceDest) (by id) and bumps updated_at.
 func (s *Store) UpdateVM(ctx context.Context, v *VM) error {
 	v.UpdatedAt = time.Now()
 	res, err := s.db.ExecContext(ctx, `UPDATE vms SET name=?, image_id=?, kernel_id=?, vcpus=?, memory_mib=?, disk_mib=?,
@@ -132,7 +144,7 @@ func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
 const vmJSONObject = `json_object('id', v.id, 'name', v.name, 'image_id', v.image_id, 'image', COALESCE(i.name, ''),
 	'kernel_id', v.kernel_id, 'kernel', COALESCE(k.name, ''), 'vcpus', v.vcpus, 'memory_mib', v.memory_mib,
 	'disk_mib', v.disk_mib, 'state', v.state, 'driver', v.driver, 'ip', v.ip, 'mac', v.mac, 'tap', v.tap,
-	'workspace', v.workspace, 'last_error', v.last_error, 'created_at', v.created_at, 'updated_at', v.updated_at)`
+	'workspace', v.workspace, 'workspace_dest', v.workspace_dest, 'last_error', v.last_error, 'created_at', v.created_at, 'updated_at', v.updated_at)`
 
 // ListVMsJSON returns what json.Marshal of ListVMs would: the JSON array of
 // all VMs, oldest first, built by SQLite in one row. vm.list serves it as is:
