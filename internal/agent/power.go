@@ -26,9 +26,9 @@ const killGrace = 3 * time.Second
 // agent does it itself.
 const initGrace = 90 * time.Second
 
-// powerOff ends the guest. The kernel runs with reboot=k and the VMM exits
-// on a guest reboot (QEMU -no-reboot, Firecracker always), so "power off" is
-// a reboot.
+// powerOff ends the guest. The kernel runs with reboot=t on QEMU microvm and
+// reboot=k on Firecracker, and the VMM exits on a guest reboot (QEMU
+// -no-reboot, Firecracker always), so "power off" is a reboot.
 func powerOff(log *slog.Logger, reason string) {
 	log.Info("powering off", "reason", reason)
 	if os.Getpid() == 1 {
