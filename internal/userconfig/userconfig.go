@@ -29,6 +29,7 @@ type Key struct {
 var Keys = []Key{
 	{"vmm", "VMM driver: auto (firecracker when on PATH, else qemu), qemu or firecracker", true},
 	{"qemu_accel", "QEMU acceleration: auto, kvm or tcg", true},
+	{"firecracker_kvm_device", "the KVM device the firecracker driver checks (default /dev/kvm)", true},
 	{"default_image", "image a VM gets when none is named (default: the newest)", true},
 	{"default_kernel", "kernel a VM gets when none is named (default: the newest)", true},
 	{"boot_timeout", "how long a boot may take until the agent answers, e.g. 90s", true},
