@@ -23,14 +23,7 @@ func TestPublishedPorts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.mu.Lock()
-	op := ts.creates[st.OpID]
-	ts.mu.Unlock()
-	select {
-	case <-op.done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("create did not finish")
-	}
+	ts.waitCreate(t, st.OpID, 30*time.Second)
 	vm, err := ts.st.GetVM(ctx, st.VMID)
 	if err != nil {
 		t.Fatal(err)

@@ -328,14 +328,7 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.mu.Lock()
-	op := ts.creates[st.OpID]
-	ts.mu.Unlock()
-	select {
-	case <-op.done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("create from a snapshot did not finish")
-	}
+	op := ts.waitCreate(t, st.OpID, 10*time.Second)
 	fin := op.snapshot()
 	if fin.Error != "" {
 		t.Fatalf("create from a snapshot: %s", fin.Error)
@@ -380,14 +373,7 @@ func TestRunBaseSnapshot(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ts.mu.Lock()
-		op := ts.creates[st.OpID]
-		ts.mu.Unlock()
-		select {
-		case <-op.done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("create did not finish")
-		}
+		op := ts.waitCreate(t, st.OpID, 10*time.Second)
 		fin := op.snapshot()
 		if fin.Error != "" {
 			t.Fatalf("create %s: %s", name, fin.Error)

@@ -85,14 +85,7 @@ func TestCreateWithTTLRecordsExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.mu.Lock()
-	op := ts.creates[st.OpID]
-	ts.mu.Unlock()
-	select {
-	case <-op.done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("create did not finish")
-	}
+	ts.waitCreate(t, st.OpID, 30*time.Second)
 	at, ok := ts.expiry(st.VMID)
 	if !ok || time.Until(at) < 50*time.Second || time.Until(at) > 61*time.Second {
 		t.Fatalf("expiry %v %v", at, ok)

@@ -320,6 +320,22 @@ func newTestSvc(t *testing.T) *testSvc {
 	return ts
 }
 
+// waitCreate returns the create operation opID once it has finished, failing
+// the test if that takes longer than d.
+func (ts *testSvc) waitCreate(t *testing.T, opID string, d time.Duration) *createOp {
+	t.Helper()
+	op := ts.createOp(opID)
+	if op == nil {
+		t.Fatalf("no create operation %s", opID)
+	}
+	select {
+	case <-op.done:
+	case <-time.After(d):
+		t.Fatalf("create %s did not finish in %v", opID, d)
+	}
+	return op
+}
+
 func (ts *testSvc) newVM(t *testing.T, name, state string) *store.VM {
 	t.Helper()
 	vm := &store.VM{ID: newID(), Name: name, ImageID: "img", KernelID: "k", VCPUs: 1, MemoryMiB: 64, DiskMiB: 64,
