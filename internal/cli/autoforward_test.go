@@ -3,10 +3,6 @@ package cli
 import (
 	"bytes"
 	"context"
-	"log/slog"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -37,13 +33,7 @@ func (l *lockedBuffer) String() string {
 // listens on: the guest chooses them, so their number is capped, however
 // many sockets it reports.
 func TestAutoForwardIsCapped(t *testing.T) {
-	home, err := os.MkdirTemp("", "bgauto")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(home) })
-	t.Setenv("BANGER_HOME", home)
-	os.MkdirAll(filepath.Join(home, "run"), 0o700)
+	home := fakeBangerdHome(t, "bgauto")
 	var ports []api.Port
 	for i := range 300 {
 		ports = append(ports, api.Port{Proto: "tcp", Address: "0.0.0.0", Port: 0, PID: 1, Process: "x"})
@@ -54,17 +44,7 @@ func TestAutoForwardIsCapped(t *testing.T) {
 	rpc.Handle(m, "vm.ports", func(ctx context.Context, p api.VMRef) (api.PortsResult, error) {
 		return api.PortsResult{VM: p.VM, Ports: ports}, nil
 	})
-	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &rpc.Server{Mux: m, Logger: slog.New(slog.DiscardHandler)}
-	go srv.Serve(context.Background(), ln)
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	})
+	serveFakeBangerd(t, home, m)
 
 	out, errOut := &lockedBuffer{}, &lockedBuffer{}
 	a := &App{Stdin: strings.NewReader(""), Stdout: out, Stderr: errOut, output: "json"}

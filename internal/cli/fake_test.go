@@ -23,9 +23,11 @@ type fakeVMs struct {
 	creates []api.CreateParams
 }
 
-func startFakeVMs(t *testing.T, vms ...*api.VM) *fakeVMs {
+// fakeBangerdHome makes a fresh BANGER_HOME (in /tmp: the socket path must
+// fit sun_path) with its run directory, removed when the test ends.
+func fakeBangerdHome(t *testing.T, prefix string) string {
 	t.Helper()
-	home, err := os.MkdirTemp("", "bgfake")
+	home, err := os.MkdirTemp("", prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,6 +36,33 @@ func startFakeVMs(t *testing.T, vms ...*api.VM) *fakeVMs {
 	if err := os.MkdirAll(filepath.Join(home, "run"), 0o700); err != nil {
 		t.Fatal(err)
 	}
+	return home
+}
+
+// serveFakeBangerd serves m as bangerd on home's socket until the test ends.
+func serveFakeBangerd(t *testing.T, home string, m *rpc.Mux) {
+	t.Helper()
+	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &rpc.Server{Mux: m, Logger: slog.New(slog.DiscardHandler)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		sctx, c2 := context.WithTimeout(context.Background(), 5*time.Second)
+		defer c2()
+		srv.Shutdown(sctx)
+		ln.Close()
+		<-done
+	})
+}
+
+func startFakeVMs(t *testing.T, vms ...*api.VM) *fakeVMs {
+	t.Helper()
+	home := fakeBangerdHome(t, "bgfake")
 	f := &fakeVMs{vms: vms}
 	m := rpc.NewMux()
 	rpc.Handle(m, api.MethodPing, func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
@@ -70,22 +99,7 @@ func startFakeVMs(t *testing.T, vms ...*api.VM) *fakeVMs {
 		v := &api.VM{ID: "new" + p.Name, Name: p.Name, State: api.StateRunning, VCPUs: p.VCPUs, MemoryMiB: p.MemoryMiB, DiskMiB: p.DiskMiB}
 		return api.CreateStatus{OpID: "op-fake1", VMID: v.ID, Name: p.Name, Done: true, Stages: []api.Stage{}, VM: v}, nil
 	})
-	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &rpc.Server{Mux: m, Logger: slog.New(slog.DiscardHandler)}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		sctx, c2 := context.WithTimeout(context.Background(), 5*time.Second)
-		defer c2()
-		srv.Shutdown(sctx)
-		ln.Close()
-		<-done
-	})
+	serveFakeBangerd(t, home, m)
 	return f
 }
 

@@ -4,10 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"log/slog"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -32,15 +28,7 @@ const (
 // relaying a hostile guest would.
 func fakeDaemon(t *testing.T) {
 	t.Helper()
-	home, err := os.MkdirTemp("", "bgout")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(home) })
-	t.Setenv("BANGER_HOME", home)
-	if err := os.MkdirAll(filepath.Join(home, "run"), 0o700); err != nil {
-		t.Fatal(err)
-	}
+	home := fakeBangerdHome(t, "bgout")
 	m := rpc.NewMux()
 	rpc.Handle(m, api.MethodPing, func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
 	rpc.Handle(m, "vm.ports", func(ctx context.Context, p api.VMRef) (api.PortsResult, error) {
@@ -56,22 +44,7 @@ func fakeDaemon(t *testing.T) {
 	rpc.Handle(m, "vm.refuse", func(ctx context.Context, p api.VMRef) (struct{}, error) {
 		return struct{}{}, rpc.Errorf(rpc.CodeUnavailable, "list the listening ports of %s: %s", p.VM, hostileError)
 	})
-	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &rpc.Server{Mux: m, Logger: slog.New(slog.DiscardHandler)}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		sctx, c2 := context.WithTimeout(context.Background(), 5*time.Second)
-		defer c2()
-		srv.Shutdown(sctx)
-		ln.Close()
-		<-done
-	})
+	serveFakeBangerd(t, home, m)
 }
 
 func runCLI(t *testing.T, args ...string) (string, string, int) {

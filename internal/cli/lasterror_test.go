@@ -3,10 +3,7 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -24,15 +21,7 @@ const hostileConsoleError = "the guest agent did not answer within 30s; console 
 // whose reason quote a hostile guest's console.
 func fakeDaemonWithFailures(t *testing.T) {
 	t.Helper()
-	home, err := os.MkdirTemp("", "bgerr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(home) })
-	t.Setenv("BANGER_HOME", home)
-	if err := os.MkdirAll(filepath.Join(home, "run"), 0o700); err != nil {
-		t.Fatal(err)
-	}
+	home := fakeBangerdHome(t, "bgerr")
 	vm := api.VM{ID: "0123456789abcdef", Name: "vm1", State: "error", LastError: hostileConsoleError, CreatedAt: time.Now(), UpdatedAt: time.Now()}
 	m := rpc.NewMux()
 	rpc.Handle(m, api.MethodPing, func(ctx context.Context, _ struct{}) (string, error) { return "pong", nil })
@@ -49,17 +38,7 @@ func fakeDaemonWithFailures(t *testing.T) {
 			}
 		}}, nil
 	})
-	ln, err := net.Listen("unix", filepath.Join(home, "run", "bangerd.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &rpc.Server{Mux: m, Logger: slog.New(slog.DiscardHandler)}
-	go srv.Serve(context.Background(), ln)
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	})
+	serveFakeBangerd(t, home, m)
 }
 
 // A VM's last error and an event's reason can quote the guest's console
