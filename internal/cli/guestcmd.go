@@ -13,7 +13,6 @@ import (
 	"golang.org/x/term"
 
 	"github.com/bangerdev/banger/client"
-	"github.com/bangerdev/banger/internal/guestfs"
 	"github.com/bangerdev/banger/internal/termsafe"
 
 	"github.com/bangerdev/banger/api"
@@ -27,12 +26,6 @@ func (a *App) sshTo(ctx context.Context, vm string) (*ssh.Client, error) {
 		return nil, err
 	}
 	return c.SSH(ctx, vm, "")
-}
-
-// runInGuest runs argv (or a login shell when empty) with stdin attached
-// and returns its exit status.
-func (a *App) runInGuest(ctx context.Context, vm string, argv []string, tty bool) (int, error) {
-	return a.execInGuest(ctx, vm, argv, client.ExecOptions{TTY: tty}, true)
 }
 
 // execInGuest runs argv with o, wiring the App's stdio (stdin only when
@@ -90,9 +83,6 @@ func (a *App) execInGuest(ctx context.Context, vm string, argv []string, o clien
 	// SIGINT/SIGTERM must not hang it up.
 	return c.Exec(context.WithoutCancel(ctx), vm, argv, o)
 }
-
-// shellJoin quotes argv for the guest's shell.
-func shellJoin(argv []string) string { return guestfs.ShellJoin(argv) }
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {

@@ -35,17 +35,6 @@ func (c *cleanup) add(name string, fn func(context.Context) error) {
 	c.steps = append(c.steps, cleanupStep{name, fn})
 }
 
-// pending returns the names of the undos not yet run, oldest first.
-func (c *cleanup) pending() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := make([]string, len(c.steps))
-	for i, s := range c.steps {
-		out[i] = s.name
-	}
-	return out
-}
-
 // run runs every registered undo not yet run, newest first, and returns the
 // joined errors. An undo added while run is running is run too. Concurrent
 // calls never run one undo twice.

@@ -212,7 +212,7 @@ func TestRunBaseSnapshotRealGuest(t *testing.T) {
 			t.Log(l)
 		}
 	}
-	out, errOut, code = banger(t, h, append([]string{"run", "--cold"}, append(args[1:], "third", "--", "hostname")...)...)
+	_, errOut, code = banger(t, h, append([]string{"run", "--cold"}, append(args[1:], "third", "--", "hostname")...)...)
 	if code != 0 || strings.Contains(errOut, "restore") {
 		t.Errorf("--cold: exit %d\n%s", code, errOut)
 	}

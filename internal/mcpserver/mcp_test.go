@@ -178,7 +178,7 @@ func TestMCPRealGuest(t *testing.T) {
 	if res.IsError || out["content"] != "written by mcp\n" || out["encoding"] != "utf-8" {
 		t.Fatalf("read_file: %s %v", text(res), out)
 	}
-	res, out = call(t, cs, "write_file", map[string]any{"vm": "agent1", "path": "/root/bin.dat", "content": "AP8A/w==", "encoding": "base64"})
+	res, _ = call(t, cs, "write_file", map[string]any{"vm": "agent1", "path": "/root/bin.dat", "content": "AP8A/w==", "encoding": "base64"})
 	if res.IsError {
 		t.Fatalf("write_file base64: %s", text(res))
 	}

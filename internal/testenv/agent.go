@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -47,12 +46,10 @@ func RepoRoot(t testing.TB) string {
 	return root
 }
 
+// goTool finds the go command (go test puts its own GOROOT/bin first in PATH).
 func goTool() (string, error) {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p, nil
-	}
-	p := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(p); err != nil {
+	p, err := exec.LookPath("go")
+	if err != nil {
 		return "", errors.New("the go command is not in PATH")
 	}
 	return p, nil

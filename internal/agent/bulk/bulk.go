@@ -266,13 +266,12 @@ func WriteOpen(w io.Writer, o Open) error {
 
 // queue is a bounded byte queue: Write blocks while it holds max bytes.
 type queue struct {
-	mu     sync.Mutex
-	cond   *sync.Cond
-	buf    []byte
-	max    int
-	eof    bool  // no more writes; reads drain then see io.EOF
-	err    error // closed: reads and writes fail with it
-	reader bool
+	mu   sync.Mutex
+	cond *sync.Cond
+	buf  []byte
+	max  int
+	eof  bool  // no more writes; reads drain then see io.EOF
+	err  error // closed: reads and writes fail with it
 }
 
 func newQueue(max int) *queue {

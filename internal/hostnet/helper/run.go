@@ -174,13 +174,6 @@ func Run(ctx context.Context, socket string, cfg Config) error {
 	return nil
 }
 
-func orDefault(s, d string) string {
-	if s == "" {
-		return d
-	}
-	return s
-}
-
 // callerHandler adds the caller's uid (from the context) to every record.
 type callerHandler struct{ slog.Handler }
 
