@@ -24,6 +24,15 @@ var machineIDRe = regexp.MustCompile(`^[0-9a-f]{32}$`)
 // swapped by the server once this returns. root is the guest's root ("/").
 func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 	var errs []error
+	// Each step's duration, logged once at the end (warm-start profiling).
+	var steps []any
+	last := time.Now()
+	step := func(name string) {
+		now := time.Now()
+		steps = append(steps, name, now.Sub(last).Round(100*time.Microsecond).String())
+		last = now
+	}
+	defer func() { log.Info("reidentify steps", steps...) }()
 	if err := seedRNG(p.RNGSeed); err != nil {
 		errs = append(errs, fmt.Errorf("seed the entropy pool: %w", err))
 	} else if err := reseedCRNG(); err != nil {
@@ -32,11 +41,14 @@ func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 		// its next scheduled reseed.
 		errs = append(errs, fmt.Errorf("reseed the kernel RNG: %w", err))
 	}
+	step("rng")
 	if p.TimeUnixNano > 0 {
 		tv := unix.NsecToTimeval(p.TimeUnixNano)
 		if err := unix.Settimeofday(&tv); err != nil {
 			errs = append(errs, fmt.Errorf("set the clock: %w", err))
 		}
+		// the clock jumped: measure the next steps from here
+		last = time.Now()
 	}
 	if p.Hostname != "" {
 		if !validHostname(p.Hostname) {
@@ -48,6 +60,7 @@ func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 		if err := writeHostname(root, p.Hostname); err != nil {
 			errs = append(errs, fmt.Errorf("write /etc/hostname: %w", err))
 		}
+		step("hostname")
 	}
 	if p.MachineID != "" {
 		if !machineIDRe.MatchString(p.MachineID) {
@@ -56,6 +69,7 @@ func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 		if err := replaceFile(filepath.Join(root, "etc", "machine-id"), []byte(p.MachineID+"\n"), 0o444); err != nil {
 			errs = append(errs, fmt.Errorf("write /etc/machine-id: %w", err))
 		}
+		step("machine_id")
 	}
 	if n := p.Network; n != nil {
 		if err := renumber(n, log); err != nil {
@@ -63,6 +77,7 @@ func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 		} else if err := writeResolvConf(root, n.DNS); err != nil {
 			errs = append(errs, fmt.Errorf("write /etc/resolv.conf: %w", err))
 		}
+		step("network")
 	}
 	return errors.Join(errs...)
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/api"
+	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 )
@@ -29,6 +31,13 @@ const (
 	poolsFile         = "pools.json"
 	defaultPoolBudget = 2048 // MiB of guest memory all pool VMs may hold
 	poolRefillEvery   = 10 * time.Second
+	// poolRefillDelay: a claim triggers the refill this much later, so that
+	// restoring the replacement (a QEMU loading its state, then a guest
+	// running cold code under emulation) does not take the CPU from the run
+	// that claimed a VM while its command starts.
+	poolRefillDelay = time.Second
+	// poolWarmTimeout bounds the warm-up exec of a new pool VM.
+	poolWarmTimeout = 30 * time.Second
 )
 
 type readyPool struct {
@@ -312,8 +321,45 @@ func (s *vmService) makePoolVM(ctx context.Context, key string, img *store.Image
 		}
 		return err
 	}
+	s.warmPoolVM(ctx, vm)
 	s.log.InfoContext(ctx, "pool VM ready", "vm", vm.Name, "restored", sn != nil)
 	return nil
+}
+
+// execer is a guest agent client that runs commands.
+type execer interface {
+	Exec(ctx context.Context, cmd []string, stdin io.Reader, stdout, stderr io.Writer, opts guest.ExecOptions) (int, error)
+}
+
+// warmPoolVM runs `true` in a new pool VM and renames it once (to the name
+// it has): a restored QEMU under TCG translates each guest code path the
+// first time it runs, so the claim's rename and the run's first exec (fork,
+// exec, wait, the agent's session code, /etc writes) would otherwise pay
+// for it. A failure only costs the claim that time.
+func (s *vmService) warmPoolVM(ctx context.Context, vm *store.VM) {
+	rt := s.runtime(vm.ID)
+	if rt == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, poolWarmTimeout)
+	defer cancel()
+	began := time.Now()
+	a, err := s.agent(ctx, vm.ID, rt)
+	if err == nil {
+		if ex, ok := a.(execer); ok {
+			_, err = ex.Exec(ctx, []string{"true"}, nil, io.Discard, io.Discard, guest.ExecOptions{})
+		}
+	}
+	if err == nil {
+		if ri, ok := a.(reidentifier); ok {
+			err = ri.Reidentify(ctx, agentapiReidentifyHostname(vm.Name))
+		}
+	}
+	if err != nil {
+		s.log.WarnContext(ctx, "warm up a pool VM", "vm", vm.Name, "error", err.Error())
+		return
+	}
+	s.log.DebugContext(ctx, "pool VM warmed up", "vm", vm.Name, "took", time.Since(began).Round(time.Millisecond))
 }
 
 // claimPool hands a ready pool VM of key to a run: renamed to name, told its
@@ -333,7 +379,7 @@ func (s *vmService) claimPool(ctx context.Context, key, name, workspace string) 
 			continue
 		}
 		if vm != nil {
-			s.pool.trigger()
+			time.AfterFunc(poolRefillDelay, s.pool.trigger)
 			return vm, nil
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -231,6 +232,15 @@ type reidAgent struct {
 type reidLog struct {
 	mu    sync.Mutex
 	calls []reidCall
+	execs [][]string
+}
+
+// Exec records the command (the pool's warm-up).
+func (a *reidAgent) Exec(ctx context.Context, cmd []string, stdin io.Reader, stdout, stderr io.Writer, opts guest.ExecOptions) (int, error) {
+	a.log.mu.Lock()
+	defer a.log.mu.Unlock()
+	a.log.execs = append(a.log.execs, cmd)
+	return 0, nil
 }
 
 type reidCall struct {
@@ -484,8 +494,19 @@ func TestReadyPool(t *testing.T) {
 	}
 	// The second pool VM was restored from the base the first one saved;
 	// the claim only renames.
-	if n := len(rl.calls); n != 2 || rl.calls[n-1].p.Hostname != "job" || rl.calls[n-1].p.HostKey != "" {
+	// Each pool VM was warmed up when it was made (an exec of true and a
+	// rename to its own name), so that the claim runs warm code.
+	if n := len(rl.calls); n != 4 || rl.calls[n-1].p.Hostname != "job" || rl.calls[n-1].p.HostKey != "" {
 		t.Errorf("reidentify calls %+v", rl.calls)
+	}
+	renames := 0
+	for _, c := range rl.calls {
+		if strings.HasPrefix(c.p.Hostname, "pool-") && c.p.HostKey == "" && c.p.MachineID == "" {
+			renames++
+		}
+	}
+	if renames != 2 || len(rl.execs) != 2 || strings.Join(rl.execs[0], " ") != "true" || strings.Join(rl.execs[1], " ") != "true" {
+		t.Errorf("warm-up: %d renames, execs %q", renames, rl.execs)
 	}
 	// A different spec is not served from this pool.
 	st2, err := ts.createBegin(ctx, api.CreateParams{Name: "other", Image: "img", Kernel: "k", MemoryMiB: 512, DiskMiB: 256, Base: true})

@@ -152,10 +152,12 @@ func (c *Client) SSH(ctx context.Context) (*ssh.Client, error) {
 
 // connect dials and authenticates a new SSH connection.
 func (c *Client) connect(ctx context.Context) (*ssh.Client, error) {
+	began := time.Now()
 	nc, err := c.cfg.Dialer.Dial(ctx)
 	if err != nil {
 		return nil, err
 	}
+	dialed := time.Now()
 	deadline := time.Now().Add(defaultHandshakeTimeout)
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 		deadline = dl
@@ -174,6 +176,7 @@ func (c *Client) connect(ctx context.Context) (*ssh.Client, error) {
 		return nil, fmt.Errorf("ssh handshake with the guest agent: %w", explainHandshake(err))
 	}
 	_ = nc.SetDeadline(time.Time{})
+	c.log.DebugContext(ctx, "ssh connection to the guest agent", "dial", dialed.Sub(began).Round(time.Millisecond), "handshake", time.Since(dialed).Round(time.Millisecond))
 	return ssh.NewClient(sc, chans, reqs), nil
 }
 
@@ -351,9 +354,10 @@ func (c *Client) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-// Reidentify gives a clone its own identity (see api.Reidentify). The
-// connection it used is dropped afterwards: the guest's host key changed, so
-// the next connection must be made with the new one pinned.
+// Reidentify gives a clone its own identity (see api.Reidentify). When it
+// carries a host key, the connection it used is dropped afterwards: the
+// guest's host key changed, so the next connection must be made with the
+// new one pinned. A rename keeps the connection.
 func (c *Client) Reidentify(ctx context.Context, p api.Reidentify) error {
 	b, err := json.Marshal(p)
 	if err != nil {
@@ -364,7 +368,9 @@ func (c *Client) Reidentify(ctx context.Context, p api.Reidentify) error {
 		return err
 	}
 	ok, data, err := sendRequest(ctx, conn, api.RequestReidentify, b)
-	c.broken(conn)
+	if p.HostKey != "" || err != nil {
+		c.broken(conn)
+	}
 	if err != nil {
 		return fmt.Errorf("give the clone its identity: %w", err)
 	}

@@ -256,13 +256,14 @@ func (m *serialMux) session(ctx context.Context) (*yamux.Session, error) {
 	}
 	m.mu.Unlock()
 
+	began := time.Now()
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", m.path)
 	if err != nil {
 		return nil, fmt.Errorf("connect to the VM's serial channel %s: %w (is the VM running?)", m.path, err)
 	}
 	br := bufio.NewReader(c)
-	if err := hostHandshake(ctx, c, br); err != nil {
+	if err := hostHandshake(ctx, c, br, api.MuxResendInterval); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -284,7 +285,7 @@ func (m *serialMux) session(ctx context.Context) (*yamux.Session, error) {
 		return nil, ErrClosed
 	}
 	m.sess, m.conn = sess, c
-	m.log.Debug("guest channel session established", "path", m.path)
+	m.log.DebugContext(ctx, "guest channel session established", "path", m.path, "took", time.Since(began).Round(time.Millisecond))
 	return sess, nil
 }
 
@@ -318,8 +319,9 @@ func (m *serialMux) close() error {
 }
 
 // hostHandshake runs the host side of the resynchronisation: resend the
-// preamble until the agent acknowledges our nonce, then send "go".
-func hostHandshake(ctx context.Context, c net.Conn, br *bufio.Reader) error {
+// preamble every resend, and at once whenever the agent says hello, until
+// the agent acknowledges our nonce; then send "go".
+func hostHandshake(ctx context.Context, c net.Conn, br *bufio.Reader, resend time.Duration) error {
 	var nb [8]byte
 	if _, err := rand.Read(nb[:]); err != nil {
 		return err
@@ -339,7 +341,7 @@ func hostHandshake(ctx context.Context, c net.Conn, br *bufio.Reader) error {
 	writeErr := make(chan error, 1)
 	done := make(chan struct{})
 	go func() {
-		t := time.NewTicker(api.MuxResendInterval)
+		t := time.NewTicker(resend)
 		defer t.Stop()
 		for {
 			wmu.Lock()
@@ -381,6 +383,21 @@ func hostHandshake(ctx context.Context, c net.Conn, br *bufio.Reader) error {
 				return fmt.Errorf("the VM closed its serial channel (is the VM running?): %w", err)
 			}
 			return fmt.Errorf("guest channel handshake: %w", err)
+		}
+		if kind == api.MuxHello {
+			// The agent starts a new cycle and waits for a preamble: send
+			// one now rather than at the next tick. A restored clone's
+			// stale session swallows the first preamble, so this saves a
+			// whole MuxResendInterval on every restore.
+			wmu.Lock()
+			if !stopped {
+				_, err = c.Write(api.MuxLine(api.MuxPreamble, nonce))
+			}
+			wmu.Unlock()
+			if err != nil {
+				return fmt.Errorf("guest channel handshake: %w", err)
+			}
+			continue
 		}
 		if kind != api.MuxAck || got != nonce {
 			continue

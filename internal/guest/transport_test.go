@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -218,5 +219,42 @@ func TestNewTransportValidates(t *testing.T) {
 	}
 	if _, err := Dial(context.Background(), vmm.GuestChannel{Kind: vmm.ChannelSerial, Path: "/x"}); err == nil {
 		t.Error("package Dial accepted a serial channel")
+	}
+}
+
+// TestHandshakeAnswersHello: after a restore, the clone's agent is still in
+// its source's yamux session, which swallows the first preamble; the agent
+// then starts over with a hello. The host answers that hello with a
+// preamble at once (the resend interval here is an hour, so the handshake
+// completes only through the hello).
+func TestHandshakeAnswersHello(t *testing.T) {
+	host, guest := net.Pipe()
+	defer host.Close()
+	defer guest.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- hostHandshake(ctx, host, bufio.NewReader(host), time.Hour) }()
+
+	gr := bufio.NewReader(guest)
+	guest.SetDeadline(time.Now().Add(10 * time.Second))
+	if kind, _, err := api.ReadMuxLine(gr); err != nil || kind != api.MuxPreamble {
+		t.Fatalf("first line %q, %v", kind, err)
+	} // swallowed by the stale session
+	if _, err := guest.Write(api.MuxLine(api.MuxHello, "-")); err != nil {
+		t.Fatal(err)
+	}
+	kind, nonce, err := api.ReadMuxLine(gr)
+	if err != nil || kind != api.MuxPreamble {
+		t.Fatalf("after hello: %q, %v (want a preamble at once)", kind, err)
+	}
+	if _, err := guest.Write(api.MuxLine(api.MuxAck, nonce)); err != nil {
+		t.Fatal(err)
+	}
+	if kind, got, err := api.ReadMuxLine(gr); err != nil || kind != api.MuxGo || got != nonce {
+		t.Fatalf("after ack: %q %q, %v", kind, got, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

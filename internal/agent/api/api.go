@@ -111,7 +111,8 @@ const (
 //  1. the agent writes MuxHello (on virtio-serial this write blocks until a
 //     host is connected, which is how the agent waits for one);
 //  2. the host picks a fresh nonce and writes MuxPreamble every
-//     MuxResendInterval until it reads MuxAck with its nonce;
+//     MuxResendInterval, and at once when it reads MuxHello, until it
+//     reads MuxAck with its nonce;
 //  3. the agent answers the first MuxPreamble of each nonce with MuxAck
 //     (repeats of that nonce are ignored; a new nonce starts over);
 //  4. the host stops resending, writes MuxGo with its nonce and starts a
