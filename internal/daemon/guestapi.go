@@ -36,18 +36,27 @@ func (s *vmService) registerGuestAPI(m *rpc.Mux) {
 	rpc.Handle(m, api.MethodVMSSHConfig, s.sshConfig)
 }
 
-// runningAgent resolves ref to a running VM and its agent connection.
-func (s *vmService) runningAgent(ctx context.Context, ref string) (*store.VM, *runtime, guestAgent, error) {
+// runningVM resolves ref to a VM that runs (not paused) and its runtime.
+func (s *vmService) runningVM(ctx context.Context, ref string) (*store.VM, *runtime, error) {
 	vm, err := s.store.FindVM(ctx, ref)
 	if err != nil {
-		return nil, nil, nil, storeErr(err)
+		return nil, nil, storeErr(err)
 	}
 	rt := s.runtime(vm.ID)
 	if rt == nil || vm.State != store.StateRunning {
-		return nil, nil, nil, notRunning(vm)
+		return nil, nil, notRunning(vm)
 	}
 	if rt.paused.Load() {
-		return nil, nil, nil, pausedErr(vm)
+		return nil, nil, pausedErr(vm)
+	}
+	return vm, rt, nil
+}
+
+// runningAgent resolves ref to a running VM and its agent connection.
+func (s *vmService) runningAgent(ctx context.Context, ref string) (*store.VM, *runtime, guestAgent, error) {
+	vm, rt, err := s.runningVM(ctx, ref)
+	if err != nil {
+		return nil, nil, nil, err
 	}
 	a, err := s.agent(ctx, vm.ID, rt)
 	if err != nil {

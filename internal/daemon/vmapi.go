@@ -457,16 +457,9 @@ func (s *vmService) set(ctx context.Context, p api.SetParams) (api.SetResult, er
 
 // connect splices the caller's connection to the guest agent's SSH server.
 func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, error) {
-	vm, err := s.store.FindVM(ctx, p.VM)
+	vm, rt, err := s.runningVM(ctx, p.VM)
 	if err != nil {
-		return nil, storeErr(err)
-	}
-	rt := s.runtime(vm.ID)
-	if rt == nil || vm.State != store.StateRunning {
-		return nil, notRunning(vm)
-	}
-	if rt.paused.Load() {
-		return nil, pausedErr(vm)
+		return nil, err
 	}
 	pub, err := hostKeyPub(s.vmDir(vm.ID))
 	if err != nil {
@@ -490,16 +483,9 @@ func (s *vmService) connect(ctx context.Context, p api.VMRef) (*rpc.Upgrade, err
 // with the VM's bulk key, done here: the client never sees the key) and
 // splices the caller's connection to it.
 func (s *vmService) bulk(ctx context.Context, p api.BulkParams) (*rpc.Upgrade, error) {
-	vm, err := s.store.FindVM(ctx, p.VM)
+	vm, rt, err := s.runningVM(ctx, p.VM)
 	if err != nil {
-		return nil, storeErr(err)
-	}
-	rt := s.runtime(vm.ID)
-	if rt == nil || vm.State != store.StateRunning {
-		return nil, notRunning(vm)
-	}
-	if rt.paused.Load() {
-		return nil, pausedErr(vm)
+		return nil, err
 	}
 	key, err := bulkKey(s.vmDir(vm.ID))
 	if err != nil {
