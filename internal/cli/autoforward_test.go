@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"strings"
 	"sync"
@@ -10,24 +9,8 @@ import (
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/testenv"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // `port-forward --auto` opens host listeners for the ports the guest
 // listens on: the guest chooses them, so their number is capped, however
@@ -46,7 +29,7 @@ func TestAutoForwardIsCapped(t *testing.T) {
 	})
 	serveFakeBangerd(t, home, m)
 
-	out, errOut := &lockedBuffer{}, &lockedBuffer{}
+	out, errOut := &testenv.LockedBuffer{}, &testenv.LockedBuffer{}
 	a := &App{Stdin: strings.NewReader(""), Stdout: out, Stderr: errOut, output: "json"}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -107,17 +107,7 @@ type daemonProc struct {
 	done chan struct{}
 }
 
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-func (l *lockedBuf) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
+type lockedBuf = testenv.LockedBuffer
 
 func startDaemon(t *testing.T, h string, extraEnv ...string) *daemonProc {
 	t.Helper()

@@ -67,22 +67,24 @@ type Bangerd struct {
 	Home   string
 	Socket string
 	cmd    *exec.Cmd
-	logs   *lockedBuffer
+	logs   *LockedBuffer
 	done   chan struct{}
 }
 
-type lockedBuffer struct {
+// LockedBuffer is a bytes.Buffer safe for concurrent writers and readers
+// (a process's stderr written while the test reads it).
+type LockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *LockedBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) String() string {
+func (l *LockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
@@ -115,7 +117,7 @@ func StartBangerd(t testing.TB, extraEnv ...string) *Bangerd {
 	})
 	cmd := exec.Command(bin, "--debug")
 	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h, "BANGER_AGENT="+agent), extraEnv...)
-	b := &Bangerd{Home: h, Socket: filepath.Join(h, "run", "bangerd.sock"), cmd: cmd, logs: &lockedBuffer{}, done: make(chan struct{})}
+	b := &Bangerd{Home: h, Socket: filepath.Join(h, "run", "bangerd.sock"), cmd: cmd, logs: &LockedBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = b.logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
