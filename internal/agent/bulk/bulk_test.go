@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/ssh"
 )
 
 func key(b byte) []byte { return bytes.Repeat([]byte{b}, KeySize) }
@@ -220,4 +222,54 @@ func FuzzChan(f *testing.F) {
 		<-c.Done()
 		c.Close()
 	})
+}
+
+// TestReadManifestHostile plays a guest answering a push: names that are
+// not plain relative paths are dropped (the host never sends or deletes
+// them), an oversized frame or a refusal ends the push, and the manifest
+// is bounded.
+func TestReadManifestHostile(t *testing.T) {
+	var b bytes.Buffer
+	WriteFrame(&b, FrameData, []byte(`[{"p":"../escape","t":"f","w":true},{"p":"/etc/passwd","t":"f","w":true},{"p":"a/../../b","t":"d","w":true},{"p":"","t":"f"},{"p":"ok/file","t":"f","s":3}]`))
+	WriteFrame(&b, FrameEOF, nil)
+	m, err := ReadManifest(&b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m) != 1 || m["ok/file"].S != 3 {
+		t.Fatalf("manifest kept %v, want only ok/file", m)
+	}
+	var big [5]byte
+	big[0] = FrameData
+	binary.BigEndian.PutUint32(big[1:], MaxFrame+1)
+	if _, err := ReadManifest(bytes.NewReader(big[:])); err == nil {
+		t.Fatal("an oversized manifest frame was read")
+	}
+	b.Reset()
+	WriteFrame(&b, FrameData, []byte(`not json`))
+	if _, err := ReadManifest(&b); err == nil {
+		t.Fatal("garbage manifest accepted")
+	}
+	b.Reset()
+	WriteFrame(&b, FrameReply, ssh.Marshal(&Reply{OK: false, Payload: []byte("nope")}))
+	if _, err := ReadManifest(&b); err == nil || !strings.Contains(err.Error(), "nope") {
+		t.Fatalf("refusal: %v", err)
+	}
+	// more than the bound in total
+	defer func(n int) { manifestBytes = n }(manifestBytes)
+	manifestBytes = 4 << 20
+	chunk := []byte(`[` + strings.Repeat(`{"p":"x","t":"f"},`, 40000) + `{"p":"y","t":"f"}]`)
+	pr, pw := io.Pipe()
+	go func() {
+		for range manifestBytes/len(chunk) + 2 {
+			if WriteFrame(pw, FrameData, chunk) != nil {
+				return
+			}
+		}
+		pw.Close()
+	}()
+	if _, err := ReadManifest(pr); err == nil || !strings.Contains(err.Error(), "exceeds") {
+		t.Fatalf("unbounded manifest: %v", err)
+	}
+	pr.Close()
 }

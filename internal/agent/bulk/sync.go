@@ -78,6 +78,9 @@ const (
 	MaxManifestBytes   = 256 << 20
 )
 
+// manifestBytes is MaxManifestBytes (a variable for tests).
+var manifestBytes = MaxManifestBytes
+
 // KeptMode is the part of a mode a push keeps.
 func KeptMode(m fs.FileMode) uint32 {
 	return uint32(m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky))
@@ -447,8 +450,8 @@ func ReadManifest(r io.Reader) (map[string]ManifestEntry, error) {
 		default:
 			return nil, fmt.Errorf("unexpected frame type %d in the guest's manifest", typ)
 		}
-		if total += len(p); total > MaxManifestBytes {
-			return nil, fmt.Errorf("the guest's manifest exceeds %d bytes", MaxManifestBytes)
+		if total += len(p); total > manifestBytes {
+			return nil, fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes)
 		}
 		var batch []ManifestEntry
 		if err := json.Unmarshal(p, &batch); err != nil {
