@@ -164,7 +164,7 @@ func (a *App) createVM(ctx context.Context, p api.CreateParams, noWait bool) (*a
 			if s.Error != "" {
 				mark = "✗"
 			}
-			fmt.Fprintf(a.Stderr, "%s %-16s %6.0f ms\n", mark, s.Name, s.DurationMS)
+			fmt.Fprintf(a.Stderr, "%s %-18s %6.0f ms\n", mark, s.Name, s.DurationMS)
 		}
 	}
 	var v *api.VM
