@@ -85,6 +85,10 @@ func (c *Client) WorkspacePull(ctx context.Context, vm, vmName, repo, dest strin
 	if dest == "" {
 		dest = workspace.DefaultDest(repo)
 	}
+	res, err := c.streamedPull(ctx, vm, vmName, repo, dest)
+	if err == nil || !noBulk(err) {
+		return res, err
+	}
 	g, err := c.OpenFS(ctx, vm)
 	if err != nil {
 		return nil, err

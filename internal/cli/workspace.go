@@ -158,17 +158,12 @@ func (a *App) workspaceCommand() *cobra.Command {
 			if pullDest == "" {
 				pullDest = workspace.DefaultDest(top)
 			}
-			g, done, err := a.guestFS(ctx, args[0])
+			c, err := a.client(ctx)
 			if err != nil {
 				return err
 			}
-			defer done()
-			tmp, err := os.MkdirTemp("", "banger-pull-")
-			if err != nil {
-				return err
-			}
-			defer os.RemoveAll(tmp)
-			res, err := workspace.Pull(ctx, g, pullDest, top, v.Name, tmp)
+			// One stream from the guest (bulk path), else SFTP.
+			res, err := c.WorkspacePull(ctx, args[0], v.Name, top, pullDest)
 			if err != nil {
 				return err
 			}

@@ -71,6 +71,10 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		if err := sy.Serve(c, r); err != nil {
 			log.Info("workspace push failed", "dest", o.Arg, "error", err)
 		}
+	case bulk.OpPack:
+		if err := bulk.ServePack(c, o.Arg); err != nil {
+			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
+		}
 	default:
 		log.Info("bulk stream refused: unknown operation")
 	}
