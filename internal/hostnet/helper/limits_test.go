@@ -189,8 +189,10 @@ func TestRefusalLogRateLimited(t *testing.T) {
 func TestAdmitCaps(t *testing.T) {
 	l := &limitListener{perUID: 2, total: 4, byUID: map[uint32]int{}}
 	u := Caller{UID: 1000}
-	if l.admit(u) != "" || l.admit(u) != "" {
-		t.Fatal("first two refused")
+	for i := range 2 {
+		if why := l.admit(u); why != "" {
+			t.Fatalf("connection %d of one uid refused: %s", i+1, why)
+		}
 	}
 	if l.admit(u) == "" {
 		t.Fatal("third connection of one uid admitted")
@@ -199,8 +201,10 @@ func TestAdmitCaps(t *testing.T) {
 	if l.admit(u) != "" {
 		t.Fatal("slot not freed")
 	}
-	if l.admit(Caller{UID: 0}) != "" || l.admit(Caller{UID: 0}) != "" {
-		t.Fatal("root capped per uid")
+	for range 2 {
+		if why := l.admit(Caller{UID: 0}); why != "" {
+			t.Fatalf("root capped per uid: %s", why)
+		}
 	}
 	if why := l.admit(Caller{UID: 0}); why == "" || !strings.Contains(why, "maximum") {
 		t.Fatalf("total cap: %q", why)
