@@ -255,10 +255,9 @@ func (a *reidAgent) Reidentify(ctx context.Context, p agentapi.Reidentify) error
 	return nil
 }
 
-func TestForkRestoresAndReidentifies(t *testing.T) {
-	ts := newTestSvc(t)
-	ctx := context.Background()
-	src, _ := runningSnapVM(t, ts, "src")
+// logReidentify makes every agent ts connects to record its reidentify
+// calls (and execs) in the returned log.
+func (ts *testSvc) logReidentify() *reidLog {
 	rl := &reidLog{}
 	base := ts.newAgent
 	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
@@ -268,6 +267,22 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 		}
 		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
 	}
+	return rl
+}
+
+// snapshotCapable gives ts's fake VMMs snapshots and each VM a writable disk.
+func (ts *testSvc) snapshotCapable() {
+	ts.drv.wrap = func(in *fakeInst) vmm.Instance {
+		os.WriteFile(filepath.Join(ts.vmDir(in.h.VMID), rwDiskName), []byte("disk"), 0o600)
+		return &snapInst{fakeInst: in}
+	}
+}
+
+func TestForkRestoresAndReidentifies(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	src, _ := runningSnapVM(t, ts, "src")
+	rl := ts.logReidentify()
 	srcKey, err := hostKeyPub(ts.vmDir(src.ID))
 	if err != nil {
 		t.Fatal(err)
@@ -364,19 +379,8 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 func TestRunBaseSnapshot(t *testing.T) {
 	ts := newTestSvc(t)
 	ctx := context.Background()
-	ts.drv.wrap = func(in *fakeInst) vmm.Instance {
-		os.WriteFile(filepath.Join(ts.vmDir(in.h.VMID), rwDiskName), []byte("disk"), 0o600)
-		return &snapInst{fakeInst: in}
-	}
-	rl := &reidLog{}
-	base := ts.newAgent
-	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
-		a, err := base(tr, hostKey)
-		if err != nil {
-			return nil, err
-		}
-		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
-	}
+	ts.snapshotCapable()
+	rl := ts.logReidentify()
 	create := func(name string) []string {
 		t.Helper()
 		st, err := ts.createBegin(ctx, api.CreateParams{Name: name, Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Base: true})
@@ -445,19 +449,8 @@ func waitForOps(t *testing.T, ts *testSvc) {
 func TestReadyPool(t *testing.T) {
 	ts := newTestSvc(t)
 	ctx := context.Background()
-	ts.drv.wrap = func(in *fakeInst) vmm.Instance {
-		os.WriteFile(filepath.Join(ts.vmDir(in.h.VMID), rwDiskName), []byte("disk"), 0o600)
-		return &snapInst{fakeInst: in}
-	}
-	rl := &reidLog{}
-	base := ts.newAgent
-	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
-		a, err := base(tr, hostKey)
-		if err != nil {
-			return nil, err
-		}
-		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
-	}
+	ts.snapshotCapable()
+	rl := ts.logReidentify()
 	ts.pool = newReadyPool(ts.layout.DataDir, nil, 600)
 	spec := api.PoolSpec{Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Size: 2}
 	if _, err := ts.poolSet(ctx, spec); err != nil {
