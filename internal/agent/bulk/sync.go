@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
@@ -376,11 +377,20 @@ func modeExtra(m uint32) fs.FileMode {
 // next to p and renames it over p (so a running binary is replaced, not
 // rewritten).
 func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
-	f, err := os.CreateTemp(filepath.Dir(p), ".banger-push-*")
+	// A new file is written in place (O_EXCL, no link followed); one that
+	// exists is replaced through a temp file and a rename.
+	var f *os.File
+	tmp := p
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		f, err = os.CreateTemp(filepath.Dir(p), ".banger-push-*")
+		if err == nil {
+			tmp = f.Name()
+		}
+	}
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
 	ok := false
 	defer func() {
 		if !ok {
@@ -417,8 +427,10 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
 	if err := setMTime(tmp, int64(e.MTime)); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, p); err != nil {
-		return err
+	if tmp != p {
+		if err := os.Rename(tmp, p); err != nil {
+			return err
+		}
 	}
 	ok = true
 	return nil
