@@ -400,10 +400,14 @@ func (s *Server) reidentify(req *ssh.Request, log *slog.Logger) {
 	}
 	if hk != nil {
 		s.sshCfg.Store(s.serverConfig(hk))
+	}
+	// Reply before logging: a console line costs milliseconds under
+	// emulation, and the host is waiting on this reply to go on.
+	_ = req.Reply(true, nil)
+	if hk != nil {
 		log.Info("host key replaced by the host", "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
 	}
 	log.Info("identity replaced by the host", "hostname", p.Hostname)
-	_ = req.Reply(true, nil)
 }
 
 // recoverPanic keeps a bug in one handler from taking the whole agent (and
