@@ -3,10 +3,15 @@ package testenv
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -18,8 +23,9 @@ var (
 )
 
 // Command builds ./cmd/<name> of the banger module once per test process
-// and returns the binary's path (in a temporary directory removed when the
-// process's tests end is not guaranteed; it is small and under os.TempDir).
+// and returns the binary's path, in os.TempDir()/banger-test-bin-<pid>-*.
+// A test process cannot remove that directory when its tests end, so each
+// new one sweeps the directories of test processes that are gone.
 func Command(t testing.TB, name string) string {
 	t.Helper()
 	cmdMu.Lock()
@@ -32,7 +38,8 @@ func Command(t testing.TB, name string) string {
 	return m.get(t, func(s *step) string {
 		cmdMu.Lock()
 		if cmdDir == "" {
-			d, err := os.MkdirTemp("", "banger-test-bin-")
+			sweepBinDirs(os.TempDir())
+			d, err := os.MkdirTemp("", fmt.Sprintf("%s%d-", binDirPrefix, os.Getpid()))
 			if err != nil {
 				cmdMu.Unlock()
 				s.Fatalf("temporary directory: %v", err)
@@ -60,6 +67,31 @@ func Command(t testing.TB, name string) string {
 		}
 		return filepath.Join(dir, name)
 	})
+}
+
+const binDirPrefix = "banger-test-bin-"
+
+// sweepBinDirs removes dir's banger-test-bin-<pid>-* directories whose test
+// process no longer exists.
+func sweepBinDirs(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), binDirPrefix)
+		if !ok || !e.IsDir() {
+			continue
+		}
+		pidStr, _, ok := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if !ok || err != nil || pid <= 0 || pid == os.Getpid() {
+			continue
+		}
+		if errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			os.RemoveAll(filepath.Join(dir, e.Name()))
+		}
+	}
 }
 
 // Bangerd is a bangerd a test started in the foreground, on its own home.
