@@ -117,7 +117,7 @@ func TestGrowFilesystemOnline(t *testing.T) {
 		t.Skip("needs root to attach a loop device and mount (runs in CI)")
 	}
 	if !hasCapSysResource(t) {
-		t.Skip("needs CAP_SYS_RESOURCE for EXT4_IOC_RESIZE_FS, which this environment drops (the guest's PID 1 and CI have it)")
+		t.Skip("needs CAP_SYS_RESOURCE for EXT4_IOC_RESIZE_FS, which this sandbox (and CI, on the same kind of machine) drops; e2e TestLifecycleRealGuest covers the same ioctl inside a real guest, whose PID 1 has it")
 	}
 	losetup, err := exec.LookPath("losetup")
 	if err != nil {
