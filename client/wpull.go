@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -111,7 +112,9 @@ func receiveTree(r io.Reader, root string, maxBytes int64, maxEntries int) error
 			if err := hd.Mkdir(e.Rel); err != nil {
 				return err
 			}
-			dirs = append(dirs, dirMeta{e.Rel, fs.FileMode(e.Mode) & fs.ModePerm, mtime})
+			// owner rwx always: the host copy is private, and the pull
+			// moves and removes entries in it
+			dirs = append(dirs, dirMeta{e.Rel, fs.FileMode(e.Mode)&fs.ModePerm | 0o700, mtime})
 		case bulk.PackLink:
 			if err := hd.Symlink(e.Target, e.Rel, false); err != nil {
 				return err
@@ -173,8 +176,9 @@ func receiveFile(r io.Reader, hd *workspace.HostDir, e bulk.SyncEntry, mtime tim
 
 // streamedPull is WorkspacePull over the bulk path: the guest's tree
 // arrives in one stream into a private temp directory (receiveTree), and
-// the workspace package's import-as-data rules run on that copy exactly as
-// on the guest (workspace.Pull with LocalFS).
+// the workspace package's import-as-data rules run on that copy in place
+// (workspace.PullTree: the same checks as on the guest, without copying the
+// tree again).
 func (c *Client) streamedPull(ctx context.Context, vm, vmName, repo, dest string) (*PullResult, error) {
 	tmp, err := os.MkdirTemp("", "banger-pull-")
 	if err != nil {
@@ -182,12 +186,14 @@ func (c *Client) streamedPull(ctx context.Context, vm, vmName, repo, dest string
 	}
 	defer os.RemoveAll(tmp)
 	copyDir := filepath.Join(tmp, "guest")
+	t := time.Now()
 	if err := c.pullStream(ctx, vm, dest, copyDir); err != nil {
 		return nil, err
 	}
+	slog.DebugContext(ctx, "workspace pull phase", "phase", "receive stream", "ms", float64(time.Since(t).Microseconds())/1000)
 	work := filepath.Join(tmp, "work")
 	if err := os.Mkdir(work, 0o700); err != nil {
 		return nil, err
 	}
-	return workspace.Pull(ctx, workspace.LocalFS{}, copyDir, repo, vmName, work)
+	return workspace.PullTree(ctx, copyDir, repo, vmName, work)
 }

@@ -195,7 +195,9 @@ func victimDir(t *testing.T) string {
 
 // TestHostileGuestGit: for every way a guest can dress up its .git, host
 // git runs nothing the guest chose, no host file outside the pull's temp
-// dir changes, and pull and status still bring the guest's work back.
+// dir changes, and pull and status still bring the guest's work back. The
+// same holds for PullTree (a streamed pull's in-place import), run last on
+// the planted workspace itself, which it consumes.
 func TestHostileGuestGit(t *testing.T) {
 	for _, tc := range hostiles {
 		t.Run(tc.name, func(t *testing.T) {
@@ -212,6 +214,7 @@ func TestHostileGuestGit(t *testing.T) {
 
 			st, serr := GetStatus(ctx, LocalFS{}, g, r, "w", t.TempDir())
 			res, perr := Pull(ctx, LocalFS{}, g, r, "w", t.TempDir())
+			res2, perr2 := PullTree(ctx, g, r, "w2", t.TempDir())
 
 			if _, err := os.Lstat(marker); err == nil {
 				t.Error("host git ran a command the guest chose")
@@ -227,13 +230,16 @@ func TestHostileGuestGit(t *testing.T) {
 				t.Error("an object of another host repository reached the host repository")
 			}
 			if tc.pullFails {
-				if perr == nil || serr == nil {
-					t.Errorf("pull (%v) and status (%v) must fail", perr, serr)
+				if perr == nil || serr == nil || perr2 == nil {
+					t.Errorf("pull (%v), PullTree (%v) and status (%v) must fail", perr, perr2, serr)
 				}
 				return
 			}
-			if serr != nil || perr != nil {
-				t.Fatalf("status: %v; pull: %v", serr, perr)
+			if serr != nil || perr != nil || perr2 != nil {
+				t.Fatalf("status: %v; pull: %v; PullTree: %v", serr, perr, perr2)
+			}
+			if t2, t1 := run(t, r, "rev-parse", res2.Commit+"^{tree}"), run(t, r, "rev-parse", res.Commit+"^{tree}"); t2 != t1 || res2.GuestHead != res.GuestHead {
+				t.Errorf("PullTree made tree %s on %s, Pull tree %s on %s", t2, res2.GuestHead, t1, res.GuestHead)
 			}
 			if st.GuestBranch != "main" || st.GuestHead == "" {
 				t.Errorf("status %+v", st)
@@ -241,8 +247,10 @@ func TestHostileGuestGit(t *testing.T) {
 			if b := run(t, r, "show", res.Branch+":README"); b != "guest edit" {
 				t.Errorf("README on %s: %q", res.Branch, b)
 			}
-			if tree := run(t, r, "ls-tree", "-r", res.Branch); strings.Contains(tree, "160000") {
-				t.Errorf("a nested repository became a gitlink:\n%s", tree)
+			for _, br := range []string{res.Branch, res2.Branch} {
+				if tree := run(t, r, "ls-tree", "-r", br); strings.Contains(tree, "160000") {
+					t.Errorf("a nested repository became a gitlink on %s:\n%s", br, tree)
+				}
 			}
 		})
 	}

@@ -99,8 +99,10 @@ func isHex(s string) bool {
 // never opened. borrow, when set, is a host object directory (the host
 // repository's own) the new repository may read objects from, as git's
 // alternates: a host clone made with --reference or --shared pushes a .git
-// without the objects it borrows.
-func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat, borrow string) (*guestRepo, error) {
+// without the objects it borrows. With move, guestGitDir is a private host
+// copy this process owns, and each object file, once checked exactly as a
+// copied one is, is renamed into the new repository instead of copied.
+func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat, borrow string, move bool) (*guestRepo, error) {
 	hl, err := hexLen(objectFormat)
 	if err != nil {
 		return nil, err
@@ -113,7 +115,7 @@ func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat, borrow
 	if _, err := git(ctx, filepath.Dir(into), nil, nil, "init", "-q", "--bare", "--template=", "--object-format="+objectFormat, into); err != nil {
 		return nil, err
 	}
-	im := &importer{src: src, into: into, hexLen: hl}
+	im := &importer{src: src, srcDir: guestGitDir, into: into, hexLen: hl, move: move}
 	if err := im.objects(); err != nil {
 		return nil, err
 	}
@@ -159,8 +161,10 @@ func importGuestGit(ctx context.Context, guestGitDir, into, objectFormat, borrow
 
 type importer struct {
 	src    *os.Root
+	srcDir string // the path src was opened at
 	into   string
 	hexLen int
+	move   bool // rename checked object files instead of copying them
 }
 
 func refused(rel, why string) error {
@@ -336,6 +340,19 @@ func (im *importer) copyFile(rel string, check func([]byte) error) error {
 	head, _ := br.Peek(looseCheckBytes)
 	if err := check(head); err != nil {
 		return refused(rel, err.Error())
+	}
+	if im.move {
+		// the checked file itself (its descriptor is f): read-only, then
+		// moved; every directory on rel was listed by entries, which
+		// refuses links, and nothing else writes this private copy
+		if err := f.Chmod(0o444); err != nil {
+			return err
+		}
+		dst := filepath.Join(im.into, filepath.FromSlash(rel))
+		if _, err := os.Lstat(dst); !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("%s already exists in the imported repository", rel)
+		}
+		return os.Rename(filepath.Join(im.srcDir, filepath.FromSlash(rel)), dst)
 	}
 	w, err := os.OpenFile(filepath.Join(im.into, filepath.FromSlash(rel)), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o444)
 	if err != nil {

@@ -32,7 +32,7 @@ func TestImportGuestGit(t *testing.T) {
 	ctx := context.Background()
 	gd, head := guestGitCopy(t)
 	into := filepath.Join(t.TempDir(), "import.git")
-	r, err := importGuestGit(ctx, gd, into, "sha1", "")
+	r, err := importGuestGit(ctx, gd, into, "sha1", "", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +147,7 @@ func TestImportGuestGitRefuses(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			gd, _ := guestGitCopy(t)
 			tc.corrupt(t, gd)
-			_, err := importGuestGit(ctx, gd, filepath.Join(t.TempDir(), "import.git"), "sha1", "")
+			_, err := importGuestGit(ctx, gd, filepath.Join(t.TempDir(), "import.git"), "sha1", "", false)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("import: %v, want an error with %q", err, tc.want)
 			}
@@ -168,7 +168,7 @@ func TestImportGuestGitSkipsBadRefs(t *testing.T) {
 	b, _ := os.ReadFile(filepath.Join(gd, "packed-refs"))
 	write(t, filepath.Join(gd, "packed-refs"), string(b)+head+" refs/heads/a b\n"+head+" refs/replace/"+head+"\n"+head+" HEAD\n", 0o644)
 	into := filepath.Join(t.TempDir(), "import.git")
-	r, err := importGuestGit(ctx, gd, into, "sha1", "")
+	r, err := importGuestGit(ctx, gd, into, "sha1", "", false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,12 +4,19 @@ import (
 	"context"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
+
+// phase logs at Debug level how long one step of a pull took.
+func phase(ctx context.Context, what string, start time.Time) {
+	slog.DebugContext(ctx, "workspace pull phase", "phase", what, "ms", float64(time.Since(start).Microseconds())/1000)
+}
 
 // BranchFor is the host branch a VM's work comes back to.
 func BranchFor(vm string) string { return "banger/" + vm }
@@ -50,20 +57,29 @@ func downloadGuestGit(ctx context.Context, guest FS, dest, top, tmp string) (*gu
 	if fi, err := guest.Lstat(gd); err != nil || !fi.IsDir() {
 		return nil, fmt.Errorf("the guest's %s has no .git directory: it is not a pushed workspace (see --dest)", dest)
 	}
-	format, err := ObjectFormat(ctx, top)
-	if err != nil {
-		return nil, err
-	}
-	// the imported repository may read the host repository's own objects
-	hostObjects, err := git(ctx, top, nil, nil, "rev-parse", "--path-format=absolute", "--git-path", "objects")
+	format, hostObjects, err := hostRepoFacts(ctx, top)
 	if err != nil {
 		return nil, err
 	}
 	raw := filepath.Join(tmp, "guest-git")
+	t := time.Now()
 	if err := Download(ctx, guest, gd, raw, guestGitKeep); err != nil {
 		return nil, err
 	}
-	return importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), format, hostObjects)
+	phase(ctx, "copy .git", t)
+	t = time.Now()
+	defer phase(ctx, "import .git", t)
+	return importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), format, hostObjects, false)
+}
+
+// hostRepoFacts is the host repository top's object format and object
+// directory (which the imported repository may read).
+func hostRepoFacts(ctx context.Context, top string) (format, objects string, err error) {
+	if format, err = ObjectFormat(ctx, top); err != nil {
+		return "", "", err
+	}
+	objects, err = git(ctx, top, nil, nil, "rev-parse", "--path-format=absolute", "--git-path", "objects")
+	return format, objects, err
 }
 
 // commitWork makes the commit a pull brings back: the guest's HEAD when the
@@ -81,18 +97,24 @@ func commitWork(ctx context.Context, r *guestRepo, workTree, idx, message string
 	if err := writeNew(filepath.Join(r.GitDir, "info", "attributes"), []byte("* -filter -diff -merge\n")); err != nil {
 		return "", false, err
 	}
+	t := time.Now()
 	if r.Head != "" {
 		if _, err := git(ctx, workTree, env, nil, "read-tree", r.Head); err != nil {
 			return "", false, err
 		}
 	}
+	phase(ctx, "git read-tree", t)
+	t = time.Now()
 	if _, err := git(ctx, workTree, env, nil, "add", "-A", "."); err != nil {
 		return "", false, err
 	}
+	phase(ctx, "git add -A", t)
+	t = time.Now()
 	tree, err := git(ctx, workTree, env, nil, "write-tree")
 	if err != nil {
 		return "", false, err
 	}
+	phase(ctx, "git write-tree", t)
 	if r.Head != "" {
 		headTree, err := git(ctx, workTree, env, nil, "rev-parse", r.Head+"^{tree}")
 		if err != nil {
@@ -161,9 +183,76 @@ func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullR
 		return nil, err
 	}
 	workTree := filepath.Join(tmp, "ws")
+	t := time.Now()
 	if err := Download(ctx, guest, dest, workTree, workTreeKeep); err != nil {
 		return nil, err
 	}
+	phase(ctx, "copy work tree", t)
+	return finishPull(ctx, r, top, workTree, vm, dest, tmp)
+}
+
+// PullTree is Pull from copy, a private host copy of the guest's workspace
+// that was written through a HostDir (a streamed pull's): nothing is copied
+// again. Its .git is imported as data in place (the same checks as Pull; the
+// checked object files are moved into the host-made repository, not
+// copied), then every directory named .git in copy is removed, so git never
+// sees one, and what is left is the work tree. copy is consumed; its
+// directories must be writable by the host user.
+func PullTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*PullResult, error) {
+	top, err := Toplevel(ctx, hostRepo)
+	if err != nil {
+		return nil, err
+	}
+	br := BranchFor(vm)
+	if !CheckRefName("refs/heads/" + br) {
+		return nil, fmt.Errorf("%q cannot be a git branch name", br)
+	}
+	gd := filepath.Join(copy, ".git")
+	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("the guest's workspace has no .git directory: it is not a pushed workspace (see --dest)")
+	}
+	format, hostObjects, err := hostRepoFacts(ctx, top)
+	if err != nil {
+		return nil, err
+	}
+	t := time.Now()
+	r, err := importGuestGit(ctx, gd, filepath.Join(tmp, "import.git"), format, hostObjects, true)
+	if err != nil {
+		return nil, err
+	}
+	phase(ctx, "import .git", t)
+	t = time.Now()
+	if err := removeGitDirs(copy); err != nil {
+		return nil, err
+	}
+	phase(ctx, "remove .git dirs", t)
+	return finishPull(ctx, r, top, copy, vm, copy, tmp)
+}
+
+// removeGitDirs removes every entry named .git (any case) under root, which
+// git would otherwise open as a repository. The walk never follows a link
+// (WalkDir lstats; RemoveAll never follows one either).
+func removeGitDirs(root string) error {
+	return filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if p != root && strings.EqualFold(d.Name(), ".git") {
+			if err := os.RemoveAll(p); err != nil {
+				return err
+			}
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+		}
+		return nil
+	})
+}
+
+// finishPull commits the work tree on top of the imported repository r's
+// HEAD and fetches the result into the host repository top.
+func finishPull(ctx context.Context, r *guestRepo, top, workTree, vm, dest, tmp string) (*PullResult, error) {
+	br := BranchFor(vm)
 	commit, changed, err := commitWork(ctx, r, workTree, filepath.Join(tmp, "index"), "banger: uncommitted work from VM "+vm, identity(ctx, top))
 	if err != nil {
 		return nil, err
@@ -171,9 +260,11 @@ func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullR
 	if commit == "" {
 		return nil, fmt.Errorf("the guest's workspace %s has no commits and no files", dest)
 	}
+	t := time.Now()
 	if err := fetchBranch(ctx, top, r.GitDir, commit, br); err != nil {
 		return nil, err
 	}
+	phase(ctx, "git fetch", t)
 	return &PullResult{Branch: br, Commit: commit, GuestHead: r.Head, Uncommitted: changed}, nil
 }
 

@@ -156,7 +156,7 @@ func TestDownloadOverSFTPLargeFiles(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r, err := importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), "sha1", "")
+			r, err := importGuestGit(ctx, raw, filepath.Join(tmp, "import.git"), "sha1", "", false)
 			if err != nil {
 				t.Fatal(err)
 			}
