@@ -93,7 +93,8 @@ func (s *vmService) driver(name string) (vmm.Driver, error) {
 //   - a record left creating is removed with everything it made;
 //   - a VMM of this home that no record claims (found by its command line in
 //     /proc, whether or not handles.json exists) is killed and its files removed;
-//   - taps of this user that no running VM owns are deleted.
+//   - taps of this user that no running VM owns are deleted;
+//   - snapshot directories that no record claims are removed.
 //
 // Nothing is leaked across restarts, whatever point the previous bangerd died at.
 func (s *vmService) reconcile(ctx context.Context) {
@@ -149,6 +150,7 @@ func (s *vmService) reconcile(ctx context.Context) {
 		}
 	}
 	s.reapStrays(ctx, known)
+	s.reapStraySnapshots(ctx)
 	if s.net != nil {
 		running := map[string]bool{}
 		for _, vm := range vms {
@@ -176,14 +178,35 @@ func (s *vmService) reapStrays(ctx context.Context, known map[string]bool) {
 			s.log.ErrorContext(ctx, "reconcile: kill stray VMM", "vm_id", p.vmID, "pid", p.pid, "error", err.Error())
 		}
 	}
-	ents, _ := os.ReadDir(s.layout.VMsDir())
+	s.removeUnrecorded(ctx, "vm", s.layout.VMsDir(), known)
+}
+
+// reapStraySnapshots removes snapshot directories that no record claims: a
+// `snapshot create` cut short by a crash writes its directory before its
+// record. It runs at startup, before any operation can be writing one.
+func (s *vmService) reapStraySnapshots(ctx context.Context) {
+	sns, err := s.store.ListSnapshots(ctx)
+	if err != nil {
+		s.log.ErrorContext(ctx, "reconcile: list snapshots", "error", err.Error())
+		return
+	}
+	known := make(map[string]bool, len(sns))
+	for _, sn := range sns {
+		known[sn.ID] = true
+	}
+	s.removeUnrecorded(ctx, "snapshot", s.layout.SnapshotsDir(), known)
+}
+
+// removeUnrecorded removes every entry of dir whose name is not in known.
+func (s *vmService) removeUnrecorded(ctx context.Context, what, dir string, known map[string]bool) {
+	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
 		if known[e.Name()] {
 			continue
 		}
-		s.log.WarnContext(ctx, "removing the directory of a VM that has no record", "vm_id", e.Name())
-		if err := os.RemoveAll(filepath.Join(s.layout.VMsDir(), e.Name())); err != nil {
-			s.log.ErrorContext(ctx, "reconcile: remove stray VM directory", "vm_id", e.Name(), "error", err.Error())
+		s.log.WarnContext(ctx, "removing the directory of a "+what+" that has no record", what+"_id", e.Name())
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			s.log.ErrorContext(ctx, "reconcile: remove stray "+what+" directory", what+"_id", e.Name(), "error", err.Error())
 		}
 	}
 }

@@ -532,3 +532,32 @@ func TestReadyPool(t *testing.T) {
 		t.Errorf("pools after size 0: %+v", pools)
 	}
 }
+
+// A bangerd that died in the middle of `snapshot create` left the snapshot's
+// directory (written before its record); the next start removes it and keeps
+// every recorded snapshot's files.
+func TestReconcileRemovesUnrecordedSnapshotDir(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	runningSnapVM(t, ts, "src")
+	sn, err := ts.snapshotCreate(ctx, api.SnapshotCreateParams{VM: "src", Name: "kept"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stray := ts.snapshotDir(newID())
+	if err := os.MkdirAll(filepath.Join(stray, snapStateDir), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(stray, snapDiskName), []byte("half a disk"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ts.reconcile(ctx)
+
+	if _, err := os.Stat(stray); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the directory of the interrupted snapshot is left: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(ts.snapshotDir(sn.ID), snapDiskName)); err != nil {
+		t.Errorf("the recorded snapshot's files were removed: %v", err)
+	}
+}
