@@ -13,9 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
-
 	"github.com/bangerdev/banger/internal/hostnet/nettest"
 )
 
@@ -54,20 +51,8 @@ func TestGuestNetworkEgress(t *testing.T) {
 	var stubHits func() int
 	r := newNetRigWith(t, func(e *nettest.Env) []string {
 		// Docker (iptables-nft): FORWARD policy drop, jumping to DOCKER-USER.
-		if err := e.Do(func() error {
-			c, err := nftables.New()
-			if err != nil {
-				return err
-			}
-			tb := c.AddTable(&nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4})
-			pol := nftables.ChainPolicyDrop
-			fwd := c.AddChain(&nftables.Chain{Name: "FORWARD", Table: tb, Type: nftables.ChainTypeFilter,
-				Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &pol})
-			c.AddChain(&nftables.Chain{Name: "DOCKER-USER", Table: tb})
-			c.AddRule(&nftables.Rule{Table: tb, Chain: fwd, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "DOCKER-USER"}}})
-			return c.Flush()
-		}); err != nil {
-			t.Fatalf("Docker-style FORWARD drop: %v", err)
+		if err := e.DockerForwardDrop(true); err != nil {
+			t.Fatal(err)
 		}
 		for _, a := range []netip.Addr{metadata, private} {
 			if err := e.AddOutsideAddr(a); err != nil {

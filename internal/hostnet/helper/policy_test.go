@@ -67,22 +67,8 @@ func dialAs(t *testing.T, env *nettest.Env, uid uint32, addr netip.AddrPort) (st
 // with FORWARD policy drop and a DOCKER-USER chain it jumps to.
 func dockerDrop(t *testing.T, env *nettest.Env, withUser bool) {
 	t.Helper()
-	if err := env.Do(func() error {
-		c, err := nftables.New()
-		if err != nil {
-			return err
-		}
-		tb := c.AddTable(&nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4})
-		pol := nftables.ChainPolicyDrop
-		fwd := c.AddChain(&nftables.Chain{Name: "FORWARD", Table: tb, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &pol})
-		if withUser {
-			c.AddChain(&nftables.Chain{Name: "DOCKER-USER", Table: tb})
-			c.AddRule(&nftables.Rule{Table: tb, Chain: fwd, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "DOCKER-USER"}}})
-		}
-		return c.Flush()
-	}); err != nil {
-		t.Fatalf("install Docker-style FORWARD drop: %v", err)
+	if err := env.DockerForwardDrop(withUser); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -566,13 +552,8 @@ func TestDNSPortTakenByHost(t *testing.T) {
 	if l, err := c.List(ctx); err != nil || l.Forward == nil || l.Forward.Firewalld || l.Forward.NftDrop {
 		t.Fatalf("forward state without other firewalls: %+v %v", l.Forward, err)
 	}
-	if err := env.Do(func() error {
-		nc, err := nftables.New()
-		if err != nil {
-			return err
-		}
+	if err := env.Nft(func(nc *nftables.Conn) {
 		nc.AddTable(&nftables.Table{Name: "firewalld", Family: nftables.TableFamilyINet})
-		return nc.Flush()
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -688,11 +669,7 @@ func TestForwardingGuard(t *testing.T) {
 	// Docker starts: FORWARD policy drop, accepting its own network (lan0
 	// stands in for docker0). banger steps back at its next ensure_nat.
 	dockerDrop(t, env, true)
-	if err := env.Do(func() error {
-		nc, err := nftables.New()
-		if err != nil {
-			return err
-		}
+	if err := env.Nft(func(nc *nftables.Conn) {
 		tb := &nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4}
 		ch := &nftables.Chain{Name: "FORWARD", Table: tb}
 		for _, k := range []expr.MetaKey{expr.MetaKeyIIFNAME, expr.MetaKeyOIFNAME} {
@@ -700,7 +677,6 @@ func TestForwardingGuard(t *testing.T) {
 				&expr.Meta{Key: k, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("lan0\x00")},
 				&expr.Verdict{Kind: expr.VerdictAccept}}})
 		}
-		return nc.Flush()
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -718,13 +694,8 @@ func TestForwardingGuard(t *testing.T) {
 	}
 
 	// Docker gone: banger's guard is back, and remove_nat turns forwarding off.
-	if err := env.Do(func() error {
-		nc, err := nftables.New()
-		if err != nil {
-			return err
-		}
+	if err := env.Nft(func(nc *nftables.Conn) {
 		nc.DelTable(&nftables.Table{Name: "filter", Family: nftables.TableFamilyIPv4})
-		return nc.Flush()
 	}); err != nil {
 		t.Fatal(err)
 	}
