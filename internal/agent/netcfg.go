@@ -31,19 +31,9 @@ func configureNetwork(n *bootcfg.Network, log *slog.Logger) error {
 	if n == nil {
 		return nil
 	}
-	mac, err := net.ParseMAC(n.MAC)
+	mac, addr, gw, err := parseNetwork(n.MAC, n.Address, n.Gateway)
 	if err != nil {
-		return fmt.Errorf("network config: bad MAC %q: %w", n.MAC, err)
-	}
-	addr, err := netlink.ParseAddr(n.Address)
-	if err != nil {
-		return fmt.Errorf("network config: bad address %q (want CIDR like 172.30.0.5/24): %w", n.Address, err)
-	}
-	var gw net.IP
-	if n.Gateway != "" {
-		if gw = net.ParseIP(n.Gateway); gw == nil {
-			return fmt.Errorf("network config: bad gateway %q", n.Gateway)
-		}
+		return fmt.Errorf("network config: %w", err)
 	}
 	link, err := waitLinkByMAC(mac, linkWait)
 	if err != nil {
@@ -55,19 +45,55 @@ func configureNetwork(n *bootcfg.Network, log *slog.Logger) error {
 			return fmt.Errorf("set MTU %d on %s: %w", n.MTU, name, err)
 		}
 	}
+	if err := addrUpRoute(link, addr, gw, false); err != nil {
+		return err
+	}
+	log.Info("network configured", "interface", name, "address", n.Address, "gateway", n.Gateway)
+	return nil
+}
+
+// parseNetwork parses a network config's MAC, CIDR address and optional
+// gateway (nil when empty).
+func parseNetwork(macS, address, gateway string) (net.HardwareAddr, *netlink.Addr, net.IP, error) {
+	mac, err := net.ParseMAC(macS)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("bad MAC %q: %w", macS, err)
+	}
+	addr, err := netlink.ParseAddr(address)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("bad address %q (want CIDR like 172.30.0.5/24): %w", address, err)
+	}
+	var gw net.IP
+	if gateway != "" {
+		if gw = net.ParseIP(gateway); gw == nil {
+			return nil, nil, nil, fmt.Errorf("bad gateway %q", gateway)
+		}
+	}
+	return mac, addr, gw, nil
+}
+
+// addrUpRoute adds addr to link, brings it up and, when gw is set, routes
+// the default through gw: added (an existing one kept) at boot, replaced
+// when replace is set (a renumbered clone's old route points elsewhere).
+func addrUpRoute(link netlink.Link, addr *netlink.Addr, gw net.IP, replace bool) error {
+	name := link.Attrs().Name
 	if err := netlink.AddrAdd(link, addr); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("add address %s to %s: %w", n.Address, name, err)
+		return fmt.Errorf("add address %s to %s: %w", addr.IPNet, name, err)
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bring up %s: %w", name, err)
 	}
-	if gw != nil {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw}
-		if err := netlink.RouteAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("add default route via %s on %s: %w", gw, name, err)
-		}
+	if gw == nil {
+		return nil
 	}
-	log.Info("network configured", "interface", name, "address", n.Address, "gateway", n.Gateway)
+	r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw}
+	if replace {
+		if err := netlink.RouteReplace(r); err != nil {
+			return fmt.Errorf("replace default route via %s on %s: %w", gw, name, err)
+		}
+	} else if err := netlink.RouteAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add default route via %s on %s: %w", gw, name, err)
+	}
 	return nil
 }
 

@@ -89,19 +89,9 @@ func validHostname(s string) bool { return hostnameRe.MatchString(s) }
 // renumber moves the interface that has n.FromMAC (or already n.MAC) to the
 // new MAC and address, with the default route through the new gateway.
 func renumber(n *api.ReidentifyNetwork, log *slog.Logger) error {
-	mac, err := net.ParseMAC(n.MAC)
+	mac, addr, gw, err := parseNetwork(n.MAC, n.Address, n.Gateway)
 	if err != nil {
-		return fmt.Errorf("network: bad MAC %q: %w", n.MAC, err)
-	}
-	addr, err := netlink.ParseAddr(n.Address)
-	if err != nil {
-		return fmt.Errorf("network: bad address %q: %w", n.Address, err)
-	}
-	var gw net.IP
-	if n.Gateway != "" {
-		if gw = net.ParseIP(n.Gateway); gw == nil {
-			return fmt.Errorf("network: bad gateway %q", n.Gateway)
-		}
+		return fmt.Errorf("network: %w", err)
 	}
 	var link netlink.Link
 	for _, m := range []string{n.FromMAC, n.MAC} {
@@ -132,17 +122,8 @@ func renumber(n *api.ReidentifyNetwork, log *slog.Logger) error {
 			return fmt.Errorf("network: remove %s from %s: %w", a.IPNet, name, err)
 		}
 	}
-	if err := netlink.AddrAdd(link, addr); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("network: add %s to %s: %w", n.Address, name, err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		return fmt.Errorf("network: bring %s up: %w", name, err)
-	}
-	if gw != nil {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw}
-		if err := netlink.RouteReplace(r); err != nil {
-			return fmt.Errorf("network: default route via %s: %w", gw, err)
-		}
+	if err := addrUpRoute(link, addr, gw, true); err != nil {
+		return fmt.Errorf("network: %w", err)
 	}
 	log.Info("network renumbered", "interface", name, "mac", n.MAC, "address", n.Address, "gateway", n.Gateway)
 	return nil
