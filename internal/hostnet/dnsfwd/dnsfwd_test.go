@@ -99,44 +99,18 @@ func TestLimiter(t *testing.T) {
 // upstream and checks relaying, SERVFAIL without upstreams, the client
 // range and the rate limit.
 func TestForwarderRelays(t *testing.T) {
-	up, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := up.ReadFromUDP(buf)
-			if err != nil {
-				return
-			}
-			r := append([]byte(nil), buf[:n]...)
-			r[2] |= 0x80
-			up.WriteToUDP(r, from)
-		}
-	}()
+	up := fakeUpstream(t)
 	dir := t.TempDir()
 	rc := filepath.Join(dir, "resolv.conf")
 	os.WriteFile(rc, []byte("nameserver 127.0.0.1\n"), 0o644)
 	// Port 53 needs privileges: find a free port for the test.
-	probe, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := probe.LocalAddr().(*net.UDPAddr).Port
-	probe.Close()
+	port := freePort(t)
 	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: port, Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: rc})
 	if err != nil {
 		t.Skipf("cannot listen on 127.0.0.1:%d: %v", port, err)
 	}
 	defer f.Close()
-	// The fake upstream listens on its own port, not 53: point the
-	// forwarder at it directly.
-	f.ups.mu.Lock()
-	f.ups.list = []netip.AddrPort{up.LocalAddr().(*net.UDPAddr).AddrPort()}
-	f.ups.checked = time.Now().Add(time.Hour)
-	f.ups.mu.Unlock()
+	pinUpstream(f, up)
 
 	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(f.Addr()))
 	if err != nil {
@@ -201,23 +175,25 @@ func TestClientsOutsideRangeIgnored(t *testing.T) {
 	}
 }
 
-func freePort(t *testing.T) int {
+func freePort(tb testing.TB) int {
+	tb.Helper()
 	p, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	defer p.Close()
 	return p.LocalAddr().(*net.UDPAddr).Port
 }
 
-// BenchmarkRelayUDP measures one query through the forwarder to a fake
-// upstream on loopback and back (the forwarder's own cost per lookup).
-func BenchmarkRelayUDP(b *testing.B) {
+// fakeUpstream is a DNS server on loopback that answers every query by
+// echoing it with the response bit set; it stops with the test.
+func fakeUpstream(tb testing.TB) netip.AddrPort {
+	tb.Helper()
 	up, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
-	defer up.Close()
+	tb.Cleanup(func() { up.Close() })
 	go func() {
 		buf := make([]byte, 1500)
 		for {
@@ -229,18 +205,28 @@ func BenchmarkRelayUDP(b *testing.B) {
 			up.WriteToUDP(buf[:n], from)
 		}
 	}()
-	probe, _ := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	port := probe.LocalAddr().(*net.UDPAddr).Port
-	probe.Close()
-	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: port, Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: "/nonexistent"})
+	return up.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// pinUpstream points f at up for the next hour: the fake upstream listens
+// on its own port, not 53, so resolv.conf cannot name it.
+func pinUpstream(f *Forwarder, up netip.AddrPort) {
+	f.ups.mu.Lock()
+	f.ups.list = []netip.AddrPort{up}
+	f.ups.checked = time.Now().Add(time.Hour)
+	f.ups.mu.Unlock()
+}
+
+// BenchmarkRelayUDP measures one query through the forwarder to a fake
+// upstream on loopback and back (the forwarder's own cost per lookup).
+func BenchmarkRelayUDP(b *testing.B) {
+	up := fakeUpstream(b)
+	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: freePort(b), Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: "/nonexistent"})
 	if err != nil {
 		b.Skip(err)
 	}
 	defer f.Close()
-	f.ups.mu.Lock()
-	f.ups.list = []netip.AddrPort{up.LocalAddr().(*net.UDPAddr).AddrPort()}
-	f.ups.checked = time.Now().Add(time.Hour)
-	f.ups.mu.Unlock()
+	pinUpstream(f, up)
 	f.limiter = newLimiter(1e9, 1e9, maxSources) // measure the relay, not the limit
 	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(f.Addr()))
 	if err != nil {
