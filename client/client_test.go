@@ -54,7 +54,8 @@ func TestSignalNumbers(t *testing.T) {
 // bangerd (no VM).
 func TestClientWithBangerd(t *testing.T) {
 	b := testenv.StartBangerd(t)
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 	c, err := client.Dial(ctx, client.WithSocket(b.Socket))
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +116,11 @@ func TestClientRealGuest(t *testing.T) {
 		t.Fatalf("create: %v\n%s", err, b.Logs())
 	}
 	t.Logf("MEASURE client CreateVM: %v, stages %v", time.Since(t0).Round(time.Millisecond), stages)
-	t.Cleanup(func() { c.DeleteVM(context.Background(), "cl", true) })
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		c.DeleteVM(ctx, "cl", true)
+	})
 	if vm.State != api.StateRunning || len(stages) == 0 {
 		t.Fatalf("created VM %+v, stages %v", vm, stages)
 	}

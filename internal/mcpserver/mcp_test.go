@@ -51,7 +51,8 @@ func text(res *mcp.CallToolResult) string {
 // (no VM): failed calls are tool errors with an op id, not protocol errors.
 func TestToolErrorsCarryOpID(t *testing.T) {
 	b := testenv.StartBangerd(t)
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 	c, err := client.Dial(ctx, client.WithSocket(b.Socket))
 	if err != nil {
 		t.Fatal(err)
@@ -146,7 +147,11 @@ func TestMCPRealGuest(t *testing.T) {
 	if vm, _ := out["vm"].(map[string]any); vm["state"] != "running" {
 		t.Fatalf("create_vm: %v", out)
 	}
-	t.Cleanup(func() { c.DeleteVM(context.Background(), "agent1", true) })
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		c.DeleteVM(ctx, "agent1", true)
+	})
 
 	res, out = call(t, cs, "exec", map[string]any{"vm": "agent1", "command": []string{"echo", "hi"}})
 	if res.IsError || out["exit_code"] != float64(0) || out["stdout"] != "hi\n" {
