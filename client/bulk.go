@@ -141,22 +141,9 @@ func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecO
 		_, _ = io.Copy(orDiscard(o.Stderr), ch.Stderr())
 		outDone <- struct{}{}
 	}()
-	done := make(chan struct{})
-	defer close(done)
-	if o.Signals != nil {
-		go func() {
-			for {
-				select {
-				case <-done:
-					return
-				case s := <-o.Signals:
-					if name := signalName(s); name != "" {
-						_, _ = ch.SendRequest("signal", false, ssh.Marshal(&signalReq{name}))
-					}
-				}
-			}
-		}()
-	}
+	defer forwardSignals(o.Signals, func(name string) {
+		_, _ = ch.SendRequest("signal", false, ssh.Marshal(&signalReq{name}))
+	})()
 	code, got := 0, false
 	for r := range ch.Requests() {
 		switch r.Type {

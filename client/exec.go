@@ -182,34 +182,8 @@ func (c *Client) Exec(ctx context.Context, vm string, argv []string, o ExecOptio
 	if err != nil {
 		return 0, ctxErr(ctx, fmt.Errorf("start the command in %s: %w", vm, err))
 	}
-	done := make(chan struct{})
-	defer close(done)
-	if o.Signals != nil {
-		go func() {
-			for {
-				select {
-				case <-done:
-					return
-				case s := <-o.Signals:
-					if name := signalName(s); name != "" {
-						sess.Signal(ssh.Signal(name))
-					}
-				}
-			}
-		}()
-	}
-	if o.Resize != nil {
-		go func() {
-			for {
-				select {
-				case <-done:
-					return
-				case ws := <-o.Resize:
-					sess.WindowChange(ws.Height, ws.Width)
-				}
-			}
-		}()
-	}
+	defer forwardSignals(o.Signals, func(name string) { sess.Signal(ssh.Signal(name)) })()
+	defer forwardEach(o.Resize, func(ws WindowSize) { sess.WindowChange(ws.Height, ws.Width) })()
 	return exitStatus(ctx, vm, sess.Wait())
 }
 
@@ -270,6 +244,37 @@ var ForwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGH
 // 0 when unknown.
 func SignalNumber(name string) int {
 	return int(signalNumbers[strings.TrimPrefix(strings.ToUpper(name), "SIG")])
+}
+
+// forwardSignals sends each signal from sigs that the agent can deliver,
+// by its SSH name, until the returned stop is called. A nil sigs forwards
+// nothing.
+func forwardSignals(sigs <-chan os.Signal, send func(name string)) (stop func()) {
+	return forwardEach(sigs, func(s os.Signal) {
+		if name := signalName(s); name != "" {
+			send(name)
+		}
+	})
+}
+
+// forwardEach calls fn with each value from src, in a goroutine, until the
+// returned stop is called. A nil src starts nothing.
+func forwardEach[T any](src <-chan T, fn func(T)) (stop func()) {
+	if src == nil {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			case v := <-src:
+				fn(v)
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 // signalName is the SSH name of s when the agent can deliver it, else "".
