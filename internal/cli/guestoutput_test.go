@@ -41,6 +41,11 @@ func fakeDaemon(t *testing.T) {
 	rpc.Handle(m, "vm.logs", func(ctx context.Context, p api.LogsParams) (api.LogsResult, error) {
 		return api.LogsResult{Data: hostileLog[p.Offset:], NextOffset: int64(len(hostileLog))}, nil
 	})
+	rpc.Handle(m, api.MethodPoolList, func(ctx context.Context, _ struct{}) ([]*api.Pool, error) {
+		// a refill that failed quotes the guest's console in the note
+		return []*api.Pool{{PoolSpec: api.PoolSpec{Image: "debian", Kernel: "debian", VCPUs: 1, MemoryMiB: 256, DiskMiB: 256, Size: 1},
+			Note: "refill failed: " + hostileError}}, nil
+	})
 	rpc.Handle(m, "vm.refuse", func(ctx context.Context, p api.VMRef) (struct{}, error) {
 		return struct{}{}, rpc.Errorf(rpc.CodeUnavailable, "list the listening ports of %s: %s", p.VM, hostileError)
 	})
@@ -87,6 +92,15 @@ func TestGuestStringsReachTheTerminalStripped(t *testing.T) {
 	terminalSafe(t, "stats", out)
 	if !strings.Contains(out, "agent refused: boom") {
 		t.Errorf("stats lost the error text:\n%s", out)
+	}
+
+	out, errOut, code = runCLI(t, "pool", "ls")
+	if code != 0 {
+		t.Fatalf("pool ls: %d %s", code, errOut)
+	}
+	terminalSafe(t, "pool ls", out)
+	if !strings.Contains(out, "refill failed: agent refused: boom") || strings.Count(out, "\n") != 2 {
+		t.Errorf("pool ls lost the note's text or gained rows:\n%s", out)
 	}
 
 	out, errOut, code = runCLI(t, "logs", "vm1")

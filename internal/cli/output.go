@@ -22,12 +22,19 @@ func (a *App) printJSON(v any) error {
 	return err
 }
 
-// table prints rows under a header, aligned.
+// table prints rows under a header, aligned. A cell may hold text bangerd
+// relays from a guest (an error quoting its console), so each one passes
+// through termsafe.Line: no control sequence, tab or newline reaches the
+// terminal or breaks the columns.
 func (a *App) table(header []string, rows [][]string) error {
 	tw := tabwriter.NewWriter(a.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, strings.Join(header, "\t"))
 	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+		cells := make([]string, len(r))
+		for i, c := range r {
+			cells[i] = termsafe.Line(c)
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	return tw.Flush()
 }
