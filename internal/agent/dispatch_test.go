@@ -23,17 +23,7 @@ import (
 // runs nothing; with it, the operation runs; an SSH client still reaches
 // the SSH server.
 func TestDispatchBulkKey(t *testing.T) {
-	_, priv, _ := ed25519.GenerateKey(rand.Reader)
-	signer, _ := ssh.NewSignerFromKey(priv)
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := sshd.New(sshd.Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("unix", t.TempDir()+"/s")
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, l, log := newDispatchTestServer(t)
 	key := bytes.Repeat([]byte{5}, bulk.KeySize)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -94,17 +84,7 @@ func TestDispatchBulkKey(t *testing.T) {
 // key makes bulk streams with the source's key fail and the clone's work.
 // A key of the wrong size refuses the whole request before anything applies.
 func TestReidentifyReplacesBulkKey(t *testing.T) {
-	_, priv, _ := ed25519.GenerateKey(rand.Reader)
-	signer, _ := ssh.NewSignerFromKey(priv)
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := sshd.New(sshd.Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("unix", t.TempDir()+"/s")
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, l, log := newDispatchTestServer(t)
 	source, clone := bytes.Repeat([]byte{1}, bulk.KeySize), bytes.Repeat([]byte{2}, bulk.KeySize)
 	keys := newBulkKey(source)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -151,4 +131,22 @@ func TestReidentifyReplacesBulkKey(t *testing.T) {
 	if err := failing(api.Reidentify{BulkKey: source}); err == nil || hello(clone) != nil {
 		t.Errorf("a failed reidentify replaced the key (%v)", err)
 	}
+}
+
+// newDispatchTestServer is an SSH server that trusts its own host key and a
+// unix listener for the dispatcher to serve.
+func newDispatchTestServer(t *testing.T) (*sshd.Server, net.Listener, *slog.Logger) {
+	t.Helper()
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	signer, _ := ssh.NewSignerFromKey(priv)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv, err := sshd.New(sshd.Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, l, log
 }
