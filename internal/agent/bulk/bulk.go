@@ -354,6 +354,7 @@ type Chan struct {
 	reqs    chan Request
 	reply   chan Reply
 	done    chan struct{}
+	closing chan struct{} // closed by Close
 	closed  sync.Once
 	sentEOF bool
 	wbuf    []byte
@@ -362,13 +363,14 @@ type Chan struct {
 // NewChan starts serving frames on conn (after the hello and Open).
 func NewChan(conn net.Conn) *Chan {
 	c := &Chan{
-		conn:  conn,
-		r:     bufio.NewReaderSize(conn, 256<<10),
-		in:    newQueue(queueSize),
-		errIn: newQueue(queueSize),
-		reqs:  make(chan Request, 16),
-		reply: make(chan Reply, 1),
-		done:  make(chan struct{}),
+		conn:    conn,
+		r:       bufio.NewReaderSize(conn, 256<<10),
+		in:      newQueue(queueSize),
+		errIn:   newQueue(queueSize),
+		reqs:    make(chan Request, 16),
+		reply:   make(chan Reply, 1),
+		done:    make(chan struct{}),
+		closing: make(chan struct{}),
 	}
 	if pc, ok := conn.(*PeekConn); ok {
 		c.r = pc.R
@@ -401,7 +403,13 @@ func (c *Chan) readLoop() {
 			var r Request
 			if err = ssh.Unmarshal(p, &r); err == nil {
 				r.Payload = append([]byte(nil), r.Payload...)
-				c.reqs <- r
+				// the peer may send requests nobody reads: Close
+				// must still end this loop
+				select {
+				case c.reqs <- r:
+				case <-c.closing:
+					err = net.ErrClosed
+				}
 			}
 		case FrameReply:
 			var r Reply
@@ -504,6 +512,7 @@ func (c *Chan) CloseWrite() error {
 // Close ends the stream.
 func (c *Chan) Close() error {
 	c.closed.Do(func() {
+		close(c.closing)
 		_ = c.send(FrameClose, nil)
 		c.conn.Close()
 		c.in.fail(net.ErrClosed)
@@ -525,6 +534,8 @@ func (c *Chan) SendRequest(name string, wantReply bool, payload []byte) (bool, e
 		return r.OK, nil
 	case <-c.done:
 		return false, io.EOF
+	case <-c.closing:
+		return false, net.ErrClosed
 	}
 }
 

@@ -273,3 +273,49 @@ func TestReadManifestHostile(t *testing.T) {
 	}
 	pr.Close()
 }
+
+// TestChanCloseWithUnreadRequests plays a guest that floods a session with
+// requests its peer does not read, and never replies: Close (which the host
+// calls when the context ends) must end the stream's reader and a
+// SendRequest waiting for a reply, not leave them blocked for good.
+func TestChanCloseWithUnreadRequests(t *testing.T) {
+	host, guest := net.Pipe()
+	defer guest.Close()
+	ch := NewChan(host)
+	go func() {
+		req := ssh.Marshal(&Request{Type: "exit-status", Payload: make([]byte, 4)})
+		for i := 0; i < 100; i++ {
+			if WriteFrame(guest, FrameRequest, req) != nil {
+				return
+			}
+		}
+	}()
+	go io.Copy(io.Discard, guest) // the host's own frames
+	replied := make(chan error, 1)
+	go func() {
+		_, err := ch.SendRequest("workdir", true, nil)
+		replied <- err
+	}()
+	// let the flood fill the request queue
+	deadline := time.Now().Add(10 * time.Second)
+	for len(ch.reqs) < cap(ch.reqs) {
+		if time.Now().After(deadline) {
+			t.Fatal("the request queue never filled")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	ch.Close()
+	select {
+	case <-ch.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close left the reader blocked on the unread request queue")
+	}
+	select {
+	case err := <-replied:
+		if err == nil {
+			t.Fatal("SendRequest succeeded with no reply")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close left SendRequest waiting for a reply")
+	}
+}
