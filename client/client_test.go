@@ -91,22 +91,9 @@ func TestClientWithBangerd(t *testing.T) {
 // with stage events, exec (env, workdir, stdin, exit codes, signals,
 // timeout), files, ports, stats, logs, workspace, stop/start and delete.
 func TestClientRealGuest(t *testing.T) {
-	testenv.RequireQEMU(t)
-	deb := testenv.KernelPackage(t)
-	rootfs := testenv.BusyboxRootfs(t, 64)
-	b := testenv.StartBangerd(t, "BANGER_VMM=qemu")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c, err := client.Dial(ctx, client.WithSocket(b.Socket))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.ImportKernel(ctx, api.KernelImportParams{Deb: deb, Name: "debian"}); err != nil {
-		t.Fatalf("import kernel: %v", err)
-	}
-	if _, err := c.ImportImage(ctx, api.ImageImportParams{Path: rootfs, Name: "busybox"}); err != nil {
-		t.Fatalf("import image: %v", err)
-	}
+	b, c := testenv.BangerdWithGuest(t, ctx)
 	var stages []string
 	t0 := time.Now()
 	vm, err := c.CreateVM(ctx, api.CreateParams{Name: "cl", MemoryMiB: 256, DiskMiB: 512}, func(s api.Stage) {

@@ -13,7 +13,6 @@ import (
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
-	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/mcpserver"
 	"github.com/bangerdev/banger/internal/testenv"
@@ -96,23 +95,10 @@ func TestToolErrorsCarryOpID(t *testing.T) {
 // TestMCPRealGuest is the acceptance test: the SDK's client drives
 // `banger mcp` over stdio through a VM's life.
 func TestMCPRealGuest(t *testing.T) {
-	testenv.RequireQEMU(t)
-	deb := testenv.KernelPackage(t)
-	rootfs := testenv.BusyboxRootfs(t, 64)
-	banger := testenv.Command(t, "banger")
-	b := testenv.StartBangerd(t, "BANGER_VMM=qemu")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c, err := client.Dial(ctx, client.WithSocket(b.Socket))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.ImportKernel(ctx, api.KernelImportParams{Deb: deb, Name: "debian"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.ImportImage(ctx, api.ImageImportParams{Path: rootfs, Name: "busybox"}); err != nil {
-		t.Fatal(err)
-	}
+	b, c := testenv.BangerdWithGuest(t, ctx)
+	banger := testenv.Command(t, "banger")
 
 	cmd := exec.Command(banger, "mcp")
 	cmd.Env = append(os.Environ(), "BANGER_HOME="+b.Home)
