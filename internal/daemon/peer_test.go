@@ -9,15 +9,14 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 func TestPeerAllowed(t *testing.T) {
@@ -108,24 +107,11 @@ func TestSocketRefusesOtherUsers(t *testing.T) {
 		t.Skip("playing another uid needs root (CI runs as root)")
 	}
 	// another uid: a copy of this test binary run as nobody
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "daemon.test")
-	if err := os.WriteFile(bin, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "-test.run=^TestPeerDialChild$", "-test.count=1")
+	cmd := testenv.AsNobody(ctx, t, "^TestPeerDialChild$")
 	cmd.Env = []string{peerDialEnv + "=" + sock}
 	cmd.Dir = "/"
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	outb, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("child as nobody: %v: %s", err, outb)

@@ -8,9 +8,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 const nobodyEnv = "BANGER_TEST_DEBUGFS_AS_NOBODY"
@@ -77,33 +78,10 @@ func TestDebugfsCannotStartProcesses(t *testing.T) {
 // returns their output.
 func rerunAsNobody(t *testing.T, run string) string {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A copy nobody can execute, in a directory nobody can enter.
-	dir, err := os.MkdirTemp("", "banger-nobody-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	data, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "image.test")
-	if err := os.WriteFile(bin, data, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "-test.run="+run, "-test.v", "-test.count=1")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), nobodyEnv+"=1", "TMPDIR="+os.TempDir(), "HOME="+dir)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	cmd := testenv.AsNobody(ctx, t, run, "-test.v")
+	cmd.Env = append(os.Environ(), nobodyEnv+"=1", "TMPDIR="+os.TempDir(), "HOME="+cmd.Dir)
 	out, err := cmd.CombinedOutput()
 	t.Logf("as nobody:\n%s", out)
 	if err != nil {
