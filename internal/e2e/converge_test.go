@@ -242,33 +242,12 @@ func faultBangerd(t *testing.T) string {
 }
 
 // startFaultDaemon runs the faultinject bangerd, killing itself at point
-// (none when empty). It does not fail the test when bangerd dies.
+// (none when empty), through the same harness as startDaemon.
 func startFaultDaemon(t *testing.T, h, point string, env []string) *daemonProc {
 	t.Helper()
 	bin := faultBangerd(t)
-	cmd := exec.Command(bin, "--debug")
-	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h, "BANGER_FAULT="+point), env...)
-	d := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
-	cmd.Stderr = d.logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() { d.stop(t) })
-	sock := filepath.Join(h, "run", "bangerd.sock")
-	waitFor(t, 15*time.Second, "bangerd socket", func() bool {
-		select {
-		case <-d.done:
-			t.Fatalf("bangerd exited early: %s", d.logs.String())
-		default:
-		}
-		c, err := net.Dial("unix", sock)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
-	return d
+	return startDaemonWith(t, h, func(c *exec.Cmd) { c.Path, c.Args[0] = bin, bin },
+		append([]string{"BANGER_FAULT=" + point}, env...)...)
 }
 
 // vmmProcs returns this home's VMM processes by VM id, found by their
