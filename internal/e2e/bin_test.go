@@ -101,10 +101,11 @@ func home(t *testing.T) string {
 }
 
 // daemon runs bangerd in the foreground for the test; logs are collected.
+// (bangerd through testenv.RunBangerd, or another long-running binary).
 type daemonProc struct {
 	cmd  *exec.Cmd
 	logs *lockedBuf
-	done chan struct{}
+	done <-chan struct{}
 }
 
 type lockedBuf = testenv.LockedBuffer
@@ -115,30 +116,15 @@ func startDaemon(t *testing.T, h string, extraEnv ...string) *daemonProc {
 }
 
 // startDaemonWith is startDaemon with a hook to adjust the command (e.g. its
-// credentials) before it starts.
+// binary or credentials) before it starts (testenv.RunBangerd: it returns
+// once the socket accepts a connection and stops bangerd at cleanup).
 func startDaemonWith(t *testing.T, h string, adjust func(*exec.Cmd), extraEnv ...string) *daemonProc {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(bins(t), "bangerd"), "--debug")
 	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h), extraEnv...)
 	adjust(cmd)
-	d := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
-	cmd.Stderr = d.logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() { d.stop(t) })
-	sock := filepath.Join(h, "run", "bangerd.sock")
-	waitFor(t, 15*time.Second, "bangerd socket", func() bool {
-		select {
-		case <-d.done:
-			t.Fatalf("bangerd exited early: %s", d.logs.String())
-		default:
-		}
-		_, err := os.Stat(sock)
-		return err == nil
-	})
-	return d
+	b := testenv.RunBangerd(t, cmd, h)
+	return &daemonProc{cmd: b.Cmd(), logs: b.LogBuffer(), done: b.Done()}
 }
 
 func (d *daemonProc) stop(t *testing.T) {

@@ -74,12 +74,13 @@ func startInNS(t *testing.T, e *nettest.Env, what string, env []string, name str
 	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), env...)
-	p := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: make(chan struct{})}
+	done := make(chan struct{})
+	p := &daemonProc{cmd: cmd, logs: &lockedBuf{}, done: done}
 	cmd.Stdout, cmd.Stderr = p.logs, p.logs
 	if err := e.Start(cmd); err != nil {
 		t.Fatalf("start %s in namespace %s: %v", what, e.Name, err)
 	}
-	go func() { cmd.Wait(); close(p.done) }()
+	go func() { cmd.Wait(); close(done) }()
 	t.Cleanup(func() { p.stop(t) })
 	return p
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -149,7 +150,15 @@ func StartBangerd(t testing.TB, extraEnv ...string) *Bangerd {
 	})
 	cmd := exec.Command(bin, "--debug")
 	cmd.Env = append(append(os.Environ(), "BANGER_HOME="+h, "BANGER_AGENT="+agent), extraEnv...)
-	b := &Bangerd{Home: h, Socket: filepath.Join(h, "run", "bangerd.sock"), cmd: cmd, logs: &LockedBuffer{}, done: make(chan struct{})}
+	return RunBangerd(t, cmd, h)
+}
+
+// RunBangerd starts the prepared bangerd command on home, its stderr
+// collected, waits (up to 20 s) until its socket accepts a connection, and
+// stops it when the test ends. It fails the test if bangerd exits first.
+func RunBangerd(t testing.TB, cmd *exec.Cmd, home string) *Bangerd {
+	t.Helper()
+	b := &Bangerd{Home: home, Socket: filepath.Join(home, "run", "bangerd.sock"), cmd: cmd, logs: &LockedBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = b.logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -163,15 +172,25 @@ func StartBangerd(t testing.TB, extraEnv ...string) *Bangerd {
 			t.Fatalf("bangerd exited early:\n%s", b.Logs())
 		default:
 		}
-		if _, err := os.Stat(b.Socket); err == nil {
+		if c, err := net.Dial("unix", b.Socket); err == nil {
+			c.Close()
 			return b
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("bangerd made no socket within 20s:\n%s", b.Logs())
+			t.Fatalf("bangerd did not answer on its socket within 20s:\n%s", b.Logs())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Cmd is bangerd's command (its Process while it runs).
+func (b *Bangerd) Cmd() *exec.Cmd { return b.cmd }
+
+// Done is closed when bangerd has exited.
+func (b *Bangerd) Done() <-chan struct{} { return b.done }
+
+// LogBuffer is where bangerd's stderr goes.
+func (b *Bangerd) LogBuffer() *LockedBuffer { return b.logs }
 
 // Stop stops bangerd (SIGINT, then SIGKILL after 20 s).
 func (b *Bangerd) Stop(t testing.TB) {
