@@ -121,8 +121,10 @@ func (s *vmService) startReaper(ctx context.Context) func() error {
 		t := time.NewTicker(reaperInterval)
 		defer t.Stop()
 		for {
-			s.reapExpired(ctx, time.Now())
-			if vms, err := s.store.ListVMs(ctx); err == nil {
+			// One listing serves both: a VM the reaper deletes has no
+			// runtime and no ports file left, so syncForwards skips it.
+			if vms, ok := s.listForReaper(ctx); ok {
+				s.reapExpiredIn(ctx, vms, time.Now())
 				s.syncForwards(ctx, vms)
 			}
 			select {
@@ -143,13 +145,24 @@ func (s *vmService) startReaper(ctx context.Context) func() error {
 // reapExpired stops and deletes every VM whose expiry is past; one still
 // being created or started is left for the next round.
 func (s *vmService) reapExpired(ctx context.Context, now time.Time) {
+	if vms, ok := s.listForReaper(ctx); ok {
+		s.reapExpiredIn(ctx, vms, now)
+	}
+}
+
+func (s *vmService) listForReaper(ctx context.Context) ([]*store.VM, bool) {
 	vms, err := s.store.ListVMs(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log.WarnContext(ctx, "ttl: list VMs", "error", err.Error())
 		}
-		return
+		return nil, false
 	}
+	return vms, true
+}
+
+// reapExpiredIn is reapExpired over a listing the caller made.
+func (s *vmService) reapExpiredIn(ctx context.Context, vms []*store.VM, now time.Time) {
 	for _, vm := range vms {
 		at, ok := s.expiry(vm.ID)
 		if !ok || now.Before(at) || vm.State == store.StateCreating || vm.State == store.StateStarting {
