@@ -111,17 +111,32 @@ func (s *vmService) registerPoolAPI(m *rpc.Mux) {
 
 // poolMembers lists the pool VMs of key (all keys when key is "").
 func (s *vmService) poolMembers(ctx context.Context, key string) ([]*store.VM, error) {
-	vms, err := s.store.ListVMs(ctx)
-	if err != nil {
-		return nil, err
+	all, keys, err := s.allPoolMembers(ctx)
+	if err != nil || key == "" {
+		return all, err
 	}
 	var out []*store.VM
-	for _, vm := range vms {
-		if k, ok := s.poolMarkerOf(vm.ID); ok && (key == "" || k == key) {
+	for i, vm := range all {
+		if keys[i] == key {
 			out = append(out, vm)
 		}
 	}
 	return out, nil
+}
+
+// allPoolMembers lists every pool VM with its spec key (keys[i] is vms[i]'s),
+// reading each VM's marker once.
+func (s *vmService) allPoolMembers(ctx context.Context) (vms []*store.VM, keys []string, err error) {
+	l, err := s.store.ListVMs(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, vm := range l {
+		if k, ok := s.poolMarkerOf(vm.ID); ok {
+			vms, keys = append(vms, vm), append(keys, k)
+		}
+	}
+	return vms, keys, nil
 }
 
 func (s *vmService) specKey(ctx context.Context, sp api.PoolSpec) (string, *store.Image, *store.Kernel, error) {
@@ -252,14 +267,14 @@ func (s *vmService) poolRefill(ctx context.Context) {
 			continue
 		}
 		for {
-			all, err := s.poolMembers(ctx, "")
+			all, keys, err := s.allPoolMembers(ctx)
 			if err != nil {
 				return
 			}
 			used, have := 0, 0
-			for _, vm := range all {
+			for i, vm := range all {
 				used += vm.MemoryMiB
-				if k2, _ := s.poolMarkerOf(vm.ID); k2 == key {
+				if keys[i] == key {
 					have++
 				}
 			}
