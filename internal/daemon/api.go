@@ -23,7 +23,7 @@ func (d *Daemon) registerAPI() {
 		}, nil
 	})
 	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, p api.VMListParams) (json.RawMessage, error) {
-		if !d.vms.anyPaused() && !d.vms.poolActive() && !d.vms.anyDecorated() {
+		if !d.vms.listDecorated() {
 			// The common case, served as SQLite encodes it (no paused flags to add).
 			b, err := d.store.ListVMsJSON(ctx)
 			return b, storeErr(err)

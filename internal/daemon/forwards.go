@@ -255,11 +255,19 @@ func (s *vmService) closeForwards() {
 	}
 }
 
-// anyDecorated reports whether some VM has an expiry or published ports,
-// which vm.list must then add to the records (a glob of the VM directories,
-// so that the plain listing stays fast).
+// listDecorated reports whether vm.list must decorate the records: some VM is
+// paused, or has an expiry, published ports or a pool marker in its directory
+// (a glob of the VM directories, so that the plain listing stays fast). The
+// files, not the pool configuration, are the truth: a pool VM left after its
+// pool went from the configuration is still hidden.
+func (s *vmService) listDecorated() bool {
+	return s.anyPaused() || s.anyDecorated()
+}
+
+// anyDecorated reports whether some VM directory holds a file that vm.list
+// adds to the records.
 func (s *vmService) anyDecorated() bool {
-	for _, f := range []string{expiryFile, portsFile} {
+	for _, f := range []string{expiryFile, portsFile, poolMarker} {
 		if m, _ := filepath.Glob(filepath.Join(s.layout.VMsDir(), "*", f)); len(m) > 0 {
 			return true
 		}

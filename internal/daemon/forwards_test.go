@@ -3,12 +3,15 @@ package daemon
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/rpc"
+	"github.com/bangerdev/banger/internal/store"
 )
 
 // TestPublishedPorts: -p specs are checked, listened on while the VM runs
@@ -60,4 +63,27 @@ func TestPublishedPorts(t *testing.T) {
 		t.Fatalf("stopped VM forwards %+v", vm3.Forwards)
 	}
 	ts.closeForwards()
+}
+
+// vm.list takes its fast path (no decoration) only when no VM directory
+// holds a file it must report: a pool VM left after its pool was removed from
+// the configuration is still hidden.
+func TestListDecoratedByFiles(t *testing.T) {
+	for _, f := range []string{"", expiryFile, portsFile, poolMarker} {
+		t.Run("file="+f, func(t *testing.T) {
+			ts := newTestSvc(t)
+			vm := ts.newVM(t, "v", store.StateStopped)
+			if err := os.MkdirAll(ts.vmDir(vm.ID), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if f != "" {
+				if err := os.WriteFile(filepath.Join(ts.vmDir(vm.ID), f), []byte("x\n"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got, want := ts.listDecorated(), f != ""; got != want {
+				t.Errorf("listDecorated = %v with %q in the VM directory (no pool configured), want %v", got, f, want)
+			}
+		})
+	}
 }

@@ -440,14 +440,3 @@ func (s *vmService) claimOne(ctx context.Context, id, key, name, workspace strin
 	s.refreshKnownHosts(ctx)
 	return vm, nil
 }
-
-// poolActive reports whether any pool is configured (so vm.list must look
-// for pool VMs to hide).
-func (s *vmService) poolActive() bool {
-	if s.pool == nil {
-		return false
-	}
-	s.pool.mu.Lock()
-	defer s.pool.mu.Unlock()
-	return len(s.pool.specs) > 0
-}
