@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -343,7 +344,27 @@ func inGitDir(rel string) bool { return strings.HasPrefix(rel, ".git/") }
 // under src) and a directory it refuses is not read. Names the guest lists
 // are checked (no "", ".", "..", '/', NUL or duplicate) and files are written
 // through a HostDir, so nothing the guest lists can write outside dst.
+//
+// The whole is bounded (MaxDownloadBytes, MaxDownloadEntries): a guest that
+// lists endless entries or serves endless file bytes gets an error, not the
+// host's disk.
 func Download(ctx context.Context, guest FS, src, dst string, keep func(rel string, fi fs.FileInfo) bool) error {
+	return download(ctx, guest, src, dst, keep, downloadLimits{MaxDownloadBytes, MaxDownloadEntries})
+}
+
+// Bounds on what one Download takes from a guest (the streamed pull's, in
+// package client, are the same).
+const (
+	MaxDownloadBytes   = 16 << 30
+	MaxDownloadEntries = 1 << 20
+)
+
+type downloadLimits struct {
+	bytes   int64
+	entries int
+}
+
+func download(ctx context.Context, guest FS, src, dst string, keep func(rel string, fi fs.FileInfo) bool, lim downloadLimits) error {
 	fi, err := guest.Lstat(src)
 	if err != nil {
 		return fmt.Errorf("the guest's %s: %w (was the workspace pushed there? see --dest)", src, err)
@@ -367,6 +388,7 @@ func Download(ctx context.Context, guest FS, src, dst string, keep func(rel stri
 	// list a level of directories at a time, in parallel
 	var dirs, files []entry
 	var mu sync.Mutex
+	entries := 0
 	level := []entry{{guest: src}}
 	for len(level) > 0 {
 		var next []entry
@@ -386,6 +408,13 @@ func Download(ctx context.Context, guest FS, src, dst string, keep func(rel stri
 				en := entry{path.Join(d.guest, n), path.Join(d.rel, n), e.Mode(), e.Size()}
 				if keep != nil && !keep(en.rel, e) {
 					continue
+				}
+				mu.Lock()
+				entries++
+				over := entries > lim.entries
+				mu.Unlock()
+				if over {
+					return fmt.Errorf("the guest's %s has more than %d entries: refusing to copy it", src, lim.entries)
 				}
 				switch {
 				case e.IsDir():
@@ -413,6 +442,8 @@ func Download(ctx context.Context, guest FS, src, dst string, keep func(rel stri
 		}
 		level = next
 	}
+	budget := &byteBudget{}
+	budget.left.Store(lim.bytes)
 	err = parallel(ctx, files, func(e entry) error {
 		if e.mode&fs.ModeSymlink != 0 {
 			t, err := guest.Readlink(e.guest)
@@ -421,7 +452,7 @@ func Download(ctx context.Context, guest FS, src, dst string, keep func(rel stri
 			}
 			return hd.Symlink(t, e.rel, false)
 		}
-		if err := downloadFile(guest, hd, e.guest, e.rel, e.mode, e.size); err != nil {
+		if err := downloadFile(guest, hd, e.guest, e.rel, e.mode, e.size, budget); err != nil {
 			return fmt.Errorf("copy the guest's %s: %w", e.guest, err)
 		}
 		return nil
@@ -440,7 +471,7 @@ func Download(ctx context.Context, guest FS, src, dst string, keep func(rel stri
 	return nil
 }
 
-func downloadFile(guest FS, hd *HostDir, src, rel string, mode fs.FileMode, size int64) error {
+func downloadFile(guest FS, hd *HostDir, src, rel string, mode fs.FileMode, size int64, budget *byteBudget) error {
 	r, err := guest.Open(src)
 	if err != nil {
 		return err
@@ -450,12 +481,13 @@ func downloadFile(guest FS, hd *HostDir, src, rel string, mode fs.FileMode, size
 	if err != nil {
 		return err
 	}
+	bw := budgetWriter{w, budget}
 	if size < 64<<10 {
 		// small: plain reads, without the sftp file's fstat before its
 		// concurrent WriteTo
-		_, err = io.CopyBuffer(w, struct{ io.Reader }{r}, make([]byte, 32<<10))
+		_, err = io.CopyBuffer(bw, struct{ io.Reader }{r}, make([]byte, 32<<10))
 	} else {
-		_, err = io.Copy(w, r) // the sftp file's concurrent WriteTo
+		_, err = io.Copy(bw, r) // the sftp file's concurrent WriteTo
 	}
 	if err == nil {
 		err = SetFileMeta(w, mode, time.Time{})
@@ -464,4 +496,21 @@ func downloadFile(guest FS, hd *HostDir, src, rel string, mode fs.FileMode, size
 		err = cerr
 	}
 	return err
+}
+
+// byteBudget is what is left of a Download's byte bound, shared by the
+// files copied in parallel.
+type byteBudget struct{ left atomic.Int64 }
+
+// budgetWriter writes to w while the budget lasts.
+type budgetWriter struct {
+	w io.Writer
+	b *byteBudget
+}
+
+func (bw budgetWriter) Write(p []byte) (int, error) {
+	if bw.b.left.Add(-int64(len(p))) < 0 {
+		return 0, errors.New("the guest sent more bytes than a download accepts: refusing the rest")
+	}
+	return bw.w.Write(p)
 }

@@ -3,6 +3,8 @@ package workspace
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -388,5 +390,54 @@ func TestParallelFirstError(t *testing.T) {
 	cancel()
 	if err := parallel(ctx, []int{1, 2, 3}, func(int) error { return nil }); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled: %v", err)
+	}
+}
+
+// endless is a guest whose files serve far more bytes than they listed
+// (4 MiB each here, so a regression fails rather than fills the disk).
+type endless struct{ LocalFS }
+
+func (endless) Open(p string) (io.ReadCloser, error) {
+	return io.NopCloser(io.LimitReader(zeroReader{}, 4<<20)), nil
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+// TestDownloadBounded plays a guest that lists more entries, or serves more
+// bytes, than a download accepts: the copy stops with an error instead of
+// filling the host's disk.
+func TestDownloadBounded(t *testing.T) {
+	g := t.TempDir()
+	for i := range 5 {
+		write(t, filepath.Join(g, fmt.Sprint("f", i)), "0123456789", 0o644)
+	}
+	tests := []struct {
+		name    string
+		guest   FS
+		lim     downloadLimits
+		wantErr string
+	}{
+		{"within bounds", LocalFS{}, downloadLimits{50, 5}, ""},
+		{"too many entries", LocalFS{}, downloadLimits{1 << 20, 4}, "more than 4 entries"},
+		{"too many bytes", LocalFS{}, downloadLimits{49, 5}, "more bytes"},
+		{"endless file", endless{}, downloadLimits{1 << 20, 5}, "more bytes"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			err := download(ctx, tt.guest, g, filepath.Join(t.TempDir(), "copy"), nil, tt.lim)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("got %v, want an error with %q", err, tt.wantErr)
+			}
+		})
 	}
 }
