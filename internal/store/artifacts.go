@@ -56,20 +56,7 @@ func scanImage(r scanner) (*Image, error) {
 
 // ListImages returns images, newest first.
 func (s *Store) ListImages(ctx context.Context) ([]*Image, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+imageCols+` FROM images ORDER BY created_at DESC, rowid DESC`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := []*Image{}
-	for rows.Next() {
-		im, err := scanImage(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, im)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanImage, `SELECT `+imageCols+` FROM images ORDER BY created_at DESC, rowid DESC`)
 }
 
 // FindImage resolves an image by exact id or name (a name wins over an id).
@@ -95,20 +82,7 @@ func (s *Store) VMsUsing(ctx context.Context, column, id string) ([]string, erro
 	if column != "image_id" && column != "kernel_id" {
 		return nil, fmt.Errorf("bad column %q", column)
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT name FROM vms WHERE `+column+`=? ORDER BY name`, id)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var n string
-		if err := rows.Scan(&n); err != nil {
-			return nil, err
-		}
-		out = append(out, n)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanName, `SELECT name FROM vms WHERE `+column+`=? ORDER BY name`, id)
 }
 
 // CreateKernel registers a kernel; a taken name gives ErrConflict.
@@ -138,20 +112,7 @@ func scanKernel(r scanner) (*Kernel, error) {
 
 // ListKernels returns kernels, newest first.
 func (s *Store) ListKernels(ctx context.Context) ([]*Kernel, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+kernelCols+` FROM kernels ORDER BY created_at DESC, rowid DESC`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := []*Kernel{}
-	for rows.Next() {
-		k, err := scanKernel(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, k)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanKernel, `SELECT `+kernelCols+` FROM kernels ORDER BY created_at DESC, rowid DESC`)
 }
 
 // FindKernel resolves a kernel by id or name.

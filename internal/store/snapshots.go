@@ -50,20 +50,7 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn *Snapshot) error {
 
 // ListSnapshots returns snapshots, newest first.
 func (s *Store) ListSnapshots(ctx context.Context) ([]*Snapshot, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+snapCols+snapFrom+` ORDER BY s.created_at DESC, s.rowid DESC`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := []*Snapshot{}
-	for rows.Next() {
-		sn, err := scanSnapshot(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, sn)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanSnapshot, `SELECT `+snapCols+snapFrom+` ORDER BY s.created_at DESC, s.rowid DESC`)
 }
 
 // FindSnapshot resolves a snapshot by exact id or name.
@@ -87,18 +74,5 @@ func (s *Store) SnapshotsUsing(ctx context.Context, column, id string) ([]string
 	if column != "image_id" && column != "kernel_id" {
 		return nil, errf(ErrInvalid, "bad column %q", column)
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT name FROM snapshots WHERE `+column+`=? ORDER BY name`, id)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var n string
-		if err := rows.Scan(&n); err != nil {
-			return nil, err
-		}
-		out = append(out, n)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanName, `SELECT name FROM snapshots WHERE `+column+`=? ORDER BY name`, id)
 }

@@ -148,3 +148,29 @@ func isUniqueErr(err error) bool {
 func isFKErr(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "FOREIGN KEY constraint failed")
 }
+
+// queryAll runs query and scans every row with scan. The result is never nil
+// (an empty list encodes as [], not null).
+func queryAll[T any](ctx context.Context, db *sql.DB, scan func(scanner) (T, error), query string, args ...any) ([]T, error) {
+	rows, err := db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := []T{}
+	for rows.Next() {
+		v, err := scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// scanName scans a one-column row of a name.
+func scanName(r scanner) (string, error) {
+	var n string
+	err := r.Scan(&n)
+	return n, err
+}

@@ -122,20 +122,11 @@ func (s *Store) GetVM(ctx context.Context, id string) (*VM, error) {
 
 // ListVMs returns all VMs, oldest first.
 func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+vmColumns+vmFrom+` ORDER BY v.created_at, v.name`)
+	l, err := queryAll(ctx, s.db, scanVM, `SELECT `+vmColumns+vmFrom+` ORDER BY v.created_at, v.name`)
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}
-	defer rows.Close()
-	out := []*VM{}
-	for rows.Next() {
-		v, err := scanVM(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, v)
-	}
-	return out, rows.Err()
+	return l, nil
 }
 
 // vmJSONObject builds, in SQL, the object encoding/json makes of a VM (the
