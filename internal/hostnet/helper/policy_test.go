@@ -713,3 +713,73 @@ func TestForwardingGuard(t *testing.T) {
 		t.Errorf("ip_forward %q after remove_nat, want 0 (banger had turned it on)", forward())
 	}
 }
+
+// TestDNSForwarderStopsWithNAT: remove_nat and delete_bridge leave no DNS
+// forwarder socket behind, also when banger's table or bridge went away
+// out of band first (a firewall reload, `ip link del`).
+func TestDNSForwarderStopsWithNAT(t *testing.T) {
+	env := nettest.New(t)
+	resolv := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h := startHelper(t, env, "--resolv-conf", resolv)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := &hostnet.Client{Socket: h.sock}
+	gw := mustPrefix("172.30.0.1/24")
+	dns := net.UDPAddrFromAddrPort(netip.AddrPortFrom(gw.Addr(), 53))
+	// portFree binds the forwarder's address itself; IP_FREEBIND so that a
+	// gone bridge address does not fail the bind, only a socket left on it.
+	portFree := func() error {
+		lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_IP, unix.IP_FREEBIND, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+		return env.Do(func() error {
+			p, err := lc.ListenPacket(ctx, "udp4", dns.String())
+			if err == nil {
+				p.Close()
+			}
+			return err
+		})
+	}
+	for _, tc := range []struct {
+		name      string
+		outOfBand func() error
+		call      func() (bool, error)
+	}{
+		{"remove_nat", nil, func() (bool, error) { return c.RemoveNAT(ctx, "banger0") }},
+		{"remove_nat after the table went", func() error { _, err := netcfg.RemoveNAT(hostnet.NATTable, "banger0"); return err },
+			func() (bool, error) { return c.RemoveNAT(ctx, "banger0") }},
+		{"delete_bridge", nil, func() (bool, error) { return c.DeleteBridge(ctx, "banger0") }},
+		{"delete_bridge after the bridge went", func() error { _, err := netcfg.DeleteBridge("banger0"); return err },
+			func() (bool, error) { return c.DeleteBridge(ctx, "banger0") }},
+	} {
+		if _, err := c.EnsureBridge(ctx, "banger0", gw); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if res, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String(), AllowDNS: true}); err != nil || res.DNS == "" {
+			t.Fatalf("%s: ensure_nat: %+v %v", tc.name, res, err)
+		}
+		if err := portFree(); err == nil {
+			t.Fatalf("%s: control: port 53 on the gateway free with the forwarder running", tc.name)
+		}
+		if tc.outOfBand != nil {
+			if err := env.Do(tc.outOfBand); err != nil {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+		}
+		if _, err := tc.call(); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if err := portFree(); err != nil {
+			t.Errorf("%s: the DNS forwarder's socket is left: %v", tc.name, err)
+		}
+	}
+}

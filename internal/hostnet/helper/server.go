@@ -488,8 +488,13 @@ func (s *server) deleteBridge(ctx context.Context, c Caller, p hostnet.BridgePar
 		return hostnet.DeletedResult{}, err
 	}
 	exists, _, _, err := netcfg.BridgeInfo(p.Bridge)
-	if err != nil || !exists {
+	if err != nil {
 		return hostnet.DeletedResult{}, err
+	}
+	if !exists {
+		// Removed out of band: the forwarder on its gateway goes too.
+		s.stopDNS()
+		return hostnet.DeletedResult{}, nil
 	}
 	mark, err := s.mark()
 	if err != nil {
@@ -815,8 +820,14 @@ func (s *server) removeNAT(ctx context.Context, c Caller, p hostnet.BridgeParams
 		return hostnet.DeletedResult{}, err
 	}
 	exists, err := netcfg.NATExists(s.table)
-	if err != nil || !exists {
+	if err != nil {
 		return hostnet.DeletedResult{}, err
+	}
+	if !exists {
+		// Removed out of band (a firewall reload): the forwarder the
+		// table let guests reach goes too.
+		s.stopDNS()
+		return hostnet.DeletedResult{}, nil
 	}
 	mark, err := s.mark()
 	if err != nil {
