@@ -40,31 +40,33 @@ func bins(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
-		root := repoRoot(t)
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/banger", "./cmd/bangerd")
-		cmd.Dir = root
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Run(); err != nil {
-			buildErr = &buildError{err, out.String()}
+		if buildErr = goBuild(t, binDir, nil, "./cmd/banger", "./cmd/bangerd"); buildErr != nil {
 			return
 		}
 		// The agent goes next to bangerd, where bangerd looks for it.
-		if _, err := os.Stat(filepath.Join(root, "cmd", "banger-agent")); err == nil {
-			cmd = exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", binDir+"/", "./cmd/banger-agent")
-			cmd.Dir = root
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-			out.Reset()
-			cmd.Stdout, cmd.Stderr = &out, &out
-			if err := cmd.Run(); err != nil {
-				buildErr = &buildError{err, out.String()}
-			}
+		if _, err := os.Stat(filepath.Join(repoRoot(t), "cmd", "banger-agent")); err == nil {
+			buildErr = goBuild(t, binDir, []string{"CGO_ENABLED=0"}, "-trimpath", "-ldflags=-s -w", "./cmd/banger-agent")
 		}
 	})
 	if buildErr != nil {
 		t.Fatalf("build binaries: %v", buildErr)
 	}
 	return binDir
+}
+
+// goBuild runs go build with args (flags, then packages) from the module
+// root into dir, with the extra environment, under a 5-minute deadline.
+func goBuild(t testing.TB, dir string, env []string, args ...string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "go", append([]string{"build", "-o", dir + "/"}, args...)...)
+	cmd.Dir = repoRoot(t)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return &buildError{err, string(out)}
+	}
+	return nil
 }
 
 type buildError struct {

@@ -222,10 +222,7 @@ func faultBangerd(t *testing.T) string {
 		if faultErr = os.MkdirAll(fdir, 0o755); faultErr != nil {
 			return
 		}
-		cmd := exec.Command("go", "build", "-tags", "faultinject", "-o", fdir+"/", "./cmd/bangerd")
-		cmd.Dir = repoRoot(t)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			faultErr = fmt.Errorf("%v: %s", err, out)
+		if faultErr = goBuild(t, fdir, nil, "-tags", "faultinject", "./cmd/bangerd"); faultErr != nil {
 			return
 		}
 		b, err := os.ReadFile(filepath.Join(dir, "banger-agent"))

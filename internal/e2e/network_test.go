@@ -39,14 +39,7 @@ func helperBinary(t *testing.T) string {
 	t.Helper()
 	dir := bins(t)
 	helperBuildOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "./cmd/banger-helper")
-		cmd.Dir = repoRoot(t)
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Run(); err != nil {
-			helperBuildErr = &buildError{err, out.String()}
+		if helperBuildErr = goBuild(t, dir, nil, "./cmd/banger-helper"); helperBuildErr != nil {
 			return
 		}
 		helperBin = filepath.Join(dir, "banger-helper")
