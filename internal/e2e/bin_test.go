@@ -204,7 +204,7 @@ func rawCall(t *testing.T, sock string, lines ...string) []map[string]any {
 }
 
 // nobodyUID is the unprivileged user bangerd runs as in the end-to-end tests.
-const nobodyUID = 65534
+const nobodyUID = testenv.NobodyUID
 
 // daemonUID is the user the VM tests run bangerd as: nobody when the tests
 // run as root (as CI does), so that they see what a user's own bangerd sees

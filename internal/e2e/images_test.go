@@ -263,7 +263,7 @@ func TestImagesRealGuest(t *testing.T) {
 				if os.Geteuid() != 0 {
 					t.Skip("running bangerd as another user needs root")
 				}
-				uid = 65534
+				uid = nobodyUID
 				os.Chmod(bins(t), 0o755)
 			}
 			kdeb := filepath.Join(h, "kernel.deb")

@@ -124,10 +124,10 @@ func TestGuestNetworkEgress(t *testing.T) {
 		line, err := dialAsUser(t, e, 0, ega)
 		return err == nil && line == "hi-ega"
 	})
-	if line, err := dialAsUser(t, e, 65534, internet); err != nil || !strings.HasPrefix(line, "hello") {
+	if line, err := dialAsUser(t, e, nobodyUID, internet); err != nil || !strings.HasPrefix(line, "hello") {
 		t.Fatalf("control: nobody's nc does not reach %s: %q %v", internet, line, err)
 	}
-	if line, err := dialAsUser(t, e, 65534, ega); err == nil || line == "hi-ega" {
+	if line, err := dialAsUser(t, e, nobodyUID, ega); err == nil || line == "hi-ega" {
 		t.Errorf("nobody → guest %s: %q %v, want refused", ega, line, err)
 	}
 
