@@ -236,21 +236,6 @@ func (s *vmService) poolSet(ctx context.Context, sp api.PoolSpec) (*api.Pool, er
 	return &api.Pool{PoolSpec: sp}, nil
 }
 
-// poolLoop keeps the pools filled until ctx ends.
-func (s *vmService) poolLoop(ctx context.Context) {
-	t := time.NewTicker(poolRefillEvery)
-	defer t.Stop()
-	for {
-		s.poolRefill(ctx)
-		select {
-		case <-ctx.Done():
-			return
-		case <-s.pool.kick:
-		case <-t.C:
-		}
-	}
-}
-
 // poolRefill makes missing pool VMs, one at a time, within the budget.
 func (s *vmService) poolRefill(ctx context.Context) {
 	s.pool.mu.Lock()

@@ -51,18 +51,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	d.vms.reconcile(ctx)
 	d.sweepImageTemps(ctx) // leftovers of image operations a previous bangerd did not finish
 	d.vms.startStatsPoller(ctx)
-	pctx, pcancel := context.WithCancel(context.WithoutCancel(ctx))
-	poolDone := make(chan struct{})
-	go func() { defer close(poolDone); d.vms.poolLoop(pctx) }()
-	d.addCloser("ready pool", func() error {
-		pcancel()
-		select {
-		case <-poolDone:
-		case <-time.After(30 * time.Second):
-			return errors.New("the pool refill did not stop within 30s")
-		}
-		return nil
-	})
+	d.addCloser("ready pool", runEvery(ctx, "pool refill", poolRefillEvery, d.vms.pool.kick, d.vms.poolRefill))
 	d.addCloser("stats poller", d.vms.poller().stop)
 	d.addCloser("ttl reaper", d.vms.startReaper(ctx))
 	return nil

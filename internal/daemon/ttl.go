@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/bangerdev/banger/api"
@@ -113,32 +112,18 @@ func (s *vmService) markExpiry(vm *store.VM) {
 // not) every second until the returned stop is called (bangerd registers it
 // as a closer).
 func (s *vmService) startReaper(ctx context.Context) func() error {
-	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		t := time.NewTicker(reaperInterval)
-		defer t.Stop()
-		for {
-			// One listing serves both: a VM the reaper deletes has no
-			// runtime and no ports file left, so syncForwards skips it.
-			if vms, ok := s.listForReaper(ctx); ok {
-				s.reapExpiredIn(ctx, vms, time.Now())
-				s.syncForwards(ctx, vms)
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
+	stop := runEvery(ctx, "ttl reaper", reaperInterval, nil, func(ctx context.Context) {
+		// One listing serves both: a VM the reaper deletes has no runtime
+		// and no ports file left, so syncForwards skips it.
+		if vms, ok := s.listForReaper(ctx); ok {
+			s.reapExpiredIn(ctx, vms, time.Now())
+			s.syncForwards(ctx, vms)
 		}
-	}()
+	})
 	return func() error {
-		cancel()
-		wg.Wait()
+		err := stop()
 		s.closeForwards()
-		return nil
+		return err
 	}
 }
 
