@@ -265,11 +265,14 @@ func (s *vmService) listDecorated() bool {
 }
 
 // anyDecorated reports whether some VM directory holds a file that vm.list
-// adds to the records.
+// adds to the records (one read of the VMs directory, then a stat per file).
 func (s *vmService) anyDecorated() bool {
-	for _, f := range []string{expiryFile, portsFile, poolMarker} {
-		if m, _ := filepath.Glob(filepath.Join(s.layout.VMsDir(), "*", f)); len(m) > 0 {
-			return true
+	ents, _ := os.ReadDir(s.layout.VMsDir())
+	for _, e := range ents {
+		for _, f := range []string{expiryFile, portsFile, poolMarker} {
+			if _, err := os.Lstat(filepath.Join(s.layout.VMsDir(), e.Name(), f)); err == nil {
+				return true
+			}
 		}
 	}
 	return false
