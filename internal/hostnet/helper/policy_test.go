@@ -714,8 +714,8 @@ func TestForwardingGuard(t *testing.T) {
 	}
 }
 
-// TestDNSForwarderStopsWithNAT: remove_nat and delete_bridge leave no DNS
-// forwarder socket behind, also when banger's table or bridge went away
+// TestDNSForwarderStopsWithNAT: ensure_nat without allow_dns, remove_nat
+// and delete_bridge leave no DNS forwarder socket behind, also when banger's table or bridge went away
 // out of band first (a firewall reload, `ip link del`).
 func TestDNSForwarderStopsWithNAT(t *testing.T) {
 	env := nettest.New(t)
@@ -754,6 +754,10 @@ func TestDNSForwarderStopsWithNAT(t *testing.T) {
 		outOfBand func() error
 		call      func() (bool, error)
 	}{
+		{"ensure_nat without allow_dns", nil, func() (bool, error) {
+			_, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String()})
+			return false, err
+		}},
 		{"remove_nat", nil, func() (bool, error) { return c.RemoveNAT(ctx, "banger0") }},
 		{"remove_nat after the table went", func() error { _, err := netcfg.RemoveNAT(hostnet.NATTable, "banger0"); return err },
 			func() (bool, error) { return c.RemoveNAT(ctx, "banger0") }},

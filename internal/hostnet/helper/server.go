@@ -761,7 +761,9 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 		s.warnL2(ctx)
 	}
 	res := hostnet.NATResult{Table: "inet " + s.table, Subnet: gw.Masked().String(), OutIface: out, L2Isolation: l2}
-	if p.AllowDNS {
+	if !p.AllowDNS {
+		s.stopDNS() // the ruleset no longer lets guests reach it
+	} else {
 		// DNS never fails the call: the VM still starts, with a warning.
 		a, err := s.startDNS(ctx, gw)
 		switch {
