@@ -5,9 +5,11 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -149,4 +151,28 @@ func newDispatchTestServer(t *testing.T) (*sshd.Server, net.Listener, *slog.Logg
 		t.Fatal(err)
 	}
 	return srv, l, log
+}
+
+// TestDispatchCloseReleasesPending: an SSH connection classified while
+// nobody Accepts (the server stopped, the agent listens again) is closed
+// by Close, not held open until the agent exits.
+func TestDispatchCloseReleasesPending(t *testing.T) {
+	srv, l, log := newDispatchTestServer(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d := newDispatchListener(ctx, l, newBulkKey(nil), srv, log)
+	c, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("SSH-2.0-test\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	// EOF, or a reset when Close came before the listener accepted it
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("the pending connection was not closed: %v", err)
+	}
 }

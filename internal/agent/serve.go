@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -74,8 +75,9 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 		if err != nil {
 			return err
 		}
-		err = srv.Serve(ctx, newDispatchListener(ctx, l, keys, srv, log))
-		l.Close()
+		d := newDispatchListener(ctx, l, keys, srv, log)
+		err = srv.Serve(ctx, d)
+		d.Close()
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -99,9 +101,11 @@ const classifyWait = 2 * time.Second
 // rest, SSH connections, from Accept.
 type dispatchListener struct {
 	net.Listener
-	ctx   context.Context
-	conns chan net.Conn
-	errc  chan error
+	ctx    context.Context
+	conns  chan net.Conn
+	errc   chan error
+	closed chan struct{} // closed by Close
+	once   sync.Once
 }
 
 // bulkKey is the key bulk streams must present: the boot config's, until a
@@ -136,7 +140,7 @@ func (b *bulkKey) onReidentify(apply func(api.Reidentify) error) func(api.Reiden
 }
 
 func newDispatchListener(ctx context.Context, l net.Listener, keys *bulkKey, srv *sshd.Server, log *slog.Logger) *dispatchListener {
-	d := &dispatchListener{Listener: l, ctx: ctx, conns: make(chan net.Conn), errc: make(chan error, 1)}
+	d := &dispatchListener{Listener: l, ctx: ctx, conns: make(chan net.Conn), errc: make(chan error, 1), closed: make(chan struct{})}
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -151,6 +155,8 @@ func newDispatchListener(ctx context.Context, l net.Listener, keys *bulkKey, srv
 					case d.conns <- pc:
 					case <-ctx.Done():
 						pc.Close()
+					case <-d.closed:
+						pc.Close() // nobody will Accept it
 					}
 					return
 				}
@@ -174,7 +180,16 @@ func (d *dispatchListener) Accept() (net.Conn, error) {
 		return nil, err
 	case <-d.ctx.Done():
 		return nil, net.ErrClosed
+	case <-d.closed:
+		return nil, net.ErrClosed
 	}
+}
+
+// Close closes the listener and the SSH connections classified but not yet
+// accepted.
+func (d *dispatchListener) Close() error {
+	d.once.Do(func() { close(d.closed) })
+	return d.Listener.Close()
 }
 
 // listen opens the host channel named by the boot config, waiting (bounded)
