@@ -338,6 +338,9 @@ func (q *queue) fail(err error) {
 	q.mu.Unlock()
 }
 
+// closeWait bounds how long Close waits to say goodbye to the peer.
+const closeWait = time.Second
+
 // queueSize bounds what a Chan buffers of each incoming data stream.
 const queueSize = 4 << 20
 
@@ -513,6 +516,9 @@ func (c *Chan) CloseWrite() error {
 func (c *Chan) Close() error {
 	c.closed.Do(func() {
 		close(c.closing)
+		// a write the peer never reads holds the write lock: the
+		// deadline ends it, and bounds this goodbye
+		_ = c.conn.SetWriteDeadline(time.Now().Add(closeWait))
 		_ = c.send(FrameClose, nil)
 		c.conn.Close()
 		c.in.fail(net.ErrClosed)

@@ -319,3 +319,29 @@ func TestChanCloseWithUnreadRequests(t *testing.T) {
 		t.Fatal("Close left SendRequest waiting for a reply")
 	}
 }
+
+// TestChanCloseWithStalledPeer plays a guest that stops reading: a write
+// blocked on it holds the write lock, and Close (the host's cancel) must
+// still return and end the stream.
+func TestChanCloseWithStalledPeer(t *testing.T) {
+	host, guest := net.Pipe()
+	defer guest.Close()
+	ch := NewChan(host)
+	go ch.Write(make([]byte, 1<<20)) // never read by the guest
+	// poll until the writer holds the lock
+	deadline := time.Now().Add(10 * time.Second)
+	for ch.wmu.TryLock() {
+		ch.wmu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("the write never started")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	closed := make(chan struct{})
+	go func() { ch.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close blocked behind a write the peer never reads")
+	}
+}
