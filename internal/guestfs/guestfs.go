@@ -65,12 +65,31 @@ func (s SFTP) Symlink(t, p string) error {
 	}
 	defer sess.Close()
 	var stderr strings.Builder
-	sess.Stderr = &stderr
+	sess.Stderr = &capWriter{w: &stderr, n: maxStderr}
 	if err := sess.Run(ShellJoin([]string{"ln", "-sfn", "--", t, abs})); err != nil {
 		return fmt.Errorf("ln -s in the guest: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return nil
 }
+
+// maxStderr bounds what of a guest command's stderr an error quotes.
+const maxStderr = 4 << 10
+
+// capWriter keeps the first n bytes written to w and discards the rest.
+type capWriter struct {
+	w io.Writer
+	n int
+}
+
+func (c *capWriter) Write(p []byte) (int, error) {
+	if c.n > 0 {
+		k := min(len(p), c.n)
+		c.n -= k
+		_, _ = c.w.Write(p[:k])
+	}
+	return len(p), nil
+}
+
 func (s SFTP) Remove(p string) error               { return s.C.Remove(p) }
 func (s SFTP) Chmod(p string, m fs.FileMode) error { return s.C.Chmod(p, m) }
 func (s SFTP) Chtimes(p string, mtime time.Time) error {
