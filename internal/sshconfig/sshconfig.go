@@ -15,6 +15,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/bangerdev/banger/internal/guestfs"
 )
 
 // Prefix is the default host name prefix.
@@ -40,13 +42,14 @@ func Render(p Params, vms []string) string {
 	}
 	b.WriteString("# " + header + "\n")
 	pct := func(s string) string { return strings.ReplaceAll(s, "%", "%%") }
-	proxy := pct(shellWord(p.Banger)) + " ssh-proxy %h"
+	// ProxyCommand runs in /bin/sh: its words are quoted for it
+	proxy := pct(guestfs.ShellQuote(p.Banger)) + " ssh-proxy %h"
 	if p.BangerHome != "" {
 		home := p.BangerHome
 		if abs, err := filepath.Abs(home); err == nil {
 			home = abs
 		}
-		proxy = "env " + pct(shellWord("BANGER_HOME="+home)) + " " + proxy
+		proxy = "env " + pct(guestfs.ShellQuote("BANGER_HOME="+home)) + " " + proxy
 	}
 	for _, name := range vms {
 		fmt.Fprintf(&b, "\nHost %s\n", p.Prefix+name)
@@ -71,16 +74,6 @@ func Word(s string) string {
 		return `"` + strings.ReplaceAll(s, `"`, `\"`) + `"`
 	}
 	return s
-}
-
-// shellWord quotes one word for /bin/sh (ProxyCommand runs in a shell).
-func shellWord(s string) string {
-	if s != "" && strings.IndexFunc(s, func(r rune) bool {
-		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=:,@+%", r))
-	}) < 0 {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // IncludeLine is the line Install adds.
