@@ -107,7 +107,7 @@ func TestForwarderRelays(t *testing.T) {
 	port := freePort(t)
 	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: port, Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: rc})
 	if err != nil {
-		t.Skipf("cannot listen on 127.0.0.1:%d: %v", port, err)
+		t.Fatalf("start the forwarder on 127.0.0.1:%d: %v", port, err)
 	}
 	defer f.Close()
 	pinUpstream(f, up)
@@ -163,7 +163,7 @@ func TestForwarderRelays(t *testing.T) {
 func TestClientsOutsideRangeIgnored(t *testing.T) {
 	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: freePort(t), Clients: netip.MustParsePrefix("172.30.0.0/24"), ResolvConf: "/nonexistent"})
 	if err != nil {
-		t.Skip(err)
+		t.Fatalf("start the forwarder: %v", err)
 	}
 	defer f.Close()
 	c, _ := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(f.Addr()))
@@ -223,7 +223,7 @@ func BenchmarkRelayUDP(b *testing.B) {
 	up := fakeUpstream(b)
 	f, err := Start(Config{Listen: netip.MustParseAddr("127.0.0.1"), Port: freePort(b), Clients: netip.MustParsePrefix("127.0.0.0/8"), ResolvConf: "/nonexistent"})
 	if err != nil {
-		b.Skip(err)
+		b.Fatalf("start the forwarder: %v", err)
 	}
 	defer f.Close()
 	pinUpstream(f, up)
