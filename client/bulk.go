@@ -272,7 +272,7 @@ func (c *Client) SFTP(ctx context.Context, vm string) (*sftp.Client, func(), err
 // command's stderr when it exits non-zero.
 func (c *Client) Run(ctx context.Context, vm string, argv []string) error {
 	var stderr strings.Builder
-	code, err := c.Exec(ctx, vm, argv, ExecOptions{Stderr: &limitedWriter{w: &stderr, n: 4096}})
+	code, err := c.Exec(ctx, vm, argv, ExecOptions{Stderr: &guestfs.LimitWriter{W: &stderr, N: 4096}})
 	if err != nil {
 		return err
 	}
@@ -280,19 +280,4 @@ func (c *Client) Run(ctx context.Context, vm string, argv []string) error {
 		return fmt.Errorf("%s in %s: exit status %d: %s", argv[0], vm, code, strings.TrimSpace(stderr.String()))
 	}
 	return nil
-}
-
-// limitedWriter keeps the first n bytes and discards the rest.
-type limitedWriter struct {
-	w io.Writer
-	n int
-}
-
-func (l *limitedWriter) Write(p []byte) (int, error) {
-	if l.n > 0 {
-		k := min(len(p), l.n)
-		l.n -= k
-		_, _ = l.w.Write(p[:k])
-	}
-	return len(p), nil
 }

@@ -65,7 +65,7 @@ func (s SFTP) Symlink(t, p string) error {
 	}
 	defer sess.Close()
 	var stderr strings.Builder
-	sess.Stderr = &capWriter{w: &stderr, n: maxStderr}
+	sess.Stderr = &LimitWriter{W: &stderr, N: maxStderr}
 	if err := sess.Run(ShellJoin([]string{"ln", "-sfn", "--", t, abs})); err != nil {
 		return fmt.Errorf("ln -s in the guest: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
@@ -75,17 +75,18 @@ func (s SFTP) Symlink(t, p string) error {
 // maxStderr bounds what of a guest command's stderr an error quotes.
 const maxStderr = 4 << 10
 
-// capWriter keeps the first n bytes written to w and discards the rest.
-type capWriter struct {
-	w io.Writer
-	n int
+// LimitWriter keeps the first N bytes written to W and discards the rest,
+// reporting every write as whole (for a guest's stderr that an error quotes).
+type LimitWriter struct {
+	W io.Writer
+	N int
 }
 
-func (c *capWriter) Write(p []byte) (int, error) {
-	if c.n > 0 {
-		k := min(len(p), c.n)
-		c.n -= k
-		_, _ = c.w.Write(p[:k])
+func (l *LimitWriter) Write(p []byte) (int, error) {
+	if l.N > 0 {
+		k := min(len(p), l.N)
+		l.N -= k
+		_, _ = l.W.Write(p[:k])
 	}
 	return len(p), nil
 }
