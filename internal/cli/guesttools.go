@@ -194,8 +194,9 @@ func (a *App) portsCommand() *cobra.Command {
 				if p.PID > 0 {
 					pid = strconv.Itoa(p.PID)
 				}
-				// guest-provided: a process names itself
-				rows = append(rows, []string{termsafe.Line(p.Proto), termsafe.Line(p.Address), strconv.Itoa(p.Port), pid, orDash(termsafe.Line(p.Process))})
+				// guest-provided (a process names itself): a.table strips each cell;
+				// the process is stripped first so that one of only controls shows "-"
+				rows = append(rows, []string{p.Proto, p.Address, strconv.Itoa(p.Port), pid, orDash(termsafe.Line(p.Process))})
 			}
 			return a.table([]string{"PROTO", "ADDRESS", "PORT", "PID", "PROCESS"}, rows)
 		},
