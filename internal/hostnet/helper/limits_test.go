@@ -216,13 +216,14 @@ func TestBridgeMarkRoundTrip(t *testing.T) {
 	for _, m := range []netcfg.BridgeMark{
 		{Owner: 0},
 		{Owner: 1000, NATOwner: &n, Gateway: netip.MustParsePrefix("172.30.0.1/24")},
+		{Owner: 1000, NATOwner: &n, Gateway: netip.MustParsePrefix("172.30.0.1/24"), DNS: true},
 	} {
 		got, ok := netcfg.ParseBridgeMark(m.String())
 		if !ok || got.String() != m.String() {
 			t.Errorf("round trip of %q: %q %v", m, got, ok)
 		}
 	}
-	for _, alias := range []string{"", "my bridge", "banger ", "banger owner=x", "banger owner=1 evil=2", "banger nat_owner=1", "banger owner=99999999999"} {
+	for _, alias := range []string{"", "my bridge", "banger ", "banger owner=x", "banger owner=1 evil=2", "banger nat_owner=1", "banger owner=99999999999", "banger owner=1 dns=yes"} {
 		if _, ok := netcfg.ParseBridgeMark(alias); ok {
 			t.Errorf("alias %q parsed as banger's mark (the bridge would not belong to root)", alias)
 		}

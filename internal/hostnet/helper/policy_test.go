@@ -714,6 +714,84 @@ func TestForwardingGuard(t *testing.T) {
 	}
 }
 
+// dnsPortFree binds the forwarder's address itself in env's namespace;
+// IP_FREEBIND so that a gone bridge address does not fail the bind, only a
+// socket left on it.
+func dnsPortFree(ctx context.Context, env *nettest.Env, dns *net.UDPAddr) error {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_IP, unix.IP_FREEBIND, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	return env.Do(func() error {
+		p, err := lc.ListenPacket(ctx, "udp4", dns.String())
+		if err == nil {
+			p.Close()
+		}
+		return err
+	})
+}
+
+// TestDNSForwarderResumesOnlyWithAllowDNS: a restarted helper starts the
+// DNS forwarder again only when the NAT was made with allow_dns; after
+// ensure_nat without it (or after allow_dns was turned off) the restart
+// leaves port 53 on the gateway alone, as the ruleset does.
+func TestDNSForwarderResumesOnlyWithAllowDNS(t *testing.T) {
+	env := nettest.New(t)
+	resolv := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	gw := mustPrefix("172.30.0.1/24")
+	dns := net.UDPAddrFromAddrPort(netip.AddrPortFrom(gw.Addr(), 53))
+	for _, tc := range []struct {
+		name  string
+		calls []bool // allow_dns of each ensure_nat, in order
+		want  bool   // a forwarder after the restart
+	}{
+		{"allow_dns", []bool{true}, true},
+		{"without allow_dns", []bool{false}, false},
+		{"allow_dns turned off", []bool{true, false}, false},
+		{"allow_dns turned on", []bool{false, true}, true},
+	} {
+		h := startHelper(t, env, "--resolv-conf", resolv)
+		c := &hostnet.Client{Socket: h.sock}
+		if _, err := c.EnsureBridge(ctx, "banger0", gw); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		for _, allow := range tc.calls {
+			if _, err := c.EnsureNAT(ctx, hostnet.EnsureNATParams{Bridge: "banger0", CIDR: gw.String(), AllowDNS: allow}); err != nil {
+				t.Fatalf("%s: ensure_nat: %v", tc.name, err)
+			}
+		}
+		if err := h.stop(t); err != nil {
+			t.Fatalf("%s: stop helper: %v", tc.name, err)
+		}
+		h = startHelper(t, env, "--resolv-conf", resolv)
+		c = &hostnet.Client{Socket: h.sock}
+		// The helper resumes before it serves, so the forwarder's state is
+		// settled once a call is answered.
+		if _, err := c.List(ctx); err != nil {
+			t.Fatalf("%s: list: %v", tc.name, err)
+		}
+		if got := dnsPortFree(ctx, env, dns) != nil; got != tc.want {
+			t.Errorf("%s: forwarder after the restart = %v, want %v", tc.name, got, tc.want)
+		}
+		if _, err := c.DeleteBridge(ctx, "banger0"); err != nil {
+			t.Fatalf("%s: delete_bridge: %v", tc.name, err)
+		}
+		if err := h.stop(t); err != nil {
+			t.Fatalf("%s: stop helper: %v", tc.name, err)
+		}
+	}
+}
+
 // TestDNSForwarderStopsWithNAT: ensure_nat without allow_dns, remove_nat
 // and delete_bridge leave no DNS forwarder socket behind, also when banger's table or bridge went away
 // out of band first (a firewall reload, `ip link del`).
@@ -729,26 +807,7 @@ func TestDNSForwarderStopsWithNAT(t *testing.T) {
 	c := &hostnet.Client{Socket: h.sock}
 	gw := mustPrefix("172.30.0.1/24")
 	dns := net.UDPAddrFromAddrPort(netip.AddrPortFrom(gw.Addr(), 53))
-	// portFree binds the forwarder's address itself; IP_FREEBIND so that a
-	// gone bridge address does not fail the bind, only a socket left on it.
-	portFree := func() error {
-		lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			if err := rc.Control(func(fd uintptr) {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_IP, unix.IP_FREEBIND, 1)
-			}); err != nil {
-				return err
-			}
-			return serr
-		}}
-		return env.Do(func() error {
-			p, err := lc.ListenPacket(ctx, "udp4", dns.String())
-			if err == nil {
-				p.Close()
-			}
-			return err
-		})
-	}
+	portFree := func() error { return dnsPortFree(ctx, env, dns) }
 	for _, tc := range []struct {
 		name      string
 		outOfBand func() error

@@ -202,10 +202,15 @@ func newServer(cfg *Config) (*rpc.Server, *server, error) {
 }
 
 // resume restarts the DNS forwarder after a restart of the helper when
-// banger's bridge and NAT are in place (guests keep their resolver).
+// banger's bridge and NAT are in place and the NAT was made with allow_dns
+// (the bridge's mark says so), so guests keep their resolver; a NAT made
+// without allow_dns gets no forwarder from a restart either.
 func (s *server) resume(ctx context.Context) {
 	exists, _, addrs, err := netcfg.BridgeInfo(s.bridge)
 	if err != nil || !exists || len(addrs) != 1 {
+		return
+	}
+	if m, ok, err := netcfg.ReadBridgeMark(s.bridge); err != nil || !ok || !m.DNS {
 		return
 	}
 	if ok, err := netcfg.NATExists(s.table); err != nil || !ok {
@@ -750,9 +755,12 @@ func (s *server) ensureNAT(ctx context.Context, c Caller, p hostnet.EnsureNATPar
 	}
 	if mark, err := s.mark(); err != nil {
 		return hostnet.NATResult{}, err
-	} else if !natExisted {
-		owner := c.UID
-		mark.NATOwner = &owner
+	} else if !natExisted || mark.DNS != p.AllowDNS {
+		if !natExisted {
+			owner := c.UID
+			mark.NATOwner = &owner
+		}
+		mark.DNS = p.AllowDNS
 		if err := netcfg.WriteBridgeMark(p.Bridge, mark); err != nil {
 			return hostnet.NATResult{}, err
 		}

@@ -17,11 +17,15 @@ type BridgeMark struct {
 	Owner    uint32       // uid that created the bridge
 	NATOwner *uint32      // uid that created the NAT tables (nil: none recorded)
 	Gateway  netip.Prefix // the address the helper added (invalid: none)
+	// DNS records that the NAT tables let guests reach the helper's DNS
+	// forwarder (ensure_nat with allow_dns), so that a restarted helper
+	// starts the forwarder again only then.
+	DNS bool
 }
 
 const markPrefix = "banger "
 
-// String renders the alias ("banger owner=1000 nat_owner=1000 gw=172.30.0.1/24").
+// String renders the alias ("banger owner=1000 nat_owner=1000 gw=172.30.0.1/24 dns=on").
 func (m BridgeMark) String() string {
 	s := markPrefix + "owner=" + strconv.FormatUint(uint64(m.Owner), 10)
 	if m.NATOwner != nil {
@@ -29,6 +33,9 @@ func (m BridgeMark) String() string {
 	}
 	if m.Gateway.IsValid() {
 		s += " gw=" + m.Gateway.String()
+	}
+	if m.DNS {
+		s += " dns=on"
 	}
 	return s
 }
@@ -61,6 +68,11 @@ func ParseBridgeMark(alias string) (m BridgeMark, ok bool) {
 				return BridgeMark{}, false
 			}
 			m.Gateway = p
+		case "dns":
+			if v != "on" {
+				return BridgeMark{}, false
+			}
+			m.DNS = true
 		default:
 			return BridgeMark{}, false
 		}
