@@ -42,6 +42,9 @@ type Daemon struct {
 	fileCfg FileConfig
 	vms     *vmService
 	events  *eventBus
+	// imageOps: image operations begun with *.begin and the work
+	// directories of those running (images_oci.go).
+	imageOps imageOps
 }
 
 type namedCloser struct {

@@ -95,10 +95,7 @@ func (d *Daemon) registerEventsAPI() {
 			if op := d.vms.createOp(p.OpID); op != nil {
 				return api.OpCancelResult{OpID: p.OpID, Kind: "create", Cancelled: op.cancelOp()}, nil
 			}
-			imageOps.Lock()
-			iop := imageOps.m[p.OpID]
-			imageOps.Unlock()
-			if iop != nil {
+			if iop := d.imageOps.get(p.OpID); iop != nil {
 				return api.OpCancelResult{OpID: p.OpID, Kind: "image", Cancelled: iop.cancelOp()}, nil
 			}
 			return api.OpCancelResult{}, rpc.Errorf(rpc.CodeNotFound, "no create or image operation %q is known (finished ones are forgotten after a while)", p.OpID)
@@ -127,17 +124,7 @@ func (d *Daemon) cancelRunningOps(ctx context.Context) {
 		}
 		d.vms.mu.Unlock()
 	}
-	imageOps.Lock()
-	var running []*imageOp
-	for _, op := range imageOps.m {
-		op.mu.Lock()
-		if !op.status.Done && op.cancel != nil {
-			op.cancel(errShutdown)
-			running = append(running, op)
-		}
-		op.mu.Unlock()
-	}
-	imageOps.Unlock()
+	running := d.imageOps.cancelRunning(errShutdown)
 	if len(dones)+len(running) == 0 {
 		return
 	}

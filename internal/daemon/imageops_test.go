@@ -52,9 +52,7 @@ func TestCancelImagePull(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the pull never reached the registry")
 	}
-	imageOps.Lock()
-	op := imageOps.m[st0.OpID]
-	imageOps.Unlock()
+	op := d.imageOps.get(st0.OpID)
 	if !op.cancelOp() {
 		t.Fatal("cancel says the pull had finished")
 	}
@@ -76,5 +74,39 @@ func TestCancelImagePull(t *testing.T) {
 	}
 	if op.cancelOp() {
 		t.Fatal("a finished pull claims to be cancelled")
+	}
+}
+
+// Each bangerd keeps its own image operations: stopping one (which cancels
+// its running operations) or asking it for an operation id leaves another
+// bangerd's operations alone — as when tests run several in one process.
+func TestImageOpsPerDaemon(t *testing.T) {
+	a := &Daemon{log: logging.Discard()}
+	b := &Daemon{log: logging.Discard()}
+	cancelled := false
+	op := &imageOp{status: api.ImageOpStatus{OpID: "op-a", Kind: "pull"}, cancel: func(error) { cancelled = true }}
+	a.imageOps.add("op-a", op)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	b.cancelRunningOps(ctx)
+	if cancelled {
+		t.Fatal("stopping one bangerd cancelled another's image operation")
+	}
+	if b.imageOps.get("op-a") != nil {
+		t.Fatal("a bangerd knows another's image operation")
+	}
+	if a.imageOps.get("op-a") != op {
+		t.Fatal("the operation is not in its own bangerd's registry")
+	}
+	release := a.imageOps.holdTemp("/x/.tmp-1")
+	if !a.imageOps.tempHeld("/x/.tmp-1") || b.imageOps.tempHeld("/x/.tmp-1") {
+		t.Fatal("a work directory is held by the wrong bangerd")
+	}
+	release()
+	if a.imageOps.tempHeld("/x/.tmp-1") {
+		t.Fatal("a released work directory is still held")
+	}
+	if got := a.imageOps.cancelRunning(errShutdown); len(got) != 1 || !cancelled {
+		t.Fatalf("cancelRunning: %d operations, cancelled=%v", len(got), cancelled)
 	}
 }

@@ -54,10 +54,75 @@ func (o *imageOp) progress(ev image.Event) {
 	o.mu.Unlock()
 }
 
-var imageOps = struct {
-	sync.Mutex
-	m map[string]*imageOp
-}{m: map[string]*imageOp{}}
+// imageOps is a Daemon's registry of image operations: those begun with
+// *.begin (kept a while after they end, for image.op_status) and the work
+// directories of those running, which the sweep of leftovers must skip.
+// The zero value is ready to use.
+type imageOps struct {
+	mu    sync.Mutex
+	ops   map[string]*imageOp
+	temps map[string]struct{}
+}
+
+func (r *imageOps) add(id string, op *imageOp) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ops == nil {
+		r.ops = map[string]*imageOp{}
+	}
+	r.ops[id] = op
+}
+
+func (r *imageOps) get(id string) *imageOp {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ops[id]
+}
+
+func (r *imageOps) forget(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.ops, id)
+}
+
+// cancelRunning cancels every operation that has not finished and returns them.
+func (r *imageOps) cancelRunning(cause error) []*imageOp {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var running []*imageOp
+	for _, op := range r.ops {
+		op.mu.Lock()
+		if !op.status.Done && op.cancel != nil {
+			op.cancel(cause)
+			running = append(running, op)
+		}
+		op.mu.Unlock()
+	}
+	return running
+}
+
+// holdTemp marks dir as the work directory of a running operation until
+// release is called.
+func (r *imageOps) holdTemp(dir string) (release func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.temps == nil {
+		r.temps = map[string]struct{}{}
+	}
+	r.temps[dir] = struct{}{}
+	return func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		delete(r.temps, dir)
+	}
+}
+
+func (r *imageOps) tempHeld(dir string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.temps[dir]
+	return ok
+}
 
 func (d *Daemon) registerImageOpsAPI() {
 	m := d.mux
@@ -71,9 +136,7 @@ func (d *Daemon) registerImageOpsAPI() {
 	rpc.Handle(m, api.MethodImageImportBegin, logOp(d.log, api.MethodImageImportBegin, "image", opOf, begin("import")))
 	rpc.Handle(m, api.MethodImageBuildBegin, logOp(d.log, api.MethodImageBuildBegin, "image", opOf, begin("build")))
 	rpc.Handle(m, api.MethodImageOpStatus, func(ctx context.Context, p api.ImageOpStatusParams) (api.ImageOpStatus, error) {
-		imageOps.Lock()
-		op := imageOps.m[p.OpID]
-		imageOps.Unlock()
+		op := d.imageOps.get(p.OpID)
 		if op == nil {
 			return api.ImageOpStatus{}, rpc.Errorf(rpc.CodeNotFound, "no image operation %q", p.OpID)
 		}
@@ -94,9 +157,7 @@ func (d *Daemon) beginImageOp(ctx context.Context, kind string, p api.ImageOpPar
 		opID = newID()
 	}
 	op := &imageOp{status: api.ImageOpStatus{OpID: opID, Kind: kind, Phase: "start"}}
-	imageOps.Lock()
-	imageOps.m[opID] = op
-	imageOps.Unlock()
+	d.imageOps.add(opID, op)
 	bctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	op.cancel = cancel
 	go func() {
@@ -110,11 +171,7 @@ func (d *Daemon) beginImageOp(ctx context.Context, kind string, p api.ImageOpPar
 		}
 		op.mu.Unlock()
 		// Finished operations are kept a while for the CLI to read.
-		time.AfterFunc(10*time.Minute, func() {
-			imageOps.Lock()
-			delete(imageOps.m, opID)
-			imageOps.Unlock()
-		})
+		time.AfterFunc(10*time.Minute, func() { d.imageOps.forget(opID) })
 	}()
 	return op.snapshot(), nil
 }
@@ -201,8 +258,7 @@ func (d *Daemon) runImageOp(ctx context.Context, kind string, p api.ImageOpParam
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return nil, err
 	}
-	activeTemps.Store(work, struct{}{})
-	defer activeTemps.Delete(work)
+	defer d.imageOps.holdTemp(work)()
 	defer func() {
 		if err := removeTree(work); err != nil {
 			d.log.WarnContext(ctx, "remove image work directory", "error", err.Error())
@@ -348,11 +404,8 @@ func (d *Daemon) sweepImageTemps(ctx context.Context) {
 	}
 }
 
-var activeTemps sync.Map // ".tmp-<id>" -> struct{}
-
 func (d *Daemon) tempInUse(name string) bool {
-	_, ok := activeTemps.Load(filepath.Join(d.cfg.Layout.ImagesDir(), name))
-	return ok
+	return d.imageOps.tempHeld(filepath.Join(d.cfg.Layout.ImagesDir(), name))
 }
 
 // imageLimitHint says where a limit the image hit is configured.
