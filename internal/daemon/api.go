@@ -36,7 +36,7 @@ func (d *Daemon) registerAPI() {
 		for _, vm := range vms {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
-			d.vms.markForwards(ctx, vm)
+			d.vms.markForwards(vm)
 			d.vms.markPool(vm)
 			if !vm.Pool || p.All {
 				out = append(out, vm)
@@ -49,7 +49,7 @@ func (d *Daemon) registerAPI() {
 		if vm != nil {
 			d.vms.markPaused(vm)
 			d.vms.markExpiry(vm)
-			d.vms.markForwards(ctx, vm)
+			d.vms.markForwards(vm)
 			d.vms.markPool(vm)
 		}
 		return vm, storeErr(err)

@@ -223,14 +223,20 @@ func (s *vmService) dialGuestPort(ctx context.Context, id string, rt *runtime, p
 	return nil, fmt.Errorf("nothing accepts connections on port %d: %w", port, err)
 }
 
-// markForwards fills vm.Forwards, opening its listeners first when it runs.
-func (s *vmService) markForwards(ctx context.Context, vm *store.VM) {
+// openForwards listens on a VM's published ports once it runs (the end of
+// its start); the reaper's syncForwards keeps them so afterwards.
+func (s *vmService) openForwards(ctx context.Context, vm *store.VM, rt *runtime) {
+	if specs := s.portsOf(vm.ID); len(specs) > 0 {
+		s.ensureForwards(ctx, vm, rt, specs)
+	}
+}
+
+// markForwards fills vm.Forwards from the listeners as they are: reading a
+// VM never opens or closes one.
+func (s *vmService) markForwards(vm *store.VM) {
 	specs := s.portsOf(vm.ID)
 	if len(specs) == 0 {
 		return
-	}
-	if rt := s.runtime(vm.ID); rt != nil && vm.State == store.StateRunning {
-		s.ensureForwards(ctx, vm, rt, specs)
 	}
 	s.forwards.mu.Lock()
 	defer s.forwards.mu.Unlock()

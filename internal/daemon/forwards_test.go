@@ -31,7 +31,7 @@ func TestPublishedPorts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.markForwards(ctx, vm)
+	ts.markForwards(vm)
 	if len(vm.Forwards) != 1 || vm.Forwards[0].Port == 0 || vm.Forwards[0].GuestPort != 80 || vm.Forwards[0].Error != "" {
 		t.Fatalf("forwards %+v", vm.Forwards)
 	}
@@ -43,22 +43,44 @@ func TestPublishedPorts(t *testing.T) {
 	c.Close()
 	// the same boot keeps the same listener
 	vm2, _ := ts.st.GetVM(ctx, st.VMID)
-	ts.markForwards(ctx, vm2)
+	ts.markForwards(vm2)
 	if vm2.Forwards[0].Port != vm.Forwards[0].Port {
 		t.Fatalf("port changed within one boot: %d then %d", vm.Forwards[0].Port, vm2.Forwards[0].Port)
+	}
+	// reading the VM does not open listeners: closed (as at bangerd's
+	// shutdown), they stay closed until the housekeeping opens them again
+	ts.closeForwards()
+	vm2b, _ := ts.st.GetVM(ctx, st.VMID)
+	ts.markForwards(vm2b)
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("reading the VM opened its published port")
+	}
+	if vm2b.Forwards[0].Port != 0 {
+		t.Fatalf("a closed listener reported as port %d", vm2b.Forwards[0].Port)
+	}
+	vms, _ := ts.st.ListVMs(ctx)
+	ts.syncForwards(ctx, vms)
+	vm2c, _ := ts.st.GetVM(ctx, st.VMID)
+	ts.markForwards(vm2c) // port 0 in the spec: a new port is chosen
+	addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(vm2c.Forwards[0].Port))
+	if c, err := net.DialTimeout("tcp", addr, 5*time.Second); err != nil {
+		t.Fatalf("the housekeeping did not open the published port again: %v", err)
+	} else {
+		c.Close()
 	}
 	// stopped: the housekeeping closes it
 	if err := ts.kill(ctx, vm); err != nil {
 		t.Fatal(err)
 	}
-	vms, _ := ts.st.ListVMs(ctx)
+	vms, _ = ts.st.ListVMs(ctx)
 	ts.syncForwards(ctx, vms)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
 		t.Fatal("published port still listening after the VM stopped")
 	}
 	vm3, _ := ts.st.GetVM(ctx, st.VMID)
-	ts.markForwards(ctx, vm3)
+	ts.markForwards(vm3)
 	if len(vm3.Forwards) != 1 || vm3.Forwards[0].Port != 0 {
 		t.Fatalf("stopped VM forwards %+v", vm3.Forwards)
 	}

@@ -333,6 +333,7 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 		return err
 	}
 	s.refreshKnownHosts(ctx)
+	s.openForwards(ctx, vm, r.rt)
 	go s.watch(vm.ID, r.rt)
 	return nil
 }
