@@ -24,8 +24,8 @@ func (d *Daemon) registerAPI() {
 	})
 	rpc.Handle(m, api.MethodVMList, func(ctx context.Context, p api.VMListParams) (json.RawMessage, error) {
 		if !d.vms.listDecorated() {
-			// The common case, served as SQLite encodes it (no paused flags to add).
-			b, err := d.store.ListVMsJSON(ctx)
+			// The common case, served as SQLite encodes it (no runtime state to add).
+			b, err := d.store.ListVMsJSON(ctx, p.All)
 			return b, storeErr(err)
 		}
 		vms, err := d.store.ListVMs(ctx)
@@ -35,9 +35,7 @@ func (d *Daemon) registerAPI() {
 		out := make([]*store.VM, 0, len(vms))
 		for _, vm := range vms {
 			d.vms.markPaused(vm)
-			d.vms.markExpiry(vm)
 			d.vms.markForwards(vm)
-			d.vms.markPool(vm)
 			if !vm.Pool || p.All {
 				out = append(out, vm)
 			}
@@ -48,9 +46,7 @@ func (d *Daemon) registerAPI() {
 		vm, err := d.store.FindVM(ctx, p.VM)
 		if vm != nil {
 			d.vms.markPaused(vm)
-			d.vms.markExpiry(vm)
 			d.vms.markForwards(vm)
-			d.vms.markPool(vm)
 		}
 		return vm, storeErr(err)
 	})

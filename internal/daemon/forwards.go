@@ -2,13 +2,9 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -22,16 +18,13 @@ import (
 	"github.com/bangerdev/banger/internal/system"
 )
 
-// Ports published with -p: the specs live in the VM's directory
-// (ports.json, gone with the VM); while the VM runs bangerd listens on each
+// Ports published with -p: the specs live in the VM's record (forwards,
+// without the listening port); while the VM runs bangerd listens on each
 // host port and carries connections to the guest port over the agent's SSH
 // (direct-tcpip), so no guest network is needed. The housekeeping loop
 // (ttl.go's) opens listeners for running VMs and closes them for the others.
 
-const (
-	portsFile = "ports.json"
-	maxPorts  = 64
-)
+const maxPorts = 64
 
 // forwardSet is the listeners bangerd holds, by VM id.
 type forwardSet struct {
@@ -67,37 +60,38 @@ func parsePorts(specs []string) ([]portspec.Spec, error) {
 	return out, nil
 }
 
-// setPorts records a VM's published ports.
-func (s *vmService) setPorts(id string, specs []portspec.Spec) error {
+// setPorts records a VM's published ports in its record and, when the VM
+// already runs (a VM claimed from the ready pool), listens on them.
+func (s *vmService) setPorts(ctx context.Context, id string, specs []portspec.Spec) error {
 	if len(specs) == 0 {
 		return nil
 	}
-	strs := make([]string, len(specs))
-	for i, sp := range specs {
-		strs[i] = sp.String()
-	}
-	b, _ := json.Marshal(strs)
-	dir := s.vmDir(id)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := s.store.SetVMForwards(ctx, id, forwardsOf(specs)); err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(dir, portsFile), b, 0o600)
+	if rt := s.runtime(id); rt != nil {
+		s.openForwards(ctx, id, rt)
+	}
+	return nil
 }
 
-// portsOf reads a VM's published ports (nil when none).
-func (s *vmService) portsOf(id string) []portspec.Spec {
-	f, err := os.Open(filepath.Join(s.vmDir(id), portsFile))
-	if err != nil {
+// forwardsOf is the record's form of specs (no listening port yet).
+func forwardsOf(specs []portspec.Spec) []api.Forward {
+	fws := make([]api.Forward, len(specs))
+	for i, sp := range specs {
+		fws[i] = api.Forward{Spec: sp.String(), Host: sp.Host, GuestPort: sp.GuestPort}
+	}
+	return fws
+}
+
+// portsOf returns a VM's published ports from its record (nil when none).
+func portsOf(vm *store.VM) []portspec.Spec {
+	if len(vm.Forwards) == 0 {
 		return nil
 	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, 64<<10))
-	if err != nil {
-		return nil
-	}
-	var strs []string
-	if json.Unmarshal(b, &strs) != nil {
-		return nil
+	strs := make([]string, len(vm.Forwards))
+	for i, f := range vm.Forwards {
+		strs[i] = f.Spec
 	}
 	specs, err := parsePorts(strs)
 	if err != nil {
@@ -111,7 +105,7 @@ func (s *vmService) portsOf(id string) []portspec.Spec {
 func (s *vmService) syncForwards(ctx context.Context, vms []*store.VM) {
 	want := map[string]bool{}
 	for _, vm := range vms {
-		specs := s.portsOf(vm.ID)
+		specs := portsOf(vm)
 		if len(specs) == 0 {
 			continue
 		}
@@ -223,30 +217,37 @@ func (s *vmService) dialGuestPort(ctx context.Context, id string, rt *runtime, p
 	return nil, fmt.Errorf("nothing accepts connections on port %d: %w", port, err)
 }
 
-// openForwards listens on a VM's published ports once it runs (the end of
-// its start); the reaper's syncForwards keeps them so afterwards.
-func (s *vmService) openForwards(ctx context.Context, vm *store.VM, rt *runtime) {
-	if specs := s.portsOf(vm.ID); len(specs) > 0 {
+// openForwards listens on a running VM's published ports, as its record
+// has them (the end of its start, or when they are recorded after it runs);
+// the reaper's syncForwards keeps them so afterwards.
+func (s *vmService) openForwards(ctx context.Context, id string, rt *runtime) {
+	vm, err := s.store.GetVM(ctx, id)
+	if err != nil || vm.State != store.StateRunning {
+		return
+	}
+	if specs := portsOf(vm); len(specs) > 0 {
 		s.ensureForwards(ctx, vm, rt, specs)
 	}
 }
 
-// markForwards fills vm.Forwards from the listeners as they are: reading a
-// VM never opens or closes one.
+// markForwards fills the listening port (or why there is none) into
+// vm.Forwards, which the record holds, from the listeners as they are:
+// reading a VM never opens or closes one.
 func (s *vmService) markForwards(vm *store.VM) {
-	specs := s.portsOf(vm.ID)
-	if len(specs) == 0 {
+	if len(vm.Forwards) == 0 {
 		return
 	}
+	rt := s.runtime(vm.ID)
 	s.forwards.mu.Lock()
 	defer s.forwards.mu.Unlock()
 	vf := s.forwards.vms[vm.ID]
-	for i, sp := range specs {
-		f := api.Forward{Spec: sp.String(), Host: sp.Host, GuestPort: sp.GuestPort}
-		if vf != nil && i < len(vf.fws) && vf.rt == s.runtime(vm.ID) {
-			f.Port, f.Error = vf.fws[i].port, vf.fws[i].err
+	if vf == nil || rt == nil || vf.rt != rt {
+		return
+	}
+	for i := range vm.Forwards {
+		if i < len(vf.fws) {
+			vm.Forwards[i].Port, vm.Forwards[i].Error = vf.fws[i].port, vf.fws[i].err
 		}
-		vm.Forwards = append(vm.Forwards, f)
 	}
 }
 
@@ -261,25 +262,15 @@ func (s *vmService) closeForwards() {
 	}
 }
 
-// listDecorated reports whether vm.list must decorate the records: some VM is
-// paused, or has an expiry, published ports or a pool marker in its directory
-// (a glob of the VM directories, so that the plain listing stays fast). The
-// files, not the pool configuration, are the truth: a pool VM left after its
-// pool went from the configuration is still hidden.
+// listDecorated reports whether vm.list must add runtime state to the
+// records: some VM is paused or has published ports listening. Everything
+// else it reports (expiry, published ports, pool membership) is in the
+// records, so SQLite's own JSON serves the common case.
 func (s *vmService) listDecorated() bool {
-	return s.anyPaused() || s.anyDecorated()
-}
-
-// anyDecorated reports whether some VM directory holds a file that vm.list
-// adds to the records (one read of the VMs directory, then a stat per file).
-func (s *vmService) anyDecorated() bool {
-	ents, _ := os.ReadDir(s.layout.VMsDir())
-	for _, e := range ents {
-		for _, f := range []string{expiryFile, portsFile, poolMarker} {
-			if _, err := os.Lstat(filepath.Join(s.layout.VMsDir(), e.Name(), f)); err == nil {
-				return true
-			}
-		}
+	if s.anyPaused() {
+		return true
 	}
-	return false
+	s.forwards.mu.Lock()
+	defer s.forwards.mu.Unlock()
+	return len(s.forwards.vms) > 0
 }

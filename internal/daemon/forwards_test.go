@@ -3,8 +3,6 @@ package daemon
 import (
 	"context"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -87,25 +85,32 @@ func TestPublishedPorts(t *testing.T) {
 	ts.closeForwards()
 }
 
-// vm.list takes its fast path (no decoration) only when no VM directory
-// holds a file it must report: a pool VM left after its pool was removed from
-// the configuration is still hidden.
-func TestListDecoratedByFiles(t *testing.T) {
-	for _, f := range []string{"", expiryFile, portsFile, poolMarker} {
-		t.Run("file="+f, func(t *testing.T) {
-			ts := newTestSvc(t)
-			vm := ts.newVM(t, "v", store.StateStopped)
-			if err := os.MkdirAll(ts.vmDir(vm.ID), 0o700); err != nil {
-				t.Fatal(err)
-			}
-			if f != "" {
-				if err := os.WriteFile(filepath.Join(ts.vmDir(vm.ID), f), []byte("x\n"), 0o600); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if got, want := ts.listDecorated(), f != ""; got != want {
-				t.Errorf("listDecorated = %v with %q in the VM directory (no pool configured), want %v", got, f, want)
-			}
-		})
+// vm.list takes its fast path (SQLite's JSON, no decoration) unless some VM
+// has runtime state to add: a listener of a published port or a pause.
+// Expiry, published ports and pool membership are in the records.
+func TestListDecorated(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	vm := ts.newVM(t, "v", store.StateStopped)
+	if err := ts.st.SetVMExpiry(ctx, vm.ID, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.st.SetVMForwards(ctx, vm.ID, []api.Forward{{Spec: "0:80", GuestPort: 80}}); err != nil {
+		t.Fatal(err)
+	}
+	if ts.listDecorated() {
+		t.Fatal("listDecorated with only recorded state")
+	}
+	if err := ts.start(ctx, vm, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer ts.closeForwards()
+	if !ts.listDecorated() {
+		t.Fatal("listDecorated false with a published port listening")
+	}
+	got, _ := ts.st.GetVM(ctx, vm.ID)
+	ts.markForwards(got)
+	if len(got.Forwards) != 1 || got.Forwards[0].Port == 0 {
+		t.Fatalf("the start did not open the published port: %+v", got.Forwards)
 	}
 }

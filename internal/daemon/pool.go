@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -20,14 +19,14 @@ import (
 
 // The ready pool keeps VMs of configured specs booted (restored from the
 // spec's base snapshot when it has one), so that `banger run` takes one
-// instead of creating it. A pool VM is an ordinary VM whose directory holds
-// the marker file poolMarker (the spec's key): vm ls hides it unless --all.
-// Claiming removes the marker (so two runs cannot take the same VM), renames
-// the VM to the run's name and tells the guest its hostname; its address,
-// MAC, host key and machine-id were its own from the start.
+// instead of creating it. A pool VM is an ordinary VM whose record carries
+// its spec's key (store column pool): vm ls hides it unless --all.
+// Claiming clears the key and renames the VM to the run's name in one
+// conditional update (so two runs cannot take the same VM), then tells the
+// guest its hostname; its address, MAC, host key and machine-id were its
+// own from the start.
 
 const (
-	poolMarker        = "pool"
 	poolsFile         = "pools.json"
 	defaultPoolBudget = 2048 // MiB of guest memory all pool VMs may hold
 	poolRefillEvery   = 10 * time.Second
@@ -91,19 +90,6 @@ func poolKey(img *store.Image, k *store.Kernel, vcpus, mem, disk int, drv string
 	return fmt.Sprintf("%s/%s/%d/%d/%d/%s", img.ID, k.ID, vcpus, mem, disk, drv)
 }
 
-func (s *vmService) poolMarkerOf(vmID string) (string, bool) {
-	b, err := os.ReadFile(filepath.Join(s.vmDir(vmID), poolMarker))
-	if err != nil {
-		return "", false
-	}
-	return strings.TrimSpace(string(b)), true
-}
-
-// markPool sets vm.Pool from the marker.
-func (s *vmService) markPool(vm *store.VM) {
-	_, vm.Pool = s.poolMarkerOf(vm.ID)
-}
-
 func (s *vmService) registerPoolAPI(m *rpc.Mux) {
 	rpc.Handle(m, api.MethodPoolList, s.poolList)
 	rpc.Handle(m, api.MethodPoolSet, s.poolSet)
@@ -124,19 +110,9 @@ func (s *vmService) poolMembers(ctx context.Context, key string) ([]*store.VM, e
 	return out, nil
 }
 
-// allPoolMembers lists every pool VM with its spec key (keys[i] is vms[i]'s),
-// reading each VM's marker once.
+// allPoolMembers lists every pool VM with its spec key (keys[i] is vms[i]'s).
 func (s *vmService) allPoolMembers(ctx context.Context) (vms []*store.VM, keys []string, err error) {
-	l, err := s.store.ListVMs(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	for _, vm := range l {
-		if k, ok := s.poolMarkerOf(vm.ID); ok {
-			vms, keys = append(vms, vm), append(keys, k)
-		}
-	}
-	return vms, keys, nil
+	return s.store.PoolVMs(ctx)
 }
 
 func (s *vmService) specKey(ctx context.Context, sp api.PoolSpec) (string, *store.Image, *store.Kernel, error) {
@@ -292,14 +268,7 @@ func (s *vmService) makePoolVM(ctx context.Context, key string, img *store.Image
 	vm := &store.VM{ID: newID(), ImageID: img.ID, KernelID: k.ID, VCPUs: sp.VCPUs, MemoryMiB: sp.MemoryMiB,
 		DiskMiB: sp.DiskMiB, State: store.StateCreating, Driver: s.defDrv}
 	vm.Name = "pool-" + vm.ID[:12]
-	if err := os.MkdirAll(s.vmDir(vm.ID), 0o700); err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(s.vmDir(vm.ID), poolMarker), []byte(key+"\n"), 0o600); err != nil {
-		return err
-	}
-	if err := s.store.CreateVM(ctx, vm); err != nil {
-		os.RemoveAll(s.vmDir(vm.ID))
+	if err := s.store.CreatePoolVM(ctx, vm, key); err != nil {
 		return storeErr(err)
 	}
 	unlock := s.locks.Lock(vm.ID)
@@ -394,21 +363,16 @@ func (s *vmService) claimOne(ctx context.Context, id, key, name, workspace strin
 		return nil, nil
 	}
 	rt := s.runtime(id)
-	if k, ok := s.poolMarkerOf(id); !ok || k != key || vm.State != store.StateRunning || rt == nil || rt.paused.Load() {
+	if !vm.Pool || vm.State != store.StateRunning || rt == nil || rt.paused.Load() {
 		return nil, nil
 	}
-	// Removing the marker is the claim: the lock makes it exclusive.
-	if err := os.Remove(filepath.Join(s.vmDir(id), poolMarker)); err != nil {
-		return nil, nil
-	}
-	old := vm.Name
-	vm.Name, vm.Workspace = name, workspace
-	if err := s.save(ctx, vm); err != nil {
-		// Name taken: give it back to the pool.
-		os.WriteFile(filepath.Join(s.vmDir(id), poolMarker), []byte(key+"\n"), 0o600)
-		vm.Name = old
+	// The claim is one conditional update (key, state and pool membership
+	// checked by the database); a taken name changes nothing.
+	claimed, err := s.store.ClaimPoolVM(context.WithoutCancel(ctx), id, key, name, workspace)
+	if err != nil || !claimed {
 		return nil, storeErr(err)
 	}
+	vm.Name, vm.Workspace, vm.Pool = name, workspace, false
 	a, err := s.agent(ctx, id, rt)
 	if err == nil {
 		ri, ok := a.(reidentifier)

@@ -93,6 +93,7 @@ func (s *vmService) reconcile(ctx context.Context) {
 		s.log.ErrorContext(ctx, "reconcile: list VMs", "error", err.Error())
 		return
 	}
+	s.importLegacyFiles(ctx, vms)
 	known := map[string]bool{}
 	for _, vm := range vms {
 		known[vm.ID] = true

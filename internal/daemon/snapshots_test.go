@@ -463,7 +463,6 @@ func TestReadyPool(t *testing.T) {
 	}
 	vms, _ := ts.st.ListVMs(ctx)
 	for _, vm := range vms {
-		ts.markPool(vm)
 		if !vm.Pool || !strings.HasPrefix(vm.Name, "pool-") {
 			t.Errorf("pool VM %s not marked", vm.Name)
 		}
@@ -481,7 +480,6 @@ func TestReadyPool(t *testing.T) {
 		t.Fatalf("claim status %+v", st)
 	}
 	v, _ := ts.st.FindVM(ctx, "job")
-	ts.markPool(v)
 	if v.Pool || v.State != store.StateRunning {
 		t.Errorf("claimed VM %+v", v)
 	}

@@ -4,10 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"os"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/bangerdev/banger/api"
@@ -16,12 +12,10 @@ import (
 	"github.com/bangerdev/banger/internal/store"
 )
 
-// A VM created with a TTL carries its expiry in a small file in its
-// directory, which goes when the VM does; a reaper deletes expired VMs (for
-// agents that forget theirs).
+// A VM created with a TTL carries its expiry in its record; a reaper
+// deletes expired VMs (for agents that forget theirs).
 
 const (
-	expiryFile     = "expires_at"
 	maxTTL         = 30 * 24 * time.Hour
 	minTTL         = time.Second
 	reaperInterval = time.Second
@@ -54,58 +48,29 @@ func (s *vmService) createBegin(ctx context.Context, p api.CreateParams) (api.Cr
 	if err != nil {
 		return st, err
 	}
-	if err := s.setPorts(st.VMID, ports); err != nil {
+	if err := s.setPorts(ctx, st.VMID, ports); err != nil {
 		return st, fmt.Errorf("%s is being created, but its published ports could not be recorded: %w", st.Name, err)
 	}
 	if ttl == 0 {
 		return st, nil
 	}
-	if err := s.setExpiry(&store.VM{ID: st.VMID}, ttl); err != nil {
+	if err := s.setExpiry(ctx, &store.VM{ID: st.VMID}, ttl); err != nil {
 		return st, fmt.Errorf("%s is being created, but its ttl could not be recorded (delete it yourself): %w", st.Name, err)
 	}
 	return st, nil
 }
 
 // setExpiry records that vm expires ttl from now.
-func (s *vmService) setExpiry(vm *store.VM, ttl time.Duration) error {
+func (s *vmService) setExpiry(ctx context.Context, vm *store.VM, ttl time.Duration) error {
 	if ttl <= 0 {
 		return nil
 	}
 	at := time.Now().Add(ttl).UTC()
-	dir := s.vmDir(vm.ID)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	if err := writeFileAtomic(filepath.Join(dir, expiryFile), []byte(at.Format(time.RFC3339Nano)+"\n"), 0o600); err != nil {
+	if err := s.store.SetVMExpiry(ctx, vm.ID, at); err != nil {
 		return fmt.Errorf("record the VM's expiry: %w", err)
 	}
 	vm.ExpiresAt = &at
 	return nil
-}
-
-// expiry reads a VM's expiry; ok is false when it has none.
-func (s *vmService) expiry(id string) (time.Time, bool) {
-	f, err := os.Open(filepath.Join(s.vmDir(id), expiryFile))
-	if err != nil {
-		return time.Time{}, false
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, 128))
-	if err != nil {
-		return time.Time{}, false
-	}
-	t, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(string(b)))
-	if err != nil {
-		return time.Time{}, false
-	}
-	return t, true
-}
-
-// markExpiry fills vm.ExpiresAt for a caller.
-func (s *vmService) markExpiry(vm *store.VM) {
-	if t, ok := s.expiry(vm.ID); ok {
-		vm.ExpiresAt = &t
-	}
 }
 
 // startReaper deletes expired VMs and keeps published ports listening (or
@@ -114,7 +79,7 @@ func (s *vmService) markExpiry(vm *store.VM) {
 func (s *vmService) startReaper(ctx context.Context) func() error {
 	stop := runEvery(ctx, "ttl reaper", reaperInterval, nil, func(ctx context.Context) {
 		// One listing serves both: a VM the reaper deletes has no runtime
-		// and no ports file left, so syncForwards skips it.
+		// left, so syncForwards skips it.
 		if vms, ok := s.listForReaper(ctx); ok {
 			s.reapExpiredIn(ctx, vms, time.Now())
 			s.syncForwards(ctx, vms)
@@ -149,10 +114,10 @@ func (s *vmService) listForReaper(ctx context.Context) ([]*store.VM, bool) {
 // reapExpiredIn is reapExpired over a listing the caller made.
 func (s *vmService) reapExpiredIn(ctx context.Context, vms []*store.VM, now time.Time) {
 	for _, vm := range vms {
-		at, ok := s.expiry(vm.ID)
-		if !ok || now.Before(at) || vm.State == store.StateCreating || vm.State == store.StateStarting {
+		if vm.ExpiresAt == nil || now.Before(*vm.ExpiresAt) || vm.State == store.StateCreating || vm.State == store.StateStarting {
 			continue
 		}
+		at := *vm.ExpiresAt
 		if ctx.Err() != nil {
 			return
 		}

@@ -41,18 +41,17 @@ func TestReaperDeletesExpiredVMs(t *testing.T) {
 	later := ts.newVM(t, "later", store.StateStopped)
 	creating := ts.newVM(t, "creating", store.StateCreating)
 	for _, v := range []*store.VM{running, stopped, creating} {
-		if err := ts.setExpiry(v, time.Second); err != nil {
+		if err := ts.setExpiry(ctx, v, time.Second); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := ts.setExpiry(later, time.Hour); err != nil {
+	if err := ts.setExpiry(ctx, later, time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	got, err := ts.st.GetVM(ctx, running.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.markExpiry(got)
 	if got.ExpiresAt == nil || time.Until(*got.ExpiresAt) > time.Second {
 		t.Fatalf("ExpiresAt %v", got.ExpiresAt)
 	}
@@ -86,19 +85,18 @@ func TestCreateWithTTLRecordsExpiry(t *testing.T) {
 		t.Fatal(err)
 	}
 	ts.waitCreate(t, st.OpID, 30*time.Second)
-	at, ok := ts.expiry(st.VMID)
-	if !ok || time.Until(at) < 50*time.Second || time.Until(at) > 61*time.Second {
-		t.Fatalf("expiry %v %v", at, ok)
-	}
 	vm, err := ts.st.GetVM(ctx, st.VMID)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if at := vm.ExpiresAt; at == nil || time.Until(*at) < 50*time.Second || time.Until(*at) > 61*time.Second {
+		t.Fatalf("expiry %v", at)
 	}
 	ts.reapExpired(ctx, time.Now())
 	if _, err := ts.st.GetVM(ctx, vm.ID); err != nil {
 		t.Fatalf("reaped before its time: %v", err)
 	}
-	ts.reapExpired(ctx, at.Add(time.Second))
+	ts.reapExpired(ctx, vm.ExpiresAt.Add(time.Second))
 	if _, err := ts.st.GetVM(ctx, vm.ID); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("not reaped after its time: %v", err)
 	}

@@ -104,7 +104,13 @@ type vmStore interface {
 	GetVM(ctx context.Context, id string) (*store.VM, error)
 	ListVMs(ctx context.Context) ([]*store.VM, error)
 	CreateVM(ctx context.Context, v *store.VM) error
+	CreatePoolVM(ctx context.Context, v *store.VM, key string) error
 	UpdateVM(ctx context.Context, v *store.VM) error
+	SetVMExpiry(ctx context.Context, id string, at time.Time) error
+	SetVMForwards(ctx context.Context, id string, fws []api.Forward) error
+	SetVMPool(ctx context.Context, id, key string) error
+	PoolVMs(ctx context.Context) ([]*store.VM, []string, error)
+	ClaimPoolVM(ctx context.Context, id, key, name, workspace string) (bool, error)
 	DeleteVM(ctx context.Context, id string) error
 	FindImage(ctx context.Context, ref string) (*store.Image, error)
 	FindKernel(ctx context.Context, ref string) (*store.Kernel, error)
@@ -333,7 +339,7 @@ func (s *vmService) startFrom(ctx context.Context, vm *store.VM, progress func(s
 		return err
 	}
 	s.refreshKnownHosts(ctx)
-	s.openForwards(ctx, vm, r.rt)
+	s.openForwards(ctx, vm.ID, r.rt)
 	go s.watch(vm.ID, r.rt)
 	return nil
 }

@@ -54,7 +54,7 @@ func BenchmarkListVMsJSON1000(b *testing.B) {
 	}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		if _, err := s.ListVMsJSON(ctx); err != nil {
+		if _, err := s.ListVMsJSON(ctx, false); err != nil {
 			b.Fatal(err)
 		}
 	}

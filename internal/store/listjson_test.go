@@ -3,10 +3,13 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/api"
 )
 
 // ListVMsJSON must decode to exactly what ListVMs returns: vm.list serves it
@@ -14,7 +17,7 @@ import (
 func TestListVMsJSONMatchesListVMs(t *testing.T) {
 	s := openTest(t)
 	ctx := context.Background()
-	if got, err := s.ListVMsJSON(ctx); err != nil || string(got) != "[]" {
+	if got, err := s.ListVMsJSON(ctx, true); err != nil || string(got) != "[]" {
 		t.Fatalf("empty list: %q, %v", got, err)
 	}
 	if err := s.CreateImage(ctx, &Image{ID: "img1", Name: "img-\"quoted\"", RootfsPath: "/x"}); err != nil {
@@ -43,20 +46,111 @@ func TestListVMsJSONMatchesListVMs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	want, err := s.ListVMs(ctx)
+	// the columns UpdateVM leaves alone: expiry, published ports, pool
+	if err := s.SetVMExpiry(ctx, "a1", base.Add(time.Hour+123*time.Microsecond)); err != nil {
+		t.Fatal(err)
+	}
+	fws := []api.Forward{{Spec: "127.0.0.1:8080:80", Host: "127.0.0.1", Port: 8080, GuestPort: 80, Error: "live state, not stored"}, {Spec: "0:22", GuestPort: 22}}
+	if err := s.SetVMForwards(ctx, "a1", fws); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetVMPool(ctx, "c3", "img1/k1/1/256/1024/qemu"); err != nil {
+		t.Fatal(err)
+	}
+	all, err := s.ListVMs(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw, err := s.ListVMsJSON(ctx)
-	if err != nil {
+	var notPool []*VM
+	for _, v := range all {
+		if !v.Pool {
+			notPool = append(notPool, v)
+		}
+	}
+	if len(notPool) != len(all)-1 {
+		t.Fatalf("%d pool VMs, want 1", len(all)-len(notPool))
+	}
+	for _, v := range all {
+		if v.ID != "a1" {
+			continue
+		}
+		if v.ExpiresAt == nil || !v.ExpiresAt.Equal(base.Add(time.Hour+123*time.Microsecond)) {
+			t.Fatalf("expiry read back as %v", v.ExpiresAt)
+		}
+		want := []api.Forward{{Spec: "127.0.0.1:8080:80", Host: "127.0.0.1", GuestPort: 80}, {Spec: "0:22", GuestPort: 22}}
+		if !reflect.DeepEqual(v.Forwards, want) {
+			t.Fatalf("forwards read back as %+v, want %+v (the listening port and its error are not stored)", v.Forwards, want)
+		}
+	}
+	for _, tc := range []struct {
+		all  bool
+		want []*VM
+	}{{true, all}, {false, notPool}} {
+		raw, err := s.ListVMsJSON(ctx, tc.all)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []*VM
+		if err := json.Unmarshal(raw, &got); err != nil {
+			t.Fatalf("not JSON: %v\n%s", err, raw)
+		}
+		if !reflect.DeepEqual(got, tc.want) {
+			wb, _ := json.Marshal(tc.want)
+			t.Fatalf("ListVMsJSON(all=%v) decodes differently from ListVMs:\n got %s\nwant %s", tc.all, raw, wb)
+		}
+	}
+}
+
+// A pool claim is one conditional update: only a running VM of that pool is
+// claimed, only once, and a taken name changes nothing.
+func TestClaimPoolVM(t *testing.T) {
+	s := openTest(t)
+	ctx := context.Background()
+	if err := s.CreateImage(ctx, &Image{ID: "img1", Name: "img", RootfsPath: "/x"}); err != nil {
 		t.Fatal(err)
 	}
-	var got []*VM
-	if err := json.Unmarshal(raw, &got); err != nil {
-		t.Fatalf("not JSON: %v\n%s", err, raw)
+	if err := s.CreateKernel(ctx, &Kernel{ID: "k1", Name: "k", VmlinuxPath: "/x"}); err != nil {
+		t.Fatal(err)
 	}
-	if !reflect.DeepEqual(got, want) {
-		wb, _ := json.Marshal(want)
-		t.Fatalf("ListVMsJSON decodes differently from ListVMs:\n got %s\nwant %s", raw, wb)
+	for _, v := range []*VM{
+		{ID: "p1", Name: "pool-p1", State: StateRunning},
+		{ID: "p2", Name: "pool-p2", State: StateStarting},
+		{ID: "t1", Name: "taken", State: StateStopped},
+	} {
+		v.ImageID, v.KernelID = "img1", "k1"
+		if err := s.CreateVM(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"p1", "p2"} {
+		if err := s.SetVMPool(ctx, id, "key-a"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ok, err := s.ClaimPoolVM(ctx, "p1", "key-b", "mine", ""); ok || err != nil {
+		t.Fatalf("claim with another pool's key: %v %v", ok, err)
+	}
+	if ok, err := s.ClaimPoolVM(ctx, "p2", "key-a", "mine", ""); ok || err != nil {
+		t.Fatalf("claim of a VM not running: %v %v", ok, err)
+	}
+	if ok, err := s.ClaimPoolVM(ctx, "p1", "key-a", "taken", ""); ok || !errors.Is(err, ErrConflict) {
+		t.Fatalf("claim with a taken name: %v %v", ok, err)
+	}
+	if v, _ := s.GetVM(ctx, "p1"); !v.Pool || v.Name != "pool-p1" {
+		t.Fatalf("a failed claim changed the VM: %+v", v)
+	}
+	if ok, err := s.ClaimPoolVM(ctx, "p1", "key-a", "mine", "/home/u/repo"); !ok || err != nil {
+		t.Fatalf("claim: %v %v", ok, err)
+	}
+	if ok, err := s.ClaimPoolVM(ctx, "p1", "key-a", "again", ""); ok || err != nil {
+		t.Fatalf("second claim of the same VM: %v %v", ok, err)
+	}
+	v, _ := s.GetVM(ctx, "p1")
+	if v.Pool || v.Name != "mine" || v.Workspace != "/home/u/repo" {
+		t.Fatalf("claimed VM: %+v", v)
+	}
+	vms, keys, err := s.PoolVMs(ctx)
+	if err != nil || len(vms) != 1 || vms[0].ID != "p2" || keys[0] != "key-a" {
+		t.Fatalf("pool VMs after the claim: %v %v %v", vms, keys, err)
 	}
 }

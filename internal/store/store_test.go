@@ -51,7 +51,7 @@ func TestMigrationsIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 		v, _ := s.SchemaVersion(context.Background())
-		if v != 3 {
+		if v != 4 {
 			t.Fatalf("schema version %d", v)
 		}
 		s.Close()
@@ -275,7 +275,7 @@ func TestWorkspaceDest(t *testing.T) {
 	if err := s.SetWorkspaceDest(ctx, "nope", "/x"); err == nil {
 		t.Fatal("SetWorkspaceDest of a missing VM succeeded")
 	}
-	js, err := s.ListVMsJSON(ctx)
+	js, err := s.ListVMsJSON(ctx, false)
 	if err != nil || !strings.Contains(string(js), `"workspace_dest":"/root/ws"`) {
 		t.Fatalf("vm.list JSON lacks workspace_dest: %s %v", js, err)
 	}

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -27,7 +28,7 @@ type VM = api.VM
 
 const vmColumns = `v.id, v.name, v.image_id, COALESCE(i.name, ''), v.kernel_id, COALESCE(k.name, ''),
 	v.vcpus, v.memory_mib, v.disk_mib, v.state, v.driver, v.ip, v.mac, v.tap, v.workspace,
-	v.last_error, v.created_at, v.updated_at, v.workspace_dest`
+	v.last_error, v.created_at, v.updated_at, v.workspace_dest, v.expires_at, v.forwards, v.pool != ''`
 
 const vmFrom = ` FROM vms v LEFT JOIN images i ON i.id = v.image_id LEFT JOIN kernels k ON k.id = v.kernel_id`
 
@@ -35,27 +36,146 @@ type scanner interface{ Scan(...any) error }
 
 func scanVM(r scanner) (*VM, error) {
 	var v VM
-	var created, updated string
+	var created, updated, expires, forwards string
 	if err := r.Scan(&v.ID, &v.Name, &v.ImageID, &v.Image, &v.KernelID, &v.Kernel, &v.VCPUs, &v.MemoryMiB,
-		&v.DiskMiB, &v.State, &v.Driver, &v.IP, &v.MAC, &v.Tap, &v.Workspace, &v.LastError, &created, &updated, &v.WorkspaceDest); err != nil {
+		&v.DiskMiB, &v.State, &v.Driver, &v.IP, &v.MAC, &v.Tap, &v.Workspace, &v.LastError, &created, &updated, &v.WorkspaceDest,
+		&expires, &forwards, &v.Pool); err != nil {
 		return nil, err
 	}
 	v.CreatedAt, v.UpdatedAt = parseTime(created), parseTime(updated)
+	if expires != "" {
+		t := parseTime(expires)
+		v.ExpiresAt = &t
+	}
+	if forwards != "" {
+		if err := json.Unmarshal([]byte(forwards), &v.Forwards); err != nil {
+			return nil, fmt.Errorf("vm %s: unreadable published ports: %w", v.ID, err)
+		}
+	}
 	return &v, nil
 }
 
+// SetVMExpiry records when bangerd deletes the VM (the zero time: never).
+func (s *Store) SetVMExpiry(ctx context.Context, id string, at time.Time) error {
+	v := ""
+	if !at.IsZero() {
+		v = fmtTime(at)
+	}
+	return s.setVMColumn(ctx, id, "expires_at", v)
+}
+
+// SetVMForwards records the VM's published ports (Port is not stored: the
+// listening port is runtime state).
+func (s *Store) SetVMForwards(ctx context.Context, id string, fws []api.Forward) error {
+	v := ""
+	if len(fws) > 0 {
+		stored := make([]api.Forward, len(fws))
+		for i, f := range fws {
+			stored[i] = api.Forward{Spec: f.Spec, Host: f.Host, GuestPort: f.GuestPort}
+		}
+		b, err := json.Marshal(stored)
+		if err != nil {
+			return err
+		}
+		v = string(b)
+	}
+	return s.setVMColumn(ctx, id, "forwards", v)
+}
+
+// SetVMPool marks the VM as an unclaimed VM of the ready pool of key ("":
+// not a pool VM).
+func (s *Store) SetVMPool(ctx context.Context, id, key string) error {
+	return s.setVMColumn(ctx, id, "pool", key)
+}
+
+// setVMColumn writes one of the columns UpdateVM leaves alone; col is a
+// constant of this package, never a caller's string.
+func (s *Store) setVMColumn(ctx context.Context, id, col, v string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE vms SET `+col+`=? WHERE id=?`, v, id)
+	if err != nil {
+		return fmt.Errorf("update vm %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errf(ErrNotFound, "vm %s", id)
+	}
+	return nil
+}
+
+// PoolVMs lists the unclaimed pool VMs with their spec keys (keys[i] is
+// vms[i]'s), oldest first.
+func (s *Store) PoolVMs(ctx context.Context) (vms []*VM, keys []string, err error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+vmColumns+`, v.pool`+vmFrom+` WHERE v.pool != '' ORDER BY v.created_at, v.name`)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list pool vms: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var key string
+		v, err := scanVM(scanWithTail{rows, &key})
+		if err != nil {
+			return nil, nil, fmt.Errorf("list pool vms: %w", err)
+		}
+		vms, keys = append(vms, v), append(keys, key)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("list pool vms: %w", err)
+	}
+	return vms, keys, nil
+}
+
+// scanWithTail scans the VM columns and then the extra destinations.
+type scanWithTail struct {
+	r    scanner
+	tail *string
+}
+
+func (s scanWithTail) Scan(dest ...any) error { return s.r.Scan(append(dest, s.tail)...) }
+
+// ClaimPoolVM takes the running pool VM id of key out of the pool and gives
+// it name and workspace, in one conditional update: of two claims of the
+// same VM only one succeeds (claimed false for the other, and for a VM no
+// longer running or in that pool). A taken name is ErrConflict, with
+// nothing changed.
+func (s *Store) ClaimPoolVM(ctx context.Context, id, key, name, workspace string) (claimed bool, err error) {
+	res, err := s.db.ExecContext(ctx, `UPDATE vms SET pool='', name=?, workspace=?, updated_at=?
+		WHERE id=? AND pool=? AND pool != '' AND state=?`, name, workspace, fmtTime(time.Now()), id, key, StateRunning)
+	if isUniqueErr(err) {
+		return false, errf(ErrConflict, "a VM named %q already exists", name)
+	}
+	if err != nil {
+		return false, fmt.Errorf("claim pool vm %s: %w", id, err)
+	}
+	n, _ := res.RowsAffected()
+	return n == 1, nil
+}
+
 // CreateVM inserts a new VM record. A taken name gives ErrConflict.
-func (s *Store) CreateVM(ctx context.Context, v *VM) error {
+func (s *Store) CreateVM(ctx context.Context, v *VM) error { return s.createVM(ctx, v, "") }
+
+// CreatePoolVM is CreateVM of an unclaimed VM of the ready pool of key: it
+// is hidden from vm.list from its first moment.
+func (s *Store) CreatePoolVM(ctx context.Context, v *VM, key string) error {
+	if key == "" {
+		return errf(ErrInvalid, "a pool VM needs its pool's key")
+	}
+	if err := s.createVM(ctx, v, key); err != nil {
+		return err
+	}
+	v.Pool = true
+	return nil
+}
+
+func (s *Store) createVM(ctx context.Context, v *VM, pool string) error {
 	now := time.Now()
 	if v.CreatedAt.IsZero() {
 		v.CreatedAt = now
 	}
 	v.UpdatedAt = now
 	_, err := s.db.ExecContext(ctx, `INSERT INTO vms (id, name, image_id, kernel_id, vcpus, memory_mib, disk_mib,
-		state, driver, ip, mac, tap, workspace, last_error, created_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		state, driver, ip, mac, tap, workspace, last_error, created_at, updated_at, pool)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		v.ID, v.Name, v.ImageID, v.KernelID, v.VCPUs, v.MemoryMiB, v.DiskMiB, v.State, v.Driver, v.IP, v.MAC,
-		v.Tap, v.Workspace, v.LastError, fmtTime(v.CreatedAt), fmtTime(v.UpdatedAt))
+		v.Tap, v.Workspace, v.LastError, fmtTime(v.CreatedAt), fmtTime(v.UpdatedAt), pool)
 	switch {
 	case isUniqueErr(err) && strings.Contains(err.Error(), "vms.name"):
 		return errf(ErrConflict, "a VM named %q already exists", v.Name)
@@ -135,15 +255,23 @@ func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
 const vmJSONObject = `json_object('id', v.id, 'name', v.name, 'image_id', v.image_id, 'image', COALESCE(i.name, ''),
 	'kernel_id', v.kernel_id, 'kernel', COALESCE(k.name, ''), 'vcpus', v.vcpus, 'memory_mib', v.memory_mib,
 	'disk_mib', v.disk_mib, 'state', v.state, 'driver', v.driver, 'ip', v.ip, 'mac', v.mac, 'tap', v.tap,
-	'workspace', v.workspace, 'workspace_dest', v.workspace_dest, 'last_error', v.last_error, 'created_at', v.created_at, 'updated_at', v.updated_at)`
+	'workspace', v.workspace, 'workspace_dest', v.workspace_dest, 'last_error', v.last_error,
+	'pool', json(CASE WHEN v.pool != '' THEN 'true' ELSE 'false' END),
+	'created_at', v.created_at, 'updated_at', v.updated_at, 'expires_at', NULLIF(v.expires_at, ''),
+	'forwards', json(CASE WHEN v.forwards != '' THEN v.forwards ELSE 'null' END))`
 
 // ListVMsJSON returns what json.Marshal of ListVMs would: the JSON array of
 // all VMs, oldest first, built by SQLite in one row. vm.list serves it as is:
 // scanning 1000 records column by column through the driver and encoding
 // them again cost ~8 ms of CPU per call.
-func (s *Store) ListVMsJSON(ctx context.Context) ([]byte, error) {
+// Unclaimed pool VMs are left out unless all is set (vm ls --all).
+func (s *Store) ListVMsJSON(ctx context.Context, all bool) ([]byte, error) {
+	where := ` WHERE v.pool = ''`
+	if all {
+		where = ``
+	}
 	var out []byte
-	err := s.db.QueryRowContext(ctx, `SELECT json_group_array(`+vmJSONObject+` ORDER BY v.created_at, v.name)`+vmFrom).Scan(&out)
+	err := s.db.QueryRowContext(ctx, `SELECT json_group_array(`+vmJSONObject+` ORDER BY v.created_at, v.name)`+vmFrom+where).Scan(&out)
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}
