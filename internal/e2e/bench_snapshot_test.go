@@ -25,7 +25,7 @@ func TestBenchSnapshot(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {
 		rounds = v
 	}
-	h, _, _ := realHome(t)
+	h, d, _ := realHome(t)
 	mustBanger(t, h, "vm", "create", "src", "--memory", "256M", "--disk", "256M")
 	mustBanger(t, h, "exec", "src", "--", "true")
 	mustBanger(t, h, "snapshot", "create", "src", "base")
@@ -87,6 +87,7 @@ func TestBenchSnapshot(t *testing.T) {
 	t.Logf("BENCH run -- true, base snapshot:        median %v  (all %v)", med(runBase).Round(time.Millisecond), roundAll(runBase))
 	t.Logf("BENCH run -- true, from the ready pool:  median %v  (all %v)", med(runPool).Round(time.Millisecond), roundAll(runPool))
 	mustBanger(t, h, append([]string{"pool", "set", "0"}, poolSpec...)...)
+	logReidentifySplit(t, d.logs.String())
 
 	// Sizes and memory: a cold VM and one restored from its snapshot.
 	for _, mem := range []string{"256M", "1G"} {
@@ -113,6 +114,37 @@ func TestBenchSnapshot(t *testing.T) {
 		mustBanger(t, h, "vm", "delete", name, "--force")
 		mustBanger(t, h, "vm", "delete", name+"-r", "--force")
 	}
+}
+
+// logReidentifySplit prints the medians of bangerd's "clone reidentified"
+// records (every restore of the run: create --snapshot, fork, run from the
+// base, pool refills): reaching the restored agent and the reidentify
+// request itself.
+func logReidentifySplit(t *testing.T, logs string) {
+	t.Helper()
+	var reach, reid []time.Duration
+	for _, l := range strings.Split(logs, "\n") {
+		var r struct {
+			Msg          string  `json:"msg"`
+			ReachMS      float64 `json:"reach_ms"`
+			ReidentifyMS float64 `json:"reidentify_ms"`
+		}
+		if json.Unmarshal([]byte(l), &r) != nil || r.Msg != "clone reidentified" {
+			continue
+		}
+		reach = append(reach, time.Duration(r.ReachMS*float64(time.Millisecond)))
+		reid = append(reid, time.Duration(r.ReidentifyMS*float64(time.Millisecond)))
+	}
+	if len(reach) == 0 {
+		t.Logf("BENCH clone reidentified: no records in bangerd's log")
+		return
+	}
+	med := func(d []time.Duration) time.Duration {
+		s := append([]time.Duration(nil), d...)
+		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+		return s[len(s)/2].Round(100 * time.Microsecond)
+	}
+	t.Logf("BENCH clone reidentified (n=%d): reach median %v, reidentify median %v", len(reach), med(reach), med(reid))
 }
 
 func roundAll(d []time.Duration) []string {
