@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"io"
 	"log/slog"
@@ -174,5 +175,89 @@ func TestDispatchCloseReleasesPending(t *testing.T) {
 	// EOF, or a reset when Close came before the listener accepted it
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("the pending connection was not closed: %v", err)
+	}
+}
+
+// TestDispatchControlNeedsTheKey plays a local user who reaches the agent's
+// port and asks for a control stream (bulk.OpControl: shutdown, reidentify)
+// without the VM's key: the stream is refused at the hello and nothing
+// reaches the server; with the key, the same shutdown request is served. A
+// reidentify carrying a new key, sent over a control stream, retires the
+// old key for new streams.
+func TestDispatchControlNeedsTheKey(t *testing.T) {
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	signer, _ := ssh.NewSignerFromKey(priv)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	key, clone := bytes.Repeat([]byte{7}, bulk.KeySize), bytes.Repeat([]byte{8}, bulk.KeySize)
+	keys := newBulkKey(key)
+	shutdowns := make(chan struct{}, 4)
+	srv, err := sshd.New(sshd.Config{HostKey: signer, AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()}, Logger: log,
+		OnShutdown:   func() { shutdowns <- struct{}{} },
+		OnReidentify: keys.onReidentify(func(api.Reidentify) error { return nil })})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d := newDispatchListener(ctx, l, keys, srv, log)
+	defer d.Close()
+
+	open := func(k []byte) (net.Conn, error) {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := bulk.Hello(c, k); err != nil {
+			// a client that goes on regardless still gets nothing served
+			bulk.WriteOpen(c, bulk.Open{Op: bulk.OpControl})
+			bulk.ControlCall(c, api.RequestShutdown, nil, 1024)
+			return nil, err
+		}
+		if err := bulk.WriteOpen(c, bulk.Open{Op: bulk.OpControl}); err != nil {
+			t.Fatal(err)
+		}
+		return c, nil
+	}
+	for _, bad := range [][]byte{bytes.Repeat([]byte{9}, bulk.KeySize), make([]byte, bulk.KeySize)} {
+		if _, err := open(bad); !errors.Is(err, bulk.ErrRefused) {
+			t.Fatalf("a control stream with a wrong key: %v, want refused", err)
+		}
+	}
+	select {
+	case <-shutdowns:
+		t.Fatal("a control stream without the key shut the guest down")
+	default:
+	}
+	c, err := open(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := bulk.ControlCall(c, api.RequestPing, nil, 1024); err != nil || !ok {
+		t.Fatalf("ping with the key: %v %v", ok, err)
+	}
+	if ok, _, err := bulk.ControlCall(c, api.RequestShutdown, nil, 1024); err != nil || !ok {
+		t.Fatalf("shutdown with the key: %v %v", ok, err)
+	}
+	select {
+	case <-shutdowns:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the shutdown request was not served")
+	}
+	// reidentify over the control stream: the clone's key from then on
+	b := []byte(`{"bulk_key":"` + base64.StdEncoding.EncodeToString(clone) + `"}`)
+	if ok, msg, err := bulk.ControlCall(c, api.RequestReidentify, b, 1024); err != nil || !ok {
+		t.Fatalf("reidentify: %v %q %v", ok, msg, err)
+	}
+	if _, err := open(key); !errors.Is(err, bulk.ErrRefused) {
+		t.Fatalf("the retired key still opens control streams: %v", err)
+	}
+	if _, err := open(clone); err != nil {
+		t.Fatalf("the new key: %v", err)
 	}
 }

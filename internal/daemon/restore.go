@@ -15,6 +15,7 @@ import (
 
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
@@ -35,6 +36,12 @@ type snapSource struct {
 	HostKeyPub string `json:"host_key_pub"`
 	// MAC is the source's guest MAC: a clone's interface still has it.
 	MAC string `json:"mac,omitempty"`
+	// BulkKey is the source agent's bulk key, which a clone's agent holds
+	// until it is given its own: bangerd reaches and reidentifies the clone
+	// over a bulk control stream with it, no SSH handshake. Absent from
+	// snapshots taken by an older bangerd (then SSH). The file is 0600, as
+	// the saved memory, which holds the key too, is the owner's only.
+	BulkKey []byte `json:"bulk_key,omitempty"`
 }
 
 // restoreSource is where a VM's first start comes from when it is made
@@ -51,7 +58,8 @@ func (s *vmService) writeSnapSource(vm *store.VM, dir string) error {
 	if err != nil {
 		return err
 	}
-	return writeJSONAtomic(filepath.Join(dir, snapSourceName), snapSource{HostKeyPub: pub, MAC: vm.MAC})
+	bk, _ := bulkKey(s.vmDir(vm.ID)) // none (an older bangerd started it): clones are reached over SSH
+	return writeJSONAtomic(filepath.Join(dir, snapSourceName), snapSource{HostKeyPub: pub, MAC: vm.MAC, BulkKey: bk})
 }
 
 // restoreSourceFor loads what restoring sn needs.
@@ -64,6 +72,9 @@ func (s *vmService) restoreSourceFor(sn *store.Snapshot) (*restoreSource, error)
 	rs := &restoreSource{snap: sn, dir: dir}
 	if err := json.Unmarshal(b, &rs.src); err != nil || rs.src.HostKeyPub == "" {
 		return nil, fmt.Errorf("snapshot %s: unreadable %s: %v", sn.Name, snapSourceName, err)
+	}
+	if rs.src.BulkKey != nil && len(rs.src.BulkKey) != bulk.KeySize {
+		return nil, fmt.Errorf("snapshot %s: %s has a bulk key of %d bytes, want %d", sn.Name, snapSourceName, len(rs.src.BulkKey), bulk.KeySize)
 	}
 	return rs, nil
 }
@@ -94,10 +105,15 @@ type reidentifier interface {
 	Reidentify(ctx context.Context, p agentapi.Reidentify) error
 }
 
-// stageReidentify reaches the clone with its source's host key and gives it
+// stageReidentify reaches the clone with its source's keys and gives it
 // the identity the configure stage made for it: hostname, SSH host key,
-// machine-id, entropy, clock, MAC and address. From then on the clone
-// answers only with its own pinned key.
+// bulk key, machine-id, entropy, clock, MAC and address. From then on the
+// clone answers only with its own pinned host key and accepts only its own
+// bulk key. With the source's bulk key recorded, the requests go over a
+// bulk control stream (no SSH handshake, whose cold crypto is slow in a
+// freshly restored TCG guest); the client, which then pins the clone's own
+// host key and presents its own bulk key, becomes the VM's agent client,
+// so the wait-for-agent stage's ping reuses its stream.
 func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 	env, rs := r.env, r.env.Restore
 	ctx, cancel := context.WithTimeout(ctx, s.bootTimeout)
@@ -108,11 +124,16 @@ func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 	if err != nil {
 		return err
 	}
-	a, err := s.newAgent(t, rs.src.HostKeyPub)
+	a, err := s.newAgent(t, rs.src.HostKeyPub, rs.src.BulkKey)
 	if err != nil {
 		return err
 	}
-	defer a.Close()
+	kept := false
+	defer func() {
+		if !kept {
+			a.Close()
+		}
+	}()
 	t0 := time.Now()
 	if err := a.Ping(ctx); err != nil {
 		return fmt.Errorf("the restored guest did not answer: %w%s", err, s.consoleHint(env.VM.ID))
@@ -136,7 +157,15 @@ func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 	t1 := time.Now()
 	err = ri.Reidentify(ctx, p)
 	s.log.InfoContext(ctx, "clone reidentified", "vm", env.VM.Name, "reach_ms", logging.Ms(pingTook), "reidentify_ms", logging.Ms(time.Since(t1)), "ok", err == nil)
-	return err
+	if err != nil {
+		return err
+	}
+	r.rt.guestMu.Lock()
+	if r.rt.agent == nil {
+		r.rt.agent, kept = a, true
+	}
+	r.rt.guestMu.Unlock()
+	return nil
 }
 
 // newMachineID is a random systemd machine-id (128 bits, lowercase hex).

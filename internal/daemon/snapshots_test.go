@@ -226,6 +226,7 @@ func (d *fakeDriver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir str
 type reidAgent struct {
 	*fakeAgent
 	hostKey string
+	bulkKey []byte
 	log     *reidLog
 }
 
@@ -233,6 +234,7 @@ type reidLog struct {
 	mu    sync.Mutex
 	calls []reidCall
 	execs [][]string
+	made  int // agent clients made
 }
 
 // Exec records the command (the pool's warm-up).
@@ -245,13 +247,14 @@ func (a *reidAgent) Exec(ctx context.Context, cmd []string, stdin io.Reader, std
 
 type reidCall struct {
 	hostKey string
+	bulkKey []byte
 	p       agentapi.Reidentify
 }
 
 func (a *reidAgent) Reidentify(ctx context.Context, p agentapi.Reidentify) error {
 	a.log.mu.Lock()
 	defer a.log.mu.Unlock()
-	a.log.calls = append(a.log.calls, reidCall{a.hostKey, p})
+	a.log.calls = append(a.log.calls, reidCall{a.hostKey, a.bulkKey, p})
 	return nil
 }
 
@@ -260,12 +263,15 @@ func (a *reidAgent) Reidentify(ctx context.Context, p agentapi.Reidentify) error
 func (ts *testSvc) logReidentify() *reidLog {
 	rl := &reidLog{}
 	base := ts.newAgent
-	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
-		a, err := base(tr, hostKey)
+	ts.newAgent = func(tr *guest.Transport, hostKey string, bulkKey []byte) (guestAgent, error) {
+		a, err := base(tr, hostKey, bulkKey)
 		if err != nil {
 			return nil, err
 		}
-		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, log: rl}, nil
+		rl.mu.Lock()
+		rl.made++
+		rl.mu.Unlock()
+		return &reidAgent{fakeAgent: a.(*fakeAgent), hostKey: hostKey, bulkKey: bulkKey, log: rl}, nil
 	}
 	return rl
 }
@@ -297,6 +303,11 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 	if len(rl.calls) != 2 {
 		t.Fatalf("%d reidentify calls, want 2", len(rl.calls))
 	}
+	// the client that reidentified a clone is its agent client from then
+	// on: the wait for the agent reuses its stream, no second connection
+	if rl.made != 2 {
+		t.Errorf("%d agent clients made for 2 clones, want 2", rl.made)
+	}
 	seen := map[string]bool{}
 	for i, c := range rl.calls {
 		clone := res.VMs[i]
@@ -316,6 +327,11 @@ func TestForkRestoresAndReidentifies(t *testing.T) {
 		seen[c.p.MachineID] = true
 		// the clone's bulk key, not the source's that its memory holds
 		srcBulk, _ := bulkKey(ts.vmDir(src.ID))
+		// reached with the source's bulk key (a control stream, no SSH
+		// handshake), recorded in the snapshot
+		if len(srcBulk) == 0 || !bytes.Equal(c.bulkKey, srcBulk) {
+			t.Errorf("clone %d was reached with bulk key %x, want the source's %x", i, c.bulkKey, srcBulk)
+		}
 		if bk, err := bulkKey(ts.vmDir(clone.ID)); err != nil || !bytes.Equal(c.p.BulkKey, bk) || bytes.Equal(bk, srcBulk) {
 			t.Errorf("clone %d was given bulk key %x, its own is %x (%v), the source's %x", i, c.p.BulkKey, bk, err, srcBulk)
 		}

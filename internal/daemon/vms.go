@@ -144,8 +144,9 @@ type vmService struct {
 	events      *eventBus
 	pool        *readyPool // nil: no ready pool
 
-	// newAgent makes an agent client over a transport with the pinned host key.
-	newAgent func(t *guest.Transport, hostKeyLine string) (guestAgent, error)
+	// newAgent makes an agent client over a transport with the pinned host
+	// key and the agent's bulk key (nil when unknown: SSH only).
+	newAgent func(t *guest.Transport, hostKeyLine string, bulkKey []byte) (guestAgent, error)
 
 	statsOnce sync.Once
 	pollerVal *statsPoller
@@ -560,7 +561,9 @@ func (s *vmService) agent(ctx context.Context, id string, rt *runtime) (guestAge
 	if err != nil {
 		return nil, err
 	}
-	a, err := s.newAgent(t, pub)
+	// No bulk key recorded (a VM started by an older bangerd): SSH only.
+	bk, _ := bulkKey(s.vmDir(id))
+	a, err := s.newAgent(t, pub, bk)
 	if err != nil {
 		return nil, err
 	}

@@ -306,7 +306,7 @@ func newTestSvc(t *testing.T) *testSvc {
 		caps:     []capability{keysCap{userKeyPath: l.UserKey()}, ts.probe},
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{}, events: newEventBus(),
 	}
-	ts.newAgent = func(tr *guest.Transport, hostKey string) (guestAgent, error) {
+	ts.newAgent = func(tr *guest.Transport, hostKey string, bulkKey []byte) (guestAgent, error) {
 		id := ""
 		ts.mu.Lock()
 		for vid, rt := range ts.runtimes {

@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/termsafe"
 )
 
@@ -30,6 +32,11 @@ type ClientConfig struct {
 	// MaxReply bounds the payload of one reply from the agent (ports,
 	// stats); default DefaultMaxReply.
 	MaxReply int
+	// BulkKey, when set, is the agent's current bulk key: control requests
+	// (Ping, Reidentify, Ports, Stats, Shutdown) then go over one bulk
+	// control stream (bulk.OpControl) instead of SSH, with no handshake.
+	// An agent that does not serve control streams is asked over SSH.
+	BulkKey []byte
 }
 
 // Bounds on what the guest may say in one reply. The guest is not trusted:
@@ -59,6 +66,14 @@ type Client struct {
 	mu     sync.Mutex
 	conn   *ssh.Client
 	closed bool
+
+	// The bulk control stream: ctlLock is held while it is used (one
+	// request at a time, as the agent answers them); ctl, bulkKey and
+	// noBulk are guarded by mu.
+	ctlLock chan struct{}
+	ctl     net.Conn
+	bulkKey []byte
+	noBulk  bool // the agent does not serve control streams: use SSH
 }
 
 // NewClient returns a Client; it does not connect yet.
@@ -86,7 +101,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 			ClientVersion:     "SSH-2.0-bangerd",
 			Config:            SSHConfig(),
 		},
-		lock: make(chan struct{}, 1),
+		lock:    make(chan struct{}, 1),
+		ctlLock: make(chan struct{}, 1),
+		bulkKey: bytes.Clone(cfg.BulkKey),
 	}, nil
 }
 
@@ -96,7 +113,12 @@ func (c *Client) Close() error {
 	c.closed = true
 	conn := c.conn
 	c.conn = nil
+	ctl := c.ctl
+	c.ctl = nil
 	c.mu.Unlock()
+	if ctl != nil {
+		ctl.Close()
+	}
 	if conn != nil {
 		return conn.Close()
 	}
@@ -164,7 +186,10 @@ func (c *Client) connect(ctx context.Context) (*ssh.Client, error) {
 	}
 	_ = nc.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
-	sc, chans, reqs, err := ssh.NewClientConn(nc, "banger-guest", c.sshCfg)
+	c.mu.Lock()
+	cfg := c.sshCfg
+	c.mu.Unlock()
+	sc, chans, reqs, err := ssh.NewClientConn(nc, "banger-guest", cfg)
 	if !stop() || err != nil {
 		nc.Close()
 		if cerr := expired(ctx, err); cerr != nil {
@@ -257,6 +282,15 @@ func sendRequest(ctx context.Context, conn *ssh.Client, name string, payload []b
 // request sends a banger global request on the shared connection and
 // returns its reply payload.
 func (c *Client) request(ctx context.Context, name string) ([]byte, error) {
+	if handled, ok, data, err := c.control(ctx, name, nil, true); handled {
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		if !ok {
+			return nil, refused(name, data)
+		}
+		return data, nil
+	}
 	conn, err := c.SSH(ctx)
 	if err != nil {
 		return nil, err
@@ -269,15 +303,20 @@ func (c *Client) request(ctx context.Context, name string) ([]byte, error) {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	if !ok {
-		if len(data) > 0 {
-			return nil, fmt.Errorf("the guest agent refused %s: %s", name, refusalText(data))
-		}
-		return nil, fmt.Errorf("the guest agent refused %s (agent too old?)", name)
+		return nil, refused(name, data)
 	}
 	if len(data) > c.cfg.MaxReply {
 		return nil, fmt.Errorf("the guest agent's reply to %s is %d bytes, over the limit of %d: not decoding it (a broken or hostile guest)", name, len(data), c.cfg.MaxReply)
 	}
 	return data, nil
+}
+
+// refused is the error for a request the agent answered with a failure.
+func refused(name string, data []byte) error {
+	if len(data) > 0 {
+		return fmt.Errorf("the guest agent refused %s: %s", name, refusalText(data))
+	}
+	return fmt.Errorf("the guest agent refused %s (agent too old?)", name)
 }
 
 // refusalText is the guest's reason for a refusal, cut to maxRefusal bytes
@@ -336,6 +375,19 @@ func (c *Client) Ping(ctx context.Context) error {
 // accepted; the VMM exits shortly after. A connection that drops before the
 // reply arrives counts as accepted.
 func (c *Client) Shutdown(ctx context.Context) error {
+	if handled, ok, data, err := c.control(ctx, api.RequestShutdown, nil, false); handled {
+		c.dropControl()
+		if err != nil {
+			if errors.Is(err, bulk.ErrControlClosed) || errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("ask the guest to power off: %w", err)
+		}
+		if !ok {
+			return fmt.Errorf("the guest agent refused to power off: %s", refusalText(data))
+		}
+		return nil
+	}
 	conn, err := c.SSH(ctx)
 	if err != nil {
 		return err
@@ -355,27 +407,56 @@ func (c *Client) Shutdown(ctx context.Context) error {
 }
 
 // Reidentify gives a clone its own identity (see api.Reidentify). When it
-// carries a host key, the connection it used is dropped afterwards: the
-// guest's host key changed, so the next connection must be made with the
-// new one pinned. A rename keeps the connection.
+// carries a host key, the client pins the new key from then on (the SSH
+// connection made with the old one is dropped); when it carries a bulk key,
+// the client presents the new key on its next bulk streams. A rename keeps
+// the connections.
 func (c *Client) Reidentify(ctx context.Context, p api.Reidentify) error {
 	b, err := json.Marshal(p)
 	if err != nil {
 		return err
 	}
-	conn, err := c.SSH(ctx)
-	if err != nil {
-		return err
+	var newPin ssh.PublicKey
+	if p.HostKey != "" {
+		s, err := ssh.ParsePrivateKey([]byte(p.HostKey))
+		if err != nil {
+			return fmt.Errorf("the clone's new host key: %w", err)
+		}
+		newPin = s.PublicKey()
 	}
-	ok, data, err := sendRequest(ctx, conn, api.RequestReidentify, b)
-	if p.HostKey != "" || err != nil {
-		c.broken(conn)
+	handled, ok, data, err := c.control(ctx, api.RequestReidentify, b, false)
+	if !handled {
+		var conn *ssh.Client
+		conn, err = c.SSH(ctx)
+		if err != nil {
+			return err
+		}
+		ok, data, err = sendRequest(ctx, conn, api.RequestReidentify, b)
+		if p.HostKey != "" || err != nil {
+			c.broken(conn)
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("give the clone its identity: %w", err)
 	}
 	if !ok {
 		return fmt.Errorf("the guest agent refused its new identity: %s", refusalText(data))
+	}
+	c.mu.Lock()
+	if p.BulkKey != nil {
+		c.bulkKey = bytes.Clone(p.BulkKey)
+	}
+	var stale *ssh.Client
+	if newPin != nil {
+		cfg := *c.sshCfg
+		cfg.HostKeyCallback = ssh.FixedHostKey(newPin)
+		cfg.HostKeyAlgorithms = []string{newPin.Type()}
+		c.sshCfg = &cfg
+		stale, c.conn = c.conn, nil
+	}
+	c.mu.Unlock()
+	if stale != nil {
+		stale.Close()
 	}
 	return nil
 }

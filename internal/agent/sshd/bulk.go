@@ -46,6 +46,12 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		}
 		ss.hangup()
 		ch.Close()
+	case bulk.OpControl:
+		if err := bulk.ServeControl(r, c, func(name string, payload []byte) (bool, []byte, func()) {
+			return s.control(name, payload, log)
+		}); err != nil {
+			log.Info("control stream ended", "error", err)
+		}
 	case bulk.OpZero:
 		n := min(o.N, maxZero)
 		buf := make([]byte, 256<<10)

@@ -318,68 +318,73 @@ const maxReplyPayload = 200 << 10
 
 func (s *Server) globalRequests(ctx context.Context, reqs <-chan *ssh.Request, log *slog.Logger) {
 	for req := range reqs {
-		switch req.Type {
-		case api.RequestPing:
-			_ = req.Reply(true, nil)
-		case api.RequestShutdown:
-			if s.cfg.OnShutdown == nil {
-				_ = req.Reply(false, []byte("shutdown is not available"))
-				continue
-			}
-			_ = req.Reply(true, nil)
-			log.Info("shutdown requested by the host")
-			s.shutOnce.Do(func() { go s.cfg.OnShutdown() })
-		case api.RequestPorts:
-			ports, err := sysinfo.Ports(s.cfg.ProcRoot)
-			if err != nil {
-				log.Warn("list ports", "error", err)
-				_ = req.Reply(false, []byte(err.Error()))
-				continue
-			}
-			reply := api.PortsReply{Ports: ports}
-			b, _ := json.Marshal(reply)
-			for len(b) > maxReplyPayload && len(reply.Ports) > 0 {
-				reply.Ports = reply.Ports[:len(reply.Ports)*3/4]
-				reply.Truncated = true
-				b, _ = json.Marshal(reply)
-			}
-			_ = req.Reply(true, b)
-		case api.RequestReidentify:
-			s.reidentify(req, log)
-		case api.RequestStats:
-			st, err := sysinfo.ReadStats(s.cfg.ProcRoot, s.cfg.RootPath)
-			if err != nil {
-				log.Warn("read stats", "error", err)
-				_ = req.Reply(false, []byte(err.Error()))
-				continue
-			}
-			b, _ := json.Marshal(st)
-			_ = req.Reply(true, b)
-		default:
+		ok, reply, after := s.control(req.Type, req.Payload, log)
+		if req.WantReply {
 			// Includes keepalive@openssh.com: a failure reply is what
 			// OpenSSH's server sends and its client expects.
-			if req.WantReply {
-				_ = req.Reply(false, nil)
-			}
+			_ = req.Reply(ok, reply)
+		}
+		if after != nil {
+			after()
 		}
 	}
 }
 
+// control answers one of banger's control requests, whether it came as an
+// SSH global request or on a bulk control stream (bulk.OpControl). after,
+// when not nil, runs once the reply is sent.
+func (s *Server) control(name string, payload []byte, log *slog.Logger) (ok bool, reply []byte, after func()) {
+	switch name {
+	case api.RequestPing:
+		return true, nil, nil
+	case api.RequestShutdown:
+		if s.cfg.OnShutdown == nil {
+			return false, []byte("shutdown is not available"), nil
+		}
+		return true, nil, func() {
+			log.Info("shutdown requested by the host")
+			s.shutOnce.Do(func() { go s.cfg.OnShutdown() })
+		}
+	case api.RequestPorts:
+		ports, err := sysinfo.Ports(s.cfg.ProcRoot)
+		if err != nil {
+			log.Warn("list ports", "error", err)
+			return false, []byte(err.Error()), nil
+		}
+		reply := api.PortsReply{Ports: ports}
+		b, _ := json.Marshal(reply)
+		for len(b) > maxReplyPayload && len(reply.Ports) > 0 {
+			reply.Ports = reply.Ports[:len(reply.Ports)*3/4]
+			reply.Truncated = true
+			b, _ = json.Marshal(reply)
+		}
+		return true, b, nil
+	case api.RequestReidentify:
+		return s.reidentify(payload, log)
+	case api.RequestStats:
+		st, err := sysinfo.ReadStats(s.cfg.ProcRoot, s.cfg.RootPath)
+		if err != nil {
+			log.Warn("read stats", "error", err)
+			return false, []byte(err.Error()), nil
+		}
+		b, _ := json.Marshal(st)
+		return true, b, nil
+	}
+	return false, nil, nil
+}
+
 // reidentify applies a clone's new identity (Config.OnReidentify) and, once
 // it is applied, serves new connections with the new host key.
-func (s *Server) reidentify(req *ssh.Request, log *slog.Logger) {
+func (s *Server) reidentify(payload []byte, log *slog.Logger) (bool, []byte, func()) {
 	if s.cfg.OnReidentify == nil {
-		_ = req.Reply(false, []byte("reidentify is not available"))
-		return
+		return false, []byte("reidentify is not available"), nil
 	}
-	if len(req.Payload) > api.MaxReidentify {
-		_ = req.Reply(false, []byte("reidentify payload too large"))
-		return
+	if len(payload) > api.MaxReidentify {
+		return false, []byte("reidentify payload too large"), nil
 	}
 	var p api.Reidentify
-	if err := json.Unmarshal(req.Payload, &p); err != nil {
-		_ = req.Reply(false, []byte("reidentify: bad payload: "+err.Error()))
-		return
+	if err := json.Unmarshal(payload, &p); err != nil {
+		return false, []byte("reidentify: bad payload: " + err.Error()), nil
 	}
 	var hk ssh.Signer
 	if p.HostKey != "" { // empty: keep the host key (a renamed VM)
@@ -389,25 +394,24 @@ func (s *Server) reidentify(req *ssh.Request, log *slog.Logger) {
 			err = fmt.Errorf("host key type %s", hk.PublicKey().Type())
 		}
 		if err != nil {
-			_ = req.Reply(false, []byte("reidentify: host key: "+err.Error()))
-			return
+			return false, []byte("reidentify: host key: " + err.Error()), nil
 		}
 	}
 	if err := s.cfg.OnReidentify(p); err != nil {
 		log.Warn("reidentify failed", "error", err)
-		_ = req.Reply(false, []byte(err.Error()))
-		return
+		return false, []byte(err.Error()), nil
 	}
 	if hk != nil {
 		s.sshCfg.Store(s.serverConfig(hk))
 	}
-	// Reply before logging: a console line costs milliseconds under
+	// Log after the reply: a console line costs milliseconds under
 	// emulation, and the host is waiting on this reply to go on.
-	_ = req.Reply(true, nil)
-	if hk != nil {
-		log.Info("host key replaced by the host", "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
+	return true, nil, func() {
+		if hk != nil {
+			log.Info("host key replaced by the host", "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
+		}
+		log.Info("identity replaced by the host", "hostname", p.Hostname)
 	}
-	log.Info("identity replaced by the host", "hostname", p.Hostname)
 }
 
 // recoverPanic keeps a bug in one handler from taking the whole agent (and

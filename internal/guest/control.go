@@ -1,0 +1,176 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/bangerdev/banger/internal/agent/bulk"
+)
+
+// controlTimeout bounds one control request (dial, hello and reply) when
+// ctx allows longer.
+const controlTimeout = 60 * time.Second
+
+// errNoControl means the agent does not serve bulk control streams.
+var errNoControl = errors.New("the guest agent does not serve control streams")
+
+// control sends one control request over the bulk control stream, opening
+// the stream first if needed. handled is false when the request must go
+// over SSH instead: the client has no bulk key, or the agent does not serve
+// control streams (an older agent; remembered for this client). A request
+// that fails on a stream reused from an earlier call (the agent restarted
+// its server, say) is sent once more on a fresh stream when retry is set,
+// which idempotent requests allow.
+func (c *Client) control(ctx context.Context, name string, payload []byte, retry bool) (handled, ok bool, data []byte, err error) {
+	select {
+	case c.ctlLock <- struct{}{}:
+	case <-ctx.Done():
+		return true, false, nil, fmt.Errorf("connect to the guest agent: %w", ctx.Err())
+	}
+	defer func() { <-c.ctlLock }()
+	for attempt := 0; ; attempt++ {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return true, false, nil, ErrClosed
+		}
+		key, conn := c.bulkKey, c.ctl
+		if key == nil || c.noBulk {
+			c.mu.Unlock()
+			return false, false, nil, nil
+		}
+		c.mu.Unlock()
+		fresh := conn == nil
+		if fresh {
+			conn, err = c.openControl(ctx, key)
+			if errors.Is(err, errNoControl) {
+				c.useSSH(err)
+				return false, false, nil, nil
+			}
+			if err != nil {
+				return true, false, nil, err
+			}
+			c.mu.Lock()
+			if c.closed {
+				c.mu.Unlock()
+				conn.Close()
+				return true, false, nil, ErrClosed
+			}
+			c.ctl = conn
+			c.mu.Unlock()
+		}
+		ok, data, err = c.call(ctx, conn, name, payload)
+		if err == nil {
+			return true, ok, data, nil
+		}
+		c.forgetControl(conn)
+		if fresh && errors.Is(err, bulk.ErrControlClosed) {
+			// An agent that knows bulk streams but not this operation
+			// closes the stream after the Open frame.
+			c.useSSH(err)
+			return false, false, nil, nil
+		}
+		if fresh || !retry || attempt > 0 || ctx.Err() != nil {
+			return true, false, nil, err
+		}
+		c.log.DebugContext(ctx, "the guest agent's control stream broke; opening another", "error", err)
+	}
+}
+
+// useSSH remembers that this client's agent is asked over SSH.
+func (c *Client) useSSH(why error) {
+	c.mu.Lock()
+	c.noBulk = true
+	c.mu.Unlock()
+	c.log.Debug("the guest agent does not serve control streams; using SSH", "reason", why)
+}
+
+// openControl dials the agent and opens a control stream with key.
+func (c *Client) openControl(ctx context.Context, key []byte) (net.Conn, error) {
+	began := time.Now()
+	nc, err := c.cfg.Dialer.Dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	stop := bound(ctx, nc)
+	err = bulk.Hello(nc, key)
+	if err == nil {
+		err = bulk.WriteOpen(nc, bulk.Open{Op: bulk.OpControl})
+	}
+	if !stop() && err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		nc.Close()
+		if errors.Is(err, bulk.ErrUnsupported) || errors.Is(err, bulk.ErrRefused) {
+			// an SSH-only agent, or one holding another key than the
+			// one bangerd recorded: SSH still authenticates both ends
+			return nil, fmt.Errorf("%w: %w", errNoControl, err)
+		}
+		if cerr := expired(ctx, err); cerr != nil {
+			return nil, fmt.Errorf("open a control stream to the guest agent: %w", cerr)
+		}
+		return nil, fmt.Errorf("open a control stream to the guest agent: %w", err)
+	}
+	c.log.DebugContext(ctx, "control stream to the guest agent", "took", time.Since(began).Round(time.Millisecond))
+	return nc, nil
+}
+
+// call runs one request on conn, bounded by ctx (and controlTimeout).
+func (c *Client) call(ctx context.Context, conn net.Conn, name string, payload []byte) (bool, []byte, error) {
+	stop := bound(ctx, conn)
+	ok, data, err := bulk.ControlCall(conn, name, payload, c.cfg.MaxReply)
+	if !stop() && err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		if cerr := expired(ctx, err); cerr != nil {
+			return false, nil, cerr
+		}
+		return false, nil, err
+	}
+	return ok, data, nil
+}
+
+// bound sets conn's deadline from ctx (at most controlTimeout away) and
+// ends it early when ctx ends. The returned stop clears the deadline and
+// reports false when ctx ended meanwhile.
+func bound(ctx context.Context, conn net.Conn) func() bool {
+	deadline := time.Now().Add(controlTimeout)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
+	_ = conn.SetDeadline(deadline)
+	after := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	return func() bool {
+		ok := after()
+		if ok {
+			_ = conn.SetDeadline(time.Time{})
+		}
+		return ok
+	}
+}
+
+// forgetControl drops conn if it is the control stream, and closes it.
+func (c *Client) forgetControl(conn net.Conn) {
+	c.mu.Lock()
+	if c.ctl == conn {
+		c.ctl = nil
+	}
+	c.mu.Unlock()
+	conn.Close()
+}
+
+// dropControl closes the control stream, if any.
+func (c *Client) dropControl() {
+	c.mu.Lock()
+	conn := c.ctl
+	c.ctl = nil
+	c.mu.Unlock()
+	if conn != nil {
+		conn.Close()
+	}
+}
