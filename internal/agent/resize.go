@@ -52,13 +52,23 @@ func extGeometry(sb []byte) (blockSize, blocks uint64, err error) {
 	return blockSize, blocks, nil
 }
 
+// extMaxBlocks is the most blocks the filesystem of sb can hold: 2^32-1
+// without the 64bit feature (bangerd makes disks under 16 TiB without it).
+func extMaxBlocks(sb []byte) uint64 {
+	if len(sb) > extFeatureIncompat+4 && binary.LittleEndian.Uint32(sb[extFeatureIncompat:])&extIncompat64Bit != 0 {
+		return 1<<64 - 1
+	}
+	return 1<<32 - 1
+}
+
 // growTarget returns the block count a filesystem of blocks×blockSize
-// should grow to on a device of devBytes, and whether it should grow.
-func growTarget(devBytes, blockSize, blocks uint64) (uint64, bool) {
+// should grow to on a device of devBytes, at most maxBlocks, and whether it
+// should grow.
+func growTarget(devBytes, blockSize, blocks, maxBlocks uint64) (uint64, bool) {
 	if blockSize == 0 {
 		return 0, false
 	}
-	want := devBytes / blockSize
+	want := min(devBytes/blockSize, maxBlocks)
 	return want, want > blocks
 }
 
@@ -85,7 +95,7 @@ func growFilesystem(dev, mountPoint string) (oldBytes, newBytes uint64, err erro
 	if err != nil {
 		return 0, 0, fmt.Errorf("size of %s: %w", dev, err)
 	}
-	want, grow := growTarget(devBytes, bs, blocks)
+	want, grow := growTarget(devBytes, bs, blocks, extMaxBlocks(sb))
 	if !grow {
 		return blocks * bs, blocks * bs, nil
 	}

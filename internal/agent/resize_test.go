@@ -90,20 +90,41 @@ func TestExtGeometryRefusesGarbage(t *testing.T) {
 
 func TestGrowTarget(t *testing.T) {
 	tests := []struct {
-		dev, bs, blocks, want uint64
-		grow                  bool
+		dev, bs, blocks, max, want uint64
+		grow                       bool
 	}{
-		{256 << 20, 4096, 65536, 65536, false},      // same size
-		{512 << 20, 4096, 65536, 131072, true},      // vm set --disk 512M
-		{512<<20 + 100, 4096, 65536, 131072, true},  // partial block ignored
-		{128 << 20, 4096, 65536, 32768, false},      // smaller device: never shrink
-		{256<<20 + 4095, 4096, 65536, 65536, false}, // less than a block more
-		{1 << 20, 0, 1, 0, false},
+		{256 << 20, 4096, 65536, 1<<64 - 1, 65536, false},      // same size
+		{512 << 20, 4096, 65536, 1<<64 - 1, 131072, true},      // vm set --disk 512M
+		{512<<20 + 100, 4096, 65536, 1<<64 - 1, 131072, true},  // partial block ignored
+		{128 << 20, 4096, 65536, 1<<64 - 1, 32768, false},      // smaller device: never shrink
+		{256<<20 + 4095, 4096, 65536, 1<<64 - 1, 65536, false}, // less than a block more
+		{1 << 20, 0, 1, 1<<64 - 1, 0, false},
+		// without 64bit: up to 2^32-1 blocks, however large the device
+		{32 << 40, 4096, 65536, 1<<32 - 1, 1<<32 - 1, true},      // 32 TiB device, 16 TiB filesystem
+		{8 << 40, 1024, 262144, 1<<32 - 1, 1<<32 - 1, true},      // 1 KiB blocks: 4 TiB
+		{32 << 40, 4096, 1<<32 - 1, 1<<32 - 1, 1<<32 - 1, false}, // already at the most
+		{32 << 40, 4096, 65536, 1<<64 - 1, 8 << 30, true},        // 64bit: the whole device
 	}
 	for _, tc := range tests {
-		got, grow := growTarget(tc.dev, tc.bs, tc.blocks)
+		got, grow := growTarget(tc.dev, tc.bs, tc.blocks, tc.max)
 		if got != tc.want || grow != tc.grow {
-			t.Errorf("growTarget(%d, %d, %d) = %d, %v; want %d, %v", tc.dev, tc.bs, tc.blocks, got, grow, tc.want, tc.grow)
+			t.Errorf("growTarget(%d, %d, %d, %d) = %d, %v; want %d, %v", tc.dev, tc.bs, tc.blocks, tc.max, got, grow, tc.want, tc.grow)
+		}
+	}
+}
+
+// TestExtMaxBlocks: 2^32-1 blocks without the 64bit feature, as mkfs wrote
+// it; no limit with it.
+func TestExtMaxBlocks(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		feature string
+		want    uint64
+	}{{"^64bit", 1<<32 - 1}, {"64bit", 1<<64 - 1}} {
+		p := filepath.Join(dir, tc.feature)
+		mkfsExt4(t, p, "64M", "-b", "4096", "-O", tc.feature)
+		if got := extMaxBlocks(superblock(t, p)); got != tc.want {
+			t.Errorf("-O %s: extMaxBlocks = %d, want %d", tc.feature, got, tc.want)
 		}
 	}
 }
@@ -131,7 +152,9 @@ func TestGrowFilesystemOnline(t *testing.T) {
 	if err := os.Truncate(img, 64<<20); err != nil {
 		t.Fatal(err)
 	}
-	mkfsExt4(t, img, "", "-L", "banger-rw", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard")
+	// the features internal/disk gives every writable disk
+	mkfsExt4(t, img, "", "-L", "banger-rw", "-O", "metadata_csum_seed,^resize_inode,meta_bg,^64bit", "-G", "256",
+		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard")
 	// what the host does for vm set --disk: the file grows, nothing else
 	if err := os.Truncate(img, 256<<20); err != nil {
 		t.Fatal(err)

@@ -129,8 +129,8 @@ func TestLifecycleRealGuest(t *testing.T) {
 	if _, errOut, code := banger(t, h, "vm", "set", "alpha", "--disk", "128M"); code != 1 || !strings.Contains(errOut, "only grow") {
 		t.Fatalf("shrinking the disk: %d %s", code, errOut)
 	}
-	// 8G needs more group descriptor blocks than the 256M disk has: the
-	// guest converts it to meta_bg online (the disk has no resize_inode).
+	// 8G needs more group descriptor blocks than the 256M disk has (1 KiB
+	// blocks: 31 more meta groups); the guest adds them online (meta_bg).
 	mustBanger(t, h, "vm", "set", "alpha", "--cpus", "2", "--memory", "320M", "--disk", "8G")
 	// delete of a running VM needs --force
 	mustBanger(t, h, "vm", "start", "alpha")
