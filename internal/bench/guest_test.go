@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/bangerdev/banger/client"
@@ -63,7 +65,14 @@ func (b *bench) benchGuest() {
 		return
 	}
 	defer exec.Command("ssh", append(sshArgs, "-O", "exit", alias)...).Run()
+	if b.want("guest") {
+		b.benchExecCp(vm, alias, ssh, scp)
+	}
+	b.benchWorkspace(vm, alias, ssh)
+}
 
+// benchExecCp: exec latency, exec stdin and cp both ways.
+func (b *bench) benchExecCp(vm, alias, ssh, scp string) {
 	// exec true
 	n := b.runs()
 	bx, err := timeN(n, func() error { _, err := b.cli(time.Minute, nil, "exec", vm, "--", "true"); return err })
@@ -191,8 +200,6 @@ func (b *bench) benchGuest() {
 	b.cli(time.Minute, nil, "exec", vm, "--", "rm", "-f", "/root/in", "/root/in2", "/root/cp1", "/root/cp2")
 	os.Remove(payload)
 	os.Remove(filepath.Join(b.tmp, "back"))
-
-	b.benchWorkspace(vm, alias, ssh)
 }
 
 func (b *bench) benchWorkspace(vm, alias, ssh string) {
@@ -245,13 +252,17 @@ func (b *bench) benchWorkspace(vm, alias, ssh string) {
 	pullDir := shq(filepath.Join(b.tmp, "pulled"))
 	pull := `git -C ` + r + ` branch -D banger/` + vm + ` >/dev/null 2>&1 || true; "$BANGER" workspace pull ` + vm + " --dest /root/ws --repo " + r + " >/dev/null"
 	tarPull := `rm -rf ` + pullDir + ` && mkdir -p ` + pullDir + ` && "$BANGER" exec ` + vm + ` -- tar cf - -C /root/wt . | tar xf - -C ` + pullDir
-	bl, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, pull); return err })
+	pullReps := 3 // a pull after a push moves little: cheap enough for a median
+	if b.quick {
+		pullReps = 1
+	}
+	bl, err := timeN(pullReps, func() error { _, err := b.sh(10*time.Minute, pull); return err })
 	if err != nil {
 		b.fail("workspace", "workspace pull", err)
 	} else {
 		r := Result{Group: "workspace", Metric: "workspace pull (" + desc + ")", Unit: "ms", Banger: median(bl),
-			Base: "banger exec tar c | tar x", Target: "<1.0×", N: reps, Samples: bl}
-		if tl, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, tarPull); return err }); err != nil {
+			Base: "banger exec tar c | tar x", Target: "<1.0×", N: pullReps, Samples: bl, Note: b.pullPhases(vm, repo)}
+		if tl, err := timeN(pullReps, func() error { _, err := b.sh(10*time.Minute, tarPull); return err }); err != nil {
 			r.Note = "the baseline failed: " + firstLine(err.Error())
 		} else {
 			r.Baseline, r.BaseSmp, r.Pass = median(tl), tl, passIf(median(bl) < median(tl))
@@ -414,3 +425,50 @@ func firstLine(s string) string {
 	}
 	return s
 }
+
+// pullPhases runs one more pull in-process and returns where its time went
+// (the workspace pull phases client and workspace log at Debug level).
+func (b *bench) pullPhases(vm, repo string) string {
+	var mu sync.Mutex
+	var parts []string
+	h := phaseHandler{add: func(p string, ms float64) {
+		mu.Lock()
+		parts = append(parts, fmt.Sprintf("%s %.0f", p, ms))
+		mu.Unlock()
+	}}
+	old := slog.Default()
+	slog.SetDefault(slog.New(h))
+	defer slog.SetDefault(old)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	exec.Command("git", "-C", repo, "branch", "-D", "banger/"+vm).Run()
+	if _, err := b.cl.WorkspacePull(ctx, vm, vm, repo, "/root/ws"); err != nil {
+		return "phases: " + firstLine(err.Error())
+	}
+	return "phases (ms): " + strings.Join(parts, ", ")
+}
+
+// phaseHandler collects "workspace pull phase" records.
+type phaseHandler struct{ add func(string, float64) }
+
+func (phaseHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h phaseHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "workspace pull phase" {
+		return nil
+	}
+	var p string
+	var ms float64
+	r.Attrs(func(a slog.Attr) bool {
+		switch a.Key {
+		case "phase":
+			p = a.Value.String()
+		case "ms":
+			ms = a.Value.Float64()
+		}
+		return true
+	})
+	h.add(p, ms)
+	return nil
+}
+func (h phaseHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h phaseHandler) WithGroup(string) slog.Handler      { return h }
