@@ -2,8 +2,12 @@ package client
 
 import (
 	"bytes"
+	"context"
+	"crypto/rand"
 	"encoding/binary"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,6 +15,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/workspace"
 )
 
 func TestPackRoundTrip(t *testing.T) {
@@ -25,7 +30,7 @@ func TestPackRoundTrip(t *testing.T) {
 	}
 	dst := filepath.Join(t.TempDir(), "copy")
 	os.Mkdir(dst, 0o700)
-	if err := receiveTree(&b, dst, 1<<30, 100); err != nil {
+	if _, err := receiveTree(&b, dst, 1<<30, 100, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(filepath.Join(dst, "d/e/f")); len(got) != 300<<10 {
@@ -92,7 +97,7 @@ func TestReceiveTreeHostile(t *testing.T) {
 			bulk.WriteFrame(&b, bulk.FrameEOF, nil)
 			dst := filepath.Join(t.TempDir(), "copy")
 			os.Mkdir(dst, 0o700)
-			if err := receiveTree(&b, dst, 1<<20, 100); err == nil {
+			if _, err := receiveTree(&b, dst, 1<<20, 100, nil); err == nil {
 				t.Fatal("accepted")
 			}
 			if got, _ := os.ReadFile(filepath.Join(outside, "keep")); string(got) != "keep" {
@@ -104,4 +109,175 @@ func TestReceiveTreeHostile(t *testing.T) {
 		})
 	}
 	_ = strings.Repeat
+}
+
+func gitT(t *testing.T, dir string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command("git", append([]string{"-c", "user.name=t", "-c", "user.email=t@example.invalid"}, args...)...)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("git %v: %v: %s", args, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// TestPullAfterPushSendsLittle: after a push (the guest's copy has the
+// host's files with their mtimes and modes, and the host's .git), a pull
+// moves only what the host lacks: the guest's commit and its objects, the
+// files it changed, a few refs; the files and objects the host has stay in
+// the guest. The commit it makes is the one a pull of the whole tree makes.
+func TestPullAfterPushSendsLittle(t *testing.T) {
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Skip("git is not installed")
+	}
+	ctx := context.Background()
+	host := filepath.Join(t.TempDir(), "repo")
+	buf := make([]byte, 64<<10)
+	const files = 20
+	for i := range files {
+		rand.Read(buf)
+		p := filepath.Join(host, fmt.Sprintf("d%d", i%3), fmt.Sprintf("f%02d", i))
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		mode := os.FileMode(0o644)
+		if i == 1 {
+			mode = 0o755
+		}
+		if err := os.WriteFile(p, buf, mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.Symlink("d0/f00", filepath.Join(host, "link"))
+	gitT(t, host, "init", "-q", "-b", "main")
+	gitT(t, host, "add", "-A")
+	gitT(t, host, "commit", "-q", "-m", "host")
+	guest := filepath.Join(t.TempDir(), "ws")
+	if out, err := exec.Command("cp", "-a", host, guest).CombinedOutput(); err != nil {
+		t.Fatalf("cp -a: %v: %s", err, out)
+	}
+	// the guest commits one change, leaves another uncommitted, adds a
+	// file, and holds a nested repository the host must never receive
+	os.WriteFile(filepath.Join(guest, "d0", "f00"), []byte("guest commit\n"), 0o644)
+	gitT(t, guest, "commit", "-q", "-am", "guest")
+	os.WriteFile(filepath.Join(guest, "d1", "f01"), []byte("guest edit\n"), 0o755)
+	os.WriteFile(filepath.Join(guest, "new"), []byte("new\n"), 0o644)
+	os.MkdirAll(filepath.Join(guest, "sub", ".git"), 0o755)
+	os.WriteFile(filepath.Join(guest, "sub", ".git", "config"), bytes.Repeat([]byte("x"), 64<<10), 0o644)
+	full := filepath.Join(t.TempDir(), "full")
+	if out, err := exec.Command("cp", "-a", guest, full).CombinedOutput(); err != nil {
+		t.Fatalf("cp -a: %v: %s", err, out)
+	}
+
+	haves, err := workspace.PullHaves(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var in, out bytes.Buffer
+	if err := bulk.WriteHaves(&in, haves.List); err != nil {
+		t.Fatal(err)
+	}
+	if err := bulk.ServePull(&out, &in, guest); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the guest sent %d bytes", out.Len())
+	if sent := out.Len(); sent > 32<<10 {
+		t.Fatalf("the guest sent %d bytes after a push; want at most 32 KiB (its files alone are %d)", sent, files*len(buf))
+	}
+	cp := filepath.Join(t.TempDir(), "copy")
+	os.Mkdir(cp, 0o700)
+	same, err := receiveTree(&out, cp, 1<<30, 1<<20, haves.Files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(same) != files-2 {
+		t.Fatalf("%d files left in the guest as the host's, want %d", len(same), files-2)
+	}
+	res, err := workspace.PullTreeSame(ctx, cp, host, "vm", t.TempDir(), same)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := workspace.PullTree(ctx, full, host, "ref", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, b := gitT(t, host, "rev-parse", res.Commit+"^{tree}"), gitT(t, host, "rev-parse", ref.Commit+"^{tree}"); a != b || res.GuestHead != ref.GuestHead || !res.Uncommitted {
+		t.Fatalf("pull made tree %s on %s, a pull of the whole tree %s on %s", a, res.GuestHead, b, ref.GuestHead)
+	}
+	if got := gitT(t, host, "show", "banger/vm~1:d0/f00"); got != "guest commit" {
+		t.Fatalf("d0/f00 in the guest's commit: %q", got)
+	}
+	if got := gitT(t, host, "ls-tree", "banger/vm", "d1/f01", "new"); !strings.Contains(got, "100755") || !strings.Contains(got, "new") {
+		t.Fatalf("uncommitted work: %s", got)
+	}
+}
+
+// TestReceiveTreeHostileSame plays a guest abusing "the host has this
+// file" (bulk.PackSame): naming a file the host never offered, twice, one
+// it also sent, something at or below it, or one without its directory.
+// Each is refused; an honest stream is accepted.
+func TestReceiveTreeHostileSame(t *testing.T) {
+	req := func(b *bytes.Buffer, kind string, e bulk.SyncEntry) {
+		bulk.WriteFrame(b, bulk.FrameRequest, ssh.Marshal(&bulk.Request{Type: kind, Payload: ssh.Marshal(&e)}))
+	}
+	oid := strings.Repeat("a", 40)
+	offered := map[string]workspace.HostFile{"f": {Mode: "100644", OID: oid}, "d/g": {Mode: "100755", OID: oid}}
+	outside := t.TempDir()
+	same := func(rel string) func(b *bytes.Buffer) {
+		return func(b *bytes.Buffer) { req(b, bulk.PackSame, bulk.SyncEntry{Rel: rel}) }
+	}
+	seq := func(fs ...func(b *bytes.Buffer)) func(b *bytes.Buffer) {
+		return func(b *bytes.Buffer) {
+			for _, f := range fs {
+				f(b)
+			}
+		}
+	}
+	file := func(rel string) func(b *bytes.Buffer) {
+		return func(b *bytes.Buffer) { req(b, bulk.PackFile, bulk.SyncEntry{Rel: rel}) }
+	}
+	dir := func(rel string) func(b *bytes.Buffer) {
+		return func(b *bytes.Buffer) { req(b, bulk.PackDir, bulk.SyncEntry{Rel: rel, Mode: 0o755}) }
+	}
+	link := func(rel, to string) func(b *bytes.Buffer) {
+		return func(b *bytes.Buffer) { req(b, bulk.PackLink, bulk.SyncEntry{Rel: rel, Target: to}) }
+	}
+	cases := map[string]func(b *bytes.Buffer){
+		"not offered":       same("x"),
+		"bad name":          same("../f"),
+		"twice":             seq(same("f"), same("f")),
+		"sent, then same":   seq(file("f"), same("f")),
+		"same, then sent":   seq(same("f"), file("f")),
+		"same, then a link": seq(same("f"), link("f", outside)),
+		"dir below it":      seq(same("f"), dir("f/x")),
+		"no directory":      same("d/g"),
+		"under a link":      seq(link("d", outside), same("d/g")),
+		"a dir, then same":  seq(dir("d"), dir("d/g"), same("d/g")),
+	}
+	for name, build := range cases {
+		t.Run(name, func(t *testing.T) {
+			var b bytes.Buffer
+			build(&b)
+			bulk.WriteFrame(&b, bulk.FrameEOF, nil)
+			dst := filepath.Join(t.TempDir(), "copy")
+			os.Mkdir(dst, 0o700)
+			if got, err := receiveTree(&b, dst, 1<<20, 100, offered); err == nil {
+				t.Fatalf("accepted: %v", got)
+			}
+			if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+				t.Fatalf("outside has %d entries", len(ents))
+			}
+		})
+	}
+	var b bytes.Buffer
+	seq(dir("d"), same("d/g"), same("f"))(&b)
+	bulk.WriteFrame(&b, bulk.FrameEOF, nil)
+	dst := filepath.Join(t.TempDir(), "copy")
+	os.Mkdir(dst, 0o700)
+	got, err := receiveTree(&b, dst, 1<<20, 100, offered)
+	if err != nil || len(got) != 2 || got["d/g"].Mode != "100755" {
+		t.Fatalf("an honest stream: %v %v", got, err)
+	}
+	if _, err := os.Lstat(filepath.Join(dst, "f")); err == nil {
+		t.Fatal("a file the guest left out was written")
+	}
 }

@@ -14,6 +14,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/bangerdev/banger/internal/agent/bulk"
 )
 
 // A guest's .git is data. importGuestGit never hands it to git: it reads the
@@ -59,25 +61,7 @@ func hexLen(objectFormat string) (int, error) {
 
 // guestGitKeep is the Download filter for a guest's .git: only what
 // importGuestGit reads is fetched from the guest.
-func guestGitKeep(rel string, fi fs.FileInfo) bool {
-	top, rest, nested := strings.Cut(rel, "/")
-	switch top {
-	case "HEAD", "packed-refs", "shallow":
-		return !nested
-	case "refs":
-		return true
-	case "objects":
-		if !nested {
-			return true
-		}
-		d, name, deeper := strings.Cut(rest, "/")
-		if d == "pack" {
-			return !deeper || strings.HasPrefix(name, "pack-") && (strings.HasSuffix(name, ".pack") || strings.HasSuffix(name, ".idx"))
-		}
-		return len(d) == 2 && isHex(d)
-	}
-	return false
-}
+func guestGitKeep(rel string, _ fs.FileInfo) bool { return bulk.GitKeep(rel) }
 
 func isHex(s string) bool {
 	for i := 0; i < len(s); i++ {

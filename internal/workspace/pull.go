@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -27,6 +29,7 @@ type PullResult struct {
 	Commit      string // the branch's new commit
 	GuestHead   string // the guest's HEAD commit
 	Uncommitted bool   // the guest had uncommitted changes, committed on top of GuestHead
+	Received    int64  // bytes the guest sent (a streamed pull); 0 over SFTP
 }
 
 // workTreeKeep is the Download filter for a guest's work tree: everything
@@ -87,7 +90,11 @@ func hostRepoFacts(ctx context.Context, top string) (format, objects string, err
 // whole tree (git add -A, so the repository's .gitignore applies) whose
 // parent is HEAD. It runs in the imported repository r with a private index
 // (idx); only r's object store changes. ident is the committer.
-func commitWork(ctx context.Context, r *guestRepo, workTree, idx, message string, ident []string) (commit string, changed bool, err error) {
+//
+// same are files the work tree leaves out because the host has them (a
+// streamed pull's bulk.PackSame): they enter the index by the host's own
+// object id and mode, marked skip-worktree so git add -A keeps them.
+func commitWork(ctx context.Context, r *guestRepo, workTree, idx, message string, ident []string, same map[string]HostFile) (commit string, changed bool, err error) {
 	env := []string{"GIT_DIR=" + r.GitDir, "GIT_WORK_TREE=" + workTree, "GIT_INDEX_FILE=" + idx}
 	// no attribute from the guest's work tree selects a filter, diff or
 	// merge driver (none is configured; this makes sure of it)
@@ -104,6 +111,22 @@ func commitWork(ctx context.Context, r *guestRepo, workTree, idx, message string
 		}
 	}
 	phase(ctx, "git read-tree", t)
+	if len(same) > 0 {
+		t = time.Now()
+		var info, names strings.Builder
+		for _, rel := range slices.Sorted(maps.Keys(same)) {
+			f := same[rel]
+			fmt.Fprintf(&info, "%s %s\t%s\x00", f.Mode, f.OID, rel)
+			names.WriteString(rel + "\x00")
+		}
+		if _, err := git(ctx, workTree, env, strings.NewReader(info.String()), "update-index", "-z", "--index-info"); err != nil {
+			return "", false, err
+		}
+		if _, err := git(ctx, workTree, env, strings.NewReader(names.String()), "update-index", "-z", "--skip-worktree", "--stdin"); err != nil {
+			return "", false, err
+		}
+		phase(ctx, "git update-index (files the host has)", t)
+	}
 	t = time.Now()
 	if _, err := git(ctx, workTree, env, nil, "add", "-A", "."); err != nil {
 		return "", false, err
@@ -188,7 +211,7 @@ func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullR
 		return nil, err
 	}
 	phase(ctx, "copy work tree", t)
-	return finishPull(ctx, r, top, workTree, vm, dest, tmp)
+	return finishPull(ctx, r, top, workTree, vm, dest, tmp, nil)
 }
 
 // PullTree is Pull from copy, a private host copy of the guest's workspace
@@ -199,6 +222,14 @@ func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullR
 // sees one, and what is left is the work tree. copy is consumed; its
 // directories must be writable by the host user.
 func PullTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*PullResult, error) {
+	return PullTreeSame(ctx, copy, hostRepo, vm, tmp, nil)
+}
+
+// PullTreeSame is PullTree where copy leaves out the files in same (the
+// host's own clean files the guest said it has unchanged, bulk.PackSame):
+// they are committed by the host's object ids. Only names the host offered
+// (Haves.Files) may be in same; the caller checks that.
+func PullTreeSame(ctx context.Context, copy, hostRepo, vm, tmp string, same map[string]HostFile) (*PullResult, error) {
 	top, err := Toplevel(ctx, hostRepo)
 	if err != nil {
 		return nil, err
@@ -226,7 +257,7 @@ func PullTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*PullResult,
 		return nil, err
 	}
 	phase(ctx, "remove .git dirs", t)
-	return finishPull(ctx, r, top, copy, vm, copy, tmp)
+	return finishPull(ctx, r, top, copy, vm, copy, tmp, same)
 }
 
 // removeGitDirs removes every entry named .git (any case) under root, which
@@ -251,9 +282,9 @@ func removeGitDirs(root string) error {
 
 // finishPull commits the work tree on top of the imported repository r's
 // HEAD and fetches the result into the host repository top.
-func finishPull(ctx context.Context, r *guestRepo, top, workTree, vm, dest, tmp string) (*PullResult, error) {
+func finishPull(ctx context.Context, r *guestRepo, top, workTree, vm, dest, tmp string, same map[string]HostFile) (*PullResult, error) {
 	br := BranchFor(vm)
-	commit, changed, err := commitWork(ctx, r, workTree, filepath.Join(tmp, "index"), "banger: uncommitted work from VM "+vm, identity(ctx, top))
+	commit, changed, err := commitWork(ctx, r, workTree, filepath.Join(tmp, "index"), "banger: uncommitted work from VM "+vm, identity(ctx, top), same)
 	if err != nil {
 		return nil, err
 	}

@@ -77,6 +77,10 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		if err := sy.Serve(c, r); err != nil {
 			log.Info("workspace push failed", "dest", o.Arg, "error", err)
 		}
+	case bulk.OpPull:
+		if err := bulk.ServePull(c, r, o.Arg); err != nil {
+			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
+		}
 	case bulk.OpPack:
 		if err := bulk.ServePack(c, o.Arg); err != nil {
 			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
