@@ -3,6 +3,7 @@ package client_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"os"
 	"os/exec"
@@ -232,6 +233,9 @@ func TestClientRealGuest(t *testing.T) {
 		os.Mkdir(repo, 0o755)
 		git(t, repo, "init", "-q", "-b", "main")
 		os.WriteFile(filepath.Join(repo, "README"), []byte("host\n"), 0o644)
+		big := make([]byte, 1<<20)
+		rand.Read(big)
+		os.WriteFile(filepath.Join(repo, "big"), big, 0o644)
 		git(t, repo, "add", "-A")
 		git(t, repo, "commit", "-q", "-m", "first")
 		dest, err := c.WorkspacePush(ctx, "cl", repo, client.PushOptions{})
@@ -247,6 +251,11 @@ func TestClientRealGuest(t *testing.T) {
 		}
 		if got := git(t, repo, "show", "banger/cl:README"); got != "guest" {
 			t.Fatalf("pulled README: %q", got)
+		}
+		// after a push, the guest sends only what the host lacks: not
+		// the 1 MiB file, nor its object
+		if res.Received == 0 || res.Received > 64<<10 {
+			t.Fatalf("the pull received %d bytes, want at most 64 KiB", res.Received)
 		}
 	}
 
