@@ -128,7 +128,10 @@ func commitWork(ctx context.Context, r *guestRepo, workTree, idx, message string
 		phase(ctx, "git update-index (files the host has)", t)
 	}
 	t = time.Now()
-	if _, err := git(ctx, workTree, env, nil, "add", "-A", "."); err != nil {
+	// the whole tree without a pathspec: "." would match only
+	// skip-worktree entries when every file is the host's, which git add
+	// refuses
+	if _, err := git(ctx, workTree, env, nil, "add", "-A"); err != nil {
 		return "", false, err
 	}
 	phase(ctx, "git add -A", t)
