@@ -8,9 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -26,7 +28,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	}
 	d.fileCfg = fc
 	drivers := map[string]vmm.Driver{
-		"qemu":        qemu.New(qemu.Options{Accel: fc.QEMUAccel, Logger: d.log}),
+		"qemu":        qemu.New(qemu.Options{Accel: fc.QEMUAccel, MemoryDirs: d.cfg.Layout.MemoryDirs(), Logger: d.log}),
 		"firecracker": firecracker.New(firecracker.Options{Logger: d.log, KVMDevice: fc.FirecrackerKVMDevice}),
 	}
 	def := fc.VMM
@@ -83,7 +85,9 @@ func (s *vmService) driver(name string) (vmm.Driver, error) {
 //   - a VMM of this home that no record claims (found by its command line in
 //     /proc, whether or not handles.json exists) is killed and its files removed;
 //   - taps of this user that no running VM owns are deleted;
-//   - snapshot directories that no record claims are removed.
+//   - snapshot directories that no record claims are removed;
+//   - guest memory files (on a tmpfs, see paths.MemoryDirs) that no running
+//     VMM uses are removed.
 //
 // Nothing is leaked across restarts, whatever point the previous bangerd died at.
 func (s *vmService) reconcile(ctx context.Context) {
@@ -140,6 +144,7 @@ func (s *vmService) reconcile(ctx context.Context) {
 		}
 	}
 	s.reapStrays(ctx, known)
+	s.reapStrayMemFiles(ctx)
 	s.reapStraySnapshots(ctx)
 	if s.net != nil {
 		running := map[string]bool{}
@@ -169,6 +174,42 @@ func (s *vmService) reapStrays(ctx context.Context, known map[string]bool) {
 		}
 	}
 	s.removeUnrecorded(ctx, "vm", s.layout.VMsDir(), known)
+}
+
+// reapStrayMemFiles removes the guest memory files (vmm.Handles.MemFile)
+// that no adopted VMM uses: a VMM that exited while no bangerd watched it
+// leaves its file on the tmpfs, taking memory. It runs after adoption and
+// after stray VMMs are killed. A memory directory that is not this user's
+// private directory is left alone (the driver does not use it either).
+func (s *vmService) reapStrayMemFiles(ctx context.Context) {
+	inUse := map[string]bool{}
+	s.mu.Lock()
+	for _, rt := range s.runtimes {
+		if rt.handles.MemFile != "" {
+			inUse[rt.handles.MemFile] = true
+		}
+	}
+	s.mu.Unlock()
+	for _, dir := range s.layout.MemoryDirs() {
+		fi, err := os.Lstat(dir)
+		if err != nil || !fi.IsDir() || fi.Mode().Perm() != paths.DirMode {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != os.Geteuid() {
+			continue
+		}
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			p := filepath.Join(dir, e.Name())
+			if inUse[p] || !e.Type().IsRegular() {
+				continue
+			}
+			s.log.WarnContext(ctx, "removing a guest memory file no running VM uses", "path", p)
+			if err := os.Remove(p); err != nil {
+				s.log.ErrorContext(ctx, "reconcile: remove stray memory file", "path", p, "error", err.Error())
+			}
+		}
+	}
 }
 
 // reapStraySnapshots removes snapshot directories that no record claims: a

@@ -180,9 +180,10 @@ func (s *vmService) snapshotDelete(ctx context.Context, p api.NameRef) (*api.Del
 	if err := s.store.DeleteSnapshot(ctx, sn.ID); err != nil {
 		return nil, storeErr(err)
 	}
-	// VMs restored from it do not need its files: QEMU read the state into
-	// the clone's memory, Firecracker maps the memory file privately (the
-	// mapping outlives the name).
+	// VMs restored from it do not need its files' names: QEMU maps its
+	// qemu.ram privately (or read a full stream into the clone's memory),
+	// Firecracker maps the memory file privately; a mapping outlives the
+	// name, and nothing ever writes to the file.
 	if err := os.RemoveAll(s.snapshotDir(sn.ID)); err != nil {
 		s.log.WarnContext(ctx, "remove snapshot files", "snapshot", sn.Name, "error", err.Error())
 	}

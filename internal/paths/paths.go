@@ -3,10 +3,13 @@
 package paths
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 )
 
 // Layout is the set of directories banger uses for one user.
@@ -125,6 +128,23 @@ func (l Layout) FailedLogsDir() string { return filepath.Join(l.LogsDir(), "fail
 
 // SnapshotsDir holds one directory per snapshot (saved state + disk copy).
 func (l Layout) SnapshotsDir() string { return filepath.Join(l.DataDir, "snapshots") }
+
+// MemoryDirs are the places, in order of preference, where a VMM may keep a
+// running guest's memory as a file (QEMU's memory-backend-file), so that a
+// snapshot can copy it instead of streaming it: RunDir/mem (private to the
+// user; used only when RunDir is on a tmpfs, as $XDG_RUNTIME_DIR is), then
+// /dev/shm/banger-<uid>-<hash of DataDir> (one per banger home, so that
+// bangerd's start-up reclaim never touches another home's files). Neither
+// exists until a driver makes it; a driver uses a directory only when it is
+// on a tmpfs, owned by the user and mode 0700, and falls back to anonymous
+// memory otherwise.
+func (l Layout) MemoryDirs() []string {
+	h := sha256.Sum256([]byte(l.DataDir))
+	return []string{
+		filepath.Join(l.RunDir, "mem"),
+		filepath.Join("/dev/shm", "banger-"+strconv.Itoa(os.Geteuid())+"-"+hex.EncodeToString(h[:4])),
+	}
+}
 
 // VMDir is the directory of one VM.
 func (l Layout) VMDir(id string) string { return filepath.Join(l.VMsDir(), id) }

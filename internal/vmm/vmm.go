@@ -84,6 +84,12 @@ type Handles struct {
 	Tap        string       `json:"tap,omitempty"`
 	ConsoleLog string       `json:"console_log,omitempty"`
 	VMMLog     string       `json:"vmm_log,omitempty"`
+	// MemFile is the file on a tmpfs that holds the guest's memory while
+	// the VMM runs (QEMU's memory-backend-file, share=on); empty when the
+	// guest's memory is anonymous or a private mapping of a snapshot. The
+	// driver removes it once the VMM has exited; bangerd reclaims one left
+	// by a VMM that exited while no bangerd was watching.
+	MemFile string `json:"mem_file,omitempty"`
 }
 
 // Capabilities says what a driver can do on this host.

@@ -83,6 +83,8 @@ type launchSpec struct {
 	// Incoming: wait paused for a migration stream (a snapshot restore)
 	// instead of booting: -incoming defer -S.
 	Incoming bool
+	// Memory is where the guest's memory lives (see memory.go).
+	Memory guestMemory
 }
 
 // validateConfig checks a MachineConfig before anything is started.
@@ -178,9 +180,10 @@ func buildArgs(s launchSpec) ([]string, error) {
 	if s.Accel != "kvm" && s.Accel != "tcg" {
 		return nil, fmt.Errorf("internal error: accelerator %q", s.Accel)
 	}
+	memObject, memMachine := s.Memory.backendArgs(cfg.MemoryMiB)
 	a := []string{
 		"-name", namePrefix + cfg.VMID + ",process=" + processName(cfg.VMID),
-		"-machine", machineOpts,
+		"-machine", machineOpts + memMachine,
 		"-accel", s.Accel,
 	}
 	if s.Accel == "kvm" {
@@ -189,6 +192,11 @@ func buildArgs(s launchSpec) ([]string, error) {
 	a = append(a,
 		"-smp", strconv.Itoa(cfg.VCPUs),
 		"-m", strconv.Itoa(cfg.MemoryMiB)+"M",
+	)
+	if memObject != "" {
+		a = append(a, "-object", memObject)
+	}
+	a = append(a,
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-msg", "timestamp=on",
 	)

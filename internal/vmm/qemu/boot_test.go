@@ -122,8 +122,13 @@ func testKernel(t *testing.T) (vmlinux, initrd string) {
 	return k.VmlinuxPath, initrdMemo.path
 }
 
+// testMemDir is the test driver's memory directory (made by the driver when
+// /dev/shm is a tmpfs), removed by TestMain.
+var testMemDir = fmt.Sprintf("/dev/shm/banger-qemu-test-%d", os.Getpid())
+
 func TestMain(m *testing.M) {
 	code := m.Run()
+	os.RemoveAll(testMemDir)
 	if initrdMemo.path != "" {
 		os.RemoveAll(filepath.Dir(initrdMemo.path))
 	}
@@ -227,7 +232,7 @@ var driverMemo struct {
 // testDriver is shared by the boot tests so that the KVM probe runs once.
 func testDriver() *Driver {
 	driverMemo.once.Do(func() {
-		driverMemo.d = New(Options{Accel: os.Getenv("BANGER_TEST_QEMU_ACCEL")})
+		driverMemo.d = New(Options{Accel: os.Getenv("BANGER_TEST_QEMU_ACCEL"), MemoryDirs: []string{testMemDir}})
 	})
 	return driverMemo.d
 }

@@ -20,6 +20,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -64,6 +65,11 @@ type Options struct {
 	// ConsoleMax caps each of the two console log files (console.log and
 	// console.log.1). Default vmmproc.ConsoleFileMax.
 	ConsoleMax int64
+	// MemoryDirs are where a guest's memory may be kept as a file, in order
+	// of preference (paths.Layout.MemoryDirs); a directory is used only when
+	// it is on a tmpfs, private to the user and has room. Without one the
+	// guest gets anonymous memory and its snapshots stream all of it.
+	MemoryDirs []string
 	Logger     *slog.Logger
 }
 
@@ -290,17 +296,29 @@ func (d *Driver) Preflight(ctx context.Context) error {
 
 // Start implements vmm.Driver.
 func (d *Driver) Start(ctx context.Context, cfg vmm.MachineConfig) (vmm.Instance, error) {
-	inst, err := d.launch(ctx, cfg, false)
+	inst, err := d.launch(ctx, cfg, launchOpts{})
 	if err != nil {
 		return nil, err
 	}
 	return inst, nil
 }
 
-// launch starts QEMU for cfg. With incoming, QEMU waits (paused, -incoming
+// launchOpts is what differs between a boot and a restore.
+type launchOpts struct {
+	// Incoming: QEMU waits (paused, -incoming defer -S) for a migration
+	// stream instead of booting the kernel.
+	Incoming bool
+	// SnapshotRAM, when set, is the snapshot's memory file, mapped privately
+	// as the guest's memory. Otherwise launch puts the memory in a file of
+	// its own in a memory directory when it can.
+	SnapshotRAM *os.File
+}
+
+// launch starts QEMU for cfg. With o.Incoming, QEMU waits (paused, -incoming
 // defer -S) for a migration stream instead of booting the kernel, and launch
 // returns once the monitor answers.
-func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, incoming bool) (*instance, error) {
+func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, o launchOpts) (*instance, error) {
+	incoming := o.Incoming
 	if err := validateConfig(cfg); err != nil {
 		return nil, fmt.Errorf("invalid machine config: %w", err)
 	}
@@ -350,9 +368,21 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, incoming boo
 			return nil, err
 		}
 	}
+	mem := guestMemory{Kind: memSnapshot, Path: "/dev/fd/" + strconv.Itoa(snapshotRAMFD), File: o.SnapshotRAM}
+	if o.SnapshotRAM == nil {
+		mem = d.sharedMemory(cfg.VMID, cfg.MemoryMiB)
+	}
+	memStarted := false
+	if mem.Kind == memShared {
+		defer func() {
+			if !memStarted {
+				removeMemFile(mem.Path)
+			}
+		}()
+	}
 	args, err := buildArgs(launchSpec{
 		Config: cfg, Accel: accel.Accel, TSCKHz: d.tscKHz, Channel: ch, Paths: paths,
-		Sandbox: info.sandbox && !d.opts.NoSandbox, Incoming: incoming,
+		Sandbox: info.sandbox && !d.opts.NoSandbox, Incoming: incoming, Memory: mem,
 	})
 	if err != nil {
 		return nil, err
@@ -367,6 +397,9 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, incoming boo
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.Dir = cfg.Dir
+	if mem.File != nil {
+		cmd.ExtraFiles = []*os.File{mem.File} // fd 3 (snapshotRAMFD)
+	}
 	proc, err := system.StartDetached(cmd)
 	logf.Close()
 	if err != nil {
@@ -386,11 +419,19 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, incoming boo
 		ConsoleLog: paths.ConsoleLog,
 		VMMLog:     paths.VMMLog,
 	}
+	if mem.Kind == memShared {
+		h.MemFile = mem.Path
+	}
 	if cfg.Net != nil {
 		h.Tap = cfg.Net.Tap
 	}
 	log := d.log.With("vm", cfg.VMID, "pid", proc.PID)
 	log.DebugContext(ctx, "qemu launched", "accel", accel.Accel, "args", args)
+	if mem.Kind == memAnon {
+		log.InfoContext(ctx, "guest memory", "memory", mem.Kind, "why", mem.Why)
+	} else {
+		log.InfoContext(ctx, "guest memory", "memory", mem.Kind, "path", h.MemFile)
+	}
 	if cfg.Spawned != nil {
 		cfg.Spawned(h)
 	}
@@ -408,12 +449,14 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, incoming boo
 		}
 		_ = vmmproc.RemoveSocket(paths.QMPSocket)
 		_ = vmmproc.RemoveSocket(paths.ConsoleSocket)
+		// (the deferred removal takes the memory file: QEMU is gone)
 		if tail := readTail(paths.VMMLog, 5); tail != "" {
 			err = fmt.Errorf("%w; qemu log: %s", err, tail)
 		}
 		return nil, fmt.Errorf("qemu failed to start: %w", err)
 	}
 	inst := newInstance(h, proc, false, console, log)
+	memStarted = true // from here the instance removes it when QEMU exits
 	want := "running"
 	if incoming {
 		want = "inmigrate"

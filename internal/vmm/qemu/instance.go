@@ -36,6 +36,14 @@ func newInstance(h vmm.Handles, proc *system.Process, adopted bool, console *vmm
 	p := vmmproc.Watch(vmmproc.Config{
 		Name: "qemu", Handles: h, Proc: proc, Adopted: adopted, Log: log,
 		Sockets: sockets, Console: console,
+		AfterExit: func() {
+			// The guest's memory, once nothing maps it.
+			if h.MemFile != "" {
+				if err := removeMemFile(h.MemFile); err != nil {
+					log.Warn("remove the guest memory file", "path", h.MemFile, "error", err)
+				}
+			}
+		},
 		Status: func(e vmmproc.Exit) vmm.ExitStatus {
 			return exitStatus(e.Code, e.Signal, e.Adopted, readTail(h.VMMLog, 5), e.At)
 		},

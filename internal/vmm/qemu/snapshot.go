@@ -20,6 +20,14 @@ import (
 // Restore starts the same command line with `-incoming defer -S`, runs
 // `migrate-incoming` on a unix socket QEMU serves, streams the file into it
 // and then `cont`. Every microvm device banger uses migrates.
+//
+// When the guest's memory is a file on a tmpfs (memory.go), the stream is
+// saved with the x-ignore-shared capability, so it holds only the device
+// state (a few hundred KB), and the memory file is copied sparsely to
+// qemu.ram beside it. A clone maps qemu.ram privately as its memory and
+// loads only the device state: nothing of the memory is copied or parsed.
+// qemu.meta says which of the two a snapshot is (format 2); a snapshot
+// without it is format 1, the whole memory in the stream, and still restores.
 
 const (
 	stateFileName = "qemu.vmstate"
@@ -127,6 +135,8 @@ func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, e
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	path := filepath.Join(dir, stateFileName)
+	// With the memory in a file of its own, the stream leaves it out.
+	fileMem := i.h.MemFile != ""
 	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return vmm.SavedState{}, fmt.Errorf("save the guest's state: %w", err)
@@ -134,7 +144,9 @@ func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, e
 	ok := false
 	defer func() {
 		if !ok {
-			os.Remove(path)
+			for _, n := range []string{stateFileName, snapRAMName, snapMetaName} {
+				os.Remove(filepath.Join(dir, n))
+			}
 		}
 	}()
 	copied := make(chan error, 1)
@@ -160,6 +172,11 @@ func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, e
 		if err := q.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil); err != nil {
 			return err
 		}
+		// Set either way: a clone restored from a file snapshot has it on
+		// from its restore, but its own memory is in no file.
+		if err := setIgnoreShared(ctx, q, fileMem); err != nil {
+			return err
+		}
 		return q.Execute(ctx, "migrate", map[string]any{"uri": "unix:" + sock}, nil)
 	})
 	if err == nil {
@@ -178,13 +195,60 @@ func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, e
 	if err != nil {
 		return vmm.SavedState{}, fmt.Errorf("save the guest's state: write %s: %w", path, err)
 	}
+	files := []string{stateFileName}
+	meta := snapMeta{Version: snapFormat, Memory: "stream"}
+	if fileMem {
+		// The guest is paused: the file is what the stream left out. Only
+		// the pages the guest has touched are copied (and take room).
+		t0 := time.Now()
+		n, err := vmmproc.CopySparseSkipZeros(ctx, i.h.MemFile, filepath.Join(dir, snapRAMName))
+		if err != nil {
+			return vmm.SavedState{}, fmt.Errorf("save the guest's memory: %w", err)
+		}
+		inUse, _ := vmmproc.DiskUse(i.h.MemFile)
+		i.log.InfoContext(ctx, "guest memory copied", "touched_bytes", inUse, "copied_bytes", n, "copy_ms", time.Since(t0).Milliseconds())
+		files = append(files, snapRAMName)
+		meta.Memory = "file"
+	}
+	if err := writeSnapMeta(dir, meta); err != nil {
+		return vmm.SavedState{}, fmt.Errorf("save the guest's state: %w", err)
+	}
+	files = append(files, snapMetaName)
 	ok = true
-	use, _ := vmmproc.DiskUse(path)
-	return vmm.SavedState{Driver: DriverName, Files: []string{stateFileName}, Bytes: use}, nil
+	var use int64
+	for _, f := range files {
+		n, _ := vmmproc.DiskUse(filepath.Join(dir, f))
+		use += n
+	}
+	i.log.InfoContext(ctx, "qemu state saved", "memory", meta.Memory, "bytes", use)
+	return vmm.SavedState{Driver: DriverName, Files: files, Bytes: use}, nil
 }
 
-// Restore implements vmm.Restorer.
+// setIgnoreShared sets the x-ignore-shared migration capability: RAM
+// blocks mapped shared (a memory-backend-file with share=on) stay out of
+// the stream.
+func setIgnoreShared(ctx context.Context, q *QMP, on bool) error {
+	return q.Execute(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": on}},
+	}, nil)
+}
+
+// Restore implements vmm.Restorer. A snapshot with a memory file (format 2,
+// memory "file") gives the clone that file, mapped privately, as its memory;
+// any other gets the whole memory from the stream, into a memory file of
+// its own when a memory directory is usable.
 func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string) (vmm.Instance, error) {
+	meta, err := readSnapMeta(dir)
+	if err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	var ram *os.File
+	if meta.Memory == "file" {
+		if ram, err = openSnapshotRAM(dir, cfg.MemoryMiB); err != nil {
+			return nil, fmt.Errorf("restore: %w", err)
+		}
+		defer ram.Close()
+	}
 	state := filepath.Join(dir, stateFileName)
 	in, err := os.OpenFile(state, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
@@ -196,11 +260,14 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string)
 	}
 	ctx, cancel := withSnapshotTimeout(ctx)
 	defer cancel()
-	inst, err := d.launch(ctx, cfg, true)
+	inst, err := d.launch(ctx, cfg, launchOpts{Incoming: true, SnapshotRAM: ram})
 	if err != nil {
 		return nil, err
 	}
-	if err := inst.load(ctx, cfg.Dir, in); err != nil {
+	if ram != nil {
+		ram.Close() // QEMU has its own
+	}
+	if err := inst.load(ctx, cfg.Dir, in, meta.Memory == "file"); err != nil {
 		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
 		defer kcancel()
 		if kerr := inst.Kill(kctx); kerr != nil {
@@ -211,13 +278,13 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string)
 		}
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	inst.log.InfoContext(ctx, "qemu restored from a saved state")
+	inst.log.InfoContext(ctx, "qemu restored from a saved state", "snapshot_memory", meta.Memory)
 	return inst, nil
 }
 
 // load feeds the saved state to a QEMU waiting with -incoming defer and runs
-// the guest.
-func (i *instance) load(ctx context.Context, vmDir string, state io.Reader) error {
+// the guest. ignoreShared must match the capability the state was saved with.
+func (i *instance) load(ctx context.Context, vmDir string, state io.Reader, ignoreShared bool) error {
 	sock := filepath.Join(vmDir, migSockName)
 	if err := vmmproc.CheckSocketPath(sock); err != nil {
 		return err
@@ -227,6 +294,11 @@ func (i *instance) load(ctx context.Context, vmDir string, state io.Reader) erro
 	}
 	defer vmmproc.RemoveSocket(sock)
 	err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+		if ignoreShared {
+			if err := setIgnoreShared(ctx, q, true); err != nil {
+				return err
+			}
+		}
 		return q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}, nil)
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package vmmproc
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -15,6 +16,18 @@ import (
 // mostly empty writable disk costs only what the guest wrote. ctx is checked
 // between regions.
 func CopySparse(ctx context.Context, src, dst string) (int64, error) {
+	return copySparse(ctx, src, dst, false)
+}
+
+// CopySparseSkipZeros is CopySparse that also leaves a hole for every
+// zero-filled 4 KiB page of a data region, for a guest memory file: a guest
+// touches (often zeroes) far more pages than it keeps data in. It returns
+// the bytes written.
+func CopySparseSkipZeros(ctx context.Context, src, dst string) (int64, error) {
+	return copySparse(ctx, src, dst, true)
+}
+
+func copySparse(ctx context.Context, src, dst string, skipZeros bool) (int64, error) {
 	in, err := os.OpenFile(src, os.O_RDONLY|noFollow, 0)
 	if err != nil {
 		return 0, fmt.Errorf("copy disk: %w", err)
@@ -55,6 +68,15 @@ func CopySparse(ctx context.Context, src, dst string) (int64, error) {
 		if err != nil {
 			return copied, fmt.Errorf("copy disk: find hole in %s: %w", src, err)
 		}
+		if skipZeros {
+			n, err := copyNonZero(ctx, in, out, data, hole)
+			copied += n
+			if err != nil {
+				return copied, fmt.Errorf("copy %s: %w", src, err)
+			}
+			off = hole
+			continue
+		}
 		if _, err := in.Seek(data, io.SeekStart); err != nil {
 			return copied, err
 		}
@@ -90,4 +112,55 @@ func DiskUse(path string) (int64, error) {
 		return 0, err
 	}
 	return st.Blocks * 512, nil
+}
+
+const (
+	zeroPage  = 4 << 10
+	zeroChunk = 1 << 20
+)
+
+var zeros [zeroPage]byte
+
+// copyNonZero copies [from, to) of in to the same offsets of out, leaving
+// out every zero-filled page.
+func copyNonZero(ctx context.Context, in, out *os.File, from, to int64) (int64, error) {
+	buf := make([]byte, zeroChunk)
+	var copied int64
+	for pos := from; pos < to; {
+		if err := ctx.Err(); err != nil {
+			return copied, err
+		}
+		n := int(min(int64(len(buf)), to-pos))
+		if _, err := in.ReadAt(buf[:n], pos); err != nil {
+			if errors.Is(err, io.EOF) {
+				return copied, errors.New("the file shrank while being copied")
+			}
+			return copied, err
+		}
+		run := -1 // start of the current run of non-zero pages
+		flush := func(end int) error {
+			if run < 0 {
+				return nil
+			}
+			w, err := out.WriteAt(buf[run:end], pos+int64(run))
+			copied += int64(w)
+			run = -1
+			return err
+		}
+		for p := 0; p < n; p += zeroPage {
+			end := min(p+zeroPage, n)
+			if bytes.Equal(buf[p:end], zeros[:end-p]) {
+				if err := flush(p); err != nil {
+					return copied, err
+				}
+			} else if run < 0 {
+				run = p
+			}
+		}
+		if err := flush(n); err != nil {
+			return copied, err
+		}
+		pos += int64(n)
+	}
+	return copied, nil
 }
