@@ -575,3 +575,42 @@ func TestReconcileRemovesUnrecordedSnapshotDir(t *testing.T) {
 		t.Errorf("the recorded snapshot's files were removed: %v", err)
 	}
 }
+
+// A guest memory file left on the tmpfs by a VMM that exited while no
+// bangerd watched is removed at the next start; the file of a VMM that was
+// adopted is kept, and a memory directory that is not this user's private
+// one is left alone.
+func TestReconcileRemovesStrayMemFiles(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	vm, _ := runningSnapVM(t, ts, "src")
+	dir := ts.layout.MemoryDirs()[0]
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	kept, stray := filepath.Join(dir, vm.ID+".ram"), filepath.Join(dir, "0123456789abcdef.ram")
+	for _, p := range []string{kept, stray} {
+		if err := os.WriteFile(p, []byte("memory"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ts.runtime(vm.ID).handles.MemFile = kept
+
+	ts.reapStrayMemFiles(ctx) // the step of reconcile that runs after adoption
+
+	if _, err := os.Stat(stray); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the stray memory file is left: %v", err)
+	}
+	if _, err := os.Stat(kept); err != nil {
+		t.Errorf("the running VM's memory file was removed: %v", err)
+	}
+	// Not this user's private directory (mode 0755): untouched.
+	if err := os.WriteFile(stray, []byte("memory"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	ts.reapStrayMemFiles(ctx)
+	if _, err := os.Stat(stray); err != nil {
+		t.Errorf("a file in a directory with mode 0755 was removed: %v", err)
+	}
+}

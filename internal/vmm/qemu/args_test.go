@@ -134,6 +134,29 @@ func TestBuildArgs(t *testing.T) {
 			}},
 		},
 		{
+			name:   "memory in a tmpfs file, shared",
+			mutate: func(s *launchSpec) { s.Memory = guestMemory{Kind: memShared, Path: "/dev/shm/b,x/v.ram"} },
+			want: map[string][]string{
+				"-machine": {"microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,memory-backend=ram"},
+				"-object":  {"memory-backend-file,id=ram,mem-path=/dev/shm/b,,x/v.ram,share=on,size=512M"},
+				"-m":       {"512M"},
+			},
+		},
+		{
+			name:   "memory a private mapping of a snapshot",
+			mutate: func(s *launchSpec) { s.Memory = guestMemory{Kind: memSnapshot, Path: "/dev/fd/3"}; s.Incoming = true },
+			want: map[string][]string{
+				"-object":   {"memory-backend-file,id=ram,mem-path=/dev/fd/3,share=off,size=512M"},
+				"-incoming": {"defer"},
+			},
+		},
+		{
+			name:   "anonymous memory",
+			mutate: func(s *launchSpec) { s.Memory = guestMemory{Kind: memAnon, Why: "x"} },
+			want:   map[string][]string{"-machine": {"microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on"}},
+			absent: []string{"-object"},
+		},
+		{
 			name:   "short vm id",
 			mutate: func(s *launchSpec) { s.Config.VMID = "ab12" },
 			want:   map[string][]string{"-name": {"guest=banger-ab12,process=banger-ab12"}},

@@ -129,6 +129,10 @@ var testMemDir = fmt.Sprintf("/dev/shm/banger-qemu-test-%d", os.Getpid())
 func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(testMemDir)
+	os.Remove(testMemDir + "-link")
+	if fallbackMemo.dir != "" {
+		os.RemoveAll(fallbackMemo.dir)
+	}
 	if initrdMemo.path != "" {
 		os.RemoveAll(filepath.Dir(initrdMemo.path))
 	}
@@ -240,6 +244,12 @@ func testDriver() *Driver {
 // boot starts a test guest running action; the VMM is killed at test end.
 func boot(t *testing.T, action string, mutate func(*vmm.MachineConfig)) (vmm.Instance, vmm.MachineConfig) {
 	t.Helper()
+	return bootWith(t, testDriver(), action, mutate)
+}
+
+// bootWith is boot with driver d.
+func bootWith(t *testing.T, d *Driver, action string, mutate func(*vmm.MachineConfig)) (vmm.Instance, vmm.MachineConfig) {
+	t.Helper()
 	vmlinux, initrd := testKernel(t)
 	dir := shortDir(t)
 	cfg := vmm.MachineConfig{
@@ -258,7 +268,7 @@ func boot(t *testing.T, action string, mutate func(*vmm.MachineConfig)) (vmm.Ins
 	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
 	defer cancel()
 	start := time.Now()
-	inst, err := testDriver().Start(ctx, cfg)
+	inst, err := d.Start(ctx, cfg)
 	if err != nil {
 		t.Fatalf("Start: %v", err)
 	}

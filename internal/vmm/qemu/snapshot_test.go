@@ -3,18 +3,26 @@ package qemu
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/bangerdev/banger/internal/system"
 	"github.com/bangerdev/banger/internal/vmm"
+	"github.com/bangerdev/banger/internal/vmm/vmmproc"
 )
 
 // echoOverAgent sends msg over the serial agent channel and expects it back.
@@ -68,76 +76,122 @@ func waitTick(t *testing.T, inst vmm.Instance, above int) int {
 	}
 }
 
-// A real guest is paused, saved, resumed, and restored into a second QEMU:
-// the restored guest keeps the source's memory (its counter keeps counting
-// from where it was, no boot) and its agent channel answers.
-func TestSnapshotSaveAndRestore(t *testing.T) {
-	inst, cfg := boot(t, "snapshot", nil)
-	if inst.Handles().Channel.Kind != vmm.ChannelSerial {
-		t.Skip("the echo check uses the virtio-serial channel; this host has vhost-vsock")
-	}
-	waitConsole(t, inst, "agent port open", bootTimeout)
-	waitTick(t, inst, 2)
-	echoOverAgent(t, inst, "before the snapshot")
+// memTmpfs says whether the test driver's memory directory can be used
+// (/dev/shm is a tmpfs).
+func memTmpfs(t *testing.T) bool {
+	t.Helper()
+	var st unix.Statfs_t
+	return unix.Statfs("/dev/shm", &st) == nil && st.Type == tmpfsMagic
+}
 
+var fallbackMemo struct {
+	once sync.Once
+	d    *Driver
+	dir  string
+}
+
+// fallbackDriver is a driver whose only memory directory is unusable (a
+// link to a directory, which a driver must not follow), so its guests get
+// anonymous memory and their snapshots stream all of it.
+func fallbackDriver(t *testing.T) *Driver {
+	fallbackMemo.once.Do(func() {
+		target, err := os.MkdirTemp("", "bq-memtarget")
+		if err != nil {
+			t.Fatal(err)
+		}
+		link := testMemDir + "-link"
+		os.Remove(link)
+		if err := os.Symlink(target, link); err != nil {
+			t.Fatal(err)
+		}
+		fallbackMemo.dir = target
+		fallbackMemo.d = New(Options{Accel: os.Getenv("BANGER_TEST_QEMU_ACCEL"), MemoryDirs: []string{link}})
+	})
+	return fallbackMemo.d
+}
+
+// qemuArgs is the command line of an instance's QEMU.
+func qemuArgs(t *testing.T, inst vmm.Instance) string {
+	t.Helper()
+	a, err := system.ProcessCmdline(inst.Handles().PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Join(a, " ")
+}
+
+func fileHash(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func killInst(t *testing.T, inst vmm.Instance) {
+	t.Helper()
+	kctx, kcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer kcancel()
+	if err := inst.Kill(kctx); err != nil {
+		t.Errorf("kill: %v", err)
+	}
+}
+
+// saveSnapshot pauses inst, saves its state into a new directory and
+// resumes it; it returns the directory and the tick it paused at.
+func saveSnapshot(t *testing.T, inst vmm.Instance) (string, vmm.SavedState, int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	snap := inst.(vmm.Snapshotter)
-	if _, err := snap.SaveState(ctx, t.TempDir()); err == nil || !strings.Contains(err.Error(), "pause it first") {
-		t.Fatalf("SaveState of a running machine: %v", err)
-	}
 	began := time.Now()
 	if err := snap.Pause(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := inst.State(ctx); err != nil || st != vmm.StatePaused {
-		t.Fatalf("State after Pause = %q, %v", st, err)
-	}
 	atPause := lastTick(inst.Handles().ConsoleLog)
-	stateDir := filepath.Join(shortDir(t), "s")
-	if err := os.Mkdir(stateDir, 0o700); err != nil {
+	dir := filepath.Join(shortDir(t), "s")
+	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	saved, err := snap.SaveState(ctx, stateDir)
+	saved, err := snap.SaveState(ctx, dir)
 	if err != nil {
 		t.Fatalf("SaveState: %v", err)
 	}
-	t.Logf("pause + save took %v; state %v uses %d bytes for a %d MiB guest", time.Since(began).Round(time.Millisecond), saved.Files, saved.Bytes, cfg.MemoryMiB)
-	if saved.Bytes <= 0 || saved.Bytes >= int64(cfg.MemoryMiB)<<20 {
-		t.Errorf("saved state uses %d bytes; want more than 0 and less than the %d MiB of guest memory", saved.Bytes, cfg.MemoryMiB)
-	}
-	if _, err := os.Stat(filepath.Join(stateDir, migSockName)); !os.IsNotExist(err) {
-		t.Errorf("migration socket left behind: %v", err)
-	}
-
-	// The source runs on.
+	t.Logf("pause + save took %v; state %v uses %d bytes", time.Since(began).Round(time.Millisecond), saved.Files, saved.Bytes)
 	if err := snap.Resume(ctx); err != nil {
 		t.Fatalf("Resume: %v", err)
 	}
-	waitTick(t, inst, atPause+1)
-	echoOverAgent(t, inst, "source after the snapshot")
+	return dir, saved, atPause
+}
 
-	// A clone: another VM id and directory, the same machine shape.
+// restoreClone restores the state in dir as a new VM shaped like cfg and
+// checks it resumed (no boot, the counter went on from atPause) and answers.
+func restoreClone(t *testing.T, d *Driver, cfg vmm.MachineConfig, dir string, atPause int, suffix string) (vmm.Instance, vmm.MachineConfig) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
 	clone := cfg
-	clone.VMID = cfg.VMID + "c"
+	clone.VMID = cfg.VMID + suffix
 	clone.Dir = filepath.Join(shortDir(t), "vm")
-	began = time.Now()
-	restored, err := testDriver().Restore(ctx, clone, stateDir)
+	began := time.Now()
+	restored, err := d.Restore(ctx, clone, dir)
 	if err != nil {
 		t.Fatalf("Restore: %v", err)
 	}
 	took := time.Since(began)
-	t.Cleanup(func() {
-		kctx, kcancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer kcancel()
-		restored.Kill(kctx)
-	})
+	t.Cleanup(func() { killInst(t, restored) })
 	if st, err := restored.State(ctx); err != nil || st != vmm.StateRunning {
 		t.Fatalf("restored State = %q, %v", st, err)
 	}
-	echoOverAgent(t, restored, "clone after the restore")
+	echoOverAgent(t, restored, "clone "+suffix+" after the restore")
 	t.Logf("restore to running took %v; to an echo %v", took.Round(time.Millisecond), time.Since(began).Round(time.Millisecond))
-	n := waitTick(t, restored, atPause)
+	waitTick(t, restored, atPause)
 	b, _ := os.ReadFile(restored.Handles().ConsoleLog)
 	if strings.Contains(string(b), readyMarker) {
 		t.Errorf("the restored guest booted again instead of resuming:\n%s", tail(b, 1500))
@@ -147,10 +201,165 @@ func TestSnapshotSaveAndRestore(t *testing.T) {
 			t.Errorf("the clone's counter went back: first tick %d, paused at %d", v, atPause)
 		}
 	}
-	t.Logf("source paused at tick %d; clone reached tick %d", atPause, n)
-	// Both run at once.
-	echoOverAgent(t, inst, "source while the clone runs")
-	echoOverAgent(t, restored, "clone while the source runs")
+	return restored, clone
+}
+
+// A real guest is paused, saved, resumed, and restored into a second QEMU:
+// the restored guest keeps the source's memory (its counter keeps counting
+// from where it was, no boot) and its agent channel answers. Once with the
+// guest's memory in a tmpfs file (the stream holds only the devices, the
+// memory is a sparse file the clone maps privately and never writes), once
+// with anonymous memory because the memory directory is unusable (the whole
+// memory in the stream), restored as a format 1 snapshot (no qemu.meta).
+func TestSnapshotSaveAndRestore(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		driver   func(*testing.T) *Driver
+		fileMode bool
+	}{
+		{"memory file", func(*testing.T) *Driver { return testDriver() }, true},
+		{"anonymous memory fallback", fallbackDriver, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.fileMode && !memTmpfs(t) {
+				t.Skip("/dev/shm is not a tmpfs here: guests get anonymous memory")
+			}
+			d := tc.driver(t)
+			inst, cfg := bootWith(t, d, "snapshot", nil)
+			if inst.Handles().Channel.Kind != vmm.ChannelSerial {
+				t.Skip("the echo check uses the virtio-serial channel; this host has vhost-vsock")
+			}
+			memFile := inst.Handles().MemFile
+			args := qemuArgs(t, inst)
+			if tc.fileMode {
+				if memFile != filepath.Join(testMemDir, cfg.VMID+memFileSuffix) || !strings.Contains(args, "share=on") {
+					t.Fatalf("memory file %q; qemu args: %s", memFile, args)
+				}
+				if fi, err := os.Lstat(memFile); err != nil || fi.Mode().Perm() != 0o600 {
+					t.Fatalf("memory file: %v %v", fi, err)
+				}
+				if fi, err := os.Lstat(testMemDir); err != nil || fi.Mode().Perm() != 0o700 {
+					t.Fatalf("memory directory: %v %v", fi, err)
+				}
+			} else if memFile != "" || strings.Contains(args, "memory-backend") {
+				t.Fatalf("fallback guest has memory file %q; qemu args: %s", memFile, args)
+			}
+			if ents, _ := os.ReadDir(fallbackMemo.dir); !tc.fileMode && len(ents) > 0 {
+				t.Fatalf("the driver followed the link to %s", fallbackMemo.dir)
+			}
+			waitConsole(t, inst, "agent port open", bootTimeout)
+			waitTick(t, inst, 2)
+			echoOverAgent(t, inst, "before the snapshot")
+
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			if _, err := inst.(vmm.Snapshotter).SaveState(ctx, t.TempDir()); err == nil || !strings.Contains(err.Error(), "pause it first") {
+				t.Fatalf("SaveState of a running machine: %v", err)
+			}
+			stateDir, saved, atPause := saveSnapshot(t, inst)
+			if saved.Bytes <= 0 || saved.Bytes >= int64(cfg.MemoryMiB)<<20 {
+				t.Errorf("saved state uses %d bytes; want more than 0 and less than the %d MiB of guest memory", saved.Bytes, cfg.MemoryMiB)
+			}
+			if _, err := os.Stat(filepath.Join(stateDir, migSockName)); !os.IsNotExist(err) {
+				t.Errorf("migration socket left behind: %v", err)
+			}
+			stream, _ := os.Stat(filepath.Join(stateDir, stateFileName))
+			ramPath := filepath.Join(stateDir, snapRAMName)
+			var ramHash string
+			if tc.fileMode {
+				// Device state only: the memory is in qemu.ram, sparse.
+				if stream.Size() > 4<<20 {
+					t.Errorf("the stream is %d bytes; with the memory in a file it should hold only device state", stream.Size())
+				}
+				fi, err := os.Stat(ramPath)
+				if err != nil || fi.Size() != int64(cfg.MemoryMiB)<<20 {
+					t.Fatalf("qemu.ram: %v %v", fi, err)
+				}
+				if use, _ := vmmproc.DiskUse(ramPath); use <= 0 || use >= fi.Size()/2 {
+					t.Errorf("qemu.ram uses %d bytes of its %d: not sparse", use, fi.Size())
+				}
+				ramHash = fileHash(t, ramPath)
+			} else {
+				if stream.Size() < 4<<20 {
+					t.Errorf("the stream is %d bytes; without a memory file it should hold the memory", stream.Size())
+				}
+				if _, err := os.Stat(ramPath); !os.IsNotExist(err) {
+					t.Errorf("qemu.ram in a fallback snapshot: %v", err)
+				}
+				// What a snapshot taken before format 2 looks like.
+				if err := os.Remove(filepath.Join(stateDir, snapMetaName)); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			// The source runs on.
+			waitTick(t, inst, atPause+1)
+			echoOverAgent(t, inst, "source after the snapshot")
+
+			restored, _ := restoreClone(t, d, cfg, stateDir, atPause, "c")
+			if tc.fileMode {
+				if a := qemuArgs(t, restored); !strings.Contains(a, "mem-path=/dev/fd/3,share=off") || restored.Handles().MemFile != "" {
+					t.Errorf("the clone's memory is not a private mapping of the snapshot: %s", a)
+				}
+			}
+			// Both run at once.
+			echoOverAgent(t, inst, "source while the clone runs")
+			echoOverAgent(t, restored, "clone while the source runs")
+			if tc.fileMode {
+				// The clone wrote to its memory (its counter ran on): none
+				// of it reached the snapshot.
+				if got := fileHash(t, ramPath); got != ramHash {
+					t.Error("the snapshot's memory file changed while a clone ran from it")
+				}
+				killInst(t, inst)
+				if _, err := os.Lstat(memFile); !os.IsNotExist(err) {
+					t.Errorf("the memory file outlived its QEMU: %v", err)
+				}
+			}
+		})
+	}
+}
+
+// Fork of a fork: a clone mapping a snapshot's memory privately has no
+// memory file of its own, so its snapshot streams the whole memory; a VM
+// restored from that gets a memory file again, and its snapshot is a
+// memory-file one. The clone keeps running after its snapshot's files are
+// removed (the mapping outlives the name).
+func TestSnapshotOfAClone(t *testing.T) {
+	if !memTmpfs(t) {
+		t.Skip("/dev/shm is not a tmpfs here: guests get anonymous memory")
+	}
+	d := testDriver()
+	src, cfg := bootWith(t, d, "snapshot", nil)
+	if src.Handles().Channel.Kind != vmm.ChannelSerial {
+		t.Skip("the echo check uses the virtio-serial channel; this host has vhost-vsock")
+	}
+	waitConsole(t, src, "agent port open", bootTimeout)
+	waitTick(t, src, 2)
+	s1, _, at1 := saveSnapshot(t, src)
+	a, acfg := restoreClone(t, d, cfg, s1, at1, "a")
+	if err := os.RemoveAll(s1); err != nil {
+		t.Fatal(err)
+	}
+	s2, saved2, at2 := saveSnapshot(t, a)
+	if slices.Contains(saved2.Files, snapRAMName) {
+		t.Fatalf("the snapshot of a clone has a memory file: %v", saved2.Files)
+	}
+	if m, err := readSnapMeta(s2); err != nil || m.Memory != "stream" {
+		t.Fatalf("meta of the clone's snapshot: %+v %v", m, err)
+	}
+	echoOverAgent(t, a, "clone a after its snapshot's files are gone")
+	b, bcfg := restoreClone(t, d, acfg, s2, at2, "b")
+	if b.Handles().MemFile == "" {
+		t.Fatal("a VM restored from a streamed snapshot has no memory file")
+	}
+	s3, saved3, at3 := saveSnapshot(t, b)
+	if !slices.Contains(saved3.Files, snapRAMName) {
+		t.Fatalf("the snapshot of b has no memory file: %v", saved3.Files)
+	}
+	c, _ := restoreClone(t, d, bcfg, s3, at3, "c")
+	echoOverAgent(t, a, "a at the end")
+	echoOverAgent(t, c, "c at the end")
 }
 
 // A damaged state file fails the restore and leaves nothing running.

@@ -228,3 +228,50 @@ func TestCopySparse(t *testing.T) {
 		t.Error("a failed copy left its destination")
 	}
 }
+
+// A memory file whose data regions are mostly zero-filled pages (a guest
+// touched them, often only to zero them) copies to the same bytes, with
+// holes for the zero pages: the copy takes the room of the non-zero ones.
+func TestCopySparseSkipZeros(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "ram")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 16 << 20
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	// 8 MiB of written zeros (data, not holes) with a few non-zero pages,
+	// one straddling the 1 MiB chunk boundary, and a short tail page.
+	if _, err := f.WriteAt(make([]byte, 8<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, 4096 * 3, 1<<20 - 1, 5 << 20, size - 3} {
+		if _, err := f.WriteAt([]byte("data!"[:3]), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	if use, _ := DiskUse(src); use < 8<<20 {
+		t.Fatalf("the source uses %d bytes; the test needs zero-filled data regions", use)
+	}
+	dst := filepath.Join(dir, "copy")
+	n, err := CopySparseSkipZeros(context.Background(), src, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(src)
+	b, _ := os.ReadFile(dst)
+	if len(a) != len(b) || string(a) != string(b) {
+		t.Fatalf("copy differs (%d vs %d bytes)", len(a), len(b))
+	}
+	// Six non-zero pages (the one across the chunk boundary is two).
+	if n != 6*4096 {
+		t.Errorf("wrote %d bytes, want the 6 non-zero pages", n)
+	}
+	if use, _ := DiskUse(dst); use > 1<<20 {
+		t.Errorf("the copy uses %d bytes on disk", use)
+	}
+}
