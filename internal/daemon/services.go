@@ -27,6 +27,14 @@ func (d *Daemon) initServices(ctx context.Context) error {
 		return err
 	}
 	d.fileCfg = fc
+	// Runs last at shutdown: a memory directory left empty is removed (one
+	// with the memory of VMs that outlive bangerd stays).
+	d.addCloser("memory directories", func() error {
+		for _, m := range d.cfg.Layout.MemoryDirs() {
+			os.Remove(m)
+		}
+		return nil
+	})
 	drivers := map[string]vmm.Driver{
 		"qemu":        qemu.New(qemu.Options{Accel: fc.QEMUAccel, MemoryDirs: d.cfg.Layout.MemoryDirs(), Logger: d.log}),
 		"firecracker": firecracker.New(firecracker.Options{Logger: d.log, KVMDevice: fc.FirecrackerKVMDevice}),

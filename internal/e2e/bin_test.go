@@ -97,6 +97,7 @@ func home(t *testing.T) string {
 		if _, err := testenv.KillVMMsUnder(d); err != nil {
 			t.Error(err)
 		}
+		testenv.RemoveMemoryDirs(d)
 		os.RemoveAll(d)
 	})
 	return d

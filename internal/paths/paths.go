@@ -138,11 +138,15 @@ func (l Layout) SnapshotsDir() string { return filepath.Join(l.DataDir, "snapsho
 // exists until a driver makes it; a driver uses a directory only when it is
 // on a tmpfs, owned by the user and mode 0700, and falls back to anonymous
 // memory otherwise.
-func (l Layout) MemoryDirs() []string {
+func (l Layout) MemoryDirs() []string { return l.MemoryDirsOf(os.Geteuid()) }
+
+// MemoryDirsOf is MemoryDirs for a bangerd running as uid (a test cleaning
+// up after a bangerd it ran as another user).
+func (l Layout) MemoryDirsOf(uid int) []string {
 	h := sha256.Sum256([]byte(l.DataDir))
 	return []string{
 		filepath.Join(l.RunDir, "mem"),
-		filepath.Join("/dev/shm", "banger-"+strconv.Itoa(os.Geteuid())+"-"+hex.EncodeToString(h[:4])),
+		filepath.Join("/dev/shm", "banger-"+strconv.Itoa(uid)+"-"+hex.EncodeToString(h[:4])),
 	}
 }
 

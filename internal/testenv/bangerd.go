@@ -146,6 +146,7 @@ func StartBangerd(t testing.TB, extraEnv ...string) *Bangerd {
 		if _, err := KillVMMsUnder(h); err != nil {
 			t.Error(err)
 		}
+		RemoveMemoryDirs(h)
 		os.RemoveAll(h)
 	})
 	cmd := exec.Command(bin, "--debug")

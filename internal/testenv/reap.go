@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/bangerdev/banger/internal/paths"
 )
 
 // KillVMMsUnder ends every process whose command line names a path under
@@ -55,4 +57,20 @@ func isZombie(pid int) bool {
 	}
 	i := bytes.LastIndexByte(b, ')')
 	return i >= 0 && i+2 < len(b) && b[i+2] == 'Z'
+}
+
+// RemoveMemoryDirs removes the guest memory directories (paths.MemoryDirs)
+// of the bangerd that ran with BANGER_HOME=home, as this user or as nobody
+// (the e2e tests' bangerd): the memory files of the VMMs KillVMMsUnder
+// ended are left there, on a tmpfs, by a bangerd that will not start again.
+func RemoveMemoryDirs(home string) {
+	l, err := paths.Resolve(home)
+	if err != nil {
+		return
+	}
+	for _, uid := range []int{os.Geteuid(), 65534} {
+		for _, d := range l.MemoryDirsOf(uid) {
+			os.RemoveAll(d)
+		}
+	}
 }
