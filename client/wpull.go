@@ -70,7 +70,7 @@ func (c *countReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// receiveTree writes a guest's OpPull (or OpPack) stream into root,
+// receiveTree writes a guest's OpPull stream into root,
 // treating all of it as hostile: every name must be a plain relative path
 // of plain components, directories and files are made through
 // workspace.HostDir (no link is ever followed; an existing entry is never

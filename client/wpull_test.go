@@ -24,8 +24,9 @@ func TestPackRoundTrip(t *testing.T) {
 	os.WriteFile(filepath.Join(src, "d/e/f"), bytes.Repeat([]byte("x"), 300<<10), 0o640)
 	os.WriteFile(filepath.Join(src, "top"), []byte("t"), 0o755)
 	os.Symlink("../../etc/passwd", filepath.Join(src, "d/link"))
-	var b bytes.Buffer
-	if err := bulk.ServePack(&b, src); err != nil {
+	var haves, b bytes.Buffer
+	bulk.WriteHaves(&haves, nil)
+	if err := bulk.ServePull(&b, &haves, src); err != nil {
 		t.Fatal(err)
 	}
 	dst := filepath.Join(t.TempDir(), "copy")

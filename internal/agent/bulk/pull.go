@@ -19,7 +19,7 @@ import (
 //
 //  1. host → agent: what the host already has, FrameData frames of JSON
 //     arrays of PullHave, then FrameEOF.
-//  2. agent → host, one way: as OpPack, for each entry, parents first, a
+//  2. agent → host, one way: for each entry, parents first, a
 //     FrameRequest (Type PackDir, PackFile, PackLink or PackSame, Payload a
 //     SyncEntry), a PackFile followed by exactly Size bytes in FrameData
 //     frames; then FrameEOF, or a FrameReply (not OK, with the error) on a

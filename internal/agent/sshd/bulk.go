@@ -81,10 +81,6 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		if err := bulk.ServePull(c, r, o.Arg); err != nil {
 			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
 		}
-	case bulk.OpPack:
-		if err := bulk.ServePack(c, o.Arg); err != nil {
-			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
-		}
 	default:
 		log.Info("bulk stream refused: unknown operation")
 	}
