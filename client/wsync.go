@@ -82,7 +82,7 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 			return fail(err)
 		}
 	}
-	buf := make([]byte, 256<<10)
+	buf := make([]byte, bulk.HeaderSize+256<<10)
 	for _, it := range p.Items {
 		if err := ctx.Err(); err != nil {
 			return fail(err)
@@ -142,11 +142,14 @@ func sendFile(w io.Writer, send func(string, bulk.SyncEntry) error, src string, 
 	if err := send(bulk.SyncFile, bulk.SyncEntry{Rel: it.Rel, Mode: mode, MTime: uint64(it.MTime.UnixNano()), Size: uint64(it.Size)}); err != nil {
 		return err
 	}
+	// Each frame is read into buf after room for its header and written
+	// with one Write (no copy, no allocation per frame).
 	left := it.Size
 	for left > 0 {
-		n, err := f.Read(buf[:min(int64(len(buf)), left)])
+		n, err := f.Read(buf[bulk.HeaderSize : bulk.HeaderSize+int(min(int64(len(buf)-bulk.HeaderSize), left))])
 		if n > 0 {
-			if werr := bulk.WriteFrame(w, bulk.FrameData, buf[:n]); werr != nil {
+			bulk.PutHeader(buf, bulk.FrameData, n)
+			if _, werr := w.Write(buf[:bulk.HeaderSize+n]); werr != nil {
 				return werr
 			}
 			left -= int64(n)

@@ -190,3 +190,73 @@ func TestSyncerStaysInDest(t *testing.T) {
 func writeReq(c net.Conn, kind string, e bulk.SyncEntry) {
 	bulk.WriteFrame(c, bulk.FrameRequest, sshMarshalReq(kind, e))
 }
+
+// TestSyncerReplacesWhatTheGuestPut: a file pushed where the guest has a
+// symlink (to a file outside the destination), a directory or an older
+// file replaces it without following the link; modes (setuid, sticky,
+// a umask-cleared bit) and the mtime to the nanosecond are kept.
+func TestSyncerReplacesWhatTheGuestPut(t *testing.T) {
+	root := t.TempDir()
+	dest := filepath.Join(root, "ws")
+	outside := filepath.Join(root, "outside")
+	os.MkdirAll(filepath.Join(dest, "dir", "sub"), 0o755)
+	os.WriteFile(outside, []byte("keep"), 0o644)
+	os.Symlink(outside, filepath.Join(dest, "link"))
+	os.WriteFile(filepath.Join(dest, "old"), []byte("older content"), 0o644)
+	mtime := time.Date(2020, 1, 2, 3, 4, 5, 123456789, time.UTC)
+	files := []struct {
+		rel  string
+		mode fs.FileMode
+	}{
+		{"link", 0o644},
+		{"dir", 0o755},
+		{"old", 0o600},
+		{"suid", 0o755 | fs.ModeSetuid},
+		{"sticky", 0o700 | fs.ModeSticky},
+		{"groupw", 0o666},
+	}
+	s := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
+	host, agent := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(agent, agent); agent.Close() }()
+	if _, err := bulk.ReadManifest(host); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for _, f := range files {
+			writeReq(host, bulk.SyncFile, bulk.SyncEntry{Rel: f.rel, Size: 3, Mode: bulk.KeptMode(f.mode), MTime: uint64(mtime.UnixNano())})
+			bulk.WriteFrame(host, bulk.FrameData, []byte("new"))
+		}
+		writeReq(host, bulk.SyncDone, bulk.SyncEntry{})
+	}()
+	st, err := bulk.ReadSyncReply(host)
+	host.Close()
+	if err != nil || <-done != nil {
+		t.Fatalf("push: %v", err)
+	}
+	if st.Files != len(files) {
+		t.Fatalf("stats %+v", st)
+	}
+	if b, _ := os.ReadFile(outside); string(b) != "keep" {
+		t.Fatalf("the link's target was written: %q", b)
+	}
+	for _, f := range files {
+		p := filepath.Join(dest, f.rel)
+		fi, err := os.Lstat(p)
+		if err != nil || !fi.Mode().IsRegular() {
+			t.Fatalf("%s: %v %v", f.rel, fi, err)
+		}
+		if got := bulk.KeptMode(fi.Mode()); got != bulk.KeptMode(f.mode) {
+			t.Errorf("%s: mode %v, want %v", f.rel, fs.FileMode(got), f.mode)
+		}
+		if !fi.ModTime().Equal(mtime) {
+			t.Errorf("%s: mtime %v, want %v", f.rel, fi.ModTime(), mtime)
+		}
+		if b, _ := os.ReadFile(p); string(b) != "new" {
+			t.Errorf("%s: %q", f.rel, b)
+		}
+	}
+	if ents, _ := os.ReadDir(dest); len(ents) != len(files) {
+		t.Fatalf("dest has %d entries (a temporary file left?), want %d", len(ents), len(files))
+	}
+}

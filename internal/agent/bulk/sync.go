@@ -1,8 +1,9 @@
 package bulk
 
 import (
-	"bufio"
+	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -13,8 +14,9 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
-	"syscall"
+	"unsafe"
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
@@ -82,6 +84,17 @@ const (
 // manifestBytes is MaxManifestBytes (a variable for tests).
 var manifestBytes = MaxManifestBytes
 
+// HeaderSize is the size of a frame's header (type byte, length).
+const HeaderSize = 5
+
+// PutHeader writes the header of a frame of type typ with n payload bytes
+// into b[:HeaderSize], so that a sender can read the payload into
+// b[HeaderSize:] and write the frame with one Write.
+func PutHeader(b []byte, typ byte, n int) {
+	b[0] = typ
+	binary.BigEndian.PutUint32(b[1:HeaderSize], uint32(n))
+}
+
 // KeptMode is the part of a mode a push keeps.
 func KeptMode(m fs.FileMode) uint32 {
 	return uint32(m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky))
@@ -105,7 +118,17 @@ type Syncer struct {
 
 	known map[string]bool // directories under Dest checked to be real directories
 	state map[string]bool // paths written by pushes
+	dirty bool            // state changed since it was loaded
 	stats SyncStats
+	umask uint32 // this process's, read once
+	buf   []byte // the frame buffer, reused
+}
+
+func (s *Syncer) setState(rel string) {
+	if !s.state[rel] {
+		s.state[rel] = true
+		s.dirty = true
+	}
 }
 
 func (s *Syncer) stateFile() string {
@@ -127,6 +150,9 @@ func (s *Syncer) loadState() {
 }
 
 func (s *Syncer) saveState() error {
+	if !s.dirty {
+		return nil
+	}
 	if err := os.MkdirAll(s.StateDir, 0o700); err != nil {
 		return err
 	}
@@ -167,14 +193,14 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 		return fmt.Errorf("destination %s is not a directory", s.Dest)
 	}
 	s.known = map[string]bool{"": true}
+	s.umask = processUmask()
 	s.loadState()
 	if err := s.sendManifest(c); err != nil {
 		return err
 	}
-	var buf []byte
 	for {
-		typ, p, err := ReadFrame(r, buf)
-		buf = p
+		typ, p, err := ReadFrame(r, s.buf)
+		s.buf = p
 		if err != nil {
 			return fmt.Errorf("read the push: %w", err)
 		}
@@ -300,6 +326,17 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 	if err != nil {
 		return err
 	}
+	if kind == SyncFile {
+		// The common case, a new file, costs no lookup of its own: the
+		// exclusive create finds out (each syscall is dear under TCG).
+		if err := s.writeFile(p, e, r); err != nil {
+			return err
+		}
+		s.stats.Files++
+		s.stats.Bytes += int64(e.Size)
+		s.setState(e.Rel)
+		return nil
+	}
 	fi, lerr := os.Lstat(p)
 	exists := lerr == nil
 	switch kind {
@@ -309,7 +346,10 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 				return err
 			}
 		}
-		delete(s.state, e.Rel)
+		if s.state[e.Rel] {
+			delete(s.state, e.Rel)
+			s.dirty = true
+		}
 		s.forget(e.Rel)
 		s.stats.Deleted++
 		return nil
@@ -327,7 +367,7 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 		}
 		s.known[e.Rel] = true
 		s.stats.Dirs++
-		s.state[e.Rel] = true
+		s.setState(e.Rel)
 		return os.Chmod(p, fs.FileMode(e.Mode)&fs.ModePerm|modeExtra(e.Mode))
 	case SyncLink:
 		if exists {
@@ -340,22 +380,8 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 			return err
 		}
 		s.stats.Links++
-		s.state[e.Rel] = true
+		s.setState(e.Rel)
 		return setMTime(p, int64(e.MTime))
-	case SyncFile:
-		if exists && !fi.Mode().IsRegular() {
-			if err := os.RemoveAll(p); err != nil {
-				return err
-			}
-			s.forget(e.Rel)
-		}
-		if err := s.writeFile(p, e, r); err != nil {
-			return err
-		}
-		s.stats.Files++
-		s.stats.Bytes += int64(e.Size)
-		s.state[e.Rel] = true
-		return nil
 	}
 	return fmt.Errorf("unknown push entry %q", kind)
 }
@@ -373,59 +399,91 @@ func modeExtra(m uint32) fs.FileMode {
 	return fs.FileMode(m) & (fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
 }
 
-// writeFile writes Size bytes from the data frames into a temporary file
-// next to p and renames it over p (so a running binary is replaced, not
-// rewritten).
+// writeFile writes Size bytes from the data frames into p. A new file is
+// created in place (O_EXCL, no link followed); one that exists is written
+// to a temporary file next to it and renamed over it (so a running binary
+// is replaced, not rewritten); anything else in its place is removed
+// first. Each data frame is written straight from the frame buffer, and
+// mode and mtime are set on the descriptor: under TCG every copy and every
+// path lookup shows.
 func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
-	// A new file is written in place (O_EXCL, no link followed); one that
-	// exists is replaced through a temp file and a rename.
-	var f *os.File
+	perm := uint32(fs.FileMode(e.Mode) & fs.ModePerm)
+	// Created with its final permissions when the umask keeps them and no
+	// setuid, setgid or sticky bit is asked for; otherwise 0600, then
+	// fchmod.
+	createPerm, chmod := perm, perm&^s.umask != perm || modeExtra(e.Mode) != 0
+	if chmod {
+		createPerm = 0o600
+	}
+	const flags = unix.O_WRONLY | unix.O_CREAT | unix.O_EXCL | unix.O_NOFOLLOW | unix.O_CLOEXEC
 	tmp := p
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
-	if errors.Is(err, fs.ErrExist) {
-		f, err = os.CreateTemp(filepath.Dir(p), ".banger-push-*")
-		if err == nil {
-			tmp = f.Name()
+	fd, err := unix.Open(p, flags, createPerm)
+	if errors.Is(err, unix.EEXIST) {
+		fi, lerr := os.Lstat(p)
+		if lerr != nil {
+			return lerr
+		}
+		if !fi.Mode().IsRegular() {
+			if err := os.RemoveAll(p); err != nil {
+				return err
+			}
+			s.forget(e.Rel)
+			fd, err = unix.Open(p, flags, createPerm)
+		} else {
+			for range 100 {
+				tmp = filepath.Join(filepath.Dir(p), ".banger-push-"+randName())
+				if fd, err = unix.Open(tmp, flags, createPerm); !errors.Is(err, unix.EEXIST) {
+					break
+				}
+			}
 		}
 	}
 	if err != nil {
-		return err
+		return &fs.PathError{Op: "create", Path: p, Err: err}
 	}
 	ok := false
 	defer func() {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
 		if !ok {
-			f.Close()
 			os.Remove(tmp)
 		}
 	}()
-	w := bufio.NewWriterSize(f, 256<<10)
 	left := e.Size
-	var buf []byte
 	for left > 0 {
-		typ, d, err := ReadFrame(r, buf)
-		buf = d
+		typ, d, err := ReadFrame(r, s.buf)
+		s.buf = d
 		if err != nil {
 			return err
 		}
 		if typ != FrameData || uint64(len(d)) > left {
 			return fmt.Errorf("file data: frame type %d of %d bytes with %d left", typ, len(d), left)
 		}
-		if _, err := w.Write(d); err != nil {
-			return err
+		for len(d) > 0 {
+			n, err := unix.Write(fd, d)
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			if err != nil {
+				return &fs.PathError{Op: "write", Path: p, Err: err}
+			}
+			d = d[n:]
+			left -= uint64(n)
 		}
-		left -= uint64(len(d))
 	}
-	if err := w.Flush(); err != nil {
-		return err
+	if chmod {
+		if err := unix.Fchmod(fd, uint32(fileModeBits(e.Mode))); err != nil {
+			return &fs.PathError{Op: "chmod", Path: p, Err: err}
+		}
 	}
-	if err := f.Chmod(fs.FileMode(e.Mode)&fs.ModePerm | modeExtra(e.Mode)); err != nil {
-		return err
+	if err := futimens(fd, int64(e.MTime)); err != nil {
+		return &fs.PathError{Op: "utimens", Path: p, Err: err}
 	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := setMTime(tmp, int64(e.MTime)); err != nil {
-		return err
+	err = unix.Close(fd)
+	fd = -1
+	if err != nil {
+		return &fs.PathError{Op: "close", Path: p, Err: err}
 	}
 	if tmp != p {
 		if err := os.Rename(tmp, p); err != nil {
@@ -434,6 +492,58 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
 	}
 	ok = true
 	return nil
+}
+
+// fileModeBits turns the fs.FileMode bits of a SyncEntry into chmod(2)'s.
+func fileModeBits(m uint32) uint32 {
+	fm := fs.FileMode(m)
+	b := uint32(fm & fs.ModePerm)
+	if fm&fs.ModeSetuid != 0 {
+		b |= unix.S_ISUID
+	}
+	if fm&fs.ModeSetgid != 0 {
+		b |= unix.S_ISGID
+	}
+	if fm&fs.ModeSticky != 0 {
+		b |= unix.S_ISVTX
+	}
+	return b
+}
+
+// futimens sets fd's access and modification times to ns (utimensat(2)
+// with a NULL path: no lookup).
+func futimens(fd int, ns int64) error {
+	ts := [2]unix.Timespec{unix.NsecToTimespec(ns), unix.NsecToTimespec(ns)}
+	_, _, e := unix.Syscall6(unix.SYS_UTIMENSAT, uintptr(fd), 0, uintptr(unsafe.Pointer(&ts[0])), 0, 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func randName() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// processUmask reads this process's umask from /proc/self/status (setting
+// it to read it would race with every other goroutine creating files);
+// 0o077, the strictest, when it cannot be read, so that modes are then
+// always set with fchmod.
+func processUmask() uint32 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0o077
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Umask:"); ok {
+			if m, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32); err == nil {
+				return uint32(m)
+			}
+		}
+	}
+	return 0o077
 }
 
 // ReadManifest reads the agent's manifest (host side), bounded by
