@@ -292,3 +292,49 @@ func TestReceiveTreeHostileSame(t *testing.T) {
 		t.Fatal("a file the guest left out was written")
 	}
 }
+
+// FuzzReceiveTree: whatever a guest streams, receiveTree writes nothing
+// outside its root, and every file it takes as the host's is one the host
+// offered.
+func FuzzReceiveTree(f *testing.F) {
+	req := func(b *bytes.Buffer, kind string, e bulk.SyncEntry) {
+		bulk.WriteFrame(b, bulk.FrameRequest, ssh.Marshal(&bulk.Request{Type: kind, Payload: ssh.Marshal(&e)}))
+	}
+	var b bytes.Buffer
+	req(&b, bulk.PackDir, bulk.SyncEntry{Rel: "d", Mode: 0o755})
+	req(&b, bulk.PackSame, bulk.SyncEntry{Rel: "d/g"})
+	req(&b, bulk.PackFile, bulk.SyncEntry{Rel: "d/f", Size: 3})
+	bulk.WriteFrame(&b, bulk.FrameData, []byte("abc"))
+	req(&b, bulk.PackLink, bulk.SyncEntry{Rel: "l", Target: "../outside"})
+	req(&b, bulk.PackSame, bulk.SyncEntry{Rel: "f"})
+	bulk.WriteFrame(&b, bulk.FrameEOF, nil)
+	f.Add(b.Bytes())
+	b.Reset()
+	req(&b, bulk.PackLink, bulk.SyncEntry{Rel: "d", Target: "../outside"})
+	req(&b, bulk.PackFile, bulk.SyncEntry{Rel: "d/g", Size: 1})
+	bulk.WriteFrame(&b, bulk.FrameData, []byte("x"))
+	req(&b, bulk.PackSame, bulk.SyncEntry{Rel: "d/g"})
+	bulk.WriteFrame(&b, bulk.FrameEOF, nil)
+	f.Add(b.Bytes())
+	offered := map[string]workspace.HostFile{"f": {Mode: "100644"}, "d/g": {Mode: "100755"}}
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		tmp := t.TempDir()
+		root, outside := filepath.Join(tmp, "root"), filepath.Join(tmp, "outside")
+		os.Mkdir(root, 0o700)
+		os.Mkdir(outside, 0o755)
+		same, err := receiveTree(bytes.NewReader(stream), root, 1<<20, 64, offered)
+		if err == nil {
+			for rel := range same {
+				if _, ok := offered[rel]; !ok {
+					t.Fatalf("took %q as the host's file, never offered", rel)
+				}
+			}
+		}
+		if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+			t.Fatalf("wrote %s outside the root", ents[0].Name())
+		}
+		if ents, _ := os.ReadDir(tmp); len(ents) != 2 {
+			t.Fatalf("the temp dir holds %d entries", len(ents))
+		}
+	})
+}
