@@ -261,3 +261,31 @@ func TestDispatchControlNeedsTheKey(t *testing.T) {
 		t.Fatalf("the new key: %v", err)
 	}
 }
+
+// TestBackgroundWait: wait returns only once every batch started before it
+// is done, and batches run one after the other, in order.
+func TestBackgroundWait(t *testing.T) {
+	var b background
+	b.wait() // nothing pending: returns at once
+	var order []int
+	first, second := make(chan struct{}), make(chan struct{})
+	b.run(func() { <-first; order = append(order, 1) })
+	b.run(func() { <-second; order = append(order, 2) })
+	waited := make(chan struct{})
+	go func() { b.wait(); close(waited) }()
+	close(second) // the second batch may not overtake the first
+	select {
+	case <-waited:
+		t.Fatal("wait returned with batches pending")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(first)
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("wait did not return")
+	}
+	if len(order) != 2 || order[0] != 1 || order[1] != 2 {
+		t.Fatalf("batches ran in order %v", order)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -322,5 +323,68 @@ func TestPowerButtons(t *testing.T) {
 	got := powerButtons(sys, "/dev/input")
 	if !reflect.DeepEqual(got, []string{"/dev/input/event0"}) {
 		t.Fatalf("power buttons %q", got)
+	}
+}
+
+// TestRewriteFile: a regular file is rewritten in place (same inode, the
+// mode set); a symlink is replaced by a file, its target untouched; a FIFO
+// is replaced without blocking; a missing file is created with its
+// directory.
+func TestRewriteFile(t *testing.T) {
+	root := t.TempDir()
+	ino := func(p string) uint64 {
+		fi, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Sys().(*syscall.Stat_t).Ino
+	}
+	reg := filepath.Join(root, "machine-id")
+	if err := os.WriteFile(reg, []byte("a much longer old content\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := ino(reg)
+	if err := rewriteFile(reg, []byte("new\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	fi, _ := os.Lstat(reg)
+	if b, _ := os.ReadFile(reg); string(b) != "new\n" || ino(reg) != before || fi.Mode().Perm() != 0o444 {
+		t.Fatalf("regular file: %q, inode %d (was %d), mode %v", b, ino(reg), before, fi.Mode())
+	}
+	target := filepath.Join(root, "target")
+	os.WriteFile(target, []byte("keep"), 0o644)
+	link := filepath.Join(root, "hostname")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := rewriteFile(link, []byte("vm\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Lstat(link); !fi.Mode().IsRegular() {
+		t.Fatal("the symlink is still there")
+	}
+	if b, _ := os.ReadFile(target); string(b) != "keep" {
+		t.Fatalf("the link's target was written: %q", b)
+	}
+	fifo := filepath.Join(root, "hosts")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- rewriteFile(fifo, []byte("x\n"), 0o644) }()
+	select {
+	case err := <-done:
+		if fi, _ := os.Lstat(fifo); err != nil || !fi.Mode().IsRegular() {
+			t.Fatalf("fifo: %v, mode %v", err, fi.Mode())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("rewriting a FIFO blocked")
+	}
+	missing := filepath.Join(root, "etc", "new")
+	if err := rewriteFile(missing, []byte("m\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(missing); string(b) != "m\n" {
+		t.Fatalf("missing file: %q", b)
 	}
 }

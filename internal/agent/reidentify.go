@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -20,11 +21,26 @@ var machineIDRe = regexp.MustCompile(`^[0-9a-f]{32}$`)
 
 // reidentify gives a guest restored from a snapshot its own identity, in
 // the order that makes its secrets diverge first: the entropy pool, the
-// clock, the hostname and machine-id, then the network. The SSH host key is
-// swapped by the server once this returns. root is the guest's root ("/").
-func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
+// clock, the hostname, then the network. The SSH host key is swapped by the
+// server once this returns. root is the guest's root ("/").
+//
+// The files that carry the identity (/etc/hostname, /etc/hosts,
+// /etc/machine-id, /etc/resolv.conf) are written afterwards by files, in
+// the background, so that the host's reply does not wait for them: in a
+// clone just restored under emulation every kernel path they take runs
+// cold (45-100 ms). Commands wait for them (files.wait, sshd's
+// BeforeCommand), so none sees the source's. A failed write is logged on
+// the console. files nil writes them before returning.
+func reidentify(root string, p api.Reidentify, files *background, log *slog.Logger) error {
+	if p.Hostname != "" && !validHostname(p.Hostname) {
+		return fmt.Errorf("invalid hostname %q", p.Hostname)
+	}
+	if p.MachineID != "" && !machineIDRe.MatchString(p.MachineID) {
+		return fmt.Errorf("invalid machine-id %q", p.MachineID)
+	}
 	var errs []error
-	// Each step's duration, logged once at the end (warm-start profiling).
+	// Each step's duration, logged once the files are written (warm-start
+	// profiling; a console line costs milliseconds under emulation).
 	var steps []any
 	last := time.Now()
 	step := func(name string) {
@@ -32,7 +48,6 @@ func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 		steps = append(steps, name, now.Sub(last).Round(100*time.Microsecond).String())
 		last = now
 	}
-	defer func() { log.Info("reidentify steps", steps...) }()
 	if err := seedRNG(p.RNGSeed); err != nil {
 		errs = append(errs, fmt.Errorf("seed the entropy pool: %w", err))
 	} else if err := reseedCRNG(); err != nil {
@@ -51,35 +66,95 @@ func reidentify(root string, p api.Reidentify, log *slog.Logger) error {
 		last = time.Now()
 	}
 	if p.Hostname != "" {
-		if !validHostname(p.Hostname) {
-			return fmt.Errorf("invalid hostname %q", p.Hostname)
-		}
 		if err := unix.Sethostname([]byte(p.Hostname)); err != nil {
 			errs = append(errs, fmt.Errorf("set hostname: %w", err))
 		}
-		if err := writeHostname(root, p.Hostname); err != nil {
-			errs = append(errs, fmt.Errorf("write /etc/hostname: %w", err))
-		}
 		step("hostname")
-	}
-	if p.MachineID != "" {
-		if !machineIDRe.MatchString(p.MachineID) {
-			return fmt.Errorf("invalid machine-id %q", p.MachineID)
-		}
-		if err := replaceFile(filepath.Join(root, "etc", "machine-id"), []byte(p.MachineID+"\n"), 0o444); err != nil {
-			errs = append(errs, fmt.Errorf("write /etc/machine-id: %w", err))
-		}
-		step("machine_id")
 	}
 	if n := p.Network; n != nil {
 		if err := renumber(n, log); err != nil {
 			errs = append(errs, err)
-		} else if err := writeResolvConf(root, n.DNS); err != nil {
-			errs = append(errs, fmt.Errorf("write /etc/resolv.conf: %w", err))
 		}
 		step("network")
 	}
-	return errors.Join(errs...)
+	write := func() {
+		var ferrs []error
+		if p.Hostname != "" {
+			if err := writeHostname(root, p.Hostname); err != nil {
+				ferrs = append(ferrs, fmt.Errorf("write /etc/hostname and /etc/hosts: %w", err))
+			}
+			step("hostname_files")
+		}
+		if p.MachineID != "" {
+			if err := rewriteFile(filepath.Join(root, "etc", "machine-id"), []byte(p.MachineID+"\n"), 0o444); err != nil {
+				ferrs = append(ferrs, fmt.Errorf("write /etc/machine-id: %w", err))
+			}
+			step("machine_id")
+		}
+		if n := p.Network; n != nil {
+			if err := writeResolvConf(root, n.DNS); err != nil {
+				ferrs = append(ferrs, fmt.Errorf("write /etc/resolv.conf: %w", err))
+			}
+			step("resolv_conf")
+		}
+		if err := errors.Join(ferrs...); err != nil {
+			log.Error("the new identity's files were not all written", "error", err)
+		}
+		log.Info("reidentify steps", steps...)
+	}
+	if err := errors.Join(errs...); err != nil {
+		log.Info("reidentify steps", steps...)
+		return err
+	}
+	if files == nil {
+		write()
+		return nil
+	}
+	files.run(write)
+	return nil
+}
+
+// background runs the reidentify file writes after the reply, one batch
+// after the other, and lets commands wait for them.
+type background struct {
+	mu   sync.Mutex
+	done chan struct{} // closed when the latest batch is written; nil: none
+}
+
+// run starts f once the previous batch is done.
+func (b *background) run(f func()) {
+	d := make(chan struct{})
+	b.mu.Lock()
+	prev := b.done
+	b.done = d
+	b.mu.Unlock()
+	go func() {
+		defer close(d)
+		if prev != nil {
+			<-prev
+		}
+		f()
+	}()
+}
+
+// settleWait bounds how long a command waits for the identity files.
+const settleWait = 10 * time.Second
+
+// wait returns once the batches started so far are written, or after
+// settleWait (a hung filesystem then shows in the command itself).
+func (b *background) wait() {
+	b.mu.Lock()
+	d := b.done
+	b.mu.Unlock()
+	if d == nil {
+		return
+	}
+	t := time.NewTimer(settleWait)
+	defer t.Stop()
+	select {
+	case <-d:
+	case <-t.C:
+	}
 }
 
 var hostnameRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)

@@ -64,7 +64,9 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 	sc.Reaper = r
 	sc.OnShutdown = onShutdown
 	keys := newBulkKey(cfg.BulkKey)
-	sc.OnReidentify = keys.onReidentify(func(p api.Reidentify) error { return reidentify("/", p, log) })
+	files := &background{}
+	sc.OnReidentify = keys.onReidentify(func(p api.Reidentify) error { return reidentify("/", p, files, log) })
+	sc.BeforeCommand = files.wait
 	sc.Logger = log
 	srv, err := sshd.New(sc)
 	if err != nil {

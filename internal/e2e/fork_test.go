@@ -86,6 +86,12 @@ func TestForkRealGuest(t *testing.T) {
 	}
 	t.Logf("fork took %v: %s", time.Since(start).Round(time.Millisecond), strings.TrimSpace(out))
 
+	// The first command in the clone already sees the clone's identity
+	// files (the agent writes them after replying; commands wait for them).
+	if got := execOut(t, h, "clone", "cat /etc/hostname; grep -c '127.0.1.1.clone$' /etc/hosts"); got != "clone\n1" {
+		t.Errorf("the clone's first command sees /etc/hostname and its /etc/hosts entry as %q, want clone and 1", got)
+	}
+
 	// The clone resumed the source's memory: the counter is there and counts on.
 	c1 := counterValue(t, h, "clone")
 	if c1 < before {

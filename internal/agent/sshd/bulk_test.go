@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -146,4 +147,38 @@ func TestBulkRawOps(t *testing.T) {
 	}
 	host.Close()
 	_ = bytes.MinRead
+}
+
+// TestBeforeCommandGatesCommands: a session's command starts only once
+// BeforeCommand returns (the agent makes commands wait for a reidentify's
+// files); the session's other requests are answered meanwhile.
+func TestBeforeCommandGatesCommands(t *testing.T) {
+	srv := bulkServer(t)
+	release := make(chan struct{})
+	var waited atomic.Int32
+	srv.cfg.BeforeCommand = func() { waited.Add(1); <-release }
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "ran")
+	ch := bulk.NewChan(openBulk(t, srv, bulk.Open{Op: bulk.OpSession}))
+	defer ch.Close()
+	if ok, err := ch.SendRequest("banger-workdir@banger", true, ssh.Marshal(&workDirMsg{dir})); err != nil || !ok {
+		t.Fatalf("workdir: %v %v", ok, err)
+	}
+	ch.SendRequest("exec", false, ssh.Marshal(&execMsg{"touch " + marker}))
+	ch.CloseWrite()
+	deadline := time.Now().Add(10 * time.Second)
+	for waited.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("BeforeCommand was not called")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("the command ran before BeforeCommand returned")
+	}
+	close(release)
+	io.ReadAll(ch)
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("the command did not run once released: %v", err)
+	}
 }

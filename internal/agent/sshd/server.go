@@ -66,6 +66,11 @@ type Config struct {
 	// clock, machine-id); the server itself swaps the host key once it
 	// returns nil. Nil: the request is refused.
 	OnReidentify func(api.Reidentify) error
+	// BeforeCommand, when set, is called before a session starts its
+	// command (exec, shell, subsystem) and may block: the agent makes
+	// commands wait for the files of a reidentify that it writes after
+	// replying.
+	BeforeCommand func()
 
 	// KeepAlive is the interval of server-side keepalives; a client that
 	// misses three is disconnected. Default 30s; negative disables.

@@ -264,6 +264,11 @@ func (ss *session) begin() error {
 		return errors.New("a command already ran on this session")
 	}
 	ss.started = true
+	if f := ss.srv.cfg.BeforeCommand; f != nil {
+		ss.mu.Unlock()
+		f()
+		ss.mu.Lock()
+	}
 	return nil
 }
 
