@@ -31,7 +31,18 @@ func (c *Client) openBulk(ctx context.Context, vm string, o bulk.Open) (net.Conn
 
 // openBulkWith is openBulk with vm.bulk's parameters.
 func (c *Client) openBulkWith(ctx context.Context, p api.BulkParams, o bulk.Open) (net.Conn, error) {
-	vm := p.VM
+	var b bulk.Batch
+	b.Open(o)
+	return c.openBulkBatch(ctx, p, &b)
+}
+
+// openBulkBatch opens a bulk stream and sends b (which starts with the
+// Open frame) in one write.
+func (c *Client) openBulkBatch(ctx context.Context, p api.BulkParams, b *bulk.Batch) (net.Conn, error) {
+	first, err := b.Bytes()
+	if err != nil {
+		return nil, &Error{Code: CodeInvalidArgument, Message: err.Error()}
+	}
 	rc, err := c.dial(ctx)
 	if err != nil {
 		return nil, err
@@ -42,9 +53,9 @@ func (c *Client) openBulkWith(ctx context.Context, p api.BulkParams, o bulk.Open
 		rc.Close()
 		return nil, err
 	}
-	if err := bulk.WriteOpen(conn, o); err != nil {
+	if _, err := conn.Write(first); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("open a bulk stream to %s: %w", vm, err)
+		return nil, fmt.Errorf("open a bulk stream to %s: %w", p.VM, err)
 	}
 	return conn, nil
 }
@@ -88,23 +99,39 @@ type (
 
 // execBulk is Exec over the bulk path (no terminal). fallback is set when
 // the bulk path is not available and nothing was run.
+//
+// The session's Open, its env requests, the command and (without stdin) the
+// EOF go in one write, the order SSH would send them in: no request waits
+// for a reply except the working directory's, which must succeed before the
+// command may start.
 func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecOptions) (code int, fallback bool, err error) {
-	ch, err := c.bulkSession(ctx, vm, o.User)
+	var b bulk.Batch
+	b.Open(bulk.Open{Op: bulk.OpSession, User: o.User})
+	for _, kv := range o.Env {
+		k, v, _ := strings.Cut(kv, "=")
+		b.Request("env", ssh.Marshal(&envReq{k, v}))
+	}
+	startReq, startPayload := "shell", []byte(nil)
+	if len(argv) > 0 {
+		startReq, startPayload = "exec", ssh.Marshal(&execReq{guestfs.ShellJoin(argv)})
+	}
+	if o.Dir == "" {
+		b.Request(startReq, startPayload)
+		if o.Stdin == nil {
+			b.EOF()
+		}
+	}
+	conn, err := c.openBulkBatch(ctx, api.BulkParams{VM: vm}, &b)
 	if err != nil {
 		if noBulk(err) {
 			return 0, true, nil
 		}
 		return 0, false, err
 	}
+	ch := bulk.NewChanAfter(conn, &b)
 	defer ch.Close()
 	stop := context.AfterFunc(ctx, func() { ch.Close() })
 	defer stop()
-	for _, kv := range o.Env {
-		k, v, _ := strings.Cut(kv, "=")
-		if _, err := ch.SendRequest("env", false, ssh.Marshal(&envReq{k, v})); err != nil {
-			return ExitCodeConnectionLost, false, ctxErr(ctx, fmt.Errorf("set %s in the guest: %w", k, err))
-		}
-	}
 	if o.Dir != "" {
 		ok, err := ch.SendRequest(agentapi.RequestWorkDir, true, ssh.Marshal(&workDirReq{o.Dir}))
 		if err != nil {
@@ -113,15 +140,9 @@ func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecO
 		if !ok {
 			return 0, false, &Error{Code: CodeInvalidArgument, Message: fmt.Sprintf("working directory %q does not exist in %s", o.Dir, vm)}
 		}
-	}
-	var start error
-	if len(argv) == 0 {
-		_, start = ch.SendRequest("shell", false, nil)
-	} else {
-		_, start = ch.SendRequest("exec", false, ssh.Marshal(&execReq{guestfs.ShellJoin(argv)}))
-	}
-	if start != nil {
-		return ExitCodeConnectionLost, false, ctxErr(ctx, fmt.Errorf("start the command in %s: %w", vm, start))
+		if _, err := ch.SendRequest(startReq, false, startPayload); err != nil {
+			return ExitCodeConnectionLost, false, ctxErr(ctx, fmt.Errorf("start the command in %s: %w", vm, err))
+		}
 	}
 	if o.Stdin != nil {
 		// Not waited for, as with SSH: the caller's stdin may never end.
@@ -130,7 +151,7 @@ func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecO
 			_ = ch.CloseWrite()
 		}()
 	} else {
-		_ = ch.CloseWrite()
+		_ = ch.CloseWrite() // already in the batch unless a working directory was set
 	}
 	outDone := make(chan struct{}, 2)
 	go func() {

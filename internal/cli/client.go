@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,18 +18,23 @@ import (
 // daemonStartTimeout bounds how long the CLI waits for a bangerd it started.
 const daemonStartTimeout = 15 * time.Second
 
-// client connects to bangerd, starting it when nothing answers.
+// client returns a client of bangerd, starting bangerd when nothing
+// listens on its socket. Whether something listens is a bare connect, not
+// a request: the command's own call is its first round trip (banger exec
+// is latency-bound).
 func (a *App) client(ctx context.Context) (*client.Client, error) {
 	layout, err := paths.Resolve("")
 	if err != nil {
 		return nil, err
 	}
-	c, err := client.Dial(ctx, client.WithSocket(layout.Socket()))
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", layout.Socket())
 	if err == nil {
-		return c, nil
+		conn.Close()
+		return client.New(client.WithSocket(layout.Socket()))
 	}
-	if !errors.Is(err, client.ErrNotRunning) {
-		return nil, err
+	if !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ECONNREFUSED) {
+		return nil, fmt.Errorf("connect to bangerd at %s: %w", layout.Socket(), err)
 	}
 	if err := a.startDaemon(ctx, layout); err != nil {
 		return nil, err

@@ -519,18 +519,10 @@ func (s *vmService) bulk(ctx context.Context, p api.BulkParams) (*rpc.Upgrade, e
 	if err != nil {
 		return nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)
 	}
-	dl, _ := dctx.Deadline()
-	_ = gc.SetDeadline(dl)
-	stop := context.AfterFunc(dctx, func() { _ = gc.SetDeadline(time.Unix(1, 0)) })
-	err = bulk.Hello(gc, key)
-	stop()
-	_ = gc.SetDeadline(time.Time{})
+	sc, err := s.bulkHello(dctx, rt, vm.Name, gc, key)
 	if err != nil {
 		gc.Close()
-		if errors.Is(err, bulk.ErrUnsupported) {
-			return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "the agent of %s does not serve bulk streams (restart the VM to update it)", vm.Name)
-		}
-		return nil, rpc.Errorf(rpc.CodeUnavailable, "bulk stream to %s: %v", vm.Name, err)
+		return nil, err
 	}
 	forget := rt.trackBulk(gc)
 	ok = true
@@ -539,11 +531,53 @@ func (s *vmService) bulk(ctx context.Context, p api.BulkParams) (*rpc.Upgrade, e
 		Then: func(ctx context.Context, c net.Conn) {
 			defer unlock()
 			defer forget()
-			system.Splice(c, gc)
+			system.Splice(c, sc)
 		},
 		Abandon: func() { forget(); gc.Close(); unlock() },
 	}, nil
 }
+
+// bulkHello sends the bulk hello with key on gc, a fresh stream to the
+// agent of rt, and returns the connection to splice the caller to.
+//
+// The first hello of a runtime waits for the agent's answer, so that an
+// agent without bulk streams (or one that refuses the key) is reported here
+// and the caller can fall back to SSH. Once this agent has accepted, later
+// hellos do not wait: the caller's frames follow the hello at once (a round
+// trip through the guest saved, the larger part of a short exec under TCG)
+// and the answer is checked as the agent's first bytes come back (see
+// bulk.AfterHello). Should the agent refuse after all (re-keyed), that
+// stream ends without a byte of the agent's, and the next hello waits again.
+func (s *vmService) bulkHello(ctx context.Context, rt *runtime, vmName string, gc net.Conn, key []byte) (net.Conn, error) {
+	dl, _ := ctx.Deadline()
+	_ = gc.SetDeadline(dl)
+	stop := context.AfterFunc(ctx, func() { _ = gc.SetDeadline(time.Unix(1, 0)) })
+	pipelined := rt.bulkHelloOK.Load()
+	var err error
+	if pipelined {
+		err = bulk.WriteHello(gc, key)
+	} else {
+		err = bulk.Hello(gc, key)
+	}
+	stop()
+	_ = gc.SetDeadline(time.Time{})
+	switch {
+	case errors.Is(err, bulk.ErrUnsupported):
+		return nil, rpc.Errorf(rpc.CodeFailedPrecondition, "the agent of %s does not serve bulk streams (restart the VM to update it)", vmName)
+	case err != nil:
+		return nil, rpc.Errorf(rpc.CodeUnavailable, "bulk stream to %s: %v", vmName, err)
+	case !pipelined:
+		rt.bulkHelloOK.Store(true)
+		return gc, nil
+	}
+	return bulk.AfterHello(gc, bulkAnswerWait, func(err error) {
+		rt.bulkHelloOK.Store(false)
+		s.log.WarnContext(ctx, "bulk stream ended: the agent did not accept the hello", "vm", vmName, "error", err.Error())
+	}), nil
+}
+
+// bulkAnswerWait bounds the wait for the agent's answer to a hello.
+const bulkAnswerWait = 15 * time.Second
 
 var adjectives = []string{"brave", "calm", "eager", "fuzzy", "jolly", "lucky", "proud", "quick", "shiny", "witty"}
 var nouns = []string{"otter", "falcon", "badger", "heron", "lynx", "marmot", "panda", "quokka", "tapir", "wombat"}

@@ -55,6 +55,9 @@ type runtime struct {
 	wsLock chan struct{}
 	bulkMu sync.Mutex
 	bulk   map[net.Conn]struct{}
+	// bulkHelloOK: the agent accepted a bulk hello of this runtime, so
+	// vm.bulk sends later hellos without waiting for the answer.
+	bulkHelloOK atomic.Bool
 }
 
 // lockWorkspace waits (bounded by ctx) for the VM's workspace lock.

@@ -113,14 +113,29 @@ var ErrUnsupported = errors.New("the guest agent does not serve bulk streams")
 
 // Hello runs the host side of the hello on c. A deadline on c bounds it.
 func Hello(c io.ReadWriter, key []byte) error {
+	if err := WriteHello(c, key); err != nil {
+		return err
+	}
+	return ReadAnswer(c)
+}
+
+// WriteHello sends the host's half of the hello (Hello without waiting for
+// the answer; see AfterHello).
+func WriteHello(w io.Writer, key []byte) error {
 	if len(key) != KeySize {
 		return fmt.Errorf("bulk key has %d bytes, want %d", len(key), KeySize)
 	}
 	msg := make([]byte, 0, len(Magic)+KeySize)
 	msg = append(append(msg, Magic...), key...)
-	if _, err := c.Write(msg); err != nil {
+	if _, err := w.Write(msg); err != nil {
 		return fmt.Errorf("bulk hello: %w", err)
 	}
+	return nil
+}
+
+// ReadAnswer reads the agent's answer to the hello: nil when it accepted
+// the key, ErrRefused or ErrUnsupported (wrapped) when not.
+func ReadAnswer(c io.Reader) error {
 	var ans [4]byte
 	if _, err := io.ReadFull(c, ans[:]); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
