@@ -2,6 +2,7 @@ package rpc
 
 import (
 	"encoding/json"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -35,4 +36,18 @@ func TestMalformedOpIDRefused(t *testing.T) {
 	if !ValidOpID(strings.Repeat("a", 64)) || !ValidOpID("op-c0ffee.1_x") {
 		t.Error("plain ids of up to 64 characters must be adopted")
 	}
+}
+
+// FuzzValidOpID: the hand-written check accepts exactly what the pattern
+// in the protocol's documentation does.
+func FuzzValidOpID(f *testing.F) {
+	re := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+	for _, s := range []string{"", "a", "op-c0ffee.1_x", "-a", ".a", "_a", "a b", "op\n", strings.Repeat("a", 64), strings.Repeat("a", 65), "é", "a\x00"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if got, want := ValidOpID(s), re.MatchString(s); got != want {
+			t.Fatalf("ValidOpID(%q) = %v, the pattern says %v", s, got, want)
+		}
+	})
 }
