@@ -94,7 +94,7 @@ func TestBenchSnapshot(t *testing.T) {
 		name := "size-" + strings.ToLower(mem)
 		mustBanger(t, h, "vm", "create", name, "--memory", mem, "--disk", "256M")
 		mustBanger(t, h, "exec", name, "--", "true")
-		coldRSS := vmmRSS(t, h, name)
+		coldRSS, coldShmem := vmmMem(t, h, name)
 		mustBanger(t, h, "snapshot", "create", name, name+"-snap")
 		var sn struct {
 			ID         string `json:"id"`
@@ -109,8 +109,8 @@ func TestBenchSnapshot(t *testing.T) {
 		du := dirUse(t, filepath.Join(h, "snapshots", sn.ID))
 		mustBanger(t, h, "vm", "create", name+"-r", "--snapshot", name+"-snap")
 		mustBanger(t, h, "exec", name+"-r", "--", "true")
-		t.Logf("BENCH %s guest: snapshot state %s, disk copy %s, directory %s on disk; VMM RSS cold %s, restored %s",
-			mem, mbs(sn.StateBytes), mbs(sn.DiskBytes), mbs(du), mbs(coldRSS), mbs(vmmRSS(t, h, name+"-r")))
+		t.Logf("BENCH %s guest: snapshot state %s, disk copy %s, directory %s on disk; VMM RSS cold %s (tmpfs memory file %s), restored %s",
+			mem, mbs(sn.StateBytes), mbs(sn.DiskBytes), mbs(du), mbs(coldRSS), mbs(coldShmem), mbs(vmmRSS(t, h, name+"-r")))
 		mustBanger(t, h, "vm", "delete", name, "--force")
 		mustBanger(t, h, "vm", "delete", name+"-r", "--force")
 	}
@@ -176,18 +176,31 @@ func listSnapshots(t *testing.T, h string) []snapJSON {
 // vmmRSS is the resident memory of a VM's VMM process.
 func vmmRSS(t *testing.T, h, name string) int64 {
 	t.Helper()
+	rss, _ := vmmMem(t, h, name)
+	return rss
+}
+
+// vmmMem is the resident memory of a VM's VMM process and the part of it
+// that is shared memory (RssShmem: a guest memory file on a tmpfs).
+func vmmMem(t *testing.T, h, name string) (rss, shmem int64) {
+	t.Helper()
 	pid := vmmPID(t, h, showVM(t, h, name).ID)
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+		if f := strings.Fields(l); len(f) >= 2 {
 			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			return kb << 10
+			switch f[0] {
+			case "VmRSS:":
+				rss = kb << 10
+			case "RssShmem:":
+				shmem = kb << 10
+			}
 		}
 	}
-	return 0
+	return rss, shmem
 }
 
 // dirUse is the disk space (allocated blocks) of the files under dir.
