@@ -242,7 +242,10 @@ func (s *vmService) fork(ctx context.Context, p api.ForkParams) (*api.ForkResult
 		}
 	}
 	began := time.Now()
-	sn, err := s.snapshotCreate(ctx, api.SnapshotCreateParams{VM: src.ID, Name: "fork-" + newID()[:12]})
+	// Not synced: the snapshot lives only until its clones are made (they
+	// read it through the page cache). If the host loses power in between,
+	// the fork-<id> snapshot left behind may be incomplete.
+	sn, err := s.snapshotCreateAs(ctx, api.SnapshotCreateParams{VM: src.ID, Name: "fork-" + newID()[:12]}, false)
 	if err != nil {
 		return nil, err
 	}
@@ -299,7 +302,7 @@ func (s *vmService) saveBase(ctx context.Context, vm *store.VM, name string, pro
 		return
 	}
 	progress("save base snapshot", false, nil)
-	_, err := s.snapshotLocked(ctx, vm, api.SnapshotCreateParams{Name: name})
+	_, err := s.snapshotLocked(ctx, vm, api.SnapshotCreateParams{Name: name}, true)
 	progress("save base snapshot", true, nil)
 	if err != nil {
 		s.log.WarnContext(ctx, "save the base snapshot", "vm", vm.Name, "snapshot", name, "error", err.Error())

@@ -94,16 +94,25 @@ func (s *vmService) resume(ctx context.Context, vm *store.VM) error {
 // snapshotCreate pauses the VM, saves its state, copies its writable disk,
 // and resumes it (or stops it with p.Stop). A VM paused before stays paused.
 func (s *vmService) snapshotCreate(ctx context.Context, p api.SnapshotCreateParams) (*store.Snapshot, error) {
+	return s.snapshotCreateAs(ctx, p, true)
+}
+
+// snapshotCreateAs is snapshotCreate; durable syncs the snapshot's files
+// before its record is made (a fork's snapshot, removed once its clones
+// exist, does without).
+func (s *vmService) snapshotCreateAs(ctx context.Context, p api.SnapshotCreateParams, durable bool) (*store.Snapshot, error) {
 	vm, unlock, err := s.lockVM(ctx, p.VM)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	return s.snapshotLocked(ctx, vm, p)
+	return s.snapshotLocked(ctx, vm, p, durable)
 }
 
-// snapshotLocked is snapshotCreate for a VM whose lock the caller holds.
-func (s *vmService) snapshotLocked(ctx context.Context, vm *store.VM, p api.SnapshotCreateParams) (*store.Snapshot, error) {
+// snapshotLocked is snapshotCreateAs for a VM whose lock the caller holds.
+// The files are written while the VM is paused and synced (when durable)
+// after it runs again.
+func (s *vmService) snapshotLocked(ctx context.Context, vm *store.VM, p api.SnapshotCreateParams, durable bool) (*store.Snapshot, error) {
 	name := p.Name
 	if name == "" {
 		name = vm.Name + "-" + time.Now().UTC().Format("20060102-150405")
@@ -142,7 +151,7 @@ func (s *vmService) snapshotLocked(ctx context.Context, vm *store.VM, p api.Snap
 	if err == nil {
 		// The VMM flushed the disk when it paused; the copy is consistent
 		// with the saved memory.
-		if _, err = vmmproc.CopySparse(ctx, filepath.Join(s.vmDir(vm.ID), rwDiskName), filepath.Join(dir, snapDiskName)); err == nil {
+		if _, err = vmmproc.CopySparseUnsynced(ctx, filepath.Join(s.vmDir(vm.ID), rwDiskName), filepath.Join(dir, snapDiskName)); err == nil {
 			diskBytes, _ = vmmproc.DiskUse(filepath.Join(dir, snapDiskName))
 		}
 	}
@@ -156,6 +165,9 @@ func (s *vmService) snapshotLocked(ctx context.Context, vm *store.VM, p api.Snap
 		if rerr := s.resume(context.WithoutCancel(ctx), vm); rerr != nil {
 			err = errors.Join(err, fmt.Errorf("resume after the snapshot: %w", rerr))
 		}
+	}
+	if err == nil && durable {
+		err = vmmproc.SyncTree(dir)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", vm.Name, err)

@@ -169,7 +169,9 @@ type Snapshotter interface {
 	// Resume runs a paused machine again.
 	Resume(ctx context.Context) error
 	// SaveState writes the paused machine's state into dir (an existing,
-	// empty directory of its own). The machine stays paused.
+	// empty directory of its own). The machine stays paused. The files are
+	// not synced: a caller that keeps the snapshot syncs them
+	// (vmmproc.SyncTree), after Resume so the guest does not wait for it.
 	SaveState(ctx context.Context, dir string) (SavedState, error)
 }
 

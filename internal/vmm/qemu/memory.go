@@ -266,9 +266,6 @@ func writeSnapMeta(dir string, m snapMeta) error {
 		return err
 	}
 	_, err = f.Write(append(b, '\n'))
-	if serr := f.Sync(); err == nil {
-		err = serr
-	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}

@@ -160,11 +160,10 @@ func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, e
 		defer c.Close()
 		stopConn := context.AfterFunc(ctx, func() { c.Close() })
 		defer stopConn()
-		if _, err := io.Copy(out, c); err != nil {
-			copied <- err
-			return
-		}
-		copied <- out.Sync()
+		// Not synced here: the caller syncs a snapshot it keeps once the
+		// guest runs again (vmm.Snapshotter).
+		_, err = io.Copy(out, c)
+		copied <- err
 	}()
 	err = i.qmp(ctx, func(ctx context.Context, q *QMP) error {
 		// The default cap (32 MiB/s) is for live migration over a network;

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,18 +18,65 @@ import (
 // mostly empty writable disk costs only what the guest wrote. ctx is checked
 // between regions.
 func CopySparse(ctx context.Context, src, dst string) (int64, error) {
-	return copySparse(ctx, src, dst, false)
+	return copySparse(ctx, src, dst, false, true)
 }
 
-// CopySparseSkipZeros is CopySparse that also leaves a hole for every
-// zero-filled 4 KiB page of a data region, for a guest memory file: a guest
-// touches (often zeroes) far more pages than it keeps data in. It returns
-// the bytes written.
+// CopySparseUnsynced is CopySparse without the final fsync: the caller
+// syncs (SyncTree) when the copy must survive a crash, e.g. after a paused
+// VM runs again.
+func CopySparseUnsynced(ctx context.Context, src, dst string) (int64, error) {
+	return copySparse(ctx, src, dst, false, false)
+}
+
+// CopySparseSkipZeros is CopySparseUnsynced that also leaves a hole for
+// every zero-filled 4 KiB page of a data region, for a guest memory file: a
+// guest touches (often zeroes) far more pages than it keeps data in. It
+// returns the bytes written.
 func CopySparseSkipZeros(ctx context.Context, src, dst string) (int64, error) {
-	return copySparse(ctx, src, dst, true)
+	return copySparse(ctx, src, dst, true, false)
 }
 
-func copySparse(ctx context.Context, src, dst string, skipZeros bool) (int64, error) {
+// SyncTree fsyncs every regular file under dir (not following links), then
+// the directories, so that what was written there survives a crash.
+func SyncTree(dir string) error {
+	var dirs []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir():
+			dirs = append(dirs, p)
+			return nil
+		case !d.Type().IsRegular():
+			return nil
+		}
+		return syncPath(p)
+	})
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := syncPath(dirs[i]); err != nil {
+			return fmt.Errorf("sync %s: %w", dirs[i], err)
+		}
+	}
+	return nil
+}
+
+func syncPath(p string) error {
+	f, err := os.OpenFile(p, os.O_RDONLY|noFollow, 0)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func copySparse(ctx context.Context, src, dst string, skipZeros, sync bool) (int64, error) {
 	in, err := os.OpenFile(src, os.O_RDONLY|noFollow, 0)
 	if err != nil {
 		return 0, fmt.Errorf("copy disk: %w", err)
@@ -97,8 +146,10 @@ func copySparse(ctx context.Context, src, dst string, skipZeros bool) (int64, er
 	if err := out.Truncate(size); err != nil {
 		return copied, fmt.Errorf("copy disk: %w", err)
 	}
-	if err := out.Sync(); err != nil {
-		return copied, fmt.Errorf("copy disk: %w", err)
+	if sync {
+		if err := out.Sync(); err != nil {
+			return copied, fmt.Errorf("copy disk: %w", err)
+		}
 	}
 	ok = true
 	return copied, nil

@@ -275,3 +275,16 @@ func TestCopySparseSkipZeros(t *testing.T) {
 		t.Errorf("the copy uses %d bytes on disk", use)
 	}
 }
+
+func TestSyncTree(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "state"), 0o700)
+	os.WriteFile(filepath.Join(dir, "state", "a"), []byte("a"), 0o600)
+	os.Symlink("/nonexistent", filepath.Join(dir, "link")) // not followed
+	if err := SyncTree(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := SyncTree(filepath.Join(dir, "missing")); err == nil {
+		t.Fatal("synced a missing directory")
+	}
+}
