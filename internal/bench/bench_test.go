@@ -74,6 +74,8 @@ type bench struct {
 	rep    Report
 	tmp    string
 	raw    *rawSpec // the captured QEMU command line
+	// transferReps is how many times each transfer row is measured (0: 1).
+	transferReps int
 }
 
 // runs is how many times a fast figure is measured.
@@ -97,7 +99,7 @@ func (b *bench) boots() int {
 
 func (b *bench) want(group string) bool {
 	if *flagOnly == "" {
-		return true
+		return group != "bulk" // a part of guest, run alone only when named
 	}
 	for _, g := range strings.Split(*flagOnly, ",") {
 		if g == group {
@@ -154,7 +156,7 @@ func TestBench(t *testing.T) {
 		{"image", b.benchImage},
 		{"concurrent", b.benchConcurrent},
 	} {
-		if !b.want(g.name) && !(g.name == "guest" && b.want("workspace")) {
+		if !b.want(g.name) && !(g.name == "guest" && (b.want("workspace") || b.want("bulk"))) {
 			continue
 		}
 		start := time.Now()

@@ -67,8 +67,13 @@ func (b *bench) benchGuest() {
 	defer exec.Command("ssh", append(sshArgs, "-O", "exit", alias)...).Run()
 	if b.want("guest") {
 		b.benchExecCp(vm, alias, ssh, scp)
+	} else if b.want("bulk") {
+		b.transferReps = 3 // alone, there is time for a median
+		b.benchTransfers(vm, alias, ssh, scp)
 	}
-	b.benchWorkspace(vm, alias, ssh)
+	if b.want("guest") || b.want("workspace") {
+		b.benchWorkspace(vm, alias, ssh)
+	}
 }
 
 // benchExecCp: exec latency, exec stdin and cp both ways.
@@ -123,9 +128,19 @@ func (b *bench) benchExecCp(vm, alias, ssh, scp string) {
 			Note: "the CLI's share is the difference from exec true"})
 	}
 
+	b.benchTransfers(vm, alias, ssh, scp)
+}
+
+// benchTransfers: the raw channel, the guest's own disk, exec stdin and cp
+// both ways, against ssh/scp with a ControlMaster (scripts/bench --only
+// bulk runs these alone).
+func (b *bench) benchTransfers(vm, alias, ssh, scp string) {
 	// Payloads.
 	mib := 100
 	reps := 1 // 100 MiB at today's rates is ~30 s a transfer under TCG
+	if b.transferReps > 0 {
+		reps = b.transferReps
+	}
 	if b.quick {
 		mib, reps = 8, 1
 	}
@@ -185,6 +200,33 @@ func (b *bench) benchExecCp(vm, alias, ssh, scp string) {
 		b.add(Result{Group: "guest", Metric: fmt.Sprintf("%s %d MiB", name, mib), Unit: "MiB/s", Banger: raw[toGuest],
 			Base: "-", N: reps, Samples: ds, Note: "the physical limit (vm.bulk zero/sink); samples are ms"})
 	}
+	// The guest's own limits: what its filesystem does with no channel at
+	// all (run in the guest through exec; each includes one exec round
+	// trip, a few ms). A copy into the guest cannot beat them.
+	local := func(metric, setup, script string) {
+		ds, err := timeN(3, func() error {
+			if setup != "" {
+				if _, err := b.cli(5*time.Minute, nil, "exec", vm, "--", "sh", "-c", setup); err != nil {
+					return err
+				}
+			}
+			_, err := b.cli(5*time.Minute, nil, "exec", vm, "--", "sh", "-c", script)
+			return err
+		})
+		if err != nil {
+			b.fail("guest", metric, err)
+			return
+		}
+		b.add(Result{Group: "guest", Metric: fmt.Sprintf("  guest alone: %s %d MiB", metric, mib), Unit: "MiB/s", Banger: rate(ds), Base: "-", N: 3, Samples: ds,
+			Note: "in the guest, no channel: " + script + "; samples are ms"})
+	}
+	local("write (dd bs=1M, no fsync)", "rm -f /root/dz", fmt.Sprintf("dd if=/dev/zero of=/root/dz bs=1M count=%d 2>/dev/null", mib))
+	local("write (dd bs=1M conv=fsync)", "rm -f /root/dz", fmt.Sprintf("dd if=/dev/zero of=/root/dz bs=1M count=%d conv=fsync 2>/dev/null", mib))
+	local("write through a pipe (dd | cat > f)", "rm -f /root/dz", fmt.Sprintf("dd if=/dev/zero bs=1M count=%d 2>/dev/null | cat > /root/dz", mib))
+	local("read (cat f, caches dropped)", fmt.Sprintf("dd if=/dev/zero of=/root/dz bs=1M count=%d conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches", mib),
+		"cat /root/dz > /dev/null")
+	b.cli(time.Minute, nil, "exec", vm, "--", "rm", "-f", "/root/dz")
+
 	p := shq(payload)
 	transfer("exec stdin", "ssh (ControlMaster) cat >", fmt.Sprintf("≥%.0f (3× today)", 3*stdinTodayMiBs), 3*stdinTodayMiBs, true,
 		`"$BANGER" exec -i `+vm+` -- sh -c 'cat > /root/in' < `+p,
