@@ -302,3 +302,120 @@ func (c *Client) Run(ctx context.Context, vm string, argv []string) error {
 	}
 	return nil
 }
+
+// GuestFileWriter writes one file in a guest over the bulk path (OpPut).
+// Write or ReadFrom send its contents; Finish ends it and returns the
+// agent's verdict; Close finishes (when Finish was not called) and closes
+// the stream.
+type GuestFileWriter struct {
+	p    *bulk.Putter
+	conn net.Conn
+	ctx  context.Context
+	stop func() bool
+}
+
+// CreateGuestFile creates or truncates path in a running VM (relative to
+// root's home), as root, and returns a writer for its contents. An error
+// for which IsUnsupported is true means this VM's agent (or bangerd)
+// cannot do it: use SFTP instead.
+func (c *Client) CreateGuestFile(ctx context.Context, vm, path string) (*GuestFileWriter, error) {
+	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpPut, Arg: path})
+	if err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	p, err := bulk.StartPut(conn)
+	if err != nil {
+		stop()
+		conn.Close()
+		return nil, ctxErr(ctx, fmt.Errorf("%s:%s: %w", vm, path, err))
+	}
+	return &GuestFileWriter{p: p, conn: conn, ctx: ctx, stop: stop}, nil
+}
+
+func (w *GuestFileWriter) Write(b []byte) (int, error) {
+	n, err := w.p.Write(b)
+	return n, fileErr(w.ctx, err)
+}
+
+// ReadFrom sends what r yields in 256 KiB frames.
+func (w *GuestFileWriter) ReadFrom(r io.Reader) (int64, error) {
+	n, err := w.p.ReadFrom(r)
+	return n, fileErr(w.ctx, err)
+}
+
+// Finish ends the file and waits until the agent has written and closed it.
+func (w *GuestFileWriter) Finish() error { return fileErr(w.ctx, w.p.Finish()) }
+
+// Close finishes the file and closes the stream.
+func (w *GuestFileWriter) Close() error {
+	err := w.Finish()
+	w.stop()
+	w.conn.Close()
+	return err
+}
+
+// GuestFileReader reads one regular file in a guest over the bulk path
+// (OpGet). It yields exactly the size the agent announced, or fails: a
+// guest cannot make it yield more.
+type GuestFileReader struct {
+	g    *bulk.Getter
+	conn net.Conn
+	ctx  context.Context
+	stop func() bool
+}
+
+// OpenGuestFile opens the regular file path in a running VM (relative to
+// root's home), as root. IsUnsupported errors as for CreateGuestFile.
+func (c *Client) OpenGuestFile(ctx context.Context, vm, path string) (*GuestFileReader, error) {
+	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpGet, Arg: path})
+	if err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	g, err := bulk.StartGet(conn)
+	if err != nil {
+		stop()
+		conn.Close()
+		return nil, ctxErr(ctx, fmt.Errorf("%s:%s: %w", vm, path, err))
+	}
+	return &GuestFileReader{g: g, conn: conn, ctx: ctx, stop: stop}, nil
+}
+
+// Size is the file's size as the agent announced it.
+func (r *GuestFileReader) Size() int64 { return int64(r.g.Info.Size) }
+
+func (r *GuestFileReader) Read(b []byte) (int, error) {
+	n, err := r.g.Read(b)
+	if errors.Is(err, io.EOF) {
+		return n, err
+	}
+	return n, fileErr(r.ctx, err)
+}
+
+// WriteTo writes the file's contents to w, a frame per Write.
+func (r *GuestFileReader) WriteTo(w io.Writer) (int64, error) {
+	n, err := r.g.WriteTo(w)
+	return n, fileErr(r.ctx, err)
+}
+
+// Close closes the stream.
+func (r *GuestFileReader) Close() error {
+	r.stop()
+	return r.conn.Close()
+}
+
+// IsUnsupported reports whether err means the bulk path cannot do what was
+// asked for this VM (an older bangerd or agent, or a user the agent's file
+// operations do not serve), so that SFTP should be used.
+func IsUnsupported(err error) bool {
+	return errors.Is(err, bulk.ErrUnsupported) || noBulk(err)
+}
+
+// fileErr is ctxErr for a result that may be a success.
+func fileErr(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	return ctxErr(ctx, err)
+}

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/workspace"
 )
 
@@ -111,10 +112,11 @@ func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions)
 	}
 	defer closeFS()
 	run := func(argv []string) error { return c.Run(ctx, vm, argv) }
+	guest := sftpFS{c: sc, run: run, files: bulkFiles{c: c, ctx: ctx, vm: vm}}
 	var from cpSource = osFS{}
-	var to cpDest = sftpFS{c: sc, run: run}
+	var to cpDest = guest
 	if src.VM != "" {
-		from, to = sftpFS{c: sc, run: run}, osFS{}
+		from, to = guest, osFS{}
 	}
 	plan, err := planCopy(from, to, src, dst, opts.Recursive)
 	if err != nil {
@@ -216,6 +218,45 @@ func (o osFS) SetMeta(it cpItem, w io.WriteCloser) error {
 type sftpFS struct {
 	c   *sftp.Client
 	run func(argv []string) error // runs a command in the guest
+	// files carries the contents of files of bulkMin bytes or more in one
+	// stream each (nil: SFTP only)
+	files guestFiles
+}
+
+// guestFiles opens a guest file's contents over the bulk path (see
+// client.CreateGuestFile); an error client.IsUnsupported accepts means
+// "use SFTP".
+type guestFiles interface {
+	create(p string) (io.WriteCloser, error)
+	open(p string) (io.ReadCloser, error)
+}
+
+// bulkMin is the size from which a file's contents travel in a bulk stream
+// of their own rather than as SFTP requests: below it, SFTP's few round
+// trips cost less than opening a stream.
+const bulkMin = 256 << 10
+
+type bulkFiles struct {
+	c   *client.Client
+	ctx context.Context
+	vm  string
+}
+
+func (b bulkFiles) create(p string) (io.WriteCloser, error) {
+	return b.c.CreateGuestFile(b.ctx, b.vm, p)
+}
+func (b bulkFiles) open(p string) (io.ReadCloser, error) { return b.c.OpenGuestFile(b.ctx, b.vm, p) }
+
+// openItem opens a file to copy: over the bulk path when it is large and
+// the guest can.
+func openItem(from cpSource, it cpItem) (io.ReadCloser, error) {
+	if s, ok := from.(sftpFS); ok && s.files != nil && it.Size >= bulkMin {
+		r, err := s.files.open(it.Src)
+		if err == nil || !client.IsUnsupported(err) {
+			return r, err
+		}
+	}
+	return from.Open(it.Src)
 }
 
 func (s sftpFS) Stat(p string) (fs.FileInfo, error)      { return s.c.Stat(p) }
@@ -243,8 +284,22 @@ func (s sftpFS) PutLink(it cpItem) error {
 	s.Remove(it.Dst)
 	return s.Symlink(it.Link, it.Dst)
 }
-func (s sftpFS) PutFile(it cpItem) (io.WriteCloser, error) { return s.Create(it.Dst) }
-func (s sftpFS) SetMeta(it cpItem, _ io.WriteCloser) error {
+func (s sftpFS) PutFile(it cpItem) (io.WriteCloser, error) {
+	if s.files != nil && it.Size >= bulkMin {
+		w, err := s.files.create(it.Dst)
+		if err == nil || !client.IsUnsupported(err) {
+			return w, err
+		}
+	}
+	return s.Create(it.Dst)
+}
+func (s sftpFS) SetMeta(it cpItem, w io.WriteCloser) error {
+	// a bulk stream's contents must be in the file before its time is set
+	if f, ok := w.(interface{ Finish() error }); ok {
+		if err := f.Finish(); err != nil {
+			return err
+		}
+	}
 	if err := s.Chmod(it.Dst, keptMode(it.Mode)); err != nil {
 		return err
 	}
@@ -392,7 +447,7 @@ func runCopy(from cpSource, to cpDest, plan []cpItem, bar *progressbar.ProgressB
 
 // copyOne copies a regular file and sets its mode and time.
 func copyOne(from cpSource, to cpDest, it cpItem, bar *progressbar.ProgressBar) error {
-	r, err := from.Open(it.Src)
+	r, err := openItem(from, it)
 	if err != nil {
 		return err
 	}
@@ -402,11 +457,15 @@ func copyOne(from cpSource, to cpDest, it cpItem, bar *progressbar.ProgressBar) 
 		return err
 	}
 	var werr error
-	switch _, remote := r.(*sftp.File); {
+	_, remote := r.(*sftp.File)
+	if _, ok := r.(*client.GuestFileReader); ok {
+		remote = true
+	}
+	switch {
 	case bar == nil:
 		werr = transfer(w, r)
 	case remote:
-		// keep the remote file's concurrent WriteTo; count through the writer
+		// keep the remote file's WriteTo; count through the writer
 		werr = transfer(io.MultiWriter(w, bar), r)
 	default:
 		werr = transfer(w, io.TeeReader(r, bar))

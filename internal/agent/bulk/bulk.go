@@ -237,25 +237,42 @@ func appendWrite(w io.Writer, buf []byte, typ byte, payload []byte) ([]byte, err
 // ReadFrame reads one frame into buf (grown as needed, never beyond
 // MaxFrame) and returns its type and payload (valid until the next call).
 func ReadFrame(r io.Reader, buf []byte) (byte, []byte, error) {
-	var hdr [5]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+	typ, n, err := readHeader(r)
+	if err != nil {
 		return 0, buf[:0], err
 	}
-	n := binary.BigEndian.Uint32(hdr[1:])
-	if n > MaxFrame {
-		return 0, buf[:0], fmt.Errorf("bulk frame of %d bytes exceeds %d", n, MaxFrame)
-	}
-	if cap(buf) < int(n) {
+	if cap(buf) < n {
 		buf = make([]byte, n)
 	}
 	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
+	if err := readPayload(r, buf); err != nil {
+		return 0, buf[:0], err
+	}
+	return typ, buf, nil
+}
+
+// readHeader reads a frame's header: its type and payload length (checked
+// against MaxFrame).
+func readHeader(r io.Reader) (byte, int, error) {
+	var hdr [5]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return 0, 0, err
+	}
+	n := binary.BigEndian.Uint32(hdr[1:])
+	if n > MaxFrame {
+		return 0, 0, fmt.Errorf("bulk frame of %d bytes exceeds %d", n, MaxFrame)
+	}
+	return hdr[0], int(n), nil
+}
+
+func readPayload(r io.Reader, p []byte) error {
+	if _, err := io.ReadFull(r, p); err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
-		return 0, buf[:0], err
+		return err
 	}
-	return hdr[0], buf, nil
+	return nil
 }
 
 // ReadOpen reads the stream's first frame, which must be FrameOpen.
@@ -279,11 +296,15 @@ func WriteOpen(w io.Writer, o Open) error {
 	return WriteFrame(w, FrameOpen, ssh.Marshal(&o))
 }
 
-// queue is a bounded byte queue: Write blocks while it holds max bytes.
+// queue is a bounded queue of the payloads of data frames: the reader
+// keeps each frame's buffer (no copy) and WriteTo hands it to the consumer
+// whole, so a frame's bytes are copied once between the stream and, say,
+// a command's stdin pipe. push blocks while it holds max bytes.
 type queue struct {
 	mu   sync.Mutex
 	cond *sync.Cond
-	buf  []byte
+	bufs [][]byte // payloads, oldest first; bufs[0] may be partly read
+	size int      // bytes in bufs
 	max  int
 	eof  bool  // no more writes; reads drain then see io.EOF
 	err  error // closed: reads and writes fail with it
@@ -295,38 +316,75 @@ func newQueue(max int) *queue {
 	return q
 }
 
-func (q *queue) write(p []byte) error {
+// bufPool holds chunk-sized frame buffers.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
+
+// getBuf returns a buffer of n bytes, from the pool when n fits a chunk.
+func getBuf(n int) []byte {
+	if n > chunk {
+		return make([]byte, n)
+	}
+	return (*bufPool.Get().(*[]byte))[:n]
+}
+
+// putBuf gives back a buffer getBuf returned (others are left to the GC).
+func putBuf(b []byte) {
+	if cap(b) != chunk {
+		return
+	}
+	b = b[:chunk]
+	bufPool.Put(&b)
+}
+
+// push queues p, which the queue now owns (a getBuf buffer).
+func (q *queue) push(p []byte) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for len(p) > 0 {
-		for q.err == nil && len(q.buf) >= q.max {
-			q.cond.Wait()
-		}
-		if q.err != nil {
-			return q.err
-		}
-		if q.eof {
-			return errors.New("bulk: data after EOF")
-		}
-		n := min(len(p), q.max-len(q.buf))
-		q.buf = append(q.buf, p[:n]...)
-		p = p[n:]
-		q.cond.Broadcast()
+	for q.err == nil && !q.eof && q.size >= q.max {
+		q.cond.Wait()
 	}
+	if q.err != nil {
+		putBuf(p)
+		return q.err
+	}
+	if q.eof {
+		putBuf(p)
+		return errors.New("bulk: data after EOF")
+	}
+	if len(p) == 0 {
+		putBuf(p)
+		return nil
+	}
+	q.bufs = append(q.bufs, p)
+	q.size += len(p)
+	q.cond.Broadcast()
 	return nil
+}
+
+// write queues a copy of p.
+func (q *queue) write(p []byte) error {
+	b := getBuf(len(p))
+	copy(b, p)
+	return q.push(b)
+}
+
+// wait waits for data, EOF or failure; with q.mu held.
+func (q *queue) wait() {
+	for q.size == 0 && !q.eof && q.err == nil {
+		q.cond.Wait()
+	}
 }
 
 func (q *queue) Read(p []byte) (int, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for len(q.buf) == 0 && !q.eof && q.err == nil {
-		q.cond.Wait()
-	}
-	if len(q.buf) > 0 {
-		n := copy(p, q.buf)
-		q.buf = q.buf[n:]
-		if len(q.buf) == 0 {
-			q.buf = nil
+	q.wait()
+	if q.size > 0 {
+		n := 0
+		for n < len(p) && len(q.bufs) > 0 {
+			k := copy(p[n:], q.bufs[0])
+			n += k
+			q.consume(k)
 		}
 		q.cond.Broadcast()
 		return n, nil
@@ -335,6 +393,54 @@ func (q *queue) Read(p []byte) (int, error) {
 		return 0, q.err
 	}
 	return 0, io.EOF
+}
+
+// consume drops k bytes from the head buffer; with q.mu held.
+func (q *queue) consume(k int) {
+	q.size -= k
+	if k < len(q.bufs[0]) {
+		q.bufs[0] = q.bufs[0][k:]
+		return
+	}
+	putBuf(q.bufs[0][:0:cap(q.bufs[0])])
+	q.bufs[0] = nil
+	q.bufs = q.bufs[1:]
+	if len(q.bufs) == 0 {
+		q.bufs = nil
+	}
+}
+
+// WriteTo writes the queued frames to w as they come, each in one Write,
+// until EOF. It is what io.Copy uses, so a command's stdin gets whole
+// frames, not 32 KiB pieces of copies.
+func (q *queue) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	for {
+		q.mu.Lock()
+		q.wait()
+		if q.size == 0 {
+			err := q.err
+			q.mu.Unlock()
+			return n, err // nil at EOF
+		}
+		b := q.bufs[0]
+		q.mu.Unlock()
+		// Only this goroutine consumes: b stays at the head meanwhile.
+		k, err := w.Write(b)
+		n += int64(k)
+		q.mu.Lock()
+		if len(q.bufs) > 0 && len(b) > 0 && &q.bufs[0][0] == &b[0] {
+			q.consume(k)
+		}
+		q.cond.Broadcast()
+		q.mu.Unlock()
+		if err != nil {
+			return n, err
+		}
+		if k < len(b) {
+			return n, io.ErrShortWrite
+		}
+	}
 }
 
 func (q *queue) closeWrite() {
@@ -349,6 +455,7 @@ func (q *queue) fail(err error) {
 	if q.err == nil {
 		q.err = err
 	}
+	// What was queued stays readable; push now fails.
 	q.cond.Broadcast()
 	q.mu.Unlock()
 }
@@ -404,17 +511,37 @@ func (c *Chan) readLoop() {
 	var err error
 	for {
 		var typ byte
-		var p []byte
-		typ, p, err = ReadFrame(c.r, buf)
-		buf = p
+		var n int
+		typ, n, err = readHeader(c.r)
 		if err != nil {
 			break
 		}
+		var p []byte
+		if typ == FrameData || typ == FrameStderr {
+			// read into a buffer the queue keeps: no copy
+			p = getBuf(n)
+			if err = readPayload(c.r, p); err != nil {
+				putBuf(p)
+				break
+			}
+			if typ == FrameData {
+				err = c.in.push(p)
+			} else {
+				err = c.errIn.push(p)
+			}
+			if err != nil {
+				break
+			}
+			continue
+		}
+		if cap(buf) < n {
+			buf = make([]byte, n)
+		}
+		p = buf[:n]
+		if err = readPayload(c.r, p); err != nil {
+			break
+		}
 		switch typ {
-		case FrameData:
-			err = c.in.write(p)
-		case FrameStderr:
-			err = c.errIn.write(p)
 		case FrameEOF:
 			c.in.closeWrite()
 		case FrameRequest:
@@ -473,6 +600,10 @@ func (c *Chan) Done() <-chan struct{} { return c.done }
 
 // Read reads the peer's data (stdin on the agent, stdout on the host).
 func (c *Chan) Read(p []byte) (int, error) { return c.in.Read(p) }
+
+// WriteTo writes the peer's data to w until EOF, a frame per Write (what
+// io.Copy uses). Like Read, it is for one reader at a time.
+func (c *Chan) WriteTo(w io.Writer) (int64, error) { return c.in.WriteTo(w) }
 
 // ReadStderr reads the agent's stderr (host side).
 func (c *Chan) ReadStderr(p []byte) (int, error) { return c.errIn.Read(p) }

@@ -3,8 +3,12 @@ package sshd
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -81,7 +85,48 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		if err := bulk.ServePull(c, r, o.Arg); err != nil {
 			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
 		}
+	case bulk.OpPut, bulk.OpGet:
+		p, err := s.filePath(o.User, o.Arg)
+		if err != nil {
+			_ = bulk.WriteFrame(c, bulk.FrameReply, ssh.Marshal(&bulk.Reply{Payload: []byte(err.Error())}))
+			log.Info("bulk file refused", "path", o.Arg, "error", err)
+			return
+		}
+		if o.Op == bulk.OpPut {
+			err = bulk.ServePut(c, r, p)
+		} else {
+			err = bulk.ServeGet(c, p)
+		}
+		if err != nil {
+			log.Info("bulk file copy failed", "op", o.Op, "path", p, "error", err)
+		}
 	default:
 		log.Info("bulk stream refused: unknown operation")
 	}
+}
+
+// filePath resolves OpPut's and OpGet's path for user: relative to the
+// user's home (else /), as SFTP resolves it. The agent does the file's I/O
+// itself, so only the agent's own user is served here; for another the
+// answer starts with bulk.Unsupported and the host uses SFTP (which runs
+// as that user).
+func (s *Server) filePath(user, p string) (string, error) {
+	acct, err := s.userFor(user)
+	if err != nil {
+		return "", err
+	}
+	if acct.UID != uint32(os.Getuid()) {
+		return "", fmt.Errorf("%suser %q is not the agent's own", bulk.Unsupported, acct.Name)
+	}
+	if p == "" || strings.IndexByte(p, 0) >= 0 {
+		return "", fmt.Errorf("bad path %q", p)
+	}
+	if filepath.IsAbs(p) {
+		return filepath.Clean(p), nil
+	}
+	home := "/"
+	if acct.Home != "" && isDir(acct.Home) {
+		home = acct.Home
+	}
+	return filepath.Join(home, p), nil
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/creack/pty"
 	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/api"
 )
@@ -384,6 +385,7 @@ func (ss *session) runPipes(cmd *exec.Cmd, acct account) error {
 	if err != nil {
 		return err
 	}
+	growPipe(stdin)
 	cmd.Stdout = ss.ch
 	cmd.Stderr = ss.ch.Stderr()
 	cmd.WaitDelay = ss.srv.cfg.OutputGrace
@@ -550,4 +552,26 @@ func clamp16(v uint32) uint16 {
 		return 0xffff
 	}
 	return uint16(v)
+}
+
+// stdinPipeSize is the stdin pipe's capacity: a bulk stream writes frames
+// of 256 KiB, and a pipe of the default 64 KiB would switch between the
+// agent and the command four times a frame (every switch is dear in an
+// emulated guest).
+const stdinPipeSize = 1 << 20
+
+// growPipe asks for a stdinPipeSize pipe; the kernel may give less (an
+// unprivileged user is held to /proc/sys/fs/pipe-max-size), which is fine.
+func growPipe(w io.Writer) {
+	sc, ok := w.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		_, _ = unix.FcntlInt(fd, unix.F_SETPIPE_SZ, stdinPipeSize)
+	})
 }
