@@ -36,6 +36,28 @@ func TestAgentLifecycleRealGuest(t *testing.T) {
 	if out := mustBanger(t, h, "__complete", "vm", "show", ""); !strings.Contains(out, "keep") {
 		t.Errorf("__complete vm show: %q", out)
 	}
+	// The writable disk is a sparse copy whose holes read as zeros, so the
+	// guest kernel must not zero its inode tables in the background
+	// (noinit_itable): that would cost emulated CPU after every boot and
+	// fill the host's sparse file.
+	// The writable disk is a sparse copy whose holes read as zeros, so the
+	// guest kernel must not zero its inode tables in the background
+	// (noinit_itable): that would cost emulated CPU after every boot and
+	// fill the host's sparse file.
+	// One line per filesystem, its options (one per line in the file) joined by commas.
+	opts := mustBanger(t, h, "exec", "keep", "--", "sh", "-c", "for f in /proc/fs/ext4/*/options; do tr '\\n' , < $f; echo; done")
+	rwMounts := 0
+	for _, l := range strings.Split(strings.TrimSpace(opts), "\n") {
+		if strings.HasPrefix(l, "rw,") {
+			rwMounts++
+			if !strings.Contains(","+l+",", ",noinit_itable,") {
+				t.Errorf("the writable disk is mounted with the kernel zeroing its inode tables: %s", l)
+			}
+		}
+	}
+	if rwMounts != 1 {
+		t.Errorf("%d read-write ext4 mounts in the guest, want the writable disk's only:\n%s", rwMounts, opts)
+	}
 
 	t0 := time.Now()
 	if _, errOut, code := banger(t, h, "vm", "create", "brief", "--ttl", "5s", "--memory", "256M", "--disk", "512M"); code != 0 {
