@@ -111,6 +111,11 @@ func (c *Client) GetWorkspaceStatus(ctx context.Context, vm, vmName, repo, dest 
 	if dest == "" {
 		dest = workspace.DefaultDest(repo)
 	}
+	// One stream of the guest's .git (bulk path), else SFTP.
+	st, err := c.streamedStatus(ctx, vm, vmName, repo, dest)
+	if err == nil || !noBulk(err) {
+		return st, err
+	}
 	g, err := c.OpenFS(ctx, vm)
 	if err != nil {
 		return nil, err

@@ -31,8 +31,9 @@ const (
 // the host first says what it has (haves), then the guest sends, one way,
 // everything else. It returns the files the guest left out as the host's
 // (bulk.PackSame, each one a name the host offered) and the bytes received.
-func (c *Client) pullStream(ctx context.Context, vm, dest, root string, haves *workspace.Haves) (map[string]workspace.HostFile, int64, error) {
-	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Workspace: true}, bulk.Open{Op: bulk.OpPull, Arg: dest})
+// flags is the Open's N (bulk.PullGitOnly: only the guest's .git).
+func (c *Client) pullStream(ctx context.Context, vm, dest, root string, haves *workspace.Haves, flags uint64) (map[string]workspace.HostFile, int64, error) {
+	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Workspace: true}, bulk.Open{Op: bulk.OpPull, Arg: dest, N: flags})
 	if err != nil {
 		return nil, 0, err
 	}
@@ -257,7 +258,7 @@ func (c *Client) streamedPull(ctx context.Context, vm, vmName, repo, dest string
 	defer os.RemoveAll(tmp)
 	copyDir := filepath.Join(tmp, "guest")
 	t = time.Now()
-	same, received, err := c.pullStream(ctx, vm, dest, copyDir, haves)
+	same, received, err := c.pullStream(ctx, vm, dest, copyDir, haves, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -272,4 +273,29 @@ func (c *Client) streamedPull(ctx context.Context, vm, vmName, repo, dest string
 		res.Received = received
 	}
 	return res, err
+}
+
+// streamedStatus is GetWorkspaceStatus over the bulk path: the guest sends
+// only its .git, without the objects the host has (bulk.PullGitOnly), and
+// the workspace package imports it as data in place
+// (workspace.GetStatusTree).
+func (c *Client) streamedStatus(ctx context.Context, vm, vmName, repo, dest string) (*WorkspaceStatus, error) {
+	haves, err := workspace.ObjectHaves(ctx, repo)
+	if err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp("", "banger-status-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	copyDir := filepath.Join(tmp, "guest")
+	if _, _, err := c.pullStream(ctx, vm, dest, copyDir, haves, bulk.PullGitOnly); err != nil {
+		return nil, err
+	}
+	work := filepath.Join(tmp, "work")
+	if err := os.Mkdir(work, 0o700); err != nil {
+		return nil, err
+	}
+	return workspace.GetStatusTree(ctx, copyDir, repo, vmName, work)
 }

@@ -26,7 +26,7 @@ func TestPackRoundTrip(t *testing.T) {
 	os.Symlink("../../etc/passwd", filepath.Join(src, "d/link"))
 	var haves, b bytes.Buffer
 	bulk.WriteHaves(&haves, nil)
-	if err := bulk.ServePull(&b, &haves, src); err != nil {
+	if err := bulk.ServePull(&b, &haves, src, 0); err != nil {
 		t.Fatal(err)
 	}
 	dst := filepath.Join(t.TempDir(), "copy")
@@ -165,7 +165,7 @@ func TestPullAfterPushSendsLittle(t *testing.T) {
 		if err := bulk.WriteHaves(&in, haves.List); err != nil {
 			t.Fatal(err)
 		}
-		if err := bulk.ServePull(&out, &in, guest); err != nil {
+		if err := bulk.ServePull(&out, &in, guest, 0); err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("the guest sent %d bytes", out.Len())
@@ -219,6 +219,35 @@ func TestPullAfterPushSendsLittle(t *testing.T) {
 	}
 	if got := gitT(t, host, "ls-tree", "banger/vm", "d1/f01", "new"); !strings.Contains(got, "100755") || !strings.Contains(got, "new") {
 		t.Fatalf("uncommitted work: %s", got)
+	}
+
+	// status streams the guest's .git alone, without the host's objects
+	haves, err := workspace.ObjectHaves(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var in, out bytes.Buffer
+	bulk.WriteHaves(&in, haves.List)
+	if err := bulk.ServePull(&out, &in, guest, bulk.PullGitOnly); err != nil {
+		t.Fatal(err)
+	}
+	if out.Len() > 16<<10 {
+		t.Fatalf("a status stream of %d bytes; want at most 16 KiB", out.Len())
+	}
+	cp := filepath.Join(t.TempDir(), "copy")
+	os.Mkdir(cp, 0o700)
+	if _, err := receiveTree(&out, cp, 1<<30, 1<<20, haves.Files); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(cp); len(ents) != 1 || ents[0].Name() != ".git" {
+		t.Fatalf("a status stream brought %v", ents)
+	}
+	st, err := workspace.GetStatusTree(ctx, cp, host, "vm", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.GuestHead != res.GuestHead || st.NotInHost != 0 || st.GuestBranch != "main" || !st.BranchMatches {
+		t.Fatalf("status %+v; the pull brought %s", st, res.GuestHead)
 	}
 }
 

@@ -3,7 +3,6 @@ package cli
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -16,19 +15,6 @@ import (
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
 )
-
-// guestFS opens SFTP to a VM as a workspace.FS; close releases it.
-func (a *App) guestFS(ctx context.Context, vm string) (workspace.FS, func(), error) {
-	c, err := a.client(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	g, err := c.OpenFS(ctx, vm)
-	if err != nil {
-		return nil, nil, err
-	}
-	return g, func() { g.Close() }, nil
-}
 
 // workspaceTop resolves a --workspace/push directory to its repository root.
 func workspaceTop(ctx context.Context, dir string) (string, error) {
@@ -198,17 +184,12 @@ func (a *App) workspaceCommand() *cobra.Command {
 			if stDest == "" {
 				stDest = workspace.DefaultDest(top)
 			}
-			g, done, err := a.guestFS(ctx, args[0])
+			c, err := a.client(ctx)
 			if err != nil {
 				return err
 			}
-			defer done()
-			tmp, err := os.MkdirTemp("", "banger-status-")
-			if err != nil {
-				return err
-			}
-			defer os.RemoveAll(tmp)
-			st, err := workspace.GetStatus(ctx, g, stDest, top, v.Name, tmp)
+			// One stream of the guest's .git (bulk path), else SFTP.
+			st, err := c.GetWorkspaceStatus(ctx, args[0], v.Name, top, stDest)
 			if err != nil {
 				return err
 			}

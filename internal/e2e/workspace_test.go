@@ -183,4 +183,10 @@ func TestWorkspaceRealGuest(t *testing.T) {
 	if hostGit(t, big, "rev-parse", "banger/w") != hostGit(t, big, "rev-parse", "main") {
 		t.Error("a guest without changes should pull as the host's own HEAD")
 	}
+	t0 = time.Now()
+	out = mustBanger(t, h, "workspace", "status", "w", "--repo", big, "--dest", "/root/elsewhere", "-o", "json")
+	t.Logf("MEASURE workspace status of the same: %v", time.Since(t0).Round(time.Millisecond))
+	if !strings.Contains(out, `"branch_matches": true`) || !strings.Contains(out, `"not_in_host": 0`) {
+		t.Errorf("status after the pull: %s", out)
+	}
 }

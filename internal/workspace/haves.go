@@ -40,17 +40,10 @@ type Haves struct {
 // executable bit a push gave the guest's copy. Nothing here comes from the
 // guest; the lists are bounded (past the bounds the guest sends more).
 func PullHaves(ctx context.Context, dir string) (*Haves, error) {
-	top, err := Toplevel(ctx, dir)
+	h, top, hl, err := objectHaves(ctx, dir)
 	if err != nil {
 		return nil, err
 	}
-	format, objects, err := hostRepoFacts(ctx, top)
-	if err != nil {
-		return nil, err
-	}
-	hl, _ := hexLen(format)
-	h := &Haves{Files: map[string]HostFile{}}
-	h.List = haveObjects(objects, hl)
 	// the index's entries, then those whose work-tree file git says is
 	// modified (stat or content) or deleted
 	staged, err := git(ctx, top, nil, nil, "ls-files", "-s", "-z")
@@ -83,6 +76,25 @@ func PullHaves(ctx context.Context, dir string) (*Haves, error) {
 		h.List = append(h.List, bulk.PullHave{K: bulk.HaveFile, P: rel, S: fi.Size(), N: fi.ModTime().UnixNano(), X: f[0] == "100755"})
 	}
 	return h, nil
+}
+
+// ObjectHaves is PullHaves without files: what a status (which reads only
+// the guest's .git) tells the guest the host has.
+func ObjectHaves(ctx context.Context, dir string) (*Haves, error) {
+	h, _, _, err := objectHaves(ctx, dir)
+	return h, err
+}
+
+func objectHaves(ctx context.Context, dir string) (h *Haves, top string, hexLength int, err error) {
+	if top, err = Toplevel(ctx, dir); err != nil {
+		return nil, "", 0, err
+	}
+	format, objects, err := hostRepoFacts(ctx, top)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	hl, _ := hexLen(format)
+	return &Haves{Files: map[string]HostFile{}, List: haveObjects(objects, hl)}, top, hl, nil
 }
 
 // haveObjects names the loose objects and packs in the object directory

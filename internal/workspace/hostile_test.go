@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -197,7 +198,8 @@ func victimDir(t *testing.T) string {
 // git runs nothing the guest chose, no host file outside the pull's temp
 // dir changes, and pull and status still bring the guest's work back. The
 // same holds for PullTree (a streamed pull's in-place import), run last on
-// the planted workspace itself, which it consumes.
+// the planted workspace itself, which it consumes, and for GetStatusTree
+// (a streamed status's), run on a copy of it.
 func TestHostileGuestGit(t *testing.T) {
 	for _, tc := range hostiles {
 		t.Run(tc.name, func(t *testing.T) {
@@ -214,6 +216,11 @@ func TestHostileGuestGit(t *testing.T) {
 
 			st, serr := GetStatus(ctx, LocalFS{}, g, r, "w", t.TempDir())
 			res, perr := Pull(ctx, LocalFS{}, g, r, "w", t.TempDir())
+			gc := filepath.Join(t.TempDir(), "copy")
+			if out, err := exec.Command("cp", "-a", g, gc).CombinedOutput(); err != nil {
+				t.Fatalf("cp -a: %v: %s", err, out)
+			}
+			st2, serr2 := GetStatusTree(ctx, gc, r, "w", t.TempDir())
 			res2, perr2 := PullTree(ctx, g, r, "w2", t.TempDir())
 
 			if _, err := os.Lstat(marker); err == nil {
@@ -230,13 +237,17 @@ func TestHostileGuestGit(t *testing.T) {
 				t.Error("an object of another host repository reached the host repository")
 			}
 			if tc.pullFails {
-				if perr == nil || serr == nil || perr2 == nil {
-					t.Errorf("pull (%v), PullTree (%v) and status (%v) must fail", perr, perr2, serr)
+				if perr == nil || serr == nil || perr2 == nil || serr2 == nil {
+					t.Errorf("pull (%v), PullTree (%v), status (%v) and GetStatusTree (%v) must fail", perr, perr2, serr, serr2)
 				}
 				return
 			}
-			if serr != nil || perr != nil || perr2 != nil {
-				t.Fatalf("status: %v; pull: %v; PullTree: %v", serr, perr, perr2)
+			if serr != nil || perr != nil || perr2 != nil || serr2 != nil {
+				t.Fatalf("status: %v; pull: %v; PullTree: %v; GetStatusTree: %v", serr, perr, perr2, serr2)
+			}
+			// (Pull ran between the two and made banger/w)
+			if st2.GuestHead != st.GuestHead || st2.GuestBranch != st.GuestBranch || st2.NotInHost != st.NotInHost {
+				t.Errorf("GetStatusTree %+v, GetStatus %+v", st2, st)
 			}
 			if t2, t1 := run(t, r, "rev-parse", res2.Commit+"^{tree}"), run(t, r, "rev-parse", res.Commit+"^{tree}"); t2 != t1 || res2.GuestHead != res.GuestHead {
 				t.Errorf("PullTree made tree %s on %s, Pull tree %s on %s", t2, res2.GuestHead, t1, res.GuestHead)

@@ -325,6 +325,36 @@ func GetStatus(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*
 	if err != nil {
 		return nil, err
 	}
+	return statusOf(ctx, r, top, vm)
+}
+
+// GetStatusTree is GetStatus from copy, a private host copy of the guest's
+// workspace written through a HostDir (a streamed status's, which holds
+// only the parts of .git the import reads): its .git is imported as data
+// in place, as PullTree does. copy is consumed.
+func GetStatusTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*Status, error) {
+	top, err := Toplevel(ctx, hostRepo)
+	if err != nil {
+		return nil, err
+	}
+	gd := filepath.Join(copy, ".git")
+	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("the guest's workspace has no .git directory: it is not a pushed workspace (see --dest)")
+	}
+	format, hostObjects, err := hostRepoFacts(ctx, top)
+	if err != nil {
+		return nil, err
+	}
+	r, err := importGuestGit(ctx, gd, filepath.Join(tmp, "import.git"), format, hostObjects, true)
+	if err != nil {
+		return nil, err
+	}
+	return statusOf(ctx, r, top, vm)
+}
+
+// statusOf compares the imported guest repository r with the host
+// repository top.
+func statusOf(ctx context.Context, r *guestRepo, top, vm string) (*Status, error) {
 	st := &Status{Branch: BranchFor(vm), GuestHead: r.Head}
 	st.GuestBranch = strings.TrimPrefix(r.Branch, "refs/heads/")
 	if st.GuestHead != "" {

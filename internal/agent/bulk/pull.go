@@ -33,7 +33,13 @@ import (
 // left out whole. Everything the agent sends stays hostile to the host: a
 // PackSame may only name a file the host offered, and the host uses its own
 // object id for it, never one from the guest.
+//
+// With Open.N set to PullGitOnly (workspace status), the agent sends only
+// the top .git, as above.
 const OpPull = "pull"
+
+// PullGitOnly is Open.N of an OpPull that sends only the top .git.
+const PullGitOnly = 1
 
 // PackSame: a regular file that matches the host's HaveFile of that name
 // (SyncEntry.Rel only).
@@ -91,6 +97,7 @@ func WriteHaves(w io.Writer, haves []PullHave) error {
 
 // pullHaves is what the agent keeps of the host's haves.
 type pullHaves struct {
+	gitOnly bool // PullGitOnly: nothing outside the top .git
 	objects map[string]bool
 	packs   map[string]bool
 	files   map[string]PullHave
@@ -172,9 +179,9 @@ func isHexName(s string) bool {
 // ServePull runs the agent's side of OpPull: w is the stream, r reads it.
 // Its frames are buffered: the small ones (directories, PackSame) go out
 // in few writes.
-func ServePull(w io.Writer, r io.Reader, dir string) error {
+func ServePull(w io.Writer, r io.Reader, dir string, flags uint64) error {
 	bw := bufio.NewWriterSize(w, 256<<10)
-	err := servePull(bw, r, dir)
+	err := servePull(bw, r, dir, flags)
 	if err != nil {
 		_ = WriteFrame(bw, FrameReply, ssh.Marshal(&Reply{OK: false, Payload: []byte(err.Error())}))
 	}
@@ -189,6 +196,9 @@ func ServePull(w io.Writer, r io.Reader, dir string) error {
 // directory's contents with it.
 func (h *pullHaves) skipGit(rel string) bool {
 	gitRel, inGit := strings.CutPrefix(rel, ".git/")
+	if !inGit && h.gitOnly {
+		return rel != ".git"
+	}
 	if !inGit {
 		// any entry named .git other than the top one (the host would
 		// remove it: git must never open a guest's nested repository)
@@ -216,7 +226,7 @@ func (h *pullHaves) skipGit(rel string) bool {
 	return false
 }
 
-func servePull(w io.Writer, r io.Reader, dir string) error {
+func servePull(w io.Writer, r io.Reader, dir string, flags uint64) error {
 	if !filepath.IsAbs(dir) || filepath.Clean(dir) != dir {
 		return fmt.Errorf("bad directory %q: want a clean absolute path", dir)
 	}
@@ -224,6 +234,7 @@ func servePull(w io.Writer, r io.Reader, dir string) error {
 	if err != nil {
 		return err
 	}
+	h.gitOnly = flags&PullGitOnly != 0
 	if fi, err := os.Lstat(dir); err != nil || !fi.IsDir() {
 		return fmt.Errorf("%s is not a directory in the guest", dir)
 	}

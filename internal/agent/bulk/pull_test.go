@@ -52,13 +52,43 @@ func TestServePullLeavesOut(t *testing.T) {
 	if err := WriteHaves(&in, haves); err != nil {
 		t.Fatal(err)
 	}
-	if err := ServePull(&out, &in, dir); err != nil {
+	if err := ServePull(&out, &in, dir, 0); err != nil {
 		t.Fatal(err)
 	}
+	got := readEntries(t, &out)
+	want := []string{
+		"d .git", "d .git/objects", "d .git/objects/aa", "d .git/objects/ab", "d .git/objects/pack", "d .git/refs", "d .git/refs/heads", "d a", "d sub",
+		"f .git/HEAD", "f .git/objects/ab/" + loose, "f .git/objects/pack/pack-2.idx", "f .git/objects/pack/pack-2.pack", "f .git/refs/heads/main",
+		"f exec", "f mtime", "f new", "f size", "s same",
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("sent:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	// PullGitOnly (status): the same .git, nothing else
+	in.Reset()
+	WriteHaves(&in, haves)
+	if err := ServePull(&out, &in, dir, PullGitOnly); err != nil {
+		t.Fatal(err)
+	}
+	got = readEntries(t, &out)
+	var gitWant []string
+	for _, w := range want {
+		if strings.Contains(w, " .git") {
+			gitWant = append(gitWant, w)
+		}
+	}
+	if !slices.Equal(got, gitWant) {
+		t.Fatalf("git only, sent:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(gitWant, "\n"))
+	}
+}
+
+// readEntries reads a pull's stream to FrameEOF: "<type> <name>", sorted.
+func readEntries(t *testing.T, out *bytes.Buffer) []string {
+	t.Helper()
 	var got []string
 	var buf []byte
 	for {
-		typ, p, err := ReadFrame(&out, buf)
+		typ, p, err := ReadFrame(out, buf)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -75,14 +105,7 @@ func TestServePullLeavesOut(t *testing.T) {
 		got = append(got, r.Type+" "+e.Rel)
 	}
 	slices.Sort(got)
-	want := []string{
-		"d .git", "d .git/objects", "d .git/objects/aa", "d .git/objects/ab", "d .git/objects/pack", "d .git/refs", "d .git/refs/heads", "d a", "d sub",
-		"f .git/HEAD", "f .git/objects/ab/" + loose, "f .git/objects/pack/pack-2.idx", "f .git/objects/pack/pack-2.pack", "f .git/refs/heads/main",
-		"f exec", "f mtime", "f new", "f size", "s same",
-	}
-	if !slices.Equal(got, want) {
-		t.Fatalf("sent:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
-	}
+	return got
 }
 
 // TestServePullBadHaves: haves that are not FrameData JSON, or a bad
@@ -103,7 +126,7 @@ func TestServePullBadHaves(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			var in, out bytes.Buffer
 			c.haves(&in)
-			if err := ServePull(&out, &in, c.dir); err == nil {
+			if err := ServePull(&out, &in, c.dir, 0); err == nil {
 				t.Fatal("served")
 			}
 			if typ, _, err := ReadFrame(&out, nil); err != nil || typ != FrameReply {

@@ -82,7 +82,7 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 			log.Info("workspace push failed", "dest", o.Arg, "error", err)
 		}
 	case bulk.OpPull:
-		if err := bulk.ServePull(c, r, o.Arg); err != nil {
+		if err := bulk.ServePull(c, r, o.Arg, o.N); err != nil {
 			log.Info("workspace pull failed", "dir", o.Arg, "error", err)
 		}
 	case bulk.OpPut, bulk.OpGet:
