@@ -105,6 +105,12 @@ type reidentifier interface {
 	Reidentify(ctx context.Context, p agentapi.Reidentify) error
 }
 
+// reacher is a guest agent client that can wait for the agent without
+// sending it anything (guest.Client.Reach); others are pinged.
+type reacher interface {
+	Reach(ctx context.Context) error
+}
+
 // stageReidentify reaches the clone with its source's keys and gives it
 // the identity the configure stage made for it: hostname, SSH host key,
 // bulk key, machine-id, entropy, clock, MAC and address. From then on the
@@ -135,7 +141,11 @@ func (s *vmService) stageReidentify(ctx context.Context, r *startRun) error {
 		}
 	}()
 	t0 := time.Now()
-	if err := a.Ping(ctx); err != nil {
+	reach := a.Ping
+	if ra, ok := a.(reacher); ok {
+		reach = ra.Reach // the stream open, no ping's round trip
+	}
+	if err := reach(ctx); err != nil {
 		return fmt.Errorf("the restored guest did not answer: %w%s", err, s.consoleHint(env.VM.ID))
 	}
 	pingTook := time.Since(t0)

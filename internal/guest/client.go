@@ -72,8 +72,11 @@ type Client struct {
 	// noBulk are guarded by mu.
 	ctlLock chan struct{}
 	ctl     net.Conn
-	bulkKey []byte
-	noBulk  bool // the agent does not serve control streams: use SSH
+	// ctlProven: ctl has answered a request (so it is the agent's
+	// control op, not an older agent about to close it)
+	ctlProven bool
+	bulkKey   []byte
+	noBulk    bool // the agent does not serve control streams: use SSH
 }
 
 // NewClient returns a Client; it does not connect yet.
@@ -337,12 +340,21 @@ func refusalText(data []byte) string {
 // Ping returns once the agent answers, retrying until ctx is done. bangerd
 // uses it to wait for a booting guest.
 func (c *Client) Ping(ctx context.Context) error {
+	return c.retry(ctx, func(ctx context.Context) error {
+		_, err := c.request(ctx, api.RequestPing)
+		return err
+	})
+}
+
+// retry runs attempt until it succeeds, with a short backoff, bounded by
+// ctx (each attempt by 10 s).
+func (c *Client) retry(ctx context.Context, attempt func(context.Context) error) error {
 	start := time.Now()
 	backoff := 50 * time.Millisecond
 	var last error
 	for {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err := c.request(actx, api.RequestPing)
+		err := attempt(actx)
 		cancel()
 		if err == nil {
 			c.log.DebugContext(ctx, "guest agent answered", "after", time.Since(start).Round(time.Millisecond))
@@ -429,7 +441,7 @@ func (c *Client) Reidentify(ctx context.Context, p api.Reidentify) error {
 		var conn *ssh.Client
 		conn, err = c.SSH(ctx)
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: %w", ErrNotReached, err)
 		}
 		ok, data, err = sendRequest(ctx, conn, api.RequestReidentify, b)
 		if p.HostKey != "" || err != nil {

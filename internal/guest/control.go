@@ -21,9 +21,9 @@ var errNoControl = errors.New("the guest agent does not serve control streams")
 // the stream first if needed. handled is false when the request must go
 // over SSH instead: the client has no bulk key, or the agent does not serve
 // control streams (an older agent; remembered for this client). A request
-// that fails on a stream reused from an earlier call (the agent restarted
-// its server, say) is sent once more on a fresh stream when retry is set,
-// which idempotent requests allow.
+// that fails on a stream that already answered (the agent restarted its
+// server, say) is sent once more on a new stream when retry is set, which
+// idempotent requests allow.
 func (c *Client) control(ctx context.Context, name string, payload []byte, retry bool) (handled, ok bool, data []byte, err error) {
 	select {
 	case c.ctlLock <- struct{}{}:
@@ -32,52 +32,92 @@ func (c *Client) control(ctx context.Context, name string, payload []byte, retry
 	}
 	defer func() { <-c.ctlLock }()
 	for attempt := 0; ; attempt++ {
-		c.mu.Lock()
-		if c.closed {
-			c.mu.Unlock()
-			return true, false, nil, ErrClosed
-		}
-		key, conn := c.bulkKey, c.ctl
-		if key == nil || c.noBulk {
-			c.mu.Unlock()
-			return false, false, nil, nil
-		}
-		c.mu.Unlock()
-		fresh := conn == nil
-		if fresh {
-			conn, err = c.openControl(ctx, key)
-			if errors.Is(err, errNoControl) {
-				c.useSSH(err)
-				return false, false, nil, nil
-			}
-			if err != nil {
-				return true, false, nil, err
-			}
-			c.mu.Lock()
-			if c.closed {
-				c.mu.Unlock()
-				conn.Close()
-				return true, false, nil, ErrClosed
-			}
-			c.ctl = conn
-			c.mu.Unlock()
+		conn, proven, handled, err := c.controlStream(ctx)
+		if !handled || err != nil {
+			return handled, false, nil, err
 		}
 		ok, data, err = c.call(ctx, conn, name, payload)
 		if err == nil {
+			c.mu.Lock()
+			if c.ctl == conn {
+				c.ctlProven = true
+			}
+			c.mu.Unlock()
 			return true, ok, data, nil
 		}
 		c.forgetControl(conn)
-		if fresh && errors.Is(err, bulk.ErrControlClosed) {
+		if !proven && errors.Is(err, bulk.ErrControlClosed) {
 			// An agent that knows bulk streams but not this operation
 			// closes the stream after the Open frame.
 			c.useSSH(err)
 			return false, false, nil, nil
 		}
-		if fresh || !retry || attempt > 0 || ctx.Err() != nil {
+		if !proven || !retry || attempt > 0 || ctx.Err() != nil {
 			return true, false, nil, err
 		}
 		c.log.DebugContext(ctx, "the guest agent's control stream broke; opening another", "error", err)
 	}
+}
+
+// controlStream returns the control stream, opening it if needed, and
+// whether it has answered a request yet; handled false: use SSH. ctlLock
+// is held.
+func (c *Client) controlStream(ctx context.Context) (conn net.Conn, proven, handled bool, err error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, false, true, ErrClosed
+	}
+	key, conn, proven := c.bulkKey, c.ctl, c.ctlProven
+	if key == nil || c.noBulk {
+		c.mu.Unlock()
+		return nil, false, false, nil
+	}
+	c.mu.Unlock()
+	if conn != nil {
+		return conn, proven, true, nil
+	}
+	conn, err = c.openControl(ctx, key)
+	if errors.Is(err, errNoControl) {
+		c.useSSH(err)
+		return nil, false, false, nil
+	}
+	if err != nil {
+		return nil, false, true, fmt.Errorf("%w: %w", ErrNotReached, err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		conn.Close()
+		return nil, false, true, ErrClosed
+	}
+	c.ctl, c.ctlProven = conn, false
+	return conn, false, true, nil
+}
+
+// ErrNotReached wraps the errors of a Reach, or of a Reidentify that could
+// not reach the agent (so the request was not sent).
+var ErrNotReached = errors.New("the guest agent was not reached")
+
+// Reach returns once the agent can take a request: its control stream is
+// open (or, for an agent asked over SSH, the SSH connection), retrying like
+// Ping until ctx is done. Unlike Ping it sends nothing, so a restore reaches
+// the clone and then sends its reidentify without a ping's round trip.
+func (c *Client) Reach(ctx context.Context) error {
+	return c.retry(ctx, func(ctx context.Context) error {
+		select {
+		case c.ctlLock <- struct{}{}:
+		case <-ctx.Done():
+			return fmt.Errorf("connect to the guest agent: %w", ctx.Err())
+		}
+		_, _, handled, err := c.controlStream(ctx)
+		<-c.ctlLock
+		if handled {
+			return err
+		}
+		_, err = c.SSH(ctx)
+		return err
+	})
 }
 
 // useSSH remembers that this client's agent is asked over SSH.

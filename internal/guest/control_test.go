@@ -390,3 +390,69 @@ func TestHostileControlReplies(t *testing.T) {
 		})
 	}
 }
+
+// TestReachSendsNothing: Reach opens the control stream and sends no
+// request; the reidentify that follows is the stream's first request (an
+// agent that closes an unknown op's stream is still detected then, and
+// asked over SSH). Reach waits for an agent that is not listening yet.
+func TestReachSendsNothing(t *testing.T) {
+	key := bytes.Repeat([]byte{6}, bulk.KeySize)
+	var requests []string
+	var mu sync.Mutex
+	sock := hostileControl(t, key, func(req string) ([]byte, bool) {
+		mu.Lock()
+		requests = append(requests, req)
+		mu.Unlock()
+		return frame(bulk.FrameReply, ssh.Marshal(&bulk.Reply{OK: true})), false
+	})
+	// the agent's socket appears only after a while: Reach retries
+	late := filepath.Join(t.TempDir(), "late.sock")
+	hk, _ := GenerateHostKey()
+	uk, _ := LoadOrCreateUserKey(filepath.Join(t.TempDir(), "id"))
+	c, err := NewClient(ClientConfig{Dialer: unixDialer(late), HostKey: hk.Public, UserKey: uk.Signer, Logger: testLogger(t), BulkKey: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	reached := make(chan error, 1)
+	go func() { reached <- c.Reach(testCtx(t)) }()
+	select {
+	case err := <-reached:
+		t.Fatalf("Reach returned before the agent listened: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := os.Symlink(sock, late); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-reached; err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	n := len(requests)
+	mu.Unlock()
+	if n != 0 {
+		t.Fatalf("Reach sent %v", requests)
+	}
+	if err := c.Reidentify(testCtx(t), api.Reidentify{Hostname: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(requests) != 1 || requests[0] != api.RequestReidentify {
+		t.Fatalf("requests %v, want one reidentify", requests)
+	}
+
+	// an agent without the op, reached first: the reidentify falls back to SSH
+	a := startBulkAgent(t, key)
+	old := a.client(t, a.hostKey.Public, key)
+	old.cfg.Dialer = unixDialer(oldBulkAgent(t, key, a.sock))
+	if err := old.Reach(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Reidentify(testCtx(t), api.Reidentify{Hostname: "y"}); err != nil {
+		t.Fatalf("reidentify through an agent without control streams: %v", err)
+	}
+	if a.sshConns.Load() != 1 {
+		t.Fatalf("%d SSH connections, want 1", a.sshConns.Load())
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"syscall"
 
 	"golang.org/x/crypto/ssh"
 )
@@ -35,14 +36,11 @@ func ControlCall(rw io.ReadWriter, name string, payload []byte, maxReply int) (b
 		return false, nil, fmt.Errorf("control request %s: a payload of %d bytes (at most %d)", name, len(payload), MaxControlRequest)
 	}
 	if err := WriteFrame(rw, FrameRequest, ssh.Marshal(&Request{Type: name, WantReply: true, Payload: payload})); err != nil {
-		return false, nil, err
+		return false, nil, closed(err)
 	}
 	typ, p, err := ReadFrame(rw, nil)
 	if err != nil {
-		if errors.Is(err, io.EOF) {
-			return false, nil, ErrControlClosed
-		}
-		return false, nil, err
+		return false, nil, closed(err)
 	}
 	if typ == FrameClose {
 		return false, nil, ErrControlClosed
@@ -58,6 +56,16 @@ func ControlCall(rw io.ReadWriter, name string, payload []byte, maxReply int) (b
 		return false, nil, fmt.Errorf("the guest agent's reply to %s is %d bytes, over the limit of %d: not decoding it (a broken or hostile guest)", name, len(r.Payload), maxReply)
 	}
 	return r.OK, r.Payload, nil
+}
+
+// closed wraps in ErrControlClosed the errors of a stream the agent closed
+// (whether the request's write or the reply's read saw it first); other
+// errors, a truncated frame among them, are returned as they are.
+func closed(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrClosedPipe) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+		return fmt.Errorf("%w (%w)", ErrControlClosed, err)
+	}
+	return err
 }
 
 // ControlHandler answers one control request. after, when not nil, runs

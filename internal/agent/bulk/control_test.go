@@ -89,6 +89,12 @@ func TestControlCallBounds(t *testing.T) {
 	}{strings.NewReader(""), &sink}, "x", make([]byte, MaxControlRequest+1), 1024); err == nil || sink.Len() != 0 {
 		t.Fatalf("an oversized request: %v, %d bytes sent", err, sink.Len())
 	}
+	// the agent's close seen by the request's write (EPIPE) or the read
+	host, agent := net.Pipe()
+	agent.Close()
+	if _, _, err := ControlCall(host, "x", nil, 1024); !errors.Is(err, ErrControlClosed) {
+		t.Fatalf("a stream the agent closed: %v, want ErrControlClosed", err)
+	}
 	for _, answer := range [][]byte{nil, frameBytes(FrameClose, nil)} {
 		_, _, err := ControlCall(struct {
 			io.Reader
