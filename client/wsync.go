@@ -3,13 +3,19 @@ package client
 import (
 	"bufio"
 	"context"
+	"crypto/sha1"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
+	"hash/adler32"
 	"io"
 	"os"
 	"path"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -51,10 +57,11 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 		return PushStats{}, err
 	}
 	br := bufio.NewReaderSize(conn, 256<<10)
-	guest, err := bulk.ReadManifest(br)
+	guest, caps, err := bulk.ReadManifestCaps(br)
 	if err != nil {
 		return fail(err)
 	}
+	carry := carriedObjects(ctx, p, guest, caps)
 	bw := bufio.NewWriterSize(conn, 256<<10)
 	send := func(kind string, e bulk.SyncEntry) error {
 		return bulk.WriteFrame(bw, bulk.FrameRequest, ssh.Marshal(&bulk.Request{Type: kind, Payload: ssh.Marshal(&e)}))
@@ -102,10 +109,25 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 			}
 			err = send(bulk.SyncLink, bulk.SyncEntry{Rel: it.Rel, Target: it.Link, MTime: uint64(it.MTime.UnixNano())})
 		default:
-			if has && g.T == "f" && g.S == it.Size && g.N == it.MTime.UnixNano() && g.M == mode {
+			id, loose := looseObject(it.Rel)
+			switch {
+			case loose && has && g.T == "f":
+				continue // named by its content: the guest has it
+			case loose && carry.done[id]:
+				continue // written from a work tree file's data
+			case has && g.T == "f" && g.S == it.Size && g.N == it.MTime.UnixNano() && g.M == mode:
 				continue
 			}
-			err = sendFile(bw, send, filepath.Join(p.Root, filepath.FromSlash(it.Rel)), it, mode, buf, progress)
+			src := filepath.Join(p.Root, filepath.FromSlash(it.Rel))
+			if obj, ok := carry.objectFor(it.Rel); ok {
+				var sent bool
+				sent, err = sendFileObj(bw, src, it, mode, obj, buf, progress)
+				if sent {
+					carry.done[obj.id] = true
+				}
+			} else {
+				err = sendFile(bw, src, it, mode, buf, progress)
+			}
 		}
 		if err != nil {
 			return fail(fmt.Errorf("push %s: %w", it.Rel, err))
@@ -126,7 +148,14 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 
 // sendFile sends one file: its entry, then exactly its planned size. A file
 // that changed size since the plan was made fails the push.
-func sendFile(w io.Writer, send func(string, bulk.SyncEntry) error, src string, it workspace.Item, mode uint32, buf []byte, progress func(int64)) error {
+func sendFile(w io.Writer, src string, it workspace.Item, mode uint32, buf []byte, progress func(int64)) error {
+	e := bulk.SyncEntry{Rel: it.Rel, Mode: mode, MTime: uint64(it.MTime.UnixNano()), Size: uint64(it.Size)}
+	return streamFile(w, src, it, sshMarshalReq(bulk.SyncFile, e), buf, progress, nil)
+}
+
+// streamFile sends the request req, then src's data (exactly it.Size bytes)
+// in data frames, each also given to seen when set.
+func streamFile(w io.Writer, src string, it workspace.Item, req []byte, buf []byte, progress func(int64), seen func([]byte)) error {
 	f, err := os.Open(src)
 	if err != nil {
 		return err
@@ -139,7 +168,7 @@ func sendFile(w io.Writer, send func(string, bulk.SyncEntry) error, src string, 
 	if !fi.Mode().IsRegular() || fi.Size() != it.Size {
 		return fmt.Errorf("%s changed during the push; push again", path.Base(it.Rel))
 	}
-	if err := send(bulk.SyncFile, bulk.SyncEntry{Rel: it.Rel, Mode: mode, MTime: uint64(it.MTime.UnixNano()), Size: uint64(it.Size)}); err != nil {
+	if err := bulk.WriteFrame(w, bulk.FrameRequest, req); err != nil {
 		return err
 	}
 	// Each frame is read into buf after room for its header and written
@@ -148,6 +177,9 @@ func sendFile(w io.Writer, send func(string, bulk.SyncEntry) error, src string, 
 	for left > 0 {
 		n, err := f.Read(buf[bulk.HeaderSize : bulk.HeaderSize+int(min(int64(len(buf)-bulk.HeaderSize), left))])
 		if n > 0 {
+			if seen != nil {
+				seen(buf[bulk.HeaderSize : bulk.HeaderSize+n])
+			}
 			bulk.PutHeader(buf, bulk.FrameData, n)
 			if _, werr := w.Write(buf[:bulk.HeaderSize+n]); werr != nil {
 				return werr
@@ -165,6 +197,105 @@ func sendFile(w io.Writer, send func(string, bulk.SyncEntry) error, src string, 
 		}
 	}
 	return nil
+}
+
+// carry says which loose objects of the push travel inside the data of a
+// work tree file (bulk.SyncFileObj) instead of as files of their own.
+type carry struct {
+	blobs   map[string]string         // work tree path → its index blob id
+	missing map[string]workspace.Item // loose objects the guest lacks, by id
+	done    map[string]bool           // ids written in the guest from file data
+}
+
+type carriedObject struct {
+	id string
+	it workspace.Item
+}
+
+// carriedObjects: when the agent can write loose objects from file data and
+// lacks some, the index's blob ids of the work tree files say which file
+// holds which object (each is checked by hashing what is sent).
+func carriedObjects(ctx context.Context, p *workspace.Plan, guest map[string]bulk.ManifestEntry, caps map[string]bool) carry {
+	c := carry{done: map[string]bool{}}
+	if !caps[bulk.CapObjects] {
+		return c
+	}
+	for _, it := range p.Items {
+		if id, ok := looseObject(it.Rel); ok && it.Mode.IsRegular() {
+			if g, has := guest[it.Rel]; !has || g.T != "f" {
+				if c.missing == nil {
+					c.missing = map[string]workspace.Item{}
+				}
+				c.missing[id] = it
+			}
+		}
+	}
+	if len(c.missing) == 0 {
+		return c
+	}
+	// Without the index's ids every object travels as a file: slower, not wrong.
+	c.blobs, _ = workspace.IndexBlobs(ctx, p.Root)
+	return c
+}
+
+// objectFor returns the missing loose object whose content rel's data
+// should be, if any and not yet written.
+func (c carry) objectFor(rel string) (carriedObject, bool) {
+	id, ok := c.blobs[rel]
+	if !ok || c.done[id] {
+		return carriedObject{}, false
+	}
+	it, ok := c.missing[id]
+	return carriedObject{id: id, it: it}, ok
+}
+
+// looseObject reports whether rel is a loose object of the repository
+// (.git/objects/xx/<hex>, SHA-1 or SHA-256) and returns its id.
+func looseObject(rel string) (string, bool) {
+	rest, ok := strings.CutPrefix(rel, ".git/objects/")
+	if !ok || (len(rest) != 41 && len(rest) != 65) || rest[2] != '/' {
+		return "", false
+	}
+	id := rest[:2] + rest[3:]
+	for _, c := range []byte(id) {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return "", false
+		}
+	}
+	return id, true
+}
+
+// sendFileObj sends a work tree file as bulk.SyncFileObj: the agent also
+// writes its data as the loose object obj. What is sent is hashed as a git
+// blob on the way; only if that is obj's id does the agent keep the object
+// (sent reports it), otherwise the loose object is sent later as a file.
+func sendFileObj(w io.Writer, src string, it workspace.Item, mode uint32, obj carriedObject, buf []byte, progress func(int64)) (sent bool, err error) {
+	var h hash.Hash
+	switch len(obj.id) {
+	case 40:
+		h = sha1.New()
+	case 64:
+		h = sha256.New()
+	default:
+		return false, fmt.Errorf("object id %q", obj.id)
+	}
+	ad := adler32.New()
+	head := []byte("blob " + strconv.FormatInt(it.Size, 10) + "\x00")
+	h.Write(head)
+	ad.Write(head)
+	e := bulk.SyncObjEntry{Rel: it.Rel, Mode: mode, MTime: uint64(it.MTime.UnixNano()), Size: uint64(it.Size),
+		Object: obj.it.Rel, ObjMode: bulk.KeptMode(obj.it.Mode), ObjMTime: uint64(obj.it.MTime.UnixNano())}
+	req := ssh.Marshal(&bulk.Request{Type: bulk.SyncFileObj, Payload: ssh.Marshal(&e)})
+	err = streamFile(w, src, it, req, buf, progress, func(d []byte) { h.Write(d); ad.Write(d) })
+	if err != nil {
+		return false, err
+	}
+	ok := hex.EncodeToString(h.Sum(nil)) == obj.id
+	end := ssh.Marshal(&bulk.Request{Type: bulk.SyncObjEnd, Payload: ssh.Marshal(&bulk.ObjEnd{OK: ok, Adler: ad.Sum32()})})
+	if err := bulk.WriteFrame(w, bulk.FrameRequest, end); err != nil {
+		return false, err
+	}
+	return ok, nil
 }
 
 func sshMarshalReq(kind string, e bulk.SyncEntry) []byte {

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/ssh"
+
 	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/workspace"
 )
@@ -258,5 +260,94 @@ func TestSyncerReplacesWhatTheGuestPut(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(dest); len(ents) != len(files) {
 		t.Fatalf("dest has %d entries (a temporary file left?), want %d", len(ents), len(files))
+	}
+}
+
+func gitIn(t *testing.T, dir string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command("git", args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GIT_CONFIG_GLOBAL=/dev/null", "GIT_CONFIG_NOSYSTEM=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("git %v in %s: %v %s", args, dir, err, out)
+	}
+	return string(out)
+}
+
+// TestPushWritesObjectsFromFileData: the loose objects of the work tree's
+// files are written in the guest from the files' data (not sent twice),
+// and the guest's repository is whole and clean; a file whose content is
+// not its index blob (changed, same size) carries no object, and its loose
+// object still arrives.
+func TestPushWritesObjectsFromFileData(t *testing.T) {
+	repo := gitRepo(t)
+	// changed after git add, same size: the index blob is "alpha"
+	os.WriteFile(filepath.Join(repo, "a.txt"), []byte("ALPHA"), 0o644)
+	dest := filepath.Join(t.TempDir(), "ws")
+	state := t.TempDir()
+	st := push(t, repo, dest, state)
+	// run.sh, deep.txt, gone.txt: not a.txt (its data is not its blob)
+	if st.Objects != 3 {
+		t.Fatalf("objects written from file data: %d, want 3 (%+v)", st.Objects, st)
+	}
+	// an object the guest has is never sent again, whatever its size
+	if st := push(t, repo, dest, state); st.Files != 0 || st.Objects != 0 {
+		t.Fatalf("second push sent %+v", st)
+	}
+	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
+	if out := gitIn(t, dest, "status", "--porcelain"); out != " M a.txt\n" {
+		t.Fatalf("git status in the guest copy: %q", out)
+	}
+	if got := gitIn(t, dest, "cat-file", "-p", "HEAD:a.txt"); got != "alpha" {
+		t.Fatalf("HEAD:a.txt is %q", got)
+	}
+}
+
+// TestPushWithoutObjectsCapability: an agent that does not announce
+// bulk.CapObjects (an older one) gets no SyncFileObj: every loose object
+// goes as a plain file.
+func TestPushWithoutObjectsCapability(t *testing.T) {
+	repo := gitRepo(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p, err := workspace.PlanPush(ctx, repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, agent := net.Pipe()
+	defer host.Close()
+	kinds := make(chan map[string]int, 1)
+	go func() {
+		defer agent.Close()
+		bulk.WriteFrame(agent, bulk.FrameEOF, nil) // an empty manifest, no capabilities
+		seen := map[string]int{}
+		var buf []byte
+		for {
+			typ, d, err := bulk.ReadFrame(agent, buf)
+			buf = d
+			if err != nil {
+				kinds <- seen
+				return
+			}
+			if typ != bulk.FrameRequest {
+				continue
+			}
+			var r bulk.Request
+			ssh.Unmarshal(d, &r)
+			seen[r.Type]++
+			if r.Type == bulk.SyncDone {
+				bulk.WriteFrame(agent, bulk.FrameReply, ssh.Marshal(&bulk.Reply{OK: true, Payload: []byte("{}")}))
+				kinds <- seen
+				return
+			}
+		}
+	}()
+	if _, err := pushStream(ctx, host, p, nil); err != nil {
+		t.Fatal(err)
+	}
+	seen := <-kinds
+	if seen[bulk.SyncFileObj] != 0 || seen[bulk.SyncFile] < 8 {
+		t.Fatalf("requests %v: want only plain files", seen)
 	}
 }

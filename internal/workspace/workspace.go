@@ -514,3 +514,25 @@ func (bw budgetWriter) Write(p []byte) (int, error) {
 	}
 	return bw.w.Write(p)
 }
+
+// IndexBlobs maps the repository's tracked regular files (stage 0 of its
+// index) to their blob ids, so that a push can tell which worktree file
+// holds the content of which loose object. The caller still hashes what it
+// reads before relying on it: the work tree may differ from the index.
+func IndexBlobs(ctx context.Context, root string) (map[string]string, error) {
+	out, err := runGit(ctx, gitOpts{Dir: root, UserConfig: true}, "ls-files", "-z", "--stage")
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]string{}
+	for _, rec := range strings.Split(out, "\x00") {
+		// "<mode> <id> <stage>\t<path>"
+		meta, rel, ok := strings.Cut(rec, "\t")
+		f := strings.Fields(meta)
+		if !ok || len(f) != 3 || f[2] != "0" || (f[0] != "100644" && f[0] != "100755") {
+			continue
+		}
+		m[rel] = f[1]
+	}
+	return m, nil
+}

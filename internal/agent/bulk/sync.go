@@ -35,16 +35,50 @@ import (
 //     failure.
 //
 // The host sends only what differs from the manifest (type, mode, size,
-// mtime to the nanosecond, link target), and deletes what it pushed before
-// (the agent remembers the paths it wrote for each destination) and no
-// longer has. Everything is applied in Go: no guest tool is needed.
+// mtime to the nanosecond, link target; a loose git object that exists is
+// never sent again, its name is its content), and deletes what it pushed
+// before (the agent remembers the paths it wrote for each destination) and
+// no longer has. Everything is applied in Go: no guest tool is needed.
+//
+// Loose objects from file data (capability CapObjects, announced in the
+// payload of the manifest's FrameEOF): a SyncFileObj request is a SyncFile
+// (payload SyncObjEntry) whose data the agent also writes, as a loose git
+// object of type blob, to SyncObjEntry.Object (zlib with stored blocks, no
+// compression), so that the repository's .git/objects/xx/<id> for a file's
+// content does not cross the channel a second time. After the data comes
+// one SyncObjEnd request (payload ObjEnd): OK when the host found that what
+// it sent hashes to the object's id (then the agent finishes the object
+// with Adler), else the agent drops it and the host sends the loose object
+// as a plain SyncFile later.
 const (
-	SyncDelete = "delete"
-	SyncDir    = "dir"
-	SyncFile   = "file"
-	SyncLink   = "link"
-	SyncDone   = "done"
+	SyncDelete  = "delete"
+	SyncDir     = "dir"
+	SyncFile    = "file"
+	SyncFileObj = "fileobj"
+	SyncObjEnd  = "objend"
+	SyncLink    = "link"
+	SyncDone    = "done"
 )
+
+// CapObjects is the capability of an agent that understands SyncFileObj.
+const CapObjects = "objects"
+
+// SyncObjEntry is a SyncFileObj request's payload.
+type SyncObjEntry struct {
+	Rel      string
+	Mode     uint32
+	MTime    uint64
+	Size     uint64
+	Object   string // slash path of the loose object below the destination
+	ObjMode  uint32
+	ObjMTime uint64
+}
+
+// ObjEnd is a SyncObjEnd request's payload.
+type ObjEnd struct {
+	OK    bool
+	Adler uint32 // Adler-32 of "blob <size>\x00" and the data
+}
 
 // ManifestEntry is one path under the destination, as the agent sees it.
 type ManifestEntry struct {
@@ -68,6 +102,7 @@ type SyncEntry struct {
 
 // SyncStats is what a sync did.
 type SyncStats struct {
+	Objects int   `json:"objects,omitempty"` // loose git objects written from file data
 	Files   int   `json:"files"`
 	Bytes   int64 `json:"bytes"`
 	Links   int   `json:"links"`
@@ -214,6 +249,16 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 		if req.Type == SyncDone {
 			return s.saveState()
 		}
+		if req.Type == SyncFileObj {
+			var o SyncObjEntry
+			if err := ssh.Unmarshal(req.Payload, &o); err != nil {
+				return err
+			}
+			if err := s.fileObj(o, r); err != nil {
+				return fmt.Errorf("%s %s: %w", req.Type, o.Rel, err)
+			}
+			continue
+		}
 		var e SyncEntry
 		if err := ssh.Unmarshal(req.Payload, &e); err != nil {
 			return err
@@ -278,7 +323,7 @@ func (s *Syncer) sendManifest(c io.Writer) error {
 	if err := flush(); err != nil {
 		return err
 	}
-	return WriteFrame(c, FrameEOF, nil)
+	return WriteFrame(c, FrameEOF, []byte(CapObjects))
 }
 
 // path returns rel's path below Dest after checking rel and that every
@@ -329,7 +374,7 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 	if kind == SyncFile {
 		// The common case, a new file, costs no lookup of its own: the
 		// exclusive create finds out (each syscall is dear under TCG).
-		if err := s.writeFile(p, e, r); err != nil {
+		if err := s.writeFile(p, e, r, nil); err != nil {
 			return err
 		}
 		s.stats.Files++
@@ -406,7 +451,7 @@ func modeExtra(m uint32) fs.FileMode {
 // first. Each data frame is written straight from the frame buffer, and
 // mode and mtime are set on the descriptor: under TCG every copy and every
 // path lookup shows.
-func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
+func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader, obj *objWriter) error {
 	perm := uint32(fs.FileMode(e.Mode) & fs.ModePerm)
 	// Created with its final permissions when the umask keeps them and no
 	// setuid, setgid or sticky bit is asked for; otherwise 0600, then
@@ -460,6 +505,11 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
 		if typ != FrameData || uint64(len(d)) > left {
 			return fmt.Errorf("file data: frame type %d of %d bytes with %d left", typ, len(d), left)
 		}
+		if obj != nil {
+			if err := obj.write(d); err != nil {
+				return err
+			}
+		}
 		for len(d) > 0 {
 			n, err := unix.Write(fd, d)
 			if errors.Is(err, unix.EINTR) {
@@ -491,6 +541,200 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader) error {
 		}
 	}
 	ok = true
+	return nil
+}
+
+// fileObj applies a SyncFileObj: the file, and from the same data the loose
+// object the host named, finished or dropped as the SyncObjEnd after the
+// data says.
+func (s *Syncer) fileObj(o SyncObjEntry, r io.Reader) error {
+	e := SyncEntry{Rel: o.Rel, Mode: o.Mode, MTime: o.MTime, Size: o.Size}
+	p, err := s.path(e.Rel)
+	if err != nil {
+		return err
+	}
+	if !looseObjectPath(o.Object) {
+		return fmt.Errorf("bad loose object path %q", o.Object)
+	}
+	op, err := s.path(o.Object)
+	if err != nil {
+		return err
+	}
+	ow, err := s.newObjWriter(op, o.Size)
+	if err != nil {
+		return err
+	}
+	defer ow.abort()
+	if err := s.writeFile(p, e, r, ow); err != nil {
+		return err
+	}
+	s.stats.Files++
+	s.stats.Bytes += int64(e.Size)
+	s.setState(e.Rel)
+	typ, d, err := ReadFrame(r, s.buf)
+	s.buf = d
+	if err != nil {
+		return err
+	}
+	var req Request
+	var end ObjEnd
+	if typ != FrameRequest || ssh.Unmarshal(d, &req) != nil || req.Type != SyncObjEnd || ssh.Unmarshal(req.Payload, &end) != nil {
+		return errors.New("no end of the object after its data")
+	}
+	if !end.OK {
+		return nil // the host sends the object itself
+	}
+	if err := ow.finish(end.Adler, fs.FileMode(o.ObjMode), int64(o.ObjMTime)); err != nil {
+		return fmt.Errorf("object %s: %w", o.Object, err)
+	}
+	s.stats.Objects++
+	s.setState(o.Object)
+	return nil
+}
+
+// looseObjectPath reports whether rel names a loose object of a repository
+// at the destination's root: .git/objects/xx/<hex>, SHA-1 or SHA-256.
+func looseObjectPath(rel string) bool {
+	rest, ok := strings.CutPrefix(rel, ".git/objects/")
+	if !ok || (len(rest) != 41 && len(rest) != 65) || rest[2] != '/' {
+		return false
+	}
+	for i, c := range []byte(rest) {
+		if i != 2 && !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// objWriter writes a loose blob object as a zlib stream of stored
+// (uncompressed) deflate blocks: 0x78 0x01, then blocks of at most 65535
+// bytes (a 5-byte header each), then the Adler-32 of the inflated bytes
+// ("blob <size>\x00" and the data), which the host computes. Each data frame
+// costs one writev: headers and data go out of the frame buffer as they are.
+type objWriter struct {
+	fd         int
+	tmp, final string
+	total      uint64   // inflated bytes not yet written
+	block      uint64   // bytes left in the current stored block
+	pending    [][]byte // written with the next data
+	hdrs       []byte
+	iov        [][]byte
+}
+
+const maxStored = 65535
+
+func (s *Syncer) newObjWriter(final string, size uint64) (*objWriter, error) {
+	tmp := filepath.Join(filepath.Dir(final), ".banger-obj-"+randName())
+	fd, err := unix.Open(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, &fs.PathError{Op: "create", Path: tmp, Err: err}
+	}
+	head := []byte("blob " + strconv.FormatUint(size, 10) + "\x00")
+	o := &objWriter{fd: fd, tmp: tmp, final: final, total: uint64(len(head)) + size,
+		hdrs: make([]byte, 0, 5*(MaxFrame/maxStored+4))}
+	o.pending = [][]byte{{0x78, 0x01}}
+	o.iov = o.add(o.pending, head)
+	o.pending = o.iov
+	return o, nil
+}
+
+// add appends d to iov, with a block header wherever a block starts.
+func (o *objWriter) add(iov [][]byte, d []byte) [][]byte {
+	for len(d) > 0 {
+		if o.block == 0 {
+			n := min(o.total, maxStored)
+			var final byte
+			if o.total <= maxStored {
+				final = 1
+			}
+			at := len(o.hdrs)
+			o.hdrs = append(o.hdrs, final, byte(n), byte(n>>8), ^byte(n), ^byte(n>>8))
+			iov = append(iov, o.hdrs[at:at+5])
+			o.block = n
+		}
+		k := min(uint64(len(d)), o.block)
+		iov = append(iov, d[:k])
+		d = d[k:]
+		o.block -= k
+		o.total -= k
+	}
+	return iov
+}
+
+func (o *objWriter) write(d []byte) error {
+	iov := o.add(o.pending, d)
+	o.pending = nil
+	err := writevAll(o.fd, iov)
+	o.hdrs = o.hdrs[:0]
+	o.iov = iov[:0]
+	return err
+}
+
+func (o *objWriter) finish(adler uint32, mode fs.FileMode, mtime int64) error {
+	if o.total != 0 {
+		return errors.New("short object")
+	}
+	iov := append(o.pending, []byte{byte(adler >> 24), byte(adler >> 16), byte(adler >> 8), byte(adler)})
+	o.pending = nil
+	if err := writevAll(o.fd, iov); err != nil {
+		return err
+	}
+	if perm := uint32(mode & fs.ModePerm); perm != 0o600 {
+		if err := unix.Fchmod(o.fd, perm); err != nil {
+			return err
+		}
+	}
+	if err := futimens(o.fd, mtime); err != nil {
+		return err
+	}
+	err := unix.Close(o.fd)
+	o.fd = -1
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(o.tmp, o.final); err != nil {
+		return err
+	}
+	o.tmp = ""
+	return nil
+}
+
+// abort drops an object that was not finished.
+func (o *objWriter) abort() {
+	if o.fd >= 0 {
+		unix.Close(o.fd)
+		o.fd = -1
+	}
+	if o.tmp != "" {
+		os.Remove(o.tmp)
+		o.tmp = ""
+	}
+}
+
+// writevAll writes every byte of iov.
+func writevAll(fd int, iov [][]byte) error {
+	for len(iov) > 0 {
+		n, err := unix.Writev(fd, iov)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		for n > 0 && len(iov) > 0 {
+			if n >= len(iov[0]) {
+				n -= len(iov[0])
+				iov = iov[1:]
+			} else {
+				iov[0] = iov[0][n:]
+				n = 0
+			}
+		}
+		for len(iov) > 0 && len(iov[0]) == 0 {
+			iov = iov[1:]
+		}
+	}
 	return nil
 }
 
@@ -550,6 +794,17 @@ func processUmask() uint32 {
 // MaxManifestEntries and MaxManifestBytes. Entries with bad paths are
 // dropped: they can match nothing the host sends.
 func ReadManifest(r io.Reader) (map[string]ManifestEntry, error) {
+	m, _, err := ReadManifestCaps(r)
+	return m, err
+}
+
+// ReadManifestCaps is ReadManifest that also returns the capabilities the
+// agent announced (CapObjects).
+func ReadManifestCaps(r io.Reader) (map[string]ManifestEntry, map[string]bool, error) {
+	return readManifest(r)
+}
+
+func readManifest(r io.Reader) (map[string]ManifestEntry, map[string]bool, error) {
 	m := map[string]ManifestEntry{}
 	total := 0
 	var buf []byte
@@ -557,34 +812,38 @@ func ReadManifest(r io.Reader) (map[string]ManifestEntry, error) {
 		typ, p, err := ReadFrame(r, buf)
 		buf = p
 		if err != nil {
-			return nil, fmt.Errorf("read the guest's manifest: %w", err)
+			return nil, nil, fmt.Errorf("read the guest's manifest: %w", err)
 		}
 		switch typ {
 		case FrameEOF:
-			return m, nil
+			caps := map[string]bool{}
+			for _, c := range strings.Fields(string(p)) {
+				caps[c] = true
+			}
+			return m, caps, nil
 		case FrameReply:
 			var rep Reply
 			if ssh.Unmarshal(p, &rep) == nil && !rep.OK {
-				return nil, fmt.Errorf("the guest refused the push: %s", truncate(string(rep.Payload), 512))
+				return nil, nil, fmt.Errorf("the guest refused the push: %s", truncate(string(rep.Payload), 512))
 			}
-			return nil, errors.New("the guest ended the push early")
+			return nil, nil, errors.New("the guest ended the push early")
 		case FrameData:
 		default:
-			return nil, fmt.Errorf("unexpected frame type %d in the guest's manifest", typ)
+			return nil, nil, fmt.Errorf("unexpected frame type %d in the guest's manifest", typ)
 		}
 		if total += len(p); total > manifestBytes {
-			return nil, fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes)
+			return nil, nil, fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes)
 		}
 		var batch []ManifestEntry
 		if err := json.Unmarshal(p, &batch); err != nil {
-			return nil, fmt.Errorf("the guest's manifest: %w", err)
+			return nil, nil, fmt.Errorf("the guest's manifest: %w", err)
 		}
 		for _, e := range batch {
 			if CleanRel(e.P) != nil {
 				continue
 			}
 			if len(m) >= MaxManifestEntries {
-				return nil, fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
+				return nil, nil, fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
 			}
 			m[e.P] = e
 		}
