@@ -28,7 +28,7 @@ var (
 	flagMD    = flag.String("md", "", "write the table as markdown to this file")
 	flagDoc   = flag.String("doc", "", "replace the table between the bench markers of this markdown file (docs/BENCHMARKS.md)")
 	flagBoots = flag.Int("boots", 0, "boots per create figure (default 2 quick, 5 full)")
-	flagOnly  = flag.String("only", "", "comma-separated groups to run (disk,rpc,create,guest,workspace,image,concurrent)")
+	flagOnly  = flag.String("only", "", "comma-separated groups to run (disk,rpc,create,guest,workspace,image,concurrent; workspace, bulk and exec: those rows of guest alone)")
 )
 
 // Result is one row of the table.
@@ -156,7 +156,7 @@ func TestBench(t *testing.T) {
 		{"image", b.benchImage},
 		{"concurrent", b.benchConcurrent},
 	} {
-		if !b.want(g.name) && !(g.name == "guest" && (b.want("workspace") || b.want("bulk"))) {
+		if !b.want(g.name) && !(g.name == "guest" && (b.want("workspace") || b.want("bulk") || b.want("exec"))) {
 			continue
 		}
 		start := time.Now()
@@ -336,6 +336,25 @@ func timeN(n int, fn func() error) ([]float64, error) {
 		out = append(out, ms(time.Since(start)))
 	}
 	return out, nil
+}
+
+// timeBoth runs a and b in turn n times each (so that both see the same
+// load) and returns their durations in ms; it stops at the first error.
+func timeBoth(n int, a, b func() error) ([]float64, []float64, error) {
+	var as, bs []float64
+	for i := 0; i < n; i++ {
+		for _, f := range []struct {
+			fn  func() error
+			out *[]float64
+		}{{a, &as}, {b, &bs}} {
+			start := time.Now()
+			if err := f.fn(); err != nil {
+				return as, bs, err
+			}
+			*f.out = append(*f.out, ms(time.Since(start)))
+		}
+	}
+	return as, bs, nil
 }
 
 // cli runs banger with the bench's home; stdin may be nil.
