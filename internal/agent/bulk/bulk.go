@@ -489,7 +489,6 @@ type Chan struct {
 func NewChan(conn net.Conn) *Chan {
 	c := &Chan{
 		conn:    conn,
-		r:       bufio.NewReaderSize(conn, 256<<10),
 		in:      newQueue(queueSize),
 		errIn:   newQueue(queueSize),
 		reqs:    make(chan Request, 16),
@@ -498,7 +497,12 @@ func NewChan(conn net.Conn) *Chan {
 		closing: make(chan struct{}),
 	}
 	if pc, ok := conn.(*PeekConn); ok {
+		// The agent's streams come buffered already: a second 256 KiB
+		// buffer per stream costs the emulated guest its zeroing and page
+		// faults on every exec.
 		c.r = pc.R
+	} else {
+		c.r = bufio.NewReaderSize(conn, 256<<10)
 	}
 	go c.readLoop()
 	return c

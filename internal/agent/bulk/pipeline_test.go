@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -140,4 +141,23 @@ func TestAfterHello(t *testing.T) {
 		t.Fatal("a read with no answer succeeded")
 	}
 	host.Close()
+}
+
+// TestNewChanReusesThePeekBuffer: on the agent a stream is a PeekConn with
+// its buffer already; NewChan must not allocate another 256 KiB one per
+// stream (under TCG its zeroing and page faults are on every exec's path).
+func TestNewChanReusesThePeekBuffer(t *testing.T) {
+	host, guest := net.Pipe()
+	defer host.Close()
+	defer guest.Close()
+	_, pc := Classify(guest, time.Millisecond) // nothing sent: a PeekConn all the same
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	c := NewChan(pc)
+	runtime.ReadMemStats(&after)
+	defer c.Close()
+	if got := after.TotalAlloc - before.TotalAlloc; got >= 256<<10 {
+		t.Fatalf("NewChan on a PeekConn allocated %d bytes", got)
+	}
 }
