@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/cobra/doc"
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/client"
@@ -311,7 +310,7 @@ func (a *App) docsCommand() *cobra.Command {
 				if err := os.MkdirAll(mdDir, 0o755); err != nil {
 					return err
 				}
-				if err := doc.GenMarkdownTree(root, mdDir); err != nil {
+				if err := writeDocTree(root, mdDir, "_", ".md", markdownPage); err != nil {
 					return fmt.Errorf("write markdown: %w", err)
 				}
 			}
@@ -319,8 +318,7 @@ func (a *App) docsCommand() *cobra.Command {
 				if err := os.MkdirAll(manDir, 0o755); err != nil {
 					return err
 				}
-				hdr := &doc.GenManHeader{Title: "BANGER", Section: "1", Source: "banger", Manual: "banger manual"}
-				if err := doc.GenManTree(root, hdr, manDir); err != nil {
+				if err := writeDocTree(root, manDir, "-", ".1", manPage); err != nil {
 					return fmt.Errorf("write man pages: %w", err)
 				}
 			}
