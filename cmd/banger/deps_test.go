@@ -12,7 +12,8 @@ import (
 // the banger binary links neither the store (SQLite) nor the VMM drivers.
 // Nor cobra/doc's markdown, roff and YAML engines: every package linked in
 // runs its initialisers at each start, which `banger exec` pays every time
-// (the reference is written by internal/cli's own generator).
+// (the reference is written by internal/cli's own generator). Nor the MCP
+// SDK: `banger mcp` runs bangerd's server (bangerd mcp).
 func TestCLIDoesNotLinkTheDaemon(t *testing.T) {
 	if _, err := exec.LookPath("go"); err != nil {
 		t.Skip("no go toolchain on PATH to list dependencies")
@@ -38,6 +39,8 @@ func TestCLIDoesNotLinkTheDaemon(t *testing.T) {
 		"github.com/cpuguy83/go-md2man/v2",
 		"go.yaml.in/yaml/v3",
 		"gopkg.in/yaml.v3",
+		"github.com/modelcontextprotocol/go-sdk",
+		"github.com/bangerdev/banger/internal/mcpserver",
 	}
 	for _, d := range deps {
 		for _, f := range forbidden {

@@ -1,5 +1,6 @@
 // Command bangerd is banger's per-user daemon. It runs in the foreground and
-// logs JSON to stderr.
+// logs JSON to stderr. `bangerd mcp` is `banger mcp`'s MCP server on stdio
+// instead (kept out of the banger binary, which every command starts).
 package main
 
 import (
@@ -13,11 +14,19 @@ import (
 
 	"github.com/bangerdev/banger/internal/daemon"
 	"github.com/bangerdev/banger/internal/logging"
+	"github.com/bangerdev/banger/internal/mcpserver"
 	"github.com/bangerdev/banger/internal/paths"
 	"github.com/bangerdev/banger/internal/version"
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == mcpserver.StdioArg {
+		// `banger mcp` runs the MCP server here (see mcpserver.StdioArg).
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		code := mcpserver.ServeStdio(ctx, os.Args[2:], version.String(), os.Stdin, os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
 	home := flag.String("home", "", "keep all state under this directory (default: $BANGER_HOME, else XDG directories)")
 	debug := flag.Bool("debug", false, "log at debug level")
 	showVersion := flag.Bool("version", false, "print the version and exit")

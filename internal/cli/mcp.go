@@ -1,16 +1,17 @@
 package cli
 
 import (
-	"io"
-	"log/slog"
+	"fmt"
+	"os"
+	"syscall"
 
-	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/spf13/cobra"
-
-	"github.com/bangerdev/banger/internal/mcpserver"
-	"github.com/bangerdev/banger/internal/version"
 )
 
+// mcpCommand is `banger mcp`. The server itself is bangerd's (`bangerd mcp`,
+// see mcpserver.StdioArg): this process makes sure bangerd runs, then
+// becomes that one, on the same stdio. So the MCP SDK is not linked into
+// banger, whose start every `banger exec` pays.
 func (a *App) mcpCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "mcp",
@@ -24,27 +25,22 @@ func (a *App) mcpCommand() *cobra.Command {
 			"  #   {\"mcpServers\": {\"banger\": {\"command\": \"banger\", \"args\": [\"mcp\"]}}}",
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			c, err := a.client(ctx)
+			if _, err := a.client(cmd.Context()); err != nil { // starts bangerd if needed
+				return err
+			}
+			bin, err := bangerdPath()
 			if err != nil {
 				return err
 			}
-			level := slog.LevelWarn
+			argv := []string{"bangerd", "mcp"}
 			if a.debug {
-				level = slog.LevelDebug
+				argv = append(argv, "--debug")
 			}
-			log := slog.New(slog.NewJSONHandler(a.Stderr, &slog.HandlerOptions{Level: level}))
-			s := mcpserver.New(c, mcpserver.Options{Version: version.String(), Logger: log})
-			t := &mcp.IOTransport{Reader: io.NopCloser(a.Stdin), Writer: nopWriteCloser{a.Stdout}}
-			err = s.Run(ctx, t)
-			if ctx.Err() != nil {
-				return nil
+			// --home is in BANGER_HOME already (the root's PersistentPreRunE).
+			if err := syscall.Exec(bin, argv, os.Environ()); err != nil {
+				return fmt.Errorf("run bangerd's MCP server (%s): %w", bin, err)
 			}
-			return err
+			return nil
 		},
 	}
 }
-
-type nopWriteCloser struct{ io.Writer }
-
-func (nopWriteCloser) Close() error { return nil }

@@ -92,6 +92,35 @@ func TestToolErrorsCarryOpID(t *testing.T) {
 	}
 }
 
+// TestBangerMCP: `banger mcp` serves MCP on its stdio (through bangerd's
+// server, `bangerd mcp`, which keeps the SDK out of the banger binary):
+// initialize, the tool list and a call, with no VM.
+func TestBangerMCP(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b := testenv.StartBangerd(t) // builds bangerd where banger is built, as installed
+	cmd := exec.Command(testenv.Command(t, "banger"), "mcp")
+	cmd.Env = append(os.Environ(), "BANGER_HOME="+b.Home)
+	cmd.Stderr = os.Stderr
+	cs, err := mcp.NewClient(&mcp.Implementation{Name: "banger-test"}, nil).Connect(ctx, &mcp.CommandTransport{Command: cmd}, nil)
+	if err != nil {
+		t.Fatalf("initialize: %v", err)
+	}
+	defer cs.Close()
+	if r := cs.InitializeResult(); r == nil || r.ServerInfo.Name != "banger" {
+		t.Fatalf("initialize result: %+v", r)
+	}
+	lt, err := cs.ListTools(ctx, nil)
+	if err != nil || len(lt.Tools) < 8 {
+		t.Fatalf("tools: %v, %v", lt, err)
+	}
+	if res, out := call(t, cs, "list_vms", map[string]any{}); res.IsError {
+		t.Fatalf("list_vms: %s", text(res))
+	} else if vms, ok := out["vms"].([]any); !ok || len(vms) != 0 {
+		t.Fatalf("list_vms: %v", out)
+	}
+}
+
 // TestMCPRealGuest is the acceptance test: the SDK's client drives
 // `banger mcp` over stdio through a VM's life.
 func TestMCPRealGuest(t *testing.T) {
