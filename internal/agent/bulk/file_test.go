@@ -217,3 +217,36 @@ func socketPair(t *testing.T) (net.Conn, net.Conn) {
 	}
 	return cs[0], cs[1]
 }
+
+// FuzzGetter: whatever a guest agent sends as OpGet's answer, the host's
+// Getter never panics, always ends, and never yields more bytes than the
+// size it was told.
+func FuzzGetter(f *testing.F) {
+	frame := func(typ byte, p []byte) []byte {
+		var b bytes.Buffer
+		WriteFrame(&b, typ, p)
+		return b.Bytes()
+	}
+	ok := frame(FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&FileInfo{Size: 5, Mode: 0o644})}))
+	f.Add(append(append(append([]byte{}, ok...), frame(FrameData, []byte("hello"))...), frame(FrameEOF, nil)...))
+	f.Add(append(append([]byte{}, ok...), frame(FrameData, []byte("hello, world"))...))
+	f.Add(append(append([]byte{}, ok...), frame(FrameReply, ssh.Marshal(&Reply{Payload: []byte("EIO")}))...))
+	f.Add([]byte{FrameReply, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		for _, useWriteTo := range []bool{true, false} {
+			g, err := StartGet(bytes.NewReader(stream))
+			if err != nil {
+				continue
+			}
+			var n int64
+			if useWriteTo {
+				n, _ = g.WriteTo(io.Discard)
+			} else {
+				n, _ = io.Copy(io.Discard, struct{ io.Reader }{g})
+			}
+			if uint64(n) > g.Info.Size {
+				t.Fatalf("yielded %d bytes of an announced %d", n, g.Info.Size)
+			}
+		}
+	})
+}
