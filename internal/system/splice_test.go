@@ -3,6 +3,7 @@ package system
 import (
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 )
@@ -47,5 +48,48 @@ func TestSpliceBothWaysWithHalfClose(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Splice did not return after both directions ended")
+	}
+}
+
+// writeSizes records the size of every Write to its net.Conn.
+type writeSizes struct {
+	net.Conn
+	mu    sync.Mutex
+	sizes []int
+}
+
+func (w *writeSizes) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.sizes = append(w.sizes, len(p))
+	w.mu.Unlock()
+	return w.Conn.Write(p)
+}
+
+// TestSpliceBufferWriteSize: SpliceBuffer hands on what one read returns in
+// one write, beyond io.Copy's 32 KiB (a bulk frame reaches yamux whole).
+func TestSpliceBufferWriteSize(t *testing.T) {
+	const frame = 256 << 10
+	client, a := net.Pipe()
+	b, server := net.Pipe()
+	for _, c := range []net.Conn{client, a, b, server} {
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+	}
+	rec := &writeSizes{Conn: b}
+	done := make(chan struct{})
+	go func() { SpliceBuffer(a, rec, 512<<10); close(done) }()
+	go func() {
+		client.Write(make([]byte, frame))
+		client.Close()
+	}()
+	n, err := io.Copy(io.Discard, server)
+	if err != nil || n != frame {
+		t.Fatalf("spliced %d bytes, %v", n, err)
+	}
+	server.Close()
+	<-done
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.sizes) != 1 || rec.sizes[0] != frame {
+		t.Fatalf("writes %v, want one of %d", rec.sizes, frame)
 	}
 }
