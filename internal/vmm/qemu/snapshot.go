@@ -259,7 +259,9 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string)
 	}
 	ctx, cancel := withSnapshotTimeout(ctx)
 	defer cancel()
+	t0 := time.Now()
 	inst, err := d.launch(ctx, cfg, launchOpts{Incoming: true, SnapshotRAM: ram})
+	launched := time.Since(t0)
 	if err != nil {
 		return nil, err
 	}
@@ -277,7 +279,8 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string)
 		}
 		return nil, fmt.Errorf("restore: %w", err)
 	}
-	inst.log.InfoContext(ctx, "qemu restored from a saved state", "snapshot_memory", meta.Memory)
+	inst.log.InfoContext(ctx, "qemu restored from a saved state", "snapshot_memory", meta.Memory,
+		"launch_ms", launched.Milliseconds(), "load_ms", (time.Since(t0) - launched).Milliseconds())
 	return inst, nil
 }
 
