@@ -219,7 +219,8 @@ func (i *instance) SaveState(ctx context.Context, dir string) (vmm.SavedState, e
 		n, _ := vmmproc.DiskUse(filepath.Join(dir, f))
 		use += n
 	}
-	i.log.InfoContext(ctx, "qemu state saved", "memory", meta.Memory, "bytes", use)
+	streamUse, _ := vmmproc.DiskUse(path)
+	i.log.InfoContext(ctx, "qemu state saved", "memory", meta.Memory, "bytes", use, "stream_bytes", streamUse)
 	return vmm.SavedState{Driver: DriverName, Files: files, Bytes: use}, nil
 }
 
