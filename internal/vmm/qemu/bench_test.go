@@ -25,7 +25,7 @@ func TestBenchSnapshotMemory(t *testing.T) {
 		t.Skip("a benchmark: set BANGER_BENCH_SNAPSHOT=1")
 	}
 	if !memTmpfs(t) {
-		t.Skip("/dev/shm is not a tmpfs here")
+		t.Skip("/dev/shm is not a tmpfs with 2 GiB free here")
 	}
 	rounds := 10
 	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {

@@ -129,7 +129,6 @@ var testMemDir = fmt.Sprintf("/dev/shm/banger-qemu-test-%d", os.Getpid())
 func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(testMemDir)
-	os.Remove(testMemDir + "-link")
 	if fallbackMemo.dir != "" {
 		os.RemoveAll(fallbackMemo.dir)
 	}
