@@ -35,7 +35,11 @@ const (
 	// snapshotTimeout bounds SaveState and the load in Restore when ctx has
 	// no deadline.
 	snapshotTimeout = 2 * time.Minute
-	migratePoll     = 10 * time.Millisecond
+	// migratePoll is the first and migratePollMax the longest wait between
+	// two query-migrate: a device-state stream takes a few ms, a whole
+	// memory stream ~100 ms.
+	migratePoll    = 2 * time.Millisecond
+	migratePollMax = 10 * time.Millisecond
 )
 
 var (
@@ -80,6 +84,7 @@ type migrationInfo struct {
 
 // waitMigration polls query-migrate until the migration completed or failed.
 func (i *instance) waitMigration(ctx context.Context) error {
+	poll := migratePoll
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -103,7 +108,8 @@ func (i *instance) waitMigration(ctx context.Context) error {
 		case "failed", "cancelled":
 			return fmt.Errorf("qemu's migration %s: %s", mi.Status, mi.ErrorDesc)
 		}
-		t.Reset(migratePoll)
+		t.Reset(poll)
+		poll = min(2*poll, migratePollMax)
 	}
 }
 
