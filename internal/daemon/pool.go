@@ -300,7 +300,14 @@ type execer interface {
 	Exec(ctx context.Context, cmd []string, stdin io.Reader, stdout, stderr io.Writer, opts guest.ExecOptions) (int, error)
 }
 
-// warmPoolVM runs `true` in a new pool VM and renames it once (to the name
+// bulkExecer is a guest agent client that runs a command on a bulk session
+// (guest.Client.ExecBulk), the path `banger exec` takes.
+type bulkExecer interface {
+	ExecBulk(ctx context.Context, line string) (int, error)
+}
+
+// warmPoolVM runs `true` in a new pool VM (over a bulk session, as `banger
+// exec` does) and renames it once (to the name
 // it has): a restored QEMU under TCG translates each guest code path the
 // first time it runs, so the claim's rename and the run's first exec (fork,
 // exec, wait, the agent's session code, /etc writes) would otherwise pay
@@ -315,7 +322,11 @@ func (s *vmService) warmPoolVM(ctx context.Context, vm *store.VM) {
 	began := time.Now()
 	a, err := s.agent(ctx, vm.ID, rt)
 	if err == nil {
-		if ex, ok := a.(execer); ok {
+		if bx, ok := a.(bulkExecer); ok {
+			// the claim's exec takes the bulk path: warm that (and make no
+			// SSH handshake)
+			_, err = bx.ExecBulk(ctx, "true")
+		} else if ex, ok := a.(execer); ok {
 			_, err = ex.Exec(ctx, []string{"true"}, nil, io.Discard, io.Discard, guest.ExecOptions{})
 		}
 	}

@@ -456,3 +456,30 @@ func TestReachSendsNothing(t *testing.T) {
 		t.Fatalf("%d SSH connections, want 1", a.sshConns.Load())
 	}
 }
+
+// TestExecBulk: the pool's warm-up command runs on a bulk session (the
+// path banger exec takes) with no SSH connection, and reports the exit
+// status; a client without the bulk key runs it over SSH.
+func TestExecBulk(t *testing.T) {
+	key := bytes.Repeat([]byte{9}, bulk.KeySize)
+	a := startBulkAgent(t, key)
+	marker := filepath.Join(a.dir, "ran")
+	c := a.client(t, a.hostKey.Public, key)
+	ctx := testCtx(t)
+	if code, err := c.ExecBulk(ctx, "touch "+marker+"; exit 3"); err != nil || code != 3 {
+		t.Fatalf("exit status %d, %v; want 3", code, err)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("the command did not run: %v", err)
+	}
+	if n := a.sshConns.Load(); n != 0 {
+		t.Fatalf("%d SSH connections, want none", n)
+	}
+	noKey := a.client(t, a.hostKey.Public, nil)
+	if code, err := noKey.ExecBulk(ctx, "exit 4"); err != nil || code != 4 {
+		t.Fatalf("without a key: exit status %d, %v; want 4", code, err)
+	}
+	if n := a.sshConns.Load(); n != 1 {
+		t.Fatalf("without a key: %d SSH connections, want 1", n)
+	}
+}
