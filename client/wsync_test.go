@@ -258,6 +258,37 @@ func TestSyncerReplacesWhatTheGuestPut(t *testing.T) {
 			t.Errorf("%s: %q", f.rel, b)
 		}
 	}
+	// directories: new ones with their modes (one the umask would clip),
+	// and one that exists gets its mode changed
+	os.MkdirAll(filepath.Join(dest, "d0"), 0o700)
+	dirs := []struct {
+		rel  string
+		mode fs.FileMode
+	}{{"d0", 0o755}, {"d1", 0o777}, {"d1/d2", 0o750}, {"d3", 0o700 | fs.ModeSticky}}
+	s2 := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
+	host2, agent2 := net.Pipe()
+	done2 := make(chan error, 1)
+	go func() { done2 <- s2.Serve(agent2, agent2); agent2.Close() }()
+	if _, err := bulk.ReadManifest(host2); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for _, d := range dirs {
+			writeReq(host2, bulk.SyncDir, bulk.SyncEntry{Rel: d.rel, Mode: bulk.KeptMode(d.mode)})
+		}
+		writeReq(host2, bulk.SyncDone, bulk.SyncEntry{})
+	}()
+	if _, err := bulk.ReadSyncReply(host2); err != nil || <-done2 != nil {
+		t.Fatalf("push of directories: %v", err)
+	}
+	host2.Close()
+	for _, d := range dirs {
+		fi, err := os.Lstat(filepath.Join(dest, d.rel))
+		if err != nil || !fi.IsDir() || bulk.KeptMode(fi.Mode()) != bulk.KeptMode(d.mode) {
+			t.Errorf("%s: %v %v, want a directory %v", d.rel, fi.Mode(), err, d.mode)
+		}
+	}
+	files = append(files, dirs[0], dirs[1], dirs[3])
 	if ents, _ := os.ReadDir(dest); len(ents) != len(files) {
 		t.Fatalf("dest has %d entries (a temporary file left?), want %d", len(ents), len(files))
 	}

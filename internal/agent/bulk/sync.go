@@ -382,6 +382,24 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 		s.setState(e.Rel)
 		return nil
 	}
+	if kind == SyncDir {
+		// Likewise a new directory: made with its mode, chmod only when
+		// the umask took bits or setuid, setgid or sticky is asked for.
+		perm := uint32(fs.FileMode(e.Mode) & fs.ModePerm)
+		err := unix.Mkdir(p, perm)
+		if err == nil {
+			s.known[e.Rel] = true
+			s.stats.Dirs++
+			s.setState(e.Rel)
+			if perm&^s.umask != perm || modeExtra(e.Mode) != 0 {
+				return os.Chmod(p, fs.FileMode(e.Mode)&fs.ModePerm|modeExtra(e.Mode))
+			}
+			return nil
+		}
+		if !errors.Is(err, unix.EEXIST) {
+			return &fs.PathError{Op: "mkdir", Path: p, Err: err}
+		}
+	}
 	fi, lerr := os.Lstat(p)
 	exists := lerr == nil
 	switch kind {
