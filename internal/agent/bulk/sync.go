@@ -71,7 +71,7 @@ type SyncObjEntry struct {
 	Size     uint64
 	Object   string // slash path of the loose object below the destination
 	ObjMode  uint32
-	ObjMTime uint64
+	ObjMTime uint64 // the host's; not set in the guest (git ignores it)
 }
 
 // ObjEnd is a SyncObjEnd request's payload.
@@ -578,7 +578,7 @@ func (s *Syncer) fileObj(o SyncObjEntry, r io.Reader) error {
 	if err != nil {
 		return err
 	}
-	ow, err := s.newObjWriter(op, o.Size)
+	ow, err := s.newObjWriter(op, o.Size, fs.FileMode(o.ObjMode))
 	if err != nil {
 		return err
 	}
@@ -602,7 +602,7 @@ func (s *Syncer) fileObj(o SyncObjEntry, r io.Reader) error {
 	if !end.OK {
 		return nil // the host sends the object itself
 	}
-	if err := ow.finish(end.Adler, fs.FileMode(o.ObjMode), int64(o.ObjMTime)); err != nil {
+	if err := ow.finish(end.Adler); err != nil {
 		return fmt.Errorf("object %s: %w", o.Object, err)
 	}
 	s.stats.Objects++
@@ -632,7 +632,9 @@ func looseObjectPath(rel string) bool {
 // costs one writev: headers and data go out of the frame buffer as they are.
 type objWriter struct {
 	fd         int
-	tmp, final string
+	tmp, final string // written at tmp, which is final unless final existed
+	perm       uint32
+	chmod      bool     // perm is set after the data
 	total      uint64   // inflated bytes not yet written
 	block      uint64   // bytes left in the current stored block
 	pending    [][]byte // written with the next data
@@ -642,14 +644,26 @@ type objWriter struct {
 
 const maxStored = 65535
 
-func (s *Syncer) newObjWriter(final string, size uint64) (*objWriter, error) {
-	tmp := filepath.Join(filepath.Dir(final), ".banger-obj-"+randName())
-	fd, err := unix.Open(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+func (s *Syncer) newObjWriter(final string, size uint64, mode fs.FileMode) (*objWriter, error) {
+	// Written at its name (the host found it missing), with its mode when
+	// the umask keeps it; at a temporary name, renamed, if it is there.
+	perm := uint32(mode & fs.ModePerm)
+	createPerm := perm
+	if perm&^s.umask != perm {
+		createPerm = 0o600
+	}
+	const flags = unix.O_WRONLY | unix.O_CREAT | unix.O_EXCL | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	tmp := final
+	fd, err := unix.Open(tmp, flags, createPerm)
+	if errors.Is(err, unix.EEXIST) {
+		tmp = filepath.Join(filepath.Dir(final), ".banger-obj-"+randName())
+		fd, err = unix.Open(tmp, flags, createPerm)
+	}
 	if err != nil {
 		return nil, &fs.PathError{Op: "create", Path: tmp, Err: err}
 	}
 	head := []byte("blob " + strconv.FormatUint(size, 10) + "\x00")
-	o := &objWriter{fd: fd, tmp: tmp, final: final, total: uint64(len(head)) + size,
+	o := &objWriter{fd: fd, tmp: tmp, final: final, perm: perm, chmod: createPerm != perm, total: uint64(len(head)) + size,
 		hdrs: make([]byte, 0, 5*(MaxFrame/maxStored+4))}
 	o.pending = [][]byte{{0x78, 0x01}}
 	o.iov = o.add(o.pending, head)
@@ -689,7 +703,7 @@ func (o *objWriter) write(d []byte) error {
 	return err
 }
 
-func (o *objWriter) finish(adler uint32, mode fs.FileMode, mtime int64) error {
+func (o *objWriter) finish(adler uint32) error {
 	if o.total != 0 {
 		return errors.New("short object")
 	}
@@ -698,21 +712,22 @@ func (o *objWriter) finish(adler uint32, mode fs.FileMode, mtime int64) error {
 	if err := writevAll(o.fd, iov); err != nil {
 		return err
 	}
-	if perm := uint32(mode & fs.ModePerm); perm != 0o600 {
-		if err := unix.Fchmod(o.fd, perm); err != nil {
+	if o.chmod {
+		if err := unix.Fchmod(o.fd, o.perm); err != nil {
 			return err
 		}
 	}
-	if err := futimens(o.fd, mtime); err != nil {
-		return err
-	}
+	// No mtime: git reads none from a loose object (it prunes only
+	// unreachable ones by age), and a push compares objects by name.
 	err := unix.Close(o.fd)
 	o.fd = -1
 	if err != nil {
 		return err
 	}
-	if err := os.Rename(o.tmp, o.final); err != nil {
-		return err
+	if o.tmp != o.final {
+		if err := os.Rename(o.tmp, o.final); err != nil {
+			return err
+		}
 	}
 	o.tmp = ""
 	return nil

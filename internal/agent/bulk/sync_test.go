@@ -29,11 +29,13 @@ func TestSyncFileObj(t *testing.T) {
 		name   string
 		frames []int
 		ok     bool
+		exists bool // a file is at the object's name already
 	}{
-		{"blocks", []int{70_000, 1, 65_534, 64_465}, true},
-		{"one frame", []int{200_000}, true},
-		{"empty", nil, true},
-		{"bad hash", []int{200_000}, false},
+		{"blocks", []int{70_000, 1, 65_534, 64_465}, true, false},
+		{"one frame", []int{200_000}, true, false},
+		{"empty", nil, true, false},
+		{"bad hash", []int{200_000}, false, false},
+		{"object there", []int{1000}, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			size := 0
@@ -46,6 +48,10 @@ func TestSyncFileObj(t *testing.T) {
 			id := hex.EncodeToString(sum[:])
 			obj := ".git/objects/" + id[:2] + "/" + id[2:]
 			dest := filepath.Join(t.TempDir(), "ws")
+			if tc.exists {
+				os.MkdirAll(filepath.Join(dest, filepath.Dir(obj)), 0o755)
+				os.WriteFile(filepath.Join(dest, obj), []byte("garbage"), 0o644)
+			}
 			host, agent := net.Pipe()
 			done := make(chan error, 1)
 			go func() { done <- (&Syncer{Dest: dest, StateDir: t.TempDir()}).Serve(agent, agent); agent.Close() }()
