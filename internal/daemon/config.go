@@ -20,6 +20,13 @@ type FileConfig struct {
 	VMM string `json:"vmm,omitempty"`
 	// QEMUAccel is "auto", "kvm" or "tcg".
 	QEMUAccel string `json:"qemu_accel,omitempty"`
+	// QEMUMemoryFile keeps each QEMU guest's memory in a file on a tmpfs
+	// (memory-backend-file, share=on), so that a snapshot or fork copies
+	// the file and its clones map it instead of a migration stream: forks
+	// are faster, but a guest's memory then gets no transparent huge
+	// pages, which makes boots and restored guests slower under TCG (see
+	// docs/BENCHMARKS.md). Off by default; BANGER_QEMU_MEMORY_FILE=1 too.
+	QEMUMemoryFile bool `json:"qemu_memory_file,omitempty"`
 	// FirecrackerKVMDevice is the KVM device the firecracker driver checks
 	// (default /dev/kvm; the tests' fake firecracker needs none).
 	FirecrackerKVMDevice string `json:"firecracker_kvm_device,omitempty"`
@@ -96,6 +103,15 @@ func loadFileConfig(path string) (FileConfig, error) {
 	}
 	if v := os.Getenv("BANGER_VMM"); v != "" {
 		c.VMM = v
+	}
+	switch os.Getenv("BANGER_QEMU_MEMORY_FILE") {
+	case "":
+	case "1", "true":
+		c.QEMUMemoryFile = true
+	case "0", "false":
+		c.QEMUMemoryFile = false
+	default:
+		return c, fmt.Errorf("BANGER_QEMU_MEMORY_FILE must be 1 or 0, not %q", os.Getenv("BANGER_QEMU_MEMORY_FILE"))
 	}
 	switch c.VMM {
 	case "", "auto", "qemu", "firecracker":

@@ -35,8 +35,14 @@ func (d *Daemon) initServices(ctx context.Context) error {
 		}
 		return nil
 	})
+	// Guest memory as a tmpfs file only when configured: it speeds forks
+	// but costs boots and restored guests their huge pages.
+	var memDirs []string
+	if fc.QEMUMemoryFile {
+		memDirs = d.cfg.Layout.MemoryDirs()
+	}
 	drivers := map[string]vmm.Driver{
-		"qemu":        qemu.New(qemu.Options{Accel: fc.QEMUAccel, MemoryDirs: d.cfg.Layout.MemoryDirs(), Logger: d.log}),
+		"qemu":        qemu.New(qemu.Options{Accel: fc.QEMUAccel, MemoryDirs: memDirs, Logger: d.log}),
 		"firecracker": firecracker.New(firecracker.Options{Logger: d.log, KVMDevice: fc.FirecrackerKVMDevice}),
 	}
 	def := fc.VMM

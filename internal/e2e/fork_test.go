@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // execOut runs a command in a VM and returns its trimmed stdout.
@@ -68,7 +70,30 @@ func identityOf(t *testing.T, h, vm string) identity {
 // the fork keeps counting in the clone; the clone's identity differs; both
 // answer at once; their RNGs differ; the clone outlives its source.
 func TestForkRealGuest(t *testing.T) {
-	h, d, _ := realHome(t)
+	// The default (anonymous guest memory, snapshots in a migration
+	// stream) and qemu_memory_file (memory in a tmpfs file, copied by a
+	// snapshot and mapped by its clones).
+	for _, tc := range []struct{ name, env, saved string }{
+		{"anonymous memory", "BANGER_QEMU_MEMORY_FILE=0", `"memory":"stream"`},
+		{"memory file", "BANGER_QEMU_MEMORY_FILE=1", `"memory":"file"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.saved == `"memory":"file"` {
+				var st unix.Statfs_t
+				if unix.Statfs("/dev/shm", &st) != nil || int64(st.Bavail)*int64(st.Bsize) < 1<<30 {
+					t.Skip("/dev/shm has less than 1 GiB free here: bangerd would fall back to anonymous memory")
+				}
+			}
+			h, d, _ := realHomeEnv(t, tc.env)
+			forkRealGuest(t, h, d)
+			if !strings.Contains(d.logs.String(), tc.saved) {
+				t.Errorf("no snapshot saved with %s in bangerd's log", tc.saved)
+			}
+		})
+	}
+}
+
+func forkRealGuest(t *testing.T, h string, d *daemonProc) {
 	if _, errOut, code := banger(t, h, "vm", "create", "src", "--memory", "256M", "--disk", "256M"); code != 0 {
 		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
 	}

@@ -28,6 +28,12 @@ type vmJSON struct {
 // tests run as root: see daemonUID).
 func realHome(t *testing.T) (string, *daemonProc, string) {
 	t.Helper()
+	return realHomeEnv(t)
+}
+
+// realHomeEnv is realHome with bangerd given extra environment (KEY=VALUE).
+func realHomeEnv(t *testing.T, env ...string) (string, *daemonProc, string) {
+	t.Helper()
 	testenv.RequireQEMU(t)
 	if _, err := os.Stat(filepath.Join(repoRoot(t), "cmd", "banger-agent", "main.go")); err != nil {
 		t.Fatalf("cmd/banger-agent is missing: %v", err)
@@ -37,7 +43,7 @@ func realHome(t *testing.T) (string, *daemonProc, string) {
 	rootfs := testenv.BusyboxRootfs(t, 64)
 	h := home(t)
 	deb, rootfs = copyIntoHome(t, h, deb), copyIntoHome(t, h, rootfs)
-	d := startUserDaemon(t, h, "BANGER_VMM=qemu")
+	d := startUserDaemon(t, h, append([]string{"BANGER_VMM=qemu"}, env...)...)
 	mustBanger(t, h, "kernel", "import", "--deb", deb, "--name", "debian")
 	mustBanger(t, h, "image", "import", rootfs, "--name", "busybox")
 	os.Remove(deb)
