@@ -46,12 +46,16 @@ type readyPool struct {
 	budgetMiB int
 	notes     map[string]string // by spec key
 	making    map[string]int
+	// warming holds the pool VMs made but not yet warmed up (by id): not
+	// ready, so `pool ls` counts them as starting and a claim passes them
+	// by instead of waiting on their lock for the warm-up.
+	warming map[string]bool
 	kick      chan struct{}
 }
 
 func newReadyPool(dataDir string, fromConfig []api.PoolSpec, budgetMiB int) *readyPool {
 	p := &readyPool{path: filepath.Join(dataDir, poolsFile), budgetMiB: budgetMiB, notes: map[string]string{},
-		making: map[string]int{}, kick: make(chan struct{}, 1)}
+		making: map[string]int{}, warming: map[string]bool{}, kick: make(chan struct{}, 1)}
 	if p.budgetMiB <= 0 {
 		p.budgetMiB = defaultPoolBudget
 	}
@@ -148,7 +152,7 @@ func (s *vmService) poolList(ctx context.Context, _ struct{}) ([]*api.Pool, erro
 			return nil, storeErr(err)
 		}
 		for _, vm := range members {
-			if vm.State == store.StateRunning && s.runtime(vm.ID) != nil {
+			if vm.State == store.StateRunning && s.runtime(vm.ID) != nil && !s.pool.isWarming(vm.ID) {
 				pl.Ready++
 				pl.VMs = append(pl.VMs, vm.Name)
 			} else {
@@ -268,6 +272,8 @@ func (s *vmService) makePoolVM(ctx context.Context, key string, img *store.Image
 	vm := &store.VM{ID: newID(), ImageID: img.ID, KernelID: k.ID, VCPUs: sp.VCPUs, MemoryMiB: sp.MemoryMiB,
 		DiskMiB: sp.DiskMiB, State: store.StateCreating, Driver: s.defDrv}
 	vm.Name = "pool-" + vm.ID[:12]
+	s.pool.setWarming(vm.ID, true)
+	defer s.pool.setWarming(vm.ID, false)
 	if err := s.store.CreatePoolVM(ctx, vm, key); err != nil {
 		return storeErr(err)
 	}
@@ -293,6 +299,22 @@ func (s *vmService) makePoolVM(ctx context.Context, key string, img *store.Image
 	s.warmPoolVM(ctx, vm)
 	s.log.InfoContext(ctx, "pool VM ready", "vm", vm.Name, "restored", sn != nil)
 	return nil
+}
+
+func (p *readyPool) setWarming(id string, on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if on {
+		p.warming[id] = true
+	} else {
+		delete(p.warming, id)
+	}
+}
+
+func (p *readyPool) isWarming(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.warming[id]
 }
 
 // execer is a guest agent client that runs commands.
@@ -353,6 +375,9 @@ func (s *vmService) claimPool(ctx context.Context, key, name, workspace string) 
 		return nil, nil
 	}
 	for _, m := range members {
+		if s.pool.isWarming(m.ID) {
+			continue // not ready: a restore from the base beats waiting for it
+		}
 		vm, err := s.claimOne(ctx, m.ID, key, name, workspace)
 		if err != nil {
 			s.log.WarnContext(ctx, "claim a pool VM", "vm", m.Name, "error", err.Error())

@@ -234,14 +234,23 @@ type reidLog struct {
 	mu    sync.Mutex
 	calls []reidCall
 	execs [][]string
-	made  int // agent clients made
+	made  int           // agent clients made
+	gate  chan struct{} // when set, Exec waits for it to close
 }
 
 // Exec records the command (the pool's warm-up).
 func (a *reidAgent) Exec(ctx context.Context, cmd []string, stdin io.Reader, stdout, stderr io.Writer, opts guest.ExecOptions) (int, error) {
 	a.log.mu.Lock()
-	defer a.log.mu.Unlock()
+	gate := a.log.gate
 	a.log.execs = append(a.log.execs, cmd)
+	a.log.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
 	return 0, nil
 }
 
@@ -612,5 +621,61 @@ func TestReconcileRemovesStrayMemFiles(t *testing.T) {
 	ts.reapStrayMemFiles(ctx)
 	if _, err := os.Stat(stray); err != nil {
 		t.Errorf("a file in a directory with mode 0755 was removed: %v", err)
+	}
+}
+
+// A pool VM is ready only once warmed up: until then `pool ls` counts it as
+// starting and a claim passes it by at once (the run restores from the base
+// instead) rather than waiting on its lock for the warm-up.
+func TestPoolVMReadyOnlyWhenWarm(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	ts.snapshotCapable()
+	rl := ts.logReidentify()
+	rl.gate = make(chan struct{})
+	ts.pool = newReadyPool(ts.layout.DataDir, nil, 600)
+	spec := api.PoolSpec{Image: "img", Kernel: "k", MemoryMiB: 256, DiskMiB: 256, Size: 1}
+	if _, err := ts.poolSet(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	key, _, _, err := ts.specKey(ctx, poolDefaults(spec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	refilled := make(chan struct{})
+	go func() { ts.poolRefill(ctx); close(refilled) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		rl.mu.Lock()
+		n := len(rl.execs)
+		rl.mu.Unlock()
+		if n > 0 {
+			break // the pool VM runs and its warm-up has begun
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pool VM's warm-up did not begin")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if pools, _ := ts.poolList(ctx, struct{}{}); len(pools) != 1 || pools[0].Ready != 0 || pools[0].Starting != 1 {
+		t.Errorf("pool during the warm-up: %+v", pools)
+	}
+	claimed := make(chan *store.VM, 1)
+	go func() { vm, _ := ts.claimPool(ctx, key, "early", ""); claimed <- vm }()
+	select {
+	case vm := <-claimed:
+		if vm != nil {
+			t.Errorf("a VM still warming up was claimed: %s", vm.Name)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the claim waited for the warm-up")
+	}
+	close(rl.gate)
+	<-refilled
+	if pools, _ := ts.poolList(ctx, struct{}{}); len(pools) != 1 || pools[0].Ready != 1 {
+		t.Errorf("pool after the warm-up: %+v", pools)
+	}
+	if vm, err := ts.claimPool(ctx, key, "job", ""); vm == nil || err != nil {
+		t.Fatalf("claim after the warm-up: %v %v", vm, err)
 	}
 }
