@@ -50,7 +50,7 @@ type readyPool struct {
 	// ready, so `pool ls` counts them as starting and a claim passes them
 	// by instead of waiting on their lock for the warm-up.
 	warming map[string]bool
-	kick      chan struct{}
+	kick    chan struct{}
 }
 
 func newReadyPool(dataDir string, fromConfig []api.PoolSpec, budgetMiB int) *readyPool {
