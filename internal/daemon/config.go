@@ -22,11 +22,10 @@ type FileConfig struct {
 	QEMUAccel string `json:"qemu_accel,omitempty"`
 	// QEMUMemoryFile keeps each QEMU guest's memory in a file on a tmpfs
 	// (memory-backend-file, share=on), so that a snapshot or fork copies
-	// the file and its clones map it instead of a migration stream: forks
-	// are faster, but a guest's memory then gets no transparent huge
-	// pages, which makes boots and restored guests slower under TCG (see
-	// docs/BENCHMARKS.md). Off by default; BANGER_QEMU_MEMORY_FILE=1 too.
-	QEMUMemoryFile bool `json:"qemu_memory_file,omitempty"`
+	// the file and its clones map it instead of loading a migration
+	// stream. On by default (nil); false gives guests anonymous memory and
+	// snapshots the whole stream. BANGER_QEMU_MEMORY_FILE=0/1 overrides.
+	QEMUMemoryFile *bool `json:"qemu_memory_file,omitempty"`
 	// FirecrackerKVMDevice is the KVM device the firecracker driver checks
 	// (default /dev/kvm; the tests' fake firecracker needs none).
 	FirecrackerKVMDevice string `json:"firecracker_kvm_device,omitempty"`
@@ -45,6 +44,10 @@ type FileConfig struct {
 	// (default 2048).
 	PoolMemoryMiB int `json:"pool_memory_mib,omitempty"`
 }
+
+// memoryFile reports whether QEMU guests get their memory in a tmpfs file
+// (qemu_memory_file, on unless set false).
+func (c FileConfig) memoryFile() bool { return c.QEMUMemoryFile == nil || *c.QEMUMemoryFile }
 
 // ImagesConfig bounds image pull/import/build: layers are hostile, and these
 // stop one from filling the disk or bangerd's memory.
@@ -104,12 +107,11 @@ func loadFileConfig(path string) (FileConfig, error) {
 	if v := os.Getenv("BANGER_VMM"); v != "" {
 		c.VMM = v
 	}
-	switch os.Getenv("BANGER_QEMU_MEMORY_FILE") {
+	switch v := os.Getenv("BANGER_QEMU_MEMORY_FILE"); v {
 	case "":
-	case "1", "true":
-		c.QEMUMemoryFile = true
-	case "0", "false":
-		c.QEMUMemoryFile = false
+	case "1", "true", "0", "false":
+		on := v == "1" || v == "true"
+		c.QEMUMemoryFile = &on
 	default:
 		return c, fmt.Errorf("BANGER_QEMU_MEMORY_FILE must be 1 or 0, not %q", os.Getenv("BANGER_QEMU_MEMORY_FILE"))
 	}

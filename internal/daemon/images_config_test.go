@@ -51,8 +51,8 @@ func TestImageLimitsConfig(t *testing.T) {
 	}
 }
 
-// qemu_memory_file is off unless the config or BANGER_QEMU_MEMORY_FILE
-// turns it on; the environment wins, and a bad value is refused.
+// qemu_memory_file is on unless the config or BANGER_QEMU_MEMORY_FILE
+// turns it off; the environment wins, and a bad value is refused.
 func TestQEMUMemoryFileConfig(t *testing.T) {
 	dir := t.TempDir()
 	for _, tc := range []struct {
@@ -60,10 +60,11 @@ func TestQEMUMemoryFileConfig(t *testing.T) {
 		want      bool
 		bad       bool
 	}{
-		{file: `{}`, want: false},
+		{file: `{}`, want: true},
+		{file: `{"qemu_memory_file": false}`, want: false},
 		{file: `{"qemu_memory_file": true}`, want: true},
 		{file: `{"qemu_memory_file": true}`, env: "0", want: false},
-		{file: `{}`, env: "1", want: true},
+		{file: `{"qemu_memory_file": false}`, env: "1", want: true},
 		{file: `{}`, env: "yes", bad: true},
 	} {
 		p := filepath.Join(dir, "config.json")
@@ -72,8 +73,8 @@ func TestQEMUMemoryFileConfig(t *testing.T) {
 		}
 		t.Setenv("BANGER_QEMU_MEMORY_FILE", tc.env)
 		fc, err := loadFileConfig(p)
-		if (err != nil) != tc.bad || (err == nil && fc.QEMUMemoryFile != tc.want) {
-			t.Errorf("file %s, env %q: memory file %v, error %v", tc.file, tc.env, fc.QEMUMemoryFile, err)
+		if (err != nil) != tc.bad || (err == nil && fc.memoryFile() != tc.want) {
+			t.Errorf("file %s, env %q: memory file %v, error %v", tc.file, tc.env, fc.memoryFile(), err)
 		}
 	}
 }

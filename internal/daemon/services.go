@@ -35,10 +35,10 @@ func (d *Daemon) initServices(ctx context.Context) error {
 		}
 		return nil
 	})
-	// Guest memory as a tmpfs file only when configured: it speeds forks
-	// but costs boots and restored guests their huge pages.
+	// Guest memory as a tmpfs file unless configured off (qemu_memory_file):
+	// snapshots copy it and clones map it instead of a migration stream.
 	var memDirs []string
-	if fc.QEMUMemoryFile {
+	if fc.memoryFile() {
 		memDirs = d.cfg.Layout.MemoryDirs()
 	}
 	drivers := map[string]vmm.Driver{

@@ -25,7 +25,9 @@ func TestBenchSnapshot(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {
 		rounds = v
 	}
-	h, d, _ := realHome(t)
+	// BANGER_BENCH_DAEMON_ENV: extra KEY=VALUE words for bangerd, e.g.
+	// BANGER_QEMU_MEMORY_FILE=1 to measure guest memory in a tmpfs file.
+	h, d, _ := realHomeEnv(t, strings.Fields(os.Getenv("BANGER_BENCH_DAEMON_ENV"))...)
 	mustBanger(t, h, "vm", "create", "src", "--memory", "256M", "--disk", "256M")
 	mustBanger(t, h, "exec", "src", "--", "true")
 	mustBanger(t, h, "snapshot", "create", "src", "base")
