@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -86,11 +87,15 @@ func (b *bench) captureRaw(v *api.VM) (*rawSpec, error) {
 
 // rawVM is one QEMU started by the baseline.
 type rawVM struct {
-	dir string
-	cmd *exec.Cmd
-	tr  *guest.Transport
-	gc  *guest.Client
+	dir    string
+	memDir string // the tmpfs directory of its memory file, if the VM had one
+	cmd    *exec.Cmd
+	tr     *guest.Transport
+	gc     *guest.Client
 }
+
+// memPathRe finds a memory-backend-file's file in a QEMU argument.
+var memPathRe = regexp.MustCompile(`mem-path=[^,]*`)
 
 func (r *rawVM) stop() {
 	if r.gc != nil {
@@ -104,6 +109,9 @@ func (r *rawVM) stop() {
 		r.cmd.Wait()
 	}
 	os.RemoveAll(r.dir)
+	if r.memDir != "" {
+		os.RemoveAll(r.memDir)
+	}
 }
 
 // prepareRaw makes a fresh directory with the VM's files: the boot config
@@ -135,6 +143,19 @@ func (b *bench) bootRaw(ctx context.Context, s *rawSpec, r *rawVM) (time.Duratio
 	args := make([]string, len(s.args))
 	for i, a := range s.args {
 		args[i] = strings.ReplaceAll(a, s.vmDir, r.dir)
+		// The guest's memory file (share=on) is the VM's own: a raw QEMU
+		// gets its own file on the same kind of filesystem (a tmpfs), never
+		// the banger VM's, which would share one guest's memory between two.
+		if memPathRe.MatchString(a) {
+			if r.memDir == "" {
+				d, err := os.MkdirTemp(filepath.Dir(memPathRe.FindString(a)[len("mem-path="):]), "bench-raw-")
+				if err != nil {
+					return 0, fmt.Errorf("raw QEMU: a directory for its memory file: %w", err)
+				}
+				r.memDir = d
+			}
+			args[i] = memPathRe.ReplaceAllLiteralString(args[i], "mem-path="+filepath.Join(r.memDir, "ram"))
+		}
 	}
 	logf, err := os.Create(filepath.Join(r.dir, "vmm.log"))
 	if err != nil {
