@@ -568,10 +568,7 @@ func TestDNSForwarderSurvivesHelperRestart(t *testing.T) {
 	env := nettest.New(t)
 	answer := netip.MustParseAddr("203.0.113.99")
 	env.ServeDNS(t, netip.MustParseAddrPort("127.0.0.53:53"), answer)
-	resolv := filepath.Join(t.TempDir(), "resolv.conf")
-	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	resolv := stubResolvConf(t)
 	h := startHelper(t, env, "--resolv-conf", resolv)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -714,6 +711,17 @@ func TestForwardingGuard(t *testing.T) {
 	}
 }
 
+// stubResolvConf writes a resolv.conf naming a stub resolver on
+// 127.0.0.53 (as systemd-resolved's) and returns its path.
+func stubResolvConf(t *testing.T) string {
+	t.Helper()
+	resolv := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return resolv
+}
+
 // dnsPortFree binds the forwarder's address itself in env's namespace;
 // IP_FREEBIND so that a gone bridge address does not fail the bind, only a
 // socket left on it.
@@ -742,10 +750,7 @@ func dnsPortFree(ctx context.Context, env *nettest.Env, dns *net.UDPAddr) error 
 // leaves port 53 on the gateway alone, as the ruleset does.
 func TestDNSForwarderResumesOnlyWithAllowDNS(t *testing.T) {
 	env := nettest.New(t)
-	resolv := filepath.Join(t.TempDir(), "resolv.conf")
-	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	resolv := stubResolvConf(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	gw := mustPrefix("172.30.0.1/24")
@@ -797,10 +802,7 @@ func TestDNSForwarderResumesOnlyWithAllowDNS(t *testing.T) {
 // out of band first (a firewall reload, `ip link del`).
 func TestDNSForwarderStopsWithNAT(t *testing.T) {
 	env := nettest.New(t)
-	resolv := filepath.Join(t.TempDir(), "resolv.conf")
-	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	resolv := stubResolvConf(t)
 	h := startHelper(t, env, "--resolv-conf", resolv)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
