@@ -25,6 +25,7 @@ import (
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/paths"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 )
 
@@ -300,7 +301,7 @@ func (b *bench) benchCreate() {
 		}
 		rt = append(rt, r)
 	}
-	bm, rm := median(bt), median(rt)
+	bm, rm := testenv.Median(bt), testenv.Median(rt)
 	b.add(Result{Group: "create", Metric: "create → agent ready", Unit: "ms", Banger: bm, Baseline: rm,
 		Base: "the same QEMU command line, kernel, initrd and disks, started by hand until the agent answers a ping",
 		N:    len(bt), Samples: bt, BaseSmp: rt})
@@ -308,7 +309,7 @@ func (b *bench) benchCreate() {
 	for i := range crit {
 		crit[i] = stageSamples["(before the VMM)"][i] + stageSamples["(after the agent answered)"][i]
 	}
-	cm := median(crit)
+	cm := testenv.Median(crit)
 	b.add(Result{Group: "create", Metric: "banger's share of create: p50 difference", Unit: "ms", Banger: bm - rm, N: len(bt),
 		Note: fmt.Sprintf("boots spread %.0f–%.0f ms (banger) and %.0f–%.0f ms (raw) on this machine: the difference is within that noise",
 			minf(bt), maxf(bt), minf(rt), maxf(rt))})
@@ -321,7 +322,7 @@ func (b *bench) benchCreate() {
 	}
 	sort.Strings(names)
 	for _, k := range names {
-		b.add(Result{Group: "create", Metric: "  stage: " + k, Unit: "ms", Banger: median(stageSamples[k]), N: len(stageSamples[k]), Samples: stageSamples[k]})
+		b.add(Result{Group: "create", Metric: "  stage: " + k, Unit: "ms", Banger: testenv.Median(stageSamples[k]), N: len(stageSamples[k]), Samples: stageSamples[k]})
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/image"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // Today's rates (issue 13, quiet machine): the targets are 3× these.
@@ -93,7 +94,7 @@ func (b *bench) benchExecLatency(vm, alias, ssh string) {
 	if err != nil {
 		b.fail("guest", "exec true", err)
 	} else {
-		bm, sm := median(bx), median(sx)
+		bm, sm := testenv.Median(bx), testenv.Median(sx)
 		b.add(Result{Group: "guest", Metric: "exec true", Unit: "ms", Banger: bm, Baseline: sm, Base: "ssh -F ssh-config with a live ControlMaster (runs interleaved)",
 			Target: "≤1.0×", Pass: passIf(bm <= sm), N: n, Samples: bx, BaseSmp: sx})
 	}
@@ -112,7 +113,7 @@ func (b *bench) benchExecLatency(vm, alias, ssh string) {
 	if err != nil {
 		b.fail("guest", "SSH handshake", err)
 	} else {
-		b.add(Result{Group: "guest", Metric: "  SSH handshake with the agent", Unit: "ms", Banger: median(hs), N: n, Samples: hs,
+		b.add(Result{Group: "guest", Metric: "  SSH handshake with the agent", Unit: "ms", Banger: testenv.Median(hs), N: n, Samples: hs,
 			Note: "client.SSH in-process (connect through bangerd + key exchange + auth): what banger ssh pays, and exec before the bulk path; OpenSSH's ControlMaster pays it once"})
 	}
 
@@ -129,7 +130,7 @@ func (b *bench) benchExecLatency(vm, alias, ssh string) {
 	if err != nil {
 		b.fail("guest", "client.Exec", err)
 	} else {
-		b.add(Result{Group: "guest", Metric: "  exec true in-process (client.Exec)", Unit: "ms", Banger: median(ix), N: n, Samples: ix,
+		b.add(Result{Group: "guest", Metric: "  exec true in-process (client.Exec)", Unit: "ms", Banger: testenv.Median(ix), N: n, Samples: ix,
 			Note: "the CLI's share is the difference from exec true"})
 	}
 
@@ -138,7 +139,7 @@ func (b *bench) benchExecLatency(vm, alias, ssh string) {
 	if err != nil {
 		b.fail("guest", "banger version", err)
 	} else {
-		b.add(Result{Group: "guest", Metric: "  banger version (the CLI process alone)", Unit: "ms", Banger: median(vx), N: n, Samples: vx,
+		b.add(Result{Group: "guest", Metric: "  banger version (the CLI process alone)", Unit: "ms", Banger: testenv.Median(vx), N: n, Samples: vx,
 			Note: "process start, package inits, the command tree; no RPC"})
 	}
 }
@@ -166,7 +167,7 @@ func (b *bench) benchTransfers(vm, alias, ssh, scp string) {
 		b.fail("guest", "payload", err)
 		return
 	}
-	rate := func(ds []float64) float64 { return float64(mib) / (median(ds) / 1000) }
+	rate := func(ds []float64) float64 { return float64(mib) / (testenv.Median(ds) / 1000) }
 	var raw map[bool]float64
 	transfer := func(metric, base, target string, want float64, toGuest bool, banger, baseline string) {
 		bs, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, banger); return err })
@@ -291,8 +292,8 @@ func (b *bench) benchWorkspace(vm, alias, ssh string) {
 		}
 		tp = append(tp, d...)
 	}
-	b.add(Result{Group: "workspace", Metric: "workspace push (" + desc + ")", Unit: "ms", Banger: median(bp), Baseline: median(tp),
-		Base: "git ls-files | tar c | banger exec -i tar x", Target: "≤0.5×", Pass: passIf(median(bp) <= 0.5*median(tp)), N: reps, Samples: bp, BaseSmp: tp,
+	b.add(Result{Group: "workspace", Metric: "workspace push (" + desc + ")", Unit: "ms", Banger: testenv.Median(bp), Baseline: testenv.Median(tp),
+		Base: "git ls-files | tar c | banger exec -i tar x", Target: "≤0.5×", Pass: passIf(testenv.Median(bp) <= 0.5*testenv.Median(tp)), N: reps, Samples: bp, BaseSmp: tp,
 		Note: "push also sends .git (2× the files and bytes the guest writes); its blobs are written in the guest from the files' data, not sent again"})
 
 	// Re-push after a one-file change.
@@ -308,8 +309,8 @@ func (b *bench) benchWorkspace(vm, alias, ssh string) {
 	if err != nil {
 		b.fail("workspace", "workspace re-push", err)
 	} else {
-		b.add(Result{Group: "workspace", Metric: "workspace re-push after a one-file change", Unit: "ms", Banger: median(repush), Baseline: median(tp),
-			Base: "tar | exec of the whole tree", Target: "<300 ms", Pass: passIf(median(repush) < 300), N: reps, Samples: repush, BaseSmp: tp})
+		b.add(Result{Group: "workspace", Metric: "workspace re-push after a one-file change", Unit: "ms", Banger: testenv.Median(repush), Baseline: testenv.Median(tp),
+			Base: "tar | exec of the whole tree", Target: "<300 ms", Pass: passIf(testenv.Median(repush) < 300), N: reps, Samples: repush, BaseSmp: tp})
 	}
 
 	// Pull (a branch in the host repository) vs tar c through exec.
@@ -324,12 +325,12 @@ func (b *bench) benchWorkspace(vm, alias, ssh string) {
 	if err != nil {
 		b.fail("workspace", "workspace pull", err)
 	} else {
-		r := Result{Group: "workspace", Metric: "workspace pull (" + desc + ")", Unit: "ms", Banger: median(bl),
+		r := Result{Group: "workspace", Metric: "workspace pull (" + desc + ")", Unit: "ms", Banger: testenv.Median(bl),
 			Base: "banger exec tar c | tar x", Target: "<1.0×", N: pullReps, Samples: bl, Note: b.pullPhases(vm, repo)}
 		if tl, err := timeN(pullReps, func() error { _, err := b.sh(10*time.Minute, tarPull); return err }); err != nil {
 			r.Note = "the baseline failed: " + firstLine(err.Error())
 		} else {
-			r.Baseline, r.BaseSmp, r.Pass = median(tl), tl, passIf(median(bl) < median(tl))
+			r.Baseline, r.BaseSmp, r.Pass = testenv.Median(tl), tl, passIf(testenv.Median(bl) < testenv.Median(tl))
 		}
 		b.add(r)
 	}
@@ -349,7 +350,7 @@ func (b *bench) benchWorkspace(vm, alias, ssh string) {
 		b.fail("workspace", "rsync", err)
 		return
 	}
-	b.add(Result{Group: "workspace", Metric: "workspace push vs rsync", Unit: "ms", Banger: median(bp), Baseline: median(rs),
+	b.add(Result{Group: "workspace", Metric: "workspace push vs rsync", Unit: "ms", Banger: testenv.Median(bp), Baseline: testenv.Median(rs),
 		Base: "rsync -a over ssh-config (ControlMaster)", N: reps, Samples: bp, BaseSmp: rs})
 }
 
@@ -413,7 +414,7 @@ func (b *bench) benchImage() {
 		b.fail("image", "tar -x + mkfs.ext4 -d", err)
 		return
 	}
-	b.add(Result{Group: "image", Metric: fmt.Sprintf("image from a %d MiB tar", st.Size()>>20), Unit: "ms", Banger: median(bs), Baseline: median(ts),
+	b.add(Result{Group: "image", Metric: fmt.Sprintf("image from a %d MiB tar", st.Size()>>20), Unit: "ms", Banger: testenv.Median(bs), Baseline: testenv.Median(ts),
 		Base: "tar -xp + mkfs.ext4 -d (needs root for owners)", N: reps, Samples: bs, BaseSmp: ts,
 		Note: "banger: internal/image.FromTar, the builder behind image import; " + strings.Join(have, " ")})
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/store"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // benchDisks: the writable disk at 4 GiB and 64 GiB (warm template), and
@@ -45,7 +46,7 @@ func (b *bench) benchDisks() {
 			samples[s] = append(samples[s], ms(time.Since(start)))
 		}
 	}
-	big, small := median(samples[64<<30]), median(samples[4<<30])
+	big, small := testenv.Median(samples[64<<30]), testenv.Median(samples[4<<30])
 	b.add(Result{Group: "disk", Metric: "writable disk 64 GiB (vs 4 GiB)", Unit: "ms", Banger: big, Baseline: small,
 		Base: "the same at 4 GiB", Target: "≤1.2×, both <10 ms", Pass: passIf(big <= 1.2*small && big < 10 && small < 10),
 		N: n, Samples: samples[64<<30], BaseSmp: samples[4<<30]})
@@ -74,7 +75,7 @@ func (b *bench) benchDisks() {
 		}
 		mk = append(mk, ms(time.Since(start)))
 	}
-	b.add(Result{Group: "disk", Metric: "writable disk 64 GiB (vs mkfs.ext4)", Unit: "ms", Banger: big, Baseline: median(mk),
+	b.add(Result{Group: "disk", Metric: "writable disk 64 GiB (vs mkfs.ext4)", Unit: "ms", Banger: big, Baseline: testenv.Median(mk),
 		Base: "mkfs.ext4 -E lazy_itable_init,lazy_journal_init on a sparse file", N: len(mk), Samples: samples[64<<30], BaseSmp: mk})
 	os.RemoveAll(dir)
 }
@@ -93,7 +94,7 @@ func (b *bench) benchRPC() {
 	if err != nil {
 		b.fail("rpc", "system.ping", err)
 	} else {
-		b.add(Result{Group: "rpc", Metric: "system.ping (new connection each)", Unit: "ms", Banger: median(pings), N: n, Samples: pings})
+		b.add(Result{Group: "rpc", Metric: "system.ping (new connection each)", Unit: "ms", Banger: testenv.Median(pings), N: n, Samples: pings})
 	}
 
 	// 1000 stopped VM records, written straight into the database.
@@ -143,8 +144,8 @@ func (b *bench) benchRPC() {
 	}
 	cpuPer := (cpuMs(b.pid) - cpu0) / float64(len(lists))
 	direct, _ := timeN(b.runs(), func() error { _, err := st.ListVMsJSON(ctx, false); return err })
-	p50 := median(lists)
-	b.add(Result{Group: "rpc", Metric: "vm.list, 1000 records", Unit: "ms", Banger: p50, Baseline: median(direct),
+	p50 := testenv.Median(lists)
+	b.add(Result{Group: "rpc", Metric: "vm.list, 1000 records", Unit: "ms", Banger: p50, Baseline: testenv.Median(direct),
 		Base: "its SQLite query alone, in-process (store.ListVMsJSON)", Target: "<10", Pass: passIf(p50 < 10), N: len(lists), Samples: lists, BaseSmp: direct,
 		Note: fmt.Sprintf("%d VMs listed; bangerd CPU %.1f ms per call", got, cpuPer)})
 }

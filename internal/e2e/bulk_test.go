@@ -19,6 +19,7 @@ import (
 
 	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/guestfs"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // TestBulkRealGuest measures the bulk path against one real guest: the raw
@@ -76,7 +77,7 @@ func TestBulkRealGuest(t *testing.T) {
 	work := t.TempDir()
 	src := filepath.Join(work, "big.bin")
 	randomFile(t, src, 100*mib, 0o640)
-	want := sha256File(t, src)
+	want := testenv.FileSHA256(t, src)
 	guestSum := func(p string) string {
 		t.Helper()
 		out := mustBanger(t, h, "exec", vmName, "--", "sha256sum", p)
@@ -100,7 +101,7 @@ func TestBulkRealGuest(t *testing.T) {
 		}
 		return nil
 	})
-	if got := sha256File(t, back); got != want {
+	if got := testenv.FileSHA256(t, back); got != want {
 		t.Fatalf("cp from the guest: sha256 %s, want %s", got, want)
 	}
 	mustBanger(t, h, "exec", vmName, "--", "rm", "-f", "/root/big.bin")

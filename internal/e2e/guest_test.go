@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/guest"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // runBin runs a program with stdin, bounded by timeout, and returns stdout,
@@ -46,20 +47,6 @@ func runBin(t *testing.T, timeout time.Duration, env []string, stdin io.Reader, 
 		t.Fatalf("%s %v did not finish within %s; stderr: %s", bin, args, timeout, errb.String())
 	}
 	return out.String(), errb.String(), cmd.ProcessState.ExitCode()
-}
-
-func sha256File(t *testing.T, p string) string {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 func randomFile(t *testing.T, p string, size int64, mode os.FileMode) {
@@ -394,7 +381,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		const size = 50 << 20
 		src := filepath.Join(work, "big.bin")
 		randomFile(t, src, size, 0o640)
-		sum := sha256File(t, src)
+		sum := testenv.FileSHA256(t, src)
 
 		guestCheck := func(p string) (string, string) {
 			out := mustBanger(t, h, "exec", vmName, "--", "sh", "-c", "sha256sum "+p+" && stat -c %a "+p)
@@ -419,8 +406,8 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		}
 		down := time.Since(t0)
 		fi, err := os.Stat(back)
-		if err != nil || sha256File(t, back) != sum || fi.Mode().Perm() != 0o640 {
-			t.Fatalf("copied back: %v mode %v, sha256 differs: %v", err, fi.Mode(), sha256File(t, back) != sum)
+		if err != nil || testenv.FileSHA256(t, back) != sum || fi.Mode().Perm() != 0o640 {
+			t.Fatalf("copied back: %v mode %v, sha256 differs: %v", err, fi.Mode(), testenv.FileSHA256(t, back) != sum)
 		}
 		t.Logf("MEASURE banger cp 50 MiB: host→guest %v (%.1f MiB/s), guest→host %v (%.1f MiB/s)",
 			up.Round(time.Millisecond), mibPerSec(size, up), down.Round(time.Millisecond), mibPerSec(size, down))
@@ -472,7 +459,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 			t.Fatalf("scp from the guest: %d %s", code, errOut)
 		}
 		scpDown := time.Since(t0)
-		if sha256File(t, scpBack) != sum {
+		if testenv.FileSHA256(t, scpBack) != sum {
 			t.Fatalf("scp from the guest corrupted the file")
 		}
 		t.Logf("MEASURE 50 MiB host→guest: banger cp %.1f MiB/s, scp %.1f MiB/s; guest→host: banger cp %.1f MiB/s, scp %.1f MiB/s",

@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -365,18 +364,6 @@ func bridgeGateway(t *testing.T, e *nettest.Env) netip.Addr {
 	return a
 }
 
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
 // TestNetworkRealGuest is issue 4's acceptance: real guests under QEMU get
 // an address on banger's bridge through banger-helper, are reachable from
 // the host, reach the outside through NAT, cannot reach each other or the
@@ -565,7 +552,7 @@ func TestNetworkRealGuest(t *testing.T) {
 	}
 
 	t.Logf("helper time per create (sum of duration_ms of its calls with the create's op id): median %.2f ms over %d creates %v",
-		median(helperMS), len(helperMS), helperMS)
-	t.Logf("\"prepare host\" stage per create: median %.1f ms %v", median(prepareMS), prepareMS)
+		testenv.Median(helperMS), len(helperMS), helperMS)
+	t.Logf("\"prepare host\" stage per create: median %.1f ms %v", testenv.Median(prepareMS), prepareMS)
 	t.Logf("test body took %v", time.Since(testStart).Round(time.Millisecond))
 }

@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -168,6 +169,31 @@ func prune(dir string) {
 			_ = os.RemoveAll(filepath.Join(dir, e.Name()))
 		}
 	}
+}
+
+// FileSHA256 returns the hex sha256 of a file's content, failing t when it
+// cannot be read.
+func FileSHA256(t testing.TB, p string) string {
+	t.Helper()
+	h, err := hashFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// Median is the median of xs (the mean of the middle two for an even
+// count; 0 for none). xs is not changed.
+func Median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // hashFile returns the hex sha256 of a file's content.

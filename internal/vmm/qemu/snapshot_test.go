@@ -3,10 +3,7 @@ package qemu
 import (
 	"bufio"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -21,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/system"
+	"github.com/bangerdev/banger/internal/testenv"
 	"github.com/bangerdev/banger/internal/vmm"
 	"github.com/bangerdev/banger/internal/vmm/vmmproc"
 )
@@ -122,20 +120,6 @@ func qemuArgs(t *testing.T, inst vmm.Instance) string {
 		t.Fatal(err)
 	}
 	return strings.Join(a, " ")
-}
-
-func fileHash(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 func killInst(t *testing.T, inst vmm.Instance) {
@@ -282,7 +266,7 @@ func TestSnapshotSaveAndRestore(t *testing.T) {
 				if use, _ := vmmproc.DiskUse(ramPath); use <= 0 || use >= fi.Size()/2 {
 					t.Errorf("qemu.ram uses %d bytes of its %d: not sparse", use, fi.Size())
 				}
-				ramHash = fileHash(t, ramPath)
+				ramHash = testenv.FileSHA256(t, ramPath)
 			} else {
 				if stream.Size() < 4<<20 {
 					t.Errorf("the stream is %d bytes; without a memory file it should hold the memory", stream.Size())
@@ -312,7 +296,7 @@ func TestSnapshotSaveAndRestore(t *testing.T) {
 			if tc.fileMode {
 				// The clone wrote to its memory (its counter ran on): none
 				// of it reached the snapshot.
-				if got := fileHash(t, ramPath); got != ramHash {
+				if got := testenv.FileSHA256(t, ramPath); got != ramHash {
 					t.Error("the snapshot's memory file changed while a clone ran from it")
 				}
 				killInst(t, inst)
