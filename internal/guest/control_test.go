@@ -82,7 +82,32 @@ func startBulkAgent(t *testing.T, key []byte) *bulkAgent {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	serveEach(t, l, func(c net.Conn) {
+		isBulk, pc := bulk.Classify(c, 2*time.Second)
+		if !isBulk {
+			a.sshConns.Add(1)
+			srv.ServeConn(ctx, pc)
+			return
+		}
+		a.mu.Lock()
+		k := a.key
+		a.mu.Unlock()
+		if bulk.Accept(pc, k, 2*time.Second) == nil {
+			srv.ServeBulk(ctx, pc)
+		}
+	})
+	t.Cleanup(cancel) // runs before serveEach's wait
+	return a
+}
+
+// serveEach accepts on l until the test ends, calling handle on each
+// connection in its own goroutine; at cleanup it closes l and waits for
+// the handlers (cleanups registered after it run first, so one that
+// unblocks the handlers belongs after the call).
+func serveEach(t *testing.T, l net.Listener, handle func(net.Conn)) {
+	t.Helper()
 	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); wg.Wait() })
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -94,23 +119,10 @@ func startBulkAgent(t *testing.T, key []byte) *bulkAgent {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				isBulk, pc := bulk.Classify(c, 2*time.Second)
-				if !isBulk {
-					a.sshConns.Add(1)
-					srv.ServeConn(ctx, pc)
-					return
-				}
-				a.mu.Lock()
-				k := a.key
-				a.mu.Unlock()
-				if bulk.Accept(pc, k, 2*time.Second) == nil {
-					srv.ServeBulk(ctx, pc)
-				}
+				handle(c)
 			}()
 		}
 	}()
-	t.Cleanup(func() { l.Close(); cancel(); wg.Wait() })
-	return a
 }
 
 func (a *bulkAgent) client(t *testing.T, pin ssh.PublicKey, key []byte) *Client {
@@ -286,48 +298,35 @@ func hostileControl(t *testing.T, key []byte, answer func(req string) (raw []byt
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
 	done := make(chan struct{})
-	t.Cleanup(func() { close(done); l.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				if _, pc := bulk.Classify(c, 2*time.Second); bulk.Accept(pc, key, 2*time.Second) != nil {
+	serveEach(t, l, func(c net.Conn) {
+		defer c.Close()
+		if _, pc := bulk.Classify(c, 2*time.Second); bulk.Accept(pc, key, 2*time.Second) != nil {
+			return
+		} else if _, err := bulk.ReadOpen(pc); err != nil {
+			return
+		} else {
+			for {
+				typ, p, err := bulk.ReadFrame(pc, nil)
+				if err != nil || typ != bulk.FrameRequest {
 					return
-				} else if _, err := bulk.ReadOpen(pc); err != nil {
-					return
-				} else {
-					for {
-						typ, p, err := bulk.ReadFrame(pc, nil)
-						if err != nil || typ != bulk.FrameRequest {
-							return
-						}
-						var r bulk.Request
-						if ssh.Unmarshal(p, &r) != nil {
-							return
-						}
-						raw, hang := answer(r.Type)
-						if hang {
-							<-done
-							return
-						}
-						if _, err := c.Write(raw); err != nil {
-							return
-						}
-					}
 				}
-			}()
+				var r bulk.Request
+				if ssh.Unmarshal(p, &r) != nil {
+					return
+				}
+				raw, hang := answer(r.Type)
+				if hang {
+					<-done
+					return
+				}
+				if _, err := c.Write(raw); err != nil {
+					return
+				}
+			}
 		}
-	}()
+	})
+	t.Cleanup(func() { close(done) }) // runs before serveEach's wait
 	return p
 }
 
