@@ -192,17 +192,26 @@ func fetchBranch(ctx context.Context, hostRepo, gitDir, commit, branch string) e
 	return err
 }
 
+// pullTarget returns the top of hostRepo's work tree, after checking that
+// vm's branch (BranchFor) is a valid git branch name.
+func pullTarget(ctx context.Context, hostRepo, vm string) (string, error) {
+	top, err := Toplevel(ctx, hostRepo)
+	if err != nil {
+		return "", err
+	}
+	if br := BranchFor(vm); !CheckRefName("refs/heads/" + br) {
+		return "", fmt.Errorf("%q cannot be a git branch name", br)
+	}
+	return top, nil
+}
+
 // Pull brings the guest workspace at dest back to hostRepo as branch
 // banger/<vm>: the guest's commits, plus its uncommitted changes as one more
 // commit. tmp is a private scratch directory the caller removes.
 func Pull(ctx context.Context, guest FS, dest, hostRepo, vm, tmp string) (*PullResult, error) {
-	top, err := Toplevel(ctx, hostRepo)
+	top, err := pullTarget(ctx, hostRepo, vm)
 	if err != nil {
 		return nil, err
-	}
-	br := BranchFor(vm)
-	if !CheckRefName("refs/heads/" + br) {
-		return nil, fmt.Errorf("%q cannot be a git branch name", br)
 	}
 	r, err := downloadGuestGit(ctx, guest, dest, top, tmp)
 	if err != nil {
@@ -233,13 +242,9 @@ func PullTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*PullResult,
 // they are committed by the host's object ids. Only names the host offered
 // (Haves.Files) may be in same; the caller checks that.
 func PullTreeSame(ctx context.Context, copy, hostRepo, vm, tmp string, same map[string]HostFile) (*PullResult, error) {
-	top, err := Toplevel(ctx, hostRepo)
+	top, err := pullTarget(ctx, hostRepo, vm)
 	if err != nil {
 		return nil, err
-	}
-	br := BranchFor(vm)
-	if !CheckRefName("refs/heads/" + br) {
-		return nil, fmt.Errorf("%q cannot be a git branch name", br)
 	}
 	gd := filepath.Join(copy, ".git")
 	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
