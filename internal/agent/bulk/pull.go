@@ -106,42 +106,29 @@ type pullHaves struct {
 // readHaves reads the host's haves (agent side of step 1), bounded.
 func readHaves(r io.Reader) (*pullHaves, error) {
 	h := &pullHaves{objects: map[string]bool{}, packs: map[string]bool{}, files: map[string]PullHave{}}
-	total, count := 0, 0
-	var buf []byte
-	for {
-		typ, p, err := ReadFrame(r, buf)
-		buf = p
-		if err != nil {
-			return nil, fmt.Errorf("read the host's haves: %w", err)
-		}
-		switch typ {
-		case FrameEOF:
-			return h, nil
-		case FrameData:
-		default:
-			return nil, fmt.Errorf("unexpected frame type %d in the host's haves", typ)
-		}
-		if total += len(p); total > MaxPullHaveBytes {
-			return nil, fmt.Errorf("the host's haves exceed %d bytes", MaxPullHaveBytes)
-		}
-		var batch []PullHave
-		if err := json.Unmarshal(p, &batch); err != nil {
-			return nil, fmt.Errorf("the host's haves: %w", err)
-		}
-		if count += len(batch); count > MaxPullHaves {
-			return nil, fmt.Errorf("the host sent more than %d haves", MaxPullHaves)
-		}
-		for _, e := range batch {
-			switch e.K {
-			case HaveObject:
-				h.objects[e.P] = true
-			case HavePack:
-				h.packs[e.P] = true
-			case HaveFile:
-				h.files[e.P] = e
+	count := 0
+	_, err := readBatches(r, "the host's haves", MaxPullHaveBytes,
+		fmt.Errorf("the host's haves exceed %d bytes", MaxPullHaveBytes), nil,
+		func(batch []PullHave) error {
+			if count += len(batch); count > MaxPullHaves {
+				return fmt.Errorf("the host sent more than %d haves", MaxPullHaves)
 			}
-		}
+			for _, e := range batch {
+				switch e.K {
+				case HaveObject:
+					h.objects[e.P] = true
+				case HavePack:
+					h.packs[e.P] = true
+				case HaveFile:
+					h.files[e.P] = e
+				}
+			}
+			return nil
+		})
+	if err != nil {
+		return nil, err
 	}
+	return h, nil
 }
 
 // GitKeep says whether a pull sends rel, a slash path inside the top .git:

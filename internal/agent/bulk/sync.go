@@ -839,46 +839,69 @@ func ReadManifestCaps(r io.Reader) (map[string]ManifestEntry, map[string]bool, e
 
 func readManifest(r io.Reader) (map[string]ManifestEntry, map[string]bool, error) {
 	m := map[string]ManifestEntry{}
+	eof, err := readBatches(r, "the guest's manifest", manifestBytes,
+		fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes),
+		func(p []byte) error {
+			var rep Reply
+			if ssh.Unmarshal(p, &rep) == nil && !rep.OK {
+				return fmt.Errorf("the guest refused the push: %s", truncate(string(rep.Payload), 512))
+			}
+			return errors.New("the guest ended the push early")
+		},
+		func(batch []ManifestEntry) error {
+			for _, e := range batch {
+				if CleanRel(e.P) != nil {
+					continue
+				}
+				if len(m) >= MaxManifestEntries {
+					return fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
+				}
+				m[e.P] = e
+			}
+			return nil
+		})
+	if err != nil {
+		return nil, nil, err
+	}
+	caps := map[string]bool{}
+	for _, c := range strings.Fields(string(eof)) {
+		caps[c] = true
+	}
+	return m, caps, nil
+}
+
+// readBatches reads FrameData frames, each a JSON array of T, until
+// FrameEOF, whose payload it returns: the manifest's and the haves' shared
+// reader. Each batch goes to each; past maxBytes of frames in all it
+// returns tooBig. what names the stream in errors. A FrameReply goes to
+// reply (whose error is returned), or is unexpected when reply is nil.
+func readBatches[T any](r io.Reader, what string, maxBytes int, tooBig error, reply func([]byte) error, each func([]T) error) ([]byte, error) {
 	total := 0
 	var buf []byte
 	for {
 		typ, p, err := ReadFrame(r, buf)
 		buf = p
 		if err != nil {
-			return nil, nil, fmt.Errorf("read the guest's manifest: %w", err)
+			return nil, fmt.Errorf("read %s: %w", what, err)
 		}
-		switch typ {
-		case FrameEOF:
-			caps := map[string]bool{}
-			for _, c := range strings.Fields(string(p)) {
-				caps[c] = true
-			}
-			return m, caps, nil
-		case FrameReply:
-			var rep Reply
-			if ssh.Unmarshal(p, &rep) == nil && !rep.OK {
-				return nil, nil, fmt.Errorf("the guest refused the push: %s", truncate(string(rep.Payload), 512))
-			}
-			return nil, nil, errors.New("the guest ended the push early")
-		case FrameData:
+		switch {
+		case typ == FrameEOF:
+			return p, nil
+		case typ == FrameReply && reply != nil:
+			return nil, reply(p)
+		case typ == FrameData:
 		default:
-			return nil, nil, fmt.Errorf("unexpected frame type %d in the guest's manifest", typ)
+			return nil, fmt.Errorf("unexpected frame type %d in %s", typ, what)
 		}
-		if total += len(p); total > manifestBytes {
-			return nil, nil, fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes)
+		if total += len(p); total > maxBytes {
+			return nil, tooBig
 		}
-		var batch []ManifestEntry
+		var batch []T
 		if err := json.Unmarshal(p, &batch); err != nil {
-			return nil, nil, fmt.Errorf("the guest's manifest: %w", err)
+			return nil, fmt.Errorf("%s: %w", what, err)
 		}
-		for _, e := range batch {
-			if CleanRel(e.P) != nil {
-				continue
-			}
-			if len(m) >= MaxManifestEntries {
-				return nil, nil, fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
-			}
-			m[e.P] = e
+		if err := each(batch); err != nil {
+			return nil, err
 		}
 	}
 }
