@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/pkg/sftp"
+
+	"github.com/bangerdev/banger/internal/testenv/sftptest"
 )
 
 // fakeInfo is a directory entry as a hostile SFTP server describes it.
@@ -28,15 +30,6 @@ func (f fakeInfo) Mode() fs.FileMode  { return f.mode }
 func (f fakeInfo) ModTime() time.Time { return time.Unix(1700000000, 0) }
 func (f fakeInfo) IsDir() bool        { return f.mode.IsDir() }
 func (f fakeInfo) Sys() any           { return nil }
-
-type closeAll []io.Closer
-
-func (c closeAll) Close() error {
-	for _, x := range c {
-		x.Close()
-	}
-	return nil
-}
 
 type listerAt []os.FileInfo
 
@@ -83,24 +76,9 @@ func (h *hostileSFTP) Filecmd(*sftp.Request) error                  { return os.
 // serve runs h as an in-process SFTP server and returns a client of it.
 func (h *hostileSFTP) serve(t *testing.T) *sftp.Client {
 	t.Helper()
-	c2sR, c2sW := io.Pipe()
-	s2cR, s2cW := io.Pipe()
-	srv := sftp.NewRequestServer(struct {
-		io.Reader
-		io.Writer
-		io.Closer
-	}{c2sR, s2cW, closeAll{c2sR, s2cW}}, sftp.Handlers{FileGet: h, FilePut: h, FileCmd: h, FileList: h})
-	go srv.Serve()
-	c, err := sftp.NewClientPipe(s2cR, c2sW)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		srv.Close()
-		s2cR.Close()
-		c.Close()
+	return sftptest.Client(t, func(conn io.ReadWriteCloser) (sftptest.Server, error) {
+		return sftp.NewRequestServer(conn, sftp.Handlers{FileGet: h, FilePut: h, FileCmd: h, FileList: h}), nil
 	})
-	return c
 }
 
 // guestTree builds a hostileSFTP from "path: entries" where an entry is

@@ -15,34 +15,13 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/testenv/sftptest"
 )
 
 // realGuest is an SFTP server on this host's filesystem, as the agent's.
 func realGuest(t *testing.T) *sftp.Client {
 	t.Helper()
-	c2sR, c2sW := io.Pipe()
-	s2cR, s2cW := io.Pipe()
-	srv, err := sftp.NewServer(struct {
-		io.Reader
-		io.WriteCloser
-	}{c2sR, s2cW})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve()
-	c, err := sftp.NewClientPipe(s2cR, c2sW, sftp.UseConcurrentWrites(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c2sR.Close()
-		c2sW.Close()
-		s2cR.Close()
-		s2cW.Close()
-		c.Close()
-		srv.Close()
-	})
-	return c
+	return sftptest.Local(t, nil, sftp.UseConcurrentWrites(true))
 }
 
 // agentFiles serves guestFiles with the agent's OpPut/OpGet code on this

@@ -3,7 +3,6 @@ package guestfs
 import (
 	"crypto/ed25519"
 	"crypto/rand"
-	"io"
 	"net"
 	"path/filepath"
 	"strings"
@@ -11,6 +10,8 @@ import (
 
 	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/testenv/sftptest"
 )
 
 // hostileSSH is a guest whose every command floods stderr and fails.
@@ -84,29 +85,7 @@ func hostileSSH(t *testing.T, stderrBytes int) *ssh.Client {
 // localSFTP is an SFTP client of this machine's filesystem, in process.
 func localSFTP(t *testing.T) *sftp.Client {
 	t.Helper()
-	c2sR, c2sW := io.Pipe()
-	s2cR, s2cW := io.Pipe()
-	srv, err := sftp.NewServer(struct {
-		io.Reader
-		io.WriteCloser
-	}{c2sR, s2cW})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve()
-	c, err := sftp.NewClientPipe(s2cR, c2sW)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c2sR.Close()
-		c2sW.Close()
-		s2cR.Close()
-		s2cW.Close()
-		c.Close()
-		srv.Close()
-	})
-	return c
+	return sftptest.Local(t, nil)
 }
 
 // TestSymlinkBoundsTheGuestsStderr: a guest answering `ln` with endless

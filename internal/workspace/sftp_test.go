@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/guestfs"
+	"github.com/bangerdev/banger/internal/testenv/sftptest"
 )
 
 // sftpGuest serves the local filesystem over an in-process SFTP server set
@@ -23,30 +23,7 @@ import (
 // opts, as the pull's SFTP fallback reaches a guest.
 func sftpGuest(t *testing.T, opts ...sftp.ClientOption) *sftp.Client {
 	t.Helper()
-	c2sR, c2sW := io.Pipe()
-	s2cR, s2cW := io.Pipe()
-	srv, err := sftp.NewServer(struct {
-		io.Reader
-		io.WriteCloser
-	}{c2sR, s2cW}, sftp.WithMaxTxPacket(api.SFTPMaxPacket))
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve()
-	c, err := sftp.NewClientPipe(s2cR, c2sW, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		// closing every pipe end unblocks both sides
-		c2sR.Close()
-		c2sW.Close()
-		s2cR.Close()
-		s2cW.Close()
-		c.Close()
-		srv.Close()
-	})
-	return c
+	return sftptest.Local(t, []sftp.ServerOption{sftp.WithMaxTxPacket(api.SFTPMaxPacket)}, opts...)
 }
 
 func fileSum(t *testing.T, p string) [32]byte {
