@@ -57,23 +57,7 @@ func startAgent(t *testing.T) *testEnv {
 	if err := os.Mkdir(home, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	passwd := filepath.Join(dir, "passwd")
-	line := fmt.Sprintf("tester:x:%d:%d:Tester:%s:/bin/sh\n", os.Getuid(), os.Getgid(), home)
-	if err := os.WriteFile(passwd, []byte(line), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	hk, err := GenerateHostKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uk, err := LoadOrCreateUserKey(filepath.Join(dir, "keys", "id_ed25519"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer, err := ssh.ParsePrivateKey(hk.PrivatePEM)
-	if err != nil {
-		t.Fatal(err)
-	}
+	passwd, hk, uk, signer := agentFiles(t, dir, home)
 	env := &testEnv{dir: dir, home: home, hostKey: hk, userKey: uk}
 	srv, err := sshd.New(sshd.Config{
 		HostKey:        signer,
@@ -107,6 +91,28 @@ func startAgent(t *testing.T) *testEnv {
 		srv.Wait()
 	})
 	return env
+}
+
+// agentFiles writes into dir what an in-process agent needs: a passwd
+// file naming tester (home home), a host key and a user key.
+func agentFiles(t *testing.T, dir, home string) (passwd string, hk HostKey, uk UserKey, hostSigner ssh.Signer) {
+	t.Helper()
+	passwd = filepath.Join(dir, "passwd")
+	line := fmt.Sprintf("tester:x:%d:%d:Tester:%s:/bin/sh\n", os.Getuid(), os.Getgid(), home)
+	if err := os.WriteFile(passwd, []byte(line), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hk, err := GenerateHostKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uk, err = LoadOrCreateUserKey(filepath.Join(dir, "keys", "id_ed25519")); err != nil {
+		t.Fatal(err)
+	}
+	if hostSigner, err = ssh.ParsePrivateKey(hk.PrivatePEM); err != nil {
+		t.Fatal(err)
+	}
+	return passwd, hk, uk, hostSigner
 }
 
 func (e *testEnv) newClient(t *testing.T, hostKey ssh.PublicKey, signer ssh.Signer) *Client {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"os"
@@ -43,22 +42,8 @@ func startBulkAgent(t *testing.T, key []byte) *bulkAgent {
 	t.Helper()
 	dir := t.TempDir()
 	a := &bulkAgent{dir: dir, sock: filepath.Join(dir, "a.sock"), key: key}
-	passwd := filepath.Join(dir, "passwd")
-	line := fmt.Sprintf("tester:x:%d:%d:Tester:%s:/bin/sh\n", os.Getuid(), os.Getgid(), dir)
-	if err := os.WriteFile(passwd, []byte(line), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var err error
-	if a.hostKey, err = GenerateHostKey(); err != nil {
-		t.Fatal(err)
-	}
-	if a.userKey, err = LoadOrCreateUserKey(filepath.Join(dir, "keys", "id_ed25519")); err != nil {
-		t.Fatal(err)
-	}
-	signer, err := ssh.ParsePrivateKey(a.hostKey.PrivatePEM)
-	if err != nil {
-		t.Fatal(err)
-	}
+	passwd, hk, uk, signer := agentFiles(t, dir, dir)
+	a.hostKey, a.userKey = hk, uk
 	srv, err := sshd.New(sshd.Config{
 		HostKey: signer, AuthorizedKeys: []ssh.PublicKey{a.userKey.Signer.PublicKey()},
 		PasswdFile: passwd, GroupFile: filepath.Join(dir, "group"), DefaultUser: "tester",
