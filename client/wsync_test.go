@@ -161,13 +161,7 @@ func TestSyncerStaysInDest(t *testing.T) {
 		{bulk.SyncDelete, "."},
 		{bulk.SyncFile, "a/../../outside/keep"},
 	} {
-		s := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
-		host, agent := net.Pipe()
-		done := make(chan error, 1)
-		go func() { done <- s.Serve(agent, agent); agent.Close() }()
-		if _, err := bulk.ReadManifest(host); err != nil {
-			t.Fatal(err)
-		}
+		host, done := serveSyncer(t, dest)
 		go func() {
 			e := bulk.SyncEntry{Rel: tc.rel, Size: 4, Mode: 0o644, Target: "/"}
 			writeReq(host, tc.kind, e)
@@ -191,6 +185,21 @@ func TestSyncerStaysInDest(t *testing.T) {
 
 func writeReq(c net.Conn, kind string, e bulk.SyncEntry) {
 	bulk.WriteFrame(c, bulk.FrameRequest, sshMarshalReq(kind, e))
+}
+
+// serveSyncer runs a Syncer of dest, with a state directory of its own, as
+// the agent on one end of a pipe; it returns the other end, the agent's
+// manifest read, and the channel of the agent's result.
+func serveSyncer(t *testing.T, dest string) (net.Conn, <-chan error) {
+	t.Helper()
+	s := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
+	host, agent := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(agent, agent); agent.Close() }()
+	if _, err := bulk.ReadManifest(host); err != nil {
+		t.Fatal(err)
+	}
+	return host, done
 }
 
 // TestSyncerReplacesWhatTheGuestPut: a file pushed where the guest has a
@@ -217,13 +226,7 @@ func TestSyncerReplacesWhatTheGuestPut(t *testing.T) {
 		{"sticky", 0o700 | fs.ModeSticky},
 		{"groupw", 0o666},
 	}
-	s := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
-	host, agent := net.Pipe()
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(agent, agent); agent.Close() }()
-	if _, err := bulk.ReadManifest(host); err != nil {
-		t.Fatal(err)
-	}
+	host, done := serveSyncer(t, dest)
 	go func() {
 		for _, f := range files {
 			writeReq(host, bulk.SyncFile, bulk.SyncEntry{Rel: f.rel, Size: 3, Mode: bulk.KeptMode(f.mode), MTime: uint64(mtime.UnixNano())})
@@ -265,13 +268,7 @@ func TestSyncerReplacesWhatTheGuestPut(t *testing.T) {
 		rel  string
 		mode fs.FileMode
 	}{{"d0", 0o755}, {"d1", 0o777}, {"d1/d2", 0o750}, {"d3", 0o700 | fs.ModeSticky}}
-	s2 := &bulk.Syncer{Dest: dest, StateDir: t.TempDir()}
-	host2, agent2 := net.Pipe()
-	done2 := make(chan error, 1)
-	go func() { done2 <- s2.Serve(agent2, agent2); agent2.Close() }()
-	if _, err := bulk.ReadManifest(host2); err != nil {
-		t.Fatal(err)
-	}
+	host2, done2 := serveSyncer(t, dest)
 	go func() {
 		for _, d := range dirs {
 			writeReq(host2, bulk.SyncDir, bulk.SyncEntry{Rel: d.rel, Mode: bulk.KeptMode(d.mode)})
