@@ -18,6 +18,19 @@ import (
 	"github.com/bangerdev/banger/internal/workspace"
 )
 
+// receiveBuilt runs receiveTree (1 MiB, 100 entries, offered) into a new
+// directory dst on the stream build writes, ended by FrameEOF.
+func receiveBuilt(t *testing.T, build func(*bytes.Buffer), offered map[string]workspace.HostFile) (dst string, got map[string]workspace.HostFile, err error) {
+	t.Helper()
+	var b bytes.Buffer
+	build(&b)
+	bulk.WriteFrame(&b, bulk.FrameEOF, nil)
+	dst = filepath.Join(t.TempDir(), "copy")
+	os.Mkdir(dst, 0o700)
+	got, err = receiveTree(&b, dst, 1<<20, 100, offered)
+	return dst, got, err
+}
+
 func TestPackRoundTrip(t *testing.T) {
 	src := t.TempDir()
 	os.MkdirAll(filepath.Join(src, "d/e"), 0o755)
@@ -93,12 +106,7 @@ func TestReceiveTreeHostile(t *testing.T) {
 	}
 	for name, build := range cases {
 		t.Run(name, func(t *testing.T) {
-			var b bytes.Buffer
-			build(&b)
-			bulk.WriteFrame(&b, bulk.FrameEOF, nil)
-			dst := filepath.Join(t.TempDir(), "copy")
-			os.Mkdir(dst, 0o700)
-			if _, err := receiveTree(&b, dst, 1<<20, 100, nil); err == nil {
+			if _, _, err := receiveBuilt(t, build, nil); err == nil {
 				t.Fatal("accepted")
 			}
 			if got, _ := os.ReadFile(filepath.Join(outside, "keep")); string(got) != "keep" {
@@ -295,12 +303,7 @@ func TestReceiveTreeHostileSame(t *testing.T) {
 	}
 	for name, build := range cases {
 		t.Run(name, func(t *testing.T) {
-			var b bytes.Buffer
-			build(&b)
-			bulk.WriteFrame(&b, bulk.FrameEOF, nil)
-			dst := filepath.Join(t.TempDir(), "copy")
-			os.Mkdir(dst, 0o700)
-			if got, err := receiveTree(&b, dst, 1<<20, 100, offered); err == nil {
+			if _, got, err := receiveBuilt(t, build, offered); err == nil {
 				t.Fatalf("accepted: %v", got)
 			}
 			if ents, _ := os.ReadDir(outside); len(ents) != 0 {
@@ -308,12 +311,7 @@ func TestReceiveTreeHostileSame(t *testing.T) {
 			}
 		})
 	}
-	var b bytes.Buffer
-	seq(dir("d"), same("d/g"), same("f"))(&b)
-	bulk.WriteFrame(&b, bulk.FrameEOF, nil)
-	dst := filepath.Join(t.TempDir(), "copy")
-	os.Mkdir(dst, 0o700)
-	got, err := receiveTree(&b, dst, 1<<20, 100, offered)
+	dst, got, err := receiveBuilt(t, seq(dir("d"), same("d/g"), same("f")), offered)
 	if err != nil || len(got) != 2 || got["d/g"].Mode != "100755" {
 		t.Fatalf("an honest stream: %v %v", got, err)
 	}
