@@ -834,10 +834,6 @@ func ReadManifest(r io.Reader) (map[string]ManifestEntry, error) {
 // ReadManifestCaps is ReadManifest that also returns the capabilities the
 // agent announced (CapObjects).
 func ReadManifestCaps(r io.Reader) (map[string]ManifestEntry, map[string]bool, error) {
-	return readManifest(r)
-}
-
-func readManifest(r io.Reader) (map[string]ManifestEntry, map[string]bool, error) {
 	m := map[string]ManifestEntry{}
 	eof, err := readBatches(r, "the guest's manifest", manifestBytes,
 		fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes),
