@@ -28,6 +28,7 @@ import (
 	"github.com/bangerdev/banger/internal/logging"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/testenv"
+	"github.com/bangerdev/banger/internal/testenv/conntest"
 	"github.com/bangerdev/banger/internal/vmm/firecracker/fakefc"
 	"github.com/bangerdev/banger/internal/vmm/firecracker/fakefc/fakefctest"
 )
@@ -63,22 +64,11 @@ func startMultiGuest(t *testing.T) *multiGuest {
 	}
 	os.Chmod(g.sock, 0o777) // a bangerd running as nobody starts the fake VMMs
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); ln.Close(); wg.Wait() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				g.serveConn(ctx, c)
-			}()
-		}
-	}()
+	conntest.ServeEach(t, ln, func(c net.Conn) {
+		defer c.Close()
+		g.serveConn(ctx, c)
+	})
+	t.Cleanup(cancel) // runs before ServeEach's wait
 	return g
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/agent/sshd"
+	"github.com/bangerdev/banger/internal/testenv/conntest"
 )
 
 // bulkAgent is an in-process agent serving both SSH and bulk streams on a
@@ -67,7 +68,7 @@ func startBulkAgent(t *testing.T, key []byte) *bulkAgent {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	serveEach(t, l, func(c net.Conn) {
+	conntest.ServeEach(t, l, func(c net.Conn) {
 		isBulk, pc := bulk.Classify(c, 2*time.Second)
 		if !isBulk {
 			a.sshConns.Add(1)
@@ -81,33 +82,8 @@ func startBulkAgent(t *testing.T, key []byte) *bulkAgent {
 			srv.ServeBulk(ctx, pc)
 		}
 	})
-	t.Cleanup(cancel) // runs before serveEach's wait
+	t.Cleanup(cancel) // runs before ServeEach's wait
 	return a
-}
-
-// serveEach accepts on l until the test ends, calling handle on each
-// connection in its own goroutine; at cleanup it closes l and waits for
-// the handlers (cleanups registered after it run first, so one that
-// unblocks the handlers belongs after the call).
-func serveEach(t *testing.T, l net.Listener, handle func(net.Conn)) {
-	t.Helper()
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				handle(c)
-			}()
-		}
-	}()
 }
 
 func (a *bulkAgent) client(t *testing.T, pin ssh.PublicKey, key []byte) *Client {
@@ -284,7 +260,7 @@ func hostileControl(t *testing.T, key []byte, answer func(req string) (raw []byt
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
-	serveEach(t, l, func(c net.Conn) {
+	conntest.ServeEach(t, l, func(c net.Conn) {
 		defer c.Close()
 		if _, pc := bulk.Classify(c, 2*time.Second); bulk.Accept(pc, key, 2*time.Second) != nil {
 			return
@@ -311,7 +287,7 @@ func hostileControl(t *testing.T, key []byte, answer func(req string) (raw []byt
 			}
 		}
 	})
-	t.Cleanup(func() { close(done) }) // runs before serveEach's wait
+	t.Cleanup(func() { close(done) }) // runs before ServeEach's wait
 	return p
 }
 
