@@ -320,6 +320,12 @@ func (g *Getter) next() error {
 	g.buf = p[:cap(p)]
 	switch typ {
 	case FrameData:
+		if len(p) == 0 {
+			// An agent never sends one; a guest that did could keep the
+			// host reading frames forever without coming nearer the end.
+			g.err = errors.New("bulk get: the guest sent an empty data frame")
+			return g.err
+		}
 		if uint64(len(p)) > g.left {
 			g.err = fmt.Errorf("bulk get: the guest sent more than the %d bytes it announced", g.Info.Size)
 			return g.err

@@ -164,6 +164,7 @@ func TestGetHostileAgent(t *testing.T) {
 		{"fewer then EOF", cat(frame(FrameReply, info(10)), frame(FrameData, make([]byte, 4)), frame(FrameEOF, nil)), "4 of the 10"},
 		{"stream ends", cat(frame(FrameReply, info(10)), frame(FrameData, make([]byte, 4))), "missing"},
 		{"frame beyond MaxFrame", cat(frame(FrameReply, info(1<<40)), huge), "exceeds"},
+		{"empty data frames", cat(frame(FrameReply, info(10)), frame(FrameData, nil), frame(FrameData, make([]byte, 10)), frame(FrameEOF, nil)), "empty data frame"},
 		{"other frame type", cat(frame(FrameReply, info(10)), frame(FrameRequest, nil)), "unexpected frame type"},
 		{"failure reply", cat(frame(FrameReply, info(10)), frame(FrameReply, ssh.Marshal(&Reply{Payload: []byte("EIO")}))), "EIO"},
 		{"OK reply mid-file", cat(frame(FrameReply, info(10)), frame(FrameReply, ssh.Marshal(&Reply{OK: true}))), "unexpected reply"},
