@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 )
 
 // sizes records the size of every Write.
@@ -91,10 +92,12 @@ func TestQueueBound(t *testing.T) {
 	q.write(make([]byte, 10))
 	pushed := make(chan struct{})
 	go func() { q.write([]byte("y")); close(pushed) }()
+	// A push that does not wait ends within microseconds; checked at once
+	// (default:) the goroutine has rarely run yet, so give it 100 ms.
 	select {
 	case <-pushed:
 		t.Fatal("a push beyond the bound did not wait")
-	default:
+	case <-time.After(100 * time.Millisecond):
 	}
 	io.ReadFull(q, make([]byte, 10))
 	<-pushed
