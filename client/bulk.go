@@ -319,18 +319,29 @@ type GuestFileWriter struct {
 // for which IsUnsupported is true means this VM's agent (or bangerd)
 // cannot do it: use SFTP instead.
 func (c *Client) CreateGuestFile(ctx context.Context, vm, path string) (*GuestFileWriter, error) {
-	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpPut, Arg: path})
+	conn, stop, p, err := openFileStream(c, ctx, vm, path, bulk.OpPut, func(c net.Conn) (*bulk.Putter, error) { return bulk.StartPut(c) })
 	if err != nil {
 		return nil, err
 	}
+	return &GuestFileWriter{p: p, conn: conn, ctx: ctx, stop: stop}, nil
+}
+
+// openFileStream opens a bulk stream of op (OpPut, OpGet) on path and reads
+// the agent's answer with start; the stream closes when ctx ends.
+func openFileStream[T any](c *Client, ctx context.Context, vm, path, op string, start func(net.Conn) (T, error)) (net.Conn, func() bool, T, error) {
+	var zero T
+	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: op, Arg: path})
+	if err != nil {
+		return nil, nil, zero, err
+	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	p, err := bulk.StartPut(conn)
+	v, err := start(conn)
 	if err != nil {
 		stop()
 		conn.Close()
-		return nil, ctxErr(ctx, fmt.Errorf("%s:%s: %w", vm, path, err))
+		return nil, nil, zero, ctxErr(ctx, fmt.Errorf("%s:%s: %w", vm, path, err))
 	}
-	return &GuestFileWriter{p: p, conn: conn, ctx: ctx, stop: stop}, nil
+	return conn, stop, v, nil
 }
 
 func (w *GuestFileWriter) Write(b []byte) (int, error) {
@@ -368,16 +379,9 @@ type GuestFileReader struct {
 // OpenGuestFile opens the regular file path in a running VM (relative to
 // root's home), as root. IsUnsupported errors as for CreateGuestFile.
 func (c *Client) OpenGuestFile(ctx context.Context, vm, path string) (*GuestFileReader, error) {
-	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpGet, Arg: path})
+	conn, stop, g, err := openFileStream(c, ctx, vm, path, bulk.OpGet, func(c net.Conn) (*bulk.Getter, error) { return bulk.StartGet(c) })
 	if err != nil {
 		return nil, err
-	}
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	g, err := bulk.StartGet(conn)
-	if err != nil {
-		stop()
-		conn.Close()
-		return nil, ctxErr(ctx, fmt.Errorf("%s:%s: %w", vm, path, err))
 	}
 	return &GuestFileReader{g: g, conn: conn, ctx: ctx, stop: stop}, nil
 }
