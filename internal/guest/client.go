@@ -441,7 +441,7 @@ func (c *Client) Reidentify(ctx context.Context, p api.Reidentify) error {
 		var conn *ssh.Client
 		conn, err = c.SSH(ctx)
 		if err != nil {
-			return fmt.Errorf("%w: %w", ErrNotReached, err)
+			return fmt.Errorf("%w: %w", errNotReached, err)
 		}
 		ok, data, err = sendRequest(ctx, conn, api.RequestReidentify, b)
 		if p.HostKey != "" || err != nil {

@@ -87,7 +87,7 @@ func (c *Client) controlStream(ctx context.Context) (conn net.Conn, proven, hand
 		return nil, false, false, nil
 	}
 	if err != nil {
-		return nil, false, true, fmt.Errorf("%w: %w", ErrNotReached, err)
+		return nil, false, true, fmt.Errorf("%w: %w", errNotReached, err)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -99,9 +99,10 @@ func (c *Client) controlStream(ctx context.Context) (conn net.Conn, proven, hand
 	return conn, false, true, nil
 }
 
-// ErrNotReached wraps the errors of a Reach, or of a Reidentify that could
-// not reach the agent (so the request was not sent).
-var ErrNotReached = errors.New("the guest agent was not reached")
+// errNotReached wraps the errors of opening the agent's control stream and
+// of a Reidentify that could not reach the agent over SSH: the request was
+// not sent.
+var errNotReached = errors.New("the guest agent was not reached")
 
 // Reach returns once the agent can take a request: its control stream is
 // open (or, for an agent asked over SSH, the SSH connection), retrying like
