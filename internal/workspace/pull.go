@@ -246,16 +246,8 @@ func PullTreeSame(ctx context.Context, copy, hostRepo, vm, tmp string, same map[
 	if err != nil {
 		return nil, err
 	}
-	gd := filepath.Join(copy, ".git")
-	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
-		return nil, fmt.Errorf("the guest's workspace has no .git directory: it is not a pushed workspace (see --dest)")
-	}
-	format, hostObjects, err := hostRepoFacts(ctx, top)
-	if err != nil {
-		return nil, err
-	}
 	t := time.Now()
-	r, err := importGuestGit(ctx, gd, filepath.Join(tmp, "import.git"), format, hostObjects, true)
+	r, err := importCopyGit(ctx, copy, top, tmp)
 	if err != nil {
 		return nil, err
 	}
@@ -342,6 +334,17 @@ func GetStatusTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*Status
 	if err != nil {
 		return nil, err
 	}
+	r, err := importCopyGit(ctx, copy, top, tmp)
+	if err != nil {
+		return nil, err
+	}
+	return statusOf(ctx, r, top, vm)
+}
+
+// importCopyGit imports the .git of copy (a private host copy of the
+// guest's workspace) in place, as data, into tmp/import.git, borrowing the
+// objects of the host repository at top.
+func importCopyGit(ctx context.Context, copy, top, tmp string) (*guestRepo, error) {
 	gd := filepath.Join(copy, ".git")
 	if fi, err := os.Lstat(gd); err != nil || !fi.IsDir() {
 		return nil, fmt.Errorf("the guest's workspace has no .git directory: it is not a pushed workspace (see --dest)")
@@ -350,11 +353,7 @@ func GetStatusTree(ctx context.Context, copy, hostRepo, vm, tmp string) (*Status
 	if err != nil {
 		return nil, err
 	}
-	r, err := importGuestGit(ctx, gd, filepath.Join(tmp, "import.git"), format, hostObjects, true)
-	if err != nil {
-		return nil, err
-	}
-	return statusOf(ctx, r, top, vm)
+	return importGuestGit(ctx, gd, filepath.Join(tmp, "import.git"), format, hostObjects, true)
 }
 
 // statusOf compares the imported guest repository r with the host
