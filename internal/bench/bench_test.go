@@ -73,8 +73,6 @@ type bench struct {
 	rep    Report
 	tmp    string
 	raw    *rawSpec // the captured QEMU command line
-	// transferReps is how many times each transfer row is measured (0: 1).
-	transferReps int
 }
 
 // runs is how many times a fast figure is measured.
