@@ -20,18 +20,14 @@ import (
 	"github.com/bangerdev/banger/internal/workspace"
 )
 
-// Bounds of a streamed pull: what a guest may make this host store.
-const (
-	MaxPullBytes   = 16 << 30
-	MaxPullEntries = 1 << 20
-)
-
 // pullStream copies the guest tree at dest into the new private directory
 // root, in one bulk stream (bulk.OpPull) under the VM's workspace lock:
 // the host first says what it has (haves), then the guest sends, one way,
 // everything else. It returns the files the guest left out as the host's
 // (bulk.PackSame, each one a name the host offered) and the bytes received.
-// flags is the Open's N (bulk.PullGitOnly: only the guest's .git).
+// flags is the Open's N (bulk.PullGitOnly: only the guest's .git). What the
+// guest may make this host store is bounded as a Download is
+// (workspace.MaxDownloadBytes, workspace.MaxDownloadEntries).
 func (c *Client) pullStream(ctx context.Context, vm, dest, root string, haves *workspace.Haves, flags uint64) (map[string]workspace.HostFile, int64, error) {
 	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Workspace: true}, bulk.Open{Op: bulk.OpPull, Arg: dest, N: flags})
 	if err != nil {
@@ -51,7 +47,7 @@ func (c *Client) pullStream(ctx context.Context, vm, dest, root string, haves *w
 	var same map[string]workspace.HostFile
 	cr := &countReader{r: conn}
 	if err == nil {
-		same, err = receiveTree(bufio.NewReaderSize(cr, 256<<10), root, MaxPullBytes, MaxPullEntries, haves.Files)
+		same, err = receiveTree(bufio.NewReaderSize(cr, 256<<10), root, workspace.MaxDownloadBytes, workspace.MaxDownloadEntries, haves.Files)
 	}
 	if err != nil && ctx.Err() != nil {
 		return nil, cr.n, fmt.Errorf("workspace pull interrupted: %w", ctx.Err())

@@ -352,8 +352,8 @@ func Download(ctx context.Context, guest FS, src, dst string, keep func(rel stri
 	return download(ctx, guest, src, dst, keep, downloadLimits{MaxDownloadBytes, MaxDownloadEntries})
 }
 
-// Bounds on what one Download takes from a guest (the streamed pull's, in
-// package client, are the same).
+// Bounds on what one Download or one streamed pull (client.pullStream) takes
+// from a guest: the only definition of both.
 const (
 	MaxDownloadBytes   = 16 << 30
 	MaxDownloadEntries = 1 << 20
