@@ -95,6 +95,8 @@ func (s *vmService) driver(name string) (vmm.Driver, error) {
 // reconcile runs at startup and converges every VM to the truth:
 //   - a VMM found running for a record that says running is adopted;
 //   - a record left starting or stopping ends stopped (its VMM, if any, killed);
+//   - a record in the error state (a release that failed) is released again
+//     from the record, keeping why it ended;
 //   - a record left creating is removed with everything it made;
 //   - a VMM of this home that no record claims (found by its command line in
 //     /proc, whether or not handles.json exists) is killed and its files removed;
@@ -141,6 +143,9 @@ func (s *vmService) reconcile(ctx context.Context) {
 			// starting or stopping when the previous bangerd died: the start
 			// or stop did not finish, so the VM ends stopped.
 			reason := fmt.Sprintf("bangerd restarted while the VM was %s", vm.State)
+			if vm.State == store.StateError {
+				reason = endReason(vm)
+			}
 			s.log.WarnContext(ctx, "stopping VM left half-way", "vm", vm.Name, "state", vm.State)
 			if kerr := s.killVMM(ctx, vm, rt); kerr != nil {
 				s.log.ErrorContext(ctx, "reconcile: kill VMM", "vm", vm.Name, "error", kerr.Error())
@@ -148,7 +153,10 @@ func (s *vmService) reconcile(ctx context.Context) {
 			s.release(ctx, vm, rt.cleanup, reason)
 		default:
 			reason := "VMM exited while bangerd was not running"
-			if vm.State != store.StateRunning {
+			if vm.State == store.StateError {
+				// its release failed before: try again
+				reason = endReason(vm)
+			} else if vm.State != store.StateRunning {
 				reason = fmt.Sprintf("bangerd restarted while the VM was %s", vm.State)
 			} else if !errors.Is(err, vmm.ErrGone) && !errors.Is(err, os.ErrNotExist) {
 				reason = fmt.Sprintf("could not re-attach to the VMM: %v", err)

@@ -106,15 +106,7 @@ func (s *vmService) register(m *rpc.Mux) {
 		return op.snapshot(), nil
 	})
 	rpc.Handle(m, api.MethodVMStart, logOp(s.log, api.MethodVMStart, "vm", vmOf, func(ctx context.Context, p api.VMRef) (*store.VM, error) {
-		return s.withVM(ctx, p.VM, func(vm *store.VM) error {
-			switch vm.State {
-			case store.StateRunning:
-				return nil
-			case store.StateStopped, store.StateError:
-				return s.start(ctx, vm, nil)
-			}
-			return rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
-		})
+		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.startVM(ctx, vm) })
 	}))
 	rpc.Handle(m, api.MethodVMStop, logOp(s.log, api.MethodVMStop, "vm", stopOf, func(ctx context.Context, p api.StopParams) (*store.VM, error) {
 		return s.withVM(ctx, p.VM, func(vm *store.VM) error { return s.stop(ctx, vm, stopTimeout(p.TimeoutSeconds)) })
@@ -388,6 +380,25 @@ func (s *vmService) removeVM(ctx context.Context, vm *store.VM) error {
 	}
 	s.refreshKnownHosts(ctx)
 	return nil
+}
+
+// startVM is vm.start: a running VM is left alone, a stopped one is started,
+// one in the error state (a failed release) is released again first, so
+// nothing of its last boot is left for this one to collide with. The caller
+// holds the VM lock.
+func (s *vmService) startVM(ctx context.Context, vm *store.VM) error {
+	switch vm.State {
+	case store.StateRunning:
+		return nil
+	case store.StateError:
+		if err := s.releaseRecorded(ctx, vm, endReason(vm)); err != nil {
+			return fmt.Errorf("vm %q was not started: releasing what its last boot left failed again: %w", vm.Name, err)
+		}
+		return s.start(ctx, vm, nil)
+	case store.StateStopped:
+		return s.start(ctx, vm, nil)
+	}
+	return rpc.Errorf(rpc.CodeConflict, "vm %q is %s", vm.Name, vm.State)
 }
 
 // delete removes a VM. A running one needs force: it is killed and its

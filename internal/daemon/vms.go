@@ -651,6 +651,12 @@ func (s *vmService) closeGuest(rt *runtime) {
 // release runs a runtime's cleanup and records the VM stopped with reason
 // (empty for an intentional stop). The caller holds the VM lock. It is the
 // one way a runtime ends: failed start, stop, kill, VMM crash and delete.
+//
+// When a step of the cleanup fails (a tap the helper could not delete, say)
+// the VM is recorded in the error state, its last error the reason followed
+// by what failed: the host may still hold some of its resources, and the
+// next stop, kill, start, delete or bangerd start releases them again from
+// the record (recordedCleanup).
 func (s *vmService) release(ctx context.Context, vm *store.VM, cl *cleanup, reason string) error {
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
@@ -658,11 +664,41 @@ func (s *vmService) release(ctx context.Context, vm *store.VM, cl *cleanup, reas
 	prior := vm.State
 	vm.State = store.StateStopped
 	vm.LastError = reason
+	if err != nil {
+		vm.State = store.StateError
+		vm.LastError = releaseFailedReason(reason, vm.Name, err)
+	}
 	s.saveLogged(uctx, vm)
 	if prior == store.StateRunning || prior == store.StateStopping {
 		s.events.publish(ctx, api.Event{Type: api.EventVMStopped, VM: vm.Name, VMID: vm.ID, Reason: reason})
 	}
 	return err
+}
+
+// releaseFailed starts, in the last error of a VM in the error state, what
+// failed when its runtime was released (after why the runtime ended, if
+// anything did: "<reason>; then releasing ...").
+const releaseFailed = "releasing its resources failed: "
+
+// releaseFailedReason is the last error of a VM whose release failed with err
+// after its runtime ended for reason.
+func releaseFailedReason(reason, name string, err error) string {
+	msg := releaseFailed + err.Error() +
+		fmt.Sprintf(" (banger vm stop %s retries; banger vm delete %s removes what is left)", name, name)
+	if reason == "" {
+		return msg
+	}
+	return reason + "; then " + msg
+}
+
+// endReason is why a VM without a runtime ended, for releasing it again:
+// its last error, without what a failed release added.
+func endReason(vm *store.VM) string {
+	if vm.State != store.StateError {
+		return vm.LastError
+	}
+	r, _, _ := strings.Cut(vm.LastError, releaseFailed)
+	return strings.TrimSuffix(r, "; then ")
 }
 
 // recordedCleanup rebuilds the cleanup of a VM whose runtime this bangerd
@@ -700,7 +736,7 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 	rt := s.runtime(vm.ID)
 	if rt == nil {
 		if vm.State != store.StateStopped {
-			return s.releaseRecorded(ctx, vm, vm.LastError)
+			return s.releaseRecorded(ctx, vm, endReason(vm))
 		}
 		return nil
 	}
@@ -759,7 +795,7 @@ func (s *vmService) kill(ctx context.Context, vm *store.VM) error {
 	rt := s.runtime(vm.ID)
 	if rt == nil {
 		if vm.State != store.StateStopped {
-			return s.releaseRecorded(ctx, vm, vm.LastError)
+			return s.releaseRecorded(ctx, vm, endReason(vm))
 		}
 		return nil
 	}

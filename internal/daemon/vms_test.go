@@ -186,9 +186,10 @@ func (a *fakeAgent) Close() error                                       { a.clos
 type probeCap struct {
 	failAt string // prereq, prepare, prepare-after, guest, machine
 
-	mu        sync.Mutex
-	resources map[string]bool // "tap-<vm id>"
-	undos     int
+	mu           sync.Mutex
+	resources    map[string]bool // "tap-<vm id>"
+	undos        int
+	releaseFails int // the next releases that fail, keeping the resource
 }
 
 func (*probeCap) Name() string { return "probe" }
@@ -220,6 +221,10 @@ func (p *probeCap) release(name string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.undos++
+	if p.releaseFails > 0 {
+		p.releaseFails--
+		return errors.New("probe cannot release " + name)
+	}
 	if !p.resources[name] {
 		return errors.New(name + " released twice or never made")
 	}
@@ -805,5 +810,101 @@ func TestShutdownCancelsRunningCreate(t *testing.T) {
 	ts.assertClean(t, vm)
 	if _, err := ts.st.GetVM(ctx, vm.ID); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("record left: %v", err)
+	}
+}
+
+// A release that fails leaves the VM in the error state with why it ended
+// and what failed; stop, start and a bangerd restart release it again from
+// the record, and the error state ends with the resources released.
+func TestFailedReleaseLeavesErrorUntilReleased(t *testing.T) {
+	for _, retry := range []string{"stop", "start", "reconcile", "kill"} {
+		t.Run(retry, func(t *testing.T) {
+			ts := newTestSvc(t)
+			ctx := context.Background()
+			vm := ts.newVM(t, "e", store.StateStopped)
+			if err := ts.start(ctx, vm, nil); err != nil {
+				t.Fatal(err)
+			}
+			ts.probe.mu.Lock()
+			ts.probe.releaseFails = 1
+			ts.probe.mu.Unlock()
+			ts.drv.inst(vm.ID).exit(vmm.ExitStatus{Code: -1, Signal: "segmentation fault"})
+			var got *store.VM
+			for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				got, _ = ts.st.GetVM(ctx, vm.ID)
+				if got.State != store.StateRunning && ts.runtime(vm.ID) == nil {
+					break
+				}
+			}
+			if got.State != store.StateError || !strings.Contains(got.LastError, "segmentation fault") ||
+				!strings.Contains(got.LastError, "releasing its resources failed: ") || !strings.Contains(got.LastError, "probe cannot release") {
+				t.Fatalf("after a crash whose release failed: %s %q", got.State, got.LastError)
+			}
+			if ts.probe.held() != 1 {
+				t.Fatalf("%d resources held, want the one whose release failed", ts.probe.held())
+			}
+			crash, _, _ := strings.Cut(got.LastError, "; then ")
+			switch retry {
+			case "stop":
+				if err := ts.stop(ctx, got, time.Second); err != nil {
+					t.Fatal(err)
+				}
+			case "kill":
+				if err := ts.kill(ctx, got); err != nil {
+					t.Fatal(err)
+				}
+			case "start":
+				if err := ts.startVM(ctx, got); err != nil {
+					t.Fatal(err)
+				}
+				if got.State != store.StateRunning || ts.probe.held() != 1 || ts.probe.undos != 2 {
+					t.Fatalf("after start: %s, %d resources, %d releases (want running, the new boot's one, 2)", got.State, ts.probe.held(), ts.probe.undos)
+				}
+				if err := ts.stop(ctx, got, time.Second); err != nil {
+					t.Fatal(err)
+				}
+				crash = ""
+			case "reconcile":
+				ts.reconcile(ctx)
+			}
+			got, _ = ts.st.GetVM(ctx, vm.ID)
+			if got.State != store.StateStopped || got.LastError != crash {
+				t.Fatalf("after %s: %s %q, want stopped %q", retry, got.State, got.LastError, crash)
+			}
+			ts.assertClean(t, got)
+		})
+	}
+}
+
+// A VM in the error state whose release fails again stays there, and a start
+// refuses to boot over what is left.
+func TestStartOfErrorVMReleasesFirst(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	vm := ts.newVM(t, "e2", store.StateStopped)
+	if err := ts.start(ctx, vm, nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.probe.mu.Lock()
+	ts.probe.releaseFails = 2
+	ts.probe.mu.Unlock()
+	if err := ts.kill(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if vm.State != store.StateError || !strings.HasPrefix(vm.LastError, "releasing its resources failed: ") {
+		t.Fatalf("after kill whose release failed: %s %q", vm.State, vm.LastError)
+	}
+	err := ts.startVM(ctx, vm)
+	if err == nil || !strings.Contains(err.Error(), "probe cannot release") {
+		t.Fatalf("start over a failed release: %v, want the release's error", err)
+	}
+	if vm.State != store.StateError || ts.drv.live() != 0 {
+		t.Fatalf("after the refused start: %s, %d VMMs", vm.State, ts.drv.live())
+	}
+	if err := ts.startVM(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if vm.State != store.StateRunning || vm.LastError != "" || ts.probe.held() != 1 {
+		t.Fatalf("after start: %s %q, %d resources", vm.State, vm.LastError, ts.probe.held())
 	}
 }
