@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"database/sql"
 	"os"
 	"path/filepath"
 	"testing"
@@ -36,6 +37,7 @@ func TestImportLegacyFiles(t *testing.T) {
 	write(pool, legacyPoolFile, "img/k/1/256/256/qemu\n")
 	write(odd, legacyExpiryFile, "not a time")
 	write(odd, legacyPortsFile, `["99999:1"]`)
+	ts.upgradeFromSchema4(t)
 	secret := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secret, []byte("img/k/1/256/256/qemu\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -47,7 +49,11 @@ func TestImportLegacyFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	opens := ts.countLegacyOpens()
 	ts.importLegacyFiles(ctx, vms)
+	if *opens != 9 {
+		t.Errorf("the import opened %d legacy files, want 3 for each of the 3 VMs", *opens)
+	}
 
 	got, _ := ts.st.GetVM(ctx, old.ID)
 	if got.ExpiresAt == nil || !got.ExpiresAt.Equal(at) {
@@ -75,10 +81,69 @@ func TestImportLegacyFiles(t *testing.T) {
 	if _, err := os.Stat(secret); err != nil {
 		t.Errorf("the link's target was touched: %v", err)
 	}
-	// A second start finds nothing more to do and keeps what was imported.
+	// A second start does no legacy work (it opens nothing) and keeps what
+	// was imported.
 	vms, _ = ts.st.ListVMs(ctx)
+	*opens = 0
 	ts.importLegacyFiles(ctx, vms)
+	if *opens != 0 {
+		t.Errorf("a second start opened %d legacy files", *opens)
+	}
 	if got, _ := ts.st.GetVM(ctx, old.ID); got.ExpiresAt == nil || len(got.Forwards) != 2 {
 		t.Errorf("a second import lost state: %+v", got)
 	}
+}
+
+// A VM made by this bangerd, or any VM of a home that never had an older
+// bangerd, costs a start no legacy work: no file is opened for it.
+func TestImportLegacyFilesNothingPending(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	for _, n := range []string{"a", "b", "c"} {
+		ts.newVM(t, n, store.StateStopped)
+	}
+	vms, err := ts.st.ListVMs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opens := ts.countLegacyOpens()
+	ts.importLegacyFiles(ctx, vms)
+	if *opens != 0 {
+		t.Errorf("a start opened %d legacy files for VMs made at the current schema", *opens)
+	}
+}
+
+// countLegacyOpens makes the service count the legacy files it opens.
+func (ts *testSvc) countLegacyOpens() *int {
+	n := new(int)
+	ts.openLegacy = func(name string, flag int, perm os.FileMode) (*os.File, error) {
+		*n++
+		return os.OpenFile(name, flag, perm)
+	}
+	return n
+}
+
+// upgradeFromSchema4 turns the test's database into what a bangerd of
+// schema 4 (the last whose VMs may still have legacy files) left, and opens
+// it again as this bangerd does, migrating it.
+func (ts *testSvc) upgradeFromSchema4(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	ts.st.Close()
+	db, err := sql.Open("sqlite", ts.layout.DB())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = db.ExecContext(ctx, `DROP TABLE legacy_files_pending; PRAGMA user_version = 4`)
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.Open(ctx, ts.layout.DB())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	ts.st, ts.store = st, st
+	ts.arts.st = st
 }

@@ -121,6 +121,8 @@ type vmStore interface {
 	ListSnapshots(ctx context.Context) ([]*store.Snapshot, error)
 	FindSnapshot(ctx context.Context, ref string) (*store.Snapshot, error)
 	DeleteSnapshot(ctx context.Context, id string) error
+	LegacyFilesPending(ctx context.Context) ([]string, error)
+	LegacyFilesImported(ctx context.Context, id string) error
 }
 
 // artifactResolver picks the image and kernel of a new VM and gives a
@@ -150,6 +152,9 @@ type vmService struct {
 	// newAgent makes an agent client over a transport with the pinned host
 	// key and the agent's bulk key (nil when unknown: SSH only).
 	newAgent func(t *guest.Transport, hostKeyLine string, bulkKey []byte) (guestAgent, error)
+	// openLegacy opens a legacy file of a VM directory (legacy.go; nil:
+	// os.OpenFile), a seam for tests to count them.
+	openLegacy func(name string, flag int, perm os.FileMode) (*os.File, error)
 
 	statsOnce sync.Once
 	pollerVal *statsPoller

@@ -51,7 +51,7 @@ func TestMigrationsIdempotent(t *testing.T) {
 			t.Fatal(err)
 		}
 		v, _ := s.SchemaVersion(context.Background())
-		if v != 4 {
+		if v != 5 {
 			t.Fatalf("schema version %d", v)
 		}
 		s.Close()
@@ -278,5 +278,46 @@ func TestWorkspaceDest(t *testing.T) {
 	js, err := s.ListVMsJSON(ctx, false)
 	if err != nil || !strings.Contains(string(js), `"workspace_dest":"/root/ws"`) {
 		t.Fatalf("vm.list JSON lacks workspace_dest: %s %v", js, err)
+	}
+}
+
+// Migration 0005 lists every VM of a database that reaches it as possibly
+// holding legacy files, and no VM made after; a VM leaves the list when its
+// files are imported or it is deleted.
+func TestLegacyFilesPending(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "banger.db")
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed(t, s) // aaaa11112222 aaab33334444 bbbb55556666 cccc77778888
+	if ids, err := s.LegacyFilesPending(ctx); err != nil || len(ids) != 0 {
+		t.Fatalf("VMs made at schema 5 listed as holding legacy files: %q, %v", ids, err)
+	}
+	// the same database as a bangerd of schema 4 left it
+	if _, err := s.db.ExecContext(ctx, `DROP TABLE legacy_files_pending; PRAGMA user_version = 4`); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if s, err = Open(ctx, path); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ids, err := s.LegacyFilesPending(ctx)
+	if err != nil || strings.Join(ids, " ") != "aaaa11112222 aaab33334444 bbbb55556666 cccc77778888" {
+		t.Fatalf("after the upgrade: %q, %v; want every VM", ids, err)
+	}
+	if err := s.LegacyFilesImported(ctx, "aaaa11112222"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVM(ctx, "cccc77778888"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateVM(ctx, &VM{ID: "dddd99990000", Name: "new", ImageID: "img1", KernelID: "k1", VCPUs: 1, MemoryMiB: 256, DiskMiB: 1024, State: StateStopped}); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := s.LegacyFilesPending(ctx); err != nil || strings.Join(ids, " ") != "aaab33334444 bbbb55556666" {
+		t.Fatalf("after one import, one delete and one create: %q, %v", ids, err)
 	}
 }

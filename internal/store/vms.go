@@ -351,3 +351,32 @@ func (s *Store) UsedIPs(ctx context.Context) (map[string]bool, error) {
 	}
 	return out, rows.Err()
 }
+
+// LegacyFilesPending lists the ids of the VMs whose directories may still
+// hold files of a bangerd before schema 4 (migration 0005): the VMs of a
+// database upgraded past version 4 whose files are not imported yet.
+func (s *Store) LegacyFilesPending(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT vm_id FROM legacy_files_pending ORDER BY vm_id`)
+	if err != nil {
+		return nil, fmt.Errorf("list vms with legacy files: %w", err)
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("list vms with legacy files: %w", err)
+		}
+		ids = append(ids, id)
+	}
+	return ids, rows.Err()
+}
+
+// LegacyFilesImported records that the VM's legacy files are imported, so
+// that no later start looks for them.
+func (s *Store) LegacyFilesImported(ctx context.Context, id string) error {
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM legacy_files_pending WHERE vm_id=?`, id); err != nil {
+		return fmt.Errorf("vm %s: record its legacy files imported: %w", id, err)
+	}
+	return nil
+}
