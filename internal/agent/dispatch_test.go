@@ -10,6 +10,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -269,8 +272,8 @@ func TestBackgroundWait(t *testing.T) {
 	b.wait() // nothing pending: returns at once
 	var order []int
 	first, second := make(chan struct{}), make(chan struct{})
-	b.run(func() { <-first; order = append(order, 1) })
-	b.run(func() { <-second; order = append(order, 2) })
+	b.run(func() error { <-first; order = append(order, 1); return nil })
+	b.run(func() error { <-second; order = append(order, 2); return nil })
 	waited := make(chan struct{})
 	go func() { b.wait(); close(waited) }()
 	close(second) // the second batch may not overtake the first
@@ -287,5 +290,67 @@ func TestBackgroundWait(t *testing.T) {
 	}
 	if len(order) != 2 || order[0] != 1 || order[1] != 2 {
 		t.Fatalf("batches ran in order %v", order)
+	}
+}
+
+// TestBackgroundWaitReportsFailure: a batch that fails makes every later
+// wait fail with its error, even after a later batch succeeds (it does not
+// rewrite what the failed one missed).
+func TestBackgroundWaitReportsFailure(t *testing.T) {
+	var b background
+	if err := b.wait(); err != nil {
+		t.Fatalf("nothing run: %v", err)
+	}
+	b.run(func() error { return nil })
+	if err := b.wait(); err != nil {
+		t.Fatalf("after a batch that succeeded: %v", err)
+	}
+	bad := errors.New("write /etc/machine-id: read-only file system")
+	b.run(func() error { return bad })
+	b.run(func() error { return nil })
+	for range 2 {
+		if err := b.wait(); !errors.Is(err, bad) {
+			t.Fatalf("wait after a failed batch: %v, want its error", err)
+		}
+	}
+}
+
+// TestReidentifyFileFailureRefusesCommands: a reidentify whose identity files
+// cannot be written (here /etc is a file) replies ok (the files are written
+// after the reply) but every later command is refused with the reason; done
+// in the foreground, the reidentify itself fails.
+func TestReidentifyFileFailureRefusesCommands(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("reidentify reseeds the kernel's RNG (RNDRESEEDCRNG), which needs root")
+	}
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "etc"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := api.Reidentify{MachineID: strings.Repeat("ab", 16)}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	var files background
+	if err := reidentify(root, p, &files, log); err != nil {
+		t.Fatalf("reidentify with its files in the background: %v", err)
+	}
+	var ie *errIdentity
+	err := files.wait()
+	if !errors.As(err, &ie) || !strings.Contains(err.Error(), "/etc/machine-id") || !strings.Contains(err.Error(), "delete it") {
+		t.Fatalf("commands after the failed write: %v, want the identity error", err)
+	}
+	if err := reidentify(root, p, nil, log); !errors.As(err, &ie) {
+		t.Fatalf("reidentify with its files in the foreground: %v, want the identity error", err)
+	}
+	// written: commands go on
+	root = t.TempDir()
+	files = background{}
+	if err := reidentify(root, p, &files, log); err != nil {
+		t.Fatal(err)
+	}
+	if err := files.wait(); err != nil {
+		t.Fatalf("after a reidentify whose files were written: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(root, "etc", "machine-id")); err != nil || string(b) != p.MachineID+"\n" {
+		t.Fatalf("machine-id %q, %v", b, err)
 	}
 }

@@ -30,7 +30,10 @@ var machineIDRe = regexp.MustCompile(`^[0-9a-f]{32}$`)
 // clone just restored under emulation every kernel path they take runs
 // cold (45-100 ms). Commands wait for them (files.wait, sshd's
 // BeforeCommand), so none sees the source's. A failed write is logged on
-// the console. files nil writes them before returning.
+// the console and refuses every later command with the reason (errIdentity):
+// a clone that may still carry its source's hostname or machine-id must not
+// look healthy. files nil writes them before returning, and returns a
+// failed write.
 func reidentify(root string, p api.Reidentify, files *background, log *slog.Logger) error {
 	if p.Hostname != "" && !validHostname(p.Hostname) {
 		return fmt.Errorf("invalid hostname %q", p.Hostname)
@@ -77,7 +80,7 @@ func reidentify(root string, p api.Reidentify, files *background, log *slog.Logg
 		}
 		step("network")
 	}
-	write := func() {
+	write := func() error {
 		var ferrs []error
 		if p.Hostname != "" {
 			if err := writeHostname(root, p.Hostname); err != nil {
@@ -97,32 +100,47 @@ func reidentify(root string, p api.Reidentify, files *background, log *slog.Logg
 			}
 			step("resolv_conf")
 		}
-		if err := errors.Join(ferrs...); err != nil {
+		err := errors.Join(ferrs...)
+		if err != nil {
+			err = &errIdentity{err}
 			log.Error("the new identity's files were not all written", "error", err)
 		}
 		log.Info("reidentify steps", steps...)
+		return err
 	}
 	if err := errors.Join(errs...); err != nil {
 		log.Info("reidentify steps", steps...)
 		return err
 	}
 	if files == nil {
-		write()
-		return nil
+		return write()
 	}
 	files.run(write)
 	return nil
 }
 
+// errIdentity is a reidentify whose files were not all written.
+type errIdentity struct{ err error }
+
+func (e *errIdentity) Error() string {
+	return "this clone's new identity was not fully written, so it may still carry its source's hostname or machine-id (" +
+		e.err.Error() + "); delete it and make it again"
+}
+
+func (e *errIdentity) Unwrap() error { return e.err }
+
 // background runs the reidentify file writes after the reply, one batch
-// after the other, and lets commands wait for them.
+// after the other, and lets commands wait for them. A batch that fails
+// fails every later wait: what it did not write is not written by a later
+// batch (a rename writes only the hostname).
 type background struct {
 	mu   sync.Mutex
 	done chan struct{} // closed when the latest batch is written; nil: none
+	err  error         // the failed batches' errors
 }
 
 // run starts f once the previous batch is done.
-func (b *background) run(f func()) {
+func (b *background) run(f func() error) {
 	d := make(chan struct{})
 	b.mu.Lock()
 	prev := b.done
@@ -133,7 +151,11 @@ func (b *background) run(f func()) {
 		if prev != nil {
 			<-prev
 		}
-		f()
+		if err := f(); err != nil {
+			b.mu.Lock()
+			b.err = errors.Join(b.err, err)
+			b.mu.Unlock()
+		}
 	}()
 }
 
@@ -141,20 +163,23 @@ func (b *background) run(f func()) {
 const settleWait = 10 * time.Second
 
 // wait returns once the batches started so far are written, or after
-// settleWait (a hung filesystem then shows in the command itself).
-func (b *background) wait() {
+// settleWait (a hung filesystem then shows in the command itself), with the
+// error of any batch that failed.
+func (b *background) wait() error {
 	b.mu.Lock()
 	d := b.done
 	b.mu.Unlock()
-	if d == nil {
-		return
+	if d != nil {
+		t := time.NewTimer(settleWait)
+		defer t.Stop()
+		select {
+		case <-d:
+		case <-t.C:
+		}
 	}
-	t := time.NewTimer(settleWait)
-	defer t.Stop()
-	select {
-	case <-d:
-	case <-t.C:
-	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
 }
 
 var hostnameRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)

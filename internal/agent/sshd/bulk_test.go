@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -156,7 +157,7 @@ func TestBeforeCommandGatesCommands(t *testing.T) {
 	srv := bulkServer(t)
 	release := make(chan struct{})
 	var waited atomic.Int32
-	srv.cfg.BeforeCommand = func() { waited.Add(1); <-release }
+	srv.cfg.BeforeCommand = func() error { waited.Add(1); <-release; return nil }
 	dir := t.TempDir()
 	marker := filepath.Join(dir, "ran")
 	ch := bulk.NewChan(openBulk(t, srv, bulk.Open{Op: bulk.OpSession}))
@@ -180,5 +181,48 @@ func TestBeforeCommandGatesCommands(t *testing.T) {
 	io.ReadAll(ch)
 	if _, err := os.Stat(marker); err != nil {
 		t.Fatalf("the command did not run once released: %v", err)
+	}
+}
+
+// TestBeforeCommandErrorRefusesCommand: when BeforeCommand fails (a clone
+// whose identity files were not written) the command does not run and the
+// session reports why on stderr with exit status 127, as any client shows.
+func TestBeforeCommandErrorRefusesCommand(t *testing.T) {
+	srv := bulkServer(t)
+	srv.cfg.BeforeCommand = func() error { return errors.New("identity not written") }
+	marker := filepath.Join(t.TempDir(), "ran")
+	for _, req := range []struct {
+		typ     string
+		payload []byte
+	}{
+		{"exec", ssh.Marshal(&execMsg{"touch " + marker})},
+		{"shell", nil},
+		{"subsystem", ssh.Marshal(&subsystemMsg{"sftp"})},
+	} {
+		t.Run(req.typ, func(t *testing.T) {
+			ch := bulk.NewChan(openBulk(t, srv, bulk.Open{Op: bulk.OpSession}))
+			defer ch.Close()
+			if ok, err := ch.SendRequest(req.typ, true, req.payload); err != nil || !ok {
+				t.Fatalf("%s: ok %v err %v (want accepted, then the failure)", req.typ, ok, err)
+			}
+			ch.CloseWrite()
+			var errOut []byte
+			done := make(chan struct{})
+			go func() { errOut, _ = io.ReadAll(ch.Stderr()); close(done) }()
+			io.ReadAll(ch)
+			<-done
+			code := uint32(999)
+			for r := range ch.Requests() {
+				if r.Type == "exit-status" {
+					code = binary.BigEndian.Uint32(r.Payload)
+				}
+			}
+			if code != 127 || !strings.Contains(string(errOut), "identity not written") {
+				t.Fatalf("exit status %d, stderr %q; want 127 and the reason", code, errOut)
+			}
+			if _, err := os.Stat(marker); err == nil {
+				t.Fatal("the command ran")
+			}
+		})
 	}
 }

@@ -69,8 +69,8 @@ type Config struct {
 	// BeforeCommand, when set, is called before a session starts its
 	// command (exec, shell, subsystem) and may block: the agent makes
 	// commands wait for the files of a reidentify that it writes after
-	// replying.
-	BeforeCommand func()
+	// replying. An error refuses the command, with the error as the reason.
+	BeforeCommand func() error
 
 	// KeepAlive is the interval of server-side keepalives; a client that
 	// misses three is disconnected. Default 30s; negative disables.

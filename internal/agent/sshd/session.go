@@ -205,7 +205,7 @@ func (ss *session) handle(ctx context.Context, req *ssh.Request) (bool, string) 
 			return false, "bad exec request"
 		}
 		if err := ss.begin(); err != nil {
-			return false, err.Error()
+			return refuse(err)
 		}
 		if err := ss.startShell(m.Command, false); err != nil {
 			ss.mu.Lock()
@@ -215,7 +215,7 @@ func (ss *session) handle(ctx context.Context, req *ssh.Request) (bool, string) 
 		return true, ""
 	case "shell":
 		if err := ss.begin(); err != nil {
-			return false, err.Error()
+			return refuse(err)
 		}
 		if err := ss.startShell("", true); err != nil {
 			ss.mu.Lock()
@@ -232,7 +232,7 @@ func (ss *session) handle(ctx context.Context, req *ssh.Request) (bool, string) 
 			return false, fmt.Sprintf("unknown subsystem %q", m.Name)
 		}
 		if err := ss.begin(); err != nil {
-			return false, err.Error()
+			return refuse(err)
 		}
 		if err := ss.startSFTP(); err != nil {
 			ss.mu.Lock()
@@ -257,6 +257,18 @@ func (ss *session) handle(ctx context.Context, req *ssh.Request) (bool, string) 
 	}
 }
 
+// errNotStarted is begin's error when BeforeCommand refused the command: the
+// request is accepted and the reason reported as the command's failure.
+var errNotStarted = errors.New("command not started")
+
+// refuse answers a command request whose begin failed.
+func refuse(err error) (bool, string) {
+	if errors.Is(err, errNotStarted) {
+		return true, ""
+	}
+	return false, err.Error()
+}
+
 // begin marks the session started; a session runs one command only.
 func (ss *session) begin() error {
 	ss.mu.Lock()
@@ -267,8 +279,14 @@ func (ss *session) begin() error {
 	ss.started = true
 	if f := ss.srv.cfg.BeforeCommand; f != nil {
 		ss.mu.Unlock()
-		f()
+		err := f()
 		ss.mu.Lock()
+		if err != nil {
+			// reported like a command that could not start: on stderr,
+			// exit status 127, which any client shows
+			ss.startErr = err
+			return errNotStarted
+		}
 	}
 	return nil
 }
