@@ -75,6 +75,9 @@ type Disk struct {
 	Path  string // e.g. /dev/vda
 	Kind  DiskKind
 	Label string
+	// Discard: the device takes discards (its queue's discard_max_bytes is
+	// not 0: QEMU's discard=unmap drives; Firecracker's API has no discard).
+	Discard bool
 }
 
 // Disks is the outcome of a scan.
@@ -135,7 +138,7 @@ outer:
 		if err != nil {
 			continue
 		}
-		d.All = append(d.All, Disk{Name: name, Path: p, Kind: kind, Label: label})
+		d.All = append(d.All, Disk{Name: name, Path: p, Kind: kind, Label: label, Discard: takesDiscard(sysBlock, name)})
 	}
 	for i := range d.All {
 		x := &d.All[i]
@@ -163,4 +166,15 @@ func readBootConfig(path string) (*bootcfg.Config, error) {
 		return nil, fmt.Errorf("boot config on %s: %w", path, err)
 	}
 	return cfg, nil
+}
+
+// takesDiscard says whether the block device name (under sysBlock) accepts
+// discards.
+func takesDiscard(sysBlock, name string) bool {
+	b, err := os.ReadFile(filepath.Join(sysBlock, name, "queue", "discard_max_bytes"))
+	if err != nil {
+		return false
+	}
+	v := strings.TrimSpace(string(b))
+	return v != "" && v != "0"
 }

@@ -95,11 +95,7 @@ func mountRoot(root, rw *Disk, log *slog.Logger) error {
 		log.Warn("image root mounted without replaying its journal", "device", root.Path)
 	}
 	if rw != nil {
-		// noinit_itable: the disk is a sparse copy of a template made with
-		// lazy_itable_init, so its unused inode tables are holes that read
-		// as zeros already; the kernel's background zeroing of them would
-		// only cost emulated CPU after every boot and fill the host's file.
-		if err := unix.Mount(rw.Path, rwDir, "ext4", unix.MS_NOATIME, "noinit_itable"); err != nil {
+		if err := unix.Mount(rw.Path, rwDir, "ext4", unix.MS_NOATIME, rwMountOptions(rw)); err != nil {
 			return fmt.Errorf("mount the writable disk %s: %w", rw.Path, err)
 		}
 		growRW(rw.Path, rwDir, log) // after `vm set --disk`
@@ -124,6 +120,23 @@ func mountRoot(root, rw *Disk, log *slog.Logger) error {
 		return fmt.Errorf("mount the root overlay (%s): %w", opts, err)
 	}
 	return nil
+}
+
+// rwMountOptions are the ext4 options of the writable disk:
+//   - noinit_itable: the disk is a sparse copy of a template made with
+//     lazy_itable_init, so its unused inode tables are holes that read as
+//     zeros already; the kernel's background zeroing of them would only cost
+//     emulated CPU after every boot and fill the host's file.
+//   - discard, when the device takes discards (QEMU's drive has
+//     discard=unmap): blocks the guest frees become holes in the host's
+//     sparse file at once, instead of only when the VM is deleted. Measured
+//     (docs/BENCHMARKS.md): no cost on writes, about 25 ms more to delete
+//     100 MiB.
+func rwMountOptions(rw *Disk) string {
+	if rw.Discard {
+		return "noinit_itable,discard"
+	}
+	return "noinit_itable"
 }
 
 // moveKernelMounts moves /proc, /sys, /dev and /run into the new root.

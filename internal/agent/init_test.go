@@ -125,6 +125,15 @@ func TestScanDisks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// vdb (the writable disk) takes discards, vda says it does not.
+	for name, max := range map[string]string{"vda": "0\n", "vdb": "2147483136\n"} {
+		if err := os.MkdirAll(filepath.Join(sys, name, "queue"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(sys, name, "queue", "discard_max_bytes"), []byte(max), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// A device listed in sysfs whose node is not there yet.
 	if err := os.Mkdir(filepath.Join(sys, "vde"), 0o755); err != nil {
 		t.Fatal(err)
@@ -138,6 +147,15 @@ func TestScanDisks(t *testing.T) {
 	}
 	if d.Root.Name != "vda" || d.RW.Name != "vdb" || d.Config.Name != "vdc" {
 		t.Fatalf("root %s rw %s config %s", d.Root.Name, d.RW.Name, d.Config.Name)
+	}
+	if !d.RW.Discard || d.Root.Discard || d.Config.Discard {
+		t.Fatalf("discard: rw %v root %v config %v, want only rw", d.RW.Discard, d.Root.Discard, d.Config.Discard)
+	}
+	if got := rwMountOptions(d.RW); got != "noinit_itable,discard" {
+		t.Fatalf("writable disk that takes discards mounted with %q", got)
+	}
+	if got := rwMountOptions(d.Root); got != "noinit_itable" {
+		t.Fatalf("a disk without discard mounted with %q", got)
 	}
 	if len(d.All) != 4 {
 		t.Fatalf("scanned %d disks, want 4 (loop ignored, missing node skipped): %s", len(d.All), d)

@@ -115,6 +115,13 @@ func TestLifecycleRealGuest(t *testing.T) {
 	}
 	// the root overlay is writable and survives a restart; the image is untouched
 	mustBanger(t, h, "exec", "alpha", "--", "sh", "-c", "echo kept > /root/note")
+	// space freed in the guest goes back to the host at once (discard on
+	// the writable disk, discard=unmap on QEMU's drive), not only at delete
+	rw := filepath.Join(h, "vms", v.ID, "rw.ext4")
+	mustBanger(t, h, "exec", "alpha", "--", "dd", "if=/dev/zero", "of=/root/big", "bs=1M", "count=32", "conv=fsync")
+	full := diskUsage(rw)
+	mustBanger(t, h, "exec", "alpha", "--", "sh", "-c", "rm /root/big && sync")
+	waitFor(t, 10*time.Second, "the host's file to shrink after a delete in the guest", func() bool { return diskUsage(rw) <= full-24<<20 })
 
 	mustBanger(t, h, "vm", "stop", "alpha", "--timeout", "30s")
 	if v := showVM(t, h, "alpha"); v.State != "stopped" || v.LastError != "" {
