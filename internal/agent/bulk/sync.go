@@ -642,8 +642,6 @@ type objWriter struct {
 	iov        [][]byte
 }
 
-const maxStored = 65535
-
 func (s *Syncer) newObjWriter(final string, size uint64, mode fs.FileMode) (*objWriter, error) {
 	// Written at its name (the host found it missing), with its mode when
 	// the umask keeps it; at a temporary name, renamed, if it is there.
