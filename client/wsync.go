@@ -62,6 +62,7 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 		return fail(err)
 	}
 	carry := carriedObjects(ctx, p, guest, caps)
+	pk := planPack(p, guest, caps, carry)
 	bw := bufio.NewWriterSize(conn, 256<<10)
 	send := func(kind string, e bulk.SyncEntry) error {
 		return bulk.WriteFrame(bw, bulk.FrameRequest, ssh.Marshal(&bulk.Request{Type: kind, Payload: ssh.Marshal(&e)}))
@@ -69,6 +70,15 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 	want := make(map[string]bool, len(p.Items))
 	for _, it := range p.Items {
 		want[it.Rel] = true
+	}
+	// A pack an earlier push wrote stays while it holds an object the host
+	// still has loose (it stands in for the loose files); otherwise it goes
+	// like any other path pushed before and gone from the host.
+	for rel, g := range guest {
+		if g.T == "k" && want[rel] {
+			want[packDir+"/"+g.L+".pack"] = true
+			want[packDir+"/"+g.L+".idx"] = true
+		}
 	}
 	// Deletions first (a path may change type): what an earlier push wrote
 	// and the plan no longer has, outermost only.
@@ -111,15 +121,17 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 		default:
 			id, loose := looseObject(it.Rel)
 			switch {
-			case loose && has && g.T == "f":
+			case loose && has && (g.T == "f" || g.T == "k"):
 				continue // named by its content: the guest has it
-			case loose && carry.done[id]:
-				continue // written from a work tree file's data
-			case has && g.T == "f" && g.S == it.Size && g.N == it.MTime.UnixNano() && g.M == mode:
+			case loose && (carry.done[id] || pk.has(id)):
+				continue // written from a work tree file's data, or goes in the pack
+			case guestHasFile(it, g, has):
 				continue
 			}
 			src := filepath.Join(p.Root, filepath.FromSlash(it.Rel))
-			if obj, ok := carry.objectFor(it.Rel); ok {
+			if id, ok := pk.carried(it.Rel); ok {
+				err = pk.sendFile(bw, src, it, mode, id, buf, progress)
+			} else if obj, ok := carry.objectFor(it.Rel); ok && pk == nil {
 				var sent bool
 				sent, err = sendFileObj(bw, src, it, mode, obj, buf, progress)
 				if sent {
@@ -131,6 +143,11 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 		}
 		if err != nil {
 			return fail(fmt.Errorf("push %s: %w", it.Rel, err))
+		}
+	}
+	if pk != nil {
+		if err := pk.finish(ctx, bw, p.Root, buf); err != nil {
+			return fail(err)
 		}
 	}
 	if err := send(bulk.SyncDone, bulk.SyncEntry{}); err != nil {
@@ -217,12 +234,12 @@ type carriedObject struct {
 // holds which object (each is checked by hashing what is sent).
 func carriedObjects(ctx context.Context, p *workspace.Plan, guest map[string]bulk.ManifestEntry, caps map[string]bool) carry {
 	c := carry{done: map[string]bool{}}
-	if !caps[bulk.CapObjects] {
+	if !caps[bulk.CapObjects] && !caps[bulk.CapPack] {
 		return c
 	}
 	for _, it := range p.Items {
 		if id, ok := looseObject(it.Rel); ok && it.Mode.IsRegular() {
-			if g, has := guest[it.Rel]; !has || g.T != "f" {
+			if g, has := guest[it.Rel]; !has || (g.T != "f" && g.T != "k") {
 				if c.missing == nil {
 					c.missing = map[string]workspace.Item{}
 				}
@@ -300,4 +317,10 @@ func sendFileObj(w io.Writer, src string, it workspace.Item, mode uint32, obj ca
 
 func sshMarshalReq(kind string, e bulk.SyncEntry) []byte {
 	return ssh.Marshal(&bulk.Request{Type: kind, Payload: ssh.Marshal(&e)})
+}
+
+// guestHasFile says whether the guest's g is already the regular file it
+// (type, size, mtime to the nanosecond and mode): then it is not sent.
+func guestHasFile(it workspace.Item, g bulk.ManifestEntry, has bool) bool {
+	return has && g.T == "f" && g.S == it.Size && g.N == it.MTime.UnixNano() && g.M == bulk.KeptMode(it.Mode)
 }

@@ -2,14 +2,14 @@ package bulk
 
 import (
 	"crypto/sha1"
-	"encoding"
-	"hash/crc32"
 	"crypto/sha256"
+	"encoding"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash"
+	"hash/crc32"
 	"io"
 	"os"
 	"slices"

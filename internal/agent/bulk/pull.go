@@ -101,6 +101,8 @@ type pullHaves struct {
 	objects map[string]bool
 	packs   map[string]bool
 	files   map[string]PullHave
+	dir     string          // the workspace
+	covered map[string]bool // packs whose every object the host has, by base name
 }
 
 // readHaves reads the host's haves (agent side of step 1), bounded.
@@ -206,7 +208,7 @@ func (h *pullHaves) skipGit(rel string) bool {
 		if d == "pack" {
 			base, _ := strings.CutSuffix(name, ".pack")
 			base, _ = strings.CutSuffix(base, ".idx")
-			return h.packs[base]
+			return h.packs[base] || h.hostHasAll(base)
 		}
 		return h.objects[d+name]
 	}
@@ -222,6 +224,7 @@ func servePull(w io.Writer, r io.Reader, dir string, flags uint64) error {
 		return err
 	}
 	h.gitOnly = flags&PullGitOnly != 0
+	h.dir = dir
 	if fi, err := os.Lstat(dir); err != nil || !fi.IsDir() {
 		return fmt.Errorf("%s is not a directory in the guest", dir)
 	}
@@ -301,4 +304,31 @@ func sendFile(w io.Writer, send func(string, SyncEntry) error, p string, e SyncE
 		}
 	}
 	return nil
+}
+
+// hostHasAll says whether the host has, as loose objects, every object of
+// the pack base (by its index): then the pack need not go. This is what a
+// push's pack (CapPack) holds, which the host has loose. A pack whose
+// index cannot be read is sent.
+func (h *pullHaves) hostHasAll(base string) bool {
+	if v, ok := h.covered[base]; ok {
+		return v
+	}
+	if h.covered == nil {
+		h.covered = map[string]bool{}
+	}
+	hx, ok := PackBaseName(base)
+	if !ok || len(h.objects) == 0 {
+		return false
+	}
+	ids, err := packIDs(filepath.Join(h.dir, ".git", "objects", "pack", base+".idx"), len(hx))
+	all := err == nil && len(ids) > 0
+	for _, id := range ids {
+		if !h.objects[id] {
+			all = false
+			break
+		}
+	}
+	h.covered[base] = all
+	return all
 }

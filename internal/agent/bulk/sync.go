@@ -50,18 +50,54 @@ import (
 // it sent hashes to the object's id (then the agent finishes the object
 // with Adler), else the agent drops it and the host sends the loose object
 // as a plain SyncFile later.
+//
+// One pack from file data (capability CapPack; the byte layout is
+// packwrite.go's): the agent appends objects to one temporary pack under
+// .git/objects/pack. A SyncFilePack request (payload SyncEntry) is a
+// SyncFile whose data is also the content of the pack's next entry, a
+// blob; a SyncPackObj request (payload PackObj) is an entry alone, its
+// content in FrameData frames. Each entry's data is followed by a
+// SyncObjEnd: OK, the agent ends the entry with Adler; not OK (what the
+// host sent is not the object it meant), the agent cuts the entry off
+// again. A SyncPackEnd request (payload PackEnd) then names the pack (its
+// checksum, computed by the host, is also its trailer) and is followed by
+// the pack's index, computed by the host, in FrameData frames; the agent
+// writes the header's count and the trailer and renames the pack, then the
+// index, to pack-<name>. The guest computes no hash. The manifest then
+// lists the objects of the packs pushes wrote (entries of type "k", below),
+// so that a re-push neither sends them again nor deletes the pack.
 const (
-	SyncDelete  = "delete"
-	SyncDir     = "dir"
-	SyncFile    = "file"
-	SyncFileObj = "fileobj"
-	SyncObjEnd  = "objend"
-	SyncLink    = "link"
-	SyncDone    = "done"
+	SyncDelete   = "delete"
+	SyncDir      = "dir"
+	SyncFile     = "file"
+	SyncFileObj  = "fileobj"
+	SyncObjEnd   = "objend"
+	SyncFilePack = "filepack"
+	SyncPackObj  = "packobj"
+	SyncPackEnd  = "packend"
+	SyncLink     = "link"
+	SyncDone     = "done"
 )
 
-// CapObjects is the capability of an agent that understands SyncFileObj.
-const CapObjects = "objects"
+// Capabilities an agent announces: CapObjects, it understands SyncFileObj;
+// CapPack, SyncFilePack, SyncPackObj and SyncPackEnd.
+const (
+	CapObjects = "objects"
+	CapPack    = "pack"
+)
+
+// PackObj is a SyncPackObj request's payload.
+type PackObj struct {
+	Type uint32 // ObjBlob, ObjTree, ObjCommit or ObjTag
+	Size uint64
+}
+
+// PackEnd is a SyncPackEnd request's payload.
+type PackEnd struct {
+	Count   uint32 // entries kept
+	Name    string // the pack's checksum in hex: pack-<Name>.pack
+	IdxSize uint64 // the index's bytes that follow
+}
 
 // SyncObjEntry is a SyncFileObj request's payload.
 type SyncObjEntry struct {
@@ -83,7 +119,7 @@ type ObjEnd struct {
 // ManifestEntry is one path under the destination, as the agent sees it.
 type ManifestEntry struct {
 	P string `json:"p"`           // slash path relative to the destination
-	T string `json:"t"`           // "d", "f", "l" or "o" (other)
+	T string `json:"t"`           // "d", "f", "l", "o" (other), or "k": an object in a pack a push wrote (P its loose path, L the pack's base name)
 	M uint32 `json:"m,omitempty"` // fs.FileMode permission, setuid, setgid and sticky bits
 	S int64  `json:"s,omitempty"` // size of a file
 	N int64  `json:"n,omitempty"` // mtime, ns since the epoch
@@ -102,7 +138,9 @@ type SyncEntry struct {
 
 // SyncStats is what a sync did.
 type SyncStats struct {
-	Objects int   `json:"objects,omitempty"` // loose git objects written from file data
+	Objects int   `json:"objects,omitempty"` // git objects written from file data (loose, or entries of a pack)
+	Packs   int   `json:"packs,omitempty"`   // packs written (CapPack)
+	Packed  int   `json:"packed,omitempty"`  // objects in them
 	Files   int   `json:"files"`
 	Bytes   int64 `json:"bytes"`
 	Links   int   `json:"links"`
@@ -157,6 +195,8 @@ type Syncer struct {
 	stats SyncStats
 	umask uint32 // this process's, read once
 	buf   []byte // the frame buffer, reused
+	pack  *packWriter
+	r     io.Reader // the stream
 }
 
 func (s *Syncer) setState(rel string) {
@@ -229,7 +269,9 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 	}
 	s.known = map[string]bool{"": true}
 	s.umask = processUmask()
+	s.r = r
 	s.loadState()
+	defer s.abortPack()
 	if err := s.sendManifest(c); err != nil {
 		return err
 	}
@@ -246,8 +288,39 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 		if err := ssh.Unmarshal(p, &req); err != nil {
 			return err
 		}
-		if req.Type == SyncDone {
+		switch req.Type {
+		case SyncDone:
+			if s.pack != nil {
+				return errors.New("the push ended inside a pack")
+			}
 			return s.saveState()
+		case SyncFilePack:
+			var e SyncEntry
+			if err := ssh.Unmarshal(req.Payload, &e); err != nil {
+				return err
+			}
+			if err := s.filePack(e, r); err != nil {
+				return fmt.Errorf("%s %s: %w", req.Type, e.Rel, err)
+			}
+			continue
+		case SyncPackObj:
+			var o PackObj
+			if err := ssh.Unmarshal(req.Payload, &o); err != nil {
+				return err
+			}
+			if err := s.packObj(o, r); err != nil {
+				return fmt.Errorf("%s: %w", req.Type, err)
+			}
+			continue
+		case SyncPackEnd:
+			var pe PackEnd
+			if err := ssh.Unmarshal(req.Payload, &pe); err != nil {
+				return err
+			}
+			if err := s.packEnd(pe); err != nil {
+				return fmt.Errorf("%s: %w", req.Type, err)
+			}
+			continue
 		}
 		if req.Type == SyncFileObj {
 			var o SyncObjEntry
@@ -269,7 +342,9 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 	}
 }
 
-// sendManifest walks Dest without following links.
+// sendManifest lists the objects in packs earlier pushes wrote, then walks
+// Dest without following links (so that a file at an object's loose path
+// comes last and wins).
 func (s *Syncer) sendManifest(c io.Writer) error {
 	var batch []ManifestEntry
 	size, n := 0, 0
@@ -284,6 +359,15 @@ func (s *Syncer) sendManifest(c io.Writer) error {
 		batch, size = batch[:0], 0
 		return WriteFrame(c, FrameData, js)
 	}
+	for packed := s.packedEntries(); len(packed) > 0; {
+		k := min(len(packed), 2048) // well within a frame
+		batch = packed[:k]
+		if err := flush(); err != nil {
+			return err
+		}
+		packed = packed[k:]
+	}
+	batch = nil
 	err := filepath.WalkDir(s.Dest, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return nil // vanished or unreadable: not in the manifest
@@ -317,13 +401,14 @@ func (s *Syncer) sendManifest(c io.Writer) error {
 		}
 		return nil
 	})
+
 	if err != nil {
 		return err
 	}
 	if err := flush(); err != nil {
 		return err
 	}
-	return WriteFrame(c, FrameEOF, []byte(CapObjects))
+	return WriteFrame(c, FrameEOF, []byte(CapObjects+" "+CapPack))
 }
 
 // path returns rel's path below Dest after checking rel and that every
@@ -469,7 +554,7 @@ func modeExtra(m uint32) fs.FileMode {
 // first. Each data frame is written straight from the frame buffer, and
 // mode and mtime are set on the descriptor: under TCG every copy and every
 // path lookup shows.
-func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader, obj *objWriter) error {
+func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader, obj dataSink) error {
 	perm := uint32(fs.FileMode(e.Mode) & fs.ModePerm)
 	// Created with its final permissions when the umask keeps them and no
 	// setuid, setgid or sticky bit is asked for; otherwise 0600, then
@@ -624,6 +709,9 @@ func looseObjectPath(rel string) bool {
 	}
 	return true
 }
+
+// dataSink also receives a file's data (objWriter, packWriter).
+type dataSink interface{ write([]byte) error }
 
 // objWriter writes a loose blob object as a zlib stream of stored
 // (uncompressed) deflate blocks: 0x78 0x01, then blocks of at most 65535
@@ -846,6 +934,15 @@ func ReadManifestCaps(r io.Reader) (map[string]ManifestEntry, map[string]bool, e
 			for _, e := range batch {
 				if CleanRel(e.P) != nil {
 					continue
+				}
+				if e.T == "k" {
+					// an object in a pack a push wrote: only a loose
+					// object's path and a pack's base name, never one
+					// to delete
+					if _, ok := PackBaseName(e.L); !ok || !looseObjectPath(e.P) {
+						continue
+					}
+					e = ManifestEntry{P: e.P, T: "k", L: e.L}
 				}
 				if len(m) >= MaxManifestEntries {
 					return fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
