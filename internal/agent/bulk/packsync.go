@@ -264,7 +264,10 @@ func (s *Syncer) packEnd(pe PackEnd) error {
 			unix.Close(fd)
 		}
 		if !ok {
+			// no index: no pack either (git would not read it)
 			os.Remove(tmp)
+			os.Remove(final)
+			delete(s.state, base+".pack")
 		}
 	}()
 	err = s.readData(pe.IdxSize, func(d []byte) error {
