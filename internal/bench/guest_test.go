@@ -290,7 +290,7 @@ func (b *bench) benchWorkspace(vm, alias, ssh string) {
 	}
 	b.add(Result{Group: "workspace", Metric: "workspace push (" + desc + ")", Unit: "ms", Banger: testenv.Median(bp), Baseline: testenv.Median(tp),
 		Base: "git ls-files | tar c | banger exec -i tar x", Target: "≤0.5×", Pass: passIf(testenv.Median(bp) <= 0.5*testenv.Median(tp)), N: reps, Samples: bp, BaseSmp: tp,
-		Note: "push also sends .git (2× the files and bytes the guest writes); its blobs are written in the guest from the files' data, not sent again"})
+		Note: "push also sends .git; its objects go into one pack in the guest, the blobs written from the files' data, not sent again"})
 
 	// Re-push after a one-file change.
 	i := 0

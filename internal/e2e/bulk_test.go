@@ -227,6 +227,21 @@ func TestWorkspaceSyncRealGuest(t *testing.T) {
 	if want := "644 /root/ws/a.txt\n755 /root/ws/bin/run.sh\na.txt\nran\n200\n"; got != want {
 		t.Fatalf("guest tree:\n%s\nwant:\n%s", got, want)
 	}
+	// The guest's .git (no git in the guest image): its objects came as one
+	// pack (bulk.CapPack), none loose, and git on the host finds the copy
+	// whole and its work tree clean.
+	back := filepath.Join(t.TempDir(), "back")
+	mustBanger(t, h, "cp", "-r", vmName+":/root/ws", back)
+	if loose, _ := filepath.Glob(filepath.Join(back, ".git/objects/??/*")); len(loose) != 0 {
+		t.Fatalf("loose objects in the guest after a push: %v", loose)
+	}
+	if packs, _ := filepath.Glob(filepath.Join(back, ".git/objects/pack/pack-*.pack")); len(packs) != 1 {
+		t.Fatalf("packs in the guest after a push: %v", packs)
+	}
+	hostGit(t, back, "fsck", "--strict", "--no-dangling")
+	if st := hostGit(t, back, "status", "--porcelain"); st != "" {
+		t.Fatalf("git status of the guest's copy: %q", st)
+	}
 	mustBanger(t, h, "exec", vmName, "--", "sh", "-c", "echo mine > /root/ws/guest-made.txt")
 	later := time.Now().Add(time.Hour)
 	writeFile(t, filepath.Join(repo, "src/f007.go"), "changed", 0o644)
