@@ -77,6 +77,9 @@ func TestPushPacksObjects(t *testing.T) {
 	if l := looseIn(t, dest); len(l) != 0 {
 		t.Fatalf("loose objects in the guest: %v", l)
 	}
+	if dirs, _ := filepath.Glob(filepath.Join(dest, ".git/objects/??")); len(dirs) != 0 {
+		t.Fatalf("loose object directories made in the guest: %v", dirs)
+	}
 	packs := packsIn(t, dest)
 	if len(packs) != 1 {
 		t.Fatalf("packs in the guest: %v", packs)

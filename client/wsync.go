@@ -112,6 +112,11 @@ func pushStream(ctx context.Context, conn io.ReadWriter, p *workspace.Plan, prog
 			if has && g.T == "d" && g.M == mode {
 				continue
 			}
+			if pk != nil && looseDir(it.Rel) {
+				// With a pack no loose object is written: git makes
+				// .git/objects/xx when it needs it (256 mkdirs saved).
+				continue
+			}
 			err = send(bulk.SyncDir, bulk.SyncEntry{Rel: it.Rel, Mode: mode})
 		case it.Link != "":
 			if has && g.T == "l" && g.L == it.Link {
@@ -280,6 +285,13 @@ func looseObject(rel string) (string, bool) {
 		}
 	}
 	return id, true
+}
+
+// looseDir reports whether rel is a directory of loose objects,
+// .git/objects/xx.
+func looseDir(rel string) bool {
+	xx, ok := strings.CutPrefix(rel, ".git/objects/")
+	return ok && len(xx) == 2 && strings.Trim(xx, "0123456789abcdef") == ""
 }
 
 // sendFileObj sends a work tree file as bulk.SyncFileObj: the agent also
