@@ -51,7 +51,7 @@ func ServePut(c io.Writer, r io.Reader, path string) error {
 		f.Close()
 		return err
 	}
-	err = receiveFile(f, r)
+	err = receiveDirect(osFile{f}, r)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -65,8 +65,9 @@ func ServePut(c io.Writer, r io.Reader, path string) error {
 	return err
 }
 
-// receiveFile writes the FrameData frames r yields to f until FrameEOF.
-func receiveFile(f io.Writer, r io.Reader) error {
+// receiveBuffered writes the FrameData frames r yields to f until FrameEOF
+// (without O_DIRECT: see receiveDirect).
+func receiveBuffered(f io.Writer, r io.Reader) error {
 	buf := make([]byte, chunk)
 	for {
 		typ, p, err := ReadFrame(r, buf)
