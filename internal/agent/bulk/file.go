@@ -20,7 +20,8 @@ import (
 // truncated, as SFTP does) and answers a FrameReply (not OK with the error,
 // then closes); after an OK the host sends the contents in FrameData
 // frames and a FrameEOF, and the agent answers a last FrameReply once the
-// file is written and closed (OK, or not OK with the error).
+// file is written and closed (OK, or not OK with the error). The agent
+// writes it with O_DIRECT where it can (see receiveDirect).
 //
 // OpGet reads a regular file in the guest (Open.Arg as for OpPut): the
 // agent answers a FrameReply (OK with a FileInfo payload, or not OK with
