@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -21,12 +22,17 @@ import (
 // writable disk (the overlay's upper layer) made on first start and grown when
 // disk_mib grows, and the boot config device. The writable disk is a sparse
 // copy of a cached per-size ext4 template (internal/disk): its cost does not
-// grow with the disk's size.
+// grow with the disk's size. A spare disk per recently used size waits in
+// the cache and is renamed into place, so the copy is off the create path.
 type diskCap struct{ maker *disk.Maker }
 
-// newDiskCap keeps the writable disk templates under cacheDir.
-func newDiskCap(cacheDir string) diskCap {
-	return diskCap{maker: &disk.Maker{Dir: filepath.Join(cacheDir, "rwdisk"), Label: bootcfg.RWLabel}}
+// diskSpares bounds the spare writable disks kept ready (one per size, for
+// the sizes made most recently; ~200 KiB each on the host at 64 GiB).
+const diskSpares = 4
+
+// newDiskCap keeps the writable disk templates and spares under cacheDir.
+func newDiskCap(cacheDir string, log *slog.Logger) diskCap {
+	return diskCap{maker: &disk.Maker{Dir: filepath.Join(cacheDir, "rwdisk"), Label: bootcfg.RWLabel, Spares: diskSpares, Logger: log}}
 }
 
 func (diskCap) Name() string { return "disks" }

@@ -56,10 +56,15 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	dc := newDiskCap(d.cfg.Layout.CacheDir(), d.log)
+	if err := dc.maker.Reclaim(ctx); err != nil { // what a previous bangerd's refills left
+		d.log.WarnContext(ctx, "writable disk spares not reclaimed", "error", err.Error())
+	}
+	d.addCloser("writable disk spares", dc.maker.Close)
 	d.vms = &vmService{
 		store: d.store, locks: &d.locks, layout: d.cfg.Layout, artifacts: d, bootTimeout: fc.bootTimeout(),
 		log: d.log, drivers: drivers, defDrv: def, net: nc, events: d.events,
-		caps:     []capability{newDiskCap(d.cfg.Layout.CacheDir()), keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
+		caps:     []capability{dc, keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}

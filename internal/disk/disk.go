@@ -8,6 +8,10 @@
 // into memory; creating a disk writes them into a new sparse file, one
 // pwrite per region, with a fresh filesystem UUID and directory hash seed in
 // its superblock. The result is exactly what mkfs.ext4 would have made.
+//
+// With Spares set, the copy leaves the create path: one finished disk per
+// template waits in the template directory (spare.go), Make renames it into
+// place and writes the next one in the background.
 package disk
 
 import (
@@ -20,6 +24,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,11 +42,20 @@ type Maker struct {
 	Label string
 	// Mkfs is the mkfs.ext4 to run; "mkfs.ext4" from PATH when empty.
 	Mkfs string
+	// Spares is the most spare disks kept ready, one per template (so per
+	// size), for the sizes made most recently; 0 keeps none, and every Make
+	// copies its template.
+	Spares int
+	// Logger receives the failures of background refills; nil discards them.
+	Logger *slog.Logger
 
 	mu     sync.Mutex
 	slots  map[string]*sync.Mutex // one template build at a time per key
 	loaded map[string]*template   // templates read into memory, by name
 	cached int64                  // bytes held by loaded
+
+	sp    spares
+	fault func(step string) // called at each step of a refill (tests)
 }
 
 // template is a template's data regions, in file order; everything else of
@@ -98,23 +112,38 @@ func (m *Maker) mkfsArgs(size int64, path string) []string {
 }
 
 // Make creates path as a sparse ext4 filesystem of size bytes labelled
-// m.Label. path is written through a temporary file and renamed into place.
+// m.Label, with its own UUID. It renames the spare of its template into
+// place when there is one (Spares > 0; path on the filesystem of Dir), else
+// writes a copy of the template through a temporary file renamed into
+// place; with Spares it then starts the next spare's refill and returns
+// without waiting for it.
 func (m *Maker) Make(ctx context.Context, path string, size int64) error {
 	if size < 4<<20 {
 		return fmt.Errorf("writable disk of %d bytes is too small (the least is 4 MiB)", size)
 	}
-	tpl, err := m.template(ctx, size)
+	name, err := m.templateName(size)
+	if err != nil {
+		return err
+	}
+	if m.Spares > 0 && m.takeSpare(name, size, path) {
+		m.refill(name, size, nil, true)
+		return nil
+	}
+	tpl, err := m.template(ctx, name, size)
 	if err != nil {
 		return err
 	}
 	tmp := path + ".tmp"
-	if err := tpl.write(tmp, rand.Reader); err != nil {
+	if err := tpl.write(tmp, rand.Reader, false); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("writable disk: %w", err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
 		return err
+	}
+	if m.Spares > 0 {
+		m.refill(name, size, tpl, false)
 	}
 	return nil
 }
@@ -154,13 +183,9 @@ func (m *Maker) slot(key string) *sync.Mutex {
 	return s
 }
 
-// template returns the template of size, read into memory, making it
+// template returns the template name of size, read into memory, making it
 // first if needed.
-func (m *Maker) template(ctx context.Context, size int64) (*template, error) {
-	name, err := m.templateName(size)
-	if err != nil {
-		return nil, err
-	}
+func (m *Maker) template(ctx context.Context, name string, size int64) (*template, error) {
 	m.mu.Lock()
 	t := m.loaded[name]
 	m.mu.Unlock()
@@ -182,7 +207,7 @@ func (m *Maker) template(ctx context.Context, size int64) (*template, error) {
 			return nil, err
 		}
 	}
-	t, err = load(p, size)
+	t, err := load(p, size)
 	if err != nil {
 		return nil, fmt.Errorf("writable disk template: %w", err)
 	}
@@ -272,8 +297,9 @@ func (t *template) bytes() int64 {
 
 // write creates dst as a sparse copy of t with its own UUID and hash seed
 // (from rnd): the file is sized first, then each data region is written at
-// its offset, the first with the new superblock.
-func (t *template) write(dst string, rnd io.Reader) error {
+// its offset, the first with the new superblock. durable syncs the file
+// before it is closed.
+func (t *template) write(dst string, rnd io.Reader, durable bool) error {
 	first := append([]byte(nil), t.regions[0].data...)
 	if err := patchSuperblock(first[sbOffset:sbOffset+sbSize], rnd); err != nil {
 		return err
@@ -292,6 +318,11 @@ func (t *template) write(dst string, rnd io.Reader) error {
 			b = first
 		}
 		if _, err := out.WriteAt(b, r.off); err != nil {
+			return err
+		}
+	}
+	if durable {
+		if err := out.Sync(); err != nil {
 			return err
 		}
 	}
