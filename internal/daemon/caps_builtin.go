@@ -32,7 +32,8 @@ const diskSpares = 4
 
 // newDiskCap keeps the writable disk templates and spares under cacheDir.
 func newDiskCap(cacheDir string, log *slog.Logger) diskCap {
-	return diskCap{maker: &disk.Maker{Dir: filepath.Join(cacheDir, "rwdisk"), Label: bootcfg.RWLabel, Spares: diskSpares, Logger: log}}
+	return diskCap{maker: &disk.Maker{Dir: filepath.Join(cacheDir, "rwdisk"), Label: bootcfg.RWLabel, Spares: diskSpares, Logger: log,
+		Fault: func(step string) { fault("disk-refill-" + step) }}}
 }
 
 func (diskCap) Name() string { return "disks" }

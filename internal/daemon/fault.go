@@ -7,7 +7,10 @@ package daemon
 //
 // Points: after-record (create, record written), after-spawn (VMM process
 // exists), before-handles (VMM started, handles.json not yet final),
-// agent-wait (waiting for the guest agent), start, stop, delete.
+// agent-wait (waiting for the guest agent), start, stop, delete, and the
+// steps of a writable disk spare's background refill after a create:
+// disk-refill-template, -temp (its temporary file made), -written (written
+// and synced, not renamed), -renamed.
 var faultHook = func(point string) {}
 
 func fault(point string) { faultHook(point) }

@@ -54,8 +54,12 @@ type Maker struct {
 	loaded map[string]*template   // templates read into memory, by name
 	cached int64                  // bytes held by loaded
 
-	sp    spares
-	fault func(step string) // called at each step of a refill (tests)
+	// Fault, when set, is called at each step of a background refill
+	// (template, temp, written, renamed): the fault-injection tests stop
+	// there.
+	Fault func(step string)
+
+	sp spares
 }
 
 // template is a template's data regions, in file order; everything else of

@@ -79,8 +79,8 @@ func (m *Maker) logger() *slog.Logger {
 
 // step marks a point of a refill for the fault-injection tests.
 func (m *Maker) step(name string) {
-	if m.fault != nil {
-		m.fault(name)
+	if m.Fault != nil {
+		m.Fault(name)
 	}
 }
 

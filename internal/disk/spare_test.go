@@ -179,7 +179,7 @@ func TestCreateDoesNotWaitForRefill(t *testing.T) {
 	dir := t.TempDir()
 	hold, held := make(chan struct{}), make(chan struct{}, 1)
 	m := &Maker{Dir: filepath.Join(dir, "templates"), Label: "banger-rw", Spares: 1}
-	m.fault = func(step string) {
+	m.Fault = func(step string) {
 		if step == "temp" {
 			select {
 			case held <- struct{}{}:
@@ -220,7 +220,7 @@ func TestCloseCancelsRefill(t *testing.T) {
 	dir := t.TempDir()
 	hold, held := make(chan struct{}), make(chan struct{}, 1)
 	m := &Maker{Dir: filepath.Join(dir, "templates"), Label: "banger-rw", Spares: 1}
-	m.fault = func(step string) {
+	m.Fault = func(step string) {
 		if step == "template" {
 			held <- struct{}{}
 			<-hold
@@ -287,7 +287,7 @@ func TestRefillCrashConverges(t *testing.T) {
 			crash := filepath.Join(dir, "crashed")
 			m := &Maker{Dir: filepath.Join(dir, "templates"), Label: "banger-rw", Spares: 1}
 			injected := false
-			m.fault = func(s string) {
+			m.Fault = func(s string) {
 				if s == step && !injected {
 					injected = true
 					if out, err := exec.Command("cp", "-a", "--sparse=always", m.Dir, crash).CombinedOutput(); err != nil {

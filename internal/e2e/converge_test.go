@@ -303,8 +303,14 @@ func recordsFromCLI(t *testing.T, h string) []recVM {
 
 // leaks counts what does not match the truth: a VMM whose record is missing
 // or not running, a running record without a VMM, a record left half-way
-// (creating, starting, stopping) and a VM directory with no record.
+// (creating, starting, stopping), a VM directory with no record and a
+// temporary file in the writable disk cache (a spare's refill cut short).
 func leaks(h string, recs []recVM) (n int, what []string) {
+	tmps, _ := filepath.Glob(filepath.Join(h, "cache", "rwdisk", "*.tmp"))
+	for _, p := range tmps {
+		n++
+		what = append(what, "cache/rwdisk/"+filepath.Base(p))
+	}
 	procs := vmmProcs(h)
 	byID := map[string]recVM{}
 	for _, r := range recs {
@@ -397,7 +403,8 @@ func TestFaultInjectionConverges(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("BANGER_FAULT_ROUNDS")); err == nil && v > 0 {
 		rounds = v
 	}
-	points := []string{"after-record", "after-spawn", "before-handles", "agent-wait", "start", "stop", "delete"}
+	points := []string{"after-record", "after-spawn", "before-handles", "agent-wait", "start", "stop", "delete",
+		"disk-refill-temp", "disk-refill-written"}
 	var rows []faultRow
 	for _, point := range points {
 		row := faultRow{point: point}
