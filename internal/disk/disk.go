@@ -30,6 +30,7 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -53,6 +54,9 @@ type Maker struct {
 	slots  map[string]*sync.Mutex // one template build at a time per key
 	loaded map[string]*template   // templates read into memory, by name
 	cached int64                  // bytes held by loaded
+	// mkfsID's answer for the binary idBin, found at idAt
+	idPath, idStats, idBin string
+	idAt                   time.Time
 
 	// Fault, when set, is called at each step of a background refill
 	// (template, temp, written, renamed): the fault-injection tests stop
@@ -153,24 +157,50 @@ func (m *Maker) Make(ctx context.Context, path string, size int64) error {
 }
 
 // templateName names the template of size for the current mkfs: a change
-// of the binary or of /etc/mke2fs.conf makes a new template.
+// of the binary or of /etc/mke2fs.conf makes a new template (seen within
+// mkfsRecheck: the binary's identity is looked up at most that often).
 func (m *Maker) templateName(size int64) (string, error) {
 	bin := m.Mkfs
 	if bin == "" {
 		bin = "mkfs.ext4"
 	}
-	p, err := exec.LookPath(bin)
+	p, stats, err := m.mkfsID(bin)
 	if err != nil {
-		return "", fmt.Errorf("format writable disk: %w (is e2fsprogs installed?)", err)
+		return "", err
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\x00%q\x00", p, m.mkfsArgs(size, ""))
-	for _, f := range []string{p, "/etc/mke2fs.conf"} {
+	fmt.Fprintf(h, "%s\x00%q\x00%s", p, m.mkfsArgs(size, ""), stats)
+	return fmt.Sprintf("ext4-%d-%s.img", size, hex.EncodeToString(h.Sum(nil))[:16]), nil
+}
+
+// mkfsRecheck is how long mkfsID trusts what it found.
+const mkfsRecheck = time.Second
+
+// mkfsID is the path of bin and the size and time of it and of
+// /etc/mke2fs.conf; a PATH lookup and two stats cost about half a create
+// from a spare, so they are redone at most every mkfsRecheck.
+func (m *Maker) mkfsID(bin string) (path, stats string, err error) {
+	now := time.Now()
+	m.mu.Lock()
+	if m.idBin == bin && now.Sub(m.idAt) < mkfsRecheck {
+		path, stats = m.idPath, m.idStats
+		m.mu.Unlock()
+		return path, stats, nil
+	}
+	m.mu.Unlock()
+	path, err = exec.LookPath(bin)
+	if err != nil {
+		return "", "", fmt.Errorf("format writable disk: %w (is e2fsprogs installed?)", err)
+	}
+	for _, f := range []string{path, "/etc/mke2fs.conf"} {
 		if st, err := os.Stat(f); err == nil {
-			fmt.Fprintf(h, "%s %d %d\x00", f, st.Size(), st.ModTime().UnixNano())
+			stats += fmt.Sprintf("%s %d %d\x00", f, st.Size(), st.ModTime().UnixNano())
 		}
 	}
-	return fmt.Sprintf("ext4-%d-%s.img", size, hex.EncodeToString(h.Sum(nil))[:16]), nil
+	m.mu.Lock()
+	m.idPath, m.idStats, m.idBin, m.idAt = path, stats, bin, now
+	m.mu.Unlock()
+	return path, stats, nil
 }
 
 func (m *Maker) slot(key string) *sync.Mutex {

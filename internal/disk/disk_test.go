@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func needTools(t *testing.T) {
@@ -351,5 +352,41 @@ func TestDiskIsTheTemplateWithItsOwnIDs(t *testing.T) {
 	}
 	if changed < 16 {
 		t.Errorf("only %d superblock bytes differ from the template: the disk did not get its own UUID", changed)
+	}
+}
+
+// TestTemplateKeyFollowsMkfs: a changed mkfs binary makes a new template
+// name once mkfsRecheck has passed (its identity is cached until then).
+func TestTemplateKeyFollowsMkfs(t *testing.T) {
+	needTools(t)
+	orig, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(orig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "mkfs.ext4")
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m := &Maker{Label: "banger-rw", Mkfs: bin}
+	n1, err := m.templateName(4 << 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	later := time.Now().Add(time.Hour)
+	if err := os.Chtimes(bin, later, later); err != nil {
+		t.Fatal(err)
+	}
+	if n2, _ := m.templateName(4 << 30); n2 != n1 {
+		t.Errorf("within mkfsRecheck the name changed: %s → %s", n1, n2)
+	}
+	m.mu.Lock()
+	m.idAt = time.Time{} // mkfsRecheck has passed
+	m.mu.Unlock()
+	if n3, _ := m.templateName(4 << 30); n3 == n1 {
+		t.Errorf("a changed mkfs binary keeps the template name %s", n1)
 	}
 }
