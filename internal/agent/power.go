@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/agent/latelog"
 )
 
 // Signals that make an image's init power the machine off.
@@ -30,6 +32,7 @@ const initGrace = 90 * time.Second
 // reboot=k on Firecracker, and the VMM exits on a guest reboot (QEMU
 // -no-reboot, Firecracker always), so "power off" is a reboot.
 func powerOff(log *slog.Logger, reason string) {
+	latelog.Flush()
 	log.Info("powering off", "reason", reason)
 	if os.Getpid() == 1 {
 		finalShutdown(log)

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/latelog"
 )
 
 var machineIDRe = regexp.MustCompile(`^[0-9a-f]{32}$`)
@@ -105,7 +106,8 @@ func reidentify(root string, p api.Reidentify, files *background, log *slog.Logg
 			err = &errIdentity{err}
 			log.Error("the new identity's files were not all written", "error", err)
 		}
-		log.Info("reidentify steps", steps...)
+		// later: commands wait for this batch (files.wait)
+		latelog.Info(log, "reidentify steps", steps...)
 		return err
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -225,7 +227,7 @@ func renumber(n *api.ReidentifyNetwork, log *slog.Logger) error {
 	if err := addrUpRoute(link, addr, gw, true); err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	log.Info("network renumbered", "interface", name, "mac", n.MAC, "address", n.Address, "gateway", n.Gateway)
+	latelog.Info(log, "network renumbered", "interface", name, "mac", n.MAC, "address", n.Address, "gateway", n.Gateway)
 	return nil
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/mdlayher/vsock"
 
 	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/latelog"
 )
 
 // ListenVsock listens on an AF_VSOCK port of this guest.
@@ -149,8 +150,10 @@ func (l *SerialListener) run() {
 		case err == nil, errors.Is(err, io.EOF):
 			l.log.Debug("host channel session ended; waiting for the host", "error", err)
 		case errors.Is(err, yamux.ErrInvalidVersion), errors.Is(err, yamux.ErrInvalidMsgType):
-			// A new host started talking before this end saw the old one go.
-			l.log.Info("host channel resynchronising with a new host connection")
+			// A new host started talking before this end saw the old one go:
+			// a clone's first contact. Logged later, off the clone's way to
+			// its first command (see latelog).
+			latelog.Info(l.log, "host channel resynchronising with a new host connection")
 		default:
 			l.log.Warn("host channel error; resynchronising", "error", err)
 		}

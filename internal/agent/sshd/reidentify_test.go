@@ -15,6 +15,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/latelog"
 )
 
 // TestReidentifySwapsTheHostKey: after an accepted reidentify, new
@@ -118,3 +119,38 @@ func TestReidentifySwapsTheHostKey(t *testing.T) {
 }
 
 func pemEncode(b *pem.Block) []byte { return pem.EncodeToMemory(b) }
+
+// TestReidentifyLogsLater: the records of an accepted reidentify are not
+// written by the reply's after-function itself (a console line costs a
+// freshly restored clone milliseconds on its way to its first command) but
+// queued, and written by latelog later (here: its Flush).
+func TestReidentifyLogsLater(t *testing.T) {
+	var buf strings.Builder
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	srv, err := New(Config{HostKey: ed25519Signer(t), AuthorizedKeys: []ssh.PublicKey{ed25519Signer(t).PublicKey()}, KeepAlive: -1, Logger: log,
+		OnReidentify: func(api.Reidentify) error { return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	blk, err := ssh.MarshalPrivateKey(priv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(api.Reidentify{Hostname: "clone", HostKey: string(pemEncode(blk))})
+	ok, reply, after := srv.reidentify(b, log)
+	if !ok {
+		t.Fatalf("reidentify refused: %s", reply)
+	}
+	if after == nil {
+		t.Fatal("no after-function: the records would be written before the reply")
+	}
+	after()
+	if s := buf.String(); strings.Contains(s, "host key replaced") || strings.Contains(s, "identity replaced") {
+		t.Fatalf("written on the reply's path: %q", s)
+	}
+	latelog.Flush()
+	if s := buf.String(); !strings.Contains(s, "host key replaced") || !strings.Contains(s, "hostname=clone") {
+		t.Fatalf("after latelog's flush: %q", s)
+	}
+}

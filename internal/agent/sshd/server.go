@@ -25,6 +25,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/latelog"
 	"github.com/bangerdev/banger/internal/agent/reaper"
 	"github.com/bangerdev/banger/internal/agent/sysinfo"
 )
@@ -409,13 +410,14 @@ func (s *Server) reidentify(payload []byte, log *slog.Logger) (bool, []byte, fun
 	if hk != nil {
 		s.sshCfg.Store(s.serverConfig(hk))
 	}
-	// Log after the reply: a console line costs milliseconds under
-	// emulation, and the host is waiting on this reply to go on.
+	// Logged after the reply, and a moment later (latelog): a console line
+	// costs milliseconds in a clone just restored under emulation, and the
+	// clone's first command waits on the same vCPU.
 	return true, nil, func() {
 		if hk != nil {
-			log.Info("host key replaced by the host", "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
+			latelog.Info(log, "host key replaced by the host", "host_key", ssh.FingerprintSHA256(hk.PublicKey()))
 		}
-		log.Info("identity replaced by the host", "hostname", p.Hostname)
+		latelog.Info(log, "identity replaced by the host", "hostname", p.Hostname)
 	}
 }
 
