@@ -152,14 +152,22 @@ func (in *instance) State(ctx context.Context) (vmm.State, error) {
 	return vmm.StateUnknown, nil
 }
 
-// Adopt implements vmm.Driver. The process must be alive with the recorded
-// start time, and its command line must be a Firecracker serving the recorded
-// API socket (directly, or inside this driver's jail for its --id); otherwise
-// the error wraps vmm.ErrGone.
-func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error) {
-	var id, sock string
-	proc, err := vmmproc.AdoptProcess(h, DriverName, func(args []string) (string, error) {
-		id, sock = flagValue(args, "--id"), flagValue(args, "--api-sock")
+// End ends the Firecracker h names if it is provably that VM's (the checks
+// of Adopt, see vmmproc.End): SIGTERM, SIGKILL after grace. It is for a
+// caller that holds no instance of it, such as a release retried from the
+// VM's record; nil when no such process runs.
+func (d *Driver) End(ctx context.Context, h vmm.Handles, grace time.Duration) error {
+	if h.Driver != "" && h.Driver != DriverName {
+		return fmt.Errorf("handles belong to the %q driver, not %q", h.Driver, DriverName)
+	}
+	return vmmproc.End(ctx, h, DriverName, d.adoptMatch(h), grace)
+}
+
+// adoptMatch is the command line check of Adopt and End: a Firecracker
+// started by banger serving h's API socket; it returns its --id.
+func (d *Driver) adoptMatch(h vmm.Handles) vmmproc.Match {
+	return func(args []string) (string, error) {
+		id, sock := flagValue(args, "--id"), flagValue(args, "--api-sock")
 		if !instanceIDRe.MatchString(id) || sock == "" {
 			return "", fmt.Errorf("not a firecracker started by banger (%q)", strings.Join(args, " "))
 		}
@@ -171,6 +179,19 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 			return "", fmt.Errorf("it serves %s, not %s", sock, h.APISocket)
 		}
 		return id, nil
+	}
+}
+
+// Adopt implements vmm.Driver. The process must be alive with the recorded
+// start time, and its command line must be a Firecracker serving the recorded
+// API socket (directly, or inside this driver's jail for its --id); otherwise
+// the error wraps vmm.ErrGone.
+func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error) {
+	var id string
+	match := d.adoptMatch(h)
+	proc, err := vmmproc.AdoptProcess(h, DriverName, func(args []string) (vmID string, err error) {
+		id, err = match(args)
+		return id, err
 	})
 	if err != nil {
 		return nil, err

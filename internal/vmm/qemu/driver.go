@@ -478,13 +478,10 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, o launchOpts
 // path is unique to the VM's directory).
 func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error) {
 	var vmID string
-	proc, err := vmmproc.AdoptProcess(h, DriverName, func(argv []string) (string, error) {
-		id, ok := matchCmdline(argv, h.APISocket)
-		if !ok {
-			return "", fmt.Errorf("not this VM's qemu (its command line does not name %s)", h.APISocket)
-		}
-		vmID = id
-		return id, nil
+	match := adoptMatch(h)
+	proc, err := vmmproc.AdoptProcess(h, DriverName, func(argv []string) (id string, err error) {
+		vmID, err = match(argv)
+		return vmID, err
 	})
 	if err != nil {
 		return nil, err
@@ -519,6 +516,28 @@ func (d *Driver) Adopt(ctx context.Context, h vmm.Handles) (vmm.Instance, error)
 		log.InfoContext(ctx, "qemu adopted", "state", st)
 	}
 	return inst, nil
+}
+
+// End ends the QEMU h names if it is provably that VM's (the checks of
+// Adopt, see vmmproc.End): SIGTERM, SIGKILL after grace. It is for a
+// caller that holds no instance of it, such as a release retried from the
+// VM's record; nil when no such process runs.
+func (d *Driver) End(ctx context.Context, h vmm.Handles, grace time.Duration) error {
+	if h.Driver != "" && h.Driver != DriverName {
+		return fmt.Errorf("handles belong to the %q driver, not %q", h.Driver, DriverName)
+	}
+	return vmmproc.End(ctx, h, DriverName, adoptMatch(h), grace)
+}
+
+// adoptMatch is the command line check of Adopt and End.
+func adoptMatch(h vmm.Handles) vmmproc.Match {
+	return func(argv []string) (string, error) {
+		id, ok := matchCmdline(argv, h.APISocket)
+		if !ok {
+			return "", fmt.Errorf("not this VM's qemu (its command line does not name %s)", h.APISocket)
+		}
+		return id, nil
+	}
 }
 
 // matchCmdline reports whether argv is a banger QEMU whose QMP socket is

@@ -268,26 +268,15 @@ func (p *Proc) Kill(ctx context.Context) error {
 // and start time, the command line accepted by match) and starts watching
 // its exit. match returns the VM id found on the command line, or an error
 // saying why the process is not this VM's VMM. Every refusal wraps vmm.ErrGone.
-func AdoptProcess(h vmm.Handles, name string, match func(argv []string) (vmID string, err error)) (*system.Process, error) {
+func AdoptProcess(h vmm.Handles, name string, match Match) (*system.Process, error) {
 	if h.Driver != "" && h.Driver != name {
 		return nil, fmt.Errorf("handles belong to the %q driver, not %q", h.Driver, name)
 	}
 	if h.PID <= 0 || h.APISocket == "" {
 		return nil, fmt.Errorf("%w: handles name no process or API socket", vmm.ErrGone)
 	}
-	if !system.SameProcess(h.PID, h.StartTime) {
-		return nil, fmt.Errorf("%s pid %d is not running (or was reused): %w", name, h.PID, vmm.ErrGone)
-	}
-	argv, err := system.ProcessCmdline(h.PID)
-	if err != nil {
-		return nil, fmt.Errorf("%s pid %d: read its command line: %v: %w", name, h.PID, err, vmm.ErrGone)
-	}
-	vmID, err := match(argv)
-	if err != nil {
-		return nil, fmt.Errorf("pid %d: %v: %w", h.PID, err, vmm.ErrGone)
-	}
-	if h.VMID != "" && vmID != h.VMID {
-		return nil, fmt.Errorf("pid %d runs VM %s, not %s: %w", h.PID, vmID, h.VMID, vmm.ErrGone)
+	if err := identify(h, name, match); err != nil {
+		return nil, err
 	}
 	proc, err := system.Adopt(h.PID, h.StartTime)
 	if err != nil {
