@@ -21,6 +21,7 @@ type cleanup struct {
 type cleanupStep struct {
 	name string
 	fn   func(context.Context) error
+	gate bool // its failure stops the run (addGate)
 }
 
 func newCleanup() *cleanup { return &cleanup{} }
@@ -32,7 +33,20 @@ func (c *cleanup) add(name string, fn func(context.Context) error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.steps = append(c.steps, cleanupStep{name, fn})
+	c.steps = append(c.steps, cleanupStep{name: name, fn: fn})
+}
+
+// addGate registers an undo that the older ones depend on: ending the VMM,
+// without which the host resources it uses (tap, disk, the handles.json
+// that names it) must not be released. When a gate fails, run stops there:
+// the gate and every older undo stay registered, for a later run.
+func (c *cleanup) addGate(name string, fn func(context.Context) error) {
+	if fn == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.steps = append(c.steps, cleanupStep{name: name, fn: fn, gate: true})
 }
 
 // run runs every registered undo not yet run, newest first, and returns the
@@ -53,6 +67,15 @@ func (c *cleanup) run(ctx context.Context, log *slog.Logger, attrs ...any) error
 			errs = append(errs, fmt.Errorf("%s: %w", s.name, err))
 			if log != nil {
 				log.WarnContext(ctx, "cleanup step failed", append(attrs, "step", s.name, "error", err.Error())...)
+			}
+			if s.gate {
+				c.mu.Lock()
+				c.steps = append(c.steps, s)
+				c.mu.Unlock()
+				if log != nil {
+					log.WarnContext(ctx, "cleanup stopped: what is left depends on that step", append(attrs, "step", s.name)...)
+				}
+				return errors.Join(errs...)
 			}
 		}
 	}

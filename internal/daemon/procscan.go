@@ -1,9 +1,6 @@
 package daemon
 
 import (
-	"context"
-	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -11,9 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
-
-	"github.com/bangerdev/banger/internal/system"
 )
 
 // vmmProc is a VMM process of this home found in /proc.
@@ -108,21 +102,4 @@ func readBounded(p string, max int64) ([]byte, error) {
 	}
 	defer f.Close()
 	return io.ReadAll(io.LimitReader(f, max))
-}
-
-// killProcess SIGKILLs p if it is still the same process, and waits for it.
-func killProcess(ctx context.Context, p vmmProc) error {
-	proc, err := system.Adopt(p.pid, p.startTime)
-	if errors.Is(err, system.ErrNotSameProcess) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if err := proc.KillAndWait(kctx); err != nil {
-		return fmt.Errorf("kill pid %d: %w", p.pid, err)
-	}
-	return nil
 }

@@ -101,10 +101,14 @@ func (s *vmService) driver(name string) (vmm.Driver, error) {
 //   - a VMM found running for a record that says running is adopted;
 //   - a record left starting or stopping ends stopped (its VMM, if any, killed);
 //   - a record in the error state (a release that failed) is released again
-//     from the record, keeping why it ended;
+//     from the record, keeping why it ended; that release, like every one
+//     rebuilt from a record (a VM recorded running whose VMM is gone or
+//     cannot be adopted), first ends the VMM the record names if it still
+//     runs, and releases nothing else while it does (endRecordedVMM);
 //   - a record left creating is removed with everything it made;
-//   - a VMM of this home that no record claims (found by its command line in
-//     /proc, whether or not handles.json exists) is killed and its files removed;
+//   - a VMM of this home that no adopted runtime owns (found by its command
+//     line in /proc, whether or not handles.json exists) is ended (SIGTERM,
+//     then SIGKILL) and the files of a VM no record claims are removed;
 //   - taps of this user that no running VM owns are deleted;
 //   - snapshot directories that no record claims are removed;
 //   - guest memory files (on a tmpfs, see paths.MemoryDirs) that no running
@@ -142,7 +146,11 @@ func (s *vmService) reconcile(ctx context.Context) {
 			if rt != nil {
 				cl = rt.cleanup
 			}
-			s.release(ctx, vm, cl, "")
+			if err := s.release(ctx, vm, cl, ""); errors.Is(err, errVMMAlive) {
+				// keep the record that names the VMM (error state)
+				s.log.ErrorContext(ctx, "reconcile: VM of an interrupted create kept: its VMM could not be ended", "vm", vm.Name, "error", err.Error())
+				continue
+			}
 			s.removeVM(ctx, vm)
 		case err == nil:
 			// starting or stopping when the previous bangerd died: the start
@@ -196,7 +204,7 @@ func (s *vmService) reapStrays(ctx context.Context, known map[string]bool) {
 			continue
 		}
 		s.log.WarnContext(ctx, "killing a VMM no running VM owns", "vm_id", p.vmID, "pid", p.pid, "recorded", known[p.vmID])
-		if err := killProcess(ctx, p); err != nil {
+		if err := endScanned(ctx, s.layout.VMsDir(), p, s.endGrace()); err != nil {
 			s.log.ErrorContext(ctx, "reconcile: kill stray VMM", "vm_id", p.vmID, "pid", p.pid, "error", err.Error())
 		}
 	}
@@ -289,12 +297,12 @@ func (s *vmService) adopt(ctx context.Context, vm *store.VM) (*runtime, error) {
 		return nil, err
 	}
 	rt := &runtime{inst: inst, handles: inst.Handles(), cleanup: s.recordedCleanup(vm)}
+	rt.cleanup.addGate("vmm", s.vmmUndo(vm.ID, inst))
 	rt.cleanup.add("runtime", func(context.Context) error {
 		s.closeGuest(rt)
 		s.forgetRuntime(vm.ID, rt)
 		return nil
 	})
-	rt.cleanup.add("vmm", func(ctx context.Context) error { return inst.Kill(ctx) })
 	s.setRuntime(vm.ID, rt)
 	return rt, nil
 }

@@ -341,8 +341,11 @@ func (s *vmService) runCreate(ctx context.Context, vm *store.VM, op *createOp, r
 			}
 			err = fmt.Errorf("%s", msg)
 		}
-		// the start's cleanup released the runtime; the record and files go too
-		if rerr := s.removeVM(ctx, vm); rerr != nil {
+		// the start's cleanup released the runtime; the record and files go
+		// too, unless its VMM could not be ended (the record names it)
+		if vm.State == store.StateError && errors.Is(s.releaseRecorded(ctx, vm, endReason(vm)), errVMMAlive) {
+			s.log.ErrorContext(ctx, "VM of a failed create kept: its VMM could not be ended", "vm", vm.Name, "error", vm.LastError)
+		} else if rerr := s.removeVM(ctx, vm); rerr != nil {
 			s.log.ErrorContext(ctx, "remove VM after a failed create", "vm", vm.Name, "error", rerr.Error())
 		}
 	}
@@ -392,6 +395,10 @@ func (s *vmService) startVM(ctx context.Context, vm *store.VM) error {
 		return nil
 	case store.StateError:
 		if err := s.releaseRecorded(ctx, vm, endReason(vm)); err != nil {
+			if errors.Is(err, errVMMAlive) {
+				// A second VMM on the same writable disk would corrupt it.
+				return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not started: the VMM of its last boot is still running and could not be ended (%v); hint: a process that outlives SIGKILL is stuck in the kernel (ps -o pid,stat,wchan,cmd); once it is gone, banger vm start %s", vm.Name, err, vm.Name)
+			}
 			return fmt.Errorf("vm %q was not started: releasing what its last boot left failed again: %w", vm.Name, err)
 		}
 		return s.start(ctx, vm, nil)
@@ -414,7 +421,10 @@ func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error 
 			return err
 		}
 	} else if vm.State != store.StateStopped {
-		s.releaseRecorded(ctx, vm, "")
+		if err := s.releaseRecorded(ctx, vm, endReason(vm)); errors.Is(err, errVMMAlive) {
+			// Removing the record and disk would leave that VMM behind.
+			return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not deleted: its VMM is still running and could not be ended (%v); hint: once it is gone, banger vm delete %s", vm.Name, err, vm.Name)
+		}
 	}
 	fault("delete") // VMM gone, files and record still there
 	if err := s.removeVM(ctx, vm); err != nil {

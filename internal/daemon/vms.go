@@ -161,9 +161,15 @@ type vmService struct {
 
 	forwards forwardSet // host ports published with -p (forwards.go)
 
+	// vmmGrace is how long a VMM ended from its record gets between
+	// SIGTERM and SIGKILL (0: vmmEndGrace).
+	vmmGrace time.Duration
+
 	mu       sync.Mutex
 	runtimes map[string]*runtime
 	creates  map[string]*createOp
+	// lingering holds, by VM id, an instance whose kill failed (vmmUndo).
+	lingering map[string]vmm.Instance
 }
 
 func (s *vmService) runtime(id string) *runtime {
@@ -433,12 +439,14 @@ func (s *vmService) launch(ctx context.Context, r *startRun, start func(context.
 	rt := &runtime{inst: inst, handles: h, cleanup: r.cl}
 	r.rt = rt
 	s.setRuntime(env.VM.ID, rt)
+	// Newest first: the runtime is forgotten, then the VMM ended; if that
+	// fails, nothing older (handles.json, the tap) is released (vmmUndo).
+	r.cl.addGate("vmm", s.vmmUndo(env.VM.ID, inst))
 	r.cl.add("runtime", func(context.Context) error {
 		s.closeGuest(rt)
 		s.forgetRuntime(env.VM.ID, rt)
 		return nil
 	})
-	r.cl.add("vmm", func(ctx context.Context) error { return inst.Kill(ctx) })
 	fault("before-handles")
 	return writeJSONAtomic(hp, h)
 }
@@ -708,7 +716,9 @@ func endReason(vm *store.VM) string {
 
 // recordedCleanup rebuilds the cleanup of a VM whose runtime this bangerd
 // does not hold (its VMM is gone, or was started by a bangerd that died):
-// the capabilities' per-boot resources named in the record and handles.json.
+// ending the VMM the record names if it still runs (a gate: endRecordedVMM),
+// then the capabilities' per-boot resources named in the record and
+// handles.json.
 func (s *vmService) recordedCleanup(vm *store.VM) *cleanup {
 	cl := newCleanup()
 	hp := filepath.Join(s.vmDir(vm.ID), handlesName)
@@ -724,6 +734,10 @@ func (s *vmService) recordedCleanup(vm *store.VM) *cleanup {
 			cl.add(c.Name(), func(ctx context.Context) error { return sc.CleanupState(ctx, &v) })
 		}
 	}
+	// First of all: end the VMM the record names if it still runs (a kill
+	// that failed, a bangerd that died half-way), or release nothing.
+	id := vm.ID
+	cl.addGate("vmm", func(ctx context.Context) error { return s.endRecordedVMM(ctx, id) })
 	return cl
 }
 

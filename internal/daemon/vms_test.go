@@ -190,6 +190,8 @@ type probeCap struct {
 	resources    map[string]bool // "tap-<vm id>"
 	undos        int
 	releaseFails int // the next releases that fail, keeping the resource
+	// onRelease, when set, is called (without mu) before a resource is released.
+	onRelease func(name string)
 }
 
 func (*probeCap) Name() string { return "probe" }
@@ -218,6 +220,12 @@ func (p *probeCap) PrepareHost(ctx context.Context, env *startEnv) (func(context
 }
 
 func (p *probeCap) release(name string) error {
+	p.mu.Lock()
+	hook := p.onRelease
+	p.mu.Unlock()
+	if hook != nil {
+		hook(name)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.undos++
@@ -888,13 +896,18 @@ func TestStartOfErrorVMReleasesFirst(t *testing.T) {
 	ts.probe.mu.Lock()
 	ts.probe.releaseFails = 2
 	ts.probe.mu.Unlock()
-	if err := ts.kill(ctx, vm); err != nil {
+	// Under the VM lock, as the API takes it: the VMM's watcher must not
+	// release the runtime at the same time.
+	unlock := ts.locks.Lock(vm.ID)
+	err := ts.kill(ctx, vm)
+	unlock()
+	if err != nil {
 		t.Fatal(err)
 	}
 	if vm.State != store.StateError || !strings.HasPrefix(vm.LastError, "releasing its resources failed: ") {
 		t.Fatalf("after kill whose release failed: %s %q", vm.State, vm.LastError)
 	}
-	err := ts.startVM(ctx, vm)
+	err = ts.startVM(ctx, vm)
 	if err == nil || !strings.Contains(err.Error(), "probe cannot release") {
 		t.Fatalf("start over a failed release: %v, want the release's error", err)
 	}
