@@ -137,6 +137,32 @@ func TestPushPacksObjects(t *testing.T) {
 	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
 }
 
+// TestPushPacksSHA256: a SHA-256 repository's objects go into a SHA-256
+// pack git reads; a temporary pack a dead push left is removed.
+func TestPushPacksSHA256(t *testing.T) {
+	repo := gitRepo(t)
+	os.RemoveAll(filepath.Join(repo, ".git"))
+	gitIn(t, repo, "init", "-q", "--object-format=sha256")
+	gitIn(t, repo, "add", "-A")
+	gitIn(t, repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+	dest := filepath.Join(t.TempDir(), "ws")
+	stale := filepath.Join(dest, packDir, "tmp_pack_banger_0123456789abcdef")
+	os.MkdirAll(filepath.Dir(stale), 0o755)
+	os.WriteFile(stale, []byte("PACK"), 0o444)
+	st := push(t, repo, dest, t.TempDir())
+	if st.Packs != 1 || st.Packed != len(looseIn(t, repo)) {
+		t.Fatalf("push: %+v", st)
+	}
+	p := packsIn(t, dest)
+	if len(p) != 1 || len(p[0]) != len("pack-")+64 {
+		t.Fatalf("packs %v: want one SHA-256 pack", p)
+	}
+	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
+	if out := gitIn(t, dest, "status", "--porcelain"); out != "" {
+		t.Fatalf("git status in the guest: %q", out)
+	}
+}
+
 // relayCaps connects a host and an agent through a relay that replaces the
 // capabilities the agent announces with caps (an older agent).
 func relayCaps(t *testing.T, caps string) (host net.Conn, agent net.Conn) {

@@ -43,6 +43,14 @@ func (s *Syncer) packW() (*packWriter, error) {
 	if err != nil {
 		return nil, err
 	}
+	// What a push that died left (pushes to one destination never run at
+	// once: bangerd holds the VM's workspace lock).
+	for _, pat := range []string{"tmp_pack_banger_*", "tmp_idx_banger_*"} {
+		old, _ := filepath.Glob(filepath.Join(filepath.Dir(tmp), pat))
+		for _, o := range old {
+			os.Remove(o)
+		}
+	}
 	const flags = unix.O_WRONLY | unix.O_CREAT | unix.O_EXCL | unix.O_NOFOLLOW | unix.O_CLOEXEC
 	fd, err := unix.Open(tmp, flags, 0o444)
 	if err != nil {
