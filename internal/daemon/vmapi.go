@@ -397,7 +397,7 @@ func (s *vmService) startVM(ctx context.Context, vm *store.VM) error {
 		if err := s.releaseRecorded(ctx, vm, endReason(vm)); err != nil {
 			if errors.Is(err, errVMMAlive) {
 				// A second VMM on the same writable disk would corrupt it.
-				return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not started: the VMM of its last boot is still running and could not be ended (%v); hint: a process that outlives SIGKILL is stuck in the kernel (ps -o pid,stat,wchan,cmd); once it is gone, banger vm start %s", vm.Name, err, vm.Name)
+				return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not started: %v; a second VMM on its writable disk would corrupt it; hint: a process that outlives SIGKILL is stuck in the kernel (ps -o pid,stat,wchan,cmd -p PID); once it is gone, banger vm start %s", vm.Name, err, vm.Name)
 			}
 			return fmt.Errorf("vm %q was not started: releasing what its last boot left failed again: %w", vm.Name, err)
 		}
@@ -423,7 +423,7 @@ func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error 
 	} else if vm.State != store.StateStopped {
 		if err := s.releaseRecorded(ctx, vm, endReason(vm)); errors.Is(err, errVMMAlive) {
 			// Removing the record and disk would leave that VMM behind.
-			return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not deleted: its VMM is still running and could not be ended (%v); hint: once it is gone, banger vm delete %s", vm.Name, err, vm.Name)
+			return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not deleted: %v; deleting the record would leave that VMM behind; hint: once it is gone, banger vm delete %s", vm.Name, err, vm.Name)
 		}
 	}
 	fault("delete") // VMM gone, files and record still there

@@ -365,6 +365,7 @@ func TestStartRefusesWhileLastVMMLives(t *testing.T) {
 		!strings.Contains(err.Error(), "banger vm start e") {
 		t.Fatalf("start while the last VMM runs: %v", err)
 	}
+	t.Logf("start refused: %v", err)
 	if len(pd.all(vm.ID)) != 1 || !alive(first) {
 		t.Fatalf("%d VMMs started for the VM, want only the first", len(pd.all(vm.ID)))
 	}

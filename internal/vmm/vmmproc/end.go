@@ -96,6 +96,7 @@ func End(ctx context.Context, h vmm.Handles, name string, match Match, grace tim
 		return system.SameProcess(h.PID, h.StartTime)
 	}
 	signal := func(sig syscall.Signal) error {
+		var err error
 		if fd >= 0 {
 			err = unix.PidfdSendSignal(fd, sig, nil, 0)
 		} else if system.SameProcess(h.PID, h.StartTime) {
