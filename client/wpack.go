@@ -59,11 +59,16 @@ func (k *packPush) carried(rel string) (string, bool) {
 	return id, ok
 }
 
+// maxPackObjects bounds a push's pack: its index stays well under what the
+// agent accepts (bulk's 64 MiB); past it, the loose path (a variable for
+// tests).
+var maxPackObjects = 1 << 20
+
 // planPack decides the pack, if the agent can write one and lacks some of
 // the host's loose objects: nil otherwise (then the loose path, or plain
 // files, as before).
 func planPack(p *workspace.Plan, guest map[string]bulk.ManifestEntry, caps map[string]bool, c carry) *packPush {
-	if !caps[bulk.CapPack] || len(c.missing) == 0 {
+	if !caps[bulk.CapPack] || len(c.missing) == 0 || len(c.missing) > maxPackObjects {
 		return nil
 	}
 	k := &packPush{missing: c.missing, carrier: map[string]string{}, done: map[string]bool{}}

@@ -224,6 +224,23 @@ func TestPushWithoutPackCapability(t *testing.T) {
 	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
 }
 
+// TestPushTooManyObjectsForAPack: past maxPackObjects the push takes the
+// loose path, and the repository is whole.
+func TestPushTooManyObjectsForAPack(t *testing.T) {
+	defer func(n int) { maxPackObjects = n }(maxPackObjects)
+	maxPackObjects = 3
+	repo := gitRepo(t)
+	dest := filepath.Join(t.TempDir(), "ws")
+	st := push(t, repo, dest, t.TempDir())
+	if st.Packs != 0 || st.Objects != 4 {
+		t.Fatalf("push: %+v, want the loose path", st)
+	}
+	if got, want := looseIn(t, dest), looseIn(t, repo); !equalStrings(got, want) {
+		t.Fatalf("loose objects in the guest %v, want the host's %v", got, want)
+	}
+	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
+}
+
 func equalStrings(a, b []string) bool {
 	if len(a) != len(b) {
 		return false
