@@ -20,8 +20,9 @@ import (
 
 const packDir = ".git/objects/pack"
 
-// maxPackedReport bounds the objects of pushed packs a manifest lists.
-const maxPackedReport = MaxManifestEntries / 2
+// maxPackedReport bounds the objects of pushed packs a manifest lists, on
+// both ends (a variable for tests).
+var maxPackedReport = MaxManifestEntries / 2
 
 type packWriter struct {
 	fd      int

@@ -2,6 +2,7 @@ package bulk
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -35,6 +36,27 @@ func TestReadManifestPackedHostile(t *testing.T) {
 	}
 	if e := m[loose]; e.T != "k" || e.W || e.L != pack || e.S != 0 {
 		t.Fatalf("kept %+v", e)
+	}
+}
+
+// TestReadManifestPackedBound: a guest listing more packed objects than
+// the bound ends the push (they are bounded apart from the walk's entries).
+func TestReadManifestPackedBound(t *testing.T) {
+	defer func(n int) { maxPackedReport = n }(maxPackedReport)
+	maxPackedReport = 3
+	entries := []string{}
+	for i := range 4 {
+		id := strings.Repeat("ab", 19) + fmt.Sprintf("%02x", i)
+		entries = append(entries, `{"p":".git/objects/ab/`+id[2:]+`","t":"k","l":"pack-`+strings.Repeat("c", 40)+`"}`)
+	}
+	for n, wantErr := range map[int]bool{3: false, 4: true} {
+		var b bytes.Buffer
+		WriteFrame(&b, FrameData, []byte("["+strings.Join(entries[:n], ",")+`,{"p":"a","t":"f"}]`))
+		WriteFrame(&b, FrameEOF, []byte(CapPack))
+		m, _, err := ReadManifestCaps(&b)
+		if (err != nil) != wantErr || (!wantErr && len(m) != n+1) {
+			t.Fatalf("%d packed entries: %d kept, %v", n, len(m), err)
+		}
 	}
 }
 

@@ -921,6 +921,7 @@ func ReadManifest(r io.Reader) (map[string]ManifestEntry, error) {
 // agent announced (CapObjects).
 func ReadManifestCaps(r io.Reader) (map[string]ManifestEntry, map[string]bool, error) {
 	m := map[string]ManifestEntry{}
+	packed, walked := 0, 0
 	eof, err := readBatches(r, "the guest's manifest", manifestBytes,
 		fmt.Errorf("the guest's manifest exceeds %d bytes", manifestBytes),
 		func(p []byte) error {
@@ -943,8 +944,12 @@ func ReadManifestCaps(r io.Reader) (map[string]ManifestEntry, map[string]bool, e
 						continue
 					}
 					e = ManifestEntry{P: e.P, T: "k", L: e.L}
-				}
-				if len(m) >= MaxManifestEntries {
+					// bounded apart from the walk's entries, as the
+					// agent bounds them (maxPackedReport)
+					if packed++; packed > maxPackedReport {
+						return fmt.Errorf("the guest's manifest lists more than %d packed objects", maxPackedReport)
+					}
+				} else if walked++; walked > MaxManifestEntries {
 					return fmt.Errorf("the guest's manifest has more than %d entries", MaxManifestEntries)
 				}
 				m[e.P] = e
