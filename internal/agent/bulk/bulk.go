@@ -443,29 +443,6 @@ func (q *queue) WriteTo(w io.Writer) (int64, error) {
 	}
 }
 
-// take removes the head frame's unread bytes and returns them: the caller
-// owns them (see Chan.TakeData).
-func (q *queue) take() ([]byte, error) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	q.wait()
-	if q.size == 0 {
-		if q.err != nil {
-			return nil, q.err
-		}
-		return nil, io.EOF
-	}
-	b := q.bufs[0]
-	q.size -= len(b)
-	q.bufs[0] = nil
-	q.bufs = q.bufs[1:]
-	if len(q.bufs) == 0 {
-		q.bufs = nil
-	}
-	q.cond.Broadcast()
-	return b, nil
-}
-
 func (q *queue) closeWrite() {
 	q.mu.Lock()
 	q.eof = true
@@ -631,17 +608,6 @@ func (c *Chan) Read(p []byte) (int, error) { return c.in.Read(p) }
 // WriteTo writes the peer's data to w until EOF, a frame per Write (what
 // io.Copy uses). Like Read, it is for one reader at a time.
 func (c *Chan) WriteTo(w io.Writer) (int64, error) { return c.in.WriteTo(w) }
-
-// TakeData returns the next frame of the peer's data (or what Read left
-// of one) without a copy; io.EOF at the end. The caller owns the buffer
-// and may hand it back with ReleaseData once nothing refers to it any more
-// (sshd vmsplices it into a command's stdin and releases it once the
-// command has read it). Like Read, it is for one reader at a time.
-func (c *Chan) TakeData() ([]byte, error) { return c.in.take() }
-
-// ReleaseData gives back a buffer TakeData returned, for the frames that
-// follow; the caller must not touch it afterwards.
-func ReleaseData(b []byte) { putBuf(b[:0]) }
 
 // ReadStderr reads the agent's stderr (host side).
 func (c *Chan) ReadStderr(p []byte) (int, error) { return c.errIn.Read(p) }

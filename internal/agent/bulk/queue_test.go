@@ -5,8 +5,11 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // sizes records the size of every Write.
@@ -104,5 +107,83 @@ func TestQueueBound(t *testing.T) {
 	b := make([]byte, 1)
 	if _, err := q.Read(b); err != nil || b[0] != 'y' {
 		t.Fatalf("%q %v", b, err)
+	}
+}
+
+// TestChanToPipeReaderSplices: a command's stdin fed from a Chan (io.Copy,
+// as the agent's session does) into a pipe, whose reader moves the bytes
+// into another pipe with splice(2) (pv, Go's io.Copy between pipes) and
+// reads that one only after the stream has ended and its buffers have been
+// reused, still gets the bytes sent. A feeder that vmsplices frame buffers
+// into the pipe (0a255c4, reverted) fails this: the second pipe still
+// refers to a buffer the first reported read.
+func TestChanToPipeReaderSplices(t *testing.T) {
+	host, agent := pipe(t)
+	ch := NewChan(agent)
+	defer ch.Close()
+	data := randomBytes(4*chunk + 100)
+	go func() {
+		hc := NewChan(host)
+		hc.Write(data)
+		hc.CloseWrite()
+	}()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	pr2, pw2, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr2.Close()
+	for _, w := range []*os.File{pw, pw2} {
+		if _, err := unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, 2<<20); err != nil {
+			t.Skipf("cannot grow a pipe to hold the whole stream: %v", err)
+		}
+	}
+	fed := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(pw, ch)
+		pw.Close()
+		fed <- err
+	}()
+	for moved := 0; moved < len(data); {
+		n, err := unix.Splice(int(pr.Fd()), nil, int(pw2.Fd()), nil, len(data)-moved, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			t.Fatalf("the stream ended after %d of %d bytes", moved, len(data))
+		}
+		moved += int(n)
+	}
+	pw2.Close()
+	select {
+	case err := <-fed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the feed did not end")
+	}
+	// the stream's buffers go back to the pool: let another stream take
+	// and overwrite them before the spliced bytes are read
+	other := randomBytes(4 * chunk)
+	var taken [][]byte
+	for i := 0; i < 8; i++ {
+		b := getBuf(chunk)
+		copy(b, other)
+		taken = append(taken, b)
+	}
+	for _, b := range taken {
+		putBuf(b)
+	}
+	got, err := io.ReadAll(pr2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("read %d bytes, equal %v: a buffer was reused while a pipe still referred to it", len(got), bytes.Equal(got, data))
 	}
 }

@@ -19,7 +19,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/api"
-	"github.com/bangerdev/banger/internal/agent/bulk"
 )
 
 // Payloads of the standard session requests (RFC 4254 section 6).
@@ -400,46 +399,24 @@ func (ss *session) startShell(command string, login bool) error {
 // runPipes starts cmd with stdin, stdout and stderr on the channel.
 func (ss *session) runPipes(cmd *exec.Cmd, acct account) error {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: ss.credential(acct)}
-	// A bulk stream's stdin is vmspliced into the pipe (see stdin.go);
-	// SSH's is copied.
-	var feed func()
-	var splicer *stdinSplicer
-	var closeStdin func()
-	if src, ok := ss.ch.(dataSource); ok && spliceAllowed() {
-		pr, pw, err := os.Pipe()
-		if err != nil {
-			return err
-		}
-		growPipe(pw)
-		cmd.Stdin = pr
-		splicer = &stdinSplicer{w: pw, r: pr, src: src, release: bulk.ReleaseData}
-		feed = splicer.run
-		closeStdin = func() { pr.Close(); pw.Close() }
-	} else {
-		stdin, err := cmd.StdinPipe()
-		if err != nil {
-			return err
-		}
-		growPipe(stdin)
-		feed = func() {
-			_, _ = io.Copy(stdin, ss.ch)
-			stdin.Close()
-		}
-		closeStdin = func() { stdin.Close() }
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
 	}
+	growPipe(stdin)
 	cmd.Stdout = ss.ch
 	cmd.Stderr = ss.ch.Stderr()
 	cmd.WaitDelay = ss.srv.cfg.OutputGrace
 	if err := ss.startTracked(cmd); err != nil {
-		closeStdin()
+		stdin.Close()
 		return err
 	}
-	go feed()
+	go func() {
+		_, _ = io.Copy(stdin, ss.ch)
+		stdin.Close()
+	}()
 	go func() {
 		err := cmd.Wait()
-		if splicer != nil {
-			splicer.exited()
-		}
 		ss.srv.cfg.Reaper.Forget(cmd.Process.Pid)
 		if errors.Is(err, exec.ErrWaitDelay) {
 			ss.log.Debug("command exited but its output stayed open; closed it", "pid", cmd.Process.Pid)
