@@ -273,6 +273,7 @@ func (m *serialMux) session(ctx context.Context) (*yamux.Session, error) {
 	cfg.KeepAliveInterval = 15 * time.Second
 	cfg.StreamOpenTimeout = 30 * time.Second
 	cfg.StreamCloseTimeout = 30 * time.Second
+	cfg.MaxStreamWindowSize = api.MuxWindow
 	sess, err := yamux.Client(&bufferedConn{Conn: c, r: br}, cfg)
 	if err != nil {
 		c.Close()

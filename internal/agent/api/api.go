@@ -131,6 +131,14 @@ const (
 	MuxResendInterval = 100 * time.Millisecond
 )
 
+// MuxWindow is each end's receive window per yamux stream (yamux's own is
+// 256 KiB). With 256 KiB a bulk stream stalls for a window update every
+// 128 KiB, a round trip through QEMU's chardev and both processes, and the
+// guest vCPU, which bounds every transfer under TCG, sat idle ~30% of a
+// 100 MiB cp. The window only grows as the receiver reads, so a stream
+// nobody reads still holds at most 256 KiB.
+const MuxWindow = 4 << 20
+
 // Port is one listening socket in the guest.
 type Port struct {
 	Proto   string `json:"proto"`   // "tcp", "tcp6", "udp", "udp6"

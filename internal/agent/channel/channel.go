@@ -184,6 +184,7 @@ func (l *SerialListener) cycle(br *bufio.Reader) error {
 	cfg.Logger = slog.NewLogLogger(l.log.Handler(), slog.LevelDebug)
 	cfg.KeepAliveInterval = 15 * time.Second
 	cfg.StreamCloseTimeout = 30 * time.Second
+	cfg.MaxStreamWindowSize = api.MuxWindow
 	pc := newPortConn(br, l.port)
 	sess, err := yamux.Server(pc, cfg)
 	if err != nil {
