@@ -274,6 +274,11 @@ func (m *serialMux) session(ctx context.Context) (*yamux.Session, error) {
 	cfg.StreamOpenTimeout = 30 * time.Second
 	cfg.StreamCloseTimeout = 30 * time.Second
 	cfg.MaxStreamWindowSize = api.MuxWindow
+	// bangerd never accepts a stream the guest opens: one may wait (yamux
+	// wants a backlog), the rest are reset at once. With yamux's default
+	// of 256 a guest could park 256 streams of 256 KiB each (64 MiB) in
+	// bangerd's memory.
+	cfg.AcceptBacklog = 1
 	sess, err := yamux.Client(&bufferedConn{Conn: c, r: br}, cfg)
 	if err != nil {
 		c.Close()
