@@ -33,6 +33,7 @@ type packWriter struct {
 	e       PackEntry
 	pending [][]byte // written with the next data
 	inEntry bool
+	out     *packOut // O_DIRECT through aligned buffers; nil: pwritev per frame
 }
 
 // pack returns the push's pack, created at its first entry.
@@ -52,12 +53,16 @@ func (s *Syncer) packW() (*packWriter, error) {
 			os.Remove(o)
 		}
 	}
-	const flags = unix.O_WRONLY | unix.O_CREAT | unix.O_EXCL | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	// read and write: a cut-off entry's block is read back (packOut)
+	const flags = unix.O_RDWR | unix.O_CREAT | unix.O_EXCL | unix.O_NOFOLLOW | unix.O_CLOEXEC
 	fd, err := unix.Open(tmp, flags, 0o444)
 	if err != nil {
 		return nil, &fs.PathError{Op: "create", Path: tmp, Err: err}
 	}
 	s.pack = &packWriter{fd: fd, tmp: tmp}
+	if !s.packBuffered {
+		s.pack.out = newPackOut(fd, tmp)
+	}
 	// the count is written at the end, when known
 	s.pack.pending = [][]byte{PackHeader(0)}
 	return s.pack, nil
@@ -74,6 +79,12 @@ func (w *packWriter) begin(typ byte, size uint64) {
 }
 
 func (w *packWriter) flush(iov [][]byte) error {
+	if w.out != nil {
+		for _, b := range iov {
+			w.off += int64(len(b))
+		}
+		return w.out.append(iov)
+	}
 	for len(iov) > 0 {
 		n, err := unix.Pwritev(w.fd, iov, w.off)
 		if errors.Is(err, unix.EINTR) {
@@ -128,7 +139,11 @@ func (s *Syncer) endEntry(w *packWriter, r io.Reader) (bool, error) {
 			return false, err
 		}
 		w.pending = nil
-		if err := unix.Ftruncate(w.fd, w.start); err != nil {
+		if w.out != nil {
+			if err := w.out.truncate(w.start); err != nil {
+				return false, err
+			}
+		} else if err := unix.Ftruncate(w.fd, w.start); err != nil {
 			return false, &fs.PathError{Op: "truncate", Path: w.tmp, Err: err}
 		}
 		w.off = w.start
@@ -242,7 +257,11 @@ func (s *Syncer) packEnd(pe PackEnd) error {
 		return err
 	}
 	w.pending = nil
-	if _, err := unix.Pwrite(w.fd, PackHeader(w.n), 0); err != nil {
+	if w.out != nil {
+		if err := w.out.finish(PackHeader(w.n)); err != nil {
+			return err
+		}
+	} else if _, err := unix.Pwrite(w.fd, PackHeader(w.n), 0); err != nil {
 		return &fs.PathError{Op: "write", Path: w.tmp, Err: err}
 	}
 	err := unix.Close(w.fd)
@@ -314,6 +333,9 @@ func (s *Syncer) packEnd(pe PackEnd) error {
 // abortPack removes a pack that was not finished.
 func (s *Syncer) abortPack() {
 	if w := s.pack; w != nil {
+		if w.out != nil {
+			w.out.release()
+		}
 		if w.fd >= 0 {
 			unix.Close(w.fd)
 		}

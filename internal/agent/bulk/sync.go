@@ -197,6 +197,9 @@ type Syncer struct {
 	buf   []byte // the frame buffer, reused
 	pack  *packWriter
 	r     io.Reader // the stream
+	// packBuffered writes the pack with a pwritev per frame, without
+	// O_DIRECT (as when the filesystem refuses it; for tests and A/B runs)
+	packBuffered bool
 }
 
 func (s *Syncer) setState(rel string) {
