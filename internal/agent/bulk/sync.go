@@ -200,10 +200,6 @@ type Syncer struct {
 	// packBuffered writes the pack with a pwritev per frame, without
 	// O_DIRECT (as when the filesystem refuses it; for tests and A/B runs)
 	packBuffered bool
-	// files writes the larger files with O_DIRECT (syncdirect.go);
-	// filesBuffered turns that off (for tests and A/B runs)
-	files         *fileWriters
-	filesBuffered bool
 }
 
 func (s *Syncer) setState(rel string) {
@@ -279,16 +275,10 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 	s.r = r
 	s.loadState()
 	defer s.abortPack()
-	defer s.waitFiles()
 	if err := s.sendManifest(c); err != nil {
 		return err
 	}
 	for {
-		if s.files != nil {
-			if err := s.files.Err(); err != nil {
-				return err
-			}
-		}
 		typ, p, err := ReadFrame(r, s.buf)
 		s.buf = p
 		if err != nil {
@@ -305,9 +295,6 @@ func (s *Syncer) serve(c io.Writer, r io.Reader) error {
 		case SyncDone:
 			if s.pack != nil {
 				return errors.New("the push ended inside a pack")
-			}
-			if err := s.waitFiles(); err != nil {
-				return err
 			}
 			return s.saveState()
 		case SyncFilePack:
@@ -550,17 +537,6 @@ func (s *Syncer) apply(kind string, e SyncEntry, r io.Reader) error {
 	return fmt.Errorf("unknown push entry %q", kind)
 }
 
-// waitFiles waits for the files being written (syncdirect.go) and
-// returns the first failure.
-func (s *Syncer) waitFiles() error {
-	if s.files == nil {
-		return nil
-	}
-	err := s.files.wait()
-	s.files = nil
-	return err
-}
-
 // forget drops rel and what was below it from the checked directories.
 func (s *Syncer) forget(rel string) {
 	for k := range s.known {
@@ -625,20 +601,6 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader, obj dataSink) err
 			os.Remove(tmp)
 		}
 	}()
-	if e.Size >= dioFileMin && !s.filesBuffered {
-		if s.files == nil {
-			s.files = newFileWriters()
-		}
-		if !s.files.refused.Load() {
-			if setDirectFD(fd, true) == nil {
-				f := &asyncFile{fd: fd, rel: e.Rel, p: p, tmp: tmp, mode: fileModeBits(e.Mode), chmod: chmod,
-					mtime: int64(e.MTime), direct: true, workers: s.files}
-				fd, ok = -1, true // the worker's from here
-				return s.writeAsync(f, e.Size, r, obj)
-			}
-			s.files.refused.Store(true)
-		}
-	}
 	left := e.Size
 	for left > 0 {
 		typ, d, err := ReadFrame(r, s.buf)
