@@ -235,6 +235,24 @@ func newProcSvc(t *testing.T) (*testSvc, *procDriver, func() []string) {
 			mu.Unlock()
 		}
 	}
+	// The fake VMMs are killed by cleanups registered later, which run
+	// first; their watchers then release the VMs, writing into the VM
+	// directories. Wait for those releases before the temporary directory
+	// is removed (it failed with "directory not empty" otherwise).
+	t.Cleanup(func() {
+		vms, err := ts.st.ListVMs(context.Background())
+		if err != nil {
+			return
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for _, vm := range vms {
+			for ts.runtime(vm.ID) != nil && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			unlock := ts.locks.Lock(vm.ID) // a release in flight holds it
+			unlock()
+		}
+	})
 	return ts, pd, func() []string { mu.Lock(); defer mu.Unlock(); return append([]string(nil), early...) }
 }
 
