@@ -94,18 +94,7 @@ func (w *packWriter) flush(iov [][]byte) error {
 			return &fs.PathError{Op: "write", Path: w.tmp, Err: err}
 		}
 		w.off += int64(n)
-		for n > 0 && len(iov) > 0 {
-			if n >= len(iov[0]) {
-				n -= len(iov[0])
-				iov = iov[1:]
-			} else {
-				iov[0] = iov[0][n:]
-				n = 0
-			}
-		}
-		for len(iov) > 0 && len(iov[0]) == 0 {
-			iov = iov[1:]
-		}
+		iov = skipIov(iov, n)
 	}
 	return nil
 }

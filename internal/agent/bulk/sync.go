@@ -844,20 +844,27 @@ func writevAll(fd int, iov [][]byte) error {
 		if err != nil {
 			return err
 		}
-		for n > 0 && len(iov) > 0 {
-			if n >= len(iov[0]) {
-				n -= len(iov[0])
-				iov = iov[1:]
-			} else {
-				iov[0] = iov[0][n:]
-				n = 0
-			}
-		}
-		for len(iov) > 0 && len(iov[0]) == 0 {
-			iov = iov[1:]
-		}
+		iov = skipIov(iov, n)
 	}
 	return nil
+}
+
+// skipIov drops the first n bytes of iov (what a writev wrote) and the
+// empty buffers they leave at its head.
+func skipIov(iov [][]byte, n int) [][]byte {
+	for n > 0 && len(iov) > 0 {
+		if n >= len(iov[0]) {
+			n -= len(iov[0])
+			iov = iov[1:]
+		} else {
+			iov[0] = iov[0][n:]
+			n = 0
+		}
+	}
+	for len(iov) > 0 && len(iov[0]) == 0 {
+		iov = iov[1:]
+	}
+	return iov
 }
 
 // fileModeBits turns the fs.FileMode bits of a SyncEntry into chmod(2)'s.
