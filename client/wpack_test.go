@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/testenv/gittest"
+
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
@@ -100,16 +102,16 @@ func TestPushPacksObjects(t *testing.T) {
 		t.Fatalf("packs after a re-push: %v, want %v", p, packs)
 	}
 	// (git in the guest refreshes its index: checked after the re-pushes)
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
-	gitIn(t, dest, "verify-pack", filepath.Join(dest, packDir, packs[0]+".idx"))
-	if out := gitIn(t, dest, "status", "--porcelain"); out != " M a.txt\n" {
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
+	gittest.Run(t, dest, "verify-pack", filepath.Join(dest, packDir, packs[0]+".idx"))
+	if out := gittest.Run(t, dest, "status", "--porcelain"); out != " M a.txt\n" {
 		t.Fatalf("git status in the guest: %q", out)
 	}
-	if out := gitIn(t, dest, "log", "--format=%s"); out != "init\n" {
+	if out := gittest.Run(t, dest, "log", "--format=%s"); out != "init\n" {
 		t.Fatalf("git log in the guest: %q", out)
 	}
 	// committed: a second pack with the new objects; the first stays
-	gitIn(t, repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two")
+	gittest.Run(t, repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two")
 	st = push(t, repo, dest, state)
 	if st.Packs != 1 || st.Packed != 3 || st.Deleted != 0 {
 		t.Fatalf("push after a commit: %+v; want a pack of blob, tree and commit", st)
@@ -117,15 +119,15 @@ func TestPushPacksObjects(t *testing.T) {
 	if p := packsIn(t, dest); len(p) != 2 {
 		t.Fatalf("packs after a commit: %v", p)
 	}
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
-	if out := gitIn(t, dest, "log", "--format=%s"); out != "two\ninit\n" {
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
+	if out := gittest.Run(t, dest, "log", "--format=%s"); out != "two\ninit\n" {
 		t.Fatalf("git log in the guest: %q", out)
 	}
-	if out := gitIn(t, dest, "status", "--porcelain"); out != "" {
+	if out := gittest.Run(t, dest, "status", "--porcelain"); out != "" {
 		t.Fatalf("git status in the guest: %q", out)
 	}
 	// git gc on the host: its own pack goes, the pushed ones are deleted
-	gitIn(t, repo, "gc", "-q", "--prune=now")
+	gittest.Run(t, repo, "gc", "-q", "--prune=now")
 	st = push(t, repo, dest, state)
 	if st.Packs != 0 || st.Deleted < 4 {
 		t.Fatalf("push after git gc: %+v; want the 2 pushed packs (4 files) deleted, with the emptied object directories", st)
@@ -134,7 +136,7 @@ func TestPushPacksObjects(t *testing.T) {
 	if p := packsIn(t, dest); len(p) != 1 || p[0] != hostPacks[0] {
 		t.Fatalf("packs after git gc: %v, want the host's %v", p, hostPacks)
 	}
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
 }
 
 // TestPushPacksSHA256: a SHA-256 repository's objects go into a SHA-256
@@ -142,9 +144,9 @@ func TestPushPacksObjects(t *testing.T) {
 func TestPushPacksSHA256(t *testing.T) {
 	repo := gitRepo(t)
 	os.RemoveAll(filepath.Join(repo, ".git"))
-	gitIn(t, repo, "init", "-q", "--object-format=sha256")
-	gitIn(t, repo, "add", "-A")
-	gitIn(t, repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+	gittest.Run(t, repo, "init", "-q", "--object-format=sha256")
+	gittest.Run(t, repo, "add", "-A")
+	gittest.Run(t, repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
 	dest := filepath.Join(t.TempDir(), "ws")
 	stale := filepath.Join(dest, packDir, "tmp_pack_banger_0123456789abcdef")
 	os.MkdirAll(filepath.Dir(stale), 0o755)
@@ -157,8 +159,8 @@ func TestPushPacksSHA256(t *testing.T) {
 	if len(p) != 1 || len(p[0]) != len("pack-")+64 {
 		t.Fatalf("packs %v: want one SHA-256 pack", p)
 	}
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
-	if out := gitIn(t, dest, "status", "--porcelain"); out != "" {
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
+	if out := gittest.Run(t, dest, "status", "--porcelain"); out != "" {
 		t.Fatalf("git status in the guest: %q", out)
 	}
 }
@@ -221,7 +223,7 @@ func TestPushWithoutPackCapability(t *testing.T) {
 	if p := packsIn(t, dest); len(p) != 0 {
 		t.Fatalf("packs in the guest: %v", p)
 	}
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
 }
 
 // TestPushTooManyObjectsForAPack: past maxPackObjects the push takes the
@@ -238,7 +240,7 @@ func TestPushTooManyObjectsForAPack(t *testing.T) {
 	if got, want := looseIn(t, dest), looseIn(t, repo); !equalStrings(got, want) {
 		t.Fatalf("loose objects in the guest %v, want the host's %v", got, want)
 	}
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
 }
 
 func equalStrings(a, b []string) bool {
@@ -263,8 +265,8 @@ func TestPushedPackNotPulledBack(t *testing.T) {
 		t.Fatalf("push: %+v", st)
 	}
 	os.WriteFile(filepath.Join(dest, "new.txt"), []byte("made in the guest"), 0o644)
-	gitIn(t, dest, "add", "new.txt")
-	gitIn(t, dest, "-c", "user.name=g", "-c", "user.email=g@g", "commit", "-qm", "guest")
+	gittest.Run(t, dest, "add", "new.txt")
+	gittest.Run(t, dest, "-c", "user.name=g", "-c", "user.email=g@g", "commit", "-qm", "guest")
 	ctx := context.Background()
 	haves, err := workspace.PullHaves(ctx, repo)
 	if err != nil {
@@ -290,7 +292,7 @@ func TestPushedPackNotPulledBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := gitIn(t, repo, "show", res.Commit+":new.txt"); got != "made in the guest" {
+	if got := gittest.Run(t, repo, "show", res.Commit+":new.txt"); got != "made in the guest" {
 		t.Fatalf("pulled commit's new.txt: %q", got)
 	}
 }

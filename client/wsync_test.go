@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/testenv/gittest"
+
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
@@ -38,12 +40,7 @@ func gitRepo(t *testing.T) string {
 		t.Fatal(err)
 	}
 	for _, args := range [][]string{{"init", "-q"}, {"add", "-A"}, {"-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"}} {
-		cmd := exec.Command("git", args...)
-		cmd.Dir = dir
-		cmd.Env = append(os.Environ(), "GIT_CONFIG_GLOBAL=/dev/null", "GIT_CONFIG_NOSYSTEM=1")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("git %v: %v %s", args, err, out)
-		}
+		gittest.Run(t, dir, args...)
 	}
 	return dir
 }
@@ -291,18 +288,6 @@ func TestSyncerReplacesWhatTheGuestPut(t *testing.T) {
 	}
 }
 
-func gitIn(t *testing.T, dir string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command("git", args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GIT_CONFIG_GLOBAL=/dev/null", "GIT_CONFIG_NOSYSTEM=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("git %v in %s: %v %s", args, dir, err, out)
-	}
-	return string(out)
-}
-
 // TestPushWritesObjectsFromFileData: the loose objects of the work tree's
 // files are written in the guest from the files' data (not sent twice),
 // and the guest's repository is whole and clean; a file whose content is
@@ -328,11 +313,11 @@ func TestPushWritesObjectsFromFileData(t *testing.T) {
 	if st := push(t, repo, dest, state); st.Files != 0 || st.Objects != 0 {
 		t.Fatalf("second push sent %+v", st)
 	}
-	gitIn(t, dest, "fsck", "--strict", "--no-dangling")
-	if out := gitIn(t, dest, "status", "--porcelain"); out != " M a.txt\n" {
+	gittest.Run(t, dest, "fsck", "--strict", "--no-dangling")
+	if out := gittest.Run(t, dest, "status", "--porcelain"); out != " M a.txt\n" {
 		t.Fatalf("git status in the guest copy: %q", out)
 	}
-	if got := gitIn(t, dest, "cat-file", "-p", "HEAD:a.txt"); got != "alpha" {
+	if got := gittest.Run(t, dest, "cat-file", "-p", "HEAD:a.txt"); got != "alpha" {
 		t.Fatalf("HEAD:a.txt is %q", got)
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/bangerdev/banger/internal/testenv/gittest"
 )
 
 type testObj struct {
@@ -77,18 +79,6 @@ func buildPack(t *testing.T, objs []testObj, newHash func() hash.Hash, split int
 	return buf.Bytes(), idx, sum
 }
 
-func git(t *testing.T, dir string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command("git", args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GIT_CONFIG_GLOBAL=/dev/null", "GIT_CONFIG_NOSYSTEM=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("git %v: %v\n%s", args, err, out)
-	}
-	return string(out)
-}
-
 // packObjects is a commit, its tree and blobs of sizes around the stored
 // blocks' and the size varint's boundaries (0, 15, 16, 65535, 65536, ...).
 func packObjects(newHash func() hash.Hash) []testObj {
@@ -143,11 +133,11 @@ func TestPackLayoutGit(t *testing.T) {
 			}
 			pack, idx, sum := buildPack(t, objs, newHash, tc.split, drop)
 			dir := t.TempDir()
-			git(t, dir, "init", "-q", "--object-format="+tc.format)
+			gittest.Run(t, dir, "init", "-q", "--object-format="+tc.format)
 			name := filepath.Join(dir, ".git/objects/pack/pack-"+hex.EncodeToString(sum))
 			os.WriteFile(name+".pack", pack, 0o444)
 			os.WriteFile(name+".idx", idx, 0o444)
-			out := git(t, dir, "verify-pack", "-v", name+".idx")
+			out := gittest.Run(t, dir, "verify-pack", "-v", name+".idx")
 			if want := strconv.Itoa(len(objs)-len(drop)) + " objects"; !strings.Contains(out, "non delta: "+want) {
 				t.Fatalf("verify-pack: want %s:\n%s", want, out)
 			}
@@ -159,16 +149,16 @@ func TestPackLayoutGit(t *testing.T) {
 					}
 					continue
 				}
-				if got := git(t, dir, "cat-file", "-p", id); o.typ == ObjBlob && got != string(o.data) {
+				if got := gittest.Run(t, dir, "cat-file", "-p", id); o.typ == ObjBlob && got != string(o.data) {
 					t.Fatalf("object %d reads back as %d bytes, want %d", i, len(got), len(o.data))
 				}
 			}
 			commit := hex.EncodeToString(objs[len(objs)-1].id(newHash))
-			git(t, dir, "update-ref", "refs/heads/main", commit)
-			git(t, dir, "fsck", "--strict", "--no-dangling", "--full")
+			gittest.Run(t, dir, "update-ref", "refs/heads/main", commit)
+			gittest.Run(t, dir, "fsck", "--strict", "--no-dangling", "--full")
 			// git's own index of the same pack is byte-for-byte ours
 			other := filepath.Join(t.TempDir(), "other.idx")
-			git(t, dir, "index-pack", "-o", other, name+".pack")
+			gittest.Run(t, dir, "index-pack", "-o", other, name+".pack")
 			if b, _ := os.ReadFile(other); !bytes.Equal(b, idx) {
 				t.Fatalf("git index-pack's index differs from PackIndex's")
 			}

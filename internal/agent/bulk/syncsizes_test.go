@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/testenv/gittest"
+
 	"golang.org/x/crypto/ssh"
 )
 
@@ -41,7 +43,7 @@ func TestSyncFilesSizes(t *testing.T) {
 			t.Run(fmt.Sprintf("buffered=%v/%s", buffered, kind), func(t *testing.T) {
 				dest := filepath.Join(t.TempDir(), "ws")
 				os.MkdirAll(filepath.Join(dest, packDir), 0o755)
-				git(t, dest, "init", "-q")
+				gittest.Run(t, dest, "init", "-q")
 				datas := make([][]byte, len(pushSizes))
 				for i, n := range pushSizes {
 					datas[i] = make([]byte, n)
@@ -129,10 +131,10 @@ func TestSyncFilesSizes(t *testing.T) {
 					if len(idx) != 1 {
 						t.Fatalf("packs: %v", idx)
 					}
-					git(t, dest, "verify-pack", idx[0])
+					gittest.Run(t, dest, "verify-pack", idx[0])
 					for _, d := range datas {
 						id := hex.EncodeToString(testObj{ObjBlob, d}.id(sha1.New))
-						if got := git(t, dest, "cat-file", "-s", id); got != strconv.Itoa(len(d))+"\n" {
+						if got := gittest.Run(t, dest, "cat-file", "-s", id); got != strconv.Itoa(len(d))+"\n" {
 							t.Fatalf("blob %s: size %q, want %d", id, got, len(d))
 						}
 					}
