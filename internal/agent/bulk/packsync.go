@@ -287,19 +287,7 @@ func (s *Syncer) packEnd(pe PackEnd) error {
 			delete(s.state, base+".pack")
 		}
 	}()
-	err = s.readData(pe.IdxSize, func(d []byte) error {
-		for len(d) > 0 {
-			n, err := unix.Write(fd, d)
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			if err != nil {
-				return &fs.PathError{Op: "write", Path: tmp, Err: err}
-			}
-			d = d[n:]
-		}
-		return nil
-	})
+	err = s.readData(pe.IdxSize, func(d []byte) error { return writeAll(fd, d, tmp) })
 	if err != nil {
 		return err
 	}

@@ -616,17 +616,10 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader, obj dataSink) err
 				return err
 			}
 		}
-		for len(d) > 0 {
-			n, err := unix.Write(fd, d)
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			if err != nil {
-				return &fs.PathError{Op: "write", Path: p, Err: err}
-			}
-			d = d[n:]
-			left -= uint64(n)
+		if err := writeAll(fd, d, p); err != nil {
+			return err
 		}
+		left -= uint64(len(d))
 	}
 	if chmod {
 		if err := unix.Fchmod(fd, uint32(fileModeBits(e.Mode))); err != nil {
@@ -845,6 +838,21 @@ func writevAll(fd int, iov [][]byte) error {
 			return err
 		}
 		iov = skipIov(iov, n)
+	}
+	return nil
+}
+
+// writeAll writes all of d to fd (the file at path, for errors).
+func writeAll(fd int, d []byte, path string) error {
+	for len(d) > 0 {
+		n, err := unix.Write(fd, d)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return &fs.PathError{Op: "write", Path: path, Err: err}
+		}
+		d = d[n:]
 	}
 	return nil
 }
