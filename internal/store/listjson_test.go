@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -153,4 +154,100 @@ func TestClaimPoolVM(t *testing.T) {
 	if err != nil || len(vms) != 1 || vms[0].ID != "p2" || keys[0] != "key-a" {
 		t.Fatalf("pool VMs after the claim: %v %v %v", vms, keys, err)
 	}
+}
+
+// ListVMsJSON is cached until the database changes: every kind of change,
+// by this store or by another process's connection, must show in the next
+// answer, which stays byte-identical to the query's.
+func TestListVMsJSONCacheFollowsEveryChange(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "banger.db")
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.CreateImage(ctx, &Image{ID: "img1", Name: "img", RootfsPath: "/x"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateKernel(ctx, &Kernel{ID: "k1", Name: "k", VmlinuxPath: "/x"}); err != nil {
+		t.Fatal(err)
+	}
+	// another process: its own connections to the same file
+	other, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	mk := func(id string) *VM {
+		return &VM{ID: id, Name: "vm-" + id, ImageID: "img1", KernelID: "k1", VCPUs: 1, MemoryMiB: 256, DiskMiB: 256, State: StateStopped, Driver: "qemu"}
+	}
+	check := func(step string, want ...string) {
+		t.Helper()
+		for _, all := range []bool{false, true} {
+			got, err := s.ListVMsJSON(ctx, all)
+			if err != nil {
+				t.Fatalf("%s: %v", step, err)
+			}
+			q, err := s.QueryVMsJSON(ctx, all)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != string(q) {
+				t.Fatalf("%s (all=%v): cached answer is stale:\n got %s\nwant %s", step, all, got, q)
+			}
+		}
+		var vms []api.VM
+		b, _ := s.ListVMsJSON(ctx, true)
+		if err := json.Unmarshal(b, &vms); err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, v := range vms {
+			names = append(names, v.Name+"/"+string(v.State))
+		}
+		if !reflect.DeepEqual(names, want) {
+			t.Fatalf("%s: listed %v, want %v", step, names, want)
+		}
+	}
+	check("empty")
+	steps := []struct {
+		name string
+		do   func() error
+		want []string
+	}{
+		{"create here", func() error { return s.CreateVM(ctx, mk("a")) }, []string{"vm-a/stopped"}},
+		{"create in another process", func() error { return other.CreateVM(ctx, mk("b")) }, []string{"vm-a/stopped", "vm-b/stopped"}},
+		{"update in another process", func() error {
+			v, err := other.GetVM(ctx, "a")
+			if err != nil {
+				return err
+			}
+			v.State = StateRunning
+			return other.UpdateVM(ctx, v)
+		}, []string{"vm-a/running", "vm-b/stopped"}},
+		{"pool vm here", func() error { return s.CreatePoolVM(ctx, mk("p"), "spec") }, []string{"vm-a/running", "vm-b/stopped", "vm-p/stopped"}},
+		{"delete here", func() error { return s.DeleteVM(ctx, "b") }, []string{"vm-a/running", "vm-p/stopped"}},
+		{"delete in another process", func() error { return other.DeleteVM(ctx, "p") }, []string{"vm-a/running"}},
+	}
+	for _, st := range steps {
+		check(st.name+" (before: warm the cache)", namesBefore(t, s)...)
+		if err := st.do(); err != nil {
+			t.Fatalf("%s: %v", st.name, err)
+		}
+		check(st.name, st.want...)
+	}
+}
+
+func namesBefore(t *testing.T, s *Store) []string {
+	t.Helper()
+	vms, err := s.ListVMs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, v := range vms {
+		out = append(out, v.Name+"/"+string(v.State))
+	}
+	return out
 }

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -23,6 +24,11 @@ var migrationFS embed.FS
 // Store wraps the database.
 type Store struct {
 	db *sql.DB
+	// ver never writes: PRAGMA data_version on it changes whenever any other
+	// connection, of this process or another, commits. It keys the cached
+	// answers (vmList).
+	ver *sql.Conn
+	vmList listCache
 }
 
 // Open opens (creating if needed) the database at path and migrates it.
@@ -45,11 +51,68 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	if s.ver, err = db.Conn(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open database %s: %w", path, err)
+	}
 	return s, nil
 }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error {
+	s.ver.Close()
+	return s.db.Close()
+}
+
+// dataVersion is a number that changes whenever the database may have
+// changed since it was last read: SQLite's data_version on a connection
+// that never writes, so every commit (by bangerd or any other process)
+// counts.
+func (s *Store) dataVersion(ctx context.Context) (int64, error) {
+	var v int64
+	err := s.ver.QueryRowContext(ctx, "PRAGMA data_version").Scan(&v)
+	return v, err
+}
+
+// listCache holds an answer built from the whole database, with the data
+// version it was read at.
+type listCache struct {
+	mu      sync.Mutex
+	entries map[string]listEntry
+}
+
+type listEntry struct {
+	ver int64
+	b   []byte
+}
+
+// get returns the cached answer for key if the database has not changed
+// since it was built, and otherwise builds it with build and caches it. The
+// version is read before build: a commit that lands while build reads makes
+// the entry stale at once (rebuilt next time), never the other way round.
+// An unreadable version is not cached (build answers alone).
+func (c *listCache) get(ctx context.Context, s *Store, key string, build func() ([]byte, error)) ([]byte, error) {
+	ver, verr := s.dataVersion(ctx)
+	if verr == nil {
+		c.mu.Lock()
+		e, ok := c.entries[key]
+		c.mu.Unlock()
+		if ok && e.ver == ver {
+			return e.b, nil
+		}
+	}
+	b, err := build()
+	if err != nil || verr != nil {
+		return b, err
+	}
+	c.mu.Lock()
+	if c.entries == nil {
+		c.entries = map[string]listEntry{}
+	}
+	c.entries[key] = listEntry{ver: ver, b: b}
+	c.mu.Unlock()
+	return b, nil
+}
 
 // SchemaVersion returns the applied migration version.
 func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
