@@ -27,7 +27,7 @@ type Store struct {
 	// ver never writes: PRAGMA data_version on it changes whenever any other
 	// connection, of this process or another, commits. It keys the cached
 	// answers (vmList).
-	ver *sql.Conn
+	ver    *sql.Conn
 	vmList listCache
 }
 
