@@ -39,10 +39,14 @@ type packOut struct {
 	// handed to the writer.
 	base int64
 	cur  []byte
+	// full holds the buffers commit filled, until handoff (at most two:
+	// a frame is at most one buffer long)
+	full []dioJob
 	// todo carries full buffers to the writer, in order; done brings every
 	// one back, written or not (its capacity holds them all).
 	todo        chan dioJob
 	done        chan []byte
+	copied      int // bytes put copied in (the rest were read in place)
 	mapped      int // buffers taken from the pool
 	outstanding int // buffers handed to the writer and not yet back
 	werr        error
@@ -151,35 +155,75 @@ func (o *packOut) next() ([]byte, error) {
 
 // append copies iov's bytes after what came before.
 func (o *packOut) append(iov [][]byte) error {
+	err := o.put(iov)
+	o.handoff()
+	return err
+}
+
+// put copies iov's bytes after what came before, without handing the
+// buffers it fills to the writer (see commit).
+func (o *packOut) put(iov [][]byte) error {
 	for _, p := range iov {
 		for len(p) > 0 {
-			if o.failed.Load() {
-				return o.drain()
+			b, err := o.room(len(p))
+			if err != nil {
+				return err
 			}
-			if o.cur == nil {
-				b, err := o.next()
-				if err != nil {
-					return err
-				}
-				o.cur = b
-			}
-			k := copy(o.cur[len(o.cur):cap(o.cur)], p)
-			o.cur = o.cur[:len(o.cur)+k]
+			k := copy(b, p)
+			o.copied += k
+			o.commit(k)
 			p = p[k:]
-			if len(o.cur) == cap(o.cur) {
-				o.todo <- dioJob{o.cur, o.base}
-				o.outstanding++
-				o.base += int64(len(o.cur))
-				o.cur = nil
-			}
 		}
 	}
 	return nil
 }
 
+// room returns the free space at the end of the buffer being filled, at
+// most n bytes (n > 0), taking a fresh buffer when it is full: the caller
+// puts bytes there (append copies them; the push reads a file's data from
+// the stream straight into it) and commits them.
+func (o *packOut) room(n int) ([]byte, error) {
+	if o.failed.Load() {
+		if err := o.drain(); err != nil {
+			return nil, err
+		}
+	}
+	if o.cur == nil {
+		b, err := o.next()
+		if err != nil {
+			return nil, err
+		}
+		o.cur = b
+	}
+	return o.cur[len(o.cur):min(cap(o.cur), len(o.cur)+n)], nil
+}
+
+// commit adds the first k bytes of room's slice after what came before. A
+// buffer it fills is held until handoff, so that the slices room gave stay
+// the caller's until then (the writer gives a written buffer back to next
+// for reuse).
+func (o *packOut) commit(k int) {
+	o.cur = o.cur[:len(o.cur)+k]
+	if len(o.cur) == cap(o.cur) {
+		o.full = append(o.full, dioJob{o.cur, o.base})
+		o.base += int64(len(o.cur))
+		o.cur = nil
+	}
+}
+
+// handoff gives the buffers commit filled to the writer, in order.
+func (o *packOut) handoff() {
+	for _, j := range o.full {
+		o.todo <- j
+		o.outstanding++
+	}
+	o.full = o.full[:0]
+}
+
 // drain waits until the writer has written every buffer handed to it and
 // returns its error.
 func (o *packOut) drain() error {
+	o.handoff()
 	for o.outstanding > 0 {
 		b, ok := <-o.done
 		if !ok {
@@ -291,6 +335,10 @@ func (o *packOut) release() {
 		putDirectBuf(o.cur)
 		o.cur = nil
 	}
+	for _, j := range o.full {
+		putDirectBuf(j.b)
+	}
+	o.full = nil
 	close(o.todo)
 	for b := range o.done {
 		putDirectBuf(b)

@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"unsafe"
@@ -185,4 +186,106 @@ func TestPackOutWriteFailure(t *testing.T) {
 		t.Fatalf("error %v, want the writer's ENOSPC", err)
 	}
 	checkUnmapped(t)
+}
+
+// TestFilePackReadInPlace: a SyncFilePack file's data is read from the
+// stream straight into the pack's aligned buffers and written to the work
+// tree file from there (only the pack's headers are copied in), in frames
+// of every size around the stored block (65535) and buffer (1 MiB) edges,
+// a frame reaching across two buffers included; the file and the pack
+// entry hold exactly the data, the pack laid out as PackEntry lays it out;
+// and an entry cut off again after such data leaves the pack as before it.
+func TestFilePackReadInPlace(t *testing.T) {
+	rng := rand.New(rand.NewSource(4))
+	for _, c := range []struct{ size, frame int }{
+		{1, 1}, {65535, 65535}, {65536, 65536}, {65537, 300_001},
+		{3 << 20, 1 << 20}, {3<<20 + 17, 65535 + 5}, {2 << 20, 4096},
+	} {
+		for _, cut := range []bool{false, true} {
+			t.Run(fmt.Sprintf("size=%d/frame=%d/cut=%v", c.size, c.frame, cut), func(t *testing.T) {
+				dest := t.TempDir()
+				s := &Syncer{Dest: dest, known: map[string]bool{"": true}, state: map[string]bool{}, umask: processUmask()}
+				w, err := s.packW()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if w.out == nil {
+					t.Skipf("the filesystem of %s refuses O_DIRECT", dest)
+				}
+				defer s.abortPack()
+				// an entry before, so that the data starts mid-buffer
+				lead := make([]byte, 1000)
+				rng.Read(lead)
+				w.begin(ObjBlob, uint64(len(lead)))
+				if err := w.write(lead); err != nil {
+					t.Fatal(err)
+				}
+				var le PackEntry
+				wantPack := slices.Concat(le.Data(le.Begin(nil, ObjBlob, uint64(len(lead))), lead)...)
+				w.pending = append(w.pending, []byte{0, 0, 0, 0}) // its (dummy) Adler-32
+				wantPack = append(wantPack, 0, 0, 0, 0)
+				w.e.Reset()
+				w.e.left = 0
+				w.inEntry = false
+
+				data := make([]byte, c.size)
+				rng.Read(data)
+				var stream bytes.Buffer
+				for d := data; len(d) > 0; {
+					k := min(c.frame, len(d))
+					WriteFrame(&stream, FrameData, d[:k])
+					d = d[k:]
+				}
+				copied := w.out.copied
+				w.begin(ObjBlob, uint64(len(data)))
+				e := SyncEntry{Rel: "f", Mode: 0o644, MTime: 1, Size: uint64(len(data))}
+				if err := s.writeFile(filepath.Join(dest, "f"), e, &stream, w); err != nil {
+					t.Fatal(err)
+				}
+				if got, _ := os.ReadFile(filepath.Join(dest, "f")); !bytes.Equal(got, data) {
+					t.Fatalf("the file holds %d bytes, not the %d sent", len(got), len(data))
+				}
+				// only the entry's and blocks' headers were copied in
+				headers := 12 + 5*(len(data)/maxStored+1)
+				if n := w.out.copied - copied; n > headers {
+					t.Fatalf("%d bytes copied into the pack's buffers for %d bytes of data: not read in place", n, len(data))
+				}
+				if cut {
+					if err := w.out.truncate(w.start); err != nil {
+						t.Fatal(err)
+					}
+					w.off = w.start
+					w.pending = nil
+				} else {
+					var pe PackEntry
+					iov := pe.Begin(nil, ObjBlob, uint64(len(data)))
+					iov = pe.Data(iov, data)
+					wantPack = append(wantPack, slices.Concat(iov...)...)
+				}
+				if err := w.flush(w.pending); err != nil {
+					t.Fatal(err)
+				}
+				if err := w.out.finish(PackHeader(0)); err != nil {
+					t.Fatal(err)
+				}
+				got, err := os.ReadFile(w.tmp)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := slices.Concat(PackHeader(0), wantPack)
+				if !bytes.Equal(got, want) {
+					t.Fatalf("the pack holds %d bytes, want %d (differ from %d)", len(got), len(want), firstDiff(got, want))
+				}
+			})
+		}
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
 }

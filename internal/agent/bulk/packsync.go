@@ -108,6 +108,46 @@ func (w *packWriter) write(d []byte) error {
 	return err
 }
 
+// readInto reads the entry's next n content bytes from r straight into
+// the pack's aligned buffers (w.out must be set), laying out the stored
+// blocks' headers between them, and appends to segs the slices the bytes
+// landed in: the caller writes those to the work tree file, then calls
+// w.out.handoff (until then no buffer goes to the writer, so the slices
+// stay as read). A file's data is so copied once in the agent, from the
+// stream into the pack's buffer, not a second time from the frame buffer.
+func (w *packWriter) readInto(r io.Reader, n int, segs [][]byte) ([][]byte, error) {
+	for n > 0 {
+		iov, k := w.e.Next(w.pending, n)
+		w.pending = nil
+		if k == 0 {
+			return segs, errors.New("pack entry: more data than its announced size")
+		}
+		for _, b := range iov {
+			w.off += int64(len(b))
+		}
+		err := w.out.put(iov)
+		w.e.Reset()
+		if err != nil {
+			return segs, err
+		}
+		for k > 0 {
+			b, err := w.out.room(k)
+			if err != nil {
+				return segs, err
+			}
+			if _, err := io.ReadFull(r, b); err != nil {
+				return segs, err
+			}
+			w.out.commit(len(b))
+			w.off += int64(len(b))
+			segs = append(segs, b)
+			k -= len(b)
+			n -= len(b)
+		}
+	}
+	return segs, nil
+}
+
 // end reads the entry's SyncObjEnd and keeps or cuts off the entry.
 func (s *Syncer) endEntry(w *packWriter, r io.Reader) (bool, error) {
 	typ, d, err := ReadFrame(r, s.buf)

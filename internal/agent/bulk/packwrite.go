@@ -109,28 +109,41 @@ func (e *PackEntry) Begin(iov [][]byte, typ byte, size uint64) [][]byte {
 // stored block starts.
 func (e *PackEntry) Data(iov [][]byte, d []byte) [][]byte {
 	for len(d) > 0 {
-		if e.block == 0 {
-			n := min(e.left, maxStored)
-			var final byte
-			if e.left <= maxStored {
-				final = 1
-			}
-			iov = append(iov, e.piece(final, byte(n), byte(n>>8), ^byte(n), ^byte(n>>8)))
-			e.block = n
-		}
-		k := min(uint64(len(d)), e.block, e.left)
-		if k == 0 {
+		var k int
+		if iov, k = e.Next(iov, len(d)); k == 0 {
 			break // more data than announced: End reports it
 		}
 		iov = append(iov, d[:k])
 		d = d[k:]
-		e.block -= k
-		e.left -= k
 	}
 	if len(d) > 0 {
 		e.left = ^uint64(0) // poisoned
 	}
 	return iov
+}
+
+// Next lays out the header of a stored block if one starts at the next
+// content byte, and returns how many of the next n content bytes go before
+// the next header (0: none, more content than Begin announced); the caller
+// places that many bytes after iov's pieces itself (Data appends them; the
+// agent reads them from the stream into place).
+func (e *PackEntry) Next(iov [][]byte, n int) ([][]byte, int) {
+	if n <= 0 || e.left == 0 {
+		return iov, 0
+	}
+	if e.block == 0 {
+		b := min(e.left, maxStored)
+		var final byte
+		if e.left <= maxStored {
+			final = 1
+		}
+		iov = append(iov, e.piece(final, byte(b), byte(b>>8), ^byte(b), ^byte(b>>8)))
+		e.block = b
+	}
+	k := min(uint64(n), e.block, e.left)
+	e.block -= k
+	e.left -= k
+	return iov, int(k)
 }
 
 // End finishes the entry with adler, the Adler-32 of its content; it fails

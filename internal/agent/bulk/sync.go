@@ -195,6 +195,7 @@ type Syncer struct {
 	stats SyncStats
 	umask uint32 // this process's, read once
 	buf   []byte // the frame buffer, reused
+	segs  [][]byte
 	pack  *packWriter
 	r     io.Reader // the stream
 	// packBuffered writes the pack with a pwritev per frame, without
@@ -602,6 +603,27 @@ func (s *Syncer) writeFile(p string, e SyncEntry, r io.Reader, obj dataSink) err
 		}
 	}()
 	left := e.Size
+	if w, ok := obj.(*packWriter); ok && w.out != nil {
+		// the data read straight into the pack's buffers, and written
+		// to the file from there
+		for left > 0 {
+			typ, n, err := readHeader(r)
+			if err != nil {
+				return err
+			}
+			if typ != FrameData || uint64(n) > left {
+				return fmt.Errorf("file data: frame type %d of %d bytes with %d left", typ, n, left)
+			}
+			if s.segs, err = w.readInto(r, n, s.segs[:0]); err != nil {
+				return err
+			}
+			if err := writevAll(fd, s.segs); err != nil {
+				return &fs.PathError{Op: "write", Path: p, Err: err}
+			}
+			w.out.handoff()
+			left -= uint64(n)
+		}
+	}
 	for left > 0 {
 		typ, d, err := ReadFrame(r, s.buf)
 		s.buf = d
