@@ -205,14 +205,18 @@ func buildArgs(s launchSpec) ([]string, error) {
 		a = append(a, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 	}
 	a = append(a,
+		// The monitor's socket comes first: QEMU makes its chardevs in
+		// this order and blocks on the console's (wait=on), so once bangerd's
+		// console connection is in, the monitor's socket exists (a restore
+		// goes on over it at once, without polling for it).
+		"-chardev", "socket,id=qmp,path="+optValue(s.Paths.QMPSocket)+",server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
 		// The console is a socket bangerd reads into a capped log, never a
 		// file QEMU appends to without limit. wait=on: QEMU waits for bangerd
 		// before it runs the guest, so no early boot output is lost. While
 		// nobody is connected (bangerd restarting) QEMU drops console output.
 		"-chardev", "socket,id=console,path="+optValue(s.Paths.ConsoleSocket)+",server=on,wait=on",
 		"-serial", "chardev:console",
-		"-chardev", "socket,id=qmp,path="+optValue(s.Paths.QMPSocket)+",server=on,wait=off",
-		"-mon", "chardev=qmp,mode=control",
 		"-kernel", cfg.KernelPath,
 	)
 	if cfg.InitrdPath != "" {

@@ -70,8 +70,9 @@ func TestBuildArgs(t *testing.T) {
 					"virtserialport,id=agent0,bus=vser0.0,chardev=agent,name=banger.agent",
 				},
 				"-chardev": {
-					"socket,id=console,path=/vm/console.sock,server=on,wait=on",
+					// the monitor's first: bound before QEMU blocks on the console
 					"socket,id=qmp,path=/vm/qmp.sock,server=on,wait=off",
+					"socket,id=console,path=/vm/console.sock,server=on,wait=on",
 					"socket,id=agent,path=/vm/agent.sock,server=on,wait=off",
 				},
 				"-serial":  {"chardev:console"},
@@ -104,8 +105,9 @@ func TestBuildArgs(t *testing.T) {
 					"vhost-vsock-device,id=vsock0,guest-cid=1234",
 				},
 				"-chardev": {
-					"socket,id=console,path=/vm/console.sock,server=on,wait=on",
+					// the monitor's first: bound before QEMU blocks on the console
 					"socket,id=qmp,path=/vm/qmp.sock,server=on,wait=off",
+					"socket,id=console,path=/vm/console.sock,server=on,wait=on",
 				},
 			},
 			absent: []string{"-initrd", "-sandbox"},

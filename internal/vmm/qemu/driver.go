@@ -457,17 +457,17 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.MachineConfig, o launchOpts
 	}
 	inst := newInstance(h, proc, false, console, log)
 	memStarted = true // from here the instance removes it when QEMU exits
-	want := "running"
-	if incoming {
-		want = "inmigrate"
-	}
-	if err := inst.waitStatus(ctx, want); err != nil {
-		kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
-		defer kcancel()
-		if kerr := inst.Kill(kctx); kerr != nil {
-			log.ErrorContext(ctx, "could not kill qemu after a failed start", "error", kerr.Error())
+	// A restore's load asks for "inmigrate" on the connection it goes on
+	// with (one monitor connection fewer before the guest runs).
+	if !incoming {
+		if err := inst.waitStatus(ctx, "running"); err != nil {
+			kctx, kcancel := context.WithTimeout(context.WithoutCancel(ctx), defaultOpTimeout)
+			defer kcancel()
+			if kerr := inst.Kill(kctx); kerr != nil {
+				log.ErrorContext(ctx, "could not kill qemu after a failed start", "error", kerr.Error())
+			}
+			return nil, err
 		}
-		return nil, err
 	}
 	log.InfoContext(ctx, "qemu started", "accel", accel.Accel, "channel", ch.Kind)
 	return inst, nil

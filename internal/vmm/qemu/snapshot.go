@@ -293,6 +293,9 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.MachineConfig, dir string)
 
 // load feeds the saved state to a QEMU waiting with -incoming defer and runs
 // the guest. ignoreShared must match the capability the state was saved with.
+// It all goes over one monitor connection (the guest is not running yet, so
+// every greeting and capabilities round trip of a fresh one is on a
+// restore's critical path), polling the migration every loadPoll.
 func (i *instance) load(ctx context.Context, vmDir string, state io.Reader, ignoreShared bool) error {
 	sock := filepath.Join(vmDir, migSockName)
 	if err := vmmproc.CheckSocketPath(sock); err != nil {
@@ -302,40 +305,82 @@ func (i *instance) load(ctx context.Context, vmDir string, state io.Reader, igno
 		return err
 	}
 	defer vmmproc.RemoveSocket(sock)
-	err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+	return i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+		var st statusInfo
+		if err := q.Execute(ctx, "query-status", nil, &st); err != nil {
+			return err
+		}
+		if st.Status != "inmigrate" {
+			return fmt.Errorf("qemu reports the machine %q instead of inmigrate; qemu log: %s", st.Status, readTail(i.h.VMMLog, 5))
+		}
 		if ignoreShared {
 			if err := setIgnoreShared(ctx, q, true); err != nil {
 				return err
 			}
 		}
-		return q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}, nil)
-	})
-	if err != nil {
-		return err
-	}
-	conn, err := vmmproc.DialConsole(ctx, sock, i.Exited())
-	if err != nil {
-		return err
-	}
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
-	sent := make(chan error, 1)
-	go func() {
-		_, err := io.Copy(conn, state)
-		if uc, ok := conn.(*net.UnixConn); ok {
-			uc.CloseWrite()
+		if err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}, nil); err != nil {
+			return err
 		}
-		sent <- err
-	}()
-	err = i.waitMigration(ctx)
-	conn.Close()
-	// QEMU checked the stream; a send error matters only through it.
-	<-sent
-	if err != nil {
-		return err
+		conn, err := vmmproc.DialConsole(ctx, sock, i.Exited())
+		if err != nil {
+			return err
+		}
+		stop := context.AfterFunc(ctx, func() { conn.Close() })
+		defer stop()
+		sent := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(conn, state)
+			if uc, ok := conn.(*net.UnixConn); ok {
+				uc.CloseWrite()
+			}
+			sent <- err
+		}()
+		err = i.waitIncoming(ctx, q)
+		conn.Close()
+		<-sent
+		if err != nil {
+			return err
+		}
+		if err := q.Execute(ctx, "cont", nil, nil); err != nil {
+			return fmt.Errorf("resume the guest: %w", err)
+		}
+		// cont starts the machine before it replies; say so if it did not
+		if err := q.Execute(ctx, "query-status", nil, &st); err != nil {
+			return err
+		}
+		if st.Status != "running" {
+			return fmt.Errorf("qemu reports the machine %q after cont; qemu log: %s", st.Status, readTail(i.h.VMMLog, 5))
+		}
+		return nil
+	})
+}
+
+// loadPoll is how often a restore asks for the incoming migration's status:
+// loading a saved device state takes a few ms.
+const loadPoll = time.Millisecond
+
+// waitIncoming polls the incoming migration on q until it completes.
+func (i *instance) waitIncoming(ctx context.Context, q *QMP) error {
+	t := time.NewTimer(loadPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("qemu did not load the saved state in time: %w", ctx.Err())
+		case <-i.Exited():
+			return fmt.Errorf("qemu exited while loading the saved state: %s", i.Status().Reason)
+		case <-t.C:
+		}
+		var mi migrationInfo
+		if err := q.Execute(ctx, "query-migrate", nil, &mi); err != nil {
+			return err
+		}
+		switch mi.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("qemu's migration %s: %s", mi.Status, mi.ErrorDesc)
+		}
+		t.Reset(loadPoll)
 	}
-	if err := i.Resume(ctx); err != nil {
-		return err
-	}
-	return i.waitStatus(ctx, "running")
 }

@@ -179,11 +179,22 @@ func (c *Console) Stop() {
 // Done is closed once the copy has ended.
 func (c *Console) Done() <-chan struct{} { return c.done }
 
+// Console dial polls: a VMM binds its sockets ~20-40 ms after it is
+// spawned, and a restore waits on this (the guest is not running yet), so
+// for the first dialPollFastFor it is tried every millisecond (a refused unix
+// connect costs microseconds), then every dialPoll.
+const (
+	dialPollFast    = time.Millisecond
+	dialPollFastFor = 250 * time.Millisecond
+	dialPoll        = 10 * time.Millisecond
+)
+
 // DialConsole connects to a unix socket the VMM serves (its console), polling
 // until it accepts, the VMM exits (exited closes) or ctx ends.
 func DialConsole(ctx context.Context, path string, exited <-chan struct{}) (net.Conn, error) {
 	t := time.NewTimer(0)
 	defer t.Stop()
+	began := time.Now()
 	var lastErr error
 	for {
 		select {
@@ -199,7 +210,11 @@ func DialConsole(ctx context.Context, path string, exited <-chan struct{}) (net.
 			return c, nil
 		}
 		lastErr = err
-		t.Reset(10 * time.Millisecond)
+		if time.Since(began) < dialPollFastFor {
+			t.Reset(dialPollFast)
+		} else {
+			t.Reset(dialPoll)
+		}
 	}
 }
 
