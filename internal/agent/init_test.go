@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -348,6 +349,43 @@ func TestPowerButtons(t *testing.T) {
 // mode set); a symlink is replaced by a file, its target untouched; a FIFO
 // is replaced without blocking; a missing file is created with its
 // directory.
+// TestRewriteFileNeverEmpty: a rewrite overwrites in place and is never
+// truncated to zero first (which made ext4 flush the file on close, cold
+// kernel work on a clone's way to its first command): a reader never sees
+// the file empty.
+func TestRewriteFileNeverEmpty(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "hosts")
+	if err := os.WriteFile(p, []byte("127.0.0.1\tlocalhost\n127.0.1.1\tsrc\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	sawEmpty := make(chan bool, 1)
+	go func() {
+		empty := false
+		for {
+			select {
+			case <-stop:
+				sawEmpty <- empty
+				return
+			default:
+			}
+			if fi, err := os.Stat(p); err == nil && fi.Size() == 0 {
+				empty = true
+			}
+		}
+	}()
+	for i := 0; i < 3000; i++ {
+		c := fmt.Sprintf("127.0.0.1\tlocalhost\n127.0.1.1\tclone-%d\n", i%20)
+		if err := rewriteFile(p, []byte(c), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	if <-sawEmpty {
+		t.Fatal("a reader saw the file empty during a rewrite")
+	}
+}
+
 func TestRewriteFile(t *testing.T) {
 	root := t.TempDir()
 	ino := func(p string) uint64 {
@@ -368,6 +406,16 @@ func TestRewriteFile(t *testing.T) {
 	fi, _ := os.Lstat(reg)
 	if b, _ := os.ReadFile(reg); string(b) != "new\n" || ino(reg) != before || fi.Mode().Perm() != 0o444 {
 		t.Fatalf("regular file: %q, inode %d (was %d), mode %v", b, ino(reg), before, fi.Mode())
+	}
+	// written in place, not truncated first: longer and equal-length
+	// contents replace the old bytes exactly
+	for _, c := range []string{"a content longer than all before it\n", "a content shorter\n", "a content 18 char\n"} {
+		if err := rewriteFile(reg, []byte(c), 0o444); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(reg); string(b) != c || ino(reg) != before {
+			t.Fatalf("rewrite to %q: %q, inode %d (was %d)", c, b, ino(reg), before)
+		}
 	}
 	target := filepath.Join(root, "target")
 	os.WriteFile(target, []byte("keep"), 0o644)
