@@ -28,7 +28,9 @@ import (
 // the error), then sends exactly FileInfo.Size bytes in FrameData frames
 // and a FrameEOF; when it cannot (a read error, a file that shrank) it
 // sends a FrameReply (not OK, with the error) instead. The host checks
-// every frame's type and that the bytes add up to Size exactly.
+// every frame's type and that the bytes add up to Size exactly. The agent
+// reads it with O_DIRECT where it can, in frames of up to MaxFrame bytes
+// (see sendDirect).
 const (
 	OpPut = "put"
 	OpGet = "get"
@@ -115,6 +117,9 @@ func ServeGet(c io.Writer, path string) error {
 	info := FileInfo{Size: uint64(size), Mode: uint32(fi.Mode().Perm())}
 	if err := WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&info)})); err != nil {
 		return err
+	}
+	if (osFile{f}).SetDirect(true) == nil {
+		return sendDirect(c, osFile{f}, size, path)
 	}
 	// One buffer holds the header and a chunk: one Write per frame.
 	buf := make([]byte, 5+chunk)
