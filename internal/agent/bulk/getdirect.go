@@ -15,10 +15,10 @@ import (
 // channel's own rate, so the two added up; an O_DIRECT read 1250 MiB/s
 // (256 KiB) to 1470 MiB/s (1 MiB). The page cache's copy and bookkeeping
 // are emulated CPU, and the guest has one vCPU for the disk and the
-// channel both. Two goroutines pipeline it: one reads the file into mapped
-// buffers while the other writes the buffer before to the stream. Each
-// buffer leaves its first block free for the frame's header, so a frame
-// (header and up to directBuf-directAlign bytes) goes out in one Write.
+// channel both. The file is read into a mapped buffer (page-aligned, as
+// O_DIRECT wants) whose first block is left free for the frame's header,
+// so a frame (header and up to directBuf-directAlign bytes) goes out in
+// one Write.
 //
 // The reads are whole blocks at block offsets, so the last one may ask for
 // up to a block beyond the announced size (a file that grew meanwhile):
@@ -96,87 +96,33 @@ func (r *directReader) clear() error {
 // frames, then a FrameEOF; a file that fails to read or shrank ends in a
 // failure reply instead (as ServeGet's buffered loop does). path names the
 // file in errors.
+//
+// One buffer, read then sent in turn: a pipeline of three (a goroutine
+// reading the next buffer while the last one is sent, as a put does) was
+// no faster in an A/B here, with one vCPU or two (docs/BENCHMARKS.md).
 func sendDirect(c io.Writer, f dioReader, size int64, path string) error {
-	type filled struct {
-		b   []byte
-		n   int
-		err error
-	}
-	// full carries read buffers to the sender in order, free brings them
-	// back; neither ever holds more than the directBufs buffers there are,
-	// so no send on them blocks.
-	full := make(chan filled, directBufs)
-	free := make(chan []byte, directBufs)
-	stop := make(chan struct{})
-	go func() {
-		defer close(full)
-		r := &directReader{f: f, direct: true}
-		mapped := 0
-		for off := int64(0); off < size; {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			var b []byte
-			select {
-			case b = <-free:
-			default:
-				if mapped < directBufs {
-					var err error
-					if b, err = getDirectBuf(); err != nil {
-						full <- filled{err: err}
-						return
-					}
-					mapped++
-				} else {
-					select {
-					case b = <-free:
-					case <-stop:
-						return
-					}
-				}
-			}
-			n, err := r.read(b[directAlign:directAlign+getPayload], size-off)
-			if err == nil && n < int(min(int64(getPayload), size-off)) {
-				err = fmt.Errorf("%s shrank while it was read (%d of %d bytes)", path, off+int64(n), size)
-			}
-			full <- filled{b: b, n: n, err: err}
-			if err != nil {
-				return
-			}
-			off += int64(n)
-		}
-	}()
-	var err error
-	failed := false
-	for it := range full {
-		if err == nil {
-			if it.err != nil {
-				err, failed = it.err, true
-			} else {
-				frame := it.b[directAlign-5 : directAlign+it.n]
-				frame[0] = FrameData
-				putLen(frame[1:5], it.n)
-				if _, err = c.Write(frame); err != nil {
-					close(stop)
-				}
-			}
-		}
-		if it.b != nil {
-			free <- it.b
-		}
-	}
-	close(free)
-	for b := range free {
-		putDirectBuf(b)
-	}
-	if failed {
-		_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{Payload: []byte(err.Error())}))
-		return err
-	}
+	b, err := getDirectBuf()
 	if err != nil {
 		return err
+	}
+	defer putDirectBuf(b)
+	r := &directReader{f: f, direct: true}
+	for off := int64(0); off < size; {
+		n, err := r.read(b[directAlign:directAlign+getPayload], size-off)
+		if err == nil && int64(n) < min(int64(getPayload), size-off) {
+			err = fmt.Errorf("%s shrank while it was read (%d of %d bytes)", path, off+int64(n), size)
+		}
+		if err != nil {
+			_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{Payload: []byte(err.Error())}))
+			return err
+		}
+		frame := b[directAlign-5 : directAlign+n]
+		frame[0] = FrameData
+		putLen(frame[1:5], n)
+		if _, err := c.Write(frame); err != nil {
+			return err
+		}
+		off += int64(n)
 	}
 	return WriteFrame(c, FrameEOF, nil)
 }
