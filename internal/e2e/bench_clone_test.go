@@ -48,7 +48,8 @@ func TestBenchClone(t *testing.T) {
 		arms = append(arms, &arm{name: "A", h: h, d: d})
 	}
 	if dir := os.Getenv("BANGER_BENCH_CLONE_B"); dir != "" {
-		h, d := realHomeBin(t, filepath.Join(dir, "bangerd"), "BANGER_AGENT="+filepath.Join(dir, "banger-agent"))
+		h, d := realHomeBin(t, filepath.Join(dir, "bangerd"), append([]string{"BANGER_AGENT=" + filepath.Join(dir, "banger-agent")},
+			strings.Fields(os.Getenv("BANGER_BENCH_CLONE_B_ENV"))...)...)
 		arms = append(arms, &arm{name: "B", h: h, d: d})
 	} else {
 		h, d, _ := realHomeEnv(t, strings.Fields(os.Getenv("BANGER_BENCH_DAEMON_ENV"))...)
@@ -161,7 +162,7 @@ func TestBenchClone(t *testing.T) {
 				time.Sleep(1500 * time.Millisecond) // latelog's records
 				b, _ := os.ReadFile(filepath.Join(h, "vms", v.ID, "console.log"))
 				lines := strings.Split(string(b), "\n")
-				t.Logf("arm %s clone console tail:\n%s", a.name, strings.Join(lines[max(0, len(lines)-25):], "\n"))
+				t.Logf("arm %s clone console tail:\n%s", a.name, strings.Join(lines[max(0, len(lines)-40):], "\n"))
 			}
 			for _, n := range []string{c, rs} {
 				if (shadow && n != "") || n == rs {
