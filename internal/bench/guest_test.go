@@ -239,6 +239,9 @@ func (b *bench) benchTransfers(vm, alias, ssh, scp string) {
 	local("write through a pipe (dd | cat > f)", "rm -f /root/dz", fmt.Sprintf("dd if=/dev/zero bs=1M count=%d 2>/dev/null | cat > /root/dz", mib))
 	local("read (cat f, caches dropped)", fmt.Sprintf("dd if=/dev/zero of=/root/dz bs=1M count=%d conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches", mib),
 		"cat /root/dz > /dev/null")
+	// What cp's put and get do with the file (O_DIRECT, see package bulk).
+	local("write (dd bs=1M oflag=direct)", "rm -f /root/dz", fmt.Sprintf("dd if=/dev/zero of=/root/dz bs=1M count=%d oflag=direct 2>/dev/null", mib))
+	local("read (dd bs=1M iflag=direct, caches dropped)", "sync && echo 3 > /proc/sys/vm/drop_caches", "dd if=/root/dz of=/dev/null bs=1M iflag=direct 2>/dev/null")
 	b.cli(time.Minute, nil, "exec", vm, "--", "rm", "-f", "/root/dz")
 
 	p := shq(payload)
