@@ -328,6 +328,18 @@ type bulkExecer interface {
 	ExecBulk(ctx context.Context, line string) (int, error)
 }
 
+// execTrue runs `true` in the guest the way `banger exec` does: over a bulk
+// session (and no SSH handshake) when the client has one, else over SSH.
+func execTrue(ctx context.Context, a guestAgent) error {
+	var err error
+	if bx, ok := a.(bulkExecer); ok {
+		_, err = bx.ExecBulk(ctx, "true")
+	} else if ex, ok := a.(execer); ok {
+		_, err = ex.Exec(ctx, []string{"true"}, nil, io.Discard, io.Discard, guest.ExecOptions{})
+	}
+	return err
+}
+
 // warmPoolVM runs `true` in a new pool VM (over a bulk session, as `banger
 // exec` does) and renames it once (to the name
 // it has): a restored QEMU under TCG translates each guest code path the
@@ -344,13 +356,7 @@ func (s *vmService) warmPoolVM(ctx context.Context, vm *store.VM) {
 	began := time.Now()
 	a, err := s.agent(ctx, vm.ID, rt)
 	if err == nil {
-		if bx, ok := a.(bulkExecer); ok {
-			// the claim's exec takes the bulk path: warm that (and make no
-			// SSH handshake)
-			_, err = bx.ExecBulk(ctx, "true")
-		} else if ex, ok := a.(execer); ok {
-			_, err = ex.Exec(ctx, []string{"true"}, nil, io.Discard, io.Discard, guest.ExecOptions{})
-		}
+		err = execTrue(ctx, a)
 	}
 	if err == nil {
 		if ri, ok := a.(reidentifier); ok {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -427,6 +428,13 @@ func TestRunBaseSnapshot(t *testing.T) {
 	if !strings.Contains(first, "boot") || !strings.HasSuffix(first, "save base snapshot") {
 		t.Fatalf("first run stages: %s", first)
 	}
+	// the source ran a command before its base was saved (warmBeforeBase)
+	rl.mu.Lock()
+	execs := slices.Clone(rl.execs)
+	rl.mu.Unlock()
+	if len(execs) != 1 || strings.Join(execs[0], " ") != "true" {
+		t.Fatalf("commands run before the base snapshot: %q", execs)
+	}
 	l, _ := ts.st.ListSnapshots(ctx)
 	if len(l) != 1 || !strings.HasPrefix(l[0].Name, basePrefix) {
 		t.Fatalf("snapshots after the first run: %+v", l)
@@ -521,7 +529,9 @@ func TestReadyPool(t *testing.T) {
 			renames++
 		}
 	}
-	if renames != 2 || len(rl.execs) != 2 || strings.Join(rl.execs[0], " ") != "true" || strings.Join(rl.execs[1], " ") != "true" {
+	// Three execs of true: the first pool VM's before its base was saved
+	// (warmBeforeBase), then each pool VM's warm-up.
+	if renames != 2 || len(rl.execs) != 3 || strings.Join(rl.execs[0], " ") != "true" || strings.Join(rl.execs[1], " ") != "true" || strings.Join(rl.execs[2], " ") != "true" {
 		t.Errorf("warm-up: %d renames, execs %q", renames, rl.execs)
 	}
 	// A different spec is not served from this pool.

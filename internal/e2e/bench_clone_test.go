@@ -274,3 +274,50 @@ func procStat() []int64 {
 	}
 	return out
 }
+
+// TestBenchRunBaseReach: `run --rm -- true` from the spec's base snapshot,
+// with bangerd's reach and reidentify per run (BANGER_BENCH_CLONE=1).
+func TestBenchRunBaseReach(t *testing.T) {
+	if os.Getenv("BANGER_BENCH_CLONE") == "" {
+		t.Skip("a benchmark: set BANGER_BENCH_CLONE=1")
+	}
+	var h string
+	var d *daemonProc
+	if dir := os.Getenv("BANGER_BENCH_CLONE_B"); dir != "" {
+		h, d = realHomeBin(t, filepath.Join(dir, "bangerd"), "BANGER_AGENT="+filepath.Join(dir, "banger-agent"))
+	} else {
+		h, d, _ = realHomeEnv(t)
+	}
+	runArgs := []string{"run", "--rm", "--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M", "--", "true"}
+	exec.Command("sync").Run()
+	s0 := time.Now()
+	mustBanger(t, h, runArgs...) // boots cold, saves the base
+	t.Logf("BENCH first run (cold, saves the base): %v", time.Since(s0).Round(time.Millisecond))
+	if os.Getenv("BANGER_BENCH_CLONE_CONSOLE") != "" {
+		for _, sn := range listSnapshots(t, h) {
+			mustBanger(t, h, "vm", "create", "x", "--snapshot", sn.Name)
+			mustBanger(t, h, "exec", "x", "--", "true")
+			time.Sleep(1500 * time.Millisecond)
+			b, _ := os.ReadFile(filepath.Join(h, "vms", showVM(t, h, "x").ID, "console.log"))
+			t.Logf("console of a clone of %s:\n%s", sn.Name, b)
+			mustBanger(t, h, "vm", "delete", "x", "--force")
+		}
+	}
+	for r := 0; r < 6; r++ {
+		exec.Command("sync").Run()
+		off := len(d.logs.String())
+		s := time.Now()
+		mustBanger(t, h, runArgs...)
+		took := time.Since(s)
+		for _, l := range strings.Split(d.logs.String()[off:], "\n") {
+			var rec struct {
+				Msg   string  `json:"msg"`
+				Reach float64 `json:"reach_ms"`
+				Reid  float64 `json:"reidentify_ms"`
+			}
+			if json.Unmarshal([]byte(l), &rec) == nil && rec.Msg == "clone reidentified" {
+				t.Logf("BENCH run from base: %v, reach %.1f ms, reidentify %.1f ms", took.Round(time.Millisecond), rec.Reach, rec.Reid)
+			}
+		}
+	}
+}
