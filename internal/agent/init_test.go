@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
 	"github.com/bangerdev/banger/internal/guest"
 )
@@ -452,5 +454,27 @@ func TestRewriteFile(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(missing); string(b) != "m\n" {
 		t.Fatalf("missing file: %q", b)
+	}
+}
+
+// TestReidentifySampleComplete: the payload the agent decodes at boot to
+// build encoding/json's state for a reidentify (warmReidentifyDecoder) is
+// valid and sets every field, so a field added later is warmed too.
+func TestReidentifySampleComplete(t *testing.T) {
+	if err := warmReidentifyDecoder(); err != nil {
+		t.Fatal(err)
+	}
+	var p api.Reidentify
+	d := json.NewDecoder(strings.NewReader(reidentifySample))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&p); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []reflect.Value{reflect.ValueOf(p), reflect.ValueOf(*p.Network)} {
+		for i := 0; i < v.NumField(); i++ {
+			if v.Field(i).IsZero() {
+				t.Errorf("reidentifySample leaves %s.%s unset", v.Type().Name(), v.Type().Field(i).Name)
+			}
+		}
 	}
 }

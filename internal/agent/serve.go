@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +67,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 	keys := newBulkKey(cfg.BulkKey)
 	files := &background{}
 	sc.OnReidentify = keys.onReidentify(func(p api.Reidentify) error { return reidentify("/", p, files, log) })
+	go warmReidentifyDecoder() // its sample is checked by TestReidentifySampleComplete
 	sc.BeforeCommand = files.wait
 	sc.Logger = log
 	srv, err := sshd.New(sc)
@@ -113,6 +115,23 @@ type dispatchListener struct {
 // bulkKey is the key bulk streams must present: the boot config's, until a
 // reidentify gives a clone its own.
 type bulkKey struct{ p atomic.Pointer[[]byte] }
+
+// reidentifySample is a reidentify payload with every field set, which
+// warmReidentifyDecoder decodes.
+const reidentifySample = `{"hostname":"h","host_key":"k","machine_id":"m","rng_seed":"AA==","time_unix_nano":1,` +
+	`"network":{"from_mac":"m","mac":"m","address":"a","gateway":"g","dns":["d"]},"bulk_key":"AA=="}`
+
+// warmReidentifyDecoder decodes reidentifySample once, so that
+// encoding/json's per-type decoder state for a reidentify is built at boot
+// and is in every snapshot of this guest: a clone, which decodes one as its
+// first request, then does not build it on its way to its first command
+// (guest memory outlives a snapshot; the emulator's translated code does
+// not). Paired A/B (scripts/bench-clone, n=20 and 24): the reidentify
+// request 7.2 and 5.6 ms shorter.
+func warmReidentifyDecoder() error {
+	var p api.Reidentify
+	return json.Unmarshal([]byte(reidentifySample), &p)
+}
 
 func newBulkKey(k []byte) *bulkKey {
 	b := &bulkKey{}
