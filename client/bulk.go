@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"strings"
 	"time"
@@ -422,4 +423,58 @@ func fileErr(ctx context.Context, err error) error {
 		return nil
 	}
 	return ctxErr(ctx, err)
+}
+
+// PutGuestFile copies one regular file into a running VM as root in one
+// bulk stream (bulk.OpPutFile), with mode (its permission, setuid, setgid
+// and sticky bits) and mtime set by the agent on the descriptor: into dest
+// as base when dest is an existing directory, else as dest (relative to
+// root's home; a trailing '/' says dest must be a directory). A file of up
+// to bulk.MaxInline bytes goes with the request, without waiting for the
+// agent: one round trip in all. It returns the path the agent wrote (the
+// guest's words: print it escaped) and, on failure, an error that names
+// neither the VM nor the path. An error for which IsFallback is true means
+// nothing was changed and the caller should copy over SFTP (an older agent
+// or bangerd, another user, or a refusal SFTP will put in its own words).
+func (c *Client) PutGuestFile(ctx context.Context, vm, dest, base string, mode fs.FileMode, mtime time.Time, r io.Reader) (string, error) {
+	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpPutFile, Arg: dest})
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	target, err := bulk.PutFileHost(conn, base, mode, mtime, r)
+	return target, fileErr(ctx, err)
+}
+
+// GetGuestFile opens path in a running VM (relative to root's home), as
+// root, in one bulk stream (bulk.OpGetFile), and returns what the agent
+// said of it (checked: bulk.CheckFileMeta) and, for a regular file, a
+// reader that yields exactly its size. For anything else (a directory,
+// another kind of file) the reader is nil. IsFallback errors as for
+// PutGuestFile.
+func (c *Client) GetGuestFile(ctx context.Context, vm, path string) (*GuestFileReader, bulk.FileMeta, error) {
+	var m bulk.FileMeta
+	conn, stop, g, err := openFileStream(c, ctx, vm, path, bulk.OpGetFile, func(c net.Conn) (*bulk.Getter, error) {
+		g, meta, err := bulk.StartGetFile(c)
+		m = meta
+		return g, err
+	})
+	if err != nil {
+		return nil, m, err
+	}
+	if g == nil {
+		stop()
+		conn.Close()
+		return nil, m, nil
+	}
+	return &GuestFileReader{g: g, conn: conn, ctx: ctx, stop: stop}, m, nil
+}
+
+// IsFallback reports whether a PutGuestFile or GetGuestFile error means
+// nothing was done and the copy should go over SFTP: IsUnsupported, or
+// the agent could not open the file (SFTP then says why in cp's words).
+func IsFallback(err error) bool {
+	return IsUnsupported(err) || errors.Is(err, bulk.ErrOpenRefused)
 }

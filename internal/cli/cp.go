@@ -18,6 +18,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/workspace"
 )
 
@@ -53,8 +54,8 @@ func (a *App) cpCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cp [-r] SRC DST",
 		Short: "Copy files between this host and a VM (VM:path names a guest path)",
-		Long: "Copy files and directories between this host and a VM over SFTP, keeping\n" +
-			"modes and modification times. One of SRC and DST is VM:path (a relative path\n" +
+		Long: "Copy files and directories between this host and a VM, keeping modes and\n" +
+			"modification times (one file in one stream; directories over SFTP). One of SRC and DST is VM:path (a relative path\n" +
 			"is relative to the guest user's home). When DST is an existing directory,\n" +
 			"SRC is copied into it.",
 		Example: "  banger cp ./build.tar alpha:/tmp/\n  banger cp -r alpha:/var/log ./logs",
@@ -105,6 +106,10 @@ func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions)
 	if err != nil {
 		return err
 	}
+	// One regular file: one bulk stream, no SFTP session.
+	if done, err := a.cpOne(fileStreams{c: c, ctx: ctx, vm: vm}, src, dst, opts); done {
+		return ctxOr(ctx, err)
+	}
 	// SFTP over the bulk path (SSH when the VM has none).
 	sc, closeFS, err := c.SFTP(ctx, vm)
 	if err != nil {
@@ -126,18 +131,7 @@ func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions)
 	for _, it := range plan {
 		total += it.Size
 	}
-	var bar *progressbar.ProgressBar
-	if opts.Progress {
-		bar = progressbar.NewOptions64(total,
-			progressbar.OptionSetWriter(a.Stdout),
-			progressbar.OptionSetDescription(path.Base(filepath.ToSlash(src.Path))),
-			progressbar.OptionShowBytes(true),
-			progressbar.OptionShowTotalBytes(true),
-			progressbar.OptionThrottle(100*time.Millisecond),
-			progressbar.OptionFullWidth(),
-			progressbar.OptionOnCompletion(func() { fmt.Fprintln(a.Stdout) }),
-		)
-	}
+	bar := a.progressBar(opts, total, src)
 	if err := runCopy(from, to, plan, bar, src, dst); err != nil {
 		return ctxOr(ctx, err)
 	}
@@ -146,6 +140,174 @@ func (a *App) cp(ctx context.Context, vm string, src, dst cpArg, opts cpOptions)
 	}
 	return nil
 }
+
+// progressBar is cp's progress bar for total bytes (nil without Progress).
+func (a *App) progressBar(opts cpOptions, total int64, src cpArg) *progressbar.ProgressBar {
+	if !opts.Progress {
+		return nil
+	}
+	return progressbar.NewOptions64(total,
+		progressbar.OptionSetWriter(a.Stdout),
+		progressbar.OptionSetDescription(path.Base(filepath.ToSlash(src.Path))),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionShowTotalBytes(true),
+		progressbar.OptionThrottle(100*time.Millisecond),
+		progressbar.OptionFullWidth(),
+		progressbar.OptionOnCompletion(func() { fmt.Fprintln(a.Stdout) }),
+	)
+}
+
+// oneFileStreams copies one regular file in one bulk stream, with its mode
+// and time (client.PutGuestFile, client.GetGuestFile); an error
+// client.IsFallback accepts means "use SFTP".
+type oneFileStreams interface {
+	put(dest, base string, mode fs.FileMode, mtime time.Time, r io.Reader) (string, error)
+	get(p string) (io.ReadCloser, bulk.FileMeta, error)
+}
+
+type fileStreams struct {
+	c   *client.Client
+	ctx context.Context
+	vm  string
+}
+
+func (f fileStreams) put(dest, base string, mode fs.FileMode, mtime time.Time, r io.Reader) (string, error) {
+	return f.c.PutGuestFile(f.ctx, f.vm, dest, base, mode, mtime, r)
+}
+
+func (f fileStreams) get(p string) (io.ReadCloser, bulk.FileMeta, error) {
+	r, m, err := f.c.GetGuestFile(f.ctx, f.vm, p)
+	if r == nil {
+		return nil, m, err // not a typed nil
+	}
+	return r, m, err
+}
+
+// cpOne copies a source that is one regular file in one bulk stream: the
+// agent resolves the guest side's path as cp would (into an existing
+// directory, else as the destination) and sets or reports the mode and
+// time, so no SFTP session starts and nothing waits for a Stat, Chmod or
+// Chtimes. done is false when the SFTP path must do it: the source is not
+// one regular file (a directory, -r, errors), the agent is older (no such
+// operation) or refused before changing anything (SFTP then says why, in
+// the words it always has).
+func (a *App) cpOne(fsx oneFileStreams, src, dst cpArg, opts cpOptions) (done bool, err error) {
+	if strings.HasSuffix(src.Path, "/") {
+		return false, nil
+	}
+	if src.VM == "" {
+		fi, err := os.Stat(src.Path)
+		if err != nil || !fi.Mode().IsRegular() {
+			return false, nil
+		}
+		f, err := os.Open(src.Path)
+		if err != nil {
+			return false, nil
+		}
+		defer f.Close()
+		bar := a.progressBar(opts, fi.Size(), src)
+		var r io.Reader = f
+		if bar != nil {
+			r = io.TeeReader(f, bar)
+		}
+		target, err := fsx.put(dst.Path, filepath.Base(src.Path), keptMode(fi.Mode()), fi.ModTime(), r)
+		if client.IsFallback(err) {
+			return false, nil
+		}
+		if err != nil {
+			if target == "" {
+				target = dst.Path
+			}
+			return true, fmt.Errorf("copy %s to %s:%s: %w", src, dst.VM, guestText(target), explainFSErr(err))
+		}
+		if bar != nil {
+			bar.Finish()
+		}
+		return true, nil
+	}
+	r, m, err := fsx.get(src.Path)
+	if client.IsFallback(err) {
+		return false, nil
+	}
+	if err != nil {
+		return true, fmt.Errorf("copy %s: %w", src, err)
+	}
+	if r == nil {
+		return false, nil // a directory or another kind of file
+	}
+	defer r.Close()
+	from := &oneFile{path: src.Path, meta: m, r: r}
+	plan, err := planCopy(from, osFS{}, src, dst, opts.Recursive)
+	if err != nil {
+		return true, err
+	}
+	bar := a.progressBar(opts, int64(m.Size), src)
+	if err := runCopy(from, osFS{}, plan, bar, src, dst); err != nil {
+		return true, err
+	}
+	if bar != nil {
+		bar.Finish()
+	}
+	return true, nil
+}
+
+// guestText is a path the guest named, fit for a terminal: control
+// characters become '?'.
+func guestText(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
+			return '?'
+		}
+		return r
+	}, s)
+}
+
+// oneFile is a cpSource of one regular file in a guest, as OpGetFile's
+// reply describes it (checked by bulk.CheckFileMeta); Open yields its
+// stream.
+type oneFile struct {
+	path string
+	meta bulk.FileMeta
+	r    io.ReadCloser
+}
+
+func (o *oneFile) Stat(p string) (fs.FileInfo, error)  { return o.info(p) }
+func (o *oneFile) Lstat(p string) (fs.FileInfo, error) { return o.info(p) }
+func (o *oneFile) info(p string) (fs.FileInfo, error) {
+	if p != o.path {
+		return nil, &fs.PathError{Op: "stat", Path: p, Err: fs.ErrNotExist}
+	}
+	return metaInfo{name: path.Base(p), m: o.meta}, nil
+}
+func (o *oneFile) ReadDir(p string) ([]fs.FileInfo, error) {
+	return nil, &fs.PathError{Op: "readdir", Path: p, Err: errors.New("not a directory")}
+}
+func (o *oneFile) Readlink(p string) (string, error) {
+	return "", &fs.PathError{Op: "readlink", Path: p, Err: errors.New("not a link")}
+}
+func (*oneFile) Join(e ...string) string { return path.Join(e...) }
+func (*oneFile) Base(p string) string    { return path.Base(p) }
+func (o *oneFile) Open(p string) (io.ReadCloser, error) {
+	if p != o.path || o.r == nil {
+		return nil, &fs.PathError{Op: "open", Path: p, Err: fs.ErrNotExist}
+	}
+	r := o.r
+	o.r = nil
+	return r, nil // copyOne closes it (and cpOne again: closing twice is harmless)
+}
+
+// metaInfo is a bulk.FileMeta as an fs.FileInfo.
+type metaInfo struct {
+	name string
+	m    bulk.FileMeta
+}
+
+func (i metaInfo) Name() string       { return i.name }
+func (i metaInfo) Size() int64        { return int64(i.m.Size) }
+func (i metaInfo) Mode() fs.FileMode  { return i.m.FileMode() }
+func (i metaInfo) ModTime() time.Time { return i.m.ModTime() }
+func (i metaInfo) IsDir() bool        { return false }
+func (i metaInfo) Sys() any           { return nil }
 
 func ctxOr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {

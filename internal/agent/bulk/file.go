@@ -118,11 +118,22 @@ func ServeGet(c io.Writer, path string) error {
 	if err := WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&info)})); err != nil {
 		return err
 	}
-	if (osFile{f}).SetDirect(true) == nil {
+	return sendFile(c, f, size, path, true)
+}
+
+// sendFile sends size bytes of f in FrameData frames and a FrameEOF (with
+// O_DIRECT when direct and f takes it), or a not-OK FrameReply when it
+// cannot.
+func sendFile(c io.Writer, f *os.File, size int64, path string, direct bool) error {
+	fail := func(err error) error {
+		_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{Payload: []byte(err.Error())}))
+		return err
+	}
+	if direct && (osFile{f}).SetDirect(true) == nil {
 		return sendDirect(c, osFile{f}, size, path)
 	}
 	// One buffer holds the header and a chunk: one Write per frame.
-	buf := make([]byte, 5+chunk)
+	buf := make([]byte, 5+min(int64(chunk), size))
 	for left := size; left > 0; {
 		k, err := io.ReadFull(f, buf[5:5+min(int64(chunk), left)])
 		if k > 0 {
@@ -193,6 +204,7 @@ type Putter struct {
 	c    io.ReadWriter
 	wbuf []byte
 	done bool
+	sent bool // the FrameEOF went with the contents (an inline OpPutFile)
 	err  error
 }
 
@@ -269,8 +281,10 @@ func (p *Putter) Finish() error {
 		return p.err
 	}
 	p.done = true
-	if p.err = WriteFrame(p.c, FrameEOF, nil); p.err != nil {
-		return p.err
+	if !p.sent {
+		if p.err = WriteFrame(p.c, FrameEOF, nil); p.err != nil {
+			return p.err
+		}
 	}
 	rep, err := readReply(p.c)
 	switch {

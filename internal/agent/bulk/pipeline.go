@@ -85,6 +85,15 @@ func (b *Batch) Request(name string, payload []byte) {
 	b.frame(FrameRequest, ssh.Marshal(&Request{Type: name, Payload: payload}))
 }
 
+// Data adds p as data frames of up to a chunk each.
+func (b *Batch) Data(p []byte) {
+	for len(p) > 0 {
+		k := min(len(p), chunk)
+		b.frame(FrameData, p[:k])
+		p = p[k:]
+	}
+}
+
 // EOF says no data will follow.
 func (b *Batch) EOF() {
 	b.frame(FrameEOF, nil)

@@ -100,6 +100,31 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		if err != nil {
 			log.Info("bulk file copy failed", "op", o.Op, "path", p, "error", err)
 		}
+	case bulk.OpPutFile:
+		req, err := bulk.ReadPutFile(r)
+		if err != nil {
+			log.Info("bulk file refused", "path", o.Arg, "error", err)
+			return
+		}
+		p, err := s.filePath(o.User, o.Arg)
+		if err != nil {
+			_ = bulk.RefusePutFile(c, r, req, err)
+			log.Info("bulk file refused", "path", o.Arg, "error", err)
+			return
+		}
+		if err := bulk.ServePutFile(c, r, req, p, strings.HasSuffix(o.Arg, "/")); err != nil {
+			log.Info("bulk file copy failed", "op", o.Op, "path", p, "error", err)
+		}
+	case bulk.OpGetFile:
+		p, err := s.filePath(o.User, o.Arg)
+		if err == nil {
+			err = bulk.ServeGetFile(c, p)
+		} else {
+			_ = bulk.WriteFrame(c, bulk.FrameReply, ssh.Marshal(&bulk.Reply{Payload: []byte(err.Error())}))
+		}
+		if err != nil {
+			log.Info("bulk file copy failed", "op", o.Op, "path", o.Arg, "error", err)
+		}
 	default:
 		log.Info("bulk stream refused: unknown operation")
 	}

@@ -10,7 +10,9 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
+	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
@@ -102,5 +104,68 @@ func TestStdinPipeGrown(t *testing.T) {
 	}
 	if n < stdinPipeSize {
 		t.Fatalf("pipe of %d bytes, want %d", n, stdinPipeSize)
+	}
+}
+
+// TestBulkFileMetaOps: OpPutFile and OpGetFile through the agent's
+// dispatcher resolve a relative path in the user's home as OpPut does
+// (".": the home itself, a directory, so the file goes in it by its base
+// name), keep a trailing '/' as "must be a directory", and refuse another
+// user than the agent's own.
+func TestBulkFileMetaOps(t *testing.T) {
+	srv := bulkServer(t)
+	acct, err := srv.userFor("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mtime := time.Unix(1700000000, 5)
+	put := func(user, dest string) (string, error) {
+		c := openBulk(t, srv, bulk.Open{Op: bulk.OpPutFile, User: user, Arg: dest})
+		var b bulk.Batch
+		b.Request(bulk.PutFileRequest, ssh.Marshal(&bulk.PutFile{Base: "base.txt", Mode: 0o640, MTime: uint64(mtime.UnixNano()), Inline: true}))
+		b.Data([]byte("hello"))
+		b.EOF()
+		p, _ := b.Bytes()
+		go c.Write(p)
+		w, err := bulk.StartPutFile(c, true)
+		if err != nil {
+			return "", err
+		}
+		return w.Target, w.Finish()
+	}
+	for _, tc := range []struct{ dest, want string }{
+		{".", filepath.Join(acct.Home, "base.txt")},
+		{"rel.txt", filepath.Join(acct.Home, "rel.txt")},
+	} {
+		target, err := put("", tc.dest)
+		if err != nil || target != tc.want {
+			t.Fatalf("put %q: %q %v, want %q", tc.dest, target, err, tc.want)
+		}
+		fi, err := os.Stat(tc.want)
+		if err != nil || fi.Mode().Perm() != 0o640 || !fi.ModTime().Equal(mtime) {
+			t.Fatalf("%s: %v %v", tc.want, fi, err)
+		}
+		c := openBulk(t, srv, bulk.Open{Op: bulk.OpGetFile, Arg: filepath.Base(tc.want)})
+		g, m, err := bulk.StartGetFile(c)
+		if err != nil || m.Size != 5 || m.Mode != 0o640 || m.MTime != uint64(mtime.UnixNano()) {
+			t.Fatalf("get %s: %+v %v", tc.want, m, err)
+		}
+		if b, err := io.ReadAll(g); err != nil || string(b) != "hello" {
+			t.Fatalf("get %s: %q %v", tc.want, b, err)
+		}
+	}
+	if _, err := put("", "nodir/"); !errors.Is(err, bulk.ErrOpenRefused) {
+		t.Fatalf("put into a missing directory named with '/': %v", err)
+	}
+	passwd := srv.cfg.PasswdFile
+	f, _ := os.OpenFile(passwd, os.O_APPEND|os.O_WRONLY, 0)
+	fmt.Fprintf(f, "other:x:%d:%d::/:/bin/sh\n", os.Getuid()+4242, os.Getgid())
+	f.Close()
+	_, err = put("other", filepath.Join(t.TempDir(), "x"))
+	switch {
+	case err == nil:
+		t.Fatal("a put as another user was served by the agent itself")
+	case os.Getuid() == 0 && !errors.Is(err, bulk.ErrUnsupported):
+		t.Fatalf("put as another user: %v, want ErrUnsupported (use SFTP)", err)
 	}
 }
