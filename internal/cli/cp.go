@@ -55,9 +55,9 @@ func (a *App) cpCommand() *cobra.Command {
 		Use:   "cp [-r] SRC DST",
 		Short: "Copy files between this host and a VM (VM:path names a guest path)",
 		Long: "Copy files and directories between this host and a VM, keeping modes and\n" +
-			"modification times (one file in one stream; directories over SFTP). One of SRC and DST is VM:path (a relative path\n" +
-			"is relative to the guest user's home). When DST is an existing directory,\n" +
-			"SRC is copied into it.",
+			"modification times (one file in one stream; directories over SFTP). One of\n" +
+			"SRC and DST is VM:path (a relative path is relative to the guest user's\n" +
+			"home). When DST is an existing directory, SRC is copied into it.",
 		Example: "  banger cp ./build.tar alpha:/tmp/\n  banger cp -r alpha:/var/log ./logs",
 		Args:    exactArgs(2, "[-r] SRC DST"),
 		RunE: func(cmd *cobra.Command, args []string) error {
