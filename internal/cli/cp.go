@@ -230,7 +230,7 @@ func (a *App) cpOne(fsx oneFileStreams, src, dst cpArg, opts cpOptions) (done bo
 		return false, nil
 	}
 	if err != nil {
-		return true, fmt.Errorf("copy %s: %w", src, err)
+		return true, err // it names VM:path
 	}
 	if r == nil {
 		return false, nil // a directory or another kind of file

@@ -315,3 +315,49 @@ func TestWorkspaceSyncRealGuest(t *testing.T) {
 	mustBanger(t, h, "vm", "start", vmName)
 	mustBanger(t, h, "exec", vmName, "--", "true")
 }
+
+// TestCopyOneFileRealGuest: banger cp of one regular file each way goes
+// through a real agent and bangerd in one stream (bulk putfile/getfile):
+// into an existing directory, to a new name relative to root's home, mode
+// (setuid too, host→guest) and mtime kept, setuid dropped guest→host; a
+// directory without -r and a missing source get cp's usual errors (from
+// the SFTP path), and -r of a directory still works.
+func TestCopyOneFileRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	const vmName = "cpone"
+	if _, errOut, code := banger(t, h, "vm", "create", vmName, "--memory", "256M"); code != 0 {
+		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
+	}
+	t.Cleanup(func() { banger(t, h, "vm", "delete", vmName, "--force") })
+	work := t.TempDir()
+	src := filepath.Join(work, "one.txt")
+	writeFile(t, src, "x", 0o644)
+	os.Chmod(src, 0o4751)
+	mtime := time.Unix(1600000000, 0)
+	os.Chtimes(src, mtime, mtime)
+	mustBanger(t, h, "exec", vmName, "--", "mkdir", "-p", "/root/dir")
+	mustBanger(t, h, "cp", src, vmName+":/root/dir")
+	mustBanger(t, h, "cp", src, vmName+":new.txt")
+	got := mustBanger(t, h, "exec", vmName, "--", "stat", "-c", "%a %Y %s %n", "/root/dir/one.txt", "/root/new.txt")
+	if want := "4751 1600000000 1 /root/dir/one.txt\n4751 1600000000 1 /root/new.txt\n"; got != want {
+		t.Fatalf("in the guest:\n%s\nwant:\n%s", got, want)
+	}
+	back := filepath.Join(work, "back")
+	mustBanger(t, h, "cp", vmName+":new.txt", back)
+	fi, err := os.Stat(back)
+	if b, _ := os.ReadFile(back); err != nil || string(b) != "x" || fi.Mode() != 0o751 || !fi.ModTime().Equal(mtime) {
+		t.Fatalf("back on the host: %q %v %v", b, fi, err)
+	}
+	_, errOut, code := banger(t, h, "cp", vmName+":/root/dir", filepath.Join(work, "d"))
+	if code == 0 || !strings.Contains(errOut, "is a directory (use cp -r)") {
+		t.Fatalf("a directory without -r: exit %d: %s", code, errOut)
+	}
+	mustBanger(t, h, "cp", "-r", vmName+":/root/dir", filepath.Join(work, "d"))
+	if b, err := os.ReadFile(filepath.Join(work, "d", "one.txt")); err != nil || string(b) != "x" {
+		t.Fatalf("cp -r of a directory: %q %v", b, err)
+	}
+	_, errOut, code = banger(t, h, "cp", vmName+":/root/nope", work)
+	if code == 0 || !strings.Contains(errOut, "no such file") {
+		t.Fatalf("a missing source: exit %d: %s", code, errOut)
+	}
+}
