@@ -332,7 +332,7 @@ func TestCopyOneFileRealGuest(t *testing.T) {
 	work := t.TempDir()
 	src := filepath.Join(work, "one.txt")
 	writeFile(t, src, "x", 0o644)
-	os.Chmod(src, 0o4751)
+	os.Chmod(src, 0o751|os.ModeSetuid)
 	mtime := time.Unix(1600000000, 0)
 	os.Chtimes(src, mtime, mtime)
 	mustBanger(t, h, "exec", vmName, "--", "mkdir", "-p", "/root/dir")

@@ -118,13 +118,13 @@ func ServeGet(c io.Writer, path string) error {
 	if err := WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&info)})); err != nil {
 		return err
 	}
-	return sendFile(c, f, size, path, true)
+	return sendFileData(c, f, size, path, true)
 }
 
-// sendFile sends size bytes of f in FrameData frames and a FrameEOF (with
+// sendFileData sends size bytes of f in FrameData frames and a FrameEOF (with
 // O_DIRECT when direct and f takes it), or a not-OK FrameReply when it
 // cannot.
-func sendFile(c io.Writer, f *os.File, size int64, path string, direct bool) error {
+func sendFileData(c io.Writer, f *os.File, size int64, path string, direct bool) error {
 	fail := func(err error) error {
 		_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{Payload: []byte(err.Error())}))
 		return err

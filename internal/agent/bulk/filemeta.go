@@ -319,7 +319,7 @@ func ServeGetFile(c io.Writer, path string) error {
 	if err := WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&m)})); err != nil || m.Type != "f" {
 		return err
 	}
-	return sendFile(c, f, fi.Size(), path, fi.Size() >= smallGet)
+	return sendFileData(c, f, fi.Size(), path, fi.Size() >= smallGet)
 }
 
 // StartGetFile reads the agent's answer to OpGetFile's Open and checks it

@@ -86,7 +86,7 @@ func TestPutFile(t *testing.T) {
 			{filepath.Join(dir, "new"), filepath.Join(dir, "new")}, // a new name
 			{filepath.Join(dir, "new"), filepath.Join(dir, "new")}, // over an existing file
 		} {
-			target, err := putFile(t, tc.dest, false, "src.bin", 0o4751, mtime, data)
+			target, err := putFile(t, tc.dest, false, "src.bin", 0o751|fs.ModeSetuid, mtime, data)
 			if err != nil {
 				t.Fatalf("size %d → %s: %v", size, tc.dest, err)
 			}
@@ -122,7 +122,8 @@ func TestPutFile(t *testing.T) {
 		{"missing directory", filepath.Join(dir, "no", "f"), false, "src.bin", "no such file"},
 		{"trailing slash, missing", filepath.Join(dir, "nodir"), true, "src.bin", "no such directory"},
 		{"trailing slash on a file", file, true, "src.bin", "not a directory"},
-		{"a fifo", fifo, false, "src.bin", "not a regular file"},
+		{"a fifo (no reader: ENXIO, not a wait)", fifo, false, "src.bin", "no such device"},
+		{"a device", "/dev/null", false, "src.bin", "not a regular file"},
 		{"a directory inside", filepath.Join(dir, "sub"), false, "src.bin", "is a directory"},
 		{"bad base", dir, false, "../x", "bad file name"},
 	} {
@@ -178,7 +179,7 @@ func TestGetFile(t *testing.T) {
 		p := filepath.Join(dir, "f")
 		data := randomBytes(size)
 		os.WriteFile(p, data, 0o600)
-		os.Chmod(p, 0o2750)
+		os.Chmod(p, 0o750|fs.ModeSetgid)
 		os.Chtimes(p, mtime, mtime)
 		host, agent := pipe(t)
 		served := make(chan error, 1)
