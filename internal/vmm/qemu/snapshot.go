@@ -82,24 +82,32 @@ type migrationInfo struct {
 	ErrorDesc string `json:"error-desc"`
 }
 
-// waitMigration polls query-migrate until the migration completed or failed.
+// waitMigration polls query-migrate until the snapshot's outgoing
+// migration completed or failed.
 func (i *instance) waitMigration(ctx context.Context) error {
-	poll := migratePoll
-	t := time.NewTimer(0)
+	return i.pollMigration(ctx, "finish the snapshot", 0, migratePoll, migratePollMax, func(ctx context.Context, mi *migrationInfo) error {
+		return i.qmp(ctx, func(ctx context.Context, q *QMP) error {
+			return q.Execute(ctx, "query-migrate", nil, mi)
+		})
+	})
+}
+
+// pollMigration asks query until the migration completed or failed: first
+// after first, then every poll, doubling up to max. what names the
+// operation in a timeout.
+func (i *instance) pollMigration(ctx context.Context, what string, first, poll, max time.Duration, query func(context.Context, *migrationInfo) error) error {
+	t := time.NewTimer(first)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("qemu did not finish the snapshot in time: %w", ctx.Err())
+			return fmt.Errorf("qemu did not %s in time: %w", what, ctx.Err())
 		case <-i.Exited():
-			return fmt.Errorf("qemu exited during the snapshot: %s", i.Status().Reason)
+			return fmt.Errorf("qemu exited before it could %s: %s", what, i.Status().Reason)
 		case <-t.C:
 		}
 		var mi migrationInfo
-		err := i.qmp(ctx, func(ctx context.Context, q *QMP) error {
-			return q.Execute(ctx, "query-migrate", nil, &mi)
-		})
-		if err != nil {
+		if err := query(ctx, &mi); err != nil {
 			return err
 		}
 		switch mi.Status {
@@ -109,7 +117,7 @@ func (i *instance) waitMigration(ctx context.Context) error {
 			return fmt.Errorf("qemu's migration %s: %s", mi.Status, mi.ErrorDesc)
 		}
 		t.Reset(poll)
-		poll = min(2*poll, migratePollMax)
+		poll = min(2*poll, max)
 	}
 }
 
@@ -361,26 +369,7 @@ const loadPoll = time.Millisecond
 
 // waitIncoming polls the incoming migration on q until it completes.
 func (i *instance) waitIncoming(ctx context.Context, q *QMP) error {
-	t := time.NewTimer(loadPoll)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("qemu did not load the saved state in time: %w", ctx.Err())
-		case <-i.Exited():
-			return fmt.Errorf("qemu exited while loading the saved state: %s", i.Status().Reason)
-		case <-t.C:
-		}
-		var mi migrationInfo
-		if err := q.Execute(ctx, "query-migrate", nil, &mi); err != nil {
-			return err
-		}
-		switch mi.Status {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			return fmt.Errorf("qemu's migration %s: %s", mi.Status, mi.ErrorDesc)
-		}
-		t.Reset(loadPoll)
-	}
+	return i.pollMigration(ctx, "load the saved state", loadPoll, loadPoll, loadPoll, func(ctx context.Context, mi *migrationInfo) error {
+		return q.Execute(ctx, "query-migrate", nil, mi)
+	})
 }
