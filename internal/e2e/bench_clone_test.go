@@ -1,19 +1,19 @@
 package e2e
 
 import (
-	"syscall"
-
 	"encoding/json"
 	"fmt"
-	"github.com/bangerdev/banger/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // TestBenchClone takes a clone of an existing snapshot apart: per round
@@ -27,10 +27,7 @@ func TestBenchClone(t *testing.T) {
 	if os.Getenv("BANGER_BENCH_CLONE") == "" {
 		t.Skip("a benchmark: set BANGER_BENCH_CLONE=1 (scripts/bench-clone)")
 	}
-	rounds := 10
-	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {
-		rounds = v
-	}
+	rounds := benchRounds()
 	shadow := os.Getenv("BANGER_BENCH_CLONE_SHADOW") != ""
 	type arm struct {
 		name string

@@ -22,10 +22,7 @@ func TestBenchSnapshot(t *testing.T) {
 	if os.Getenv("BANGER_BENCH_SNAPSHOT") == "" {
 		t.Skip("a benchmark: set BANGER_BENCH_SNAPSHOT=1 (scripts/bench-snapshot)")
 	}
-	rounds := 10
-	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {
-		rounds = v
-	}
+	rounds := benchRounds()
 	// BANGER_BENCH_DAEMON_ENV: extra KEY=VALUE words for bangerd, e.g.
 	// BANGER_QEMU_MEMORY_FILE=1 to measure guest memory in a tmpfs file.
 	h, d, _ := realHomeEnv(t, strings.Fields(os.Getenv("BANGER_BENCH_DAEMON_ENV"))...)
@@ -225,4 +222,13 @@ func dirUse(t *testing.T, dir string) int64 {
 		return nil
 	})
 	return n
+}
+
+// benchRounds is BANGER_BENCH_ROUNDS, the rounds a warm-start benchmark
+// runs (default 10).
+func benchRounds() int {
+	if v, err := strconv.Atoi(os.Getenv("BANGER_BENCH_ROUNDS")); err == nil && v > 0 {
+		return v
+	}
+	return 10
 }
