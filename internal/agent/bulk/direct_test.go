@@ -180,16 +180,7 @@ func TestReceiveDirectStopsOnWriteFailure(t *testing.T) {
 // (what shows the write went around it), and is still buffered where the
 // filesystem refuses O_DIRECT.
 func TestPutWritesDirect(t *testing.T) {
-	dir := t.TempDir()
-	probe, err := os.Create(filepath.Join(dir, "probe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := (osFile{probe}).SetDirect(true); err != nil {
-		probe.Close()
-		t.Skipf("the test directory's filesystem refuses O_DIRECT (%v): the buffered path is TestReceiveDirect's", err)
-	}
-	probe.Close()
+	dir := directDir(t, "TestReceiveDirect")
 	p := filepath.Join(dir, "f")
 	size := 3*directBuf + 5*directAlign + 77
 	data := randomBytes(size)
@@ -242,4 +233,21 @@ func TestPutWritesDirect(t *testing.T) {
 	if fi, _ := os.Stat(p); fi.Mode().Perm() != 0o600 {
 		t.Fatalf("mode %v: a put into an existing file keeps its mode, as before", fi.Mode())
 	}
+}
+
+// directDir is a temporary directory whose filesystem takes O_DIRECT; the
+// test skips where it does not, naming the test that covers the buffered
+// path there (buffered).
+func directDir(t *testing.T, buffered string) string {
+	t.Helper()
+	dir := t.TempDir()
+	probe, err := os.Create(filepath.Join(dir, "probe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	if err := (osFile{probe}).SetDirect(true); err != nil {
+		t.Skipf("the test directory's filesystem refuses O_DIRECT (%v): the buffered path is %s's", err, buffered)
+	}
+	return dir
 }

@@ -198,16 +198,7 @@ func TestSendDirectBroken(t *testing.T) {
 // arrives whole and leaves the page cache alone (what shows the read went
 // around it); TestPutGetRoundTrip covers the rest.
 func TestGetReadsDirect(t *testing.T) {
-	dir := t.TempDir()
-	probe, err := os.Create(filepath.Join(dir, "probe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := (osFile{probe}).SetDirect(true); err != nil {
-		probe.Close()
-		t.Skipf("the test directory's filesystem refuses O_DIRECT (%v): the buffered path is TestSendDirect's", err)
-	}
-	probe.Close()
+	dir := directDir(t, "TestSendDirect")
 	p := filepath.Join(dir, "f")
 	size := 3*directBuf + 5*directAlign + 77
 	data := randomBytes(size)
