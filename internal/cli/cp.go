@@ -19,6 +19,7 @@ import (
 
 	"github.com/bangerdev/banger/client"
 	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/termsafe"
 	"github.com/bangerdev/banger/internal/workspace"
 )
 
@@ -218,7 +219,7 @@ func (a *App) cpOne(fsx oneFileStreams, src, dst cpArg, opts cpOptions) (done bo
 			if target == "" {
 				target = dst.Path
 			}
-			return true, fmt.Errorf("copy %s to %s:%s: %w", src, dst.VM, guestText(target), explainFSErr(err))
+			return true, fmt.Errorf("copy %s to %s:%s: %w", src, dst.VM, termsafe.Line(target), explainFSErr(err))
 		}
 		if bar != nil {
 			bar.Finish()
@@ -249,17 +250,6 @@ func (a *App) cpOne(fsx oneFileStreams, src, dst cpArg, opts cpOptions) (done bo
 		bar.Finish()
 	}
 	return true, nil
-}
-
-// guestText is a path the guest named, fit for a terminal: control
-// characters become '?'.
-func guestText(s string) string {
-	return strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
-			return '?'
-		}
-		return r
-	}, s)
 }
 
 // oneFile is a cpSource of one regular file in a guest, as OpGetFile's

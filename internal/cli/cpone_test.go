@@ -16,6 +16,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
+	"github.com/bangerdev/banger/internal/termsafe"
 )
 
 // agentOne serves oneFileStreams with the agent's OpPutFile/OpGetFile code
@@ -306,5 +307,35 @@ func TestCopyOneFileHostileGuest(t *testing.T) {
 				t.Error("the copy changed something outside its destination")
 			}
 		})
+	}
+}
+
+// hostilePut answers every put with a failure naming a target full of
+// terminal controls, as a hostile agent may.
+type hostilePut struct{ target string }
+
+func (h hostilePut) put(dest, base string, mode fs.FileMode, mtime time.Time, r io.Reader) (string, error) {
+	return h.target, errors.New("no space left on device")
+}
+func (hostilePut) get(p string) (io.ReadCloser, bulk.FileMeta, error) {
+	return nil, bulk.FileMeta{}, errors.New("unused")
+}
+
+// The path a guest names in a failed put reaches the terminal (the error
+// message) without its control sequences.
+func TestCopyOneFileGuestPathIsTerminalSafe(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(src, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a := &App{Stdout: io.Discard}
+	done, err := a.cpOne(hostilePut{target: "/root/\x1b]0;owned\x07x\u202egnp.exe\x9b31m"}, cpArg{Path: src}, cpArg{VM: "vm", Path: "/root/"}, cpOptions{})
+	if !done || err == nil {
+		t.Fatalf("done %v, err %v: want a failed copy", done, err)
+	}
+	for _, r := range err.Error() {
+		if !termsafe.Printable(r) {
+			t.Fatalf("the error carries %U from the guest: %q", r, err.Error())
+		}
 	}
 }
