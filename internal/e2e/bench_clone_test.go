@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -17,12 +18,16 @@ import (
 )
 
 // TestBenchClone takes a clone of an existing snapshot apart: per round
-// `vm create --snapshot` and `exec -- true` (CLI wall clock each), bangerd's
-// stage records for that create (start stages, the QEMU launch and state
-// load, reach and reidentify, RPC durations) and the clone's QEMU threads'
-// CPU time to the exec's exit. BANGER_BENCH_CLONE_SHADOW=1 puts a cold
-// create + exec before each clone, as scripts/bench-snapshot does. Run with
-// scripts/bench-clone (BANGER_BENCH_CLONE=1, BANGER_BENCH_ROUNDS).
+// `vm create --snapshot` and two `exec -- true` (CLI wall clock each),
+// bangerd's stage records for that create (start stages, the QEMU launch
+// and state load, reach and reidentify, RPC durations), the clone's QEMU
+// threads' CPU time to the first exec's exit, and, where each CLI returned,
+// the vCPU thread's CPU time and the TBs TCG has translated (`info jit` over
+// the clone's QMP socket, read between the CLIs): TBs by the create, by the
+// first exec and by the second, and µs of vCPU per TB.
+// BANGER_BENCH_CLONE_SHADOW=1 puts a cold create + exec before each clone,
+// as scripts/bench-snapshot does. Run with scripts/bench-clone
+// (BANGER_BENCH_CLONE=1, BANGER_BENCH_ROUNDS).
 func TestBenchClone(t *testing.T) {
 	if os.Getenv("BANGER_BENCH_CLONE") == "" {
 		t.Skip("a benchmark: set BANGER_BENCH_CLONE=1 (scripts/bench-clone)")
@@ -34,6 +39,7 @@ func TestBenchClone(t *testing.T) {
 		h    string
 		d    *daemonProc
 		rows map[string][]time.Duration
+		vals map[string][]float64 // counts and ratios (the jit rows)
 	}
 	var arms []*arm
 	// BANGER_BENCH_CLONE_A=DIR: an interleaved A/B, arm A's bangerd and
@@ -54,6 +60,7 @@ func TestBenchClone(t *testing.T) {
 	}
 	for _, a := range arms {
 		a.rows = map[string][]time.Duration{}
+		a.vals = map[string][]float64{}
 		mustBanger(t, a.h, "vm", "create", "src", "--memory", "256M", "--disk", "256M")
 		mustBanger(t, a.h, "exec", "src", "--", "true")
 		if os.Getenv("BANGER_BENCH_CLONE_INFO") != "" {
@@ -61,7 +68,7 @@ func TestBenchClone(t *testing.T) {
 		}
 		mustBanger(t, a.h, "snapshot", "create", "src", "base")
 	}
-	var order []string
+	var order, valOrder []string
 	seen := map[string]bool{}
 	ms := func(f float64) time.Duration { return time.Duration(f * float64(time.Millisecond)) }
 	for r := 0; r < rounds; r++ {
@@ -75,6 +82,13 @@ func TestBenchClone(t *testing.T) {
 					order = append(order, k)
 				}
 				a.rows[k] = append(a.rows[k], v)
+			}
+			count := func(k string, v float64) {
+				if !seen[k] {
+					seen[k] = true
+					valOrder = append(valOrder, k)
+				}
+				a.vals[k] = append(a.vals[k], v)
 			}
 			c, rs := fmt.Sprintf("cold-%d", r), fmt.Sprintf("clone-%d", r)
 			if shadow {
@@ -93,24 +107,96 @@ func TestBenchClone(t *testing.T) {
 			add("cli: banger version", time.Since(s))
 			st0 := procStat()
 			off := len(d.logs.String())
+			before := vmDirs(h)
 			s = time.Now()
 			mustBanger(t, h, "vm", "create", rs, "--snapshot", "base")
 			t1 := time.Now()
+			// the clone's QEMU where each CLI returned: its vCPU time and
+			// the TBs TCG has translated (`info jit`, read between the
+			// CLIs, outside their timings)
+			id := newVMDir(before, vmDirs(h))
+			if id == "" {
+				id = showVM(t, h, rs).ID
+			}
+			pid, sock := vmmPID(t, h, id), vmQMPSocket(h, id)
+			var cpus []map[string]int64 // by thread id
+			var jits []jitStats
+			var jitErr error
+			var queries []time.Duration
+			probe := func() {
+				cpus = append(cpus, taskCPU(pid))
+				if jitErr != nil {
+					return
+				}
+				q := time.Now()
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				js, err := readJIT(ctx, sock)
+				cancel()
+				if err != nil {
+					jitErr = err
+					return
+				}
+				jits = append(jits, js)
+				queries = append(queries, time.Since(q))
+			}
+			probe()
+			t1b := time.Now()
 			mustBanger(t, h, "exec", rs, "--", "true")
 			t2 := time.Now()
 			st1 := procStat()
-			add("total: create + exec", t2.Sub(s))
+			probe()
+			t2b := time.Now()
+			mustBanger(t, h, "exec", rs, "--", "true")
+			t3 := time.Now()
+			probe()
+			add("total: create + exec", t1.Sub(s)+t2.Sub(t1b))
 			add("cli: create", t1.Sub(s))
-			add("cli: exec -- true", t2.Sub(t1))
+			add("cli: exec -- true", t2.Sub(t1b))
+			add("cli: exec -- true, second", t3.Sub(t2b))
 			for i, n := range []string{"user", "system", "idle", "steal"} {
 				j := map[string]int{"user": 0, "system": 2, "idle": 3, "steal": 7}[n]
 				_ = i
 				add("host cpu (2 cores) "+n, time.Duration((st1[j]-st0[j])*10)*time.Millisecond)
 			}
-			v := showVM(t, h, rs)
-			cpu := threadCPU(vmmPID(t, h, v.ID))
-			add("qemu cpu: all threads", time.Duration(cpu["all threads"]))
-			add("qemu cpu: busiest thread (vCPU)", time.Duration(cpu["busiest thread (vCPU)"]))
+			// cumulative to the first exec's exit, as before the second
+			// exec; the vCPU is the thread busiest at the last reading
+			var vcpu string
+			for tid, ns := range cpus[2] {
+				if vcpu == "" || ns > cpus[2][vcpu] {
+					vcpu = tid
+				}
+			}
+			all := int64(0)
+			for _, ns := range cpus[1] {
+				all += ns
+			}
+			add("qemu cpu: all threads", time.Duration(all))
+			add("qemu cpu: busiest thread (vCPU)", time.Duration(cpus[1][vcpu]))
+			add("qemu vCPU: create (start to exit)", time.Duration(cpus[0][vcpu]))
+			add("qemu vCPU: first exec", time.Duration(cpus[1][vcpu]-cpus[0][vcpu]))
+			add("qemu vCPU: second exec", time.Duration(cpus[2][vcpu]-cpus[1][vcpu]))
+			for _, q := range queries {
+				add("jit: `info jit` query (between CLIs)", q)
+			}
+			if jitErr != nil {
+				t.Logf("BENCH jit: arm %s round %d: no TB counts: %v", a.name, r, jitErr)
+			} else {
+				count("jit: TBs translated by create", float64(jits[0].TBs))
+				if jits[0].TBs > 0 {
+					count("jit: µs vCPU per TB, create", float64(cpus[0][vcpu])/1e3/float64(jits[0].TBs))
+				}
+				for k, n := range []string{"first", "second"} {
+					tbs, ok := jitDelta(jits[k], jits[k+1])
+					if !ok {
+						t.Logf("BENCH jit: arm %s round %d: TB count of the %s exec not comparable (code buffer flushed: %+v → %+v)", a.name, r, n, jits[k], jits[k+1])
+						continue
+					}
+					count("jit: TBs translated by "+n+" exec", float64(tbs))
+					if n == "first" && tbs > 0 {
+						count("jit: µs vCPU per TB, first exec", float64(cpus[1][vcpu]-cpus[0][vcpu])/1e3/float64(tbs))
+					}
+				}
+			}
 			logs := d.logs.String()[off:]
 			var firstRPC, bulkStart time.Time
 			for _, l := range strings.Split(logs, "\n") {
@@ -139,8 +225,11 @@ func TestBenchClone(t *testing.T) {
 					add("reidentify: reach", ms(rec.Reach))
 					add("reidentify: request", ms(rec.Reid))
 				case rec.Method != "" && rec.Dur > 0:
-					add("rpc: "+rec.Method, ms(rec.Dur))
 					st := rec.Time.Add(-ms(rec.Dur))
+					if !st.Before(t2b) {
+						continue // the second exec's
+					}
+					add("rpc: "+rec.Method, ms(rec.Dur))
 					if firstRPC.IsZero() {
 						firstRPC = st
 					}
@@ -153,11 +242,11 @@ func TestBenchClone(t *testing.T) {
 				add("cli start to first rpc start", firstRPC.Sub(s))
 			}
 			if !bulkStart.IsZero() {
-				add("create exit to vm.bulk start", bulkStart.Sub(t1))
+				add("create exit to vm.bulk start", bulkStart.Sub(t1b))
 			}
 			if os.Getenv("BANGER_BENCH_CLONE_CONSOLE") != "" && r == rounds-1 {
 				time.Sleep(1500 * time.Millisecond) // latelog's records
-				b, _ := os.ReadFile(filepath.Join(h, "vms", v.ID, "console.log"))
+				b, _ := os.ReadFile(filepath.Join(h, "vms", id, "console.log"))
 				lines := strings.Split(string(b), "\n")
 				t.Logf("arm %s clone console tail:\n%s", a.name, strings.Join(lines[max(0, len(lines)-40):], "\n"))
 			}
@@ -198,6 +287,39 @@ func TestBenchClone(t *testing.T) {
 		}
 		t.Log(line)
 	}
+	// counts (TBs) and µs of vCPU per TB: medians, min–max
+	medv := func(k string, v []float64) string {
+		if len(v) == 0 {
+			return "-"
+		}
+		s := append([]float64(nil), v...)
+		sort.Float64s(s)
+		f := "%6.0f (%.0f–%.0f)"
+		if strings.Contains(k, "µs") {
+			f = "%6.2f (%.2f–%.2f)"
+		}
+		return fmt.Sprintf(f, s[len(s)/2], s[0], s[len(s)-1])
+	}
+	if len(arms) == 2 {
+		for _, k := range valOrder {
+			a, b := arms[0].vals[k], arms[1].vals[k]
+			if len(a) != len(b) || len(a) == 0 {
+				continue
+			}
+			d := make([]float64, len(a))
+			for i := range a {
+				d[i] = b[i] - a[i]
+			}
+			t.Logf("BENCH paired B−A %-36s n=%-3d median %s", k, len(d), medv(k, d))
+		}
+	}
+	for _, k := range valOrder {
+		line := fmt.Sprintf("BENCH %-36s", k)
+		for _, a := range arms {
+			line += fmt.Sprintf("  %s n=%-3d %-22s", a.name, len(a.vals[k]), medv(k, a.vals[k]))
+		}
+		t.Log(line)
+	}
 }
 
 // realHomeBin is realHomeEnv with bangerd from another build (path).
@@ -228,37 +350,52 @@ func realHomeBin(t *testing.T, bangerd string, env ...string) (string, *daemonPr
 	return h, d
 }
 
-// threadCPU is the CPU time (ns, schedstat) of each thread of pid, summed
-// by thread name.
-func threadCPU(pid int) map[string]int64 {
+// taskCPU is the CPU time (ns, schedstat) of each thread of pid, by
+// thread id. Without QEMU's debug-threads every thread is named
+// qemu-system-x86: under TCG the vCPU is the busiest.
+func taskCPU(pid int) map[string]int64 {
 	out := map[string]int64{}
-	var busiest int64
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
 	for _, tk := range tasks {
-		comm, err1 := os.ReadFile(filepath.Join(tk, "comm"))
-		ss, err2 := os.ReadFile(filepath.Join(tk, "schedstat"))
-		if err1 != nil || err2 != nil {
+		ss, err := os.ReadFile(filepath.Join(tk, "schedstat"))
+		if err != nil {
 			continue
 		}
 		f := strings.Fields(string(ss))
 		if len(f) == 0 {
 			continue
 		}
-		ns, _ := strconv.ParseInt(f[0], 10, 64)
-		name := strings.TrimSpace(string(comm))
-		if !strings.HasPrefix(name, "CPU") {
-			name = "other threads"
-		}
-		out[name] += ns
-		out["all threads"] += ns
-		if ns > busiest {
-			busiest = ns
+		if ns, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+			out[filepath.Base(tk)] = ns
 		}
 	}
-	// without debug-threads every thread is named qemu-system-x86: the
-	// busiest is the vCPU under TCG
-	out["busiest thread (vCPU)"] = busiest
 	return out
+}
+
+// vmDirs is the set of VM directories under home h.
+func vmDirs(h string) map[string]bool {
+	out := map[string]bool{}
+	es, _ := os.ReadDir(filepath.Join(h, "vms"))
+	for _, e := range es {
+		if e.IsDir() {
+			out[e.Name()] = true
+		}
+	}
+	return out
+}
+
+// newVMDir is the one directory in after that is not in before, or "".
+func newVMDir(before, after map[string]bool) string {
+	id := ""
+	for n := range after {
+		if !before[n] {
+			if id != "" {
+				return ""
+			}
+			id = n
+		}
+	}
+	return id
 }
 
 // procStat is the machine's cpu line of /proc/stat (ticks of 10 ms).
