@@ -386,7 +386,8 @@ func (s *vmService) removeVM(ctx context.Context, vm *store.VM) error {
 }
 
 // startVM is vm.start: a running VM is left alone, a stopped one is started,
-// one in the error state (a failed release) is released again first, so
+// one in the error state (a failed release, or a stop or kill whose VMM
+// outlived SIGKILL) is released again first — that VMM ended first — so
 // nothing of its last boot is left for this one to collide with. The caller
 // holds the VM lock.
 func (s *vmService) startVM(ctx context.Context, vm *store.VM) error {
@@ -394,6 +395,23 @@ func (s *vmService) startVM(ctx context.Context, vm *store.VM) error {
 	case store.StateRunning:
 		return nil
 	case store.StateError:
+		if rt := s.runtime(vm.ID); rt != nil {
+			// A stop or kill could not end its VMM and its runtime is kept
+			// (endVMM): that kill is retried, and the start goes on only
+			// once the VMM is gone.
+			if err := s.endVMM(ctx, vm, rt, endReason(vm), "started"); err != nil {
+				var se *vmmStuckError
+				if errors.As(err, &se) {
+					// A second VMM on the same writable disk would corrupt it.
+					return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not started: %s; a second VMM on its writable disk would corrupt it; %s", vm.Name, se.what(), se.hint())
+				}
+				return err
+			}
+			if vm.State != store.StateError {
+				return s.start(ctx, vm, nil)
+			}
+			// its release failed: released again from the record below
+		}
 		if err := s.releaseRecorded(ctx, vm, endReason(vm)); err != nil {
 			if errors.Is(err, errVMMAlive) {
 				// A second VMM on the same writable disk would corrupt it.
@@ -409,15 +427,26 @@ func (s *vmService) startVM(ctx context.Context, vm *store.VM) error {
 }
 
 // delete removes a VM. A running one needs force: it is killed and its
-// runtime released through its cleanup first. A record that is not stopped
-// but has no runtime (a failed or interrupted start) is released from the
-// record, so no --force is needed for it.
+// runtime released through its cleanup first; so does one whose stop or kill
+// could not end its VMM (the runtime is kept: endVMM), and while that VMM
+// outlives the kill the record stays. A record that is not stopped but has
+// no runtime (a failed or interrupted start) is released from the record, so
+// no --force is needed for it.
 func (s *vmService) delete(ctx context.Context, vm *store.VM, force bool) error {
 	if rt := s.runtime(vm.ID); rt != nil {
 		if !force {
+			if vm.State == store.StateError {
+				// a stop or kill could not end its VMM (endVMM)
+				return rpc.Errorf(rpc.CodeConflict, "vm %q was not deleted: its VMM may still run (%s); banger vm delete --force %s retries the kill", vm.Name, vm.LastError, vm.Name)
+			}
 			return rpc.Errorf(rpc.CodeConflict, "vm %q is running; stop it first or use --force", vm.Name)
 		}
 		if err := s.kill(ctx, vm); err != nil {
+			var se *vmmStuckError
+			if errors.As(err, &se) {
+				// Removing the record and disk would leave that VMM behind.
+				return rpc.Errorf(rpc.CodeFailedPrecondition, "vm %q was not deleted: %s; deleting the record would leave that VMM behind; %s", vm.Name, se.what(), se.hint())
+			}
 			return err
 		}
 	} else if vm.State != store.StateStopped {

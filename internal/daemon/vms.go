@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -628,8 +629,16 @@ func (s *vmService) watch(id string, rt *runtime) {
 		return
 	}
 	reason := exitReason(st) // empty: the guest powered off by itself
-	s.log.WarnContext(ctx, "VMM exited", "vm", vm.Name, "reason", reason)
-	s.release(ctx, vm, rt.cleanup, reason)
+	if vm.State == store.StateError {
+		// A stop or kill whose SIGKILL this VMM outlived (vmmStuckError;
+		// nothing else leaves a held runtime in the error state): it has
+		// ended now, as that stop or kill asked.
+		s.log.WarnContext(ctx, "VMM exited after outliving SIGKILL", "vm", vm.Name, "status", reason)
+		reason = endReason(vm)
+	} else {
+		s.log.WarnContext(ctx, "VMM exited", "vm", vm.Name, "reason", reason)
+	}
+	s.releaseRuntime(ctx, vm, rt, reason)
 }
 
 func exitReason(st vmm.ExitStatus) string {
@@ -711,6 +720,7 @@ func endReason(vm *store.VM) string {
 		return vm.LastError
 	}
 	r, _, _ := strings.Cut(vm.LastError, releaseFailed)
+	r, _, _ = strings.Cut(r, vmmStuck)
 	return strings.TrimSuffix(r, "; then ")
 }
 
@@ -759,6 +769,12 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 		}
 		return nil
 	}
+	if vm.State == store.StateError {
+		// An earlier stop or kill could not end this VMM (vmmStuckError):
+		// a guest that was asked to power off and a VMM that outlived
+		// SIGKILL will not listen now; retry the kill.
+		return s.endVMM(ctx, vm, rt, endReason(vm), "stopped")
+	}
 	if rt.paused.Load() {
 		// A paused guest cannot act on a power-off request.
 		if sn, ok := rt.inst.(vmm.Snapshotter); ok && sn.Resume(ctx) == nil {
@@ -787,15 +803,11 @@ func (s *vmService) stop(ctx context.Context, vm *store.VM, timeout time.Duratio
 	wctx, wcancel := context.WithDeadline(ctx, deadline)
 	_, werr := rt.inst.Wait(wctx)
 	wcancel()
-	reason := ""
 	if werr != nil {
 		s.log.WarnContext(ctx, "guest did not power off in time; killing the VMM", "vm", vm.Name, "timeout", timeout.String())
-		if err := s.killVMM(ctx, vm, rt); err != nil {
-			return err
-		}
-		reason = fmt.Sprintf("killed after the %s stop timeout", timeout)
+		return s.endVMM(ctx, vm, rt, fmt.Sprintf("killed after the %s stop timeout", timeout), "stopped")
 	}
-	s.release(ctx, vm, rt.cleanup, reason)
+	s.releaseRuntime(ctx, vm, rt, "")
 	return nil
 }
 
@@ -818,11 +830,87 @@ func (s *vmService) kill(ctx context.Context, vm *store.VM) error {
 		}
 		return nil
 	}
-	if err := s.killVMM(ctx, vm, rt); err != nil {
-		return err
+	reason := ""
+	if vm.State == store.StateError {
+		reason = endReason(vm) // a stop's kill retried: what that stop said
 	}
-	s.release(ctx, vm, rt.cleanup, "")
+	return s.endVMM(ctx, vm, rt, reason, "killed")
+}
+
+// endVMM kills rt's VMM and releases the runtime, recording the VM stopped
+// with reason (or error, if the release fails: see release). When the kill
+// fails the VMM may still run — a process that outlives SIGKILL is stuck in
+// the kernel — so nothing it uses is released: the runtime is kept (its
+// watcher releases it when the VMM does exit), the VM is recorded in the
+// error state saying so (vmmStuckReason) and no vm.stopped is published;
+// the error, a *vmmStuckError wrapping errVMMAlive, says the same. verb
+// ("stopped", "killed") is what the caller asked for, for that error.
+func (s *vmService) endVMM(ctx context.Context, vm *store.VM, rt *runtime, reason, verb string) error {
+	if err := s.killVMM(ctx, vm, rt); err != nil {
+		se := &vmmStuckError{name: vm.Name, pid: rt.handles.PID, err: err}
+		vm.State = store.StateError
+		vm.LastError = vmmStuckReason(reason, se)
+		s.saveLogged(ctx, vm)
+		s.log.ErrorContext(ctx, "VMM did not end after SIGKILL; VM recorded in the error state", "vm", vm.Name, "pid", rt.handles.PID, "error", err.Error())
+		return codeErr(rpc.CodeFailedPrecondition, fmt.Errorf("vm %q was not %s (it is now in the error state): %w", vm.Name, verb, se))
+	}
+	s.releaseRuntime(ctx, vm, rt, reason)
 	return nil
+}
+
+// releaseRuntime releases rt, whose VMM has ended, recording the VM stopped
+// with reason (release). A VM in the error state here is one whose VMM
+// outlived an earlier kill (endVMM): no vm.stopped was published for it
+// then, and it stops now.
+func (s *vmService) releaseRuntime(ctx context.Context, vm *store.VM, rt *runtime, reason string) error {
+	if vm.State == store.StateError {
+		vm.State = store.StateStopping
+	}
+	return s.release(ctx, vm, rt.cleanup, reason)
+}
+
+// vmmStuck starts, in the last error of a VM in the error state, why it is
+// there: a stop or kill could not end its VMM (after why the VM was being
+// ended, if anything: "<reason>; then its VMM ...").
+const vmmStuck = "its VMM did not end after SIGKILL"
+
+// vmmStuckError is the error of a stop or kill whose VMM did not end after
+// SIGKILL (endVMM). It wraps errVMMAlive and the kill's error.
+type vmmStuckError struct {
+	name string
+	pid  int // 0: unknown
+	err  error
+}
+
+// what says what happened, without the hint.
+func (e *vmmStuckError) what() string {
+	pid := ""
+	if e.pid > 0 {
+		pid = fmt.Sprintf(" (pid %d)", e.pid)
+	}
+	return vmmStuck + pid + ": " + e.err.Error()
+}
+
+// hint says what the user can do about it.
+func (e *vmmStuckError) hint() string {
+	pid := "PID"
+	if e.pid > 0 {
+		pid = strconv.Itoa(e.pid)
+	}
+	return fmt.Sprintf("hint: a process that outlives SIGKILL is stuck in the kernel (ps -o pid,stat,wchan,cmd -p %s); "+
+		"banger vm kill %s retries; once it is gone, banger vm delete --force %s deletes the VM", pid, e.name, e.name)
+}
+
+func (e *vmmStuckError) Error() string   { return e.what() + "; " + e.hint() }
+func (e *vmmStuckError) Unwrap() []error { return []error{errVMMAlive, e.err} }
+
+// vmmStuckReason is the last error of a VM whose VMM outlived the kill of a
+// stop or kill that was ending it for reason.
+func vmmStuckReason(reason string, e *vmmStuckError) string {
+	if reason == "" {
+		return e.Error()
+	}
+	return reason + "; then " + e.Error()
 }
 
 // writeFileAtomic writes p through a unique temporary file in its directory,
