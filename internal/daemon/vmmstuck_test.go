@@ -132,8 +132,9 @@ func stickVM(t *testing.T, ts *testSvc, pd *procDriver, first string) (*store.VM
 	if n := stopEvents(ts, vm.ID); n != 0 {
 		t.Fatalf("%d vm.stopped events for a VM whose VMM still runs", n)
 	}
-	*vm = *got
-	return vm, proc, rt
+	// got, not vm: the runtime's cleanup still reads the record the start
+	// was given.
+	return got, proc, rt
 }
 
 func TestStopKillOutlivedBySIGKILLRecordsError(t *testing.T) {
