@@ -41,7 +41,8 @@ func bins(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
-		if buildErr = goBuild(t, binDir, nil, "./cmd/banger", "./cmd/bangerd"); buildErr != nil {
+		// static, as scripts/quickstart builds them (testenv.staticCommands)
+		if buildErr = goBuild(t, binDir, []string{"CGO_ENABLED=0"}, "./cmd/banger", "./cmd/bangerd"); buildErr != nil {
 			return
 		}
 		// The agent goes next to bangerd, where bangerd looks for it.

@@ -61,6 +61,9 @@ func Command(t testing.TB, name string) string {
 		}
 		cmd := exec.CommandContext(ctx, gobin, "build", "-o", dir+"/", "./cmd/"+name)
 		cmd.Dir = root
+		if staticCommands[name] {
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		}
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Run(); err != nil {
@@ -69,6 +72,12 @@ func Command(t testing.TB, name string) string {
 		return filepath.Join(dir, name)
 	})
 }
+
+// staticCommands are built without cgo, as scripts/quickstart builds them:
+// a static banger starts ~1 ms sooner than one the dynamic loader has to
+// link against libc first (docs/BENCHMARKS.md), and every CLI call pays
+// its start. banger-helper keeps cgo: it looks groups up through NSS.
+var staticCommands = map[string]bool{"banger": true, "bangerd": true}
 
 const binDirPrefix = "banger-test-bin-"
 

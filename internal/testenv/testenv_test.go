@@ -191,6 +191,32 @@ func TestAgentBinary(t *testing.T) {
 	}
 }
 
+// TestCommandStatic: the banger and bangerd the tests and scripts/bench run
+// are static, as scripts/quickstart builds them (the CLI's start is part of
+// every figure the bench takes); banger-helper keeps cgo.
+func TestCommandStatic(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		static bool
+	}{{"banger", true}, {"bangerd", true}, {"banger-helper", false}} {
+		f, err := elf.Open(Command(t, tc.name))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		interp := false
+		for _, prog := range f.Progs {
+			interp = interp || prog.Type == elf.PT_INTERP
+		}
+		f.Close()
+		if cgo := os.Getenv("CGO_ENABLED"); !tc.static && (cgo == "0" || exec.Command("gcc", "--version").Run() != nil) {
+			continue // no cgo to be had here: the helper is static too
+		}
+		if interp == tc.static {
+			t.Errorf("%s: dynamically linked %v, want %v", tc.name, interp, !tc.static)
+		}
+	}
+}
+
 func TestRequireQEMU(t *testing.T) {
 	p := RequireQEMU(t)
 	if !filepath.IsAbs(p) {
