@@ -218,6 +218,21 @@ func (p *probeCap) has(name string) bool {
 
 func alive(p *system.Process) bool { return system.SameProcess(p.PID, p.StartTime) }
 
+// noOverlap fails t if a VM's resources were released while its VMM ran
+// (early, newProcSvc's probe) or a VM got a second VMM while one ran.
+func (p *procDriver) noOverlap(t *testing.T, early func() []string) {
+	t.Helper()
+	if e := early(); len(e) != 0 {
+		t.Fatalf("released while their VMM ran: %v", e)
+	}
+	p.mu.Lock()
+	overlap := p.overlap
+	p.mu.Unlock()
+	if len(overlap) != 0 {
+		t.Fatalf("a VMM was started while one of the same VM ran: %v", overlap)
+	}
+}
+
 // newProcSvc is newTestSvc with a procDriver, and a probe that records any
 // tap released while its VM's VMM still ran.
 func newProcSvc(t *testing.T) (*testSvc, *procDriver, func() []string) {
@@ -331,15 +346,7 @@ func TestErrorVMWithLiveVMMIsEndedFirst(t *testing.T) {
 				if alive(first) {
 					t.Fatalf("%s left the VMM of the failed start running", retry)
 				}
-				if e := early(); len(e) != 0 {
-					t.Fatalf("released while their VMM ran: %v", e)
-				}
-				pd.mu.Lock()
-				overlap := pd.overlap
-				pd.mu.Unlock()
-				if len(overlap) != 0 {
-					t.Fatalf("a VMM was started while one of the same VM ran: %v", overlap)
-				}
+				pd.noOverlap(t, early)
 				if !alive(decoy) {
 					t.Fatal("a process that is no VMM was ended")
 				}

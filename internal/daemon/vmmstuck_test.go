@@ -303,15 +303,7 @@ func TestVMMOutlivingSIGKILLConverges(t *testing.T) {
 						}
 					}
 				}
-				if e := early(); len(e) != 0 {
-					t.Fatalf("released while their VMM ran: %v", e)
-				}
-				pd.mu.Lock()
-				overlap := pd.overlap
-				pd.mu.Unlock()
-				if len(overlap) != 0 {
-					t.Fatalf("a VMM was started while one of the same VM ran: %v", overlap)
-				}
+				pd.noOverlap(t, early)
 				got, gerr := ts.st.GetVM(ctx, vm.ID)
 				switch tt.want {
 				case stuck:
