@@ -14,6 +14,7 @@ import (
 	"github.com/bangerdev/banger/internal/rpc"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/system"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // A VMM that outlives SIGKILL (stuck in the kernel, D state): the stop or
@@ -51,18 +52,6 @@ func locked(ts *testSvc, vm *store.VM, fn func() error) error {
 	unlock := ts.locks.Lock(vm.ID)
 	defer unlock()
 	return fn()
-}
-
-// waitUntil polls cond until it holds, failing the test after d.
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, d)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // wantStuckMessage checks that msg says that the VMM of vm (pid) did not
@@ -222,7 +211,7 @@ func TestVMMOutlivingSIGKILLConverges(t *testing.T) {
 				if err := proc.KillAndWait(context.Background()); err != nil {
 					t.Fatal(err)
 				}
-				waitUntil(t, 10*time.Second, "the watcher releases the VM", func() bool { return ts.runtime(vm.ID) == nil })
+				testenv.WaitFor(t, 10*time.Second, "the watcher releases the VM", func() bool { return ts.runtime(vm.ID) == nil })
 				unlock := ts.locks.Lock(vm.ID) // the release is done
 				unlock()
 				return nil
@@ -237,7 +226,7 @@ func TestVMMOutlivingSIGKILLConverges(t *testing.T) {
 				if err := proc.KillAndWait(context.Background()); err != nil {
 					t.Fatal(err)
 				}
-				waitUntil(t, 10*time.Second, "the watcher releases the VM", func() bool { return ts.runtime(vm.ID) == nil })
+				testenv.WaitFor(t, 10*time.Second, "the watcher releases the VM", func() bool { return ts.runtime(vm.ID) == nil })
 				unlock := ts.locks.Lock(vm.ID)
 				got, err := ts.st.GetVM(context.Background(), vm.ID)
 				unlock()

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // TestAgentLifecycleRealGuest: vm ls -q, --format, --filter and completion
@@ -76,7 +78,7 @@ func TestAgentLifecycleRealGuest(t *testing.T) {
 		t.Logf("the create alone took %v: allowing 3 s after it", created)
 		deadline = 3 * time.Second
 	}
-	waitFor(t, deadline, "the VM with --ttl 5s to be deleted", func() bool {
+	testenv.WaitFor(t, deadline, "the VM with --ttl 5s to be deleted", func() bool {
 		return strings.TrimSpace(mustBanger(t, h, "vm", "ls", "-q", "--filter", "name=brief")) == ""
 	})
 	t.Logf("MEASURE --ttl 5s: created in %v, gone %v after the create began", created.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
@@ -120,7 +122,7 @@ func TestPortsRealGuest(t *testing.T) {
 	get := func(port int) string {
 		t.Helper()
 		var body string
-		waitFor(t, 20*time.Second, fmt.Sprintf("GET 127.0.0.1:%d", port), func() bool {
+		testenv.WaitFor(t, 20*time.Second, fmt.Sprintf("GET 127.0.0.1:%d", port), func() bool {
 			c := http.Client{Timeout: 3 * time.Second}
 			resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/index.html", port))
 			if err != nil {
@@ -204,9 +206,9 @@ func TestPortsRealGuest(t *testing.T) {
 	tty.Close()
 	var screen lockedBuf
 	go io.Copy(&screen, ptmx)
-	waitFor(t, 30*time.Second, "the guest's tty in exec -it", func() bool { return strings.Contains(screen.String(), "/dev/pts/") })
+	testenv.WaitFor(t, 30*time.Second, "the guest's tty in exec -it", func() bool { return strings.Contains(screen.String(), "/dev/pts/") })
 	ptmx.Write([]byte("hello\r"))
-	waitFor(t, 30*time.Second, "exec -it to read a line", func() bool { return strings.Contains(screen.String(), "got:hello") })
+	testenv.WaitFor(t, 30*time.Second, "exec -it to read a line", func() bool { return strings.Contains(screen.String(), "got:hello") })
 	if err := it.Wait(); err != nil {
 		t.Fatalf("exec -it: %v\n%s", err, screen.String())
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // TestBenchSnapshot measures, side by side in one run (rounds alternate):
@@ -72,7 +74,7 @@ func TestBenchSnapshot(t *testing.T) {
 	mustBanger(t, h, append(append([]string{}, runArgs...), "--", "true")...) // saves the base
 	mustBanger(t, h, append([]string{"pool", "set", "1"}, poolSpec...)...)
 	poolFull := func() {
-		waitFor(t, 5*time.Minute, "the pool to fill", func() bool {
+		testenv.WaitFor(t, 5*time.Minute, "the pool to fill", func() bool {
 			var l []struct {
 				Ready int `json:"ready"`
 			}

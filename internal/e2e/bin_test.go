@@ -148,17 +148,6 @@ func (d *daemonProc) stop(t *testing.T) {
 	}
 }
 
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // banger runs the CLI and returns stdout, stderr and the exit status.
 func banger(t *testing.T, h string, args ...string) (string, string, int) {
 	t.Helper()

@@ -301,7 +301,7 @@ func TestWorkspaceSyncRealGuest(t *testing.T) {
 	// with an error; the VM starts again.
 	before := strings.Count(d.logs.String(), `"vm.bulk"`)
 	c3, e3 := start("/root/p3")
-	waitFor(t, time.Minute, "the push's bulk stream", func() bool { return strings.Count(d.logs.String(), `"vm.bulk"`) > before })
+	testenv.WaitFor(t, time.Minute, "the push's bulk stream", func() bool { return strings.Count(d.logs.String(), `"vm.bulk"`) > before })
 	t0 := time.Now()
 	if _, errOut, code := banger(t, h, "vm", "stop", vmName); code != 0 {
 		t.Fatalf("stop during a push: exit %d: %s", code, errOut)

@@ -379,7 +379,7 @@ func checkConverged(t *testing.T, h string) {
 	for _, v := range recordsFromCLI(t, h) {
 		mustBanger(t, h, "vm", "delete", "--force", v.Name)
 	}
-	waitFor(t, 10*time.Second, "no VMM of the home", func() bool { return len(vmmProcs(h)) == 0 })
+	testenv.WaitFor(t, 10*time.Second, "no VMM of the home", func() bool { return len(vmmProcs(h)) == 0 })
 	if m := mountsIn(h); len(m) > 0 {
 		t.Errorf("mounts left under the home: %v", m)
 	}
@@ -577,10 +577,10 @@ func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	}
 	cliDone := make(chan struct{})
 	go func() { cmd.Wait(); close(cliDone) }()
-	waitFor(t, 30*time.Second, "the boot stage", func() bool { return strings.Contains(stderr.String(), "boot") })
+	testenv.WaitFor(t, 30*time.Second, "the boot stage", func() bool { return strings.Contains(stderr.String(), "boot") })
 	cmd.Process.Signal(os.Interrupt)
 	t0 := time.Now()
-	waitFor(t, 5*time.Second, "the cancelled create to leave no VM and no VMM", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "the cancelled create to leave no VM and no VMM", func() bool {
 		return len(recordsFromCLI(t, h)) == 0 && len(vmmProcs(h)) == 0
 	})
 	t.Logf("Ctrl-C during create: nothing left after %v", time.Since(t0).Round(time.Millisecond))
@@ -610,7 +610,7 @@ func TestInterruptsEventsAndOpIDs(t *testing.T) {
 	if out := mustBanger(t, h, "op", "cancel", opID); !strings.Contains(out, "cancelling image operation") {
 		t.Fatalf("op cancel: %q", out)
 	}
-	waitFor(t, 10*time.Second, "the cancelled pull to finish", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "the cancelled pull to finish", func() bool {
 		out, _, _ := banger(t, h, "op", "cancel", opID)
 		return strings.Contains(out, "already finished")
 	})
@@ -660,9 +660,9 @@ func TestInterruptsEventsAndOpIDs(t *testing.T) {
 		}
 		return 0
 	}
-	waitFor(t, 15*time.Second, "the guest's sleep", func() bool { return sleepPid() != 0 })
+	testenv.WaitFor(t, 15*time.Second, "the guest's sleep", func() bool { return sleepPid() != 0 })
 	ex.Process.Signal(os.Interrupt)
-	waitFor(t, 5*time.Second, "the guest's sleep to end after Ctrl-C", func() bool { return sleepPid() == 0 })
+	testenv.WaitFor(t, 5*time.Second, "the guest's sleep to end after Ctrl-C", func() bool { return sleepPid() == 0 })
 	select {
 	case <-exDone:
 	case <-time.After(5 * time.Second):
@@ -894,7 +894,7 @@ func TestImageTempLeftoversUnmounted(t *testing.T) {
 		cmd.Path = unshare
 		cmd.Args = []string{unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh", filepath.Join(tmp, "rootfs", "proc"), bangerd}
 	})
-	waitFor(t, 10*time.Second, "the leftover to be removed", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "the leftover to be removed", func() bool {
 		_, err := os.Stat(tmp)
 		return os.IsNotExist(err)
 	})

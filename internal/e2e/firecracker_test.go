@@ -173,6 +173,6 @@ func TestFirecrackerDriverThroughBangerd(t *testing.T) {
 	mustBanger(t, h, "vm", "start", "fc1")
 	pid := vmmPID(t, h, v.ID)
 	mustBanger(t, h, "vm", "kill", "fc1")
-	waitFor(t, 10*time.Second, "fake firecracker to exit", func() bool { return syscall.Kill(pid, 0) != nil })
+	testenv.WaitFor(t, 10*time.Second, "fake firecracker to exit", func() bool { return syscall.Kill(pid, 0) != nil })
 	mustBanger(t, h, "vm", "delete", "fc1")
 }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // execOut runs a command in a VM and returns its trimmed stdout.
@@ -33,7 +35,7 @@ func counterValue(t *testing.T, h, vm string) int {
 func waitCounterAbove(t *testing.T, h, vm string, n int) int {
 	t.Helper()
 	var got int
-	waitFor(t, 20*time.Second, vm+"'s counter passes "+strconv.Itoa(n), func() bool {
+	testenv.WaitFor(t, 20*time.Second, vm+"'s counter passes "+strconv.Itoa(n), func() bool {
 		got = counterValue(t, h, vm)
 		return got > n
 	})
@@ -290,7 +292,7 @@ func TestForkNetworkRealGuest(t *testing.T) {
 	for n, ip := range map[string]string{"neta": a.IP, "netc": c.IP} {
 		var got string
 		var err error
-		waitFor(t, 15*time.Second, "host to reach the listener in "+n, func() bool {
+		testenv.WaitFor(t, 15*time.Second, "host to reach the listener in "+n, func() bool {
 			got, err = dialIn(e, ip+":8080", 3*time.Second)
 			return err == nil && got == n
 		})
@@ -331,7 +333,7 @@ func TestReadyPoolRealGuest(t *testing.T) {
 	spec := []string{"--image", "busybox", "--kernel", "debian", "--memory", "256M", "--disk", "256M"}
 	mustBanger(t, h, append([]string{"pool", "set", "1"}, spec...)...)
 	var p poolJSON
-	waitFor(t, 3*time.Minute, "the pool to fill", func() bool { p = poolReady(t, h); return p.Ready == 1 })
+	testenv.WaitFor(t, 3*time.Minute, "the pool to fill", func() bool { p = poolReady(t, h); return p.Ready == 1 })
 	first := p.VMs[0]
 	var vms []vmJSON
 	json.Unmarshal([]byte(mustBanger(t, h, "vm", "ls", "-o", "json")), &vms)
@@ -350,7 +352,7 @@ func TestReadyPoolRealGuest(t *testing.T) {
 		t.Errorf("the run was not served from the pool:\n%s", errOut)
 	}
 	t.Logf("run from the pool:\n%s", errOut)
-	waitFor(t, 3*time.Minute, "the pool to refill", func() bool {
+	testenv.WaitFor(t, 3*time.Minute, "the pool to refill", func() bool {
 		p = poolReady(t, h)
 		return p.Ready == 1 && p.VMs[0] != first
 	})

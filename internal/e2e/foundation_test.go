@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 var opIDRe = regexp.MustCompile(`^op-[0-9a-f]{6,}$`)
@@ -61,7 +63,7 @@ func TestDaemonWireProtocol(t *testing.T) {
 		t.Fatalf("vm.get ghost: %v", resps[4])
 	}
 	// the supplied op ids appear in bangerd's log records for those requests
-	waitFor(t, 10*time.Second, "op ids in the daemon log", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "op ids in the daemon log", func() bool {
 		var ping, get bool
 		for _, line := range strings.Split(d.logs.String(), "\n") {
 			var rec map[string]any
@@ -153,5 +155,5 @@ func stopDaemonByLock(t *testing.T, h string) {
 		return
 	}
 	syscall.Kill(pid, syscall.SIGTERM)
-	waitFor(t, 20*time.Second, "bangerd to exit", func() bool { return syscall.Kill(pid, 0) != nil })
+	testenv.WaitFor(t, 20*time.Second, "bangerd to exit", func() bool { return syscall.Kill(pid, 0) != nil })
 }

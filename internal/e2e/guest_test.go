@@ -251,7 +251,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		mustBanger(t, h, "exec", vmName, "--", "sh", "-c", "mkdir -p /root/www && echo hello-from-guest > /root/www/index.html && httpd -p 9000 -h /root/www")
 		start := time.Now()
 		var found map[string]any
-		waitFor(t, 2*time.Second, "port 9000 in banger ports", func() bool {
+		testenv.WaitFor(t, 2*time.Second, "port 9000 in banger ports", func() bool {
 			out := mustBanger(t, h, "ports", vmName, "-o", "json")
 			var res struct {
 				Ports []map[string]any `json:"ports"`
@@ -348,7 +348,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 				<-sshDone
 			}()
 			var body []byte
-			waitFor(t, 20*time.Second, "a GET through ssh -L", func() bool {
+			testenv.WaitFor(t, 20*time.Second, "a GET through ssh -L", func() bool {
 				select {
 				case <-sshDone:
 					t.Fatalf("ssh -L exited: %s", sshErr.String())
@@ -495,7 +495,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 			t.Errorf("history has %d samples, kept says %d", len(first.History), first.Kept)
 		}
 		var later statsJSON
-		waitFor(t, 10*time.Second, "stats history to grow", func() bool {
+		testenv.WaitFor(t, 10*time.Second, "stats history to grow", func() bool {
 			later = get()
 			return later.Kept > first.Kept
 		})
@@ -520,7 +520,7 @@ func TestGuestToolsRealGuest(t *testing.T) {
 		if err := w.Start(); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 10*time.Second, "two rows from stats --watch", func() bool { return strings.Count(wout.String(), "\n") >= 3 })
+		testenv.WaitFor(t, 10*time.Second, "two rows from stats --watch", func() bool { return strings.Count(wout.String(), "\n") >= 3 })
 		w.Process.Signal(syscall.SIGINT)
 		if err := w.Wait(); err != nil {
 			t.Errorf("stats --watch after SIGINT: %v\n%s", err, wout.String())

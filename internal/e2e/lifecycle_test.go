@@ -121,7 +121,7 @@ func TestLifecycleRealGuest(t *testing.T) {
 	mustBanger(t, h, "exec", "alpha", "--", "dd", "if=/dev/zero", "of=/root/big", "bs=1M", "count=32", "conv=fsync")
 	full := diskUsage(rw)
 	mustBanger(t, h, "exec", "alpha", "--", "sh", "-c", "rm /root/big && sync")
-	waitFor(t, 10*time.Second, "the host's file to shrink after a delete in the guest", func() bool { return diskUsage(rw) <= full-24<<20 })
+	testenv.WaitFor(t, 10*time.Second, "the host's file to shrink after a delete in the guest", func() bool { return diskUsage(rw) <= full-24<<20 })
 
 	mustBanger(t, h, "vm", "stop", "alpha", "--timeout", "30s")
 	if v := showVM(t, h, "alpha"); v.State != "stopped" || v.LastError != "" {
@@ -184,7 +184,7 @@ func TestLifecycleRealGuest(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(h, "vms", v.ID)); !os.IsNotExist(err) {
 		t.Fatalf("VM directory left after delete: %v", err)
 	}
-	waitFor(t, 10*time.Second, "VMM gone after delete", func() bool { return syscall.Kill(pid, 0) != nil })
+	testenv.WaitFor(t, 10*time.Second, "VMM gone after delete", func() bool { return syscall.Kill(pid, 0) != nil })
 }
 
 func TestVMMCrashAndDaemonRestart(t *testing.T) {
@@ -197,7 +197,7 @@ func TestVMMCrashAndDaemonRestart(t *testing.T) {
 	pid := vmmPID(t, h, crashy.ID)
 	killed := time.Now()
 	syscall.Kill(pid, syscall.SIGKILL)
-	waitFor(t, 5*time.Second, "crashed VM to be marked stopped", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "crashed VM to be marked stopped", func() bool {
 		v := showVM(t, h, "crashy")
 		return v.State == "stopped" && v.LastError != ""
 	})
@@ -222,7 +222,7 @@ func TestVMMCrashAndDaemonRestart(t *testing.T) {
 	}
 	// and it still notices the adopted VMM's death
 	syscall.Kill(spid, syscall.SIGKILL)
-	waitFor(t, 5*time.Second, "adopted VM to be marked stopped", func() bool { return showVM(t, h, "steady").State == "stopped" })
+	testenv.WaitFor(t, 5*time.Second, "adopted VM to be marked stopped", func() bool { return showVM(t, h, "steady").State == "stopped" })
 
 	for _, n := range []string{"crashy", "steady"} {
 		mustBanger(t, h, "vm", "delete", n)

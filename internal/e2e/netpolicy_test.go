@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bangerdev/banger/internal/hostnet/nettest"
+	"github.com/bangerdev/banger/internal/testenv"
 )
 
 // dialAsUser connects with busybox nc from the host namespace as uid and
@@ -120,7 +121,7 @@ func TestGuestNetworkEgress(t *testing.T) {
 
 	// The owner (bangerd's user: root here) reaches the guest; nobody not.
 	ega := netip.AddrPortFrom(ips["ega"], 8080)
-	waitFor(t, 15*time.Second, "owner to reach ega's listener", func() bool {
+	testenv.WaitFor(t, 15*time.Second, "owner to reach ega's listener", func() bool {
 		line, err := dialAsUser(t, e, 0, ega)
 		return err == nil && line == "hi-ega"
 	})

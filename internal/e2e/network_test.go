@@ -79,7 +79,7 @@ func startInNS(t *testing.T, e *nettest.Env, what string, env []string, name str
 
 func waitSocket(t *testing.T, p *daemonProc, what, sock string) {
 	t.Helper()
-	waitFor(t, 15*time.Second, what+" socket", func() bool {
+	testenv.WaitFor(t, 15*time.Second, what+" socket", func() bool {
 		select {
 		case <-p.done:
 			t.Fatalf("%s exited early: %s", what, p.logs.String())
@@ -448,7 +448,7 @@ func TestNetworkRealGuest(t *testing.T) {
 		addr := netip.AddrPortFrom(ips[n], 8080).String()
 		var got string
 		var err error
-		waitFor(t, 15*time.Second, "host to reach the listener in "+n, func() bool {
+		testenv.WaitFor(t, 15*time.Second, "host to reach the listener in "+n, func() bool {
 			got, err = dialIn(e, addr, 3*time.Second)
 			return err == nil && got == "hi-"+n
 		})
@@ -537,7 +537,7 @@ func TestNetworkRealGuest(t *testing.T) {
 
 	// Nothing is left: no taps in the namespace, none in the helper's list,
 	// no VMM of this home.
-	waitFor(t, 10*time.Second, "the VMMs of this home to be gone", func() bool { return len(homeProcs(h)) == 0 })
+	testenv.WaitFor(t, 10*time.Second, "the VMMs of this home to be gone", func() bool { return len(homeProcs(h)) == 0 })
 	if l := bgtLinks(t, e); len(l) != 0 {
 		t.Errorf("taps left in %s: %v", e.Name, l)
 	}

@@ -235,3 +235,16 @@ func lookTool(name string) (string, error) {
 	}
 	return "", err
 }
+
+// WaitFor polls cond until it holds, failing the test after d (what names
+// the awaited state in the failure).
+func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
