@@ -408,12 +408,10 @@ func getFileAnswer(meta bulk.FileMeta, data []byte, chunk int, end bool) func(ne
 		if bulk.WriteFrame(c, bulk.FrameReply, ssh.Marshal(&bulk.Reply{OK: true, Payload: ssh.Marshal(&meta)})) != nil {
 			return
 		}
-		for len(data) > 0 {
-			k := min(chunk, len(data))
-			if bulk.WriteFrame(c, bulk.FrameData, data[:k]) != nil {
+		for d := data; len(d) > 0; d = d[min(chunk, len(d)):] {
+			if bulk.WriteFrame(c, bulk.FrameData, d[:min(chunk, len(d))]) != nil {
 				return
 			}
-			data = data[k:]
 		}
 		if end {
 			bulk.WriteFrame(c, bulk.FrameEOF, nil)
