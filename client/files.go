@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path"
 	"path/filepath"
@@ -108,7 +109,7 @@ func (c *Client) readFileStream(ctx context.Context, vm, path string, max int64)
 	}
 	var buf bytes.Buffer
 	buf.Grow(int(min(m.Size, 1<<20))) // the rest as it comes, not as announced
-	if _, err := buf.ReadFrom(io.LimitReader(r, max+1)); err != nil {
+	if _, err := buf.ReadFrom(io.LimitReader(r, pastMax(max))); err != nil {
 		return nil, fmt.Errorf("read %s:%s: %w", vm, path, err)
 	}
 	if int64(buf.Len()) > max {
@@ -135,7 +136,7 @@ func (c *Client) readFileSFTP(ctx context.Context, vm, path string, max int64) (
 	if !fi.Mode().IsRegular() {
 		return nil, notRegular(vm, path)
 	}
-	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	b, err := io.ReadAll(io.LimitReader(f, pastMax(max)))
 	if err != nil {
 		return nil, fmt.Errorf("read %s:%s: %w", vm, path, err)
 	}
@@ -143,6 +144,16 @@ func (c *Client) readFileSFTP(ctx context.Context, vm, path string, max int64) (
 		return nil, tooLarge(vm, path, max)
 	}
 	return b, nil
+}
+
+// pastMax is max+1, the bytes to read to tell a file over max (max itself
+// when that would overflow: math.MaxInt64 + 1 is negative, and a
+// LimitReader of that reads nothing).
+func pastMax(max int64) int64 {
+	if max == math.MaxInt64 {
+		return max
+	}
+	return max + 1
 }
 
 func notRegular(vm, path string) error {

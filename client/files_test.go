@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -298,6 +299,15 @@ func TestFileOpsOneStream(t *testing.T) {
 				}, func(t *testing.T, err error) {
 					ok(t, err)
 					if string(read) != "r" {
+						t.Fatalf("read %q", read)
+					}
+				}, []string{bulk.OpGetFile}},
+				{"read with the largest max", func() (err error) {
+					read, err = c.ReadFile(ctx, "vm", filepath.Join(home, "f"), math.MaxInt64)
+					return err
+				}, func(t *testing.T, err error) {
+					ok(t, err)
+					if string(read) != "again" {
 						t.Fatalf("read %q", read)
 					}
 				}, []string{bulk.OpGetFile}},
