@@ -273,6 +273,18 @@ func TestFileOpsOneStream(t *testing.T) {
 				{"write mode 0 below a missing directory", func() error {
 					return c.WriteFile(ctx, "vm", filepath.Join(home, "no/f"), []byte("x"), 0)
 				}, wantErr("", fs.ErrNotExist, "vm:"+filepath.Join(home, "no/f")+": "), []string{bulk.OpPut, "session"}},
+				{"write to a device, as SFTP does", func() error {
+					// putfile refuses what is not a regular file; SFTP writes it
+					return c.WriteFile(ctx, "vm", "/dev/null", []byte("x"), 0)
+				}, ok, []string{bulk.OpPut}},
+				{"write to a device with a mode, as SFTP does", func() error {
+					// 0666 is /dev/null's own mode: SFTP's chmod changes nothing
+					return c.WriteFile(ctx, "vm", "/dev/null", []byte("x"), 0o666)
+				}, ok, []string{bulk.OpPutFile, "session"}},
+				{"read a device", func() (err error) {
+					_, err = c.ReadFile(ctx, "vm", "/dev/null", 0)
+					return err
+				}, wantErr(client.CodeInvalidArgument, nil, "vm:/dev/null is not a regular file"), []string{bulk.OpGetFile}},
 				{"write a path with .. after a symlink", func() error {
 					// the kernel (and so SFTP) takes ln/.. as d, not home
 					os.Mkdir(filepath.Join(home, "d/sub"), 0o755)
