@@ -14,14 +14,17 @@ import (
 	"time"
 )
 
-// fileOpsDriver is a main package that times client.ReadFile or WriteFile
-// (what the MCP read_file and write_file tools call) against a running VM:
+// fileOpsDriver is a main package that times client.ReadFile or WriteFile,
+// or the MCP read_file or write_file tool (the tree's mcpserver, in this
+// process over in-memory transports, one session for the N calls, as
+// `banger mcp` keeps one), against a running VM:
 //
-//	fileops VM read|write SIZE N
+//	fileops VM read|write|mcpread|mcpwrite SIZE N
 //
 // prints N lines, each the wall time of one call in µs, of a SIZE-byte file
-// (/root/bench-fileops-SIZE; read writes it first, untimed). It is built
-// against two trees, so the arms differ only in their client.
+// (/root/bench-fileops-SIZE; a read writes it first, untimed). It is built
+// against two trees, so the arms differ only in their client (and MCP
+// server).
 const fileOpsDriver = `package main
 
 import (
@@ -30,9 +33,13 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+
 	"github.com/bangerdev/banger/client"
+	"github.com/bangerdev/banger/internal/mcpserver"
 )
 
 func main() {
@@ -47,9 +54,26 @@ func main() {
 	}
 	data := bytes.Repeat([]byte("b"), size)
 	p := "/root/bench-fileops-" + os.Args[3]
-	if op == "read" {
+	if op == "read" || op == "mcpread" {
 		if err := c.WriteFile(ctx, vm, p, data, 0o644); err != nil {
 			panic(err)
+		}
+	}
+	var cs *mcp.ClientSession
+	if strings.HasPrefix(op, "mcp") {
+		st, ct := mcp.NewInMemoryTransports()
+		if _, err := mcpserver.New(c, mcpserver.Options{Version: "bench"}).Connect(ctx, st, nil); err != nil {
+			panic(err)
+		}
+		if cs, err = mcp.NewClient(&mcp.Implementation{Name: "bench"}, nil).Connect(ctx, ct, nil); err != nil {
+			panic(err)
+		}
+		defer cs.Close()
+	}
+	tool := func(name string, args map[string]any) {
+		res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: name, Arguments: args})
+		if err != nil || res.IsError {
+			panic(fmt.Sprint(name, err, res))
 		}
 	}
 	for i := 0; i < n; i++ {
@@ -64,6 +88,10 @@ func main() {
 			if err := c.WriteFile(ctx, vm, p, data, 0o644); err != nil {
 				panic(err)
 			}
+		case "mcpread":
+			tool("read_file", map[string]any{"vm": vm, "path": p, "max_bytes": size})
+		case "mcpwrite":
+			tool("write_file", map[string]any{"vm": vm, "path": p, "content": string(data), "mode": "0644"})
 		default:
 			panic(op)
 		}
@@ -93,8 +121,9 @@ func buildFileOpsDriver(t *testing.T, root, out string) {
 	}
 }
 
-// TestBenchFileOps measures client.ReadFile and WriteFile of a 100-byte and
-// a 1 MiB file in one real VM, the client of a base tree (A: before, e.g.
+// TestBenchFileOps measures client.ReadFile and WriteFile, and the MCP
+// read_file and write_file tools, of a 100-byte and a 1 MiB file in one
+// real VM, the client of a base tree (A: before, e.g.
 // main exported with git archive, BANGER_BENCH_FILEOPS_BASE) against this
 // tree's (B), arms alternating (A B A B ...) in one run against the same
 // bangerd and VM: BANGER_BENCH_ROUNDS rounds (default 10), each a process
@@ -150,8 +179,9 @@ func TestBenchFileOps(t *testing.T) {
 	got := map[key][]time.Duration{}
 	loads := []string{loadAvg()}
 	sizes := []int{100, 1 << 20}
+	ops := []string{"read", "write", "mcpread", "mcpwrite"}
 	for r := 0; r < rounds; r++ {
-		for _, op := range []string{"read", "write"} {
+		for _, op := range ops {
 			for _, size := range sizes {
 				for i := range arms {
 					a := arms[(i+r)%2] // who goes first alternates by round
@@ -168,10 +198,11 @@ func TestBenchFileOps(t *testing.T) {
 		return s[len(s)/2]
 	}
 	t.Logf("BENCH file ops: rounds=%d, %d calls per process; load (1 min) over the run %s", rounds, calls, strings.Join(loads, " "))
-	for _, op := range []string{"read", "write"} {
+	names := map[string]string{"read": "client.ReadFile", "write": "client.WriteFile", "mcpread": "MCP read_file", "mcpwrite": "MCP write_file"}
+	for _, op := range ops {
 		for _, size := range sizes {
 			a, b := got[key{"A", op, size}], got[key{"B", op, size}]
-			t.Logf("BENCH client.%-9s %7d B: A %7v  B %7v  (n=%d each; A all %v; B all %v)", map[string]string{"read": "ReadFile", "write": "WriteFile"}[op], size,
+			t.Logf("BENCH %-16s %7d B: A %7v  B %7v  (n=%d each; A all %v; B all %v)", names[op], size,
 				med(a).Round(100*time.Microsecond), med(b).Round(100*time.Microsecond), len(a), msAll(a), msAll(b))
 		}
 	}
