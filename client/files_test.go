@@ -59,7 +59,10 @@ const (
 type fakeGuest struct {
 	kind    agentKind
 	getfile func(c net.Conn)
-	home    string
+	// refusePut refuses every OpPutFile before changing anything, as an
+	// agent does for a destination it cannot open
+	refusePut bool
+	home      string
 
 	mu  sync.Mutex
 	ops []string
@@ -161,6 +164,13 @@ func (g *fakeGuest) serveBulk(srv *sshd.Server) func(ctx context.Context, c net.
 		switch {
 		case g.kind == agentOld && slices.Contains(fileOps, o.Op):
 			c.Close()
+			return
+		case o.Op == bulk.OpPutFile && g.refusePut:
+			defer c.Close()
+			req, err := bulk.ReadPutFile(c)
+			if err == nil {
+				bulk.RefusePutFile(c, c, req, errors.New("refused by the test"))
+			}
 			return
 		case o.Op == bulk.OpGetFile && g.getfile != nil:
 			defer c.Close()
@@ -499,5 +509,31 @@ func TestFileOpsHostileGuest(t *testing.T) {
 				t.Fatalf("fell back to SFTP on a hostile answer: %v", ops)
 			}
 		})
+	}
+}
+
+// TestUploadAfterARefusal: when the agent refuses a putfile after Upload
+// has read the start of the local file (all of a small one, the first
+// bulk.MaxInline+1 bytes of a large one), the SFTP fallback still sends
+// the whole file.
+func TestUploadAfterARefusal(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	g := &fakeGuest{kind: agentNew, refusePut: true}
+	c := g.start(t)
+	for _, size := range []int{10, bulk.MaxInline + 4096} {
+		data := bytes.Repeat([]byte("0123456789abcdef"), size/16+1)[:size]
+		local := filepath.Join(t.TempDir(), "f")
+		os.WriteFile(local, data, 0o640)
+		dst := filepath.Join(g.home, "f")
+		if err := c.Upload(ctx, "vm", local, dst); err != nil {
+			t.Fatalf("%d bytes: %v", size, err)
+		}
+		if got, _ := os.ReadFile(dst); !bytes.Equal(got, data) || modeOf(t, dst) != 0o640 {
+			t.Fatalf("%d bytes: the guest got %d bytes, mode %v", size, len(got), modeOf(t, dst))
+		}
+		if ops := g.take(); !slices.Equal(ops, []string{bulk.OpPutFile, "session"}) {
+			t.Fatalf("operations %v", ops)
+		}
 	}
 }
