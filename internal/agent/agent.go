@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -51,7 +52,8 @@ const usage = `banger-agent runs inside banger guests as the initramfs's /init.
 
 usage:
   banger-agent                       (as PID 1) boot the guest and serve the host
-  banger-agent serve [--config FILE] serve the host (boot config from fd 3 by default)
+  banger-agent serve [--config FILE] [--rw-fd N]
+                                     serve the host (boot config from fd 3 by default)
   banger-agent sftp-server           serve SFTP on stdin/stdout
 `
 
@@ -196,6 +198,11 @@ func initMain(log *slog.Logger) {
 	if err := mountRoot(disks.Root, disks.RW, log); err != nil {
 		fatal(log, "mount the root filesystem", err)
 	}
+	if disks.RW != nil {
+		if writableRoot, err = openWritableRoot(rwDir); err != nil {
+			log.Warn("the writable disk will not be remounted read-only at power off", "error", err)
+		}
+	}
 	if err := moveKernelMounts(); err != nil {
 		fatal(log, "prepare the root filesystem", err)
 	}
@@ -306,6 +313,10 @@ func startServeChild(cfg *bootcfg.Config, log *slog.Logger) error {
 	cmd := exec.Command("/proc/self/exe", ServeArg)
 	cmd.Args[0] = "banger-agent"
 	cmd.ExtraFiles = []*os.File{mf}
+	if writableRoot != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, writableRoot) // fd 4
+		cmd.Args = append(cmd.Args, rwFDFlag, "4")
+	}
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.Env = []string{"PATH=" + sshd.DefaultPath}
 	cmd.Dir = "/"
@@ -350,21 +361,31 @@ func servePID1(cfg *bootcfg.Config, log *slog.Logger) {
 // serveMain is "banger-agent serve": the server when the image's init is PID 1.
 func serveMain(args []string, _ *slog.Logger) int {
 	log := newLogger(os.Stderr, logLevel())
+	sa, err := parseServeArgs(args)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "banger-agent serve: %v\n\n%s", err, usage)
+		return 2
+	}
 	var src io.Reader
-	switch {
-	case len(args) == 2 && args[0] == "--config":
-		f, err := os.Open(args[1])
+	if sa.config != "" {
+		f, err := os.Open(sa.config)
 		if err != nil {
 			log.Error("open boot config", "error", err)
 			return 1
 		}
 		defer f.Close()
 		src = f
-	case len(args) == 0:
+	} else {
 		src = os.NewFile(3, "bootcfg")
-	default:
-		fmt.Fprint(os.Stderr, usage)
-		return 2
+	}
+	if sa.rwFD >= 0 {
+		f := os.NewFile(uintptr(sa.rwFD), rwDir)
+		if fi, err := f.Stat(); err != nil || !fi.IsDir() {
+			log.Warn("the writable disk's handle is not a directory; it will not be remounted read-only at power off", "fd", sa.rwFD, "error", err)
+			f.Close()
+		} else {
+			writableRoot = f
+		}
 	}
 	b, err := io.ReadAll(io.LimitReader(src, bootcfg.MaxSize+4096))
 	if err != nil {
@@ -384,11 +405,51 @@ func serveMain(args []string, _ *slog.Logger) int {
 	if exe, _ := os.Readlink("/proc/1/exe"); !strings.Contains(exe, "systemd") {
 		go watchPowerButton(ctx, func() { go shutdown(log, "power button") }, log)
 	}
-	if err := serve(ctx, cfg, nil, func() { shutdown(log, "requested by the host") }, log); err != nil {
+	err = serve(ctx, cfg, nil, func() { shutdown(log, "requested by the host") }, log)
+	if exitHeld.Load() {
+		select {} // the power off ends the VM (busyboxPowerOff)
+	}
+	if err != nil {
 		log.Error("cannot serve the host; banger cannot reach this guest", "error", err)
 		return 1
 	}
 	return 0
+}
+
+// rwFDFlag names the descriptor of the writable disk's mount root that PID
+// 1 hands to "banger-agent serve" (see writableRoot).
+const rwFDFlag = "--rw-fd"
+
+type serveArgs struct {
+	config string // boot config file; "": fd 3
+	rwFD   int    // -1: none
+}
+
+// parseServeArgs parses "serve [--config FILE] [--rw-fd N]".
+func parseServeArgs(args []string) (serveArgs, error) {
+	a := serveArgs{rwFD: -1}
+	for i := 0; i < len(args); i += 2 {
+		if i+1 >= len(args) {
+			return a, fmt.Errorf("%s needs a value", args[i])
+		}
+		v := args[i+1]
+		switch args[i] {
+		case "--config":
+			if a.config != "" || v == "" {
+				return a, errors.New("--config: one non-empty path")
+			}
+			a.config = v
+		case rwFDFlag:
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 4 || n > 1024 || a.rwFD >= 0 {
+				return a, fmt.Errorf("%s %q: want one descriptor number from 4 to 1024", rwFDFlag, v)
+			}
+			a.rwFD = n
+		default:
+			return a, fmt.Errorf("unknown argument %q", args[i])
+		}
+	}
+	return a, nil
 }
 
 // sftpMain serves SFTP on stdin/stdout (started by the SSH server as the

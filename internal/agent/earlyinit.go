@@ -122,6 +122,17 @@ func mountRoot(root, rw *Disk, log *slog.Logger) error {
 	return nil
 }
 
+// openWritableRoot opens the writable disk's mount root (rwDir) O_PATH and
+// close-on-exec, for the stop to remount it read-only after the switch to
+// the new root has put it out of reach by path (see writableRoot).
+func openWritableRoot(dir string) (*os.File, error) {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", dir, err)
+	}
+	return os.NewFile(uintptr(fd), dir), nil
+}
+
 // rwMountOptions are the ext4 options of the writable disk:
 //   - noinit_itable: the disk is a sparse copy of a template made with
 //     lazy_itable_init, so its unused inode tables are holes that read as

@@ -448,6 +448,7 @@ func TestRealGuestAgentAsInit(t *testing.T) {
 	}
 	v.shutdown(t)
 	v.disconnect()
+	requireCleanJournal(t, f.rw)
 
 	// Second boot on the same writable disk.
 	v2 := f.boot(t, "second", false)
@@ -460,7 +461,9 @@ func TestRealGuestAgentAsInit(t *testing.T) {
 
 // TestRealGuestImageInit gives the image an init (busybox init, through the
 // writable layer): the agent hands PID 1 over and keeps serving from a
-// child; shutdown goes through the image's init.
+// child; shutdown goes through the image's init, which runs the inittab's
+// ::shutdown actions, and the agent ends the VM with the writable disk
+// read-only, its journal clean.
 func TestRealGuestImageInit(t *testing.T) {
 	f := newFixture(t, func(upper string) {
 		for _, d := range []string{"sbin", "etc"} {
@@ -471,7 +474,7 @@ func TestRealGuestImageInit(t *testing.T) {
 		if err := os.Symlink("/bin/busybox", filepath.Join(upper, "sbin", "init")); err != nil {
 			t.Fatal(err)
 		}
-		inittab := "::sysinit:/bin/mount -o remount,rw /\n::shutdown:/bin/sync\n"
+		inittab := "::sysinit:/bin/mount -o remount,rw /\n::shutdown:/bin/touch /root/shutdown-ran\n::shutdown:/bin/umount -a -r\n"
 		if err := os.WriteFile(filepath.Join(upper, "etc", "inittab"), []byte(inittab), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -484,6 +487,30 @@ func TestRealGuestImageInit(t *testing.T) {
 		t.Errorf("session parent is %q, want banger-agent serve", got)
 	}
 	v.shutdown(t)
+	requireCleanJournal(t, f.rw)
+	// the inittab's ::shutdown action ran (its file is in the upper layer)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "debugfs", "-R", "stat /upper/root/shutdown-ran", f.rw).CombinedOutput(); err != nil || strings.Contains(string(out), "not found") {
+		t.Errorf("the inittab's ::shutdown action did not run: %v\n%s", err, out)
+	}
+}
+
+// requireCleanJournal fails unless the ext4 image p was left without a
+// journal to replay (the guest remounted it read-only before it ended).
+func requireCleanJournal(t *testing.T, p string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "dumpe2fs", "-h", p).CombinedOutput()
+	if err != nil {
+		t.Fatalf("dumpe2fs -h %s: %v\n%s", p, err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "Filesystem features:") && strings.Contains(l, "needs_recovery") {
+			t.Fatalf("the writable disk's journal needs recovery after the guest ended: %s", l)
+		}
+	}
 }
 
 // TestRealGuestBootFailurePowersOff boots without the boot config drive: the

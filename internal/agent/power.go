@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -21,12 +25,66 @@ const (
 )
 
 // killGrace bounds how long processes get between SIGTERM and SIGKILL when
-// the agent (as PID 1) powers off.
+// the agent stops them itself (as PID 1, or when the image's init did not
+// power off).
 const killGrace = 3 * time.Second
+
+// busyboxTermGrace bounds how long processes get between busybox init's
+// SIGTERM to all and the agent's SIGKILL. busybox init sends SIGKILL to
+// every process (the agent included) 1 s after its SIGTERM, so the agent's
+// whole end (grace, kill, sync, remount, reboot) must fit well inside that
+// second; it stops waiting as soon as the processes are gone.
+const busyboxTermGrace = 400 * time.Millisecond
+
+// killWait bounds the wait for processes to go after SIGKILL.
+const killWait = 150 * time.Millisecond
+
+// remountWait bounds the retries of a read-only remount that finds the
+// filesystem busy (a process killed a moment ago still closing its files).
+const remountWait = 100 * time.Millisecond
+
+// stopPoll is how often a stop looks at what is left.
+const stopPoll = 10 * time.Millisecond
 
 // initGrace bounds how long an image's init gets to power off before the
 // agent does it itself.
 const initGrace = 90 * time.Second
+
+// writableRoot is the root of the writable disk's ext4 mount (rwDir in the
+// initramfs), opened O_PATH before the switch to the new root: after it,
+// the mount is out of every process's reach by path (it stays in the
+// initramfs, under the overlay that became /) and absent from
+// /proc/mounts, so no init's `umount -a` sees it. A stop remounts it
+// read-only through this handle, which leaves its journal clean. PID 1
+// opens it (close-on-exec: the image's init does not inherit it) and hands
+// it to the server child (serve --rw-fd). Nil: no writable ext4 disk.
+var writableRoot *os.File
+
+// exitHeld is set while the agent waits for busybox init to signal every
+// process: the SIGTERM that follows must not end the server process, which
+// still has the VM to end.
+var exitHeld atomic.Bool
+
+// initKind tells how to ask an image's init (the target of /proc/1/exe) to
+// power off.
+type initKind int
+
+const (
+	initOther initKind = iota
+	initSystemd
+	initBusybox
+)
+
+func classifyInit(exe string) initKind {
+	exe = strings.TrimSuffix(exe, " (deleted)")
+	switch {
+	case strings.Contains(exe, "systemd"):
+		return initSystemd
+	case filepath.Base(exe) == "busybox":
+		return initBusybox
+	}
+	return initOther
+}
 
 // powerOff ends the guest. The kernel runs with reboot=t on QEMU microvm and
 // reboot=k on Firecracker, and the VMM exits on a guest reboot (QEMU
@@ -39,56 +97,215 @@ func powerOff(log *slog.Logger, reason string) {
 		return
 	}
 	exe, _ := os.Readlink("/proc/1/exe")
-	base := filepath.Base(strings.TrimSuffix(exe, " (deleted)"))
-	var sig syscall.Signal
-	switch {
-	case strings.Contains(exe, "systemd"):
-		sig = sigSystemdPoweroff
-	case base == "busybox" || strings.HasSuffix(exe, "/busybox"):
-		sig = sigBusyboxPoweroff
-	}
-	if sig != 0 {
-		if err := syscall.Kill(1, sig); err == nil {
-			log.Info("asked the image's init to power off", "init", exe, "signal", int(sig))
+	switch classifyInit(exe) {
+	case initSystemd:
+		if err := syscall.Kill(1, sigSystemdPoweroff); err == nil {
+			log.Info("asked the image's init to power off", "init", exe, "signal", int(sigSystemdPoweroff))
 			// If init does not get there, do it ourselves.
 			time.Sleep(initGrace)
-			log.Warn("the image's init did not power off in time; rebooting now", "init", exe)
+			log.Warn("the image's init did not power off in time; stopping the VM now", "init", exe)
 		} else {
 			log.Warn("could not signal the image's init", "init", exe, "error", err)
 		}
+	case initBusybox:
+		busyboxPowerOff(log, exe) // returns only when init did not get there
+	default:
+		log.Info("the image's init has no known power off request; stopping the VM itself", "init", exe)
 	}
-	unix.Sync()
-	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+	s := newStopper(log, nil)
+	s.stopProcesses(true, killGrace)
+	s.end()
 }
 
-// finalShutdown is PID 1's end: stop every process, flush and reboot. It
-// does not return.
+// busyboxPowerOff asks busybox init to power off (SIGUSR2) and lets it run
+// the image's inittab ::shutdown actions. busybox then sends SIGTERM to
+// every process, sleeps 1 s, sends SIGKILL, sleeps 1 s more and reboots:
+// those sleeps were most of a stop, and no inittab /banger/rw is in (see
+// writableRoot), so the writable disk was left with its journal dirty. So
+// the agent takes over at that SIGTERM: it lets the processes go (as soon
+// as they have, or SIGKILL after busyboxTermGrace), remounts / and the
+// writable disk read-only and reboots, before busybox's first sleep is
+// over. It returns only when init did not get as far as the SIGTERM.
+func busyboxPowerOff(log *slog.Logger, exe string) {
+	// busybox's default ::shutdown action (umount -a -r) unmounts /proc:
+	// keep it open to see which processes are left.
+	proc, err := os.Open("/proc")
+	if err != nil {
+		log.Warn("open /proc", "error", err)
+		return
+	}
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	exitHeld.Store(true)
+	if err := syscall.Kill(1, sigBusyboxPoweroff); err != nil {
+		log.Warn("could not signal the image's init", "init", exe, "error", err)
+		signal.Stop(term)
+		exitHeld.Store(false)
+		proc.Close()
+		return
+	}
+	log.Info("asked the image's init to power off", "init", exe, "signal", int(sigBusyboxPoweroff))
+	t := time.NewTimer(initGrace)
+	select {
+	case <-term:
+		// init has run its ::shutdown actions and sent SIGTERM to all.
+		log.Info("the image's init ran its shutdown actions; ending the VM")
+		s := newStopper(log, proc)
+		s.stopProcesses(false, busyboxTermGrace)
+		s.end()
+	case <-t.C:
+		log.Warn("the image's init did not power off in time; stopping the VM now", "init", exe)
+		proc.Close()
+	}
+}
+
+// finalShutdown is PID 1's end: stop every process, flush, remount
+// read-only and reboot. It does not return.
 func finalShutdown(log *slog.Logger) {
-	start := time.Now()
-	log.Debug("stopping all processes", "count", userProcesses())
-	_ = syscall.Kill(-1, syscall.SIGTERM)
-	deadline := time.Now().Add(killGrace)
-	for time.Now().Before(deadline) && userProcesses() > 0 {
-		reapAll()
-		time.Sleep(50 * time.Millisecond)
+	s := newStopper(log, nil)
+	s.stopProcesses(true, killGrace)
+	s.end()
+}
+
+// stopper ends the VM: its steps are fields so that tests can drive them.
+type stopper struct {
+	log *slog.Logger
+	// others counts the live processes other than PID 1 and this one.
+	others func() int
+	// signal sends sig to every process but PID 1 and this one (kill -1).
+	signal func(syscall.Signal) error
+	// reap collects exited children (what PID 1 must do).
+	reap    func()
+	sync    func()
+	remount []remountStep // in order
+	reboot  func()
+	poll    time.Duration
+	now     func() time.Time
+	sleep   func(time.Duration)
+}
+
+// remountStep makes one filesystem read-only.
+type remountStep struct {
+	what string
+	do   func() error
+}
+
+// newStopper returns the real stopper. proc is an open /proc (nil: open it
+// now).
+func newStopper(log *slog.Logger, proc *os.File) *stopper {
+	if proc == nil {
+		proc, _ = os.Open("/proc")
 	}
-	if n := userProcesses(); n > 0 {
-		log.Info("killing processes that ignored SIGTERM", "count", n)
-		_ = syscall.Kill(-1, syscall.SIGKILL)
-		time.Sleep(100 * time.Millisecond)
-		reapAll()
+	s := &stopper{
+		log:    log,
+		others: func() int { return countProcesses(proc, os.Getpid()) },
+		signal: func(sig syscall.Signal) error { return syscall.Kill(-1, sig) },
+		reap:   func() {},
+		sync:   unix.Sync,
+		reboot: func() {
+			for {
+				_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+				time.Sleep(time.Second)
+			}
+		},
+		poll:  stopPoll,
+		now:   time.Now,
+		sleep: time.Sleep,
 	}
-	log.Debug("processes stopped", "after", time.Since(start).Round(time.Millisecond))
-	unix.Sync()
-	if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-		log.Debug("remount / read-only", "error", err)
+	if os.Getpid() == 1 {
+		s.reap = reapAll
 	}
-	unix.Sync()
-	log.Info("rebooting to end the VM", "after", time.Since(start).Round(time.Millisecond))
+	s.remount = []remountStep{{"/", func() error {
+		return unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+	}}}
+	if writableRoot != nil {
+		fd := int(writableRoot.Fd())
+		s.remount = append(s.remount, remountStep{"the writable disk", func() error { return remountReadOnly(fd) }})
+	}
+	return s
+}
+
+// stopProcesses sends SIGTERM to every other process (when term; busybox
+// init has sent it already otherwise), waits up to grace for them to go,
+// then sends SIGKILL to those left and waits up to killWait for them.
+func (s *stopper) stopProcesses(term bool, grace time.Duration) {
+	start := s.now()
+	if term {
+		s.log.Debug("stopping all processes", "count", s.others())
+		_ = s.signal(syscall.SIGTERM)
+	}
+	if s.waitGone(grace) {
+		s.log.Debug("processes stopped", "after", s.now().Sub(start).Round(time.Millisecond))
+		return
+	}
+	s.log.Info("killing processes that ignored SIGTERM", "count", s.others())
+	_ = s.signal(syscall.SIGKILL)
+	if !s.waitGone(killWait) {
+		s.log.Warn("processes left after SIGKILL", "count", s.others())
+	}
+}
+
+// waitGone reports whether every other process is gone within d.
+func (s *stopper) waitGone(d time.Duration) bool {
+	deadline := s.now().Add(d)
 	for {
-		_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
-		time.Sleep(time.Second)
+		s.reap()
+		if s.others() == 0 {
+			return true
+		}
+		if !s.now().Before(deadline) {
+			return false
+		}
+		s.sleep(s.poll)
 	}
+}
+
+// end flushes, makes every filesystem read-only (the writable disk's
+// journal is then clean: the next boot has nothing to replay) and reboots.
+func (s *stopper) end() {
+	start := s.now()
+	s.sync()
+	for _, r := range s.remount {
+		if err := s.remountRetry(r); err != nil {
+			s.log.Warn("could not remount read-only", "filesystem", r.what, "error", err)
+		}
+	}
+	s.sync()
+	s.log.Info("rebooting to end the VM", "after", s.now().Sub(start).Round(time.Millisecond))
+	s.reboot()
+}
+
+// remountRetry runs r, again while the filesystem is busy, up to remountWait.
+func (s *stopper) remountRetry(r remountStep) error {
+	deadline := s.now().Add(remountWait)
+	for {
+		err := r.do()
+		if err == nil || !errors.Is(err, unix.EBUSY) || !s.now().Before(deadline) {
+			return err
+		}
+		s.sleep(s.poll)
+	}
+}
+
+// remountReadOnly makes the filesystem whose mount root fd is (an O_PATH
+// handle does) read-only: fspick and fsconfig reconfigure (Linux 5.2+),
+// else mount(2) through /proc/self/fd.
+func remountReadOnly(fd int) error {
+	fs, err := unix.Fspick(fd, "", unix.FSPICK_EMPTY_PATH|unix.FSPICK_CLOEXEC)
+	if errors.Is(err, unix.ENOSYS) {
+		return unix.Mount("", fmt.Sprintf("/proc/self/fd/%d", fd), "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+	}
+	if err != nil {
+		return fmt.Errorf("fspick: %w", err)
+	}
+	defer unix.Close(fs)
+	if err := unix.FsconfigSetFlag(fs, "ro"); err != nil {
+		return fmt.Errorf("fsconfig ro: %w", err)
+	}
+	if err := unix.FsconfigReconfigure(fs); err != nil {
+		return fmt.Errorf("fsconfig reconfigure: %w", err)
+	}
+	return nil
 }
 
 // reapAll collects every exited child (PID 1 at shutdown only).
@@ -101,25 +318,36 @@ func reapAll() {
 	}
 }
 
-// userProcesses counts live processes other than this one, skipping kernel
-// threads (empty cmdline) and zombies.
-func userProcesses() int {
-	ents, err := os.ReadDir("/proc")
+// countProcesses counts the live processes in proc (an open /proc) other
+// than PID 1 and self, skipping kernel threads (empty cmdline) and zombies
+// (the same). A /proc that cannot be read counts as none.
+func countProcesses(proc *os.File, self int) int {
+	if proc == nil {
+		return 0
+	}
+	dfd, err := unix.Openat(int(proc.Fd()), ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0
 	}
-	self := os.Getpid()
+	d := os.NewFile(uintptr(dfd), "/proc")
+	names, _ := d.Readdirnames(-1)
+	d.Close()
 	n := 0
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
+	buf := make([]byte, 1)
+	for _, name := range names {
+		pid, err := strconv.Atoi(name)
+		if err != nil || pid == self || pid == 1 {
 			continue
 		}
-		cmd, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err != nil || len(cmd) == 0 {
+		fd, err := unix.Openat(int(proc.Fd()), name+"/cmdline", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
 			continue
 		}
-		n++
+		k, _ := unix.Read(fd, buf)
+		unix.Close(fd)
+		if k > 0 {
+			n++
+		}
 	}
 	return n
 }
