@@ -155,10 +155,28 @@ func ReadAnswer(c io.Reader) error {
 	return fmt.Errorf("bulk hello: unexpected answer %q", ans[:])
 }
 
-// PeekConn is a connection whose first bytes have been peeked.
+// PeekConn is a connection whose first bytes have been peeked. R yields
+// every byte: what the peek buffered, then straight from Conn.
 type PeekConn struct {
 	net.Conn
-	R *bufio.Reader
+	R io.Reader
+}
+
+// drained reads what br holds, then straight from c. br serves only the
+// peek: read through it, every frame's header would pull up to its size of
+// the payload after it into its buffer, and that part of the payload would
+// be copied once more on its way to the frame's buffer. Under emulation a
+// stream's copies are what its guest CPU goes to.
+type drained struct {
+	br *bufio.Reader
+	c  io.Reader
+}
+
+func (d *drained) Read(p []byte) (int, error) {
+	if n := d.br.Buffered(); n > 0 {
+		return d.br.Read(p[:min(len(p), n)])
+	}
+	return d.c.Read(p)
 }
 
 func (p *PeekConn) Read(b []byte) (int, error) { return p.R.Read(b) }
@@ -180,7 +198,7 @@ func Classify(c net.Conn, wait time.Duration) (bool, net.Conn) {
 	_ = c.SetReadDeadline(time.Now().Add(wait))
 	b, err := br.Peek(1)
 	_ = c.SetReadDeadline(time.Time{})
-	pc := &PeekConn{Conn: c, R: br}
+	pc := &PeekConn{Conn: c, R: &drained{br: br, c: c}}
 	if err != nil || len(b) == 0 {
 		return false, pc
 	}
@@ -497,9 +515,10 @@ func NewChan(conn net.Conn) *Chan {
 		closing: make(chan struct{}),
 	}
 	if pc, ok := conn.(*PeekConn); ok {
-		// The agent's streams come buffered already: a second 256 KiB
-		// buffer per stream costs the emulated guest its zeroing and page
-		// faults on every exec.
+		// The agent's streams: read what the peek buffered, then
+		// straight from the stream. A 256 KiB buffer per stream would cost
+		// the emulated guest its zeroing and page faults on every exec,
+		// and a copy of each frame's first bytes.
 		c.r = pc.R
 	} else {
 		c.r = bufio.NewReaderSize(conn, 256<<10)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -343,5 +344,97 @@ func TestChanCloseWithStalledPeer(t *testing.T) {
 	case <-closed:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close blocked behind a write the peer never reads")
+	}
+}
+
+// readLog is a net.Conn that serves data and records the size of every
+// Read asked of it. Its first Read returns one byte (the stream's first
+// byte arrives alone), later ones as much as asked.
+type readLog struct {
+	net.Conn
+	data  []byte
+	asks  []int
+	calls int
+}
+
+func (r *readLog) SetReadDeadline(time.Time) error { return nil }
+
+func (r *readLog) Read(p []byte) (int, error) {
+	r.asks = append(r.asks, len(p))
+	r.calls++
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	if r.calls == 1 {
+		p = p[:1]
+	}
+	n := copy(p, r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+// TestClassifyReadsPastThePeek: a classified stream yields every byte, and
+// once what the peek buffered is read, reads go straight to the stream with
+// the reader's own size: a frame's 5-byte header asks the stream for 5
+// bytes, not for a buffer's worth of the payload after it (which would then
+// be copied a second time).
+func TestClassifyReadsPastThePeek(t *testing.T) {
+	var frames bytes.Buffer
+	payload := bytes.Repeat([]byte("p"), 300<<10)
+	for range 2 {
+		if err := WriteFrame(&frames, FrameData, payload); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := append([]byte{Magic[0]}, frames.Bytes()...)
+	conn := &readLog{data: bytes.Clone(want)}
+	_, c := Classify(conn, time.Second)
+	var first [1]byte
+	if _, err := io.ReadFull(c, first[:]); err != nil || first[0] != Magic[0] {
+		t.Fatalf("peeked byte: %q %v", first, err)
+	}
+	conn.asks = nil
+	r := c.(*PeekConn).R
+	for i := range 2 {
+		typ, n, err := readHeader(r)
+		if err != nil || typ != FrameData || n != len(payload) {
+			t.Fatalf("frame %d: header %d %d %v", i, typ, n, err)
+		}
+		got := make([]byte, n)
+		if err := readPayload(r, got); err != nil || !bytes.Equal(got, payload) {
+			t.Fatalf("frame %d: payload differs (%v)", i, err)
+		}
+	}
+	// The peek read one byte (the stream then had no more buffered), so
+	// every later read came from the stream with its own size.
+	wantAsks := []int{5, len(payload), 5, len(payload)}
+	if fmt.Sprint(conn.asks) != fmt.Sprint(wantAsks) {
+		t.Fatalf("the stream was asked for %v, want %v", conn.asks, wantAsks)
+	}
+}
+
+// TestClassifyDrainsThePeekBuffer: bytes the peek buffered beyond the
+// first come out before any read of the stream, whatever the reads' sizes.
+func TestClassifyDrainsThePeekBuffer(t *testing.T) {
+	for _, size := range []int{1, 3, 4096, 1 << 20} {
+		host, agent := net.Pipe()
+		want := []byte{Magic[0]}
+		for i := range 200 << 10 {
+			want = append(want, byte(i*7))
+		}
+		go func() { host.Write(want); host.Close() }()
+		_, c := Classify(agent, time.Second)
+		var got []byte
+		buf := make([]byte, size)
+		for {
+			n, err := c.Read(buf)
+			got = append(got, buf[:n]...)
+			if err != nil {
+				break
+			}
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("reads of %d: got %d bytes, want %d, or they differ", size, len(got), len(want))
+		}
 	}
 }

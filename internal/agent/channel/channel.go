@@ -282,7 +282,16 @@ func newPortConn(r *bufio.Reader, port Port) *portConn {
 	return c
 }
 
-func (c *portConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+// Read returns what the handshake left buffered, then reads the port
+// directly: a read of a virtio-serial port returns at most one of its
+// buffers (a page) whatever the size asked, so a buffer in front of it
+// batches nothing and costs a copy of every byte it holds.
+func (c *portConn) Read(p []byte) (int, error) {
+	if n := c.r.Buffered(); n > 0 {
+		return c.r.Read(p[:min(len(p), n)])
+	}
+	return c.port.Read(p)
+}
 
 func (c *portConn) Write(p []byte) (int, error) {
 	c.mu.Lock()

@@ -1,6 +1,7 @@
 package channel
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -368,5 +369,62 @@ func TestFindSerialPort(t *testing.T) {
 	}
 	if _, err := FindSerialPort(sys, "/dev", "other"); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("missing port: %v", err)
+	}
+}
+
+// askPort is a Port that serves data in reads of at most one page (as a
+// virtio-serial port does) and records the size of every Read asked.
+type askPort struct {
+	data []byte
+	asks []int
+}
+
+func (p *askPort) Read(b []byte) (int, error) {
+	p.asks = append(p.asks, len(b))
+	if len(p.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(b[:min(len(b), 4096)], p.data)
+	p.data = p.data[n:]
+	return n, nil
+}
+func (p *askPort) Write(b []byte) (int, error)      { return len(b), nil }
+func (p *askPort) SetReadDeadline(time.Time) error  { return nil }
+func (p *askPort) SetWriteDeadline(time.Time) error { return nil }
+
+// TestPortConnReadsThePortDirectly: the session's reads first drain what
+// the handshake's buffer holds, then go to the port with the reader's own
+// buffer, so no byte is copied through the handshake's 64 KiB buffer.
+func TestPortConnReadsThePortDirectly(t *testing.T) {
+	want := make([]byte, 40<<10)
+	for i := range want {
+		want[i] = byte(i * 13)
+	}
+	port := &askPort{data: bytes.Clone(want)}
+	br := bufio.NewReaderSize(port, 64<<10)
+	if _, err := br.Peek(10); err != nil { // the handshake's read: one page buffered
+		t.Fatal(err)
+	}
+	port.asks = nil
+	pc := newPortConn(br, port)
+	var got []byte
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := pc.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read %d bytes, want %d, or they differ", len(got), len(want))
+	}
+	for _, a := range port.asks {
+		if a != len(buf) {
+			t.Fatalf("the port was asked for %v: every read after the handshake's buffer should ask for the reader's %d", port.asks, len(buf))
+		}
+	}
+	if len(port.asks) == 0 {
+		t.Fatal("the port was never read after the handshake")
 	}
 }

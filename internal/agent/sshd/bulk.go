@@ -68,7 +68,7 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 			n -= k
 		}
 	case bulk.OpSink:
-		n, err := io.CopyBuffer(io.Discard, io.LimitReader(r, int64(min(o.N, maxZero))), make([]byte, 256<<10))
+		n, err := sink(r, min(o.N, maxZero))
 		if err != nil {
 			log.Debug("bulk sink", "error", err)
 			return
@@ -154,4 +154,23 @@ func (s *Server) filePath(user, p string) (string, error) {
 		home = acct.Home
 	}
 	return filepath.Join(home, p), nil
+}
+
+// sink reads and drops up to n bytes of r (until EOF), in reads of up to
+// 256 KiB: the raw channel's far end, the least a consumer can do with
+// the bytes. (io.Copy to io.Discard would read through its 8 KiB buffer.)
+func sink(r io.Reader, n uint64) (int64, error) {
+	buf := make([]byte, 256<<10)
+	var got int64
+	for uint64(got) < n {
+		k, err := r.Read(buf[:min(uint64(len(buf)), n-uint64(got))])
+		got += int64(k)
+		if err == io.EOF {
+			return got, nil
+		}
+		if err != nil {
+			return got, err
+		}
+	}
+	return got, nil
 }

@@ -226,3 +226,44 @@ func TestBeforeCommandErrorRefusesCommand(t *testing.T) {
 		})
 	}
 }
+
+// askReader serves n bytes and records the size of every Read asked.
+type askReader struct {
+	n    int
+	asks []int
+}
+
+func (r *askReader) Read(p []byte) (int, error) {
+	r.asks = append(r.asks, len(p))
+	if r.n == 0 {
+		return 0, io.EOF
+	}
+	k := min(len(p), r.n)
+	r.n -= k
+	return k, nil
+}
+
+// TestSinkReadsLarge: the raw channel's sink reads what it is sent in
+// reads of 256 KiB (io.Copy to io.Discard would ask for 8 KiB at a time,
+// each through one more copy), stops at its limit, and counts to EOF.
+func TestSinkReadsLarge(t *testing.T) {
+	for _, tt := range []struct {
+		have      int
+		limit     uint64
+		want      int64
+		wantAsks0 int
+	}{
+		{have: 1 << 20, limit: 1 << 30, want: 1 << 20, wantAsks0: 256 << 10},
+		{have: 1 << 20, limit: 300 << 10, want: 300 << 10, wantAsks0: 256 << 10},
+		{have: 10, limit: 5, want: 5, wantAsks0: 5},
+	} {
+		r := &askReader{n: tt.have}
+		n, err := sink(r, tt.limit)
+		if err != nil || n != tt.want {
+			t.Fatalf("sink of %d limited to %d: %d, %v; want %d", tt.have, tt.limit, n, err, tt.want)
+		}
+		if r.asks[0] != tt.wantAsks0 {
+			t.Fatalf("sink asked for %v, want a first read of %d", r.asks, tt.wantAsks0)
+		}
+	}
+}
