@@ -375,9 +375,10 @@ func (r *readLog) Read(p []byte) (int, error) {
 
 // TestClassifyReadsPastThePeek: a classified stream yields every byte, and
 // once what the peek buffered is read, reads go straight to the stream with
-// the reader's own size: a frame's 5-byte header asks the stream for 5
-// bytes, not for a buffer's worth of the payload after it (which would then
-// be copied a second time).
+// the reader's own size, split at SplitReads: a frame's 5-byte header asks
+// the stream for 5 bytes, not for a buffer's worth of the payload after it
+// (which would then be copied a second time), and a payload is asked for
+// in pieces of at most SplitReads (see there why). Whole does not split.
 func TestClassifyReadsPastThePeek(t *testing.T) {
 	var frames bytes.Buffer
 	payload := bytes.Repeat([]byte("p"), 300<<10)
@@ -387,29 +388,54 @@ func TestClassifyReadsPastThePeek(t *testing.T) {
 		}
 	}
 	want := append([]byte{Magic[0]}, frames.Bytes()...)
-	conn := &readLog{data: bytes.Clone(want)}
-	_, c := Classify(conn, time.Second)
-	var first [1]byte
-	if _, err := io.ReadFull(c, first[:]); err != nil || first[0] != Magic[0] {
-		t.Fatalf("peeked byte: %q %v", first, err)
-	}
-	conn.asks = nil
-	r := c.(*PeekConn).R
-	for i := range 2 {
-		typ, n, err := readHeader(r)
-		if err != nil || typ != FrameData || n != len(payload) {
-			t.Fatalf("frame %d: header %d %d %v", i, typ, n, err)
+	split := func(n, at int) []int {
+		var asks []int
+		for ; n > 0; n -= at {
+			asks = append(asks, min(n, at))
 		}
-		got := make([]byte, n)
-		if err := readPayload(r, got); err != nil || !bytes.Equal(got, payload) {
-			t.Fatalf("frame %d: payload differs (%v)", i, err)
-		}
+		return asks
 	}
-	// The peek read one byte (the stream then had no more buffered), so
-	// every later read came from the stream with its own size.
-	wantAsks := []int{5, len(payload), 5, len(payload)}
-	if fmt.Sprint(conn.asks) != fmt.Sprint(wantAsks) {
-		t.Fatalf("the stream was asked for %v, want %v", conn.asks, wantAsks)
+	for _, tt := range []struct {
+		name  string
+		split int
+		whole bool
+		asks  []int
+	}{
+		{name: "no split (AVX)", split: 0, asks: []int{5, len(payload), 5, len(payload)}},
+		{name: "split at 2048 (qemu64)", split: 2048,
+			asks: append(append(append([]int{5}, split(len(payload), 2048)...), 5), split(len(payload), 2048)...)},
+		{name: "whole", split: 2048, whole: true, asks: []int{5, len(payload), 5, len(payload)}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			defer func(s int) { SplitReads = s }(SplitReads)
+			SplitReads = tt.split
+			conn := &readLog{data: bytes.Clone(want)}
+			_, c := Classify(conn, time.Second)
+			var first [1]byte
+			if _, err := io.ReadFull(c, first[:]); err != nil || first[0] != Magic[0] {
+				t.Fatalf("peeked byte: %q %v", first, err)
+			}
+			conn.asks = nil
+			r := c.(*PeekConn).R
+			if tt.whole {
+				r = c.(*PeekConn).Whole()
+			}
+			for i := range 2 {
+				typ, n, err := readHeader(r)
+				if err != nil || typ != FrameData || n != len(payload) {
+					t.Fatalf("frame %d: header %d %d %v", i, typ, n, err)
+				}
+				got := make([]byte, n)
+				if err := readPayload(r, got); err != nil || !bytes.Equal(got, payload) {
+					t.Fatalf("frame %d: payload differs (%v)", i, err)
+				}
+			}
+			// The peek read one byte (the stream then had no more
+			// buffered), so every later read came from the stream.
+			if fmt.Sprint(conn.asks) != fmt.Sprint(tt.asks) {
+				t.Fatalf("the stream was asked for %v, want %v", conn.asks, tt.asks)
+			}
+		})
 	}
 }
 

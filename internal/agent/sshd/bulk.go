@@ -68,7 +68,11 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 			n -= k
 		}
 	case bulk.OpSink:
-		n, err := sink(r, min(o.N, maxZero))
+		src := r
+		if pc, ok := c.(*bulk.PeekConn); ok {
+			src = pc.Whole() // unframed: nothing to align, so no split reads
+		}
+		n, err := sink(src, min(o.N, maxZero))
 		if err != nil {
 			log.Debug("bulk sink", "error", err)
 			return
