@@ -1,0 +1,145 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bangerdev/banger/internal/testenv"
+)
+
+// busyboxInitImage returns a copy of the busybox image at rootfs with
+// busybox as /sbin/init and an inittab whose ::shutdown actions leave a mark
+// on the root (then busybox's usual umount -a -r).
+func busyboxInitImage(t *testing.T, rootfs string) string {
+	t.Helper()
+	debugfs, err := exec.LookPath("debugfs")
+	if err != nil {
+		t.Skipf("debugfs not installed (e2fsprogs): %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "bbinit.ext4")
+	if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", rootfs, img).CombinedOutput(); err != nil {
+		t.Fatalf("copy %s: %v\n%s", rootfs, err, out)
+	}
+	inittab := filepath.Join(dir, "inittab")
+	tab := "::shutdown:/bin/sh -c 'echo ran > /root/shutdown-ran'\n::shutdown:/bin/umount -a -r\n"
+	if err := os.WriteFile(inittab, []byte(tab), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []string{"symlink /sbin/init /bin/busybox", "write " + inittab + " /etc/inittab", "sif /etc/inittab uid 0", "sif /etc/inittab gid 0"} {
+		out, err := exec.CommandContext(ctx, debugfs, "-w", "-R", req, img).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "rror") {
+			t.Fatalf("debugfs %q: %v\n%s", req, err, out)
+		}
+	}
+	return img
+}
+
+// requireCleanExt4 fails unless the ext4 image p was left with nothing to
+// replay (no needs_recovery) and, as it is, passes e2fsck -fn.
+func requireCleanExt4(t *testing.T, p string) {
+	t.Helper()
+	for _, tool := range []string{"dumpe2fs", "e2fsck"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (e2fsprogs): %v", tool, err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "dumpe2fs", "-h", p).CombinedOutput()
+	if err != nil {
+		t.Fatalf("dumpe2fs -h %s: %v\n%s", p, err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "Filesystem features:") && strings.Contains(l, "needs_recovery") {
+			t.Fatalf("the writable disk's journal needs recovery after vm stop: %s", l)
+		}
+	}
+	c := filepath.Join(t.TempDir(), "copy.ext4")
+	if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", p, c).CombinedOutput(); err != nil {
+		t.Fatalf("copy %s: %v\n%s", p, err, out)
+	}
+	if out, err := exec.CommandContext(ctx, "e2fsck", "-fn", c).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn of the writable disk as the stop left it: %v\n%s", err, out)
+	}
+}
+
+// TestStopLeavesWritableDiskClean stops a VM of each kind of busybox image
+// (busybox as init; no init, the agent stays PID 1) with a process that
+// ignores SIGTERM holding a file open for writing on the root: the stop
+// must still end with the writable disk remounted read-only (no journal to
+// replay: the host's file says so, and the guest kernel's log at the next
+// start has no "recovery complete"), the image's ::shutdown actions run,
+// and the data written before the stop there after the start.
+func TestStopLeavesWritableDiskClean(t *testing.T) {
+	h, d, _ := realHome(t)
+	img := copyIntoHome(t, h, busyboxInitImage(t, testenv.BusyboxRootfs(t, 64)))
+	mustBanger(t, h, "image", "import", img, "--name", "bbinit")
+	os.Remove(img)
+
+	for _, c := range []struct {
+		name, image string
+		init        bool
+	}{
+		{"initbb", "bbinit", true},
+		{"noinit", "busybox", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if _, errOut, code := banger(t, h, "vm", "create", c.name, "--image", c.image, "--memory", "256M", "--disk", "256M"); code != 0 {
+				t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
+			}
+			v := showVM(t, h, c.name)
+			t.Cleanup(func() { banger(t, h, "vm", "delete", c.name, "--force") })
+			if got := mustBanger(t, h, "exec", c.name, "--", "readlink", "/proc/1/exe"); strings.Contains(got, "busybox") != c.init {
+				t.Fatalf("PID 1 is %q; busybox init wanted: %v", got, c.init)
+			}
+			mustBanger(t, h, "exec", c.name, "--", "sh", "-c", "echo kept > /root/kept")
+			// Holds /root/held open for writing and ignores SIGTERM: only
+			// SIGKILL lets the writable disk go read-only.
+			mustBanger(t, h, "exec", c.name, "--", "sh", "-c",
+				`setsid sh -c 'trap "" TERM; exec 3>>/root/held; while :; do echo x >&3; sleep 1; done' </dev/null >/dev/null 2>&1 &`)
+			testenv.WaitFor(t, 10*time.Second, "the stubborn process to start", func() bool {
+				out, _, _ := banger(t, h, "exec", c.name, "--", "cat", "/root/held")
+				return strings.Contains(out, "x")
+			})
+
+			start := time.Now()
+			mustBanger(t, h, "vm", "stop", c.name, "--timeout", "30s")
+			t.Logf("BENCH stop %s: %v (with a process ignoring SIGTERM)", c.name, time.Since(start).Round(time.Millisecond))
+			if v := showVM(t, h, c.name); v.State != "stopped" || v.LastError != "" {
+				t.Fatalf("after stop: %+v", v)
+			}
+			console, _ := os.ReadFile(filepath.Join(h, "vms", v.ID, "console.log"))
+			defer func() {
+				if t.Failed() {
+					t.Logf("console of the stop:\n%s", console)
+				}
+			}()
+			requireCleanExt4(t, filepath.Join(h, "vms", v.ID, "rw.ext4"))
+
+			mustBanger(t, h, "vm", "start", c.name)
+			dmesg := mustBanger(t, h, "exec", c.name, "--", "sh", "-c", "dmesg | grep EXT4-fs")
+			if strings.Count(dmesg, "mounted filesystem") < 2 {
+				t.Fatalf("the guest kernel's log lacks the image's and the writable disk's mounts:\n%s", dmesg)
+			}
+			if strings.Contains(dmesg, "recovery complete") || strings.Contains(dmesg, "orphan cleanup") {
+				t.Fatalf("the writable disk's journal was replayed at start:\n%s", dmesg)
+			}
+			if out := mustBanger(t, h, "exec", c.name, "--", "cat", "/root/kept"); strings.TrimSpace(out) != "kept" {
+				t.Fatalf("file written before the stop: %q", out)
+			}
+			if c.init {
+				if out := mustBanger(t, h, "exec", c.name, "--", "cat", "/root/shutdown-ran"); strings.TrimSpace(out) != "ran" {
+					t.Fatalf("the inittab's ::shutdown action did not run: %q", out)
+				}
+			}
+		})
+	}
+}
