@@ -42,35 +42,6 @@ func busyboxInitImage(t *testing.T, rootfs string) string {
 	return img
 }
 
-// requireCleanExt4 fails unless the ext4 image p was left with nothing to
-// replay (no needs_recovery) and, as it is, passes e2fsck -fn.
-func requireCleanExt4(t *testing.T, p string) {
-	t.Helper()
-	for _, tool := range []string{"dumpe2fs", "e2fsck"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (e2fsprogs): %v", tool, err)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "dumpe2fs", "-h", p).CombinedOutput()
-	if err != nil {
-		t.Fatalf("dumpe2fs -h %s: %v\n%s", p, err, out)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.HasPrefix(l, "Filesystem features:") && strings.Contains(l, "needs_recovery") {
-			t.Fatalf("the writable disk's journal needs recovery after vm stop: %s", l)
-		}
-	}
-	c := filepath.Join(t.TempDir(), "copy.ext4")
-	if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", p, c).CombinedOutput(); err != nil {
-		t.Fatalf("copy %s: %v\n%s", p, err, out)
-	}
-	if out, err := exec.CommandContext(ctx, "e2fsck", "-fn", c).CombinedOutput(); err != nil {
-		t.Fatalf("e2fsck -fn of the writable disk as the stop left it: %v\n%s", err, out)
-	}
-}
-
 // TestStopLeavesWritableDiskClean stops a VM of each kind of busybox image
 // (busybox as init; no init, the agent stays PID 1) with a process that
 // ignores SIGTERM holding a file open for writing on the root: the stop
@@ -122,7 +93,7 @@ func TestStopLeavesWritableDiskClean(t *testing.T) {
 					t.Logf("console of the stop:\n%s", console)
 				}
 			}()
-			requireCleanExt4(t, filepath.Join(h, "vms", v.ID, "rw.ext4"))
+			testenv.RequireCleanExt4(t, filepath.Join(h, "vms", v.ID, "rw.ext4"))
 
 			mustBanger(t, h, "vm", "start", c.name)
 			dmesg := mustBanger(t, h, "exec", c.name, "--", "sh", "-c", "dmesg | grep EXT4-fs")
