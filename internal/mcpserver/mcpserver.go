@@ -44,6 +44,17 @@ type Options struct {
 
 // New returns an MCP server whose tools use c.
 func New(c *client.Client, o Options) *mcp.Server {
+	return newServer(c, c, o)
+}
+
+// fileClient is what read_file and write_file call (client.Client; a fake in
+// the package's benchmarks and tests, which need no VM).
+type fileClient interface {
+	ReadFile(ctx context.Context, vm, path string, max int64) ([]byte, error)
+	WriteFile(ctx context.Context, vm, path string, data []byte, mode os.FileMode) error
+}
+
+func newServer(c *client.Client, files fileClient, o Options) *mcp.Server {
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -53,12 +64,12 @@ func New(c *client.Client, o Options) *mcp.Server {
 			"(argv, not a shell line: use [\"sh\",\"-c\",\"...\"] for shell syntax), move files with read_file/write_file, " +
 			"and delete it with delete_vm when done. Errors end with an operation id (op-…) that names the request in bangerd's log.",
 	})
-	t := &tools{c: c, log: log}
+	t := &tools{c: c, files: files, log: log}
 	addTool(s, t, &mcp.Tool{Name: "create_vm", Description: "Create and boot a VM; returns when it runs. Optionally copies a host git repository into it (workspace)."}, t.createVM)
 	addTool(s, t, &mcp.Tool{Name: "list_vms", Description: "List the VMs with their state, image, resources and address."}, t.listVMs)
 	addTool(s, t, &mcp.Tool{Name: "exec", Description: "Run a command (argv) in a running VM and return its exit code and output. Output beyond max_output_bytes per stream is cut and marked truncated; past timeout_seconds the command is hung up and the call fails."}, t.exec)
-	addTool(s, t, &mcp.Tool{Name: "read_file", Description: "Read a regular file in a running VM (UTF-8 text, else base64)."}, t.readFile)
-	addTool(s, t, &mcp.Tool{Name: "write_file", Description: "Write a file in a running VM (created or truncated), from text or base64."}, t.writeFile)
+	addFileTool(s, t, &mcp.Tool{Name: "read_file", Description: "Read a regular file in a running VM (UTF-8 text, else base64)."}, t.readFile)
+	addFileTool(s, t, &mcp.Tool{Name: "write_file", Description: "Write a file in a running VM (created or truncated), from text or base64."}, t.writeFile)
 	addTool(s, t, &mcp.Tool{Name: "list_ports", Description: "List the TCP and UDP sockets listening in a running VM."}, t.listPorts)
 	addTool(s, t, &mcp.Tool{Name: "workspace_pull", Description: "Bring a VM's workspace (the git repository copied in at create) back into the host repository as branch banger/<vm>: the guest's commits plus one commit of its uncommitted changes. The host's working tree is not touched."}, t.workspacePull)
 	addTool(s, t, &mcp.Tool{Name: "delete_vm", Description: "Delete a VM and its disks (stopping it first if it runs)."}, t.deleteVM)
@@ -66,25 +77,33 @@ func New(c *client.Client, o Options) *mcp.Server {
 }
 
 type tools struct {
-	c   *client.Client
-	log *slog.Logger
+	c     *client.Client
+	files fileClient
+	log   *slog.Logger
 }
 
 // addTool registers h with an operation id on its context and its errors.
 func addTool[In, Out any](s *mcp.Server, t *tools, tool *mcp.Tool, h func(context.Context, In) (Out, error)) {
 	mcp.AddTool(s, tool, func(ctx context.Context, req *mcp.CallToolRequest, in In) (*mcp.CallToolResult, Out, error) {
-		op := client.NewOpID()
-		ctx = client.WithOpID(ctx, op)
-		start := time.Now()
-		out, err := h(ctx, in)
-		if err != nil {
-			t.log.InfoContext(ctx, "tool failed", "tool", tool.Name, "op_id", op, "error", err.Error(), "duration_ms", time.Since(start).Milliseconds())
-			var zero Out
-			return toolError(err, op), zero, nil
-		}
-		t.log.InfoContext(ctx, "tool done", "tool", tool.Name, "op_id", op, "duration_ms", time.Since(start).Milliseconds())
-		return nil, out, nil
+		out, res := call(ctx, t, tool.Name, in, h)
+		return res, out, nil
 	})
+}
+
+// call runs h with an operation id on its context and its error; a failed
+// call's result is the tool error (nil when h succeeded).
+func call[In, Out any](ctx context.Context, t *tools, name string, in In, h func(context.Context, In) (Out, error)) (Out, *mcp.CallToolResult) {
+	op := client.NewOpID()
+	ctx = client.WithOpID(ctx, op)
+	start := time.Now()
+	out, err := h(ctx, in)
+	if err != nil {
+		t.log.InfoContext(ctx, "tool failed", "tool", name, "op_id", op, "error", err.Error(), "duration_ms", time.Since(start).Milliseconds())
+		var zero Out
+		return zero, toolError(err, op)
+	}
+	t.log.InfoContext(ctx, "tool done", "tool", name, "op_id", op, "duration_ms", time.Since(start).Milliseconds())
+	return out, nil
 }
 
 // toolError is the result of a failed call: the message, ending with the op
@@ -337,7 +356,7 @@ func (t *tools) readFile(ctx context.Context, in ReadFileInput) (ReadFileOutput,
 	if in.MaxBytes > 0 {
 		max = min(in.MaxBytes, MaxReadMax)
 	}
-	b, err := t.c.ReadFile(ctx, in.VM, in.Path, max)
+	b, err := t.files.ReadFile(ctx, in.VM, in.Path, max)
 	if err != nil {
 		return ReadFileOutput{}, err
 	}
@@ -387,7 +406,7 @@ func (t *tools) writeFile(ctx context.Context, in WriteFileInput) (WriteFileOutp
 		}
 		mode = os.FileMode(m)
 	}
-	if err := t.c.WriteFile(ctx, in.VM, in.Path, data, mode); err != nil {
+	if err := t.files.WriteFile(ctx, in.VM, in.Path, data, mode); err != nil {
 		return WriteFileOutput{}, err
 	}
 	return WriteFileOutput{Path: in.Path, Bytes: len(data)}, nil

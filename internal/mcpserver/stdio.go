@@ -40,12 +40,25 @@ func ServeStdio(ctx context.Context, args []string, version string, stdin io.Rea
 		return 1
 	}
 	s := New(c, Options{Version: version, Logger: log})
-	t := &mcp.IOTransport{Reader: io.NopCloser(stdin), Writer: nopWriteCloser{stdout}}
-	if err := s.Run(ctx, t); err != nil && ctx.Err() == nil {
+	if err := s.Run(ctx, stdioTransport(stdin, stdout)); err != nil && ctx.Err() == nil {
 		fmt.Fprintf(stderr, "error: %v\n", err)
 		return 1
 	}
 	return 0
+}
+
+// MaxFrameBytes bounds one JSON-RPC message the server reads: room for a
+// write_file of MaxWriteBytes in base64 (4/3 of it) or as text whose JSON
+// escapes at most double it (newlines, quotes, backslashes), with 1 MiB for
+// the rest of the call. Text with more escapes than that (control
+// characters, \u00XX) goes in base64. The SDK's default, 16 MiB, refused
+// a write_file of MaxWriteBytes in either encoding, and a refused message
+// ends the session.
+const MaxFrameBytes = 2*MaxWriteBytes + 1<<20
+
+// stdioTransport is the server's side of `banger mcp`'s stdio.
+func stdioTransport(stdin io.Reader, stdout io.Writer) *mcp.IOTransport {
+	return &mcp.IOTransport{Reader: io.NopCloser(stdin), Writer: nopWriteCloser{stdout}, MaxLineLength: MaxFrameBytes}
 }
 
 type nopWriteCloser struct{ io.Writer }
