@@ -99,14 +99,7 @@ func powerOff(log *slog.Logger, reason string) {
 	exe, _ := os.Readlink("/proc/1/exe")
 	switch classifyInit(exe) {
 	case initSystemd:
-		if err := syscall.Kill(1, sigSystemdPoweroff); err == nil {
-			log.Info("asked the image's init to power off", "init", exe, "signal", int(sigSystemdPoweroff))
-			// If init does not get there, do it ourselves.
-			time.Sleep(initGrace)
-			log.Warn("the image's init did not power off in time; stopping the VM now", "init", exe)
-		} else {
-			log.Warn("could not signal the image's init", "init", exe, "error", err)
-		}
+		systemdPowerOff(log, exe) // returns only when init did not get there
 	case initBusybox:
 		busyboxPowerOff(log, exe) // returns only when init did not get there
 	default:
@@ -127,6 +120,44 @@ func powerOff(log *slog.Logger, reason string) {
 // writable disk read-only and reboots, before busybox's first sleep is
 // over. It returns only when init did not get as far as the SIGTERM.
 func busyboxPowerOff(log *slog.Logger, exe string) {
+	initPowerOff(log, exe, sigBusyboxPoweroff, busyboxTermGrace, func(string) bool { return true })
+}
+
+// systemdPowerOff asks systemd to power off (SIGRTMIN+4). systemd stops
+// its units (the agent is none: it was started before systemd, which put it
+// in init.scope, and is left alone), then becomes systemd-shutdown, which
+// sends SIGTERM to every process left, the agent and what it started
+// included, waits for its children (up to DefaultTimeoutStopSec, 90 s),
+// SIGKILL, unmounts what it sees and powers off. It never sees the writable
+// disk (see writableRoot): every stop left its journal dirty. So the agent
+// takes over at systemd-shutdown's SIGTERM, as it does at busybox's: the
+// processes left go (as soon as they have, or SIGKILL after killGrace,
+// where systemd-shutdown would have waited up to 90 s), / and the writable
+// disk read-only, reboot. systemd-shutdown waits for the agent meanwhile
+// (it is its child). A SIGTERM while PID 1 is not yet systemd-shutdown is
+// not the end (see takeOverAt). It returns only when init did not get as
+// far as systemd-shutdown.
+func systemdPowerOff(log *slog.Logger, exe string) {
+	initPowerOff(log, exe, sigSystemdPoweroff, killGrace, isSystemdShutdown)
+}
+
+// isSystemdShutdown reports whether exe, PID 1's executable when a
+// SIGTERM reached the agent, is systemd-shutdown: the SIGTERM is then its
+// last round to every process. "" (unreadable) counts as yes: the agent
+// asked for the power off, and ending the VM is what it waits for.
+func isSystemdShutdown(exe string) bool {
+	exe = strings.TrimSuffix(exe, " (deleted)")
+	return exe == "" || filepath.Base(exe) == "systemd-shutdown"
+}
+
+// initPowerOff sends sig to the image's init (exe) and waits for init's
+// SIGTERM to every process; at the first one that final says is the last
+// round (given PID 1's executable then), the agent ends the VM itself:
+// the other processes get up to grace to go, then SIGKILL, and end (sync,
+// read-only remounts, reboot). The agent's server must not exit on that
+// SIGTERM (exitHeld). It returns only when init sent no such SIGTERM
+// within initGrace, or could not be signalled.
+func initPowerOff(log *slog.Logger, exe string, sig syscall.Signal, grace time.Duration, final func(pid1exe string) bool) {
 	// busybox's default ::shutdown action (umount -a -r) unmounts /proc:
 	// keep it open to see which processes are left.
 	proc, err := os.Open("/proc")
@@ -137,26 +168,56 @@ func busyboxPowerOff(log *slog.Logger, exe string) {
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
 	exitHeld.Store(true)
-	if err := syscall.Kill(1, sigBusyboxPoweroff); err != nil {
+	if err := syscall.Kill(1, sig); err != nil {
 		log.Warn("could not signal the image's init", "init", exe, "error", err)
 		signal.Stop(term)
 		exitHeld.Store(false)
 		proc.Close()
 		return
 	}
-	log.Info("asked the image's init to power off", "init", exe, "signal", int(sigBusyboxPoweroff))
+	log.Info("asked the image's init to power off", "init", exe, "signal", int(sig))
 	t := time.NewTimer(initGrace)
-	select {
-	case <-term:
-		// init has run its ::shutdown actions and sent SIGTERM to all.
-		log.Info("the image's init ran its shutdown actions; ending the VM")
+	defer t.Stop()
+	pid1 := func() string { return readPID1Exe(proc) }
+	if takeOverAt(log, term, t.C, pid1, final) {
 		s := newStopper(log, proc)
-		s.stopProcesses(false, busyboxTermGrace)
+		s.stopProcesses(false, grace)
 		s.end()
-	case <-t.C:
-		log.Warn("the image's init did not power off in time; stopping the VM now", "init", exe)
-		proc.Close()
+		return // not reached: end reboots
 	}
+	log.Warn("the image's init did not power off in time; stopping the VM now", "init", exe)
+	proc.Close()
+}
+
+// takeOverAt waits for the SIGTERM (on term) at which the agent ends the
+// VM itself: one for which final(PID 1's executable) holds. It reports
+// false when timeout fires first. Other SIGTERMs are logged and waited
+// past.
+func takeOverAt(log *slog.Logger, term <-chan os.Signal, timeout <-chan time.Time, pid1 func() string, final func(string) bool) bool {
+	for {
+		select {
+		case <-term:
+			exe := pid1()
+			if final(exe) {
+				log.Info("the image's init is at its last step; ending the VM", "init", exe)
+				return true
+			}
+			log.Info("SIGTERM before the image's init's last step; waiting on", "init", exe)
+		case <-timeout:
+			return false
+		}
+	}
+}
+
+// readPID1Exe is the target of /proc/1/exe under proc (an open /proc); ""
+// when it cannot be read.
+func readPID1Exe(proc *os.File) string {
+	buf := make([]byte, 4096)
+	n, err := unix.Readlinkat(int(proc.Fd()), "1/exe", buf)
+	if err != nil || n <= 0 {
+		return ""
+	}
+	return string(buf[:n])
 }
 
 // finalShutdown is PID 1's end: stop every process, flush, remount

@@ -37,6 +37,76 @@ func TestClassifyInit(t *testing.T) {
 	}
 }
 
+func TestIsSystemdShutdown(t *testing.T) {
+	for _, c := range []struct {
+		exe  string
+		want bool
+	}{
+		{"/usr/lib/systemd/systemd-shutdown", true},
+		{"/lib/systemd/systemd-shutdown (deleted)", true},
+		{"", true}, // unreadable: the agent asked for the power off
+		{"/usr/lib/systemd/systemd", false},
+		{"/sbin/init", false},
+		{"/usr/lib/systemd/systemd-shutdownd", false},
+		{"/tmp/systemd-shutdown/init", false},
+	} {
+		if got := isSystemdShutdown(c.exe); got != c.want {
+			t.Errorf("isSystemdShutdown(%q) = %v, want %v", c.exe, got, c.want)
+		}
+	}
+}
+
+// TestTakeOverAt: the agent ends the VM at the first SIGTERM that comes
+// with PID 1 at its last step (systemd-shutdown), waits past SIGTERMs
+// before it, and gives up when init never gets there.
+func TestTakeOverAt(t *testing.T) {
+	const mgr, sd = "/usr/lib/systemd/systemd", "/usr/lib/systemd/systemd-shutdown"
+	for _, c := range []struct {
+		name    string
+		pid1    []string // PID 1's executable at each SIGTERM, in order
+		timeout bool     // init's grace is over after those SIGTERMs
+		final   func(string) bool
+		want    bool
+		asked   int // how many times PID 1 was looked at
+	}{
+		{"systemd-shutdown's SIGTERM", []string{sd}, false, isSystemdShutdown, true, 1},
+		{"a SIGTERM while systemd stops its units, then systemd-shutdown's", []string{mgr, mgr, sd}, false, isSystemdShutdown, true, 3},
+		{"only SIGTERMs before systemd-shutdown, then the grace is over", []string{mgr}, true, isSystemdShutdown, false, 1},
+		{"no SIGTERM at all", nil, true, isSystemdShutdown, false, 0},
+		{"busybox: its first SIGTERM is the last round", []string{"/bin/busybox"}, false, func(string) bool { return true }, true, 1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			term := make(chan os.Signal, len(c.pid1))
+			timeout := make(chan time.Time, 1)
+			i := 0
+			pid1 := func() string {
+				exe := c.pid1[i]
+				i++
+				// The next event arrives only once this one is handled,
+				// as signals do.
+				if i < len(c.pid1) {
+					term <- syscall.SIGTERM
+				} else if c.timeout {
+					timeout <- time.Time{}
+				}
+				return exe
+			}
+			if len(c.pid1) > 0 {
+				term <- syscall.SIGTERM
+			} else if c.timeout {
+				timeout <- time.Time{}
+			}
+			log := slog.New(slog.NewTextHandler(io.Discard, nil))
+			if got := takeOverAt(log, term, timeout, pid1, c.final); got != c.want {
+				t.Fatalf("takeOverAt = %v, want %v", got, c.want)
+			}
+			if i != c.asked {
+				t.Fatalf("PID 1 looked at %d times, want %d", i, c.asked)
+			}
+		})
+	}
+}
+
 func TestParseServeArgs(t *testing.T) {
 	for _, c := range []struct {
 		args    []string
@@ -394,5 +464,29 @@ func TestRemountReadOnlyThroughHandle(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(merged, "kept")); err != nil || !bytes.Equal(b, []byte("data")) {
 		t.Fatalf("data through the overlay: %q %v", b, err)
+	}
+}
+
+// TestReadPID1Exe reads 1/exe under an open /proc (a directory standing in
+// for it here), "" when there is none.
+func TestReadPID1Exe(t *testing.T) {
+	dir := t.TempDir()
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if got := readPID1Exe(f); got != "" {
+		t.Fatalf("no 1/exe: %q, want \"\"", got)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const want = "/usr/lib/systemd/systemd-shutdown"
+	if err := os.Symlink(want, filepath.Join(dir, "1", "exe")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readPID1Exe(f); got != want {
+		t.Fatalf("readPID1Exe = %q, want %q", got, want)
 	}
 }
