@@ -104,6 +104,13 @@ ExecStart=/bin/true
 ExecStop=/bin/sh -c "echo ran > /root/shutdown-ran"
 `
 	stopLeavesDiskClean(t, h, d, "sd", "deb-systemd", "/systemd", func() {
+		// The agent serves before systemd has its socket up. (systemd
+		// stays "starting" for 90 s: without udev, dev-ttyS0.device never
+		// comes for serial-getty.)
+		testenv.WaitFor(t, 60*time.Second, "systemd's socket", func() bool {
+			_, _, code := banger(t, h, "exec", "sd", "--", "test", "-S", "/run/systemd/private")
+			return code == 0
+		})
 		mustBanger(t, h, "exec", "sd", "--", "sh", "-c",
 			"printf '%s' '"+unit+"' > /etc/systemd/system/mark.service && systemctl daemon-reload && systemctl start mark.service")
 	}, true)
