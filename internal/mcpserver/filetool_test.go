@@ -12,48 +12,6 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 )
 
-// TestFileToolsSchemas: read_file and write_file advertise the schemas
-// mcp.AddTool infers from their types, as they did when it registered them.
-func TestFileToolsSchemas(t *testing.T) {
-	ctx := context.Background()
-	ref := mcp.NewServer(&mcp.Implementation{Name: "ref"}, nil)
-	mcp.AddTool(ref, &mcp.Tool{Name: "read_file"}, func(context.Context, *mcp.CallToolRequest, ReadFileInput) (*mcp.CallToolResult, ReadFileOutput, error) {
-		return nil, ReadFileOutput{}, nil
-	})
-	mcp.AddTool(ref, &mcp.Tool{Name: "write_file"}, func(context.Context, *mcp.CallToolRequest, WriteFileInput) (*mcp.CallToolResult, WriteFileOutput, error) {
-		return nil, WriteFileOutput{}, nil
-	})
-	schemas := func(s *mcp.Server) map[string]string {
-		st, ct := mcp.NewInMemoryTransports()
-		ss, err := s.Connect(ctx, st, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ss.Close()
-		cs, err := mcp.NewClient(&mcp.Implementation{Name: "test"}, nil).Connect(ctx, ct, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cs.Close()
-		lt, err := cs.ListTools(ctx, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		m := map[string]string{}
-		for _, tl := range lt.Tools {
-			b, _ := json.Marshal([]any{tl.InputSchema, tl.OutputSchema})
-			m[tl.Name] = string(b)
-		}
-		return m
-	}
-	want, got := schemas(ref), schemas(newServer(nil, &fakeFiles{}, Options{}))
-	for _, name := range []string{"read_file", "write_file"} {
-		if got[name] == "" || got[name] != want[name] {
-			t.Errorf("%s: schemas\n%s\nwant (mcp.AddTool's)\n%s", name, got[name], want[name])
-		}
-	}
-}
-
 // TestFileTools: the file tools' results and errors through the SDK, with a
 // fake guest. Every success's structuredContent satisfies the advertised
 // output schema and its TextContent is the same JSON; every failure is a
