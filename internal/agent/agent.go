@@ -366,15 +366,12 @@ func serveMain(args []string, _ *slog.Logger) int {
 		fmt.Fprintf(os.Stderr, "banger-agent serve: %v\n\n%s", err, usage)
 		return 2
 	}
-	var src io.Reader
+	var src *os.File
 	if sa.config != "" {
-		f, err := os.Open(sa.config)
-		if err != nil {
+		if src, err = os.Open(sa.config); err != nil {
 			log.Error("open boot config", "error", err)
 			return 1
 		}
-		defer f.Close()
-		src = f
 	} else {
 		src = os.NewFile(3, "bootcfg")
 	}
@@ -384,10 +381,16 @@ func serveMain(args []string, _ *slog.Logger) int {
 			log.Warn("the writable disk's handle is not a directory; it will not be remounted read-only at power off", "fd", sa.rwFD, "error", err)
 			f.Close()
 		} else {
+			// inherited without close-on-exec: commands must not get it
+			unix.CloseOnExec(sa.rwFD)
 			writableRoot = f
 		}
 	}
 	b, err := io.ReadAll(io.LimitReader(src, bootcfg.MaxSize+4096))
+	// The boot config holds the VM's secrets (its bulk key, its SSH host
+	// key), and fd 3 comes without close-on-exec: closed once read, so
+	// that no command the agent starts inherits it.
+	src.Close()
 	if err != nil {
 		log.Error("read boot config", "error", err)
 		return 1

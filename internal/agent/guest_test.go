@@ -486,6 +486,11 @@ func TestRealGuestImageInit(t *testing.T) {
 	if got := v.exec(t, "sh", "-c", "cat /proc/$PPID/cmdline | tr '\\0' ' '"); !strings.Contains(got, "serve") {
 		t.Errorf("session parent is %q, want banger-agent serve", got)
 	}
+	// a command inherits no descriptor of the agent's: not the boot
+	// config's memfd (the VM's keys), not the writable disk's handle
+	if got := strings.Fields(v.exec(t, "ls", "/proc/self/fd")); strings.Join(got, " ") != "0 1 2 3" {
+		t.Errorf("a command's descriptors: %v, want 0 1 2 and ls's own directory (3)", got)
+	}
 	v.shutdown(t)
 	testenv.RequireCleanExt4(t, f.rw)
 	// the inittab's ::shutdown action ran (its file is in the upper layer)
