@@ -167,6 +167,10 @@ type BulkParams struct {
 	Workspace bool `json:"workspace,omitempty"`
 	// Dest (with Workspace) is recorded as the VM's WorkspaceDest.
 	Dest string `json:"dest,omitempty"`
+	// Spool says the stream is one file's put or get (bulk.OpPut, OpGet):
+	// bangerd may carry its data through the VM's spool device instead of
+	// the channel. The client speaks the same protocol either way.
+	Spool bool `json:"spool,omitempty"`
 }
 
 // BulkResult is vm.bulk's result; the connection then carries a bulk

@@ -331,7 +331,8 @@ func (c *Client) CreateGuestFile(ctx context.Context, vm, path string) (*GuestFi
 // the agent's answer with start; the stream closes when ctx ends.
 func openFileStream[T any](c *Client, ctx context.Context, vm, path, op string, start func(net.Conn) (T, error)) (net.Conn, func() bool, T, error) {
 	var zero T
-	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: op, Arg: path})
+	// the contents may go through the VM's spool (api.BulkParams.Spool)
+	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Spool: true}, bulk.Open{Op: op, Arg: path})
 	if err != nil {
 		return nil, nil, zero, err
 	}
@@ -437,7 +438,9 @@ func fileErr(ctx context.Context, err error) error {
 // nothing was changed and the caller should copy over SFTP (an older agent
 // or bangerd, another user, or a refusal SFTP will put in its own words).
 func (c *Client) PutGuestFile(ctx context.Context, vm, dest, base string, mode fs.FileMode, mtime time.Time, r io.Reader) (string, error) {
-	conn, err := c.openBulk(ctx, vm, bulk.Open{Op: bulk.OpPutFile, Arg: dest})
+	// not inline (more than bulk.MaxInline), the contents may go through
+	// the VM's spool (api.BulkParams.Spool)
+	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Spool: true}, bulk.Open{Op: bulk.OpPutFile, Arg: dest})
 	if err != nil {
 		return "", err
 	}

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 )
 
 // DiskKind is what a block device holds, judged by content.
@@ -22,6 +23,7 @@ const (
 	DiskConfig           // boot configuration (bootcfg magic)
 	DiskRW               // ext4 labelled bootcfg.RWLabel: the VM's writable disk
 	DiskRoot             // another ext2/3/4 filesystem: the image root
+	DiskSpool            // the spool (bulk.SpoolMagic): bulk data to and from the host
 )
 
 func (k DiskKind) String() string {
@@ -32,6 +34,8 @@ func (k DiskKind) String() string {
 		return "writable disk"
 	case DiskRoot:
 		return "image root"
+	case DiskSpool:
+		return "spool"
 	}
 	return "unknown"
 }
@@ -54,6 +58,9 @@ func ClassifyDisk(r io.ReaderAt) (DiskKind, string, error) {
 	buf = buf[:n]
 	if bytes.HasPrefix(buf, []byte(bootcfg.Magic+" ")) {
 		return DiskConfig, "", nil
+	}
+	if bytes.HasPrefix(buf, []byte(bulk.SpoolMagic)) {
+		return DiskSpool, "", nil
 	}
 	if len(buf) < extSuperblockOffset+extLabelOffset+16 {
 		return DiskUnknown, "", nil
@@ -82,8 +89,8 @@ type Disk struct {
 
 // Disks is the outcome of a scan.
 type Disks struct {
-	Config, RW, Root *Disk
-	All              []Disk
+	Config, RW, Root, Spool *Disk
+	All                     []Disk
 }
 
 // complete reports whether every disk banger needs was found.
@@ -149,6 +156,8 @@ outer:
 			d.RW = x
 		case x.Kind == DiskRoot && d.Root == nil:
 			d.Root = x
+		case x.Kind == DiskSpool && d.Spool == nil:
+			d.Spool = x
 		}
 	}
 	return d, nil

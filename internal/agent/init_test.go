@@ -18,6 +18,7 @@ import (
 
 	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/guest"
 )
 
@@ -119,6 +120,7 @@ func TestScanDisks(t *testing.T) {
 		"vdc":   cfg,
 		"vdd":   extImage("second-image"),
 		"loop0": extImage("loop"),
+		"vdf":   append([]byte(bulk.SpoolMagic), make([]byte, 8192)...),
 	}
 	for name, data := range disks {
 		if err := os.Mkdir(filepath.Join(sys, name), 0o755); err != nil {
@@ -148,8 +150,8 @@ func TestScanDisks(t *testing.T) {
 	if !d.complete() {
 		t.Fatalf("incomplete scan: %s", d)
 	}
-	if d.Root.Name != "vda" || d.RW.Name != "vdb" || d.Config.Name != "vdc" {
-		t.Fatalf("root %s rw %s config %s", d.Root.Name, d.RW.Name, d.Config.Name)
+	if d.Root.Name != "vda" || d.RW.Name != "vdb" || d.Config.Name != "vdc" || d.Spool == nil || d.Spool.Name != "vdf" {
+		t.Fatalf("root %s rw %s config %s spool %v", d.Root.Name, d.RW.Name, d.Config.Name, d.Spool)
 	}
 	if !d.RW.Discard || d.Root.Discard || d.Config.Discard {
 		t.Fatalf("discard: rw %v root %v config %v, want only rw", d.RW.Discard, d.Root.Discard, d.Config.Discard)
@@ -160,8 +162,8 @@ func TestScanDisks(t *testing.T) {
 	if got := rwMountOptions(d.Root); got != "noinit_itable" {
 		t.Fatalf("a disk without discard mounted with %q", got)
 	}
-	if len(d.All) != 4 {
-		t.Fatalf("scanned %d disks, want 4 (loop ignored, missing node skipped): %s", len(d.All), d)
+	if len(d.All) != 5 {
+		t.Fatalf("scanned %d disks, want 5 (loop ignored, missing node skipped): %s", len(d.All), d)
 	}
 	if !strings.Contains(d.String(), "vdd=image root(second-image)") {
 		t.Fatalf("summary %q", d.String())

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
@@ -69,6 +70,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 	sc.OnReidentify = keys.onReidentify(func(p api.Reidentify) error { return reidentify("/", p, files, log) })
 	go warmReidentifyDecoder() // its sample is checked by TestReidentifySampleComplete
 	sc.BeforeCommand = files.wait
+	sc.OpenSpool = openSpool
 	sc.Logger = log
 	srv, err := sshd.New(sc)
 	if err != nil {
@@ -283,4 +285,25 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// spoolDev is the spool device's path ("" when the guest has none), found
+// by its magic at the first spool transfer (devices are not hot-plugged).
+var spoolDev = sync.OnceValue(func() string {
+	d, err := ScanDisks("/sys/block", "/dev")
+	if err != nil || d.Spool == nil {
+		return ""
+	}
+	return d.Spool.Path
+})
+
+// openSpool opens the spool device with O_DIRECT (the host writes and reads
+// it behind the guest's back, so nothing of it may stay in the page cache),
+// or returns nil when the guest has none.
+func openSpool() (*os.File, error) {
+	p := spoolDev()
+	if p == "" {
+		return nil, nil
+	}
+	return os.OpenFile(p, os.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 }

@@ -95,7 +95,7 @@ func (a *agentFiles) open(p string) (io.ReadCloser, error) {
 	if a.getStream != nil {
 		go func() { agent.Write(a.getStream); agent.Close() }()
 	} else {
-		go func() { bulk.ServeGet(agent, p); agent.Close() }()
+		go func() { bulk.ServeGet(agent, agent, p, nil); agent.Close() }()
 	}
 	g, err := bulk.StartGet(host)
 	if err != nil {

@@ -81,7 +81,7 @@ func (a *agentOne) put(dest, base string, mode fs.FileMode, mtime time.Time, r i
 			bulk.ReadOpen(agent)
 			req, err := bulk.ReadPutFile(agent)
 			if err == nil {
-				bulk.ServePutFile(agent, agent, req, a.resolve(dest), strings.HasSuffix(dest, "/"))
+				bulk.ServePutFile(agent, agent, req, a.resolve(dest), strings.HasSuffix(dest, "/"), nil)
 			}
 		}()
 	}
@@ -104,7 +104,7 @@ func (a *agentOne) get(p string) (io.ReadCloser, bulk.FileMeta, error) {
 	case a.getStream != nil:
 		go func() { bulk.ReadOpen(agent); agent.Write(a.getStream); agent.Close() }()
 	default:
-		go func() { bulk.ReadOpen(agent); bulk.ServeGetFile(agent, a.resolve(p)); agent.Close() }()
+		go func() { bulk.ReadOpen(agent); bulk.ServeGetFile(agent, agent, a.resolve(p), nil); agent.Close() }()
 	}
 	g, m, err := bulk.StartGetFile(host)
 	if err != nil || g == nil {

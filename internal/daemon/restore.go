@@ -42,6 +42,10 @@ type snapSource struct {
 	// snapshots taken by an older bangerd (then SSH). The file is 0600, as
 	// the saved memory, which holds the key too, is the owner's only.
 	BulkKey []byte `json:"bulk_key,omitempty"`
+	// Spool: the source had a spool device, so its clones must have one
+	// (their saved devices are the source's). Absent from snapshots taken
+	// by an older bangerd or of a VM it started: their clones get none.
+	Spool bool `json:"spool,omitempty"`
 }
 
 // restoreSource is where a VM's first start comes from when it is made
@@ -59,7 +63,8 @@ func (s *vmService) writeSnapSource(vm *store.VM, dir string) error {
 		return err
 	}
 	bk, _ := bulkKey(s.vmDir(vm.ID)) // none (an older bangerd started it): clones are reached over SSH
-	return writeJSONAtomic(filepath.Join(dir, snapSourceName), snapSource{HostKeyPub: pub, MAC: vm.MAC, BulkKey: bk})
+	_, err = os.Lstat(filepath.Join(s.vmDir(vm.ID), spoolName))
+	return writeJSONAtomic(filepath.Join(dir, snapSourceName), snapSource{HostKeyPub: pub, MAC: vm.MAC, BulkKey: bk, Spool: err == nil})
 }
 
 // restoreSourceFor loads what restoring sn needs.

@@ -11,7 +11,10 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/logging"
@@ -563,28 +566,107 @@ func (s *vmService) bulk(ctx context.Context, p api.BulkParams) (*rpc.Upgrade, e
 			unlock()
 		}
 	}()
-	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	gc, err := s.dialGuest(dctx, rt)
+	gc, sc, forget, err := s.openAgentBulk(ctx, rt, vm.Name, key)
 	if err != nil {
-		return nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vm.Name, err)
-	}
-	sc, err := s.bulkHello(dctx, rt, vm.Name, gc, key)
-	if err != nil {
-		gc.Close()
 		return nil, err
 	}
-	forget := rt.trackBulk(gc)
 	ok = true
 	return &rpc.Upgrade{
 		Result: api.BulkResult{VM: vm.Name},
 		Then: func(ctx context.Context, c net.Conn) {
 			defer unlock()
+			if p.Spool {
+				gc, sc, forget = s.spoolBulk(ctx, rt, vm, key, c, gc, sc, forget)
+				if sc == nil {
+					return
+				}
+			}
 			defer forget()
 			system.SpliceBuffer(c, sc, bulkSpliceBuffer)
 		},
 		Abandon: func() { forget(); gc.Close(); unlock() },
 	}, nil
+}
+
+// openAgentBulk opens a bulk stream to the agent of rt and does its hello:
+// gc is the guest connection (closing it ends the stream), sc the stream to
+// relay to, and forget ends its tracking (closeGuest ends the tracked ones).
+func (s *vmService) openAgentBulk(ctx context.Context, rt *runtime, vmName string, key []byte) (gc, sc net.Conn, forget func(), err error) {
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	gc, err = s.dialGuest(dctx, rt)
+	if err != nil {
+		return nil, nil, nil, rpc.Errorf(rpc.CodeUnavailable, "cannot reach the agent of %s: %v", vmName, err)
+	}
+	sc, err = s.bulkHello(dctx, rt, vmName, gc, key)
+	if err != nil {
+		gc.Close()
+		return nil, nil, nil, err
+	}
+	return gc, sc, rt.trackBulk(gc), nil
+}
+
+// spoolBulk serves a vm.bulk stream whose client said (BulkParams.Spool)
+// it is one file's put or get: it reads what the client sends first and,
+// when the operation has a spool form and the VM's spool is free, carries
+// the file through the spool (bulk.RelaySpool), closes both ends and
+// returns a nil sc. Otherwise (the spool busy or missing, an agent without
+// spool streams, an inline put) it sends the client's frames on to the
+// agent and returns the stream to splice the client to: the one given, or
+// a new one when the agent's refusal spent it.
+func (s *vmService) spoolBulk(ctx context.Context, rt *runtime, vm *store.VM, key []byte, c, gc, sc net.Conn, forget func()) (net.Conn, net.Conn, func()) {
+	end := func() (net.Conn, net.Conn, func()) {
+		forget()
+		gc.Close()
+		c.Close()
+		return nil, nil, nil
+	}
+	_ = c.SetReadDeadline(time.Now().Add(bulkAnswerWait))
+	frames, o, ok, err := bulk.StartSpool(c)
+	_ = c.SetReadDeadline(time.Time{})
+	if err != nil {
+		return end()
+	}
+	forward := func() (net.Conn, net.Conn, func()) {
+		if _, err := sc.Write(frames); err != nil {
+			return end()
+		}
+		return gc, sc, forget
+	}
+	if !ok || rt.noSpool.Load() || !rt.spoolMu.TryLock() {
+		return forward()
+	}
+	defer rt.spoolMu.Unlock()
+	f, err := os.OpenFile(filepath.Join(s.vmDir(vm.ID), spoolName), os.O_RDWR|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		rt.noSpool.Store(true) // started without one (by an older bangerd, or a clone of such a VM)
+		return forward()
+	}
+	defer f.Close()
+	t0 := time.Now()
+	err = bulk.RelaySpool(c, sc, f, frames, o)
+	// The slots' bytes are spent: give the host file's pages back.
+	_ = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, bulk.SpoolHeader, bulk.SpoolSize-bulk.SpoolHeader)
+	if errors.Is(err, bulk.ErrSpoolRefused) {
+		if !strings.Contains(err.Error(), "busy") {
+			rt.noSpool.Store(true)
+		}
+		s.log.DebugContext(ctx, "bulk file not through the spool", "vm", vm.Name, "op", o.Op, "why", err.Error())
+		forget()
+		gc.Close()
+		gc, sc, forget, err = s.openAgentBulk(ctx, rt, vm.Name, key)
+		if err != nil {
+			c.Close()
+			return nil, nil, nil
+		}
+		return forward()
+	}
+	if err != nil {
+		s.log.InfoContext(ctx, "bulk file through the spool failed", "vm", vm.Name, "op", o.Op, "error", err.Error())
+	} else {
+		s.log.DebugContext(ctx, "bulk file through the spool", "vm", vm.Name, "op", o.Op, "ms", time.Since(t0).Milliseconds())
+	}
+	return end()
 }
 
 // bulkSpliceBuffer is the buffer of a bulk stream's splice, per direction:

@@ -59,6 +59,11 @@ type runtime struct {
 	// bulkHelloOK: the agent accepted a bulk hello of this runtime, so
 	// vm.bulk sends later hellos without waiting for the answer.
 	bulkHelloOK atomic.Bool
+	// spoolMu is held by the file transfer using the VM's spool (one at a
+	// time; others take the channel); noSpool: this VM has no usable
+	// spool (no device, or an agent without spool streams).
+	spoolMu sync.Mutex
+	noSpool atomic.Bool
 }
 
 // lockWorkspace waits (bounded by ctx) for the VM's workspace lock.

@@ -189,7 +189,7 @@ func TestPutWritesDirect(t *testing.T) {
 	}
 	host, agent := socketPair(t)
 	served := make(chan error, 1)
-	go func() { served <- ServePut(agent, agent, p) }()
+	go func() { served <- ServePut(agent, agent, p, nil) }()
 	w, err := StartPut(host)
 	if err != nil {
 		t.Fatal(err)

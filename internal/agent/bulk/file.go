@@ -43,8 +43,9 @@ type FileInfo struct {
 }
 
 // ServePut runs the agent's side of OpPut on c for the file at path
-// (already resolved); r reads c.
-func ServePut(c io.Writer, r io.Reader, path string) error {
+// (already resolved); r reads c. With dev, the contents come through the
+// spool (see SpoolSuffix).
+func ServePut(c io.Writer, r io.Reader, path string, dev SpoolDev) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{Payload: []byte(err.Error())}))
@@ -54,7 +55,7 @@ func ServePut(c io.Writer, r io.Reader, path string) error {
 		f.Close()
 		return err
 	}
-	err = receiveDirect(osFile{f}, r)
+	err = receiveData(c, r, osFile{f}, dev)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -94,9 +95,9 @@ func receiveBuffered(f io.Writer, r io.Reader) error {
 	}
 }
 
-// ServeGet runs the agent's side of OpGet on c for the file at path
-// (already resolved).
-func ServeGet(c io.Writer, path string) error {
+// ServeGet runs the agent's side of OpGet on c (r reads c) for the file at
+// path (already resolved); with dev, the contents go through the spool.
+func ServeGet(c io.Writer, r io.Reader, path string, dev SpoolDev) error {
 	fail := func(err error) error {
 		_ = WriteFrame(c, FrameReply, ssh.Marshal(&Reply{Payload: []byte(err.Error())}))
 		return err
@@ -118,7 +119,7 @@ func ServeGet(c io.Writer, path string) error {
 	if err := WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&info)})); err != nil {
 		return err
 	}
-	return sendFileData(c, f, size, path, true)
+	return sendData(c, r, f, size, path, true, dev)
 }
 
 // sendFileData sends size bytes of f in FrameData frames and a FrameEOF (with

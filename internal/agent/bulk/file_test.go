@@ -42,7 +42,7 @@ func TestPutGetRoundTrip(t *testing.T) {
 
 		host, agent := pipe(t)
 		served := make(chan error, 1)
-		go func() { served <- ServePut(agent, agent, p) }()
+		go func() { served <- ServePut(agent, agent, p, nil) }()
 		w, err := StartPut(host)
 		if err != nil {
 			t.Fatal(err)
@@ -65,7 +65,7 @@ func TestPutGetRoundTrip(t *testing.T) {
 		}
 
 		host, agent = pipe(t)
-		go func() { served <- ServeGet(agent, p) }()
+		go func() { served <- ServeGet(agent, agent, p, nil) }()
 		g, err := StartGet(host)
 		if err != nil {
 			t.Fatal(err)
@@ -93,12 +93,12 @@ func TestPutGetRoundTrip(t *testing.T) {
 func TestPutGetRefusals(t *testing.T) {
 	dir := t.TempDir()
 	host, agent := pipe(t)
-	go ServePut(agent, agent, filepath.Join(dir, "no", "such", "dir", "f"))
+	go ServePut(agent, agent, filepath.Join(dir, "no", "such", "dir", "f"), nil)
 	if _, err := StartPut(host); !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "no such file") {
 		t.Fatalf("put into a missing directory: %v", err)
 	}
 	host, agent = pipe(t)
-	go ServeGet(agent, dir)
+	go ServeGet(agent, agent, dir, nil)
 	if _, err := StartGet(host); !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "not a regular file") {
 		t.Fatalf("get of a directory: %v", err)
 	}

@@ -228,8 +228,9 @@ func openRegular(p string) (*os.File, error) {
 
 // ServePutFile runs the agent's side of OpPutFile after its request (see
 // ReadPutFile) for the destination dest (resolved and cleaned; mustBeDir
-// when the host's path ended in '/').
-func ServePutFile(c io.Writer, r io.Reader, req PutFile, dest string, mustBeDir bool) error {
+// when the host's path ended in '/'). With dev, contents that are not
+// inline come through the spool (see SpoolSuffix).
+func ServePutFile(c io.Writer, r io.Reader, req PutFile, dest string, mustBeDir bool, dev SpoolDev) error {
 	if req.Mode&^keptBits != 0 || req.MTime > MaxMTime {
 		return RefusePutFile(c, r, req, errors.New("bad file request: mode or time out of range"))
 	}
@@ -249,7 +250,7 @@ func ServePutFile(c io.Writer, r io.Reader, req PutFile, dest string, mustBeDir 
 		// a small file: O_DIRECT's buffers would cost more than they save
 		err = receiveBuffered(f, io.LimitReader(r, MaxInline+64<<10))
 	} else {
-		err = receiveDirect(osFile{f}, r)
+		err = receiveData(c, r, osFile{f}, dev)
 	}
 	if err == nil {
 		err = setMeta(f, req.Mode, req.MTime)
@@ -292,9 +293,10 @@ func setMeta(f *os.File, mode uint32, mtime uint64) error {
 // buffers would cost more than they save.
 const smallGet = 256 << 10
 
-// ServeGetFile runs the agent's side of OpGetFile for the file at path
-// (already resolved).
-func ServeGetFile(c io.Writer, path string) error {
+// ServeGetFile runs the agent's side of OpGetFile on c (r reads c) for the
+// file at path (already resolved); with dev, a regular file's contents go
+// through the spool.
+func ServeGetFile(c io.Writer, r io.Reader, path string, dev SpoolDev) error {
 	// O_NONBLOCK: a fifo is reported, not waited on (it means nothing to
 	// a regular file)
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
@@ -319,7 +321,7 @@ func ServeGetFile(c io.Writer, path string) error {
 	if err := WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true, Payload: ssh.Marshal(&m)})); err != nil || m.Type != "f" {
 		return err
 	}
-	return sendFileData(c, f, fi.Size(), path, fi.Size() >= smallGet)
+	return sendData(c, r, f, fi.Size(), path, fi.Size() >= smallGet, dev)
 }
 
 // StartGetFile reads the agent's answer to OpGetFile's Open and checks it

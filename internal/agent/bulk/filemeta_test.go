@@ -33,7 +33,7 @@ func putFile(t *testing.T, dest string, mustBeDir bool, base string, mode fs.Fil
 			served <- err
 			return
 		}
-		served <- ServePutFile(agent, agent, got, dest, mustBeDir)
+		served <- ServePutFile(agent, agent, got, dest, mustBeDir, nil)
 	}()
 	var b Batch
 	b.Request(PutFileRequest, ssh.Marshal(&req))
@@ -151,7 +151,7 @@ func TestPutFileBadRequest(t *testing.T) {
 		{Base: "f", Mode: 0o644, MTime: MaxMTime + 1, Inline: true},
 	} {
 		host, agent := pipe(t)
-		go func() { ServePutFile(agent, agent, req, dir, false) }()
+		go func() { ServePutFile(agent, agent, req, dir, false, nil) }()
 		go func() {
 			var b Batch
 			b.Data([]byte("x"))
@@ -183,7 +183,7 @@ func TestGetFile(t *testing.T) {
 		os.Chtimes(p, mtime, mtime)
 		host, agent := pipe(t)
 		served := make(chan error, 1)
-		go func() { served <- ServeGetFile(agent, p) }()
+		go func() { served <- ServeGetFile(agent, agent, p, nil) }()
 		g, m, err := StartGetFile(host)
 		if err != nil {
 			t.Fatal(err)
@@ -209,14 +209,14 @@ func TestGetFile(t *testing.T) {
 	}
 	for p, typ := range map[string]string{dir: "d", fifo: "o"} {
 		host, agent := pipe(t)
-		go ServeGetFile(agent, p)
+		go ServeGetFile(agent, agent, p, nil)
 		g, m, err := StartGetFile(host)
 		if err != nil || g != nil || m.Type != typ {
 			t.Fatalf("%s: getter %v meta %+v err %v, want type %q and no data", p, g, m, err, typ)
 		}
 	}
 	host, agent := pipe(t)
-	go ServeGetFile(agent, filepath.Join(dir, "missing"))
+	go ServeGetFile(agent, agent, filepath.Join(dir, "missing"), nil)
 	if _, _, err := StartGetFile(host); !errors.Is(err, ErrOpenRefused) || !strings.Contains(err.Error(), "no such file") {
 		t.Fatalf("missing file: %v", err)
 	}

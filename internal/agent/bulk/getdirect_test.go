@@ -222,7 +222,7 @@ func TestGetReadsDirect(t *testing.T) {
 	}
 	host, agent := socketPair(t)
 	served := make(chan error, 1)
-	go func() { served <- ServeGet(agent, p) }()
+	go func() { served <- ServeGet(agent, agent, p, nil) }()
 	g, err := StartGet(host)
 	if err != nil {
 		t.Fatal(err)

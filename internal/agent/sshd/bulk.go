@@ -3,6 +3,7 @@ package sshd
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -41,6 +42,19 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		return
 	}
 	log := s.log.With("bulk", o.Op, "user", o.User)
+	// A one-file operation in its spool form runs as the plain one with
+	// its contents in the spool device's slots.
+	var dev bulk.SpoolDev
+	if op, spool := bulk.SpoolOp(o.Op); spool {
+		d, release, err := s.openSpool()
+		if err != nil {
+			_ = bulk.WriteFrame(c, bulk.FrameReply, ssh.Marshal(&bulk.Reply{Payload: []byte(err.Error())}))
+			log.Debug("spool refused", "error", err)
+			return
+		}
+		defer release()
+		o.Op, dev = op, d
+	}
 	switch o.Op {
 	case bulk.OpSession:
 		ch := bulk.NewChan(c)
@@ -97,9 +111,9 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 			return
 		}
 		if o.Op == bulk.OpPut {
-			err = bulk.ServePut(c, r, p)
+			err = bulk.ServePut(c, r, p, dev)
 		} else {
-			err = bulk.ServeGet(c, p)
+			err = bulk.ServeGet(c, r, p, dev)
 		}
 		if err != nil {
 			log.Info("bulk file copy failed", "op", o.Op, "path", p, "error", err)
@@ -116,13 +130,13 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 			log.Info("bulk file refused", "path", o.Arg, "error", err)
 			return
 		}
-		if err := bulk.ServePutFile(c, r, req, p, strings.HasSuffix(o.Arg, "/")); err != nil {
+		if err := bulk.ServePutFile(c, r, req, p, strings.HasSuffix(o.Arg, "/"), dev); err != nil {
 			log.Info("bulk file copy failed", "op", o.Op, "path", p, "error", err)
 		}
 	case bulk.OpGetFile:
 		p, err := s.filePath(o.User, o.Arg)
 		if err == nil {
-			err = bulk.ServeGetFile(c, p)
+			err = bulk.ServeGetFile(c, r, p, dev)
 		} else {
 			_ = bulk.WriteFrame(c, bulk.FrameReply, ssh.Marshal(&bulk.Reply{Payload: []byte(err.Error())}))
 		}
@@ -177,4 +191,27 @@ func sink(r io.Reader, n uint64) (int64, error) {
 		}
 	}
 	return got, nil
+}
+
+// openSpool opens the spool device and takes it for one operation: an
+// error (no device, busy) starts with bulk.Unsupported, so the host takes
+// the channel instead.
+func (s *Server) openSpool() (bulk.SpoolDev, func(), error) {
+	var f *os.File
+	var err error
+	if s.cfg.OpenSpool != nil {
+		f, err = s.cfg.OpenSpool()
+	}
+	if err != nil || f == nil {
+		if err == nil {
+			err = errors.New("no spool device")
+		}
+		return nil, nil, fmt.Errorf("%s%v", bulk.Unsupported, err)
+	}
+	release, err := bulk.AcquireSpool()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	return f, func() { release(); f.Close() }, nil
 }

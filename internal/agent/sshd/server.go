@@ -72,6 +72,10 @@ type Config struct {
 	// commands wait for the files of a reidentify that it writes after
 	// replying. An error refuses the command, with the error as the reason.
 	BeforeCommand func() error
+	// OpenSpool opens the spool device for a spool transfer (bulk
+	// OpPutSpool, OpGetSpool), or returns nil when there is none (nor is
+	// there with OpenSpool nil): the host then uses the channel.
+	OpenSpool func() (*os.File, error)
 
 	// KeepAlive is the interval of server-side keepalives; a client that
 	// misses three is disconnected. Default 30s; negative disables.
