@@ -41,10 +41,6 @@ func (diskCap) Name() string { return "disks" }
 const rwDiskName = "rw.ext4"
 
 func (c diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.Context) error, error) {
-	undo, err := prepareSpool(env)
-	if err != nil {
-		return nil, err
-	}
 	p := filepath.Join(env.Dir, rwDiskName)
 	want := int64(env.VM.DiskMiB) << 20
 	st, err := os.Stat(p)
@@ -60,64 +56,7 @@ func (c diskCap) PrepareHost(ctx context.Context, env *startEnv) (func(context.C
 			return nil, err
 		}
 	}
-	return undo, nil
-}
-
-// spoolName is the VM's spool file (package bulk: one file's contents at a
-// time between bangerd and the agent, through a block device). It exists
-// while, and only while, the VM's VMM has it attached.
-const spoolName = "spool.img"
-
-// withSpool says whether this start attaches a spool: always, except when
-// it restores a snapshot whose VM had none (its saved devices must match).
-func withSpool(env *startEnv) bool { return env.Restore == nil || env.Restore.src.Spool }
-
-// prepareSpool makes the VM's spool file afresh (bulk.SpoolSize bytes,
-// sparse, the magic at the start), or removes one left from an earlier
-// boot when this one has none. The undo removes it when the runtime ends.
-func prepareSpool(env *startEnv) (func(context.Context) error, error) {
-	p := filepath.Join(env.Dir, spoolName)
-	if err := removeRegular(p); err != nil {
-		return nil, fmt.Errorf("remove the old spool: %w", err)
-	}
-	if !withSpool(env) {
-		return nil, nil
-	}
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("make the spool: %w", err)
-	}
-	_, err = f.Write([]byte(bulk.SpoolMagic))
-	if err == nil {
-		err = f.Truncate(bulk.SpoolSize)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(p)
-		return nil, fmt.Errorf("make the spool: %w", err)
-	}
-	return func(context.Context) error { return removeRegular(p) }, nil
-}
-
-// removeRegular removes p when it is a regular file (never what a link
-// points to); a missing p is fine.
-func removeRegular(p string) error {
-	fi, err := os.Lstat(p)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("%s is not a regular file", p)
-	}
-	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return nil
+	return nil, nil
 }
 
 // growRWDisk makes the writable disk file longer, and does nothing else:
@@ -142,9 +81,6 @@ func (diskCap) ContributeMachineConfig(ctx context.Context, env *startEnv) error
 		vmm.Drive{ID: "rw", Path: filepath.Join(env.Dir, rwDiskName)},
 		vmm.Drive{ID: "bootcfg", Path: filepath.Join(env.Dir, bootcfgName), ReadOnly: true},
 	)
-	if withSpool(env) {
-		env.Mach.Drives = append(env.Mach.Drives, vmm.Drive{ID: "spool", Path: filepath.Join(env.Dir, spoolName)})
-	}
 	return nil
 }
 

@@ -64,7 +64,7 @@ func (d *Daemon) initServices(ctx context.Context) error {
 	d.vms = &vmService{
 		store: d.store, locks: &d.locks, layout: d.cfg.Layout, artifacts: d, bootTimeout: fc.bootTimeout(),
 		log: d.log, drivers: drivers, defDrv: def, net: nc, events: d.events,
-		caps:     []capability{dc, keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
+		caps:     []capability{dc, spoolCap{}, keysCap{userKeyPath: d.cfg.Layout.UserKey()}, nc},
 		newAgent: newGuestAgent(d.cfg.Layout.UserKey(), d.log),
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{},
 	}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/bangerdev/banger/api"
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/store"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -687,5 +689,102 @@ func TestPoolVMReadyOnlyWhenWarm(t *testing.T) {
 	}
 	if vm, err := ts.claimPool(ctx, key, "job", ""); vm == nil || err != nil {
 		t.Fatalf("claim after the warm-up: %v %v", vm, err)
+	}
+}
+
+// TestSpoolDevice: a VM started cold gets a spool drive (its file made
+// afresh, the magic at the start, removed when the runtime ends); a clone
+// gets one only when its snapshot's source had one, since the saved
+// devices must match.
+func TestSpoolDevice(t *testing.T) {
+	ts := newTestSvc(t)
+	ctx := context.Background()
+	var mu sync.Mutex
+	spools := map[string]string{} // VM id → the spool drive's path, "" for none
+	ts.drv.onStart = func(cfg vmm.MachineConfig) {
+		mu.Lock()
+		defer mu.Unlock()
+		spools[cfg.VMID] = ""
+		for _, d := range cfg.Drives {
+			if d.ID == "spool" {
+				spools[cfg.VMID] = d.Path
+			}
+		}
+	}
+	drive := func(id string) string {
+		mu.Lock()
+		defer mu.Unlock()
+		p, ok := spools[id]
+		if !ok {
+			t.Fatalf("VM %s not started", id)
+		}
+		return p
+	}
+	// a stale file from an earlier boot is replaced, not reused
+	src := ts.newVM(t, "src", store.StateStopped)
+	os.MkdirAll(ts.vmDir(src.ID), 0o700)
+	os.WriteFile(filepath.Join(ts.vmDir(src.ID), spoolName), []byte("stale"), 0o600)
+	ts.snapshotCapable()
+	if err := ts.start(ctx, src, nil); err != nil {
+		t.Fatal(err)
+	}
+	p := drive(src.ID)
+	if p != filepath.Join(ts.vmDir(src.ID), spoolName) {
+		t.Fatalf("spool drive %q", p)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil || len(b) != bulk.SpoolSize || !bytes.HasPrefix(b, []byte(bulk.SpoolMagic)) {
+		t.Fatalf("spool file: %d bytes, %v", len(b), err)
+	}
+	// a clone of it has one too
+	if _, err := ts.snapshotCreate(ctx, api.SnapshotCreateParams{VM: "src", Name: "with"}); err != nil {
+		t.Fatal(err)
+	}
+	ts.logReidentify()
+	res, err := ts.fork(ctx, api.ForkParams{VM: "src", Count: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if drive(res.VMs[0].ID) == "" {
+		t.Error("clone of a VM with a spool has none")
+	}
+	// a snapshot taken by an older bangerd (no "spool" in source.json):
+	// its clones get none
+	sn, err := ts.snapshotCreate(ctx, api.SnapshotCreateParams{VM: "src", Name: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp := filepath.Join(ts.snapshotDir(sn.ID), snapSourceName)
+	var src0 snapSource
+	b, _ = os.ReadFile(sp)
+	if err := json.Unmarshal(b, &src0); err != nil || !src0.Spool {
+		t.Fatalf("source.json %s: %v", b, err)
+	}
+	src0.Spool = false // omitted from the JSON, as an older bangerd wrote it
+	b, _ = json.Marshal(src0)
+	if bytes.Contains(b, []byte("spool")) {
+		t.Fatalf("source.json without a spool says %s", b)
+	}
+	os.WriteFile(sp, b, 0o600)
+	st, err := ts.createBegin(ctx, api.CreateParams{Name: "old-clone", Snapshot: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fin := ts.waitCreate(t, st.OpID, 10*time.Second).snapshot(); fin.Error != "" {
+		t.Fatal(fin.Error)
+	}
+	oc, _ := ts.st.FindVM(ctx, "old-clone")
+	if drive(oc.ID) != "" {
+		t.Error("clone of an old snapshot got a spool drive")
+	}
+	if _, err := os.Stat(filepath.Join(ts.vmDir(oc.ID), spoolName)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("clone of an old snapshot has a spool file: %v", err)
+	}
+	// stopping the source removes its spool file
+	if err := ts.stop(ctx, src, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("spool file after stop: %v", err)
 	}
 }

@@ -316,7 +316,7 @@ func newTestSvc(t *testing.T) *testSvc {
 	ts.vmService = &vmService{
 		store: st, locks: &store.LockSet{}, layout: l, artifacts: ts.arts, bootTimeout: 5 * time.Second,
 		log: logging.Discard(), drivers: map[string]vmm.Driver{"fake": ts.drv}, defDrv: "fake",
-		caps:     []capability{keysCap{userKeyPath: l.UserKey()}, ts.probe},
+		caps:     []capability{spoolCap{}, keysCap{userKeyPath: l.UserKey()}, ts.probe},
 		runtimes: map[string]*runtime{}, creates: map[string]*createOp{}, events: newEventBus(),
 	}
 	ts.newAgent = func(tr *guest.Transport, hostKey string, bulkKey []byte) (guestAgent, error) {
@@ -373,6 +373,9 @@ func (ts *testSvc) assertClean(t *testing.T, vm *store.VM) {
 	}
 	if _, err := os.Stat(filepath.Join(ts.vmDir(vm.ID), handlesName)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("handles.json left: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(ts.vmDir(vm.ID), spoolName)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("spool file left: %v", err)
 	}
 }
 

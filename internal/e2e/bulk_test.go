@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -104,7 +105,43 @@ func TestBulkRealGuest(t *testing.T) {
 	if got := testenv.FileSHA256(t, back); got != want {
 		t.Fatalf("cp from the guest: sha256 %s, want %s", got, want)
 	}
-	mustBanger(t, h, "exec", vmName, "--", "rm", "-f", "/root/big.bin")
+	// Both went through the VM's spool device, not the channel.
+	if n := strings.Count(d.logs.String(), `"msg":"bulk file through the spool"`); n != 2 {
+		t.Fatalf("%d copies through the spool, want 2\n%s", n, d.logs.String())
+	}
+	// Two at once, both ways: one holds the spool, the others take the
+	// channel; every byte arrives either way.
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for i := range 2 {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if _, errOut, code := runBin(t, 5*time.Minute, env, nil, bangerBin, "cp", src, fmt.Sprintf("%s:/root/c%d.bin", vmName, i)); code != 0 {
+				errs <- fmt.Errorf("cp in %d: exit %d: %s", i, code, errOut)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			if _, errOut, code := runBin(t, 5*time.Minute, env, nil, bangerBin, "cp", vmName+":/root/big.bin", filepath.Join(work, fmt.Sprintf("c%d.bin", i))); code != 0 {
+				errs <- fmt.Errorf("cp out %d: exit %d: %s", i, code, errOut)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if got := guestSum(fmt.Sprintf("/root/c%d.bin", i)); got != want {
+			t.Fatalf("concurrent cp %d to the guest: sha256 %s, want %s", i, got, want)
+		}
+		if got := testenv.FileSHA256(t, filepath.Join(work, fmt.Sprintf("c%d.bin", i))); got != want {
+			t.Fatalf("concurrent cp %d from the guest: sha256 %s, want %s", i, got, want)
+		}
+	}
+	mustBanger(t, h, "exec", vmName, "--", "rm", "-f", "/root/big.bin", "/root/c0.bin", "/root/c1.bin")
 
 	// The same copies over SSH+SFTP, the path cp took before.
 	cl, err := c.SSH(ctx, vmName, "")
