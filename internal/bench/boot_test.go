@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/bangerdev/banger/api"
 	"github.com/bangerdev/banger/internal/agent/bootcfg"
+	"github.com/bangerdev/banger/internal/agent/bulk"
 	"github.com/bangerdev/banger/internal/disk"
 	"github.com/bangerdev/banger/internal/guest"
 	"github.com/bangerdev/banger/internal/paths"
@@ -40,6 +42,7 @@ type rawSpec struct {
 	args    []string
 	vmDir   string
 	bootcfg []byte
+	spool   bool // the VM has a spool drive: the raw one gets its own
 	diskMiB int
 	channel vmm.GuestChannel
 	hostKey ssh.PublicKey
@@ -70,6 +73,9 @@ func (b *bench) captureRaw(v *api.VM) (*rawSpec, error) {
 	if s.bootcfg, err = os.ReadFile(filepath.Join(dir, "bootcfg.img")); err != nil {
 		return nil, err
 	}
+	for _, a := range s.args {
+		s.spool = s.spool || strings.Contains(a, "id=spool,")
+	}
 	hk, err := os.ReadFile(filepath.Join(dir, "host_key.pub"))
 	if err != nil {
 		return nil, err
@@ -91,6 +97,7 @@ type rawVM struct {
 	dir    string
 	memDir string // the tmpfs directory of its memory file, if the VM had one
 	cmd    *exec.Cmd
+	exited chan struct{} // closed once cmd has exited (waited for)
 	tr     *guest.Transport
 	gc     *guest.Client
 }
@@ -107,7 +114,7 @@ func (r *rawVM) stop() {
 	}
 	if r.cmd != nil && r.cmd.Process != nil {
 		r.cmd.Process.Kill()
-		r.cmd.Wait()
+		<-r.exited
 	}
 	os.RemoveAll(r.dir)
 	if r.memDir != "" {
@@ -128,6 +135,14 @@ func (b *bench) prepareRaw(s *rawSpec) (*rawVM, error) {
 	if err := os.WriteFile(filepath.Join(dir, "bootcfg.img"), s.bootcfg, 0o600); err != nil {
 		r.stop()
 		return nil, err
+	}
+	if s.spool {
+		// as bangerd makes it: the magic, then holes
+		sp := append([]byte(bulk.SpoolMagic), make([]byte, bulk.SpoolSize-len(bulk.SpoolMagic))...)
+		if err := os.WriteFile(filepath.Join(dir, "spool.img"), sp, 0o600); err != nil {
+			r.stop()
+			return nil, err
+		}
 	}
 	m := &disk.Maker{Dir: filepath.Join(b.home, "cache", "rwdisk"), Label: bootcfg.RWLabel}
 	if err := m.Make(context.Background(), filepath.Join(dir, "rw.ext4"), int64(s.diskMiB)<<20); err != nil {
@@ -169,8 +184,22 @@ func (b *bench) bootRaw(ctx context.Context, s *rawSpec, r *rawVM) (time.Duratio
 	r.cmd.Stdout, r.cmd.Stderr = logf, logf
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := r.cmd.Start(); err != nil {
+		r.cmd = nil
 		return 0, err
 	}
+	r.exited = make(chan struct{})
+	go func() { r.cmd.Wait(); close(r.exited) }()
+	// A QEMU that exits (a bad argument, a missing file) ends the wait
+	// at once, not at ctx's deadline.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		select {
+		case <-r.exited:
+			cancel(errors.New("QEMU exited"))
+		case <-ctx.Done():
+		}
+	}()
 	// QEMU runs the guest once its console socket has a reader (wait=on).
 	var conn net.Conn
 	for {
@@ -195,6 +224,9 @@ func (b *bench) bootRaw(ctx context.Context, s *rawSpec, r *rawVM) (time.Duratio
 	}
 	if err := r.gc.Ping(ctx); err != nil {
 		out, _ := os.ReadFile(filepath.Join(r.dir, "vmm.log"))
+		if cause := context.Cause(ctx); cause != nil {
+			err = fmt.Errorf("%w (%v)", err, cause)
+		}
 		return 0, fmt.Errorf("raw QEMU: agent ping: %w (qemu log: %s)", err, bytes.TrimSpace(out))
 	}
 	return time.Since(start), nil
