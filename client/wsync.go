@@ -35,7 +35,7 @@ type PushStats = bulk.SyncStats
 // deletion of what an earlier push wrote and the host no longer has).
 func (c *Client) syncPush(ctx context.Context, vm string, p *workspace.Plan, dest string, progress func(int64)) (PushStats, error) {
 	// Under the VM's workspace lock in bangerd: pushes never interleave.
-	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Workspace: true, Dest: dest}, bulk.Open{Op: bulk.OpSync, Arg: dest})
+	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Workspace: true, Dest: dest, Spool: true}, bulk.Open{Op: bulk.OpSync, Arg: dest})
 	if err != nil {
 		return PushStats{}, err
 	}

@@ -651,7 +651,7 @@ func (s *vmService) spoolBulk(ctx context.Context, rt *runtime, vm *store.VM, ke
 		if !strings.Contains(err.Error(), "busy") {
 			rt.noSpool.Store(true)
 		}
-		s.log.DebugContext(ctx, "bulk file not through the spool", "vm", vm.Name, "op", o.Op, "why", err.Error())
+		s.log.DebugContext(ctx, "bulk stream not through the spool", "vm", vm.Name, "op", o.Op, "why", err.Error())
 		forget()
 		gc.Close()
 		gc, sc, forget, err = s.openAgentBulk(ctx, rt, vm.Name, key)
@@ -662,9 +662,9 @@ func (s *vmService) spoolBulk(ctx context.Context, rt *runtime, vm *store.VM, ke
 		return forward()
 	}
 	if err != nil {
-		s.log.InfoContext(ctx, "bulk file through the spool failed", "vm", vm.Name, "op", o.Op, "error", err.Error())
+		s.log.InfoContext(ctx, "bulk stream through the spool failed", "vm", vm.Name, "op", o.Op, "error", err.Error())
 	} else {
-		s.log.DebugContext(ctx, "bulk file through the spool", "vm", vm.Name, "op", o.Op, "ms", time.Since(t0).Milliseconds())
+		s.log.DebugContext(ctx, "bulk stream through the spool", "vm", vm.Name, "op", o.Op, "ms", time.Since(t0).Milliseconds())
 	}
 	return end()
 }

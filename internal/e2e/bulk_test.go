@@ -106,7 +106,7 @@ func TestBulkRealGuest(t *testing.T) {
 		t.Fatalf("cp from the guest: sha256 %s, want %s", got, want)
 	}
 	// Both went through the VM's spool device, not the channel.
-	if n := strings.Count(d.logs.String(), `"msg":"bulk file through the spool"`); n != 2 {
+	if n := strings.Count(d.logs.String(), `"msg":"bulk stream through the spool"`); n != 2 {
 		t.Fatalf("%d copies through the spool, want 2\n%s", n, d.logs.String())
 	}
 	// Two at once, both ways: one holds the spool, the others take the
@@ -297,6 +297,10 @@ func TestWorkspaceSyncRealGuest(t *testing.T) {
 		t.Fatalf("after re-pushes:\n%s", got)
 	}
 	t.Logf("MEASURE workspace push of %d files: %v; re-push after one change: %v (CLI wall time)", 205, d1.Round(time.Millisecond), d2.Round(time.Millisecond))
+	// Each push's stream came through the VM's spool.
+	if n := strings.Count(d.logs.String(), `"msg":"bulk stream through the spool","vm":"wsync","op":"sync"`); n != 3 {
+		t.Fatalf("%d pushes through the spool, want 3", n)
+	}
 
 	// --dest is recorded per VM: status and pull find /root/ws themselves.
 	if v := showVM(t, h, vmName); !strings.Contains(mustBanger(t, h, "vm", "show", vmName, "-o", "json"), `"workspace_dest": "/root/ws"`) && !strings.Contains(mustBanger(t, h, "vm", "show", vmName, "-o", "json"), `"workspace_dest":"/root/ws"`) {

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bangerdev/banger/internal/agent/memcopy"
 )
 
 // The spool: one file's contents between bangerd and the agent through a
@@ -68,10 +70,92 @@ func SpoolOp(op string) (string, bool) {
 		return op, false
 	}
 	switch base {
-	case OpPut, OpGet, OpPutFile, OpGetFile:
+	case OpPut, OpGet, OpPutFile, OpGetFile, OpSync:
 		return base, true
 	}
 	return op, false
+}
+
+// SpoolStream says whether op's spool form carries the whole stream from
+// the host after the Open in slots (a workspace push: its requests and
+// data interleave, a frame per file, and go in slots together), rather than
+// its data frames alone (the one-file operations, whose data the agent
+// reads from the device straight into its write buffers).
+func SpoolStream(op string) bool { return op == OpSync }
+
+// SpoolReader is the agent's side of a stream spool (SpoolStream): each
+// FrameSpool that r carries announces a slot holding the stream's next
+// bytes; the reader reads the slot from dev, acknowledges it on c at once
+// (the bytes are in its buffer) and yields them.
+type SpoolReader struct {
+	r    io.Reader
+	c    io.Writer
+	dev  SpoolDev
+	buf  []byte // a mapped, page-aligned buffer of SpoolSlot bytes
+	cur  []byte
+	next int
+	hdr  [8]byte
+	err  error
+}
+
+// NewSpoolReader reads the stream that r announces in slots of dev; Close
+// gives its buffer back.
+func NewSpoolReader(r io.Reader, c io.Writer, dev SpoolDev) (*SpoolReader, error) {
+	buf, err := getDirectBuf()
+	if err != nil {
+		return nil, err
+	}
+	return &SpoolReader{r: r, c: c, dev: dev, buf: buf}, nil
+}
+
+func (s *SpoolReader) Read(p []byte) (int, error) {
+	for len(s.cur) == 0 {
+		if s.err != nil {
+			return 0, s.err
+		}
+		s.err = s.fill()
+	}
+	n := memcopy.Copy(p, s.cur)
+	s.cur = s.cur[n:]
+	return n, nil
+}
+
+// fill reads the next slot into the buffer.
+func (s *SpoolReader) fill() error {
+	typ, p, err := ReadFrame(s.r, s.hdr[:0])
+	if err != nil {
+		return err // io.EOF: the stream ended between slots
+	}
+	if typ != FrameSpool {
+		return fmt.Errorf("spool stream: unexpected frame type %d", typ)
+	}
+	slot, n, err := parseSpoolFrame(p)
+	if err == nil && slot != s.next {
+		err = fmt.Errorf("spool slot %d where %d was due", slot, s.next)
+	}
+	if err != nil {
+		return fmt.Errorf("spool stream: %w", err)
+	}
+	s.next = (s.next + 1) % SpoolSlots
+	if _, err := s.dev.ReadAt(s.buf[:alignUp(n)], SlotOffset(slot)); err != nil {
+		return fmt.Errorf("read the spool: %w", err)
+	}
+	if err := WriteFrame(s.c, FrameSpoolAck, ackFrame(slot)); err != nil {
+		return err
+	}
+	s.cur = s.buf[:n]
+	return nil
+}
+
+// Close gives the reader's buffer back.
+func (s *SpoolReader) Close() {
+	if s.buf != nil {
+		putDirectBuf(s.buf)
+		s.buf, s.cur = nil, nil
+		if s.err == nil {
+			s.err = net.ErrClosed
+		}
+	}
 }
 
 // Spool frame types.
@@ -350,7 +434,7 @@ func StartSpool(client io.Reader) (frames []byte, o Open, ok bool, err error) {
 		return frames, o, false, nil
 	}
 	switch o.Op {
-	case OpPut, OpGet, OpGetFile:
+	case OpPut, OpGet, OpGetFile, OpSync:
 		return frames, o, true, nil
 	case OpPutFile:
 		typ, p, err := ReadFrame(client, nil)
@@ -388,8 +472,12 @@ func RelaySpool(client, agent io.ReadWriteCloser, spool SpoolFile, frames []byte
 		return fmt.Errorf("%w: no open frame", ErrSpoolRefused)
 	}
 	rest := frames[5+len(p):]
+	stream := SpoolStream(o.Op)
 	o.Op += SpoolSuffix
-	first := append(appendFrame(nil, FrameOpen, ssh.Marshal(&o)), rest...)
+	first := appendFrame(nil, FrameOpen, ssh.Marshal(&o))
+	if !stream {
+		first = append(first, rest...)
+	}
 	if _, err := agent.Write(first); err != nil {
 		return err
 	}
@@ -411,13 +499,20 @@ func RelaySpool(client, agent io.ReadWriteCloser, spool SpoolFile, frames []byte
 	if err := WriteFrame(client, typ, p); err != nil {
 		return err
 	}
-	return relaySlots(client, agent, spool)
+	if stream {
+		return relaySlots(client, agent, spool, func(toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+			return relayUpStream(client, rest, spool, toAgent, free, stop)
+		})
+	}
+	return relaySlots(client, agent, spool, func(toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+		return relayUp(client, spool, toAgent, free, stop)
+	})
 }
 
 // relaySlots is RelaySpool once the agent has answered: it returns when
 // the agent's stream ends (nil: it closed after its last frame) or either
 // side failed.
-func relaySlots(client, agent io.ReadWriteCloser, spool SpoolFile) error {
+func relaySlots(client, agent io.ReadWriteCloser, spool SpoolFile, up func(toAgent func(byte, []byte) error, free, stop chan struct{}) error) error {
 	var amu sync.Mutex // writes to the agent, from both directions
 	toAgent := func(typ byte, p []byte) error {
 		amu.Lock()
@@ -430,7 +525,7 @@ func relaySlots(client, agent io.ReadWriteCloser, spool SpoolFile) error {
 	upErr := make(chan error, 1)
 	downErr := make(chan error, 1)
 	stop := make(chan struct{})
-	go func() { upErr <- relayUp(client, spool, toAgent, free, stop) }()
+	go func() { upErr <- up(toAgent, free, stop) }()
 	go func() { downErr <- relayDown(client, agent, spool, toAgent, free) }()
 	select {
 	case err := <-downErr:
@@ -460,27 +555,7 @@ func relaySlots(client, agent io.ReadWriteCloser, spool SpoolFile) error {
 
 // relayUp carries the client's frames to the agent, FrameData as slots.
 func relayUp(client io.Reader, spool SpoolFile, toAgent func(byte, []byte) error, free chan struct{}, stop chan struct{}) error {
-	buf := make([]byte, SpoolSlot)
-	fill, slot := 0, 0
-	flush := func() error {
-		if fill == 0 {
-			return nil
-		}
-		select {
-		case free <- struct{}{}: // the slot is ours once the ack of its last use is in
-		case <-stop:
-			return errors.New("the agent's stream ended")
-		}
-		if _, err := spool.WriteAt(buf[:fill], SlotOffset(slot)); err != nil {
-			return fmt.Errorf("write the spool: %w", err)
-		}
-		if err := toAgent(FrameSpool, spoolFrame(slot, fill)); err != nil {
-			return err
-		}
-		slot = (slot + 1) % SpoolSlots
-		fill = 0
-		return nil
-	}
+	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
 	var fb []byte
 	for {
 		typ, n, err := readHeader(client)
@@ -488,17 +563,14 @@ func relayUp(client io.Reader, spool SpoolFile, toAgent func(byte, []byte) error
 			return err
 		}
 		if typ != FrameData {
-			if fb == nil {
-				fb = make([]byte, 0, 4096)
-			}
 			if cap(fb) < n {
-				fb = make([]byte, n)
+				fb = make([]byte, max(n, 4096))
 			}
 			p := fb[:n]
 			if err := readPayload(client, p); err != nil {
 				return err
 			}
-			if err := flush(); err != nil {
+			if err := w.flush(); err != nil {
 				return err
 			}
 			if err := toAgent(typ, p); err != nil {
@@ -507,18 +579,137 @@ func relayUp(client io.Reader, spool SpoolFile, toAgent func(byte, []byte) error
 			continue
 		}
 		for n > 0 {
-			k := min(n, SpoolSlot-fill)
-			if err := readPayload(client, buf[fill:fill+k]); err != nil {
+			k := min(n, SpoolSlot-w.fill)
+			if err := readPayload(client, w.buf[w.fill:w.fill+k]); err != nil {
 				return err
 			}
-			fill += k
+			w.fill += k
 			n -= k
-			if fill == SpoolSlot {
-				if err := flush(); err != nil {
+			if w.fill == SpoolSlot {
+				if err := w.flush(); err != nil {
 					return err
 				}
 			}
 		}
+	}
+}
+
+// slotSender fills the host → agent slots in order.
+type slotSender struct {
+	spool   SpoolFile
+	toAgent func(byte, []byte) error
+	free    chan struct{}
+	stop    chan struct{}
+	buf     []byte
+	fill    int
+	slot    int
+}
+
+// flush sends the slot being filled, once the agent has acknowledged
+// that slot's last use.
+func (w *slotSender) flush() error {
+	if w.fill == 0 {
+		return nil
+	}
+	select {
+	case w.free <- struct{}{}:
+	case <-w.stop:
+		return errors.New("the agent's stream ended")
+	}
+	if _, err := w.spool.WriteAt(w.buf[:w.fill], SlotOffset(w.slot)); err != nil {
+		return fmt.Errorf("write the spool: %w", err)
+	}
+	if err := w.toAgent(FrameSpool, spoolFrame(w.slot, w.fill)); err != nil {
+		return err
+	}
+	w.slot = (w.slot + 1) % SpoolSlots
+	w.fill = 0
+	return nil
+}
+
+// write adds b to the slots, sending each as it fills.
+func (w *slotSender) write(b []byte) error {
+	for len(b) > 0 {
+		k := copy(w.buf[w.fill:], b)
+		w.fill += k
+		b = b[k:]
+		if w.fill == len(w.buf) {
+			if err := w.flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// relayUpStream carries all the client's bytes to the agent in slots
+// (SpoolStream), first those StartSpool read after the Open. A slot goes
+// when it is full or when the client has nothing more at hand: a protocol
+// that sends a little and waits for the answer is never held up.
+func relayUpStream(client io.Reader, first []byte, spool SpoolFile, toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+	const chunkSize, chunks = 256 << 10, 8
+	type chunk struct {
+		b   []byte
+		err error
+	}
+	full := make(chan chunk, chunks)
+	empty := make(chan []byte, chunks)
+	for range chunks {
+		empty <- make([]byte, chunkSize)
+	}
+	go func() {
+		for {
+			var b []byte
+			select {
+			case b = <-empty:
+			case <-stop:
+				return
+			}
+			n, err := client.Read(b)
+			if n > 0 {
+				select {
+				case full <- chunk{b: b[:n]}:
+				case <-stop:
+					return
+				}
+			}
+			if err != nil {
+				select {
+				case full <- chunk{err: err}:
+				case <-stop:
+				}
+				return
+			}
+		}
+	}()
+	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
+	if err := w.write(first); err != nil {
+		return err
+	}
+	for {
+		var c chunk
+		select {
+		case c = <-full:
+		default:
+			if err := w.flush(); err != nil { // nothing at hand: send what is here
+				return err
+			}
+			select {
+			case c = <-full:
+			case <-stop:
+				return errors.New("the agent's stream ended")
+			}
+		}
+		if c.err != nil {
+			if err := w.flush(); err != nil {
+				return err
+			}
+			return c.err
+		}
+		if err := w.write(c.b); err != nil {
+			return err
+		}
+		empty <- c.b[:cap(c.b)]
 	}
 }
 

@@ -2,6 +2,7 @@ package bulk
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -410,10 +411,93 @@ func TestSpoolOp(t *testing.T) {
 		spool    bool
 	}{
 		{"put.spool", "put", true}, {"get.spool", "get", true}, {"putfile.spool", "putfile", true}, {"getfile.spool", "getfile", true},
-		{"put", "put", false}, {"session.spool", "session.spool", false}, {"sync.spool", "sync.spool", false}, {".spool", ".spool", false},
+		{"sync.spool", "sync", true},
+		{"put", "put", false}, {"session.spool", "session.spool", false}, {"pull.spool", "pull.spool", false}, {".spool", ".spool", false},
 	} {
 		if base, spool := SpoolOp(tt.op); base != tt.base || spool != tt.spool {
 			t.Errorf("SpoolOp(%q) = %q, %v", tt.op, base, spool)
 		}
+	}
+}
+
+// TestSpoolStream: a workspace push's spool form carries the whole stream
+// from the host in slots (SpoolReader on the agent's side), in order,
+// whatever its frames; a little sent and then waited on is not held back
+// (each request here waits for its answer), and a lot fills slots in turn.
+func TestSpoolStream(t *testing.T) {
+	sp := spoolFile(t)
+	client, hostEnd := socketPair(t)
+	relayEnd, agentEnd := socketPair(t)
+	served := make(chan error, 1)
+	go func() {
+		served <- func() error {
+			defer agentEnd.Close()
+			o, err := ReadOpen(agentEnd)
+			if err != nil {
+				return err
+			}
+			if op, spool := SpoolOp(o.Op); !spool || !SpoolStream(op) {
+				return fmt.Errorf("op %q", o.Op)
+			}
+			release, err := AcquireSpool()
+			if err != nil {
+				return err
+			}
+			defer release()
+			sr, err := NewSpoolReader(agentEnd, agentEnd, sp)
+			if err != nil {
+				return err
+			}
+			defer sr.Close()
+			WriteFrame(agentEnd, FrameData, []byte("manifest"))
+			h := sha256.New()
+			for {
+				typ, p, err := ReadFrame(sr, nil)
+				if err != nil {
+					return err
+				}
+				switch typ {
+				case FrameData:
+					h.Write(p)
+				case FrameRequest:
+					WriteFrame(agentEnd, FrameReply, h.Sum(nil))
+				case FrameEOF:
+					return WriteFrame(agentEnd, FrameReply, []byte("done"))
+				default:
+					return fmt.Errorf("frame type %d", typ)
+				}
+			}
+		}()
+	}()
+	_, relayed := relay(hostEnd, relayEnd, recordingSpool{t, sp})
+	WriteFrame(client, FrameOpen, ssh.Marshal(&Open{Op: OpSync, Arg: "/w"}))
+	if typ, p, err := ReadFrame(client, nil); err != nil || typ != FrameData || string(p) != "manifest" {
+		t.Fatalf("first frame %d %q %v", typ, p, err)
+	}
+	h := sha256.New()
+	for i, sizes := range [][]int{{1}, {0, 7, 100}, {SpoolSlot - 3, 9}, {MaxFrame, MaxFrame, 12345}, {3 * 4096}} {
+		for _, n := range sizes {
+			b := randomBytes(n)
+			h.Write(b)
+			if err := WriteFrame(client, FrameData, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		WriteFrame(client, FrameRequest, nil)
+		typ, p, err := ReadFrame(client, nil)
+		if err != nil || typ != FrameReply || !bytes.Equal(p, h.Sum(nil)) {
+			t.Fatalf("round %d: answer %d %x %v, want the hash of all sent", i, typ, p, err)
+		}
+	}
+	WriteFrame(client, FrameEOF, nil)
+	if typ, p, err := ReadFrame(client, nil); err != nil || typ != FrameReply || string(p) != "done" {
+		t.Fatalf("last answer %d %q %v", typ, p, err)
+	}
+	client.Close()
+	if err := <-served; err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	if err := <-relayed; err != nil {
+		t.Fatalf("relay: %v", err)
 	}
 }

@@ -48,3 +48,15 @@ func grow(b []byte, n int) []byte {
 	copy(nb, b)
 	return nb
 }
+
+// Copy is copy(dst, src) in copies of at most Chunk bytes.
+func Copy(dst, src []byte) int {
+	if Chunk <= 0 || len(src) <= Chunk || len(dst) <= Chunk {
+		return copy(dst, src)
+	}
+	n := 0
+	for n < len(dst) && n < len(src) {
+		n += copy(dst[n:min(n+Chunk, len(dst))], src[n:])
+	}
+	return n
+}

@@ -35,6 +35,27 @@ func TestAppend(t *testing.T) {
 	}
 }
 
+func TestCopy(t *testing.T) {
+	defer func(c int) { Chunk = c }(Chunk)
+	src := make([]byte, 10000)
+	for i := range src {
+		src[i] = byte(i * 31)
+	}
+	for _, chunk := range []int{0, 1, 7, 2048} {
+		for _, n := range []int{0, 1, 2047, 2048, 2049, 10000} {
+			for _, room := range []int{0, 5, 2049, 20000} {
+				Chunk = chunk
+				dst := make([]byte, room)
+				got := Copy(dst, src[:n])
+				want := min(n, room)
+				if got != want || !bytes.Equal(dst[:got], src[:want]) {
+					t.Fatalf("chunk %d, %d bytes into %d: copied %d, want %d, or they differ", chunk, n, room, got, want)
+				}
+			}
+		}
+	}
+}
+
 // BenchmarkCopy is the copy this package avoids, against what it does
 // instead. Its numbers mean something in a guest under TCG (qemu64, no
 // AVX); run it there:

@@ -54,6 +54,16 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 		}
 		defer release()
 		o.Op, dev = op, d
+		if bulk.SpoolStream(op) {
+			// the whole stream from the host comes in slots
+			sr, err := bulk.NewSpoolReader(r, c, dev)
+			if err != nil {
+				_ = bulk.WriteFrame(c, bulk.FrameReply, ssh.Marshal(&bulk.Reply{Payload: []byte(bulk.Unsupported + err.Error())}))
+				return
+			}
+			defer sr.Close()
+			r, dev = sr, nil
+		}
 	}
 	switch o.Op {
 	case bulk.OpSession:
