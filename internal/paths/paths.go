@@ -153,14 +153,6 @@ func (l Layout) MemoryDirsOf(uid int) []string {
 // VMDir is the directory of one VM.
 func (l Layout) VMDir(id string) string { return filepath.Join(l.VMsDir(), id) }
 
-// HelperSocket is the root helper's socket (BANGER_HELPER_SOCKET overrides).
-func HelperSocket() string {
-	if s := os.Getenv("BANGER_HELPER_SOCKET"); s != "" {
-		return s
-	}
-	return "/run/banger/helper.sock"
-}
-
 // ErrSocketPathTooLong is returned when a unix socket path exceeds the kernel's limit.
 var ErrSocketPathTooLong = errors.New("unix socket path too long")
 

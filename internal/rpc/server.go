@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -455,16 +454,4 @@ func (s *Server) logCall(ctx context.Context, method string, start time.Time, re
 		level = slog.LevelInfo
 	}
 	s.log().LogAttrs(ctx, level, msg, slog.String("method", method), slog.Float64("duration_ms", d))
-}
-
-// Decode is a helper for handlers: strict decoding of params into v.
-func Decode(raw json.RawMessage, v any) error {
-	if len(bytes.TrimSpace(raw)) == 0 {
-		return nil
-	}
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
-		return Errorf(CodeInvalidArgument, "invalid params: %v", err)
-	}
-	return nil
 }

@@ -135,9 +135,6 @@ func (l *LockedBuffer) String() string {
 // Logs returns what bangerd logged so far.
 func (b *Bangerd) Logs() string { return b.logs.String() }
 
-// Env is the environment that points banger commands at this bangerd.
-func (b *Bangerd) Env() []string { return append(os.Environ(), "BANGER_HOME="+b.Home) }
-
 // StartBangerd builds bangerd and starts it with a fresh short home (unix
 // socket paths are short), the test's banger-agent and the extra
 // environment, waits for its socket, and stops it when the test ends.

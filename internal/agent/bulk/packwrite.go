@@ -340,9 +340,6 @@ func (s *PackSummer) DropEntry() error {
 	return nil
 }
 
-// Len is the number of entries recorded so far.
-func (s *PackSummer) Len() int { return len(s.entries) }
-
 // Finish returns the pack's checksum (its trailer and its name) and index.
 func (s *PackSummer) Finish() (sum, idx []byte, err error) {
 	if uint32(len(s.entries)) != s.count {

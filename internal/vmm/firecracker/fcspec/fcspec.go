@@ -181,9 +181,6 @@ func Parse(b []byte) (*Spec, error) {
 	return s, nil
 }
 
-// Operations returns every operation, sorted by path then method.
-func (s *Spec) Operations() []*Operation { return s.ops }
-
 func (s *Spec) resolve(sc *Schema) (*Schema, error) {
 	for depth := 0; sc != nil && sc.Ref != ""; depth++ {
 		if depth > 16 {

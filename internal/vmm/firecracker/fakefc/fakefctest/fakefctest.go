@@ -14,7 +14,6 @@ package fakefctest
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -158,9 +157,6 @@ func binary(t testing.TB) (string, error) {
 	return Build(context.Background(), t.TempDir())
 }
 
-// ParsedSpec returns the loaded spec.
-func (e *Env) ParsedSpec() *fcspec.Spec { return e.spec }
-
 // Fail sets FAKEFC_FAIL for VMMs started from now on (see fakefc.ParseFailures).
 func (e *Env) Fail(t testing.TB, spec string) { t.Setenv(fakefc.EnvFail, spec) }
 
@@ -217,22 +213,6 @@ func Sequence(recs []fakefc.Record) []string {
 		out = append(out, s)
 	}
 	return out
-}
-
-// WaitFile polls until path exists or the deadline passes.
-func WaitFile(path string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		if _, err := os.Stat(path); err == nil {
-			return nil
-		} else if !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s did not appear within %v", path, timeout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // Contains reports whether any line of the file at path contains sub.
