@@ -183,6 +183,13 @@ func startHelperBin(t *testing.T, env *nettest.Env, bin string, args ...string) 
 		c, err := net.Dial("unix", h.sock)
 		if err == nil {
 			c.Close()
+			// The socket listens before the helper has resumed what it
+			// serves (a running bridge's DNS forwarder), and a call is
+			// answered only after that: wait for one answer, whatever it
+			// says (a policy may refuse it).
+			pctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			_, _ = (&hostnet.Client{Socket: h.sock}).Ping(pctx)
+			cancel()
 			return h
 		}
 		select {
