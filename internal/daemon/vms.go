@@ -743,6 +743,8 @@ func (s *vmService) recordedCleanup(vm *store.VM) *cleanup {
 		}
 		return nil
 	})
+	sp := filepath.Join(s.vmDir(vm.ID), spoolName)
+	cl.add("spool", func(context.Context) error { return removeRegular(sp) })
 	for _, c := range s.caps {
 		if sc, ok := c.(stateCleaner); ok {
 			v := *vm

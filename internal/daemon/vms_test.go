@@ -575,6 +575,13 @@ func TestReconcileConverges(t *testing.T) {
 		if r.State != store.StateStopped || r.LastError == "" {
 			t.Fatalf("%s: %s %q", v.Name, r.State, r.LastError)
 		}
+		// its spool file went with the rest of its boot's resources
+		if _, err := os.Stat(filepath.Join(ts.vmDir(v.ID), spoolName)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s: spool file left: %v", v.Name, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(ts.vmDir(run.ID), spoolName)); err != nil {
+		t.Fatalf("the adopted VM lost its spool file: %v", err)
 	}
 	if n := ts.drv.live(); n != 1 {
 		t.Fatalf("%d VMMs running, want only the adopted one", n)
