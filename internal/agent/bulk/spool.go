@@ -17,8 +17,8 @@ import (
 	"github.com/bangerdev/banger/internal/agent/memcopy"
 )
 
-// The spool: one file's contents between bangerd and the agent through a
-// block device instead of the channel.
+// The spool: one file's contents, or a workspace push's stream, between
+// bangerd and the agent through a block device instead of the channel.
 //
 // Under TCG the channel (virtio-serial) is bound by QEMU's main loop, which
 // moves 4 KiB per turn into the guest, and by the guest's copies of every
@@ -31,8 +31,9 @@ import (
 // Every VM has a spool device: a file bangerd makes in the VM's directory
 // (SpoolSize bytes, sparse, SpoolMagic at offset 0) and attaches as a
 // virtio-blk drive. Past SpoolHeader it is SpoolSlots slots of SpoolSlot
-// bytes. bangerd carries one put or get at a time through it (others use
+// bytes. bangerd carries one transfer at a time through it (others use
 // the channel), and punches the slots out of the host file after each.
+// A push's stream form (SpoolStream, SpoolReader) is described there.
 //
 // A one-file operation (OpPut, OpGet, OpPutFile without inline contents,
 // OpGetFile) whose Op carries SpoolSuffix runs as the plain one, except
