@@ -223,6 +223,47 @@ func TestBulkRealGuest(t *testing.T) {
 	}
 }
 
+// TestSpoolRefusedRealGuest: a guest that has wiped its spool device's
+// header (so its agent finds none) gets its copies over the channel
+// instead: bangerd takes the agent's refusal, opens a new stream for the
+// same request, and remembers the VM has no spool; every byte arrives.
+func TestSpoolRefusedRealGuest(t *testing.T) {
+	h, d, _ := realHome(t)
+	const vmName = "nospool"
+	if _, errOut, code := banger(t, h, "vm", "create", vmName, "--memory", "256M"); code != 0 {
+		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
+	}
+	t.Cleanup(func() { banger(t, h, "vm", "delete", vmName, "--force") })
+	// the guest overwrites the first block of the device holding the magic
+	out := mustBanger(t, h, "exec", vmName, "--", "sh", "-c",
+		`for s in /sys/block/vd*; do n=${s##*/}; if head -c 12 /dev/$n | grep -q BANGERSPOOL1; then dd if=/dev/zero of=/dev/$n bs=4096 count=1 conv=notrunc 2>/dev/null && sync && echo wiped $n; fi; done`)
+	if !strings.HasPrefix(out, "wiped vd") {
+		t.Fatalf("no spool device found in the guest: %q", out)
+	}
+	work := t.TempDir()
+	src := filepath.Join(work, "f.bin")
+	randomFile(t, src, 5<<20, 0o644)
+	want := testenv.FileSHA256(t, src)
+	for i := range 2 { // the first is refused and redone; the second goes straight to the channel
+		mustBanger(t, h, "cp", src, fmt.Sprintf("%s:/root/f%d.bin", vmName, i))
+		if got := strings.Fields(mustBanger(t, h, "exec", vmName, "--", "sha256sum", fmt.Sprintf("/root/f%d.bin", i)))[0]; got != want {
+			t.Fatalf("cp %d into the guest: sha256 %s, want %s", i, got, want)
+		}
+	}
+	back := filepath.Join(work, "back.bin")
+	mustBanger(t, h, "cp", vmName+":/root/f0.bin", back)
+	if got := testenv.FileSHA256(t, back); got != want {
+		t.Fatalf("cp out of the guest: sha256 %s, want %s", got, want)
+	}
+	logs := d.logs.String()
+	if strings.Contains(logs, `"msg":"bulk stream through the spool"`) {
+		t.Fatal("a copy went through a spool the guest had wiped")
+	}
+	if n := strings.Count(logs, `"msg":"bulk stream not through the spool"`); n != 1 {
+		t.Fatalf("%d refusals taken, want 1 (the VM then remembered it has no spool)\n%s", n, logs)
+	}
+}
+
 // TestWorkspaceSyncRealGuest: workspace push is one stream applied by the
 // agent; a re-push after one change sends one file, a file deleted on the
 // host disappears in the guest (one the guest made stays), and modes and
