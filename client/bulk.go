@@ -1,6 +1,7 @@
 package client
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -438,16 +439,19 @@ func fileErr(ctx context.Context, err error) error {
 // nothing was changed and the caller should copy over SFTP (an older agent
 // or bangerd, another user, or a refusal SFTP will put in its own words).
 func (c *Client) PutGuestFile(ctx context.Context, vm, dest, base string, mode fs.FileMode, mtime time.Time, r io.Reader) (string, error) {
-	// not inline (more than bulk.MaxInline), the contents may go through
-	// the VM's spool (api.BulkParams.Spool)
-	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Spool: true}, bulk.Open{Op: bulk.OpPutFile, Arg: dest})
+	// Contents beyond bulk.MaxInline (not inline) may go through the VM's
+	// spool (api.BulkParams.Spool); a small file's go with the request, and
+	// bangerd need not look at its frames.
+	br := bufio.NewReaderSize(r, bulk.MaxInline+1)
+	head, _ := br.Peek(bulk.MaxInline + 1) // a short read is a small file (or an error PutFileHost meets)
+	conn, err := c.openBulkWith(ctx, api.BulkParams{VM: vm, Spool: len(head) > bulk.MaxInline}, bulk.Open{Op: bulk.OpPutFile, Arg: dest})
 	if err != nil {
 		return "", err
 	}
 	defer conn.Close()
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	target, err := bulk.PutFileHost(conn, base, mode, mtime, r)
+	target, err := bulk.PutFileHost(conn, base, mode, mtime, br)
 	return target, fileErr(ctx, err)
 }
 

@@ -71,6 +71,7 @@ func serve(ctx context.Context, cfg *bootcfg.Config, r *reaper.Reaper, onShutdow
 	go warmReidentifyDecoder() // its sample is checked by TestReidentifySampleComplete
 	sc.BeforeCommand = files.wait
 	sc.OpenSpool = openSpool
+	sc.SpoolPresent = func() bool { return spoolDev() != "" }
 	sc.Logger = log
 	srv, err := sshd.New(sc)
 	if err != nil {

@@ -207,21 +207,53 @@ func sink(r io.Reader, n uint64) (int64, error) {
 // error (no device, busy) starts with bulk.Unsupported, so the host takes
 // the channel instead.
 func (s *Server) openSpool() (bulk.SpoolDev, func(), error) {
-	var f *os.File
-	var err error
-	if s.cfg.OpenSpool != nil {
-		f, err = s.cfg.OpenSpool()
-	}
-	if err != nil || f == nil {
-		if err == nil {
-			err = errors.New("no spool device")
-		}
-		return nil, nil, fmt.Errorf("%s%v", bulk.Unsupported, err)
+	if s.cfg.OpenSpool == nil || (s.cfg.SpoolPresent != nil && !s.cfg.SpoolPresent()) {
+		return nil, nil, errors.New(bulk.Unsupported + "no spool device")
 	}
 	release, err := bulk.AcquireSpool()
 	if err != nil {
-		f.Close()
 		return nil, nil, err
 	}
-	return f, func() { release(); f.Close() }, nil
+	d := &lazyDev{open: s.cfg.OpenSpool}
+	return d, func() { d.close(); release() }, nil
+}
+
+// lazyDev opens the spool device at its first use: an operation whose
+// contents all go in frames (a small file) never opens it.
+type lazyDev struct {
+	open func() (*os.File, error)
+	f    *os.File
+	err  error
+}
+
+func (d *lazyDev) get() (*os.File, error) {
+	if d.f == nil && d.err == nil {
+		d.f, d.err = d.open()
+		if d.err == nil && d.f == nil {
+			d.err = errors.New("no spool device")
+		}
+	}
+	return d.f, d.err
+}
+
+func (d *lazyDev) ReadAt(b []byte, off int64) (int, error) {
+	f, err := d.get()
+	if err != nil {
+		return 0, err
+	}
+	return f.ReadAt(b, off)
+}
+
+func (d *lazyDev) WriteAt(b []byte, off int64) (int, error) {
+	f, err := d.get()
+	if err != nil {
+		return 0, err
+	}
+	return f.WriteAt(b, off)
+}
+
+func (d *lazyDev) close() {
+	if d.f != nil {
+		d.f.Close()
+	}
 }

@@ -76,6 +76,9 @@ type Config struct {
 	// OpPutSpool, OpGetSpool), or returns nil when there is none (nor is
 	// there with OpenSpool nil): the host then uses the channel.
 	OpenSpool func() (*os.File, error)
+	// SpoolPresent says, without opening it, whether there is a spool
+	// device (nil: OpenSpool is tried at the first slot).
+	SpoolPresent func() bool
 
 	// KeepAlive is the interval of server-side keepalives; a client that
 	// misses three is disconnected. Default 30s; negative disables.
