@@ -430,33 +430,28 @@ func StartSpool(client io.Reader) (frames []byte, o Open, ok bool, err error) {
 	if err != nil {
 		return nil, o, false, err
 	}
-	frames = appendFrame(nil, typ, p)
+	var b Batch // the frames as read, to send on as they are
+	b.frame(typ, p)
 	if typ != FrameOpen || ssh.Unmarshal(p, &o) != nil {
-		return frames, o, false, nil
+		return b.buf, o, false, nil
 	}
 	switch o.Op {
 	case OpPut, OpGet, OpGetFile, OpSync:
-		return frames, o, true, nil
+		return b.buf, o, true, nil
 	case OpPutFile:
 		typ, p, err := ReadFrame(client, nil)
 		if err != nil {
 			return nil, o, false, err
 		}
-		frames = appendFrame(frames, typ, p)
+		b.frame(typ, p)
 		var rq Request
 		var req PutFile
 		if typ != FrameRequest || ssh.Unmarshal(p, &rq) != nil || rq.Type != PutFileRequest || ssh.Unmarshal(rq.Payload, &req) != nil {
-			return frames, o, false, nil
+			return b.buf, o, false, nil
 		}
-		return frames, o, !req.Inline, nil
+		return b.buf, o, !req.Inline, nil
 	}
-	return frames, o, false, nil
-}
-
-func appendFrame(b []byte, typ byte, p []byte) []byte {
-	b = append(b, typ, 0, 0, 0, 0)
-	binary.BigEndian.PutUint32(b[len(b)-4:], uint32(len(p)))
-	return append(b, p...)
+	return b.buf, o, false, nil
 }
 
 // RelaySpool runs a one-file operation of bangerd's client through the
@@ -475,7 +470,9 @@ func RelaySpool(client, agent io.ReadWriteCloser, spool SpoolFile, frames []byte
 	rest := frames[5+len(p):]
 	stream := SpoolStream(o.Op)
 	o.Op += SpoolSuffix
-	first := appendFrame(nil, FrameOpen, ssh.Marshal(&o))
+	var b Batch
+	b.Open(o)
+	first := b.buf
 	if !stream {
 		first = append(first, rest...)
 	}
