@@ -646,13 +646,25 @@ func transfer(w io.Writer, r io.Reader) error {
 	return err
 }
 
-// explainFSErr turns the usual failures into plain words.
+// explainFSErr turns the usual failures into plain words: the callers name
+// the path, so "stat /x: no such file or directory" or the wire's bare
+// "file does not exist" would only repeat it. The error is still wrapped
+// (errors.Is sees fs.ErrNotExist).
 func explainFSErr(err error) error {
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("no such file or directory (%w)", err)
+		return &plainFSErr{"no such file or directory", err}
 	case errors.Is(err, fs.ErrPermission):
-		return fmt.Errorf("permission denied (%w)", err)
+		return &plainFSErr{"permission denied", err}
 	}
 	return err
 }
+
+// plainFSErr is an error said in plain words, wrapping the original.
+type plainFSErr struct {
+	msg string
+	err error
+}
+
+func (e *plainFSErr) Error() string { return e.msg }
+func (e *plainFSErr) Unwrap() error { return e.err }

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -9,6 +10,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -361,5 +363,28 @@ func TestCopyFromGuestLargeFile(t *testing.T) {
 				t.Errorf("copied %d bytes that differ from the guest's %d", len(got), len(big))
 			}
 		})
+	}
+}
+
+// TestExplainFSErr: the usual failures in plain words, said once (the
+// caller names the path), still matching errors.Is.
+func TestExplainFSErr(t *testing.T) {
+	other := errors.New("disk on fire")
+	tests := []struct {
+		in   error
+		want string
+		is   error
+	}{
+		{fs.ErrNotExist, "no such file or directory", fs.ErrNotExist},
+		{&fs.PathError{Op: "stat", Path: "/x", Err: syscall.ENOENT}, "no such file or directory", fs.ErrNotExist},
+		{&fs.PathError{Op: "open", Path: "/etc/shadow", Err: syscall.EACCES}, "permission denied", fs.ErrPermission},
+		{fmt.Errorf("sftp: %w", fs.ErrPermission), "permission denied", fs.ErrPermission},
+		{other, "disk on fire", other},
+	}
+	for _, tt := range tests {
+		got := explainFSErr(tt.in)
+		if got.Error() != tt.want || !errors.Is(got, tt.is) {
+			t.Errorf("explainFSErr(%v) = %q (errors.Is %v: %v), want %q", tt.in, got, tt.is, errors.Is(got, tt.is), tt.want)
+		}
 	}
 }
