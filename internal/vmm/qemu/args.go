@@ -160,7 +160,16 @@ func kernelCmdline(base string, accel string, tscKHz int) string {
 	cmdline = strings.TrimSpace(cmdline + " " + strings.Join(extra, " "))
 	if accel == "tcg" && tscKHz > 0 {
 		// Under TCG, microvm sometimes hangs in early TSC calibration without it.
-		cmdline = vmmproc.AppendKernelArgs(cmdline, "tsc_early_khz="+strconv.Itoa(tscKHz))
+		//
+		// tsc=reliable: TCG's TSC is the host's (its rate, tscKHz), held
+		// still while the VM is paused, so continuous across pause, save and
+		// restore. microvm has no HPET or ACPI PM timer, so the kernel's
+		// clocksource watchdog checks the TSC against jiffies, which a busy
+		// host delays: a guest here marked its TSC unstable 74 s after boot
+		// ("skew is too large") and went on with jiffies as its clock for
+		// good (4 ms resolution for every clock_gettime, and its snapshots'
+		// clones inherit it).
+		cmdline = vmmproc.AppendKernelArgs(cmdline, "tsc_early_khz="+strconv.Itoa(tscKHz), "tsc=reliable")
 	}
 	return cmdline
 }

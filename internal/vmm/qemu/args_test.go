@@ -56,7 +56,7 @@ func TestBuildArgs(t *testing.T) {
 				"-m":       {"512M"},
 				"-kernel":  {"/k/vmlinux"},
 				"-initrd":  {"/k/initrd.img"},
-				"-append":  {"quiet console=ttyS0 panic=-1 reboot=t tsc_early_khz=2445430"},
+				"-append":  {"quiet console=ttyS0 panic=-1 reboot=t tsc_early_khz=2445430 tsc=reliable"},
 				"-drive": {
 					"id=root,file=/img/rootfs.ext4,format=raw,if=none,readonly=on",
 					"id=rw,file=/vm/rw.ext4,format=raw,if=none,discard=unmap",
@@ -117,7 +117,14 @@ func TestBuildArgs(t *testing.T) {
 			mutate: func(s *launchSpec) {
 				s.Config.Cmdline = "tsc_early_khz=1000 console=ttyS0"
 			},
-			want: map[string][]string{"-append": {"tsc_early_khz=1000 console=ttyS0 panic=-1 reboot=t"}},
+			want: map[string][]string{"-append": {"tsc_early_khz=1000 console=ttyS0 panic=-1 reboot=t tsc=reliable"}},
+		},
+		{
+			name: "caller's tsc= is kept",
+			mutate: func(s *launchSpec) {
+				s.Config.Cmdline = "tsc=unstable"
+			},
+			want: map[string][]string{"-append": {"tsc=unstable console=ttyS0 panic=-1 reboot=t tsc_early_khz=2445430"}},
 		},
 		{
 			name:   "no cpu frequency known",
