@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 
 	"golang.org/x/sys/unix"
 )
@@ -172,9 +173,98 @@ const (
 
 var zeros [zeroPage]byte
 
+// mapChunk is how much of the source copyNonZero maps at a time.
+const mapChunk = 32 << 20
+
 // copyNonZero copies [from, to) of in to the same offsets of out, leaving
-// out every zero-filled page.
+// out every zero-filled page. It reads the source through a read-only
+// mapping (a paused guest's memory file: scanning it in place saves copying
+// every page, most of them zeros, into a buffer first; 256 MiB took ~60 ms
+// read and scanned), or with reads where the file cannot be mapped.
 func copyNonZero(ctx context.Context, in, out *os.File, from, to int64) (int64, error) {
+	if from%int64(os.Getpagesize()) == 0 {
+		n, err := copyNonZeroMapped(ctx, in, out, from, to)
+		if !errors.Is(err, errNoMap) {
+			return n, err
+		}
+	}
+	return copyNonZeroRead(ctx, in, out, from, to)
+}
+
+// errNoMap: the source could not be mapped (copyNonZero reads it instead).
+var errNoMap = errors.New("cannot map the source")
+
+// copyNonZeroMapped is copyNonZero through mappings of mapChunk bytes.
+func copyNonZeroMapped(ctx context.Context, in, out *os.File, from, to int64) (int64, error) {
+	var copied int64
+	for pos := from; pos < to; {
+		if err := ctx.Err(); err != nil {
+			return copied, err
+		}
+		n := int(min(int64(mapChunk), to-pos))
+		m, err := unix.Mmap(int(in.Fd()), pos, n, unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+		if err != nil {
+			if pos == from {
+				return 0, errNoMap
+			}
+			return copied, fmt.Errorf("map the source: %w", err)
+		}
+		w, err := writeNonZeroMapped(out, m, pos)
+		copied += w
+		unix.Munmap(m)
+		if err != nil {
+			return copied, err
+		}
+		pos += int64(n)
+	}
+	return copied, nil
+}
+
+// writeNonZeroMapped is writeNonZero over a mapping of the source: a source
+// cut shorter while mapped (the VMM truncating its memory file) faults on
+// the next page read, which is an error here, not a crash.
+func writeNonZeroMapped(out *os.File, m []byte, pos int64) (n int64, err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(interface{ Addr() uintptr }); !ok {
+				panic(r)
+			}
+			err = errors.New("the file shrank while being copied")
+		}
+	}()
+	return writeNonZero(out, m, pos)
+}
+
+// writeNonZero writes the runs of non-zero pages of b (which is at offset
+// pos of the source) to the same offsets of out.
+func writeNonZero(out *os.File, b []byte, pos int64) (int64, error) {
+	var copied int64
+	run := -1 // start of the current run of non-zero pages
+	flush := func(end int) error {
+		if run < 0 {
+			return nil
+		}
+		w, err := out.WriteAt(b[run:end], pos+int64(run))
+		copied += int64(w)
+		run = -1
+		return err
+	}
+	for p := 0; p < len(b); p += zeroPage {
+		end := min(p+zeroPage, len(b))
+		if bytes.Equal(b[p:end], zeros[:end-p]) {
+			if err := flush(p); err != nil {
+				return copied, err
+			}
+		} else if run < 0 {
+			run = p
+		}
+	}
+	return copied, flush(len(b))
+}
+
+// copyNonZeroRead is copyNonZero with reads into a buffer.
+func copyNonZeroRead(ctx context.Context, in, out *os.File, from, to int64) (int64, error) {
 	buf := make([]byte, zeroChunk)
 	var copied int64
 	for pos := from; pos < to; {
@@ -188,27 +278,9 @@ func copyNonZero(ctx context.Context, in, out *os.File, from, to int64) (int64, 
 			}
 			return copied, err
 		}
-		run := -1 // start of the current run of non-zero pages
-		flush := func(end int) error {
-			if run < 0 {
-				return nil
-			}
-			w, err := out.WriteAt(buf[run:end], pos+int64(run))
-			copied += int64(w)
-			run = -1
-			return err
-		}
-		for p := 0; p < n; p += zeroPage {
-			end := min(p+zeroPage, n)
-			if bytes.Equal(buf[p:end], zeros[:end-p]) {
-				if err := flush(p); err != nil {
-					return copied, err
-				}
-			} else if run < 0 {
-				run = p
-			}
-		}
-		if err := flush(n); err != nil {
+		w, err := writeNonZero(out, buf[:n], pos)
+		copied += w
+		if err != nil {
 			return copied, err
 		}
 		pos += int64(n)

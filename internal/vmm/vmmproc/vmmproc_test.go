@@ -1,6 +1,7 @@
 package vmmproc
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/system"
 	"github.com/bangerdev/banger/internal/vmm"
@@ -286,5 +289,67 @@ func TestSyncTree(t *testing.T) {
 	}
 	if err := SyncTree(filepath.Join(dir, "missing")); err == nil {
 		t.Fatal("synced a missing directory")
+	}
+}
+
+// TestCopyNonZeroPaths: the mapped and the read copies agree, page for
+// page, and a source cut shorter under the mapping is an error, not a
+// crash (a VMM may truncate its memory file).
+func TestCopyNonZeroPaths(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "ram")
+	const size = 3*mapChunk/2 + 4096 + 100 // two mappings, a short tail
+	data := make([]byte, size)
+	for _, off := range []int{0, 4096 * 7, mapChunk - 1, mapChunk + 4096*3, size - 1} {
+		data[off] = 0x5a
+	}
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	copies := map[string]func(ctx context.Context, in, out *os.File, from, to int64) (int64, error){
+		"mapped": copyNonZeroMapped, "read": copyNonZeroRead,
+	}
+	for name, copyFn := range copies {
+		dst := filepath.Join(dir, name)
+		out, err := os.Create(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := copyFn(context.Background(), in, out, 0, size)
+		out.Truncate(size)
+		out.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if want := int64(4*4096 + 100); n != want { // four whole pages and the short tail
+			t.Errorf("%s wrote %d bytes, want %d", name, n, want)
+		}
+		got, _ := os.ReadFile(dst)
+		if !bytes.Equal(got, data) {
+			t.Fatalf("%s: the copy differs", name)
+		}
+	}
+
+	// cut short under the mapping
+	m, err := unix.Mmap(int(in.Fd()), 0, 2*4096, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	if err := os.Truncate(src, 0); err != nil {
+		t.Fatal(err)
+	}
+	out, err := os.Create(filepath.Join(dir, "cut"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	if _, err := writeNonZeroMapped(out, m, 0); err == nil || !strings.Contains(err.Error(), "shrank") {
+		t.Fatalf("a source cut short under the mapping: %v", err)
 	}
 }
