@@ -166,12 +166,12 @@ func (b *bench) benchTransfers(vm, alias, ssh, scp string) {
 	rate := func(ds []float64) float64 { return float64(mib) / (testenv.Median(ds) / 1000) }
 	var raw map[bool]float64
 	transfer := func(metric, base, target string, want float64, toGuest bool, banger, baseline string) {
-		bs, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, banger); return err })
+		bs, err := timeNPrep(reps, hostSync, func() error { _, err := b.sh(10*time.Minute, banger); return err })
 		if err != nil {
 			b.fail("guest", metric, err)
 			return
 		}
-		ss, err := timeN(reps, func() error { _, err := b.sh(10*time.Minute, baseline); return err })
+		ss, err := timeNPrep(reps, hostSync, func() error { _, err := b.sh(10*time.Minute, baseline); return err })
 		if err != nil {
 			b.fail("guest", metric+" (baseline)", err)
 			return
@@ -218,12 +218,15 @@ func (b *bench) benchTransfers(vm, alias, ssh, scp string) {
 	// all (run in the guest through exec; each includes one exec round
 	// trip, a few ms). A copy into the guest cannot beat them.
 	local := func(metric, setup, script string) {
-		ds, err := timeN(3, func() error {
+		// The setup (removing the file, dropping caches) is not timed.
+		ds, err := timeNPrep(3, func() error {
 			if setup != "" {
 				if _, err := b.cli(5*time.Minute, nil, "exec", vm, "--", "sh", "-c", setup); err != nil {
 					return err
 				}
 			}
+			return hostSync()
+		}, func() error {
 			_, err := b.cli(5*time.Minute, nil, "exec", vm, "--", "sh", "-c", script)
 			return err
 		})
