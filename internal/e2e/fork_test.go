@@ -99,10 +99,12 @@ func forkRealGuest(t *testing.T, h string, d *daemonProc) {
 	if _, errOut, code := banger(t, h, "vm", "create", "src", "--memory", "256M", "--disk", "256M"); code != 0 {
 		t.Fatalf("create: exit %d: %s\n%s", code, errOut, d.logs.String())
 	}
-	// A counter in tmpfs, detached from the exec session.
+	// A counter in tmpfs, detached from the exec session. Each value is
+	// written aside and renamed into place: a reader (or a snapshot taken
+	// between the shell's truncate and its write) never sees it empty.
 	mustBanger(t, h, "exec", "src", "--", "sh", "-c",
 		"mkdir -p /tmp/ctr && mount -t tmpfs tmpfs /tmp/ctr && echo 0 > /tmp/ctr/n && "+
-			"setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/ctr/n; sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
+			"setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/ctr/t; mv /tmp/ctr/t /tmp/ctr/n; sleep 0.2; done' </dev/null >/dev/null 2>&1 &")
 	before := waitCounterAbove(t, h, "src", 2)
 	srcID := identityOf(t, h, "src")
 
