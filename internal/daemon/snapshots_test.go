@@ -205,7 +205,9 @@ func TestPauseResume(t *testing.T) {
 	if err := ts.pause(ctx, vm); err != nil {
 		t.Fatal(err)
 	}
-	if err := ts.stop(ctx, vm, 5*time.Second); err != nil {
+	// As bangerd does, with the VM's lock held (else the VMM's watcher may
+	// release the runtime at the same time, and stop return mid-release).
+	if err := locked(ts, vm, func() error { return ts.stop(ctx, vm, 5*time.Second) }); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.HasSuffix(si.log(), "pause,resume") {
@@ -781,7 +783,7 @@ func TestSpoolDevice(t *testing.T) {
 		t.Errorf("clone of an old snapshot has a spool file: %v", err)
 	}
 	// stopping the source removes its spool file
-	if err := ts.stop(ctx, src, 5*time.Second); err != nil {
+	if err := locked(ts, src, func() error { return ts.stop(ctx, src, 5*time.Second) }); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {

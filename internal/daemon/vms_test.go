@@ -471,7 +471,7 @@ func TestStartStopReleaseOnce(t *testing.T) {
 	if err := ts.delete(ctx, vm, false); err == nil {
 		t.Fatal("delete of a running VM without force succeeded")
 	}
-	if err := ts.stop(ctx, vm, 5*time.Second); err != nil {
+	if err := locked(ts, vm, func() error { return ts.stop(ctx, vm, 5*time.Second) }); err != nil {
 		t.Fatal(err)
 	}
 	ts.assertClean(t, vm)
