@@ -59,7 +59,13 @@ func TestBenchTBProfile(t *testing.T) {
 	if err := goBuild(t, work, []string{"CGO_ENABLED=0"}, "-trimpath", "./cmd/banger-agent"); err != nil {
 		t.Fatalf("build the agent with its symbols: %v", err)
 	}
-	wrapper := fmt.Sprintf("#!/bin/sh\n# restored QEMUs log each translation block\ncase \" $* \" in\n*\" -incoming \"*) exec %s \"$@\" -d in_asm -D %s/q.$$.log ;;\nesac\nexec %s \"$@\"\n", real, logs, real)
+	// The two paths go into a shell script, single-quoted.
+	for _, p := range []string{real, logs} {
+		if strings.ContainsRune(p, '\'') {
+			t.Fatalf("cannot quote %q for the QEMU wrapper", p)
+		}
+	}
+	wrapper := fmt.Sprintf("#!/bin/sh\n# restored QEMUs log each translation block\ncase \" $* \" in\n*\" -incoming \"*) exec '%s' \"$@\" -d in_asm -D '%s'/q.$$.log ;;\nesac\nexec '%s' \"$@\"\n", real, logs, real)
 	if err := os.WriteFile(filepath.Join(work, "bin", "qemu-system-x86_64"), []byte(wrapper), 0o755); err != nil {
 		t.Fatal(err)
 	}
