@@ -167,9 +167,11 @@ type BulkParams struct {
 	Workspace bool `json:"workspace,omitempty"`
 	// Dest (with Workspace) is recorded as the VM's WorkspaceDest.
 	Dest string `json:"dest,omitempty"`
-	// Spool says the stream is one file's put or get (bulk.OpPut, OpGet):
-	// bangerd may carry its data through the VM's spool device instead of
-	// the channel. The client speaks the same protocol either way.
+	// Spool says the stream is one file's put or get (bulk.OpPut, OpGet,
+	// OpPutFile, OpGetFile), a workspace push (OpSync) or a session with a
+	// lot of stdin (OpSession: a file or a pipe, not a terminal): bangerd
+	// may carry its data through the VM's spool device instead of the
+	// channel. The client speaks the same protocol either way.
 	Spool bool `json:"spool,omitempty"`
 }
 

@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	"os"
 	"strings"
 	"time"
 
@@ -123,7 +124,7 @@ func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecO
 			b.EOF()
 		}
 	}
-	conn, err := c.openBulkBatch(ctx, api.BulkParams{VM: vm}, &b)
+	conn, err := c.openBulkBatch(ctx, api.BulkParams{VM: vm, Spool: spoolStdin(o.Stdin)}, &b)
 	if err != nil {
 		if noBulk(err) {
 			return 0, true, nil
@@ -191,6 +192,37 @@ func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecO
 		return ExitCodeConnectionLost, false, fmt.Errorf("the connection to %s closed before the command finished", vm)
 	}
 	return code, false, nil
+}
+
+// spoolStdinMin is the smallest stdin file a session asks the VM's spool
+// for (api.BulkParams.Spool): below it the spool's extra round trip to the
+// agent costs more than the channel would.
+const spoolStdinMin = 256 << 10
+
+// spoolStdin says whether a session's stdin is worth the VM's spool: a
+// file of spoolStdinMin bytes or more, a pipe (of unknown length), or an
+// in-memory reader of spoolStdinMin or more. A terminal is not: a person
+// typing would hold the VM's spool (one transfer at a time) for nothing.
+func spoolStdin(r io.Reader) bool {
+	switch v := r.(type) {
+	case nil:
+		return false
+	case *os.File:
+		fi, err := v.Stat()
+		if err != nil {
+			return false
+		}
+		switch m := fi.Mode(); {
+		case m.IsRegular():
+			return fi.Size() >= spoolStdinMin
+		case m&os.ModeNamedPipe != 0:
+			return true
+		}
+		return false
+	case interface{ Len() int }: // bytes.Reader, strings.Reader, bytes.Buffer
+		return v.Len() >= spoolStdinMin
+	}
+	return false
 }
 
 // ChannelThroughput measures the raw channel to vm: n bytes, unframed and

@@ -607,10 +607,10 @@ func (s *vmService) openAgentBulk(ctx context.Context, rt *runtime, vmName strin
 }
 
 // spoolBulk serves a vm.bulk stream whose client said (BulkParams.Spool)
-// it is one file's put or get: it reads what the client sends first and,
-// when the operation has a spool form and the VM's spool is free, carries
-// the file through the spool (bulk.RelaySpool), closes both ends and
-// returns a nil sc. Otherwise (the spool busy or missing, an agent without
+// it is one file's put or get, a push, or a session with a lot of stdin:
+// it reads what the client sends first and, when the operation has a spool
+// form and the VM's spool is free, carries the stream through the spool
+// (bulk.RelaySpool), closes both ends and returns a nil sc. Otherwise (the spool busy or missing, an agent without
 // spool streams, an inline put) it sends the client's frames on to the
 // agent and returns the stream to splice the client to: the one given, or
 // a new one when the agent's refusal spent it.
@@ -633,7 +633,8 @@ func (s *vmService) spoolBulk(ctx context.Context, rt *runtime, vm *store.VM, ke
 		}
 		return gc, sc, forget
 	}
-	if !ok || rt.noSpool.Load() || !rt.spoolMu.TryLock() {
+	session := o.Op == bulk.OpSession
+	if !ok || rt.noSpool.Load() || (session && rt.noSessionSpool.Load()) || !rt.spoolMu.TryLock() {
 		return forward()
 	}
 	defer rt.spoolMu.Unlock()
@@ -648,7 +649,11 @@ func (s *vmService) spoolBulk(ctx context.Context, rt *runtime, vm *store.VM, ke
 	// The slots' bytes are spent: give the host file's pages back.
 	_ = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, bulk.SpoolHeader, bulk.SpoolSize-bulk.SpoolHeader)
 	if errors.Is(err, bulk.ErrSpoolRefused) {
-		if !strings.Contains(err.Error(), "busy") {
+		switch {
+		case strings.Contains(err.Error(), "busy"):
+		case session:
+			rt.noSessionSpool.Store(true) // an agent from before sessions' spool form: its files' still works
+		default:
 			rt.noSpool.Store(true)
 		}
 		s.log.DebugContext(ctx, "bulk stream not through the spool", "vm", vm.Name, "op", o.Op, "why", err.Error())

@@ -61,9 +61,11 @@ type runtime struct {
 	bulkHelloOK atomic.Bool
 	// spoolMu is held by the file transfer using the VM's spool (one at a
 	// time; others take the channel); noSpool: this VM has no usable
-	// spool (no device, or an agent without spool streams).
-	spoolMu sync.Mutex
-	noSpool atomic.Bool
+	// spool (no device, or an agent without spool streams);
+	// noSessionSpool: its agent has no session spool form (an older one).
+	spoolMu        sync.Mutex
+	noSpool        atomic.Bool
+	noSessionSpool atomic.Bool
 }
 
 // lockWorkspace waits (bounded by ctx) for the VM's workspace lock.

@@ -193,6 +193,10 @@ func TestBulkRealGuest(t *testing.T) {
 	if got := guestSum("/root/in.bin"); got != hex.EncodeToString(sum[:]) {
 		t.Fatalf("exec stdin: sha256 %s, want %x", got, sum)
 	}
+	// stdin on a pipe: the session's stdin went through the spool.
+	if n := strings.Count(d.logs.String(), `"msg":"bulk stream through the spool","vm":"`+vmName+`","op":"session"`); n != 1 {
+		t.Fatalf("%d sessions through the spool, want 1", n)
+	}
 	sshIn := measure("exec stdin over SSH … cat > f (before)", 50*mib, func() error {
 		s, err := cl.NewSession()
 		if err != nil {

@@ -30,10 +30,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/internal/agent/memcopy"
 )
@@ -525,11 +528,24 @@ type Chan struct {
 	closed  sync.Once
 	sentEOF bool
 	wbuf    []byte
+	// dev: the session's spool form (NewSpoolChan); readLoop alone uses
+	// dev, nextSlot and dbuf.
+	dev      SpoolDev
+	nextSlot int
+	dbuf     []byte
 }
 
 // NewChan starts serving frames on conn (after the hello and Open).
-func NewChan(conn net.Conn) *Chan {
+func NewChan(conn net.Conn) *Chan { return newChan(conn, nil) }
+
+// NewSpoolChan is NewChan for a session's spool form (see SpoolOp): the
+// peer's FrameSpool frames announce data in slots of dev, which the Chan
+// reads, acknowledges and yields as it yields FrameData.
+func NewSpoolChan(conn net.Conn, dev SpoolDev) *Chan { return newChan(conn, dev) }
+
+func newChan(conn net.Conn, dev SpoolDev) *Chan {
 	c := &Chan{
+		dev:     dev,
 		conn:    conn,
 		in:      newQueue(queueSize),
 		errIn:   newQueue(queueSize),
@@ -554,6 +570,11 @@ func NewChan(conn net.Conn) *Chan {
 func (c *Chan) readLoop() {
 	defer close(c.reqs)
 	defer close(c.done)
+	defer func() {
+		if c.dbuf != nil {
+			putDirectBuf(c.dbuf)
+		}
+	}()
 	var buf []byte
 	var err error
 	for {
@@ -564,6 +585,20 @@ func (c *Chan) readLoop() {
 			break
 		}
 		var p []byte
+		if typ == FrameSpool && c.dev != nil {
+			var sf [8]byte
+			if n != len(sf) {
+				err = fmt.Errorf("bulk: spool frame of %d bytes, want 8", n)
+				break
+			}
+			if err = readPayload(c.r, sf[:]); err != nil {
+				break
+			}
+			if err = c.readSlot(sf[:]); err != nil {
+				break
+			}
+			continue
+		}
 		if typ == FrameData || typ == FrameStderr {
 			// read into a buffer the queue keeps: no copy
 			p = getBuf(n)
@@ -629,6 +664,132 @@ func (c *Chan) readLoop() {
 	}
 	c.in.fail(err)
 	c.errIn.fail(err)
+}
+
+// readSlot queues the data of the slot that p (a FrameSpool's payload)
+// announces, in buffers of a chunk, and acknowledges the slot.
+func (c *Chan) readSlot(p []byte) error {
+	slot, n, err := parseSpoolFrame(p)
+	if err == nil && slot != c.nextSlot {
+		err = fmt.Errorf("spool slot %d where %d was due", slot, c.nextSlot)
+	}
+	if err != nil {
+		return fmt.Errorf("bulk: %w", err)
+	}
+	c.nextSlot = (c.nextSlot + 1) % SpoolSlots
+	var bufs, iov [SpoolSlot / chunk][]byte
+	k, aligned := 0, true
+	for off := 0; off < n; off += chunk {
+		b := getBuf(min(chunk, n-off))
+		bufs[k], iov[k] = b, b[:alignUp(len(b))]
+		aligned = aligned && pageAligned(b)
+		k++
+	}
+	if vd, ok := c.dev.(VectorDev); ok && aligned {
+		// the whole slot in one request
+		err = vd.ReadvAt(iov[:k], SlotOffset(slot))
+		if err != nil {
+			err = fmt.Errorf("read the spool: %w", err)
+		}
+	} else {
+		for i := range k {
+			if err = c.readSpool(iov[i], SlotOffset(slot)+int64(i*chunk)); err != nil {
+				break
+			}
+		}
+	}
+	if err != nil {
+		for _, b := range bufs[:k] {
+			putBuf(b)
+		}
+		return err
+	}
+	for i, b := range bufs[:k] {
+		if err := c.in.push(b); err != nil {
+			for _, b := range bufs[i+1 : k] {
+				putBuf(b)
+			}
+			return err
+		}
+	}
+	return c.send(FrameSpoolAck, ackFrame(slot))
+}
+
+// VectorDev is a SpoolDev that reads into several page-aligned buffers in
+// one call (the agent's device: one request for a slot, not one a buffer).
+type VectorDev interface {
+	ReadvAt(bufs [][]byte, off int64) error
+}
+
+// ReadvFull fills bufs from f at off with preadv, as many times as it
+// takes; every buffer's length is a multiple of a page (O_DIRECT).
+func ReadvFull(f *os.File, bufs [][]byte, off int64) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	for len(bufs) > 0 {
+		var n int
+		var rerr error
+		if err := rc.Control(func(fd uintptr) {
+			for {
+				n, rerr = unix.Preadv(int(fd), bufs, off)
+				if !errors.Is(rerr, unix.EINTR) {
+					return
+				}
+			}
+		}); err != nil {
+			return err
+		}
+		switch {
+		case rerr != nil:
+			return rerr
+		case n == 0:
+			return io.ErrUnexpectedEOF
+		case n%spoolAlign != 0:
+			return fmt.Errorf("a read of %d bytes, not a multiple of %d", n, spoolAlign)
+		}
+		off += int64(n)
+		for n > 0 {
+			if n >= len(bufs[0]) {
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+				continue
+			}
+			bufs[0] = bufs[0][n:]
+			n = 0
+		}
+	}
+	return nil
+}
+
+func pageAligned(b []byte) bool {
+	return uintptr(unsafe.Pointer(unsafe.SliceData(b)))%spoolAlign == 0
+}
+
+// readSpool reads b (a multiple of a page) from the spool device at off
+// (a page's multiple): straight into b when b starts on a page, as the
+// pool's chunk buffers do, else through a page-aligned buffer.
+func (c *Chan) readSpool(b []byte, off int64) error {
+	if pageAligned(b) {
+		if _, err := c.dev.ReadAt(b, off); err != nil {
+			return fmt.Errorf("read the spool: %w", err)
+		}
+		return nil
+	}
+	if c.dbuf == nil {
+		d, err := getDirectBuf()
+		if err != nil {
+			return err
+		}
+		c.dbuf = d
+	}
+	d := c.dbuf[:len(b)]
+	if _, err := c.dev.ReadAt(d, off); err != nil {
+		return fmt.Errorf("read the spool: %w", err)
+	}
+	memcopy.Copy(b, d)
+	return nil
 }
 
 func (c *Chan) send(typ byte, p []byte) error {

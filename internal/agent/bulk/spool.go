@@ -63,6 +63,18 @@ import (
 // it does for a plain stream.
 const SpoolSuffix = ".spool"
 
+// A session's spool form (OpSession with SpoolSuffix: `banger exec -i`
+// with a file or a pipe on stdin) carries the host's larger data frames,
+// the command's stdin, in slots and everything else on frames as they
+// were: bangerd fills a slot from data frames of sessionSpoolMin bytes or
+// more while more are at hand, and sends the slot when it is full, when
+// another frame comes (which follows it, in order) or when the client has
+// nothing more at hand; a smaller data frame (what a person types) goes on
+// the channel at once. The agent's frames, the command's output, stay on
+// the channel. A session has no answer of its own before the host's
+// requests, so the agent first answers the spool form with an OK
+// FrameReply (SpoolAccept), which bangerd takes and does not pass on.
+
 // SpoolOp splits an operation into the plain one and whether it carries
 // SpoolSuffix, for the operations that have a spool form.
 func SpoolOp(op string) (string, bool) {
@@ -71,7 +83,7 @@ func SpoolOp(op string) (string, bool) {
 		return op, false
 	}
 	switch base {
-	case OpPut, OpGet, OpPutFile, OpGetFile, OpSync:
+	case OpPut, OpGet, OpPutFile, OpGetFile, OpSync, OpSession:
 		return base, true
 	}
 	return op, false
@@ -83,6 +95,17 @@ func SpoolOp(op string) (string, bool) {
 // its data frames alone (the one-file operations, whose data the agent
 // reads from the device straight into its write buffers).
 func SpoolStream(op string) bool { return op == OpSync }
+
+// SpoolAccept is the agent's first frame on a session's spool form: the
+// spool is taken (bangerd does not pass it on).
+func SpoolAccept(c io.Writer) error {
+	return WriteFrame(c, FrameReply, ssh.Marshal(&Reply{OK: true}))
+}
+
+// sessionSpoolMin is the smallest data frame of a session that goes in a
+// slot: below it (a line typed, a small script piped in) a frame on the
+// channel costs less than a slot's round trip.
+const sessionSpoolMin = 64 << 10
 
 // SpoolReader is the agent's side of a stream spool (SpoolStream): each
 // FrameSpool that r carries announces a slot holding the stream's next
@@ -436,7 +459,7 @@ func StartSpool(client io.Reader) (frames []byte, o Open, ok bool, err error) {
 		return b.buf, o, false, nil
 	}
 	switch o.Op {
-	case OpPut, OpGet, OpGetFile, OpSync:
+	case OpPut, OpGet, OpGetFile, OpSync, OpSession:
 		return b.buf, o, true, nil
 	case OpPutFile:
 		typ, p, err := ReadFrame(client, nil)
@@ -469,6 +492,7 @@ func RelaySpool(client, agent io.ReadWriteCloser, spool SpoolFile, frames []byte
 	}
 	rest := frames[5+len(p):]
 	stream := SpoolStream(o.Op)
+	session := o.Op == OpSession
 	o.Op += SpoolSuffix
 	var b Batch
 	b.Open(o)
@@ -493,6 +517,18 @@ func RelaySpool(client, agent io.ReadWriteCloser, spool SpoolFile, frames []byte
 		if ssh.Unmarshal(p, &rep) == nil && !rep.OK && strings.HasPrefix(string(rep.Payload), Unsupported) {
 			return fmt.Errorf("%w: %v", ErrSpoolRefused, remoteErr(rep))
 		}
+		if session {
+			if ssh.Unmarshal(p, &rep) != nil || !rep.OK {
+				return errors.New("the agent: a session's spool form answered with a failure")
+			}
+			// SpoolAccept: the agent's, not the client's
+			return relaySlots(client, agent, spool, func(toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+				return relayUpSession(client, spool, toAgent, free, stop)
+			})
+		}
+	}
+	if session {
+		return fmt.Errorf("the agent: a session's spool form answered with frame type %d", typ)
 	}
 	if err := WriteFrame(client, typ, p); err != nil {
 		return err
@@ -708,6 +744,93 @@ func relayUpStream(client io.Reader, first []byte, spool SpoolFile, toAgent func
 			return err
 		}
 		empty <- c.b[:cap(c.b)]
+	}
+}
+
+// relayUpSession carries a session's frames from the client to the
+// agent: data frames of sessionSpoolMin bytes or more in slots, several to
+// a slot while more are at hand, and every other frame on the channel in
+// its place (a slot being filled is sent before it).
+func relayUpSession(client io.Reader, spool SpoolFile, toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+	const frames = 8
+	type frame struct {
+		typ byte
+		p   []byte
+		err error
+	}
+	full := make(chan frame, frames)
+	empty := make(chan []byte, frames)
+	for range frames {
+		empty <- make([]byte, 0, chunk)
+	}
+	go func() {
+		for {
+			var b []byte
+			select {
+			case b = <-empty:
+			case <-stop:
+				return
+			}
+			typ, n, err := readHeader(client)
+			if err == nil {
+				if cap(b) < n {
+					b = make([]byte, n) // a frame larger than a chunk (up to MaxFrame)
+				}
+				b = b[:n]
+				err = readPayload(client, b)
+			}
+			f := frame{typ: typ, p: b, err: err}
+			select {
+			case full <- f:
+			case <-stop:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
+	for {
+		var f frame
+		select {
+		case f = <-full:
+		default:
+			if err := w.flush(); err != nil { // nothing at hand: send what is here
+				return err
+			}
+			select {
+			case f = <-full:
+			case <-stop:
+				return errors.New("the agent's stream ended")
+			}
+		}
+		if f.err != nil {
+			if err := w.flush(); err != nil {
+				return err
+			}
+			return f.err
+		}
+		if f.typ == FrameSpool || f.typ == FrameSpoolAck {
+			return fmt.Errorf("the client sent a spool frame (type %d) in a session", f.typ)
+		}
+		if f.typ == FrameData && len(f.p) >= sessionSpoolMin {
+			if err := w.write(f.p); err != nil {
+				return err
+			}
+		} else {
+			if err := w.flush(); err != nil {
+				return err
+			}
+			if err := toAgent(f.typ, f.p); err != nil {
+				return err
+			}
+		}
+		if cap(f.p) == chunk {
+			empty <- f.p[:0]
+		} else {
+			empty <- make([]byte, 0, chunk)
+		}
 	}
 }
 

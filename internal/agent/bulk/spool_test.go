@@ -404,7 +404,8 @@ func TestServeSpoolHostileHost(t *testing.T) {
 	}
 }
 
-// TestSpoolOp: only the one-file operations have a spool form.
+// TestSpoolOp: the one-file operations, a push and a session have a spool
+// form.
 func TestSpoolOp(t *testing.T) {
 	for _, tt := range []struct {
 		op, base string
@@ -412,7 +413,8 @@ func TestSpoolOp(t *testing.T) {
 	}{
 		{"put.spool", "put", true}, {"get.spool", "get", true}, {"putfile.spool", "putfile", true}, {"getfile.spool", "getfile", true},
 		{"sync.spool", "sync", true},
-		{"put", "put", false}, {"session.spool", "session.spool", false}, {"pull.spool", "pull.spool", false}, {".spool", ".spool", false},
+		{"session.spool", "session", true},
+		{"put", "put", false}, {"pull.spool", "pull.spool", false}, {".spool", ".spool", false},
 	} {
 		if base, spool := SpoolOp(tt.op); base != tt.base || spool != tt.spool {
 			t.Errorf("SpoolOp(%q) = %q, %v", tt.op, base, spool)

@@ -67,7 +67,17 @@ func (s *Server) ServeBulk(ctx context.Context, c net.Conn) {
 	}
 	switch o.Op {
 	case bulk.OpSession:
-		ch := bulk.NewChan(c)
+		var ch *bulk.Chan
+		if dev != nil {
+			// the spool form: say it is taken, then the host's larger
+			// data frames come in slots
+			if err := bulk.SpoolAccept(c); err != nil {
+				return
+			}
+			ch = bulk.NewSpoolChan(c, dev)
+		} else {
+			ch = bulk.NewChan(c)
+		}
 		ss := &session{srv: s, log: log, ch: ch, user: o.User, gate: make(chan struct{})}
 		for r := range ch.Requests() {
 			ss.serve(ctx, &ssh.Request{Type: r.Type, Payload: r.Payload}, r.WantReply, ch.SendReply)
@@ -242,6 +252,16 @@ func (d *lazyDev) ReadAt(b []byte, off int64) (int, error) {
 		return 0, err
 	}
 	return f.ReadAt(b, off)
+}
+
+// ReadvAt reads a slot into several buffers in one request
+// (bulk.VectorDev).
+func (d *lazyDev) ReadvAt(bufs [][]byte, off int64) error {
+	f, err := d.get()
+	if err != nil {
+		return err
+	}
+	return bulk.ReadvFull(f, bufs, off)
 }
 
 func (d *lazyDev) WriteAt(b []byte, off int64) (int, error) {

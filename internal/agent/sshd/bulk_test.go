@@ -5,13 +5,16 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -265,5 +268,79 @@ func TestSinkReadsLarge(t *testing.T) {
 		if r.asks[0] != tt.wantAsks0 {
 			t.Fatalf("sink asked for %v, want a first read of %d", r.asks, tt.wantAsks0)
 		}
+	}
+}
+
+// TestBulkSessionSpool: a command's stdin through a session's spool form
+// (bangerd's relay between this test and ServeBulk, a spool file as the
+// device) reaches the command whole, large frames in slots and small ones
+// on frames; its output and exit status come back as on a plain session.
+func TestBulkSessionSpool(t *testing.T) {
+	if _, err := exec.LookPath("sha256sum"); err != nil {
+		t.Skip("no sha256sum on this machine")
+	}
+	spoolPath := filepath.Join(t.TempDir(), "spool.img")
+	if err := os.WriteFile(spoolPath, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(spoolPath, bulk.SpoolSize); err != nil {
+		t.Fatal(err)
+	}
+	srv := bulkServer(t)
+	opened := 0
+	srv.cfg.OpenSpool = func() (*os.File, error) { opened++; return os.OpenFile(spoolPath, os.O_RDWR, 0) }
+	host, agent := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { srv.ServeBulk(ctx, agent); close(served) }()
+	defer func() { host.Close(); cancel(); <-served }()
+	client, relayEnd := net.Pipe()
+	hostSpool, err := os.OpenFile(spoolPath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostSpool.Close()
+	relayed := make(chan error, 1)
+	go func() {
+		defer relayEnd.Close()
+		frames, o, ok, err := bulk.StartSpool(relayEnd)
+		if err == nil && !ok {
+			err = fmt.Errorf("no spool form for %q", o.Op)
+		}
+		if err == nil {
+			err = bulk.RelaySpool(relayEnd, host, hostSpool, frames, o)
+		}
+		relayed <- err
+	}()
+	client.SetDeadline(time.Now().Add(20 * time.Second))
+	if err := bulk.WriteOpen(client, bulk.Open{Op: bulk.OpSession}); err != nil {
+		t.Fatal(err)
+	}
+	ch := bulk.NewChan(client)
+	defer ch.Close()
+	in := make([]byte, 3<<20+12345)
+	rand.Read(in)
+	ch.SendRequest("exec", false, ssh.Marshal(&execMsg{"sha256sum"}))
+	go func() {
+		ch.Write(in[:10]) // a small frame first, then frames of 256 KiB
+		ch.Write(in[10:])
+		ch.CloseWrite()
+	}()
+	out, _ := io.ReadAll(ch)
+	code := uint32(999)
+	for r := range ch.Requests() {
+		if r.Type == "exit-status" {
+			code = binary.BigEndian.Uint32(r.Payload)
+		}
+	}
+	sum := sha256.Sum256(in)
+	if want := hex.EncodeToString(sum[:]); !strings.HasPrefix(string(out), want) || code != 0 {
+		t.Fatalf("stdout %q code %d, want %s… and 0", out, code, want)
+	}
+	if err := <-relayed; err != nil {
+		t.Fatalf("relay: %v", err)
+	}
+	if opened != 1 {
+		t.Fatalf("the spool device was opened %d times, want 1", opened)
 	}
 }
