@@ -15,6 +15,7 @@ import (
 
 	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
 
 	"github.com/bangerdev/banger/api"
 	agentapi "github.com/bangerdev/banger/internal/agent/api"
@@ -199,10 +200,17 @@ func (c *Client) execBulk(ctx context.Context, vm string, argv []string, o ExecO
 // agent costs more than the channel would.
 const spoolStdinMin = 256 << 10
 
+// spoolPipeMin is how much a stdin pipe must hold already, when the
+// session opens, for it to ask for the spool.
+const spoolPipeMin = 32 << 10
+
 // spoolStdin says whether a session's stdin is worth the VM's spool: a
-// file of spoolStdinMin bytes or more, a pipe (of unknown length), or an
-// in-memory reader of spoolStdinMin or more. A terminal is not: a person
-// typing would hold the VM's spool (one transfer at a time) for nothing.
+// file of spoolStdinMin bytes or more, a pipe that holds spoolPipeMin
+// bytes already (a producer with a lot to send fills it at once; `echo
+// … |` and a slow producer take the channel, which starts the command one
+// round trip to the agent sooner), or an in-memory reader of
+// spoolStdinMin or more. A terminal is not: a person typing would hold
+// the VM's spool (one transfer at a time) for nothing.
 func spoolStdin(r io.Reader) bool {
 	switch v := r.(type) {
 	case nil:
@@ -216,13 +224,29 @@ func spoolStdin(r io.Reader) bool {
 		case m.IsRegular():
 			return fi.Size() >= spoolStdinMin
 		case m&os.ModeNamedPipe != 0:
-			return true
+			return pipeHolds(v) >= spoolPipeMin
 		}
 		return false
 	case interface{ Len() int }: // bytes.Reader, strings.Reader, bytes.Buffer
 		return v.Len() >= spoolStdinMin
 	}
 	return false
+}
+
+// pipeHolds is how many bytes the pipe f holds unread (TIOCINQ, that is
+// FIONREAD; 0 when unknown).
+func pipeHolds(f *os.File) int {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		if v, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ); err == nil {
+			n = v
+		}
+	})
+	return n
 }
 
 // ChannelThroughput measures the raw channel to vm: n bytes, unframed and

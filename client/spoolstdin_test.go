@@ -6,11 +6,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestSpoolStdin: a session asks for the VM's spool for stdin that is a
-// file of spoolStdinMin or more, a pipe, or a large in-memory reader; not
-// for a small file, a device (a terminal is one), or no stdin.
+// file of spoolStdinMin or more, a pipe that holds spoolPipeMin already, or
+// a large in-memory reader; not for a small file, a pipe with a line in it
+// or nothing yet, a device (a terminal is one), or no stdin.
 func TestSpoolStdin(t *testing.T) {
 	dir := t.TempDir()
 	file := func(n int) *os.File {
@@ -25,12 +27,20 @@ func TestSpoolStdin(t *testing.T) {
 		t.Cleanup(func() { f.Close() })
 		return f
 	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
+	pipe := func(n int) *os.File {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		go func() { w.Write(make([]byte, n)); w.Close() }()
+		// wait for what fits in the pipe to be in it
+		deadline := time.Now().Add(10 * time.Second)
+		for pipeHolds(r) < min(n, 64<<10) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+		return r
 	}
-	defer r.Close()
-	defer w.Close()
 	null, err := os.Open(os.DevNull)
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +54,9 @@ func TestSpoolStdin(t *testing.T) {
 		{"none", func() any { return nil }, false},
 		{"a small file", func() any { return file(spoolStdinMin - 1) }, false},
 		{"a large file", func() any { return file(spoolStdinMin) }, true},
-		{"a pipe", func() any { return r }, true},
+		{"an empty pipe", func() any { return pipe(0) }, false},
+		{"a pipe of a line", func() any { return pipe(8) }, false},
+		{"a full pipe", func() any { return pipe(1 << 20) }, true},
 		{"a device", func() any { return null }, false},
 		{"a small reader", func() any { return strings.NewReader("echo hi\n") }, false},
 		{"a large reader", func() any { return bytes.NewReader(make([]byte, spoolStdinMin)) }, true},
