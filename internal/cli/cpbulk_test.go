@@ -2,6 +2,7 @@ package cli
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -63,6 +64,17 @@ func (a *agentFiles) create(p string) (io.WriteCloser, error) {
 	a.puts = append(a.puts, p)
 	a.mu.Unlock()
 	host, agent := a.pipe()
+	if a.unsupported {
+		// the stream is closed: nothing here may write the file, which
+		// the SFTP fallback writes (an empty one written late would
+		// replace it)
+		_, err := bulk.StartPut(host)
+		host.Close()
+		if err == nil {
+			err = errors.New("an older agent accepted a put")
+		}
+		return nil, err
+	}
 	go func() {
 		// as an agent may: the contents reach the file only once they
 		// are all in (so a time set before Finish would be lost)
