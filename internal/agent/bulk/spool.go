@@ -676,91 +676,25 @@ func (w *slotSender) write(b []byte) error {
 	return nil
 }
 
-// relayUpStream carries all the client's bytes to the agent in slots
-// (SpoolStream), first those StartSpool read after the Open. A slot goes
-// when it is full or when the client has nothing more at hand: a protocol
-// that sends a little and waits for the answer is never held up.
-func relayUpStream(client io.Reader, first []byte, spool SpoolFile, toAgent func(byte, []byte) error, free, stop chan struct{}) error {
-	const chunkSize, chunks = 256 << 10, 8
-	type chunk struct {
-		b   []byte
-		err error
-	}
-	full := make(chan chunk, chunks)
-	empty := make(chan []byte, chunks)
-	for range chunks {
-		empty <- make([]byte, chunkSize)
-	}
-	go func() {
-		for {
-			var b []byte
-			select {
-			case b = <-empty:
-			case <-stop:
-				return
-			}
-			n, err := client.Read(b)
-			if n > 0 {
-				select {
-				case full <- chunk{b: b[:n]}:
-				case <-stop:
-					return
-				}
-			}
-			if err != nil {
-				select {
-				case full <- chunk{err: err}:
-				case <-stop:
-				}
-				return
-			}
-		}
-	}()
-	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
-	if err := w.write(first); err != nil {
-		return err
-	}
-	for {
-		var c chunk
-		select {
-		case c = <-full:
-		default:
-			if err := w.flush(); err != nil { // nothing at hand: send what is here
-				return err
-			}
-			select {
-			case c = <-full:
-			case <-stop:
-				return errors.New("the agent's stream ended")
-			}
-		}
-		if c.err != nil {
-			if err := w.flush(); err != nil {
-				return err
-			}
-			return c.err
-		}
-		if err := w.write(c.b); err != nil {
-			return err
-		}
-		empty <- c.b[:cap(c.b)]
-	}
+// aheadItem is what readAhead's reader yields: bytes or a frame (typ, p),
+// and the read's error.
+type aheadItem struct {
+	typ byte
+	p   []byte
+	err error
 }
 
-// relayUpSession carries a session's frames from the client to the
-// agent: data frames of sessionSpoolMin bytes or more in slots, several to
-// a slot while more are at hand, and every other frame on the channel in
-// its place (a slot being filled is sent before it).
-func relayUpSession(client io.Reader, spool SpoolFile, toAgent func(byte, []byte) error, free, stop chan struct{}) error {
-	const frames = 8
-	type frame struct {
-		typ byte
-		p   []byte
-		err error
-	}
-	full := make(chan frame, frames)
-	empty := make(chan []byte, frames)
-	for range frames {
+// readAhead calls read on a goroutine of its own, up to eight items ahead
+// of the relay, each into a buffer of a chunk (read may grow it), until
+// read fails or stop is closed. next yields the items in order; when none
+// is at hand it calls idle first (the relay sends the slot it holds, so a
+// protocol that sends a little and waits for the answer is never held up).
+// done gives an item's buffer back once the relay is through with it.
+func readAhead(stop chan struct{}, read func(b []byte) aheadItem) (next func(idle func() error) (aheadItem, error), done func(b []byte)) {
+	const depth = 8
+	full := make(chan aheadItem, depth)
+	empty := make(chan []byte, depth)
+	for range depth {
 		empty <- make([]byte, 0, chunk)
 	}
 	go func() {
@@ -771,39 +705,93 @@ func relayUpSession(client io.Reader, spool SpoolFile, toAgent func(byte, []byte
 			case <-stop:
 				return
 			}
-			typ, n, err := readHeader(client)
-			if err == nil {
-				if cap(b) < n {
-					b = make([]byte, n) // a frame larger than a chunk (up to MaxFrame)
-				}
-				b = b[:n]
-				err = readPayload(client, b)
-			}
-			f := frame{typ: typ, p: b, err: err}
+			it := read(b)
 			select {
-			case full <- f:
+			case full <- it:
 			case <-stop:
 				return
 			}
-			if err != nil {
+			if it.err != nil {
 				return
 			}
 		}
 	}()
-	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
-	for {
-		var f frame
+	next = func(idle func() error) (aheadItem, error) {
 		select {
-		case f = <-full:
+		case it := <-full:
+			return it, nil
 		default:
-			if err := w.flush(); err != nil { // nothing at hand: send what is here
+		}
+		if err := idle(); err != nil {
+			return aheadItem{}, err
+		}
+		select {
+		case it := <-full:
+			return it, nil
+		case <-stop:
+			return aheadItem{}, errors.New("the agent's stream ended")
+		}
+	}
+	done = func(b []byte) {
+		if cap(b) != chunk {
+			b = make([]byte, 0, chunk) // one read grew: keep the ring's size
+		}
+		empty <- b[:0]
+	}
+	return next, done
+}
+
+// relayUpStream carries all the client's bytes to the agent in slots
+// (SpoolStream), first those StartSpool read after the Open. A slot goes
+// when it is full or when the client has nothing more at hand.
+func relayUpStream(client io.Reader, first []byte, spool SpoolFile, toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+	next, done := readAhead(stop, func(b []byte) aheadItem {
+		n, err := client.Read(b[:cap(b)])
+		return aheadItem{p: b[:n], err: err}
+	})
+	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
+	if err := w.write(first); err != nil {
+		return err
+	}
+	for {
+		it, err := next(w.flush)
+		if err != nil {
+			return err
+		}
+		if err := w.write(it.p); err != nil {
+			return err
+		}
+		if it.err != nil {
+			if err := w.flush(); err != nil {
 				return err
 			}
-			select {
-			case f = <-full:
-			case <-stop:
-				return errors.New("the agent's stream ended")
+			return it.err
+		}
+		done(it.p)
+	}
+}
+
+// relayUpSession carries a session's frames from the client to the
+// agent: data frames of sessionSpoolMin bytes or more in slots, several to
+// a slot while more are at hand, and every other frame on the channel in
+// its place (a slot being filled is sent before it).
+func relayUpSession(client io.Reader, spool SpoolFile, toAgent func(byte, []byte) error, free, stop chan struct{}) error {
+	next, done := readAhead(stop, func(b []byte) aheadItem {
+		typ, n, err := readHeader(client)
+		if err == nil {
+			if cap(b) < n {
+				b = make([]byte, n) // a frame larger than a chunk (up to MaxFrame)
 			}
+			b = b[:n]
+			err = readPayload(client, b)
+		}
+		return aheadItem{typ: typ, p: b, err: err}
+	})
+	w := &slotSender{spool: spool, toAgent: toAgent, free: free, stop: stop, buf: make([]byte, SpoolSlot)}
+	for {
+		f, err := next(w.flush)
+		if err != nil {
+			return err
 		}
 		if f.err != nil {
 			if err := w.flush(); err != nil {
@@ -811,26 +799,20 @@ func relayUpSession(client io.Reader, spool SpoolFile, toAgent func(byte, []byte
 			}
 			return f.err
 		}
-		if f.typ == FrameSpool || f.typ == FrameSpoolAck {
+		switch {
+		case f.typ == FrameSpool || f.typ == FrameSpoolAck:
 			return fmt.Errorf("the client sent a spool frame (type %d) in a session", f.typ)
-		}
-		if f.typ == FrameData && len(f.p) >= sessionSpoolMin {
-			if err := w.write(f.p); err != nil {
-				return err
-			}
-		} else {
-			if err := w.flush(); err != nil {
-				return err
-			}
-			if err := toAgent(f.typ, f.p); err != nil {
-				return err
+		case f.typ == FrameData && len(f.p) >= sessionSpoolMin:
+			err = w.write(f.p)
+		default:
+			if err = w.flush(); err == nil {
+				err = toAgent(f.typ, f.p)
 			}
 		}
-		if cap(f.p) == chunk {
-			empty <- f.p[:0]
-		} else {
-			empty <- make([]byte, 0, chunk)
+		if err != nil {
+			return err
 		}
+		done(f.p)
 	}
 }
 
